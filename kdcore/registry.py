@@ -1,0 +1,144 @@
+"""Typed registries of losses, aligners and rollouts, filled through the plugin hooks."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+KINDS = ("loss", "aligner", "rollout")
+HOOK_OF_KIND = {"loss": "register_losses", "aligner": "register_aligners", "rollout": "register_rollouts"}
+_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+class PluginError(Exception):
+    """A plugin is broken: bad registration, duplicate name, unknown hook."""
+
+
+class UnknownAlgorithmError(KeyError):
+    """A name that no installed plugin registered. The message lists the valid names."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0])
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    """Where algorithms come from: a loaded plugin, or one that failed to load."""
+
+    name: str  # entry-point name, or the in-process name given to the plugin manager
+    distribution: str  # providing distribution ("kdflow" for the built-in zoo)
+    version: str
+    hooks: tuple[str, ...] = ()
+    builtin: bool = False
+    error: str | None = None  # set when the plugin failed to import; the others still load
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One registered algorithm."""
+
+    name: str
+    kind: str
+    fn: Callable[..., Any]
+    plugin: str  # distribution name of the provider
+    version: str
+    summary: str
+    options: type | None = None
+
+    def option_fields(self) -> dict[str, Any]:
+        """Option names and defaults (empty when the algorithm has no options)."""
+        if self.options is None:
+            return {}
+        out = {}
+        for f in dataclasses.fields(self.options):
+            if f.default is not dataclasses.MISSING:
+                out[f.name] = f.default
+            elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+                out[f.name] = f.default_factory()  # type: ignore[misc]
+            else:
+                out[f.name] = None
+        return out
+
+    def make_options(self, values: dict[str, Any] | None = None):
+        """Instantiate the options dataclass from recipe values (already validated)."""
+        values = dict(values or {})
+        if self.options is None:
+            if values:
+                raise ValueError(f"{self.kind} '{self.name}' takes no options, got {sorted(values)}")
+            return None
+        return self.options(**values)
+
+
+def summary_of(fn: Callable[..., Any], given: str | None) -> str:
+    if given:
+        return given.strip().splitlines()[0]
+    doc = (getattr(fn, "__doc__", None) or "").strip()
+    return doc.splitlines()[0].strip() if doc else "Undocumented"
+
+
+@dataclass
+class Registry:
+    """All algorithms of all loaded plugins. Built by :func:`kdcore.load_registry`."""
+
+    entries: dict[tuple[str, str], Entry] = field(default_factory=dict)
+    plugins: list[PluginInfo] = field(default_factory=list)
+
+    def add(self, entry: Entry) -> None:
+        key = (entry.kind, entry.name)
+        if key in self.entries:
+            other = self.entries[key]
+            raise PluginError(
+                f"duplicate {entry.kind} '{entry.name}': registered by plugin '{other.plugin}' "
+                f"and by plugin '{entry.plugin}'"
+            )
+        self.entries[key] = entry
+
+    def get(self, kind: str, name: str) -> Entry:
+        if kind not in KINDS:
+            raise ValueError(f"unknown kind '{kind}'; kinds are {', '.join(KINDS)}")
+        try:
+            return self.entries[(kind, name)]
+        except KeyError:
+            valid = self.names(kind)
+            near = difflib.get_close_matches(name, valid, n=1)
+            hint = f" (did you mean '{near[0]}'?)" if near else ""
+            raise UnknownAlgorithmError(
+                f"unknown {kind} '{name}'{hint}; installed: {', '.join(valid) or 'none'}"
+            ) from None
+
+    def names(self, kind: str) -> list[str]:
+        return sorted(n for k, n in self.entries if k == kind)
+
+    def list(self, kind: str | None = None) -> list[Entry]:
+        return sorted(
+            (e for e in self.entries.values() if kind is None or e.kind == kind),
+            key=lambda e: (KINDS.index(e.kind), e.name),
+        )
+
+    def failed_plugins(self) -> list[PluginInfo]:
+        return [p for p in self.plugins if p.error]
+
+
+def make_register(registry: Registry, kind: str, plugin: PluginInfo) -> Callable[..., None]:
+    """The ``register`` callback handed to one plugin's hook: validates each item on arrival."""
+
+    def register(name: str, fn: Callable[..., Any], options: type | None = None, summary: str | None = None) -> None:
+        where = f"plugin '{plugin.distribution}' ({plugin.name})"
+        if not isinstance(name, str) or not _NAME_RE.match(name):
+            raise PluginError(f"{where}: {kind} name {name!r} must match [a-z][a-z0-9_]*")
+        if not callable(fn):
+            raise PluginError(f"{where}: {kind} '{name}' is not callable: {fn!r}")
+        if options is not None:
+            if not (isinstance(options, type) and dataclasses.is_dataclass(options)):
+                raise PluginError(f"{where}: options of {kind} '{name}' must be a dataclass type")
+            missing = [f.name for f in dataclasses.fields(options)
+                       if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]  # type: ignore[misc]
+            if missing:
+                raise PluginError(f"{where}: options of {kind} '{name}' need defaults for {missing}")
+        registry.add(Entry(name=name, kind=kind, fn=fn, plugin=plugin.distribution, version=plugin.version,
+                           summary=summary_of(fn, summary), options=options))
+
+    return register
