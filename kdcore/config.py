@@ -51,7 +51,7 @@ class StudentConfig:
     tokenizer: Optional[str] = None  # defaults to the model's own tokenizer
     # pretrained: load as is; truncate: keep num_layers evenly spaced layers (DistilBERT-style);
     # config: same architecture with config_overrides, randomly initialised from train.seed
-    init: str = _choice("pretrained", "pretrained", "truncate", "config")
+    init: str = _choice("pretrained", "pretrained", "truncate", "config")  # pretrained: no surprises
     num_layers: Optional[int] = None  # for init=truncate
     config_overrides: Dict[str, Any] = field(default_factory=dict)  # for init=config
     gradient_checkpointing: bool = False  # trades ~30% compute for activation memory
@@ -240,9 +240,12 @@ def _check_section(raw: dict, schema: type, prefix: str, errors: list[str]) -> N
             hint = f"; did you mean '{near[0]}'?" if near else ""
             errors.append(f"{key}: '{v}' is not one of {', '.join(map(str, choices))}{hint}")
     for name, f in fields.items():
+        key = f"{prefix}.{name}" if prefix else name
         required = f.default is MISSING and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
         if required and (raw.get(name) in (None, MISSING)):
-            errors.append(f"{(prefix + '.' if prefix else '')}{name}: required but not set")
+            errors.append(f"{key}: required but not set")
+        elif name not in raw and dataclasses.is_dataclass(hints[name]):
+            _check_section({}, hints[name], key, errors)  # an absent section may still have required keys
 
 
 def _get(raw: dict, dotted: str) -> Any:
@@ -276,7 +279,13 @@ def check_algorithm_options(raw: dict, registry, errors: list[str]) -> None:
             if opts:
                 errors.append(f"distill.{kind}_options: {kind} '{name}' takes no options, got {', '.join(map(str, opts))}")
             continue
+        before = len(errors)
         _check_section(opts, entry.options, f"distill.{kind}_options", errors)
+        if len(errors) == before:
+            try:  # the dataclass may check value ranges itself (__post_init__)
+                entry.options(**opts)
+            except Exception as exc:
+                errors.append(f"distill.{kind}_options: {kind} '{name}' rejects {opts}: {exc}")
 
 
 def load_raw(path_or_name: str, overrides: list[str] | None = None) -> tuple[Path, dict]:
@@ -302,11 +311,10 @@ def validate_raw(raw: dict, registry=None) -> list[str]:
     """All problems in a raw recipe mapping (empty list when valid)."""
     errors: list[str] = []
     _check_section(raw, Recipe, "", errors)
-    if not errors:
-        for key, pred, msg in _RANGES:
-            v = _get(raw, key)
-            if v is not None and not pred(v):
-                errors.append(f"{key}: {msg}, got {v!r}")
+    for key, pred, msg in _RANGES:
+        v = _get(raw, key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and not pred(v):
+            errors.append(f"{key}: {msg}, got {v!r}")
         s = raw.get("student") or {}
         if s.get("init") == "truncate" and not s.get("num_layers"):
             errors.append("student.num_layers: required when student.init is 'truncate'")
@@ -327,6 +335,17 @@ def load_recipe(path_or_name: str, overrides: list[str] | None = None, registry=
     errors = validate_raw(raw, registry)
     if errors:
         raise RecipeError(str(path), errors)
+    _resolve_data_paths(raw, path.parent)
     cfg = OmegaConf.merge(OmegaConf.structured(Recipe), raw)
     OmegaConf.set_readonly(cfg, True)
     return cfg
+
+
+def _resolve_data_paths(raw: dict, recipe_dir: Path) -> None:
+    """Relative data paths name files beside the recipe first, then in the working directory,
+    so shipped recipes run from any folder."""
+    data = raw.get("data") or {}
+    for key in ("train", "eval"):
+        value = data.get(key)
+        if isinstance(value, str) and not Path(value).is_absolute() and (recipe_dir / value).exists():
+            data[key] = str((recipe_dir / value).resolve())

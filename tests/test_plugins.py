@@ -1,0 +1,263 @@
+"""The plugin manager's rules (DESIGN.md §4), each with in-process plugins or real entry points."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata as md
+import types
+
+import pytest
+
+import kdcore
+from kdcore import hookimpl
+from kdcore.plugins import make_plugin_manager
+from kdcore.registry import PluginError, UnknownAlgorithmError
+
+
+def make_plugin(**hooks) -> types.SimpleNamespace:
+    """A plugin object whose attributes are hookimpl-marked functions."""
+    return types.SimpleNamespace(**{name: hookimpl(fn) for name, fn in hooks.items()})
+
+
+@dataclasses.dataclass
+class ScaleOptions:
+    scale: float = 2.0  # test option
+
+
+def scaled_l1(student_logits, teacher_logits, *, temperature, scale=2.0):
+    """Scaled L1 between logits, for tests."""
+    return scale * (student_logits - teacher_logits).abs().sum(-1)
+
+
+def test_in_process_plugin_registers_and_unregisters():
+    def register_losses(register):
+        register("scaled_l1", scaled_l1, options=ScaleOptions)
+
+    kdcore.register_plugin(make_plugin(register_losses=register_losses), "test-scaled")
+    try:
+        entry = kdcore.load_registry().get("loss", "scaled_l1")
+        assert entry.fn is scaled_l1
+        assert entry.kind == "loss" and entry.plugin == "test-scaled"
+        assert entry.summary == "Scaled L1 between logits, for tests."
+        assert entry.option_fields() == {"scale": 2.0}
+        assert entry.make_options({"scale": 3.0}) == ScaleOptions(3.0)
+    finally:
+        kdcore.unregister_plugin("test-scaled")
+    with pytest.raises(UnknownAlgorithmError):
+        kdcore.load_registry().get("loss", "scaled_l1")
+
+
+def test_factory_builds_a_fresh_manager_each_call():
+    pm1, _ = make_plugin_manager()
+    pm2, _ = make_plugin_manager()
+    assert pm1 is not pm2
+
+
+def test_missing_docstring_gives_undocumented():
+    def register_rollouts(register):
+        register("silent", lambda options=None: None)
+
+    kdcore.register_plugin(make_plugin(register_rollouts=register_rollouts), "test-silent")
+    try:
+        assert kdcore.load_registry().get("rollout", "silent").summary == "Undocumented"
+    finally:
+        kdcore.unregister_plugin("test-silent")
+
+
+def test_hookimpl_matching_no_hookspec_names_the_plugin():
+    def register_loss(register):  # misspelled: the hook is register_losses
+        pass
+
+    kdcore.register_plugin(make_plugin(register_loss=register_loss), "test-typo")
+    try:
+        with pytest.raises(PluginError, match="test-typo") as err:
+            kdcore.load_registry()
+        assert "register_loss" in str(err.value)
+    finally:
+        kdcore.unregister_plugin("test-typo")
+
+
+def test_duplicate_name_is_an_error_naming_both_plugins():
+    def one(register):
+        register("twin", scaled_l1)
+
+    def two(register):
+        register("twin", scaled_l1)
+
+    kdcore.register_plugin(make_plugin(register_losses=one), "test-first")
+    kdcore.register_plugin(make_plugin(register_losses=two), "test-second")
+    try:
+        with pytest.raises(PluginError, match="twin") as err:
+            kdcore.load_registry()
+        assert "test-first" in str(err.value) and "test-second" in str(err.value)
+    finally:
+        kdcore.unregister_plugin("test-first")
+        kdcore.unregister_plugin("test-second")
+
+
+def test_same_name_in_different_kinds_is_fine():
+    def losses(register):
+        register("shared_name", scaled_l1)
+
+    def rollouts(register):
+        register("shared_name", lambda options=None: None)
+
+    kdcore.register_plugin(make_plugin(register_losses=losses, register_rollouts=rollouts), "test-kinds")
+    try:
+        reg = kdcore.load_registry()
+        assert reg.get("loss", "shared_name").kind == "loss"
+        assert reg.get("rollout", "shared_name").kind == "rollout"
+    finally:
+        kdcore.unregister_plugin("test-kinds")
+
+
+@pytest.mark.parametrize("name,fn,options,match", [
+    ("Bad-Name", scaled_l1, None, "must match"),
+    ("not_callable", 42, None, "not callable"),
+    ("bad_options", scaled_l1, dict, "dataclass"),
+])
+def test_bad_registrations_are_rejected_with_the_plugin_named(name, fn, options, match):
+    def register_losses(register):
+        register(name, fn, options=options)
+
+    kdcore.register_plugin(make_plugin(register_losses=register_losses), "test-bad")
+    try:
+        with pytest.raises(PluginError, match=match) as err:
+            kdcore.load_registry()
+        assert "test-bad" in str(err.value)
+    finally:
+        kdcore.unregister_plugin("test-bad")
+
+
+def test_unknown_name_lists_valid_names():
+    with pytest.raises(UnknownAlgorithmError) as err:
+        kdcore.load_registry().get("rollout", "of_policy")
+    assert "off_policy" in str(err.value) and "did you mean" in str(err.value)
+
+
+class FakeDist:
+    def __init__(self, name, version="9.9"):
+        self.name, self.version = name, version
+
+
+class FakeEntryPoint:
+    """Stands in for an installed distribution's entry point (only load() differs)."""
+
+    def __init__(self, name, dist, target):
+        self.name, self.dist, self._target = name, FakeDist(dist), target
+
+    def load(self):
+        if isinstance(self._target, Exception):
+            raise self._target
+        return self._target
+
+
+def _with_fake_entry_points(monkeypatch, fakes):
+    real = md.entry_points
+
+    def entry_points(group=None, **kw):
+        eps = list(real(group=group, **kw)) if group else []
+        return eps + fakes if group == "kdcore" else real(group=group, **kw)
+
+    monkeypatch.setattr(md, "entry_points", entry_points)
+
+
+def test_plugin_that_fails_to_import_is_reported_and_others_load(monkeypatch):
+    def register_losses(register):
+        register("healthy_loss", scaled_l1)
+
+    _with_fake_entry_points(monkeypatch, [
+        FakeEntryPoint("broken", "kdflow-plugin-broken", ImportError("no module named torch_foo")),
+        FakeEntryPoint("healthy", "kdflow-plugin-healthy", make_plugin(register_losses=register_losses)),
+    ])
+    reg = kdcore.load_registry()
+    failed = {p.distribution: p.error for p in reg.failed_plugins()}
+    assert "kdflow-plugin-broken" in failed and "torch_foo" in failed["kdflow-plugin-broken"]
+    assert reg.get("loss", "healthy_loss").plugin == "kdflow-plugin-healthy"
+    assert reg.get("loss", "healthy_loss").version == "9.9"
+    assert "off_policy" in reg.names("rollout")  # built-ins unaffected
+
+
+def test_allow_list_limits_external_plugins_but_keeps_builtins(monkeypatch):
+    def make(name):
+        def register_losses(register):
+            register(name, scaled_l1)
+        return make_plugin(register_losses=register_losses)
+
+    _with_fake_entry_points(monkeypatch, [
+        FakeEntryPoint("a", "kdflow-plugin-a", make("loss_a")),
+        FakeEntryPoint("b", "kdflow-plugin-b", make("loss_b")),
+    ])
+    monkeypatch.setenv("KDCORE_LOAD_PLUGINS", "kdflow-plugin-b")
+    reg = kdcore.load_registry()
+    assert "loss_b" in reg.names("loss") and "loss_a" not in reg.names("loss")
+    assert "off_policy" in reg.names("rollout")
+    assert "ab_div" not in reg.names("loss")  # the installed example plugin is external too
+    monkeypatch.setenv("KDCORE_LOAD_PLUGINS", "")
+    reg = kdcore.load_registry()
+    assert not {"loss_a", "loss_b", "ab_div"} & set(reg.names("loss"))
+    assert reg.names("rollout")
+
+
+def test_example_plugin_is_discovered_through_entry_points():
+    reg = kdcore.load_registry()
+    entry = reg.get("loss", "ab_div")
+    assert entry.plugin == "kdflow-plugin-example"
+    assert entry.version == md.version("kdflow-plugin-example")
+    assert set(entry.option_fields()) == {"alpha", "beta"}
+    plugin = next(p for p in reg.plugins if p.distribution == "kdflow-plugin-example")
+    assert plugin.hooks == ("register_losses",) and not plugin.builtin
+
+
+def test_builtins_come_through_the_entry_point_group():
+    builtin_eps = [ep for ep in md.entry_points(group="kdcore") if ep.dist and ep.dist.name == "kdflow"]
+    assert {ep.value.split(".")[0] for ep in builtin_eps} == {"kdflow_algorithms"}
+    reg = kdcore.load_registry()
+    assert all(p.error is None for p in reg.plugins if p.builtin), reg.failed_plugins()
+    for kind in ("loss", "aligner", "rollout"):
+        assert any(e.plugin == "kdflow" for e in reg.list(kind)), kind
+
+
+def test_import_kdcore_is_light():
+    import subprocess
+    import sys
+
+    code = "import kdcore, sys; bad = [m for m in ('torch', 'sglang', 'transformers') if m in sys.modules]; print(bad)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_in_process_aligner_and_rollout_can_be_chosen_in_a_recipe():
+    from kdcore.aligner import Aligner
+    from kdcore.config import validate_raw
+    from kdcore.rollout import RolloutPolicy
+
+    @dataclasses.dataclass
+    class WindowOptions:
+        window: int = 2  # test option
+
+    class EveryOther(RolloutPolicy):
+        def select(self, batch, ctx):
+            return batch[::2]
+
+    def register_aligners(register):
+        register("window_aligner", lambda **kw: Aligner(), options=WindowOptions, summary="Test aligner.")
+
+    def register_rollouts(register):
+        register("every_other", lambda options=None: EveryOther())
+
+    kdcore.register_plugin(make_plugin(register_aligners=register_aligners, register_rollouts=register_rollouts),
+                           "test-align-roll")
+    try:
+        reg = kdcore.load_registry()
+        assert reg.get("aligner", "window_aligner").summary == "Test aligner."
+        policy = reg.get("rollout", "every_other").fn(None)
+        assert policy.select([1, 2, 3], None) == [1, 3]
+        raw = {"teacher": {"path": "m"}, "data": {"train": "x"},
+               "distill": {"aligner": "window_aligner", "aligner_options": {"window": "wide"},
+                           "rollout": "every_other"}}
+        errors = validate_raw(raw, reg)
+        assert "distill.aligner_options.window: expected int, got str 'wide'" in errors
+        assert not any("unknown aligner" in e or "unknown rollout" in e for e in errors)
+    finally:
+        kdcore.unregister_plugin("test-align-roll")
