@@ -1,0 +1,516 @@
+"""The student: build from the recipe, wrap with FSDP2, optimizer, schedule, precision.
+
+Build (``student.init``):
+  * ``pretrained`` — load ``student.path`` (or the teacher's path when unset) as is;
+  * ``truncate`` — load it and keep ``num_layers`` evenly spaced decoder layers, first and last
+    included (DistilBERT-style), renumbering ``layer_idx`` so KV caching keeps working;
+  * ``config`` — same architecture with ``config_overrides``, randomly initialised from
+    ``train.seed`` (identical on every rank).
+
+Sharding: ``fully_shard`` on each decoder layer, then on the root, which therefore owns the
+embedding, the final norm and ``lm_head`` (tied or not: a tied pair is one parameter in one FSDP
+unit, so it stays tied). FSDP2 does not reshard the root after forward, so between
+:func:`student_hidden` and ``backward`` the root's parameters are the gathered, unsharded
+tensors; :func:`student_head_weight` hands that full ``[V, H]`` weight to the loss driver, whose
+per-chunk ``h @ W.T`` gradients accumulate into it and are reduce-scattered by FSDP at the end
+of backward, together with the embedding's gradient when tied.
+
+Gradient reduction convention: gradients are **averaged** over ranks (FSDP's default, and the
+same for ``extra_modules``). For an exact token-mean over the global batch, each rank's loss must
+be ``world_size * (sum of its token losses) / (global token count of the optimizer step)``;
+:func:`loss_scale` returns that factor.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from kdcore import distributed as kdist
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+# --------------------------------------------------------------------------------------------
+# loading and building
+
+
+def _transformers_dtype_kw(dtype: torch.dtype) -> dict:
+    import transformers
+
+    # transformers 5 renamed torch_dtype= to dtype= (4.56 accepts both)
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
+
+
+def _strip_gguf(model):
+    """A copy of a GGUF-loaded model that ``save_pretrained`` accepts (plain config, own weights)."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = model.config
+    if getattr(cfg, "quantization_config", None) is None:
+        return model
+    cfg = type(cfg).from_dict({k: v for k, v in cfg.to_dict().items() if k != "quantization_config"})
+    clean = AutoModelForCausalLM.from_config(cfg, **_transformers_dtype_kw(next(model.parameters()).dtype))
+    clean.load_state_dict(model.state_dict())
+    return clean
+
+
+def load_pretrained(spec: str, dtype: torch.dtype = torch.float32):
+    """Load a causal LM (hub id, local folder, ``.gguf`` file or ``pkg://`` spec) on CPU.
+
+    Uses ``kdcore.models.load_causal_lm`` when that module exists; otherwise loads with
+    transformers directly (GGUF through ``gguf_file=``, then copied into a plain model).
+    """
+    try:
+        from kdcore.models import load_causal_lm  # type: ignore[attr-defined]
+    except ImportError:
+        load_causal_lm = None
+    if load_causal_lm is not None:
+        return load_causal_lm(spec, dtype=dtype, device="cpu")
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    from kdcore.paths import ModelNotFoundError, is_local, resolve
+
+    path = resolve(spec)
+    if is_local(spec) and not Path(path).expanduser().exists():
+        raise ModelNotFoundError(f"student model not found: '{spec}'")
+    p = Path(path).expanduser()
+    if p.suffix == ".gguf":
+        model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, **_transformers_dtype_kw(dtype))
+        return _strip_gguf(model)
+    return AutoModelForCausalLM.from_pretrained(str(p) if is_local(spec) else spec, **_transformers_dtype_kw(dtype))
+
+
+def load_config(spec: str):
+    """The model config of ``spec`` (same forms as :func:`load_pretrained`), without weights."""
+    from pathlib import Path
+
+    from transformers import AutoConfig
+
+    from kdcore.paths import ModelNotFoundError, is_local, resolve
+
+    path = resolve(spec)
+    p = Path(path).expanduser()
+    if is_local(spec) and not p.exists():
+        raise ModelNotFoundError(f"student model not found: '{spec}'")
+    if p.suffix == ".gguf":
+        cfg = AutoConfig.from_pretrained(str(p.parent), gguf_file=p.name)
+        if hasattr(cfg, "quantization_config"):
+            del cfg.quantization_config
+        return cfg
+    return AutoConfig.from_pretrained(str(p) if is_local(spec) else spec)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layer list of a Llama/Qwen/Mistral-style causal LM (``model.model.layers``)."""
+    base = getattr(model, "model", None)
+    layers = getattr(base, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise TypeError(f"{type(model).__name__}: expected decoder layers at model.model.layers "
+                        "(Llama/Qwen/Mistral-style causal LM)")
+    return layers
+
+
+def evenly_spaced(total: int, keep: int) -> list[int]:
+    """``keep`` indices out of ``range(total)``, evenly spaced, first and last included
+    (``keep == 1`` keeps the first)."""
+    if not 1 <= keep <= total:
+        raise ValueError(f"num_layers must be within [1, {total}] for a {total}-layer model, got {keep}")
+    if keep == 1:
+        return [0]
+    # round half up (Python's round() is half-to-even, which skews the spacing)
+    return [int(i * (total - 1) / (keep - 1) + 0.5) for i in range(keep)]
+
+
+# per-layer lists in configs that must follow the kept layers
+_PER_LAYER_CONFIG_LISTS = ("layer_types", "no_rope_layers")
+
+
+def truncate_layers(model: nn.Module, num_layers: int) -> list[int]:
+    """Keep ``num_layers`` evenly spaced decoder layers in place; return the kept source indices.
+
+    Updates ``config.num_hidden_layers`` and per-layer config lists (``layer_types`` ...), and
+    renumbers every ``layer_idx`` attribute inside the kept layers (attention modules index the
+    KV cache with it).
+    """
+    layers = decoder_layers(model)
+    total = len(layers)
+    kept = evenly_spaced(total, num_layers)
+    new = nn.ModuleList([layers[i] for i in kept])
+    for new_idx, layer in enumerate(new):
+        for mod in layer.modules():
+            if hasattr(mod, "layer_idx"):
+                mod.layer_idx = new_idx
+    model.model.layers = new
+    cfg = model.config
+    for name in _PER_LAYER_CONFIG_LISTS:
+        val = getattr(cfg, name, None)
+        if isinstance(val, (list, tuple)) and len(val) == total:
+            setattr(cfg, name, [val[i] for i in kept])
+    cfg.num_hidden_layers = num_layers
+    return kept
+
+
+def _apply_overrides(cfg, overrides: dict) -> None:
+    known = set(cfg.to_dict())
+    for key, val in overrides.items():
+        if key not in known:
+            near = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f"; did you mean '{near[0]}'?" if near else ""
+            raise ValueError(f"student.config_overrides: '{key}' is not a field of {type(cfg).__name__}{hint}")
+        setattr(cfg, key, val)
+
+
+def build_student(recipe, seed: int | None = None):
+    """The student model from a recipe (full, unsharded, fp32 master weights on CPU).
+
+    ``recipe`` is a :class:`kdcore.config.Recipe`-shaped config; the source checkpoint is
+    ``student.path`` or, when unset, ``teacher.path``; ``seed`` defaults to ``train.seed``.
+    """
+    s = recipe.student
+    source = s.path or recipe.teacher.path
+    seed = recipe.train.seed if seed is None else seed
+    if s.init == "config":
+        from transformers import AutoModelForCausalLM
+
+        cfg = load_config(source)
+        _apply_overrides(cfg, dict(s.config_overrides or {}))
+        # the same seed on every rank gives the same initial weights everywhere
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(cfg, **_transformers_dtype_kw(torch.float32))
+    else:
+        if s.config_overrides:
+            raise ValueError(f"student.config_overrides only applies to init=config, not init={s.init}")
+        model = load_pretrained(source, dtype=torch.float32)
+        if s.init == "truncate":
+            if not s.num_layers:
+                raise ValueError("student.num_layers is required when student.init is 'truncate'")
+            truncate_layers(model, int(s.num_layers))
+    if s.gradient_checkpointing:
+        # non-reentrant checkpointing is the variant that composes with FSDP2
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False  # training forwards never need a KV cache
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# sharding and the loss-driver interface
+
+
+def mixed_precision_policy(precision: str):
+    """FSDP2 policy: ``bf16`` = bf16 compute params and fp32 gradient reduction; ``fp32`` = None."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if precision not in _DTYPES:
+        raise ValueError(f"train.precision must be one of {', '.join(_DTYPES)}, got '{precision}'")
+    if precision == "fp32":
+        return None
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+
+def shard_student(model: nn.Module, precision: str = "fp32", device: torch.device | str | None = None,
+                  mesh=None) -> nn.Module:
+    """Apply FSDP2 ``fully_shard`` to each decoder layer and to the root (in place; returns it).
+
+    Needs a process group (:func:`kdcore.distributed.init_distributed`). The mesh defaults to a
+    1-D mesh over all ranks on ``device`` (default: the one from ``init_distributed``). Layers
+    reshard after forward (memory); the root keeps its parameters gathered from forward to
+    backward, which :func:`student_head_weight` relies on.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if not kdist.is_initialized():
+        raise RuntimeError("shard_student needs a process group: call kdcore.distributed.init_distributed() first")
+    head = model.get_output_embeddings()
+    if head is None or getattr(head, "bias", None) is not None:
+        raise TypeError(f"{type(model).__name__}: the loss driver needs a bias-free lm_head (got {head!r})")
+    if mesh is None:
+        dev = torch.device(device) if device is not None else kdist.init_distributed().device
+        mesh = init_device_mesh(dev.type, (kdist.get_world_size(),))
+    kw: dict[str, Any] = {"mesh": mesh}
+    mp = mixed_precision_policy(precision)
+    if mp is not None:
+        kw["mp_policy"] = mp
+    for layer in decoder_layers(model):
+        fully_shard(layer, **kw)
+    # reshard_after_forward left at its default on the root: FSDP2 then keeps the root gathered
+    # until backward (the head weight must stay full between student_hidden and backward)
+    fully_shard(model, **kw)
+    return model
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    base = getattr(model, "model", None)
+    if base is None:
+        raise TypeError(f"{type(model).__name__}: expected the decoder stack at model.model")
+    return base
+
+
+def _accepts_logits_to_keep(model: nn.Module) -> bool:
+    cached = getattr(model, "_kdflow_logits_to_keep", None)
+    if cached is None:
+        cached = "logits_to_keep" in inspect.signature(type(model).forward).parameters
+        model._kdflow_logits_to_keep = cached
+    return cached
+
+
+def student_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Last hidden states ``[B, L, H]`` after the final norm, without the ``lm_head`` matmul.
+
+    Runs the root module's forward (so FSDP gathers the root's parameters and registers its
+    backward hooks) with ``logits_to_keep`` = no position, and takes the decoder stack's output.
+    Dtype is the compute dtype (bf16 under bf16 mixed precision).
+    """
+    captured: list[torch.Tensor] = []
+
+    def grab(_mod, _args, out):
+        captured.append(out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0])
+
+    handle = _base_model(model).register_forward_hook(grab)
+    kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+    if _accepts_logits_to_keep(model):
+        # an empty index list: lm_head runs on [B, 0, H], so no [B, L, V] logits are formed
+        kwargs["logits_to_keep"] = torch.empty(0, dtype=torch.long, device=input_ids.device)
+    try:
+        model(**kwargs)
+    finally:
+        handle.remove()
+    if len(captured) != 1:
+        raise RuntimeError(f"expected one decoder-stack output per forward, got {len(captured)}")
+    return captured[0]
+
+
+def student_head_weight(model: nn.Module) -> torch.Tensor:
+    """The full ``[V, H]`` output-projection weight (``lm_head``, or the tied embedding).
+
+    Under FSDP2 it is valid from :func:`student_hidden` until ``backward`` of the same step: it
+    is the root unit's gathered parameter, so gradients through it are reduce-scattered into the
+    sharded parameter like any other. Dtype is the compute dtype.
+    """
+    from torch.distributed.tensor import DTensor
+
+    w = model.get_output_embeddings().weight
+    if isinstance(w, DTensor):
+        raise RuntimeError("student_head_weight: the lm_head weight is still sharded; call "
+                           "student_hidden(model, ...) first in this step (the root FSDP unit keeps it "
+                           "gathered from forward until backward)")
+    return w
+
+
+def set_grad_sync(model: nn.Module, enabled: bool) -> None:
+    """FSDP2's no_sync: with ``False`` gradients accumulate locally without reduce-scatter."""
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(enabled)
+
+
+def loss_scale(global_tokens: int | float | torch.Tensor) -> float:
+    """Factor for a rank's summed token loss so averaged gradients equal a global token-mean."""
+    n = float(global_tokens)
+    if n <= 0:
+        raise ValueError(f"global token count must be > 0, got {n}")
+    return kdist.get_world_size() / n
+
+
+# --------------------------------------------------------------------------------------------
+# optimizer and schedule
+
+
+def _param_groups(params: Iterable[tuple[str, nn.Parameter]], lr: float, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for _, p in params:
+        if not p.requires_grad:
+            continue
+        # biases and norm gains (1-D) are not decayed: shrinking them only hurts calibration
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "lr": lr, "weight_decay": weight_decay},
+              {"params": no_decay, "lr": lr, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0,
+                    extra_modules: Sequence[nn.Module] = (), extra_lr: float | None = None,
+                    betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> torch.optim.AdamW:
+    """AdamW over the student (decayed: >= 2-D params) and ``extra_modules`` at ``extra_lr``
+    (default ``lr``). Fused when the parameters' device supports it, foreach otherwise.
+
+    ``betas``/``eps``: the transformers Trainer defaults, the usual fine-tuning setting.
+    """
+    groups = _param_groups(model.named_parameters(), lr, weight_decay)
+    for m in extra_modules:
+        groups += _param_groups(m.named_parameters(), lr if extra_lr is None else extra_lr, weight_decay)
+    if not groups:
+        raise ValueError("build_optimizer: no trainable parameters")
+    try:
+        opt = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
+    except (RuntimeError, ValueError):  # fused kernels absent for this device/dtype
+        opt = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=True)
+    return opt
+
+
+def lr_factor(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
+    """Multiplier of the peak lr for optimizer step ``step`` (0-based): linear warmup to 1 over
+    ``warmup_steps`` steps, then cosine to ``min_lr_ratio`` at ``max_steps``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, max_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class _LrFactor:
+    """Picklable lambda (a closure would break scheduler.state_dict round trips)."""
+
+    def __init__(self, warmup_steps: int, max_steps: int, min_lr_ratio: float):
+        self.warmup_steps, self.max_steps, self.min_lr_ratio = warmup_steps, max_steps, min_lr_ratio
+
+    def __call__(self, step: int) -> float:
+        return lr_factor(step, self.warmup_steps, self.max_steps, self.min_lr_ratio)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, max_steps: int,
+                    min_lr_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
+    """Warmup + cosine :class:`LambdaLR` (see :func:`lr_factor`); call ``.step()`` after each
+    optimizer step."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, _LrFactor(warmup_steps, max_steps, min_lr_ratio))
+
+
+# --------------------------------------------------------------------------------------------
+# extra trainable modules (aligner projectors)
+
+
+def sync_extra_modules(extra_modules: Sequence[nn.Module], src: int = 0) -> None:
+    """Make every rank's extra modules identical to rank ``src``'s (params and buffers)."""
+    with torch.no_grad():
+        kdist.broadcast_tensors([t for m in extra_modules for t in list(m.parameters()) + list(m.buffers())], src)
+
+
+def _reduce_extra_grads(extra_modules: Sequence[nn.Module]) -> None:
+    if kdist.get_world_size() == 1:
+        return
+    grads = [p.grad for m in extra_modules for p in m.parameters() if p.requires_grad]
+    if any(g is None for g in grads):
+        # a rank without a gradient joins with zeros so every rank runs the same collectives
+        for m in extra_modules:
+            for p in m.parameters():
+                if p.requires_grad and p.grad is None:
+                    p.grad = torch.zeros_like(p)
+        grads = [p.grad for m in extra_modules for p in m.parameters() if p.requires_grad]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    kdist.all_reduce_mean(flat)
+    off = 0
+    for g in grads:
+        g.copy_(flat[off:off + g.numel()].view_as(g))
+        off += g.numel()
+
+
+def clip_gradients(model: nn.Module, extra_modules: Sequence[nn.Module], max_norm: float) -> float:
+    """Global L2 norm of all gradients (sharded and extra); clip to ``max_norm`` when > 0.
+
+    Returns the pre-clip norm as a float (inf/nan when gradients are not finite).
+    """
+    from torch.distributed.tensor import DTensor
+
+    model_params = [p for p in model.parameters() if p.grad is not None]
+    extra_params = [p for m in extra_modules for p in m.parameters() if p.grad is not None]
+    norms = []
+    if model_params:
+        n = torch.nn.utils.get_total_norm([p.grad for p in model_params], 2.0)
+        norms.append(n.full_tensor() if isinstance(n, DTensor) else n)
+    if extra_params:
+        n = torch.nn.utils.get_total_norm([p.grad for p in extra_params], 2.0)
+        norms.append(n.to(norms[0].device) if norms else n)
+    if not norms:
+        return 0.0
+    total = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+    if max_norm > 0 and torch.isfinite(total):
+        if model_params:
+            torch.nn.utils.clip_grads_with_norm_(model_params, max_norm, total.to(model_params[0].grad.dtype))
+        if extra_params:
+            torch.nn.utils.clip_grads_with_norm_(extra_params, max_norm, total.to(extra_params[0].device))
+    return float(total)
+
+
+# --------------------------------------------------------------------------------------------
+# the bundle the trainer drives
+
+
+@dataclass
+class StepStats:
+    grad_norm: float  # before clipping
+    lr: float  # peak-group lr used by this step
+    stepped: bool  # False when gradients were not finite (parameters left untouched)
+
+
+@dataclass
+class Student:
+    """Model + optimizer + schedule + extra modules, driven one optimizer step at a time.
+
+    Per optimizer step: for each micro-batch ``i`` of ``n`` call :meth:`begin_micro_batch`
+    (``is_last = i == n - 1``), :func:`student_hidden`/:func:`student_head_weight` through the
+    loss driver, ``loss.backward()``; then :meth:`step`.
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    extra_modules: list[nn.Module] = field(default_factory=list)
+    max_grad_norm: float = 1.0
+    precision: str = "fp32"
+
+    @classmethod
+    def from_recipe(cls, recipe, extra_modules: Sequence[nn.Module] = (), extra_lr: float | None = None,
+                    model: nn.Module | None = None) -> "Student":
+        """Build (unless ``model`` is given), shard, and set up optimization from ``recipe.train``.
+
+        Needs :func:`kdcore.distributed.init_distributed` first. Extra modules are moved to the
+        training device and made identical across ranks.
+        """
+        t = recipe.train
+        env = kdist.init_distributed()
+        model = build_student(recipe) if model is None else model
+        shard_student(model, precision=t.precision, device=env.device)
+        extras = [m.to(env.device) for m in extra_modules]
+        sync_extra_modules(extras)
+        opt = build_optimizer(model, t.lr, t.weight_decay, extras, extra_lr)
+        sched = build_scheduler(opt, t.warmup_steps, t.max_steps, t.min_lr_ratio)
+        return cls(model, opt, sched, extras, t.max_grad_norm, t.precision)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return _DTYPES[self.precision]
+
+    def begin_micro_batch(self, is_last: bool) -> None:
+        """Gradient accumulation: reduce-scatter only on the last micro-batch of a step."""
+        set_grad_sync(self.model, is_last)
+
+    def step(self) -> StepStats:
+        """Average extra-module gradients over ranks, clip, step optimizer and schedule, zero
+        gradients. Non-finite gradients skip the update (the caller decides to stop)."""
+        _reduce_extra_grads(self.extra_modules)
+        norm = clip_gradients(self.model, self.extra_modules, self.max_grad_norm)
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        ok = math.isfinite(norm)
+        if ok:
+            self.optimizer.step()
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        set_grad_sync(self.model, True)
+        return StepStats(grad_norm=norm, lr=lr, stepped=ok)
+
+    def train(self, mode: bool = True) -> None:
+        self.model.train(mode)
+        for m in self.extra_modules:
+            m.train(mode)
