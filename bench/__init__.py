@@ -1,0 +1,1 @@
+"""kdflow benchmarks (not tests): peers side by side, memory, channel, throughput. See bench/README.md."""

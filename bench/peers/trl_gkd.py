@@ -1,0 +1,108 @@
+"""TRL's GKDTrainer (trl 1.16: ``trl.experimental.gkd``), off-policy, as a benchmark child.
+
+What runs: ``GKDTrainer`` with ``lmbda=0.0`` (never samples from the student: off-policy),
+``seq_kd=False`` and ``beta=0.5`` (generalized JSD, M = β·p_teacher + (1−β)·q_student, the same
+convention as kdflow's ``js`` loss), on fixed-length sequences: every row is exactly
+``seq_len`` tokens (the tokenizer's own specials, truncated), all positions are labels, so a
+step has ``batch × (seq_len − 1)`` loss tokens, exactly like kdflow with ``format: text``.
+
+Settings chosen to match kdflow's run, not TRL's defaults: fp32 (``bf16=False``; SFTConfig
+defaults to bf16), no gradient checkpointing (SFTConfig defaults to it; kdflow's default is
+off), a constant learning rate (kdflow runs with ``warmup_steps=0 min_lr_ratio=1``), AdamW
+fused (the transformers default on torch ≥ 2.8, as kdflow's), grad-norm clip 1.0, the dataset
+in file order (``train_sampling_strategy="sequential"``; kdflow ``data.shuffle=false``).
+
+Time per step is the wall time between consecutive ``on_step_end`` callbacks (forward,
+backward, optimizer, logging: everything a step costs); the first ``warmup`` steps are
+excluded. Run it through :func:`bench.common.run_isolated`, which fixes threads and allocator.
+"""
+
+from __future__ import annotations
+
+import resource
+import tempfile
+import time
+
+
+def run(student: str, teacher: str, data: str, seq_len: int, batch: int = 4, steps: int = 5,
+        warmup: int = 1, lr: float = 1e-4, precision: str = "fp32", seed: int = 0, beta: float = 0.5,
+        gradient_checkpointing: bool = False) -> dict:
+    """Train ``warmup + steps`` optimizer steps; return per-step times, losses and memory.
+
+    ``student`` / ``teacher``: HF model folders (``bench.models.ensure_model``); ``data``: a
+    jsonl of texts each ≥ ``seq_len`` tokens (``bench.models.ensure_data``).
+    """
+    t_setup = time.perf_counter()
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+    from bench.models import read_texts, tokenize_fixed
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision '{precision}' is not fp32 or bf16")
+    total = warmup + steps
+    tok = AutoTokenizer.from_pretrained(student)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    texts = read_texts(data)
+    if len(texts) < batch * total:
+        raise ValueError(f"data '{data}' has {len(texts)} rows; {batch} x {total} steps need {batch * total}")
+    ids = tokenize_fixed(tok, texts[: batch * total], seq_len)
+    train = Dataset.from_dict({"input_ids": ids})
+
+    def collate(features):
+        x = torch.tensor([f["input_ids"] for f in features], dtype=torch.long)
+        return {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x.clone()}
+
+    student_model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32)
+    teacher_model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32)
+
+    class Clock(TrainerCallback):
+        def __init__(self):
+            self.ends: list[float] = []
+            self.losses: list[float] = []
+            self.start = 0.0
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            self.ends.append(time.perf_counter())
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                self.losses.append(float(logs["loss"]))
+
+    clock = Clock()
+    with tempfile.TemporaryDirectory(prefix="trl-gkd-") as out:
+        cfg = GKDConfig(
+            output_dir=out, per_device_train_batch_size=batch, gradient_accumulation_steps=1,
+            max_steps=total, learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0,
+            weight_decay=0.0, max_grad_norm=1.0, logging_steps=1, save_strategy="no", report_to="none",
+            use_cpu=True, bf16=precision == "bf16", fp16=False, seed=seed, data_seed=seed,
+            train_sampling_strategy="sequential", dataloader_num_workers=0, disable_tqdm=True,
+            lmbda=0.0, beta=beta, seq_kd=False, temperature=1.0, max_length=seq_len,
+            gradient_checkpointing=gradient_checkpointing,
+        )
+        trainer = GKDTrainer(model=student_model, teacher_model=teacher_model, args=cfg, data_collator=collate,
+                             train_dataset=train, processing_class=tok, callbacks=[clock])
+        setup_s = time.perf_counter() - t_setup
+        trainer.train()
+    if len(clock.ends) != total:
+        raise RuntimeError(f"GKDTrainer ran {len(clock.ends)} steps, expected {total}")
+    marks = [clock.start] + clock.ends
+    step_times = [b - a for a, b in zip(marks, marks[1:])]
+    return {
+        "side": "trl-gkd",
+        "step_times": step_times[warmup:],
+        "warmup_times": step_times[:warmup],
+        "losses": clock.losses,
+        "final_loss": clock.losses[-1] if clock.losses else None,
+        "tokens_per_step": batch * seq_len,
+        "loss_tokens_per_step": batch * (seq_len - 1),
+        "setup_s": setup_s,
+        "torch_threads": torch.get_num_threads(),
+        "child_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
