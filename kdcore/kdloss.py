@@ -1,0 +1,337 @@
+"""The chunked KD loss driver: hidden states → logits per chunk → registered loss, no [N, V] buffer.
+
+:func:`distill_loss` takes the student's last hidden states ``h_s [N, H_s]`` (with grad), the
+student head ``W_s [V, H_s]``, the teacher's last hidden states ``h_t [N, H_t]`` (row ``i`` pairs
+with student row ``i``) and the teacher head ``W_t [V, H_t]``, and returns
+``kd_scale · Σ_kd-rows loss_fn(...) + ce_scale · Σ_ce-rows CE`` together with the detached sums
+and token counts (:class:`LossOutput`). It works on ``chunk_size`` rows at a time: per chunk
+``logits_s = h_s·W_sᵀ`` and ``logits_t = h_t·W_tᵀ`` are built, the per-token divergence (any
+registered loss; this module holds no algorithm) and the cross-entropy against ``labels`` are
+computed from the *same* chunk logits, and the chunk logits are freed. Peak extra memory is a
+few ``[chunk_size, V]`` buffers plus one ``[V, H_s]`` gradient, instead of several ``[N, V]``.
+
+Backward strategy (measured by ``bench/loss_memory.py``; see the README's performance section):
+gradients are computed *in the forward pass* (``strategy="fused"``, as Liger-Kernel's fused
+linear losses do): per chunk, autograd of the loss with respect to the chunk logits gives
+``G [c, V]``, then ``∂h_s = G·W_s`` and ``∂W_s += Gᵀ·h_s`` (and the same for the teacher side
+when its inputs require grad, e.g. DSKD projections). The backward pass only scales the stored
+gradients by the incoming scalar. This costs exactly the four ``N×V×H`` matmuls of the dense
+computation, whereas recomputing the chunk logits in backward (``strategy="recompute"``) costs
+six (both logits matmuls twice) and runs the loss twice, for the same peak memory: the only
+thing fused keeps alive between forward and backward is ``∂W_s`` (head-sized), which the dense
+backward allocates as well. Without grad mode (evaluation) or without inputs that require grad,
+no gradient work is done at all.
+
+Exact token mean under gradient accumulation and data parallelism. The objective of one
+optimizer step is, over every micro-batch ``m`` on every rank ``r``::
+
+    L = kd_ratio · Σ_{r,m} KD_sum[r,m] / N_kd + (1 − kd_ratio) · Σ_{r,m} CE_sum[r,m] / N_ce
+
+where ``N_kd``/``N_ce`` are the KD/CE token counts of the whole global batch. The trainer counts
+the tokens of all its micro-batches first (the masks are known from the data before any
+forward), all-reduces the two counts (SUM), and passes ``kd_scale = kd_ratio / N_kd`` and
+``ce_scale = (1 − kd_ratio) / N_ce`` (0 when a count is 0) to every call. Each call's ``loss``
+is then that micro-batch's exact share of ``L``, so summing gradients over micro-batches
+(plain accumulation, no division by their number) and over ranks gives ``∇L`` exactly — no
+matter how tokens are spread over micro-batches and ranks, unlike averaging per-micro-batch
+means, which over-weights short sequences. Data-parallel wrappers *average* gradients over
+the world size ``W`` (FSDP2's reduce-scatter, DDP's all-reduce), so the trainer multiplies both
+scales by ``W`` (or sets FSDP2's gradient divide factor to 1). The logged token mean is
+``Σ kd_sum / N_kd`` over the same reductions.
+
+Dtypes: logits are computed in the inputs' dtype (for bf16 heads, bf16 matmuls with fp32
+accumulation, which is what the model's own ``lm_head`` computes and 2.3× faster than fp32 on
+these CPUs), and the loss and CE are computed in fp32 from them (the loss contract). The head
+gradient is accumulated over chunks in fp32 and cast back once, so chunking adds no rounding
+that the dense computation does not have.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["LossOutput", "distill_loss", "DEFAULT_CHUNK_SIZE"]
+
+# Rows per chunk. Measured with bench/loss_memory.py (V = 152064, H = 1024, fp32, 2 CPU threads):
+# time per token is flat from 256 rows up, and 512 keeps peak extra memory under 1/8 of the dense
+# computation at N = 4096 with any built-in loss; see the README's performance section.
+DEFAULT_CHUNK_SIZE = 256
+
+IGNORE_INDEX = -100  # label value excluded from CE (the transformers / PyTorch convention)
+
+
+@dataclass
+class LossOutput:
+    """What :func:`distill_loss` (and every aligner's ``forward``) returns for one micro-batch."""
+
+    loss: Tensor  # differentiable scalar = kd_scale * kd_sum + ce_scale * ce_sum
+    kd_sum: Tensor  # detached sum of per-token KD over KD rows
+    ce_sum: Tensor  # detached sum of CE over rows with label != -100
+    kd_tokens: int
+    ce_tokens: int
+
+
+class _Plan:
+    """Non-tensor settings and the per-row data of one call, shared by forward and backward."""
+
+    def __init__(self, loss_fn, options, temperature, kd_scale, ce_scale, chunk_size, labels, kd_mask, strategy):
+        self.loss_fn = loss_fn
+        self.options = options
+        self.temperature = temperature
+        self.kd_scale = kd_scale
+        self.ce_scale = ce_scale
+        self.chunk_size = chunk_size
+        self.labels = labels  # [n] or None
+        self.kd_mask = kd_mask  # [n] bool or None (every row is a KD row)
+        self.strategy = strategy
+        self.kd_sum: Tensor | None = None
+        self.ce_sum: Tensor | None = None
+
+    def run(self, h_s: Tensor, w_s: Tensor, h_t: Tensor, w_t: Tensor, need: tuple[bool, bool, bool, bool]):
+        """One pass over the chunks: (kd_sum, ce_sum) and the gradients of the scaled objective
+        w.r.t. the inputs flagged in ``need`` (``None`` for the others)."""
+        n = h_s.shape[0]
+        acc = torch.promote_types(h_s.dtype, torch.float32)
+        kd_sum = torch.zeros((), dtype=torch.float64, device=h_s.device)
+        ce_sum = torch.zeros((), dtype=torch.float64, device=h_s.device)
+        need_ls = need[0] or need[1]
+        need_lt = need[2] or need[3]
+        g_hs = torch.zeros_like(h_s) if need[0] else None
+        # Head gradients accumulate in fp32 over chunks (one rounding at the end, as dense).
+        g_ws = torch.zeros(w_s.shape, dtype=torch.promote_types(w_s.dtype, torch.float32), device=w_s.device) if need[1] else None
+        g_ht = torch.zeros_like(h_t) if need[2] else None
+        g_wt = torch.zeros(w_t.shape, dtype=torch.promote_types(w_t.dtype, torch.float32), device=w_t.device) if need[3] else None
+        kd_grad = self.kd_scale != 0.0
+        ce_grad = self.ce_scale != 0.0
+        for start in range(0, n, self.chunk_size):
+            stop = min(n, start + self.chunk_size)
+            hs = h_s[start:stop]
+            kd_rows = None  # None: every row of the chunk is a KD row
+            if self.kd_mask is not None:
+                local = self.kd_mask[start:stop]
+                kd_rows = local.nonzero().squeeze(1) if not bool(local.all()) else None
+            n_kd = (stop - start) if kd_rows is None else kd_rows.numel()
+            with torch.no_grad():
+                ls = hs @ w_s.T
+                ht = h_t[start:stop] if kd_rows is None else h_t[start:stop].index_select(0, kd_rows)
+                lt = ht @ w_t.T if n_kd else None
+            if need_ls:
+                ls.requires_grad_(True)
+            if need_lt and lt is not None:
+                lt.requires_grad_(True)
+            objective = None
+            with torch.enable_grad() if (need_ls or need_lt) else torch.no_grad():
+                if n_kd:
+                    ls_kd = ls if kd_rows is None else ls.index_select(0, kd_rows)
+                    lt_kd = lt
+                    if not kd_grad:  # KD is only a metric here: no graph through the loss
+                        ls_kd, lt_kd = ls_kd.detach(), lt.detach()
+                    per_token = self.loss_fn(ls_kd, lt_kd, temperature=self.temperature, **self.options)
+                    if per_token.shape != (n_kd,):
+                        raise ValueError(
+                            f"loss {getattr(self.loss_fn, '__name__', self.loss_fn)!r} returned shape "
+                            f"{tuple(per_token.shape)}, expected [{n_kd}] (one value per token)"
+                        )
+                    kd_chunk = per_token.to(acc).sum()
+                    del per_token, ls_kd, lt_kd
+                    if not need_lt:
+                        lt = None  # teacher logits are dead once the loss graph holds what it needs
+                    kd_sum += kd_chunk.detach()
+                    if kd_grad and kd_chunk.requires_grad:
+                        objective = kd_chunk * self.kd_scale
+                if self.labels is not None:
+                    lab = self.labels[start:stop]
+                    logits = ls if ce_grad else ls.detach()
+                    ce_chunk = F.cross_entropy(logits.to(acc), lab, ignore_index=IGNORE_INDEX, reduction="sum")
+                    ce_sum += ce_chunk.detach()
+                    if ce_grad and ce_chunk.requires_grad:
+                        term = ce_chunk * self.ce_scale
+                        objective = term if objective is None else objective + term
+            if objective is None or not (need_ls or need_lt):
+                continue  # nothing in this chunk depends on a trained input
+            wrt = ([ls] if need_ls else []) + ([lt] if need_lt and lt is not None else [])
+            grads = torch.autograd.grad(objective, wrt, allow_unused=True)
+            g_ls = grads[0] if need_ls else None
+            g_lt = grads[-1] if need_lt and lt is not None else None
+            del objective, grads, ls, lt
+            if g_ls is not None:
+                if g_hs is not None:
+                    g_hs[start:stop] = g_ls @ w_s
+                if g_ws is not None:
+                    _add_outer(g_ws, g_ls, hs)
+            if g_lt is not None:
+                if g_ht is not None:
+                    g_rows = g_lt @ w_t
+                    if kd_rows is None:
+                        g_ht[start:stop] = g_rows
+                    else:
+                        g_ht[start:stop].index_copy_(0, kd_rows, g_rows)
+                if g_wt is not None:
+                    _add_outer(g_wt, g_lt, ht)
+        if g_ws is not None and g_ws.dtype != w_s.dtype:
+            g_ws = g_ws.to(w_s.dtype)
+        if g_wt is not None and g_wt.dtype != w_t.dtype:
+            g_wt = g_wt.to(w_t.dtype)
+        return kd_sum.to(acc), ce_sum.to(acc), (g_hs, g_ws, g_ht, g_wt)
+
+
+def _add_outer(acc: Tensor, g: Tensor, h: Tensor) -> None:
+    """acc += gᵀ·h; in place when dtypes allow, else via one temporary in g's dtype."""
+    if acc.dtype == g.dtype == h.dtype:
+        acc.addmm_(g.T, h)
+    else:
+        acc.add_(g.T @ h)
+
+
+class _ChunkedDistill(torch.autograd.Function):
+    """Autograd node for the whole chunked loss; see the module docstring for the strategy."""
+
+    @staticmethod
+    def forward(ctx, h_s, w_s, h_t, w_t, plan: _Plan):
+        need = tuple(ctx.needs_input_grad[:4])
+        if plan.strategy == "fused":
+            kd_sum, ce_sum, grads = plan.run(h_s, w_s, h_t, w_t, need)
+            ctx.save_for_backward(*grads)
+        else:
+            kd_sum, ce_sum, _ = plan.run(h_s, w_s, h_t, w_t, (False, False, False, False))
+            ctx.save_for_backward(h_s, w_s, h_t, w_t)
+        ctx.plan = plan
+        plan.kd_sum, plan.ce_sum = kd_sum, ce_sum
+        return kd_sum * plan.kd_scale + ce_sum * plan.ce_scale
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        plan: _Plan = ctx.plan
+        if plan.strategy == "fused":
+            grads = ctx.saved_tensors
+        else:
+            h_s, w_s, h_t, w_t = ctx.saved_tensors
+            _, _, grads = plan.run(h_s, w_s, h_t, w_t, tuple(ctx.needs_input_grad[:4]))
+        scale = float(grad_out)
+        if scale != 1.0:  # the usual loss.backward() passes 1: skip a pass over head-sized grads
+            grads = tuple(None if g is None else g * scale for g in grads)
+        return (*grads, None)
+
+
+def _check_pair(side: str, hidden: Tensor, head: Tensor) -> None:
+    if hidden.dim() != 2 or head.dim() != 2:
+        raise ValueError(
+            f"{side}_hidden must be [N, H] and {side}_head [V, H], got {tuple(hidden.shape)} and {tuple(head.shape)}"
+        )
+    if hidden.shape[1] != head.shape[1]:
+        raise ValueError(
+            f"{side}_hidden has hidden size {hidden.shape[1]} but {side}_head [V, H] has H = {head.shape[1]}"
+        )
+    if not hidden.is_floating_point() or hidden.dtype != head.dtype:
+        raise ValueError(
+            f"{side}_hidden ({hidden.dtype}) and {side}_head ({head.dtype}) must share one floating dtype"
+        )
+
+
+def distill_loss(
+    student_hidden: Tensor,
+    student_head: Tensor,
+    teacher_hidden: Tensor,
+    teacher_head: Tensor,
+    *,
+    loss_fn: Callable[..., Tensor],
+    loss_options: dict[str, Any] | None = None,
+    labels: Tensor | None = None,
+    kd_mask: Tensor | None = None,
+    temperature: float = 1.0,
+    kd_scale: float = 1.0,
+    ce_scale: float = 0.0,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    strategy: str = "fused",
+) -> LossOutput:
+    """KD (and CE) loss of paired rows, chunk by chunk, without an ``[N, V]`` buffer.
+
+    - ``student_hidden [N, H_s]``, ``student_head [V, H_s]`` (same dtype; the head may be a tied
+      input embedding), ``teacher_hidden [N, H_t]`` (row ``i`` is the teacher for student row
+      ``i``), ``teacher_head [V, H_t]`` (same dtype as ``teacher_hidden``). Both heads must
+      already have the same ``V`` (slice padded rows first: ``kdcore.vocab.shared_vocab_size``).
+    - ``loss_fn``: a registered loss (``fn(student_logits [n, V], teacher_logits [n, V], *,
+      temperature, **loss_options) -> [n]``), applied to the rows where ``kd_mask`` (``[N]``
+      bool, default all rows) is true.
+    - ``labels [N]`` (int, ``-100`` = ignored): CE on the *student* logits at temperature 1 for
+      every row with a label, from the same chunk logits as KD. Required when ``ce_scale != 0``.
+    - ``kd_scale``/``ce_scale``: the global token-mean factors (module docstring); the result's
+      ``loss = kd_scale·kd_sum + ce_scale·ce_sum``.
+    - ``chunk_size``: rows per chunk (peak memory ∝ ``chunk_size × V``).
+    - ``strategy``: ``"fused"`` (gradients in forward, default) or ``"recompute"``.
+
+    Gradients reach every input that requires grad (teacher inputs too, e.g. for projectors).
+    With no rows (``N = 0``, or every row masked and unlabelled) the loss is 0 and the gradients
+    are zeros.
+    """
+    _check_pair("student", student_hidden, student_head)
+    _check_pair("teacher", teacher_hidden, teacher_head)
+    n = student_hidden.shape[0]
+    if teacher_hidden.shape[0] != n:
+        raise ValueError(
+            f"teacher_hidden has {teacher_hidden.shape[0]} rows but student_hidden has {n}; rows must be paired"
+        )
+    vocab = student_head.shape[0]
+    if teacher_head.shape[0] != vocab:
+        raise ValueError(
+            f"student_head has {vocab} rows but teacher_head has {teacher_head.shape[0]}; slice both to the shared "
+            f"vocabulary (kdcore.vocab.shared_vocab_size) or use a cross-tokenizer aligner"
+        )
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if strategy not in ("fused", "recompute"):
+        raise ValueError(f"strategy must be 'fused' or 'recompute', got {strategy!r}")
+    kd_scale, ce_scale = float(kd_scale), float(ce_scale)
+    options = dict(loss_options or {})
+    device = student_hidden.device
+
+    if kd_mask is not None:
+        if kd_mask.shape != (n,) or kd_mask.dtype != torch.bool:
+            raise ValueError(f"kd_mask must be a bool tensor of shape [{n}], got {kd_mask.dtype} {tuple(kd_mask.shape)}")
+        kd_rows = kd_mask
+    else:
+        kd_rows = torch.ones(n, dtype=torch.bool, device=device)
+    if labels is not None:
+        if labels.shape != (n,) or labels.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"labels must be an int tensor of shape [{n}], got {labels.dtype} {tuple(labels.shape)}")
+        labels = labels.long()
+        ce_rows = labels != IGNORE_INDEX
+        if bool(ce_rows.any()):
+            bad = ce_rows & ((labels < 0) | (labels >= vocab))
+            if bool(bad.any()):
+                i = int(bad.nonzero()[0, 0])
+                raise ValueError(f"labels[{i}] = {int(labels[i])} is outside the vocabulary [0, {vocab}) and is not -100")
+    elif ce_scale != 0.0:
+        raise ValueError(f"ce_scale = {ce_scale} needs labels (the CE targets)")
+    else:
+        ce_rows = torch.zeros(n, dtype=torch.bool, device=device)
+    kd_tokens = int(kd_rows.sum())
+    ce_tokens = int(ce_rows.sum())
+
+    # Rows that take neither KD nor CE cost nothing: keep only the active ones.
+    active = kd_rows | ce_rows
+    n_active = int(active.sum())
+    h_s, h_t = student_hidden, teacher_hidden
+    if n_active != n:
+        index = active.nonzero().squeeze(1)
+        h_s, h_t = h_s.index_select(0, index), h_t.index_select(0, index)
+        kd_rows = kd_rows.index_select(0, index)
+        labels = labels.index_select(0, index) if labels is not None else None
+    plan = _Plan(loss_fn, options, float(temperature), kd_scale, ce_scale, chunk_size,
+                 labels if ce_tokens else None, None if kd_tokens == n_active else kd_rows, strategy)
+
+    inputs = (h_s, student_head, h_t, teacher_head)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        loss = _ChunkedDistill.apply(*inputs, plan)
+        kd_sum, ce_sum = plan.kd_sum, plan.ce_sum
+    else:
+        with torch.no_grad():
+            kd_sum, ce_sum, _ = plan.run(*inputs, (False, False, False, False))
+        loss = kd_sum * kd_scale + ce_sum * ce_scale
+    return LossOutput(loss=loss, kd_sum=kd_sum.detach(), ce_sum=ce_sum.detach(),
+                      kd_tokens=kd_tokens, ce_tokens=ce_tokens)
