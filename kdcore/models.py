@@ -1,0 +1,425 @@
+"""Model loading shared by the teacher engines and the student side.
+
+A model *spec* is one of: a hub id (``HuggingFaceTB/SmolLM2-135M-Instruct``), a local folder
+in Hugging Face layout, a ``.gguf`` file, or ``pkg://<package>/<file>`` (see
+:mod:`kdcore.paths`).
+
+- :func:`load_causal_lm` loads a whole ``AutoModelForCausalLM`` (GGUFs through a cached HF
+  folder, see :func:`gguf_to_hf_folder`).
+- :func:`load_lm_head` loads only the output projection ``[V, H]`` — the student side needs the
+  teacher's head to rebuild teacher logits from hidden states, and must never hold the whole
+  teacher.
+
+Hidden states: for Llama/Qwen-style models in transformers 5.x the decoder's
+``last_hidden_state`` (``model.get_decoder()(...)``) is already after the final norm and
+``logits == last_hidden_state @ lm_head.T`` (checked in tests/test_models.py), so no separate
+"final norm" helper is needed; engines call the decoder rather than asking for
+``output_hidden_states``, which would keep every layer's activations alive.
+
+Heavy libraries (torch, transformers, gguf, safetensors) are imported inside the functions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kdcore.paths import ModelNotFoundError, resolve
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def torch_dtype(dtype: "str | torch.dtype") -> "torch.dtype":
+    """``"bfloat16"`` / ``torch.bfloat16`` -> ``torch.bfloat16``; anything else is a clear error."""
+    import torch
+
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype '{dtype}' is not one of {', '.join(DTYPES)}")
+    return getattr(torch, dtype)
+
+
+def default_cache_dir() -> Path:
+    """Where converted GGUF folders live: ``$KDCORE_CACHE`` or ``~/.cache/kdflow``."""
+    root = os.environ.get("KDCORE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "kdflow"
+    )
+    return Path(root)
+
+
+def _looks_local(spec: str) -> bool:
+    return spec.startswith((".", "/", "~")) or spec.endswith(".gguf")
+
+
+def locate(spec: str) -> tuple[str, str]:
+    """Classify a spec: ``("gguf", file)``, ``("folder", dir)`` or ``("hub", id)``.
+
+    A spec that looks like a path (absolute, relative, ``~``, ``*.gguf``, ``pkg://``) but does
+    not exist raises :class:`ModelNotFoundError` naming it, instead of a confusing hub lookup.
+    """
+    path = resolve(str(spec))  # pkg:// -> file path; raises ModelNotFoundError itself
+    expanded = os.path.expanduser(path)
+    if os.path.isfile(expanded):
+        if expanded.endswith(".gguf"):
+            return "gguf", expanded
+        raise ModelNotFoundError(f"model '{spec}': '{expanded}' is a file but not a .gguf (give its folder instead)")
+    if os.path.isdir(expanded):
+        if not os.path.isfile(os.path.join(expanded, "config.json")):
+            raise ModelNotFoundError(f"model '{spec}': folder '{expanded}' has no config.json (not a Hugging Face model folder)")
+        return "folder", expanded
+    if _looks_local(path) or path != spec:
+        raise ModelNotFoundError(f"model '{spec}': no such file or folder '{expanded}'")
+    return "hub", spec
+
+
+# ----------------------------------------------------------------------------- whole models
+
+
+def load_causal_lm(spec: str, *, dtype: "str | torch.dtype" = "float32", device: str = "cpu",
+                   gguf_cache: bool = True, cache_dir: str | os.PathLike | None = None):
+    """Load an ``AutoModelForCausalLM`` in eval mode on ``device``.
+
+    GGUF files are converted once into a cached HF folder (:func:`gguf_to_hf_folder`) and loaded
+    from there (``gguf_cache=False`` dequantizes the GGUF directly every time). A missing path
+    raises :class:`ModelNotFoundError` naming it.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kind, where = locate(spec)
+    dt = torch_dtype(dtype)
+    if kind == "gguf" and gguf_cache:
+        kind, where = "folder", str(gguf_to_hf_folder(where, cache_dir))
+    _quiet_transformers()
+    if kind == "gguf":
+        model = AutoModelForCausalLM.from_pretrained(os.path.dirname(where), gguf_file=os.path.basename(where), dtype=dt)
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(where, dtype=dt)
+        except OSError as exc:
+            if kind == "hub":
+                raise ModelNotFoundError(f"model '{spec}': not a local file or folder, and the hub could not provide it ({exc})") from exc
+            raise
+    model.eval()
+    if device != "cpu":
+        model.to(device)
+    return model
+
+
+def load_tokenizer(spec: str, *, cache_dir: str | os.PathLike | None = None):
+    """The model's tokenizer (from the cached HF folder for GGUFs)."""
+    from transformers import AutoTokenizer
+
+    kind, where = locate(spec)
+    if kind == "gguf":
+        where = str(gguf_to_hf_folder(where, cache_dir))
+    _quiet_transformers()
+    return AutoTokenizer.from_pretrained(where)
+
+
+def _quiet_transformers() -> None:
+    # Progress bars and per-load notices would spam the logs of every (child) process.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    if "TRANSFORMERS_VERBOSITY" not in os.environ:
+        hf_logging.set_verbosity_error()
+
+
+def gguf_cache_key(gguf_path: str | os.PathLike) -> str:
+    """A cheap identity for a GGUF file: size, mtime and the first and last MiB of content.
+
+    Hashing the whole file would cost a full read on every start; size + mtime catch
+    replacements by a reinstall, the sampled bytes catch an in-place rewrite that kept both.
+    """
+    p = Path(gguf_path)
+    st = p.stat()
+    h = hashlib.sha256(f"{st.st_size}:{st.st_mtime_ns}".encode())
+    with open(p, "rb") as f:
+        h.update(f.read(1 << 20))
+        if st.st_size > (2 << 20):
+            f.seek(-(1 << 20), os.SEEK_END)
+            h.update(f.read(1 << 20))
+    return h.hexdigest()[:16]
+
+
+def gguf_to_hf_folder(gguf_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Convert a GGUF file once into an HF folder (fp32 safetensors + config + tokenizer).
+
+    Returns ``<cache_dir>/gguf/<stem>-<key>`` (:func:`gguf_cache_key`); later calls return the
+    existing folder at once. The weights are the GGUF's dequantized values in fp32 (exact; the
+    caller picks the compute dtype when loading). The folder appears atomically (built in a
+    temporary sibling, then renamed), so an interrupted conversion or two processes converting
+    at once never leave a half-written folder behind.
+
+    Why: transformers dequantizes every tensor of a GGUF on each load (~16-18 s for
+    SmolLM2-135M here) while a safetensors folder loads in about a second. ``save_pretrained``
+    refuses a GGUF-loaded model, so the weights are copied into a model built ``from_config``
+    after dropping ``config.quantization_config``.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = Path(resolve(str(gguf_path))).expanduser()
+    if not src.is_file():
+        raise ModelNotFoundError(f"GGUF file '{gguf_path}' does not exist")
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    final = root / "gguf" / f"{src.stem}-{gguf_cache_key(src)}"
+    if (final / "config.json").is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    _quiet_transformers()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        gguf_model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32)
+        config = gguf_model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
+        if unexpected or [k for k in missing if not k.endswith("inv_freq")]:
+            raise RuntimeError(f"GGUF '{src}': weights do not fit the converted model (missing {missing}, unexpected {unexpected})")
+        del gguf_model
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name).save_pretrained(tmp)
+        (tmp / "kdflow_source.json").write_text(json.dumps({"gguf": str(src), "key": final.name, "created": time.time()}))
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / "config.json").is_file():  # lost a race to nobody: a real failure
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+# ----------------------------------------------------------------------------- lm_head alone
+
+
+def load_lm_head(spec: str, *, dtype: "str | torch.dtype" = "float32") -> "torch.Tensor":
+    """The output projection ``W [V, H]`` of a causal LM (logits = hidden @ W.T), loaded alone.
+
+    Tied models give their input embedding. Only that one tensor is read: with ``safe_open``
+    from a single or sharded safetensors checkpoint (``model.safetensors.index.json``), or
+    from a GGUF (``output.weight``, else the tied ``token_embd.weight``; only that tensor is
+    dequantized). Hub ids download config, index and the one shard that holds the tensor.
+    """
+    kind, where = locate(spec)
+    if kind == "gguf":
+        weight = _gguf_head(where)
+    else:
+        weight = _safetensors_head(spec, kind, where)
+    return weight.to(torch_dtype(dtype)).contiguous()
+
+
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def gguf_index(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, tuple[tuple[int, ...], int, int]]]:
+    """Read a GGUF's metadata and tensor table without touching tensor data.
+
+    Returns ``(kv, tensors)``: ``kv`` maps keys to scalar/string values (arrays to their length
+    only); ``tensors`` maps names to ``(torch-order shape, ggml type, absolute byte offset)``.
+    ``gguf.GGUFReader`` builds Python objects for every vocabulary entry and merge (about 2 s
+    for a 49k-token vocabulary); skipping over arrays takes milliseconds.
+    """
+    import mmap
+    import struct
+
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        if mm[:4] != b"GGUF":
+            raise ValueError(f"'{path}' is not a GGUF file (bad magic)")
+        version, n_tensors, n_kv = struct.unpack_from("<IQQ", mm, 4)
+        if version < 2:
+            raise ValueError(f"'{path}': GGUF version {version} is not supported (>= 2 needed)")
+        pos = 24
+
+        def string() -> str:
+            nonlocal pos
+            (n,) = struct.unpack_from("<Q", mm, pos)
+            pos += 8 + n
+            return mm[pos - n:pos].decode("utf-8", errors="replace")
+
+        def value(vtype: int):
+            nonlocal pos
+            if vtype in _GGUF_SCALARS:
+                fmt = _GGUF_SCALARS[vtype]
+                (v,) = struct.unpack_from(fmt, mm, pos)
+                pos += struct.calcsize(fmt)
+                return v
+            if vtype == _GGUF_STRING:
+                return string()
+            if vtype == _GGUF_ARRAY:
+                etype, count = struct.unpack_from("<IQ", mm, pos)
+                pos += 12
+                if etype in _GGUF_SCALARS:
+                    pos += count * struct.calcsize(_GGUF_SCALARS[etype])
+                else:
+                    for _ in range(count):
+                        value(etype)
+                return count
+            raise ValueError(f"'{path}': unknown GGUF value type {vtype} at byte {pos}")
+
+        kv: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key = string()
+            (vtype,) = struct.unpack_from("<I", mm, pos)
+            pos += 4
+            kv[key] = value(vtype)
+        infos = []
+        for _ in range(n_tensors):
+            name = string()
+            (n_dims,) = struct.unpack_from("<I", mm, pos)
+            dims = struct.unpack_from(f"<{n_dims}Q", mm, pos + 4)
+            ttype, offset = struct.unpack_from("<IQ", mm, pos + 4 + 8 * n_dims)
+            pos += 4 + 8 * n_dims + 12
+            infos.append((name, tuple(reversed(dims)), ttype, offset))  # GGUF lists dims fastest-first
+        align = int(kv.get("general.alignment", 32))
+        start = (pos + align - 1) // align * align
+    return kv, {name: (shape, ttype, start + off) for name, shape, ttype, off in infos}
+
+
+def _gguf_head(path: str) -> "torch.Tensor":
+    import gguf
+    import numpy as np
+    import torch
+
+    _, tensors = gguf_index(path)
+    name = "output.weight" if "output.weight" in tensors else "token_embd.weight"
+    if name not in tensors:
+        raise ValueError(f"GGUF '{path}': neither output.weight nor token_embd.weight present")
+    (rows, cols), ttype, offset = tensors[name]
+    qtype = gguf.GGMLQuantizationType(ttype)
+    block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    row_bytes = cols // block * type_size
+    raw = np.memmap(path, dtype=np.uint8, mode="r", offset=offset, shape=(rows, row_bytes))
+    values = gguf.quants.dequantize(np.asarray(raw), qtype)
+    return torch.from_numpy(np.ascontiguousarray(values.reshape(rows, cols), dtype=np.float32))
+
+
+def model_dims(spec: str) -> dict[str, int]:
+    """``hidden_size``, ``vocab_size`` and ``num_layers`` from config / GGUF metadata only."""
+    kind, where = locate(spec)
+    if kind == "gguf":
+        kv, tensors = gguf_index(where)
+        arch = kv.get("general.architecture", "llama")
+        vocab = kv.get(f"{arch}.vocab_size") or kv.get("tokenizer.ggml.tokens") or tensors["token_embd.weight"][0][0]
+        return {"hidden_size": int(kv[f"{arch}.embedding_length"]), "vocab_size": int(vocab),
+                "num_layers": int(kv[f"{arch}.block_count"])}
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(where)
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    return {"hidden_size": int(cfg.hidden_size), "vocab_size": int(cfg.vocab_size),
+            "num_layers": int(cfg.num_hidden_layers)}
+
+
+def _head_names(config) -> list[str]:
+    """Checkpoint names to try for the head, best first (built on the meta device: no memory)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    out = model.get_output_embeddings()
+    inp = model.get_input_embeddings()
+    if out is None:
+        raise ValueError(f"{type(model).__name__} has no output embeddings (not a causal LM head)")
+    tied = out.weight is inp.weight
+    params = list(model.named_parameters(remove_duplicate=False))
+    out_names = [n for n, p in params if p is out.weight]
+    inp_names = [n for n, p in params if p is inp.weight]
+    # Tied: transformers takes the input embedding as the source of the tie, so read that;
+    # untied: only the head itself is correct (a missing head would be randomly initialised).
+    return inp_names + [n for n in out_names if n not in inp_names] if tied else out_names
+
+
+def _safetensors_head(spec: str, kind: str, where: str) -> "torch.Tensor":
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    fetch = _hub_fetcher(where) if kind == "hub" else (lambda name: os.path.join(where, name))
+    config = AutoConfig.from_pretrained(os.path.dirname(fetch("config.json")))
+    wanted = _head_names(config)
+    index_file = fetch("model.safetensors.index.json")
+    if index_file and os.path.isfile(index_file):
+        with open(index_file) as f:
+            weight_map: dict[str, str] = json.load(f)["weight_map"]
+    else:
+        single = fetch("model.safetensors")
+        if not single or not os.path.isfile(single):
+            raise ModelNotFoundError(f"model '{spec}': no model.safetensors or model.safetensors.index.json")
+        with safe_open(single, framework="pt") as f:
+            weight_map = {k: "model.safetensors" for k in f.keys()}
+    name = _match_key(wanted, weight_map)
+    if name is None:
+        raise KeyError(f"model '{spec}': checkpoint holds none of {wanted} (the lm_head"
+                       f"{' / tied embedding' if len(wanted) > 1 else ''})")
+    with safe_open(fetch(weight_map[name]), framework="pt") as f:
+        return f.get_tensor(name)
+
+
+def _match_key(wanted: list[str], keys) -> str | None:
+    keys = list(keys)
+    for name in wanted:
+        if name in keys:
+            return name
+    # Some checkpoints differ from module names by a prefix (e.g. "model." or a VLM's
+    # "language_model."): match on the last two components, but only when unambiguous.
+    for name in wanted:
+        tail = ".".join(name.split(".")[-2:])
+        hits = [k for k in keys if k == tail or k.endswith("." + tail)]
+        if len(hits) == 1:
+            return hits[0]
+    return None
+
+
+def _hub_fetcher(repo_id: str):
+    """Download single files of a hub repo on demand (None when the file does not exist)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    def fetch(name: str) -> str | None:
+        try:
+            return hf_hub_download(repo_id, name)
+        except EntryNotFoundError:
+            return None
+        except Exception as exc:  # offline, unknown repo, auth
+            if name == "config.json":
+                raise ModelNotFoundError(f"model '{repo_id}': not a local file or folder, and the hub could not provide it ({exc})") from exc
+            return None
+
+    return fetch
+
+
+def count_parameters(spec: str) -> int:
+    """Parameter count from the config alone (meta device), e.g. to split CPU threads."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kind, where = locate(spec)
+    if kind == "gguf":
+        import math
+
+        return sum(math.prod(shape) for shape, _, _ in gguf_index(where)[1].values())
+    config = AutoConfig.from_pretrained(where)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+__all__: list[Any] = [
+    "DTYPES", "torch_dtype", "default_cache_dir", "locate", "load_causal_lm", "load_tokenizer",
+    "gguf_cache_key", "gguf_to_hf_folder", "gguf_index", "load_lm_head", "model_dims", "count_parameters",
+]
