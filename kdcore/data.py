@@ -41,7 +41,6 @@ across tokenizers whose templates differ:
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import re
@@ -201,7 +200,9 @@ def resolve_data_path(spec: str, base_dir: str | os.PathLike | None = None) -> s
 
 
 def _looks_local(spec: str) -> bool:
-    return spec.startswith((".", "/", "~")) or Path(spec).suffix.lower() in _FILE_BUILDERS or os.sep in spec and spec.count("/") > 1
+    # Hub names look like "org/name"; anything with a data-file suffix or a deeper path is local.
+    return (spec.startswith((".", "/", "~")) or Path(spec).suffix.lower() in _FILE_BUILDERS
+            or spec.count("/") > 1)
 
 
 _FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow", ".csv": "csv"}
@@ -271,7 +272,8 @@ def _load_hub(spec: str):
     try:
         return _one_split(datasets.load_dataset(spec), spec)
     except Exception as exc:
-        raise DataError(f"cannot load data set '{spec}' (not a local path; tried the hub): {type(exc).__name__}: {exc}") from exc
+        raise DataError(f"cannot load data set '{spec}' (not a local path; tried the hub): "
+                        f"{type(exc).__name__}: {exc}") from exc
 
 
 def _one_split(ds, name: str):
@@ -434,7 +436,7 @@ class _Rendered:
 
 
 _PH = "\ue000kdflow{}\ue001"  # private-use code points: no chat template alters or emits them
-_PH_RE = re.compile("\ue000kdflow(\\d+)\ue001")
+_PH_RE = re.compile("\ue000kdflow(\\d+)\ue001", re.IGNORECASE)  # survives case filters, so the error says what changed
 
 
 def _render(norm: dict[str, Any], tok) -> _Rendered:
@@ -530,7 +532,8 @@ def _normalize_offsets(offsets: Sequence[tuple[int, int]]) -> list[list[int]]:
     return spans
 
 
-def _tokenize_rendered(r: _Rendered, ids: list[int], offsets: Sequence[tuple[int, int]], specials: set[int]) -> Tokenized:
+def _tokenize_rendered(r: _Rendered, ids: list[int], offsets: Sequence[tuple[int, int]],
+                       specials: set[int]) -> Tokenized:
     """Map a rendered string's tokens to canonical content coordinates and mark the trained ones."""
     spans = _normalize_offsets(offsets)
     regions = sorted(r.regions)
@@ -555,6 +558,8 @@ def _tokenize_rendered(r: _Rendered, ids: list[int], offsets: Sequence[tuple[int
                 c1 = cs + b - rs
                 train = train or t
             k += 1
+        if s == e and j < len(regions) and regions[j][0] <= s < regions[j][1]:
+            train = train or regions[j][3]  # leading bytes of a character of this region
         if c0 is None:
             out_offsets.append((last_c, last_c))
         else:
@@ -732,9 +737,9 @@ def prepare_data(data_cfg: Any, student_tokenizer, teacher_tokenizer=None, *, se
         report.eval_from = "split" if ev else "none"
 
     kw = dict(max_length=max_length, overlong=overlong, bad_policy=bad_policy)
-    train = _tokenize_split(train_rows, student_tokenizer, teacher_tokenizer if cross else None, report.train, train_src.path, **kw)
-    evals = _tokenize_split(eval_rows, student_tokenizer, teacher_tokenizer if cross else None, report.eval,
-                            report.eval.source, **kw)
+    ttok = teacher_tokenizer if cross else None
+    train = _tokenize_split(train_rows, student_tokenizer, ttok, report.train, train_src.path, **kw)
+    evals = _tokenize_split(eval_rows, student_tokenizer, ttok, report.eval, report.eval.source, **kw)
     if not train:
         raise DataError(f"no training samples left in '{train_src.path}' ({report.train.rows} rows, "
                         f"{report.train.bad_rows} bad, {report.train.dropped_overlong} dropped by max_length)")
@@ -753,7 +758,8 @@ def _normalize_all(src: RowSource, fmt: str, rep: SplitReport, bad_policy: str) 
 
 def _bad(rep: SplitReport, row: int, reason: str, policy: str, path: str) -> None:
     if policy == "error":
-        raise DataError(f"'{path}' row {row}: {reason} (data.bad_rows=error; set it to skip to count and skip bad rows)")
+        raise DataError(f"'{path}' row {row}: {reason} "
+                        "(data.bad_rows=error; set it to skip to count and skip bad rows)")
     rep.count_bad(row, reason)
 
 
@@ -1032,7 +1038,8 @@ class BatchPlanner:
             epoch, step = nxt.epoch, nxt.step
 
 
-def planner_for(samples: Sequence[Sample], train_cfg: Any, *, world_size: int = 1, shuffle: bool = True) -> BatchPlanner:
+def planner_for(samples: Sequence[Sample], train_cfg: Any, *, world_size: int = 1,
+                shuffle: bool = True) -> BatchPlanner:
     """A :class:`BatchPlanner` for samples from the recipe's ``train`` section."""
     return BatchPlanner(
         [len(s.student.input_ids) for s in samples],

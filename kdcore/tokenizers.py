@@ -175,7 +175,8 @@ def load_sentencepiece(path: str | os.PathLike):
             # Llama/Mistral SentencePiece models are trained with a BOS at the start of each text.
             tok = LlamaTokenizer.from_pretrained(d, add_bos_token=True)
         except Exception as exc:
-            raise TokenizerLoadError(f"cannot convert SentencePiece model '{path}': {type(exc).__name__}: {exc}") from exc
+            raise TokenizerLoadError(
+                f"cannot convert SentencePiece model '{path}': {type(exc).__name__}: {exc}") from exc
     if tok.chat_template is None and _is_mistral_spm(path):
         tok.chat_template = MISTRAL_V1_TEMPLATE
     tok.name_or_path = str(path)
@@ -208,7 +209,8 @@ def load_tiktoken(path: str | os.PathLike):
     else:
         pattern, specials = GPT4_PATTERN, []
     try:
-        backend = TikTokenConverter(vocab_file=str(path), pattern=pattern, extra_special_tokens=specials or None).converted()
+        conv = TikTokenConverter(vocab_file=str(path), pattern=pattern, extra_special_tokens=specials or None)
+        backend = conv.converted()
     except Exception as exc:
         raise TokenizerLoadError(f"cannot convert tiktoken file '{path}': {type(exc).__name__}: {exc}") from exc
     if qwen:
