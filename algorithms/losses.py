@@ -96,9 +96,9 @@ class _LogProbs:
         del t
         self._p = self._q = None
         if removed is not None:
-            # exp(-inf) = 0 exactly: take p and q before the logs are made safe.
-            self._q = self.logq.exp()
-            self._p = self.logp.exp()
+            # p = q = 0 exactly at removed entries (fully masked rows were made uniform above).
+            self._q = self.logq.exp().masked_fill(removed, 0.0)
+            self._p = self.logp.exp().masked_fill(removed, 0.0)
             self.logq = self.logq.masked_fill(removed, 0.0)
             self.logp = self.logp.masked_fill(removed, 0.0)
 
