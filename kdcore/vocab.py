@@ -47,13 +47,14 @@ def real_vocab_size(tokenizer: Any) -> int:
 
 
 def _first_difference(student: dict[str, int], teacher: dict[str, int]) -> str:
-    for token, i in student.items():
+    # Lowest differing id first, so the example is deterministic (dict order is not).
+    for token, i in sorted(student.items(), key=lambda item: item[1]):
         j = teacher.get(token)
         if j != i:
             where = f"id {j} in the teacher" if j is not None else "absent from the teacher"
             return f"e.g. {token!r} is id {i} in the student but {where}"
-    token = next(t for t in teacher if t not in student)
-    return f"e.g. {token!r} (teacher id {teacher[token]}) is absent from the student"
+    token, j = min(((t, j) for t, j in teacher.items() if t not in student), key=lambda item: item[1])
+    return f"e.g. {token!r} (teacher id {j}) is absent from the student"
 
 
 def same_vocab_size(student_tokenizer: Any, teacher_tokenizer: Any) -> int:
