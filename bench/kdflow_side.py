@@ -1,0 +1,168 @@
+"""kdflow's side of the peer tables, run exactly as a user would: a recipe plus overrides,
+through the public API (``kdcore.load_recipe`` + ``kdcore.trainer.train``).
+
+``run`` writes a recipe for the bench models and data (the same files the peers load), applies
+``overrides`` (dotlist, as on the command line), trains ``warmup + steps`` steps and reads
+``<output_dir>/metrics.jsonl`` (records with ``step``, ``loss``, ``kd_loss``, ``ce_loss``,
+``lr``, ``tokens_per_s``).
+
+Time per step, in order of preference: a ``step_time`` field in the records if the trainer
+writes one; otherwise the wall time between consecutive records, stamped by a thread that
+watches the file (``logging.log_every=1``; valid when the trainer flushes each record);
+otherwise ``tokens_per_step / tokens_per_s``. Which one was used is returned as
+``timing``. The first ``warmup`` steps are excluded.
+
+The recipe mirrors the peer's settings: ``js`` with ``beta`` (TRL's GKD β), ``off_policy``,
+pure KD (``kd_ratio=1``), T = 1, fp32, constant learning rate (``warmup_steps=0
+min_lr_ratio=1``), clip 1.0, rows in file order, ``format: text`` truncated to ``seq_len``.
+Threads are not set: the benchmark pins the whole process tree to the CPU budget and kdflow
+splits it between teacher and student itself.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+
+def trainer_available() -> tuple[bool, str]:
+    """(True, "") when ``kdcore.trainer.train`` can be imported, else (False, why)."""
+    try:
+        from kdcore import trainer  # noqa: F401
+    except Exception as exc:  # ImportError, or a half-written module
+        return False, f"kdflow trainer not available ({type(exc).__name__}: {exc})"
+    if not callable(getattr(trainer, "train", None)):
+        return False, "kdflow trainer not available (kdcore.trainer has no train())"
+    return True, ""
+
+
+def recipe_dict(student: str, teacher: str, data: str, seq_len: int, batch: int, total_steps: int,
+                output_dir: str, lr: float = 1e-4, precision: str = "fp32", seed: int = 0, beta: float = 0.5) -> dict:
+    """The benchmark recipe (a plain mapping; YAML-dumped by :func:`run`)."""
+    return {
+        "teacher": {"path": teacher, "dtype": "bfloat16" if precision == "bf16" else "float32"},
+        "student": {"path": student, "init": "pretrained"},
+        "data": {"train": data, "eval": data, "format": "text", "max_length": seq_len, "overlong": "truncate",
+                 "shuffle": False, "limit": batch * total_steps},
+        "distill": {"loss": "js", "loss_options": {"beta": beta}, "rollout": "off_policy", "kd_ratio": 1.0,
+                    "temperature": 1.0},
+        "train": {"output_dir": output_dir, "seed": seed, "max_steps": total_steps, "micro_batch_size": batch,
+                  "lr": lr, "warmup_steps": 0, "min_lr_ratio": 1.0, "weight_decay": 0.0, "max_grad_norm": 1.0,
+                  "precision": precision, "eval_every": 0, "eval_batches": 1},
+        "checkpoint": {"every": 0, "export_hf": False},
+        "logging": {"log_every": 1, "progress": False},
+    }
+
+
+class _Watcher(threading.Thread):
+    """Stamps each complete line appended to a file with the time it appeared."""
+
+    def __init__(self, path: Path, interval: float = 0.005):
+        super().__init__(daemon=True)
+        self.path, self.interval = path, interval
+        self.stamps: list[float] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        pos, buf = 0, b""
+        while not self.stop.is_set():
+            try:
+                with open(self.path, "rb") as f:
+                    f.seek(pos)
+                    chunk = f.read()
+            except FileNotFoundError:
+                chunk = b""
+            if chunk:
+                pos += len(chunk)
+                buf += chunk
+                now = time.perf_counter()
+                while b"\n" in buf:
+                    _, buf = buf.split(b"\n", 1)
+                    self.stamps.append(now)
+            time.sleep(self.interval)
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def run(student: str, teacher: str, data: str, seq_len: int, batch: int = 4, steps: int = 5, warmup: int = 1,
+        lr: float = 1e-4, precision: str = "fp32", seed: int = 0, beta: float = 0.5,
+        overrides: list[str] | None = None) -> dict:
+    """Train through kdflow's public API; return per-step times, losses and kdflow's own figures."""
+    t_setup = time.perf_counter()
+    ok, why = trainer_available()
+    if not ok:
+        raise RuntimeError(why)
+    import yaml
+
+    import kdcore
+    from kdcore import trainer
+
+    total = warmup + steps
+    with tempfile.TemporaryDirectory(prefix="kdflow-bench-") as tmp:
+        out_dir = Path(tmp) / "out"
+        recipe = Path(tmp) / "bench.yaml"
+        recipe.write_text(yaml.safe_dump(recipe_dict(student, teacher, data, seq_len, batch, total, str(out_dir),
+                                                     lr=lr, precision=precision, seed=seed, beta=beta)))
+        cfg = kdcore.load_recipe(str(recipe), list(overrides or []))
+        metrics_file = Path(cfg.train.output_dir) / "metrics.jsonl"
+        watcher = _Watcher(metrics_file)
+        watcher.start()
+        t_train = time.perf_counter()
+        try:
+            trainer.train(cfg)
+        finally:
+            watcher.stop.set()
+            watcher.join()
+        train_wall = time.perf_counter() - t_train
+        records = read_metrics(metrics_file)
+    stamps = watcher.stamps
+    train_idx = [i for i, r in enumerate(records) if "step" in r and "loss" in r and "tokens_per_s" in r]
+    if len(train_idx) != total:
+        raise RuntimeError(f"metrics.jsonl has {len(train_idx)} training records, expected {total} "
+                           f"(log_every=1); keys seen: {sorted({k for r in records for k in r})}")
+    train_recs = [records[i] for i in train_idx]
+    tokens_per_step = batch * seq_len
+    if all("step_time" in r for r in train_recs):
+        step_times, timing = [float(r["step_time"]) for r in train_recs], "step_time field"
+    elif len(stamps) == len(records) and _spread(stamps, train_idx):
+        marks = [stamps[i] for i in train_idx]
+        step_times = [t_train_start_gap(marks, t_train)] + [b - a for a, b in zip(marks, marks[1:])]
+        timing = "metrics.jsonl record times"
+    else:
+        step_times = [tokens_per_step / float(r["tokens_per_s"]) for r in train_recs]
+        timing = "tokens_per_step / tokens_per_s"
+    losses = [float(r["loss"]) for r in train_recs]
+    return {
+        "side": "kdflow",
+        "step_times": step_times[warmup:],
+        "warmup_times": step_times[:warmup],
+        "losses": losses,
+        "final_loss": losses[-1],
+        "kd_loss": train_recs[-1].get("kd_loss"),
+        "ce_loss": train_recs[-1].get("ce_loss"),
+        "kdflow_tokens_per_s": [float(r["tokens_per_s"]) for r in train_recs[warmup:]],
+        "tokens_per_step": tokens_per_step,
+        "loss_tokens_per_step": batch * (seq_len - 1),
+        "timing": timing,
+        "setup_s": t_train - t_setup,
+        "train_wall_s": train_wall,
+        "child_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+
+
+def t_train_start_gap(marks: list[float], t_train: float) -> float:
+    """The first step's time includes setup inside train() (teacher start, data): warm-up only."""
+    return marks[0] - t_train
+
+
+def _spread(stamps: list[float], idx: list[int]) -> bool:
+    """Records arrived over time (flushed per step), not all at once at the end."""
+    sel = [stamps[i] for i in idx]
+    return len(sel) < 2 or (sel[-1] - sel[0]) > 0.01 * (len(sel) - 1)

@@ -1,0 +1,398 @@
+"""Every benchmark table in one command: ``python bench/run_all.py`` → ``bench/results.md``.
+
+Tables (``--tables``, comma-separated; default all):
+
+- ``limit``    fp32 / bf16 matmul GFLOP/s of this machine at the thread budget;
+- ``channel``  bytes and time per step: hidden states at loss positions vs full teacher logits;
+- ``offpolicy`` kdflow (``js`` β=0.5, ``off_policy``) vs TRL GKDTrainer (λ=0, β=0.5) on the
+  bench pair (student 256×4, teacher 512×8, V=49152), 4×128 and 4×512, both allocator settings,
+  with the kdflow/TRL ratios against the issue's targets;
+- ``real``     the same with the real SmolLM2-135M teacher and a 576-wide 4-layer student;
+- ``scaling``  tokens/s and peak memory as the sequence grows (2048 tokens per step: 8×256 …
+  1×2048) and as the vocabulary grows (32000, 49152, 152064 at 4×256), tuned allocator.
+
+Every configuration runs in a fresh child process pinned to ``--threads`` CPUs (both sides get
+the same CPU budget); sides alternate within each repeat so machine drift hits both. Rows
+whose kdflow trainer is missing say so and the peer rows are still written. Progress goes to
+stderr; the markdown goes to ``--out`` and stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `bench` importable from the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import common, models  # noqa: E402
+from bench.common import GB, fmt_range, md_table  # noqa: E402
+
+ALL_TABLES = ("limit", "channel", "offpolicy", "real", "scaling")
+SIDES = {"trl": "bench.peers.trl_gkd:run", "kdflow": "bench.kdflow_side:run"}
+SIDE_NAMES = {"trl": "TRL GKDTrainer", "kdflow": "kdflow"}
+
+
+@dataclass
+class Config:
+    """One row group: the same models, data and settings for every side."""
+
+    table: str
+    label: str
+    student: str
+    teacher: str
+    seq_len: int
+    batch: int
+    allocator: str
+    steps: int
+    warmup: int
+    repeats: int
+    vocab: int = 49152
+    runs: dict = field(default_factory=dict)  # side -> list[RunResult]
+
+    def kwargs(self, data: str) -> dict:
+        return dict(student=self.student, teacher=self.teacher, data=data, seq_len=self.seq_len, batch=self.batch,
+                    steps=self.steps, warmup=self.warmup)
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def run_config(cfg: Config, args, kdflow_ok: bool) -> None:
+    """All repeats of every side of one configuration, sides alternating within a repeat."""
+    import psutil
+
+    tok_dir = models.tokenizer_folder(cfg.vocab)
+    data = str(models.ensure_data(tok_dir, cfg.seq_len, max(32, cfg.batch * (cfg.steps + cfg.warmup))))
+    sides = [s for s in args.sides if s in SIDES]
+    for rep in range(cfg.repeats):
+        for side in (sides if rep % 2 == 0 else sides[::-1]):
+            if side == "kdflow" and not kdflow_ok:
+                continue
+            cap = int(psutil.virtual_memory().available * 0.9)  # never push the machine into the OOM killer
+            r = common.run_isolated(SIDES[side], cfg.kwargs(data), threads=args.threads, allocator=cfg.allocator,
+                                    timeout=args.timeout, mem_cap=cap)
+            cfg.runs.setdefault(side, []).append(r)
+            if r.ok:
+                st = r.result["step_times"]
+                log(f"{cfg.table} {cfg.label} {cfg.allocator} {side} #{rep + 1}: "
+                    f"{fmt_range(st)} s/step, peak {r.peak_pss / GB:.2f} GB, loss {r.result.get('final_loss')}, "
+                    f"cpu share {r.cpu_share:.2f}, load {r.load_before:.1f}->{r.load_after:.1f}")
+            else:
+                log(f"{cfg.table} {cfg.label} {cfg.allocator} {side} #{rep + 1}: FAILED {r.error}\n{r.log_tail[-1500:]}")
+
+
+def side_stats(runs: list) -> dict | None:
+    """Pool step times over runs; per-run peaks and losses."""
+    good = [r for r in runs if r.ok]
+    if not good:
+        return None
+    steps = [t for r in good for t in r.result["step_times"]]
+    tps = good[0].result["tokens_per_step"]
+    return {
+        "runs": len(good), "failed": len(runs) - len(good), "steps_per_run": len(good[0].result["step_times"]),
+        "step_s": steps, "tok_s": [tps / t for t in steps], "peak_gb": [r.peak_pss / GB for r in good],
+        "loss": [r.result["final_loss"] for r in good if r.result.get("final_loss") is not None],
+        "median_step": sorted(steps)[len(steps) // 2], "median_peak": sorted(r.peak_pss for r in good)[len(good) // 2],
+        "cpu_share": [r.cpu_share for r in good], "load": [r.load_before for r in good] + [r.load_after for r in good],
+    }
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def limit_table(args) -> tuple[str, dict]:
+    r = common.run_isolated("bench.limit:measure_all", {"n": args.matmul_n, "repeats": args.matmul_repeats},
+                            threads=args.threads, allocator="tuned", timeout=600)
+    if not r.ok:
+        return f"matmul measurement failed: {r.error}", {}
+    rows = [[dt, f"{res['n']}×{res['n']}", res["threads"], len(res["gflops"]), fmt_range(res["gflops"], "{:.1f}")]
+            for dt, res in r.result.items()]
+    peak = {dt: res["median"] for dt, res in r.result.items()}
+    text = md_table(["dtype", "matmul", "threads", "repeats", "GFLOP/s median (min–max)"], rows, "llrrr")
+    return text, peak
+
+
+def channel_table(args) -> str:
+    import statistics
+
+    r = common.run_isolated("bench.channel_bytes:measure", {"repeats": args.channel_repeats},
+                            threads=args.threads, allocator="tuned", timeout=900)
+    if not r.ok:
+        return f"channel measurement failed: {r.error}"
+    res = r.result
+    rows, by = [], {}
+    for x in res["rows"]:
+        by[(x["case"], x["payload"], x["dtype"])] = x
+    for x in res["rows"]:
+        hid = by[(x["case"], "hidden", x["dtype"])]
+        ratio = x["bytes"] / hid["bytes"]
+        rows.append([x["case"], x["vocab"], x["teacher_hidden"], x["payload"], x["dtype"].replace("bfloat16", "bf16").replace("float32", "fp32"),
+                     f"[{x['rows']}, {x['cols']}]", f"{x['bytes'] / 1e6:.1f}", f"{ratio:.0f}×",
+                     fmt_range([t * 1e3 for t in x["write_s"]], "{:.2f}"), fmt_range([t * 1e3 for t in x["read_s"]], "{:.2f}"),
+                     fmt_range([t * 1e3 for t in x["total_s"]], "{:.2f}")])
+    note = (f"N = {res['n']} loss positions (a 4×512 batch), {res['repeats']} repeats after one warm-up; "
+            "producer copies into preallocated shared memory, consumer copies out; total includes the signal. "
+            f"Median of the total: {statistics.median([t for x in res['rows'] for t in x['total_s']]) * 1e3:.1f} ms over all cases.")
+    return md_table(["case", "V", "H_t", "payload", "dtype", "shape", "MB/step", "× hidden", "write ms",
+                     "read ms", "total ms"], rows, "lrrllrrrrrr") + "\n\n" + note
+
+
+def flops_of(cfg: Config) -> float:
+    from bench.limit import Dims, step_flops
+
+    return step_flops(Dims.from_folder(cfg.student), Dims.from_folder(cfg.teacher), cfg.batch, cfg.seq_len)["total"]
+
+
+def peer_rows(cfgs: list[Config], peak_fp32: float | None, why_no_kdflow: str) -> list[list]:
+    rows = []
+    for cfg in cfgs:
+        flops = flops_of(cfg)
+        for side in SIDES:
+            st = side_stats(cfg.runs.get(side, []))
+            name = SIDE_NAMES[side]
+            shape = f"{cfg.batch}×{cfg.seq_len}"
+            if st is None:
+                reason = why_no_kdflow if side == "kdflow" and why_no_kdflow else (
+                    cfg.runs[side][-1].error if cfg.runs.get(side) else "not run")
+                rows.append([cfg.label, shape, cfg.allocator, name, "—", "—", "—", "—", "—", "—", reason[:120]])
+                continue
+            pct = f"{100 * flops / st['median_step'] / 1e9 / peak_fp32:.0f}%" if peak_fp32 else "—"
+            rows.append([cfg.label, shape, cfg.allocator, name, f"{st['runs']}×{st['steps_per_run']}",
+                         fmt_range(st["step_s"]), fmt_range(st["tok_s"], "{:.0f}"), fmt_range(st["peak_gb"]),
+                         fmt_range(st["loss"], "{:.4f}"), pct,
+                         f"cpu {fmt_range(st['cpu_share'])}; load {fmt_range(st['load'], '{:.1f}')}"])
+    return rows
+
+
+PEER_HEADERS = ["models", "batch", "allocator", "side", "runs×steps", "s/step", "tokens/s", "peak GB",
+                "loss after N", "% fp32 peak", "noise"]
+
+
+def ratio_rows(cfgs: list[Config]) -> list[list]:
+    """kdflow/TRL per configuration, and best-vs-best across allocator settings."""
+    rows = []
+    groups: dict[tuple, dict[str, Config]] = {}
+    for cfg in cfgs:
+        groups.setdefault((cfg.label, cfg.batch, cfg.seq_len), {})[cfg.allocator] = cfg
+    for (label, b, L), by_alloc in groups.items():
+        entries = [(a, c) for a, c in by_alloc.items()]
+        best = {}
+        for side in SIDES:
+            cands = [(side_stats(c.runs.get(side, [])), a) for a, c in entries]
+            cands = [(s, a) for s, a in cands if s]
+            if cands:
+                best[side] = min(cands, key=lambda x: x[0]["median_step"])
+        for alloc, cfg in entries + [("best", None)]:
+            if cfg is not None:
+                k, t = side_stats(cfg.runs.get("kdflow", [])), side_stats(cfg.runs.get("trl", []))
+                tag = alloc
+            else:
+                if len(best) < 2:
+                    continue
+                (k, ka), (t, ta) = best["kdflow"], best["trl"]
+                tag = f"best (kdflow {ka}, TRL {ta})"
+            target = "≥ 2.0×" if alloc == "default" else "≥ 1.3×"
+            if k and t:
+                speed = t["median_step"] / k["median_step"]
+                mem = k["median_peak"] / t["median_peak"]
+                rows.append([label, f"{b}×{L}", tag, f"{speed:.2f}×", target, "met" if speed >= float(target[2:-1]) else
+                             f"missed by {float(target[2:-1]) / speed:.2f}×", f"{mem:.2f}×", "≤ 0.5×",
+                             "met" if mem <= 0.5 else f"missed by {mem / 0.5:.2f}×"])
+            else:
+                rows.append([label, f"{b}×{L}", tag, "—", target, "kdflow or TRL missing", "—", "≤ 0.5×", "—"])
+    return rows
+
+
+RATIO_HEADERS = ["models", "batch", "allocator", "tokens/s kdflow÷TRL", "target", "", "peak mem kdflow÷TRL",
+                 "target", ""]
+
+
+def scaling_rows(cfgs: list[Config], why_no_kdflow: str) -> list[list]:
+    rows = []
+    for cfg in cfgs:
+        cells = [cfg.label, f"{cfg.batch}×{cfg.seq_len}", cfg.vocab]
+        stats = {s: side_stats(cfg.runs.get(s, [])) for s in SIDES}
+        for side in ("trl", "kdflow"):
+            st = stats[side]
+            if st:
+                cells += [fmt_range(st["tok_s"], "{:.0f}"), fmt_range(st["peak_gb"])]
+            else:
+                cells += ["—", "—"]
+        k, t = stats["kdflow"], stats["trl"]
+        cells.append(f"{t['median_step'] / k['median_step']:.2f}×" if k and t else
+                     (why_no_kdflow[:60] if not k and why_no_kdflow else "—"))
+        rows.append(cells)
+    return rows
+
+
+SCALING_HEADERS = ["sweep", "batch", "V", "TRL tokens/s", "TRL peak GB", "kdflow tokens/s", "kdflow peak GB",
+                   "kdflow÷TRL tokens/s"]
+
+
+# ----------------------------------------------------------------------------- configurations
+
+
+def offpolicy_configs(args) -> list[Config]:
+    s, t = str(models.ensure_model("student")), str(models.ensure_model("teacher"))
+    lens = (128,) if args.quick else (128, 512)
+    return [Config("offpolicy", "bench 256×4 ← 512×8", s, t, L, 4, a, args.steps, args.warmup, args.repeats)
+            for L in lens for a in args.allocators]
+
+
+def real_configs(args) -> list[Config]:
+    s, t = str(models.ensure_model("smollm2-student-576x4")), str(models.ensure_model("smollm2-135m"))
+    lens = (128,) if args.quick else (128, 512)
+    return [Config("real", "576×4 ← SmolLM2-135M", s, t, L, 4, a, args.steps, args.warmup, args.real_repeats)
+            for L in lens for a in args.allocators]
+
+
+def scaling_configs(args) -> list[Config]:
+    s, t = str(models.ensure_model("student")), str(models.ensure_model("teacher"))
+    alloc = "tuned"  # the peer's best setting: what is left is the algorithm, not page faults
+    seq = [(2048 // L, L) for L in ((256, 512) if args.quick else (256, 512, 1024, 2048))]
+    out = [Config("scaling", "sequence (2048 tok/step)", s, t, L, b, alloc, args.scaling_steps, args.warmup, 1)
+           for b, L in seq]
+    for V in ((32000, 49152) if args.quick else (32000, 49152, 152064)):
+        sv = s if V == 49152 else str(models.ensure_model(f"student-v{V}"))
+        tv = t if V == 49152 else str(models.ensure_model(f"teacher-v{V}"))
+        out.append(Config("scaling", "vocabulary", sv, tv, 256, 4, alloc, args.scaling_steps, args.warmup, 1, vocab=V))
+    return out
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tables", default=",".join(ALL_TABLES), help=f"comma-separated subset of {', '.join(ALL_TABLES)}")
+    p.add_argument("--threads", type=int, default=len(common.available_cpus()),
+                   help="total CPU threads for each run, both sides (default: all available CPUs)")
+    p.add_argument("--allocators", default="default,tuned", help="allocator settings to compare (bench.common.ALLOCATORS)")
+    p.add_argument("--sides", default="trl,kdflow", help="which sides to run")
+    p.add_argument("--steps", type=int, default=5, help="measured steps per run (after --warmup)")
+    p.add_argument("--warmup", type=int, default=1, help="steps run first and not measured")
+    p.add_argument("--repeats", type=int, default=2, help="fresh-process runs per side, off-policy table")
+    p.add_argument("--real-repeats", type=int, default=1, help="runs per side, real-teacher table")
+    p.add_argument("--scaling-steps", type=int, default=3, help="measured steps per scaling run")
+    p.add_argument("--matmul-n", type=int, default=4096)
+    p.add_argument("--matmul-repeats", type=int, default=5)
+    p.add_argument("--channel-repeats", type=int, default=5)
+    p.add_argument("--timeout", type=float, default=1200, help="seconds before one run is killed")
+    p.add_argument("--quick", action="store_true", help="smoke run: 4×128 only, 2 steps, 1 repeat, short sweeps")
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results.md"))
+    p.add_argument("--no-write", action="store_true", help="print only; leave --out untouched")
+    args = p.parse_args(argv)
+    args.tables = [t.strip() for t in args.tables.split(",") if t.strip()]
+    bad = [t for t in args.tables if t not in ALL_TABLES]
+    if bad:
+        p.error(f"unknown table(s) {bad}; choose from {', '.join(ALL_TABLES)}")
+    args.allocators = [a.strip() for a in args.allocators.split(",") if a.strip()]
+    bad = [a for a in args.allocators if a not in common.ALLOCATORS]
+    if bad:
+        p.error(f"unknown allocator(s) {bad}; choose from {', '.join(common.ALLOCATORS)}")
+    args.sides = [s.strip() for s in args.sides.split(",") if s.strip()]
+    if [s for s in args.sides if s not in SIDES]:
+        p.error(f"--sides: choose from {', '.join(SIDES)}")
+    if args.quick:
+        args.steps, args.repeats, args.real_repeats, args.scaling_steps = 2, 1, 1, 1
+        args.matmul_n, args.matmul_repeats, args.channel_repeats = 2048, 3, 2
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    t0 = time.perf_counter()
+    from bench.kdflow_side import trainer_available
+
+    kdflow_ok, why = trainer_available()
+    if not kdflow_ok:
+        log(why + " — kdflow rows are left empty, peer rows still run")
+    info = common.machine_info()
+    started = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    load0 = common.load_average()
+    sections: list[str] = []
+    peak: dict = {}
+
+    if "limit" in args.tables:
+        log("limit: matmul throughput")
+        text, peak = limit_table(args)
+        sections.append("## The machine's matmul rate\n\n" + text)
+    if "channel" in args.tables:
+        log("channel: hidden states vs logits through shared memory")
+        sections.append("## Channel: bytes and time per step\n\n" + channel_table(args))
+
+    peak_fp32 = peak.get("float32")
+    for table, make, title in (("offpolicy", offpolicy_configs, "Off-policy vs TRL GKDTrainer (bench pair)"),
+                               ("real", real_configs, "Off-policy vs TRL GKDTrainer (real SmolLM2-135M teacher)")):
+        if table not in args.tables:
+            continue
+        cfgs = make(args)
+        for cfg in cfgs:
+            run_config(cfg, args, kdflow_ok)
+        sections.append(f"## {title}\n\n" + md_table(PEER_HEADERS, peer_rows(cfgs, peak_fp32, "" if kdflow_ok else why),
+                                                      "lllllrrrrrl")
+                        + "\n\nRatios against the issue's targets (medians):\n\n"
+                        + md_table(RATIO_HEADERS, ratio_rows(cfgs), "lllrllrll"))
+    if "scaling" in args.tables:
+        cfgs = scaling_configs(args)
+        for cfg in cfgs:
+            run_config(cfg, args, kdflow_ok)
+        sections.append("## Scaling (tuned allocator)\n\n"
+                        + md_table(SCALING_HEADERS, scaling_rows(cfgs, "" if kdflow_ok else why), "llrrrrrr"))
+
+    sections.append("## Not yet measured\n\nOn-policy (TRL DistillationTrainer and GKDTrainer λ=1) and cross-tokenizer "
+                    "ULD (TRL GOLDTrainer) rows come with kdflow's rollout and aligner issues.")
+    minutes = (time.perf_counter() - t0) / 60
+    header = _header(args, info, started, load0, minutes, kdflow_ok, why)
+    text = header + "\n\n" + "\n\n".join(sections) + "\n"
+    if not args.no_write:
+        Path(args.out).write_text(text)
+        log(f"wrote {args.out} ({minutes:.1f} min)")
+    print(text)
+    return 0
+
+
+def _header(args, info: dict, started: str, load0, minutes: float, kdflow_ok: bool, why: str) -> str:
+    load1 = common.load_average()
+    cmd = "python bench/run_all.py" + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else "")
+    lines = [
+        "# kdflow benchmarks",
+        "",
+        f"Command: `{cmd}` — started {started}, took {minutes:.1f} min.",
+        "",
+        f"Machine: {info.get('cpu', '?')}, {info.get('cpus_available')} CPUs available, "
+        f"{info.get('memory_gb')} GiB; {args.threads} threads per run (pinned; the whole process tree of each side). "
+        f"Python {info['python']}, torch {info['torch']}, transformers {info['transformers']}, trl {info['trl']}, "
+        f"{info['glibc']}.",
+        "",
+        f"Load average (1/5/15 min) at start {load0[0]:.1f}/{load0[1]:.1f}/{load0[2]:.1f}, at end "
+        f"{load1[0]:.1f}/{load1[1]:.1f}/{load1[2]:.1f}: above {args.threads} other work shared the CPUs and the "
+        "times are inflated (see each row's cpu share: CPU seconds ÷ (wall × threads)).",
+        "",
+        "How to read: every run is a fresh process; `runs×steps` = fresh-process runs × measured steps each "
+        f"(after {args.warmup} warm-up step); cells are median (min–max) over all measured steps (times) or runs "
+        "(memory, loss). `peak GB` = peak proportional set size of the run's whole process tree (shared memory "
+        "counted once). `tokens/s` = batch × sequence length ÷ step time. `% fp32 peak` = useful FLOPs "
+        "(bench/limit.py: 6·N_student + 2·N_teacher per token, attention, student head and teacher-logit rebuild "
+        "at loss positions) per second ÷ the fp32 matmul rate below. Allocator `default` = glibc as shipped, "
+        "`tuned` = `MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736` in the run's environment "
+        "(kdflow also tunes its own processes by default).",
+    ]
+    if not kdflow_ok:
+        lines += ["", f"**{why}** — kdflow rows are empty in this run."]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
