@@ -25,15 +25,18 @@ between. Each side's :class:`~kdcore.aligner.Tokenized` ``offsets`` are in the c
 that canonical text, not of the side's rendered template string, so aligners can pair tokens
 across tokenizers whose templates differ:
 
-- a token's span is the content characters it *completes* (a character belongs to the token
-  holding its last byte: byte-fallback pieces and byte-level BPE tokens that carry only the
-  first bytes of a character get an empty span; a character split across two tokens goes to
-  the second);
+- a token's span is the content characters its bytes belong to; a character whose bytes are
+  split over several tokens (SentencePiece byte-fallback pieces, byte-level BPE tokens that
+  end inside an emoji or CJK character) is in the span of each of them, so adjacent spans
+  overlap by that character — as fast tokenizers report it. A position ``p`` has read whole
+  characters only when no later token starts before ``offsets[p][1]``;
 - template markup inside a token is left out of its span (SentencePiece's ``▁Hello`` after
   ``[INST]`` spans ``Hello``);
 - a token of markup only gets the empty span ``(c, c)`` where ``c`` is the end of the content
   before it;
-- spans are non-decreasing and never overlap.
+- starts and ends are non-decreasing; every content character the template renders is in some
+  token's span (characters a tokenizer leaves out of all spans, such as trimmed spaces, go to
+  the following token).
 
 ``loss_positions`` are the positions ``p`` whose target ``input_ids[p + 1]`` is trained.
 """
@@ -514,21 +517,21 @@ def _tok_name(tok) -> str:
 
 
 def _normalize_offsets(offsets: Sequence[tuple[int, int]]) -> list[list[int]]:
-    """Turn raw tokenizer offsets into a contiguous, non-overlapping partition of the string.
+    """Make raw tokenizer offsets cover the string without gaps, with non-decreasing starts.
 
-    A character belongs to the last token that covers it (byte-fallback pieces and byte-level
-    tokens sharing a character: the earlier ones get an empty span); characters no token
-    covers (trimmed by the tokenizer) go to the following token.
+    Overlaps are kept: they mark characters split across tokens. Characters no token covers
+    (trimmed by the tokenizer) go to the following token.
     """
     spans = [[int(a), int(b)] for a, b in offsets]
-    for i in range(len(spans) - 2, -1, -1):
-        if spans[i][1] > spans[i + 1][0]:
-            spans[i][1] = max(spans[i][0], spans[i + 1][0])
-    prev = 0
-    for s in spans:
-        s[0] = prev
-        s[1] = max(s[1], prev)
-        prev = s[1]
+    reach = 0  # end of the characters covered so far
+    prev_start = 0
+    for sp in spans:
+        if sp[0] > reach:
+            sp[0] = reach
+        sp[0] = max(sp[0], prev_start)
+        sp[1] = max(sp[1], sp[0])
+        prev_start = sp[0]
+        reach = max(reach, sp[1])
     return spans
 
 
@@ -541,10 +544,9 @@ def _tokenize_rendered(r: _Rendered, ids: list[int], offsets: Sequence[tuple[int
     trained: list[bool] = []
     j = 0
     last_c = 0  # canonical end of the content seen so far: where markup tokens sit
+    prev_c0 = 0
     for s, e in spans:
         while j < len(regions) and regions[j][1] <= s:
-            rs, re_, cs, _ = regions[j]
-            last_c = max(last_c, cs + re_ - rs)
             j += 1
         c0 = c1 = None
         train = r.train_all
@@ -558,15 +560,13 @@ def _tokenize_rendered(r: _Rendered, ids: list[int], offsets: Sequence[tuple[int
                 c1 = cs + b - rs
                 train = train or t
             k += 1
-        if s == e and j < len(regions) and regions[j][0] <= s < regions[j][1]:
-            train = train or regions[j][3]  # leading bytes of a character of this region
         if c0 is None:
             out_offsets.append((last_c, last_c))
         else:
-            c0 = max(c0, last_c)  # spans never go backwards (templates that reorder messages)
+            c0 = max(c0, prev_c0)  # starts never go back (templates that reorder messages)
             c1 = max(c1, c0)
             out_offsets.append((c0, c1))
-            last_c = c1
+            prev_c0, last_c = c0, max(last_c, c1)
         trained.append(train)
     # The end-of-turn special right after a trained turn is trained too (the model learns to stop).
     if not r.train_all:
@@ -574,7 +574,7 @@ def _tokenize_rendered(r: _Rendered, ids: list[int], offsets: Sequence[tuple[int
             if trained[i] and not trained[i + 1] and ids[i + 1] in specials:
                 trained[i + 1] = True
     end = regions[-1][2] + regions[-1][1] - regions[-1][0] if regions else 0
-    end = max([end] + [b for _, b in out_offsets])
+    end = max([end, last_c])
     all_ids = list(r.prefix) + list(ids) + list(r.suffix)
     all_offsets = [(0, 0)] * len(r.prefix) + out_offsets + [(end, end)] * len(r.suffix)
     all_trained = [r.train_all] * len(r.prefix) + trained + [r.train_suffix] * len(r.suffix)
@@ -655,7 +655,7 @@ def _finish(norm, row, s: Tokenized, t: Tokenized | None, max_length, overlong) 
             raise OverlongRow(f"{len(s.input_ids)} tokens > max_length {max_length}")
         s = _truncate(s, max_length)
         if t is not None:
-            t = _truncate_at_char(t, s.offsets[-1][1])
+            t = _truncate_at_char(t, max(b for _, b in s.offsets))
         truncated = True
     if not s.loss_positions:
         raise OverlongRow(f"no trained tokens within max_length {max_length}")

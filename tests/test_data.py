@@ -97,42 +97,49 @@ def token_bytes(tk, i: int) -> bytes:
     return piece.replace("▁", " ").encode()
 
 
-def _incomplete_tail(b: bytes) -> int:
-    """Length of a trailing incomplete UTF-8 sequence."""
-    for k in range(1, min(4, len(b)) + 1):
-        lead = b[-k]
-        if lead & 0xC0 == 0x80:
-            continue  # continuation byte: look further back
-        need = 1 if lead < 0x80 else 2 if lead >> 5 == 6 else 3 if lead >> 4 == 14 else 4
-        return k if need > k else 0
-    return 0
-
-
 def check_offsets(text: str, t: Tokenized, tk, region_starts: set[int]) -> None:
-    """Offsets are canonical-content spans: each token's span is exactly the content characters
-    it completes (its bytes, minus an incomplete trailing character, end with the span's
-    bytes); anything before that is template markup, allowed only where a message's content
-    starts; spans are monotone, never overlap, and cover the whole text."""
+    """Offsets are canonical-content spans, checked against the tokens' own bytes.
+
+    Walking the tokens, each one's bytes must continue the content's UTF-8 bytes where the
+    previous content token stopped (a prefix of template markup is allowed only where a
+    message's content starts; markup-only tokens have empty spans and continue nothing); its
+    span must be exactly the characters its content bytes belong to (so a character split over
+    several tokens is in each of their spans); starts and ends never go back; and all content
+    is consumed.
+    """
     assert len(t.offsets) == len(t.input_ids)
-    prev_end = 0
-    pending = b""
-    covered = []
+    data = text.encode()
+    char_of = [k for k, ch in enumerate(text) for _ in ch.encode()]  # byte -> character index
+    starts_b = {len(text[:c].encode()) for c in region_starts}
+    cur = 0  # content bytes consumed so far
+    prev = (0, 0)
     for i, (a, b) in zip(t.input_ids, t.offsets):
-        assert 0 <= a <= b <= len(text), (a, b)
-        assert a >= prev_end, f"span {(a, b)} overlaps or goes back before {prev_end}"
-        prev_end = b
-        buf = pending + token_bytes(tk, i)
+        assert 0 <= a <= b <= len(text) and a >= prev[0] and b >= prev[1], ((a, b), prev)
+        prev = (a, b)
         if a == b:
-            pending = buf
             continue
-        tail = _incomplete_tail(buf)
-        complete, pending = buf[: len(buf) - tail], buf[len(buf) - tail:]
-        want = text[a:b].encode()
-        assert complete.endswith(want), (tk.convert_ids_to_tokens(i), complete, want)
-        if len(complete) > len(want):
-            assert a in region_starts, f"token {tk.convert_ids_to_tokens(i)!r} carries markup {complete!r} inside content at {a}"
-        covered.append(text[a:b])
-    assert "".join(covered) == text
+        tb = token_bytes(tk, i)
+        skip = 0
+        if cur in starts_b:  # markup may precede the first content bytes of a message
+            while skip < len(tb) and not data.startswith(tb[skip:], cur):
+                skip += 1
+        content = tb[skip:]
+        assert content and data.startswith(content, cur), \
+            f"token {tk.convert_ids_to_tokens(i)!r} at byte {cur}: {tb!r} does not continue {data[cur:cur + 8]!r}"
+        want = (char_of[cur], char_of[cur + len(content) - 1] + 1)
+        assert (a, b) == want, (tk.convert_ids_to_tokens(i), (a, b), want)
+        cur += len(content)
+    assert cur == len(data)
+
+
+def covered(text: str, offsets) -> str:
+    """The content the spans cover, each character once."""
+    out, reach = [], 0
+    for a, b in offsets:
+        if b > reach:
+            out.append(text[max(a, reach):b])
+            reach = b
+    return "".join(out)
 
 
 def check_loss(text: str, t: Tokenized, tk, response_spans) -> None:
@@ -146,11 +153,9 @@ def check_loss(text: str, t: Tokenized, tk, response_spans) -> None:
             assert i not in trained  # nothing precedes the first token (text without BOS)
         elif a < b:
             assert (i in trained) == inside(a, b), (i, tk.convert_ids_to_tokens(t.input_ids[i]), (a, b))
-        elif i in trained:
-            nxt = next(((c, d) for c, d in t.offsets[i + 1:] if c < d), None)
-            partial = nxt is not None and nxt[0] == a and inside(*nxt)
-            end_of_turn = t.input_ids[i] in specials and any(a == e for _, e in response_spans)
-            assert partial or end_of_turn, (i, tk.convert_ids_to_tokens(t.input_ids[i]))
+        elif i in trained:  # only the end-of-turn special right after a response
+            assert t.input_ids[i] in specials and any(a == e for _, e in response_spans), \
+                (i, tk.convert_ids_to_tokens(t.input_ids[i]))
     got = tk.decode([t.input_ids[i] for i in sorted(trained)], skip_special_tokens=True)
     want = "".join(text[s:e] for s, e in response_spans)
     if t.offsets[0][0] < t.offsets[0][1]:
@@ -316,10 +321,30 @@ def test_offsets_in_content_coordinates(spec):
     eot = {MISTRAL: "</s>", SMOL: "<|im_end|>", QWEN: "<|im_end|>"}[spec]
     trained = [s.student.input_ids[p + 1] for p in s.student.loss_positions]
     assert trained.count(tk.convert_tokens_to_ids(eot)) == 2
-    # byte-level / byte-fallback pieces of one character: the earlier ones get empty spans
+    # a 4-byte character split over pieces: each piece spans it, and only the last position
+    # has read it whole (no later token starts inside it)
     i = s.text.index("𝔘")
     owners = [k for k, (a, b) in enumerate(s.student.offsets) if a <= i < b]
-    assert len(owners) == 1
+    assert len(owners) >= 2 and owners == list(range(owners[0], owners[-1] + 1))
+    assert all(s.student.offsets[k + 1][0] < s.student.offsets[k][1] for k in owners[:-1])
+    assert s.student.offsets[owners[-1] + 1][0] >= s.student.offsets[owners[-1]][1]
+
+
+def test_trimmed_tokenizer_offsets_are_repaired():
+    """A byte-level post-processor with trim_offsets leaves spaces out of every span; those
+    characters go to the following token, giving the same offsets as the untrimmed tokenizer."""
+    from tokenizers import Tokenizer, processors
+    from transformers import PreTrainedTokenizerFast
+
+    smol = tok(SMOL)
+    backend = Tokenizer.from_str(smol.backend_tokenizer.to_str())
+    backend.post_processor = processors.ByteLevel(trim_offsets=True)
+    trimmed = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=smol.eos_token)
+    trimmed.chat_template = smol.chat_template
+    raw = trimmed("Hello  world", add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    assert raw[1][0] > raw[0][1]  # really trimmed: a gap after "Hello"
+    norm = normalize_row({"messages": HARD_CHAT}, "messages")
+    assert build_sample(norm, 0, trimmed).student == build_sample(norm, 0, smol).student
 
 
 def test_cross_tokenizer_sample_and_templates_that_trim():
@@ -330,7 +355,7 @@ def test_cross_tokenizer_sample_and_templates_that_trim():
     check_offsets(s.text, s.teacher, mis, region_starts(HARD_CHAT))
     check_loss(s.text, s.teacher, mis, s.response_spans)
     # the same content at the same canonical characters on both sides
-    assert "".join(s.text[a:b] for a, b in s.student.offsets) == "".join(s.text[a:b] for a, b in s.teacher.offsets)
+    assert covered(s.text, s.student.offsets) == covered(s.text, s.teacher.offsets) == s.text
     # an equal tokenizer loaded twice counts as the same: the teacher gets the student's ids
     assert build_sample(norm, 0, mis, load_tokenizer(MISTRAL)).teacher is None
 
@@ -341,8 +366,7 @@ def test_cross_tokenizer_sample_and_templates_that_trim():
     st = build_sample(normalize_row({"messages": msgs}, "messages"), 0, trim)
     text = "".join(m["content"] for m in msgs)
     assert st.text == text
-    spans = "".join(text[a:b] for a, b in st.student.offsets)
-    assert spans == "padded question" + "answer here"
+    assert covered(text, st.student.offsets) == "padded question" + "answer here"
     # a template that rewrites contents is a bad row, with the reason
     upper = load_tokenizer(MISTRAL)
     upper.chat_template = upper.chat_template.replace("message['content']", "(message['content'] | upper)")
@@ -414,7 +438,7 @@ def test_max_length_truncate_vs_drop(tmp_path):
         # the teacher keeps exactly the content the student kept
         kept = s.student.offsets[-1][1]
         assert max(b for _, b in s.teacher.offsets) <= kept
-        assert "".join(s.text[a:b] for a, b in s.teacher.offsets) == s.text[:kept]
+        assert covered(s.text, s.teacher.offsets) == covered(s.text, s.student.offsets) == s.text[:kept]
 
     dr = prepare_data({"train": str(path), "eval_size": 0, "max_length": limit, "overlong": "drop"}, smol)
     rep = dr.report.train
