@@ -1,0 +1,556 @@
+"""The embedded ``hf`` teacher engine: transformers in a spawned process, CPU or CUDA.
+
+The parent (student process) owns a :class:`kdcore.channel.Channel`, spawns the child with
+``torch.multiprocessing``'s *spawn* context (a fresh interpreter: no forked torch thread pools
+or CUDA state) and talks to it through two queues: requests go down with token ids (small
+numpy arrays, pickled), hidden states come back through the channel (shared memory, no
+pickling), and only acknowledgements and errors go up the response queue.
+
+Child process setup, and why:
+
+- Its environment is set before it starts — glibc reads ``MALLOC_*`` once, at the first
+  allocation, and OpenMP sizes its pool from ``OMP_NUM_THREADS`` at torch import, so neither
+  can be changed from inside the child: ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736``
+  (keep freed activation buffers in the heap instead of page-faulting fresh ones every batch;
+  DESIGN §7), ``OMP_NUM_THREADS=threads``, progress bars and info logs off.
+- ``torch.set_num_threads(threads)``: the teacher shares the cores with the student
+  (:func:`kdcore.teacher.default_threads`; 1 of 2 cores on the project machines).
+- A watchdog thread exits the child within 0.5 s when its parent is gone (even SIGKILLed), so
+  a crashed trainer leaves no orphan teacher; the ``daemon`` flag and an ``atexit`` hook stop
+  it on a normal or exceptional parent exit.
+- A forward hook on each decoder layer bumps the channel's progress beat, so a hung teacher is
+  told apart from a slow one (:class:`kdcore.channel.ChannelTimeout` after
+  ``progress_timeout`` seconds without a finished layer).
+- Any exception in the child is fatal: its traceback is sent up, the child exits, and the
+  parent's next wait raises :class:`kdcore.channel.TeacherDiedError` carrying it.
+
+The child computes the decoder (``model.get_decoder()``: its ``last_hidden_state`` is after
+the final norm; no logits, no per-layer hidden states kept, no KV cache) and gathers the
+requested positions with ``index_select(..., out=slot)`` directly into the channel slot.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import queue
+import threading
+import time
+import traceback
+import weakref
+from contextlib import contextmanager
+from typing import Any, Iterator, Mapping, Optional
+
+import torch
+
+from kdcore.channel import (POLL_S, PROGRESS_TIMEOUT_S, Channel, ChannelClosed, ChannelError, ChannelTimeout,
+                            TeacherDiedError)
+from kdcore.teacher import HiddenRequest, TeacherEngine, TeacherError, Ticket, default_threads
+
+START_TIMEOUT_S = 1800.0  # loading may include a one-time GGUF conversion of a large model
+COMMAND_TIMEOUT_S = 600.0  # weight updates / sleep / wake of a live teacher (dead ones fail fast)
+CLOSE_GRACE_S = 5.0  # time to finish the current batch and exit before the child is killed
+
+_ENV_LOCK = threading.Lock()
+_LIVE: "weakref.WeakSet[HFTeacher]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:  # runs before multiprocessing's own exit hook (registered earlier)
+    for engine in list(_LIVE):
+        engine.close()
+
+
+def child_env(threads: int) -> dict[str, str]:
+    """Environment the teacher process starts with (see the module docstring)."""
+    from kdcore.runtime import ALLOCATOR_ENV
+
+    env = {k: os.environ.get(k, v) for k, v in ALLOCATOR_ENV.items()}  # a user's own choice wins
+    env.update({
+        "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+        "TOKENIZERS_PARALLELISM": "false",  # the child never tokenizes; keep its pool out of the way
+        "TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # no bars from a background process
+        "TRANSFORMERS_VERBOSITY": os.environ.get("TRANSFORMERS_VERBOSITY", "error"),
+    })
+    return env
+
+
+@contextmanager
+def _environment(env: dict[str, str]) -> Iterator[None]:
+    # spawn starts the child with this process's environment at Process.start() time.
+    with _ENV_LOCK:
+        old = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            yield
+        finally:
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+def _resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise TeacherError(f"teacher device '{device}' asked for, but CUDA is not available here")
+    return device
+
+
+class HFTeacher(TeacherEngine):
+    """transformers teacher in a spawned process.
+
+    Args:
+        spec: hub id, local folder, ``.gguf`` file or ``pkg://`` spec (GGUFs are converted once
+            into a cached HF folder, see :func:`kdcore.models.gguf_to_hf_folder`).
+        dtype: compute dtype of the teacher, and of the hidden states in the channel.
+        device: ``cpu``, ``cuda[:i]`` or ``auto`` (cuda when available).
+        threads: torch threads in the child; None = :func:`kdcore.teacher.default_threads`.
+        max_rows: rows per channel slot = the most hidden states one request may ask for.
+        n_slots: channel depth; 2 lets the teacher fill batch k+1 while the student uses k.
+        progress_timeout: seconds without a finished decoder layer before a live teacher counts
+            as hung (:class:`ChannelTimeout`).
+        start_timeout: seconds allowed for the child to load the model.
+        cache_dir: where converted GGUF folders live (default ``~/.cache/kdflow``).
+    """
+
+    def __init__(self, spec: str, *, dtype: str | torch.dtype = "float32", device: str = "cpu",
+                 threads: Optional[int] = None, max_rows: int = 8192, n_slots: int = 2,
+                 progress_timeout: float = PROGRESS_TIMEOUT_S, start_timeout: float = START_TIMEOUT_S,
+                 cache_dir: Optional[str] = None, attn_implementation: Optional[str] = None):
+        from kdcore.models import torch_dtype
+
+        self.spec = str(spec)
+        self.dtype = torch_dtype(dtype)
+        self.device = device
+        self.threads = int(threads) if threads else default_threads()
+        self.max_rows = int(max_rows)
+        self.n_slots = int(n_slots)
+        self.progress_timeout = progress_timeout
+        self.start_timeout = start_timeout
+        self.cache_dir = cache_dir
+        self.attn_implementation = attn_implementation
+        self._proc = None
+        self._started = False
+        self._closed = False
+        self._asleep = False
+        self._hung = False
+        self._next_seq = 0
+        self._next_rid = 0
+        self._outstanding: dict[int, Ticket] = {}  # submitted, not released
+        self._read: set[int] = set()  # outstanding tickets already read from the channel
+        self._replies: dict[int, tuple] = {}
+        self._fatal: Optional[str] = None
+        self._head: Optional[torch.Tensor] = None
+        self.info: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> "HFTeacher":
+        if self._started:
+            return self
+        if self._closed:
+            raise TeacherError("this teacher engine was closed; build a new one")
+        from kdcore import models
+
+        self.device = _resolve_device(self.device)
+        dims = models.model_dims(self.spec)  # config / GGUF metadata only: the parent never loads weights
+        self.hidden_size, self.vocab_size = dims["hidden_size"], dims["vocab_size"]
+        self.channel = Channel(self.max_rows, self.hidden_size, n_slots=self.n_slots, dtype=self.dtype,
+                               device=self.device if self.device.startswith("cuda") else "cpu")
+        self.channel.attach_consumer()
+        ctx = torch.multiprocessing.get_context("spawn")
+        self._requests = ctx.Queue()
+        self._responses = ctx.Queue()
+        options = {"spec": self.spec, "dtype": self.dtype, "device": self.device, "threads": self.threads,
+                   "cache_dir": self.cache_dir, "attn_implementation": self.attn_implementation}
+        self._proc = ctx.Process(target=_child_main, name="kdflow-teacher", daemon=True,
+                                 args=(options, self.channel, self._requests, self._responses, os.getpid()))
+        with _environment(child_env(self.threads)):
+            self._proc.start()
+        self._started = True
+        _LIVE.add(self)
+        try:
+            self.info = self._await_reply("ready", what="loading the teacher", timeout=self.start_timeout)
+        except BaseException:
+            self.close()
+            raise
+        if self.info["hidden_size"] != self.hidden_size:
+            self.close()
+            raise TeacherError(f"teacher '{self.spec}': model hidden size {self.info['hidden_size']} differs from "
+                               f"its config's {self.hidden_size}")
+        self.vocab_size = self.info["vocab_size"]
+        return self
+
+    def close(self) -> None:
+        """Stop the child (asks, then kills it after ``CLOSE_GRACE_S``) and reap it. Idempotent.
+
+        The child holds no state worth saving, so a hung or stopped one is simply SIGKILLed.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        _LIVE.discard(self)
+        proc = self._proc
+        if proc is None:
+            return
+        try:
+            self.channel.close()  # wakes a child blocked on a full ring
+            if proc.is_alive() and not self._hung:
+                self._requests.put(("close",))
+                proc.join(CLOSE_GRACE_S)
+            if proc.is_alive():  # busy or hung: stop it now
+                proc.kill()
+                proc.join(CLOSE_GRACE_S)
+        finally:
+            for q in (self._requests, self._responses):
+                q.cancel_join_thread()  # never block exit on data a dead child will not read
+                q.close()
+
+    @property
+    def pid(self) -> Optional[int]:
+        return self._proc.pid if self._proc is not None else None
+
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.is_alive()
+
+    def _check_usable(self) -> None:
+        if not self._started:
+            raise TeacherError("the teacher engine is not started (call start() or use it as a context manager)")
+        if self._closed:
+            raise TeacherError("the teacher engine is closed")
+
+    # ------------------------------------------------------------------ errors and replies
+
+    def _death_error(self) -> TeacherDiedError:
+        """The error for a dead child, with its traceback when it managed to send one."""
+        self._proc.join(1.0)
+        deadline = time.monotonic() + 1.0
+        while self._fatal is None and time.monotonic() < deadline:
+            if not self._drain_one(0.1):
+                break
+        code = self._proc.exitcode
+        if code is None:
+            how = "stopped responding"
+        elif code < 0:
+            import signal
+
+            name = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
+            how = f"was killed by {name}" + (" (the kernel's OOM killer does this when memory runs out)"
+                                             if name == "SIGKILL" else "")
+        else:
+            how = f"exited with code {code}"
+        msg = f"teacher process (pid {self._proc.pid}, '{self.spec}') {how}"
+        if self._fatal:
+            msg += f":\n{self._fatal.rstrip()}"
+        return TeacherDiedError(msg)
+
+    def _drain_one(self, timeout: float) -> bool:
+        try:
+            msg = self._responses.get(timeout=timeout)
+        except queue.Empty:
+            return False
+        except (EOFError, OSError):  # the pipe broke with the child
+            return False
+        if msg[0] == "fatal":
+            self._fatal = msg[1]
+        elif msg[0] == "ready":
+            self._replies[-1] = msg
+        else:
+            self._replies[msg[1]] = msg
+        return True
+
+    def _await_reply(self, rid_or_ready, *, what: str, timeout: float) -> Any:
+        key = -1 if rid_or_ready == "ready" else rid_or_ready
+        deadline = time.monotonic() + timeout
+        while key not in self._replies:
+            if self._fatal is not None or not self._proc.is_alive():
+                while key not in self._replies and self._drain_one(0.1):
+                    pass  # a reply may have left just before the child did
+                if key in self._replies:
+                    break
+                raise self._death_error()
+            if time.monotonic() > deadline:
+                raise ChannelTimeout(f"teacher '{self.spec}' did not finish {what} within {timeout:.0f} s")
+            self._drain_one(POLL_S)
+        msg = self._replies.pop(key)
+        if msg[0] == "failed":
+            raise TeacherError(msg[2])
+        return msg[1] if key == -1 else msg[2]
+
+    def _command(self, kind: str, *payload, what: str, timeout: float = COMMAND_TIMEOUT_S) -> Any:
+        self._check_usable()
+        rid = self._next_rid
+        self._next_rid += 1
+        self._requests.put((kind, rid, *payload))
+        return self._await_reply(rid, what=what, timeout=timeout)
+
+    # ------------------------------------------------------------------ hidden states
+
+    def submit(self, request: HiddenRequest) -> Ticket:
+        """Validate and queue a request; returns at once. See :class:`HiddenRequest`."""
+        self._check_usable()
+        if self._asleep:
+            raise TeacherError("the teacher is asleep: call wake() before asking for hidden states")
+        if len(self._outstanding) >= self.n_slots:
+            held = ", ".join(str(s) for s in sorted(self._outstanding))
+            raise ChannelError(f"{self.n_slots} requests already in flight (tickets {held}): release one first")
+        if not self._proc.is_alive():
+            raise self._death_error()
+        request.validate(vocab_size=self.vocab_size, max_rows=self.max_rows)
+        mask = request.attention_mask.to(torch.int64)
+        ids = request.input_ids.to(torch.int64).masked_fill(mask == 0, 0)  # any pad id embeds safely
+        ticket = Ticket(self._next_seq, request.rows)
+        self._next_seq += 1
+        self._requests.put(("hidden", ticket.seq, ids.cpu().numpy(), mask.cpu().numpy(),
+                            request.flat_index().numpy()))
+        self._outstanding[ticket.seq] = ticket
+        return ticket
+
+    def result(self, ticket: Ticket, timeout: Optional[float] = None) -> torch.Tensor:
+        """The ``[rows, hidden]`` view of a ticket's slot (no copy), valid until ``release``."""
+        self._check_usable()
+        if ticket.seq not in self._outstanding:
+            raise ChannelError(f"ticket {ticket.seq} is not outstanding (released already, or from another engine)")
+        if ticket.seq in self._read:
+            return self.channel.view(ticket.seq)
+        try:
+            view = self.channel.wait_full(
+                ticket.seq, peer_alive=self._proc.is_alive, dead=self._death_error,
+                progress_timeout=self.progress_timeout if timeout is None else timeout)
+        except ChannelTimeout:
+            self._hung = True  # close() will not wait for a graceful exit
+            raise
+        self._read.add(ticket.seq)
+        return view
+
+    def release(self, ticket: Ticket) -> None:
+        self._check_usable()
+        if ticket.seq not in self._outstanding:
+            raise ChannelError(f"ticket {ticket.seq} is not outstanding (released twice?)")
+        if ticket.seq not in self._read:
+            self.result(ticket)  # the slot must be consumed before it can be handed back
+        self.channel.release(ticket.seq)
+        self._read.discard(ticket.seq)
+        del self._outstanding[ticket.seq]
+
+    # ------------------------------------------------------------------ other services
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int = 128,
+                 do_sample: bool = True, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                 seed: Optional[int] = None, eos_token_id: Optional[int | list[int]] = None) -> list[list[int]]:
+        """Continue each prompt (``[B, L]`` ids + mask, any padding side) in the teacher.
+
+        Returns the new token ids per sample, up to and including the first EOS. ``seed``
+        makes sampling reproducible. Runs between hidden-state requests, in submission order.
+        """
+        if self._outstanding:
+            # generation would queue behind them anyway; requiring it keeps the order explicit
+            raise TeacherError("release all hidden-state tickets before generate()")
+        HiddenRequest(input_ids, attention_mask, [[] for _ in range(input_ids.shape[0])]).validate(vocab_size=self.vocab_size)
+        kwargs = {"max_new_tokens": int(max_new_tokens), "do_sample": bool(do_sample), "temperature": float(temperature),
+                  "top_p": float(top_p), "top_k": int(top_k), "seed": seed, "eos_token_id": eos_token_id}
+        return self._command("generate", input_ids.to(torch.int64).cpu().numpy(),
+                             attention_mask.to(torch.int64).cpu().numpy(), kwargs, what="generating",
+                             timeout=COMMAND_TIMEOUT_S * 6)
+
+    def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> int:
+        """Copy tensors into the teacher's parameters/buffers of the same names (any subset).
+
+        The values travel packed in one shared buffer (one copy, one file descriptor, however
+        many tensors). Unknown names or shape mismatches raise :class:`TeacherError` and change
+        nothing. Returns the number of tensors updated.
+        """
+        self._check_usable()
+        if self._outstanding:
+            raise TeacherError("release all hidden-state tickets before update_weights()")
+        names, shapes, offsets, total = [], [], [], 0
+        for name, t in state_dict.items():
+            names.append(name)
+            shapes.append(tuple(t.shape))
+            offsets.append(total)
+            total += t.numel()
+        if self.device.startswith("cuda"):
+            flat = torch.empty(total, dtype=self.dtype, device=self.device)
+        else:
+            flat = torch.empty(total, dtype=self.dtype).share_memory_()
+        for t, off in zip(state_dict.values(), offsets):
+            flat[off:off + t.numel()].copy_(t.detach().reshape(-1))
+        return self._command("update", flat, list(zip(names, shapes, offsets)), what="updating weights")
+
+    def sleep(self) -> None:
+        """On CUDA: move the weights to CPU and free the cache (colocation). On CPU: nothing
+        would be freed, so it only marks the engine asleep (hidden-state requests refused)."""
+        self._command("sleep", what="going to sleep")
+        self._asleep = True
+
+    def wake(self) -> None:
+        self._command("wake", what="waking up")
+        self._asleep = False
+
+    def lm_head(self, dtype: str | torch.dtype | None = None) -> torch.Tensor:
+        """``[V, H]`` head read alone from the checkpoint (from the converted folder for GGUFs,
+        which is faster than dequantizing), cached per engine."""
+        from kdcore import models
+
+        if self._head is None:
+            self._head = models.load_lm_head(self.info.get("folder") or self.spec, dtype=self.dtype)
+        return self._head if dtype is None else self._head.to(models.torch_dtype(dtype))
+
+
+# ---------------------------------------------------------------------------- child process
+
+
+def _decoder_layers(decoder: torch.nn.Module) -> list[torch.nn.Module]:
+    layers = getattr(decoder, "layers", None)
+    if isinstance(layers, torch.nn.ModuleList):
+        return list(layers)
+    lists = [m for m in decoder.modules() if isinstance(m, torch.nn.ModuleList)]
+    return list(max(lists, key=len)) if lists else []
+
+
+def _child_main(options: dict, channel: Channel, requests, responses, parent_pid: int) -> None:
+    try:
+        _serve(options, channel, requests, responses, parent_pid)
+        code = 0
+    except ChannelClosed:  # the parent closed the engine while we waited for a slot
+        code = 0
+    except BaseException:  # noqa: BLE001 - everything goes to the parent, then we exit
+        responses.put(("fatal", traceback.format_exc()))
+        code = 1
+    responses.close()
+    responses.join_thread()  # make sure the message left before the process does
+    os._exit(code)
+
+
+def _watch_parent(parent_pid: int) -> None:
+    while True:
+        time.sleep(0.5)
+        if os.getppid() != parent_pid:  # re-parented: the trainer is gone
+            os._exit(3)
+
+
+def _serve(options: dict, channel: Channel, requests, responses, parent_pid: int) -> None:
+    threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True, name="parent-watch").start()
+    threads = int(options["threads"])
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(1)  # the forward is one op stream; inter-op workers only compete
+    except RuntimeError:
+        pass
+    channel.attach_producer()
+    from kdcore import models
+
+    device = options["device"]
+    spec = options["spec"]
+    kind, where = models.locate(spec)
+    folder = str(models.gguf_to_hf_folder(where, options["cache_dir"])) if kind == "gguf" else None
+    model = models.load_causal_lm(folder or spec, dtype=options["dtype"], device=device)
+    if options.get("attn_implementation"):
+        model.set_attn_implementation(options["attn_implementation"])
+    decoder = model.get_decoder()
+    for layer in _decoder_layers(decoder):
+        layer.register_forward_hook(lambda *_: channel.beat())
+    hidden = int(model.config.get_text_config().hidden_size)
+    vocab = int(model.get_output_embeddings().weight.shape[0])
+    responses.put(("ready", {"hidden_size": hidden, "vocab_size": vocab, "pid": os.getpid(), "folder": folder,
+                             "threads": torch.get_num_threads(), "device": device,
+                             "num_layers": len(_decoder_layers(decoder))}))
+    parent_alive = lambda: os.getppid() == parent_pid  # noqa: E731
+    on_device = device if device != "cpu" else None
+
+    while True:
+        try:
+            msg = requests.get(timeout=0.5)
+        except queue.Empty:
+            if channel.closed or not parent_alive():
+                return
+            continue
+        kind = msg[0]
+        if kind == "close":
+            return
+        if kind == "hidden":
+            _, seq, ids, mask, flat = msg
+            ids, mask, flat = (torch.from_numpy(a) for a in (ids, mask, flat))
+            if on_device:
+                ids, mask, flat = ids.to(on_device), mask.to(on_device), flat.to(on_device)
+            position_ids = (mask.cumsum(-1) - 1).clamp_(min=0)
+            with torch.inference_mode():
+                h = decoder(input_ids=ids, attention_mask=mask, position_ids=position_ids,
+                            use_cache=False).last_hidden_state
+                # compute first, then wait for a free slot: the forward overlaps the student's step
+                buf = channel.acquire_write(seq, peer_alive=parent_alive)
+                n = flat.numel()
+                torch.index_select(h.reshape(-1, h.shape[-1]), 0, flat, out=buf[:n])
+            del h
+            channel.commit(seq, n)
+        elif kind == "generate":
+            _, rid, ids, mask, kw = msg
+            responses.put(("done", rid, _generate(model, torch.from_numpy(ids), torch.from_numpy(mask), kw, on_device)))
+        elif kind == "update":
+            _, rid, flat, layout = msg
+            responses.put(_update(model, rid, flat, layout))
+        elif kind == "sleep":
+            if on_device:
+                model.to("cpu")
+                torch.cuda.empty_cache()
+            responses.put(("done", msg[1], None))
+        elif kind == "wake":
+            if on_device:
+                model.to(on_device)
+            responses.put(("done", msg[1], None))
+        else:
+            raise ValueError(f"teacher process: unknown request kind '{kind}'")
+
+
+def _generate(model, ids: torch.Tensor, mask: torch.Tensor, kw: dict, device: Optional[str]) -> list[list[int]]:
+    # Batched generation needs left padding: re-pad each prompt's real tokens to the right edge.
+    gen_cfg = model.generation_config
+    eos = kw.get("eos_token_id")
+    if eos is None:
+        eos = gen_cfg.eos_token_id
+    eos_set = set(eos if isinstance(eos, list) else ([eos] if eos is not None else []))
+    pad = gen_cfg.pad_token_id if gen_cfg.pad_token_id is not None else (min(eos_set) if eos_set else 0)
+    rows = [ids[b][mask[b].bool()] for b in range(ids.shape[0])]
+    L = max(len(r) for r in rows)
+    left = torch.full((len(rows), L), pad, dtype=torch.int64)
+    lmask = torch.zeros((len(rows), L), dtype=torch.int64)
+    for b, r in enumerate(rows):
+        left[b, L - len(r):] = r
+        lmask[b, L - len(r):] = 1
+    if device:
+        left, lmask = left.to(device), lmask.to(device)
+    if kw.get("seed") is not None:
+        torch.manual_seed(int(kw["seed"]))
+    sample = kw["do_sample"]
+    extra = {"temperature": kw["temperature"], "top_p": kw["top_p"], "top_k": kw["top_k"]} if sample else {}
+    with torch.inference_mode():
+        out = model.generate(input_ids=left, attention_mask=lmask, max_new_tokens=kw["max_new_tokens"],
+                             do_sample=sample, pad_token_id=pad, eos_token_id=list(eos_set) or None, **extra)
+    result = []
+    for seq in out[:, L:].tolist():
+        cut = next((i + 1 for i, t in enumerate(seq) if t in eos_set), len(seq))
+        result.append(seq[:cut])
+    return result
+
+
+def _update(model, rid: int, flat: torch.Tensor, layout) -> tuple:
+    targets = dict(model.named_parameters(remove_duplicate=False))
+    targets.update(dict(model.named_buffers(remove_duplicate=False)))
+    unknown = [n for n, _, _ in layout if n not in targets]
+    if unknown:
+        return ("failed", rid, f"update_weights: the teacher has no parameter or buffer named {', '.join(unknown[:5])}"
+                               + (f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else ""))
+    bad = [f"{n} {tuple(shape)} vs {tuple(targets[n].shape)}" for n, shape, _ in layout if tuple(targets[n].shape) != tuple(shape)]
+    if bad:
+        return ("failed", rid, f"update_weights: shape mismatch for {', '.join(bad[:5])}")
+    with torch.no_grad():
+        for name, shape, off in layout:
+            t = targets[name]
+            t.copy_(flat[off:off + t.numel()].view(shape))
+    return ("done", rid, len(layout))
+
+
+__all__ = ["HFTeacher", "child_env"]
