@@ -6,10 +6,11 @@ through the public API (``kdcore.load_recipe`` + ``kdcore.trainer.train``).
 ``<output_dir>/metrics.jsonl`` (records with ``step``, ``loss``, ``kd_loss``, ``ce_loss``,
 ``lr``, ``tokens_per_s``).
 
-Time per step, in order of preference: a ``step_time`` field in the records if the trainer
-writes one; otherwise the wall time between consecutive records, stamped by a thread that
-watches the file (``logging.log_every=1``; valid when the trainer flushes each record);
-otherwise ``tokens_per_step / tokens_per_s``. Which one was used is returned as
+Time per step, in order of preference: the wall time between consecutive records, stamped by
+a thread that watches the file (``logging.log_every=1``; valid when the trainer writes each
+record as the step ends) — the same definition as the peers' (step end to step end,
+everything included); otherwise the trainer's own ``step_time_s``; otherwise
+``tokens_per_step / tokens_per_s``. The trainer's own figures are returned beside it. Which one was used is returned as
 ``timing``. The first ``warmup`` steps are excluded.
 
 The recipe mirrors the peer's settings: ``js`` with ``beta`` (TRL's GKD β), ``off_policy``,
@@ -129,12 +130,14 @@ def run(student: str, teacher: str, data: str, seq_len: int, batch: int = 4, ste
                            f"(log_every=1); keys seen: {sorted({k for r in records for k in r})}")
     train_recs = [records[i] for i in train_idx]
     tokens_per_step = batch * seq_len
-    if all("step_time" in r for r in train_recs):
-        step_times, timing = [float(r["step_time"]) for r in train_recs], "step_time field"
-    elif len(stamps) == len(records) and _spread(stamps, train_idx):
+    own = [r.get("step_time_s", r.get("step_time")) for r in train_recs]
+    if len(stamps) == len(records) and _spread(stamps, train_idx):
+        # same definition as the peers: wall time between consecutive step ends, everything included
         marks = [stamps[i] for i in train_idx]
         step_times = [t_train_start_gap(marks, t_train)] + [b - a for a, b in zip(marks, marks[1:])]
         timing = "metrics.jsonl record times"
+    elif all(t is not None for t in own):
+        step_times, timing = [float(t) for t in own], "trainer's step_time_s"
     else:
         step_times = [tokens_per_step / float(r["tokens_per_s"]) for r in train_recs]
         timing = "tokens_per_step / tokens_per_s"
@@ -148,6 +151,9 @@ def run(student: str, teacher: str, data: str, seq_len: int, batch: int = 4, ste
         "kd_loss": train_recs[-1].get("kd_loss"),
         "ce_loss": train_recs[-1].get("ce_loss"),
         "kdflow_tokens_per_s": [float(r["tokens_per_s"]) for r in train_recs[warmup:]],
+        "kdflow_step_time_s": [None if t is None else float(t) for t in own[warmup:]],
+        "kdflow_tokens": [r.get("tokens") for r in train_recs[warmup:]],
+        "teacher_wait_s": [r.get("teacher_wait_s") for r in train_recs[warmup:]],
         "tokens_per_step": tokens_per_step,
         "loss_tokens_per_step": batch * (seq_len - 1),
         "timing": timing,
