@@ -98,6 +98,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # 0 disables clipping
     precision: str = _choice("fp32", "fp32", "bf16")  # bf16 = mixed precision, fp32 master weights
     threads: int = 0  # student torch threads; 0 = all cores not given to the teacher
+    device: str = _choice("auto", "auto", "cpu", "cuda")  # auto = cuda when present
     eval_every: int = 0  # steps; 0 = evaluate only before and after training
     eval_batches: int = 8  # held-out micro-batches per evaluation (bounded cost)
 
