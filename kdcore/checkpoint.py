@@ -247,6 +247,7 @@ def load_checkpoint(path: str | os.PathLike, *, model: nn.Module, optimizer: tor
     extra modules) and must not have taken a step yet.
     """
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     p = Path(path)
@@ -256,9 +257,9 @@ def load_checkpoint(path: str | os.PathLike, *, model: nn.Module, optimizer: tor
     holder, state = _app_state(model, optimizer, extra_modules)
     try:
         dcp.load(state, storage_reader=dcp.FileSystemReader(str(p)))
-    except Exception as exc:
-        raise CheckpointError(f"'{p}' does not fit this run's model/optimizer: {type(exc).__name__}: {exc}") from exc
-    set_state_dict(holder, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_state_dict(holder, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    except (Exception, CheckpointException) as exc:  # DCP's CheckpointException is a BaseException
+        raise CheckpointError(f"'{p}' does not fit this run's model/optimizer: {_short(exc)}") from exc
 
     ts = torch.load(p / TRAINER_STATE, map_location="cpu", weights_only=False)
     if scheduler is not None:
@@ -272,6 +273,14 @@ def load_checkpoint(path: str | os.PathLike, *, model: nn.Module, optimizer: tor
     _set_rng_state(torch.load(rank_file, map_location="cpu", weights_only=False)["rng"])
     return ResumeState(step=int(ts["step"]), data_state=ts.get("data_state") or {},
                        trainer_state=ts.get("trainer_state") or {}, path=p)
+
+
+def _short(exc: BaseException) -> str:
+    """One line per failing rank instead of DCP's full remote tracebacks."""
+    failures = getattr(exc, "failures", None)
+    if failures:
+        return "; ".join(f"rank {r}: {type(e).__name__}: {e}" for r, (e, _tb) in sorted(failures.items()))
+    return f"{type(exc).__name__}: {exc}"
 
 
 def load_latest(ckpt_dir: str | os.PathLike, *, model: nn.Module, optimizer: torch.optim.Optimizer,

@@ -198,7 +198,10 @@ def build_student(recipe, seed: int | None = None):
             truncate_layers(model, int(s.num_layers))
     if s.gradient_checkpointing:
         # non-reentrant checkpointing is the variant that composes with FSDP2
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False  # training forwards never need a KV cache
     return model
 

@@ -77,7 +77,7 @@ def check(tied: bool, work: Path, rank: int, world: int) -> dict:
         h = ref_proj(ref.model(input_ids=ids, attention_mask=mask).last_hidden_state)
         ref_loss = kd_token_losses(h, ref.lm_head.weight, teacher_logits(ids), mask).sum() / n_global
         ref_loss.backward()
-        ref_total += float(ref_loss)
+        ref_total += float(ref_loss.detach())
 
     max_err = 0.0
     for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
@@ -148,6 +148,7 @@ def main() -> None:
     assert kdist.broadcast_object({"r": env.rank} if env.rank == 0 else None) == {"r": 0}
     if env.rank == 0:
         Path(sys.argv[2]).write_text(json.dumps(res))
+    kdist.barrier()  # leave together: a peer closing its sockets mid-collective aborts gloo
     kdist.teardown()
 
 
