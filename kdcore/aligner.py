@@ -72,6 +72,14 @@ class Aligner(nn.Module):
     #: send the student's own token ids to the teacher.
     cross_tokenizer: bool = True
 
+    #: learning-rate multiplier for this module's parameters: the core trains them at
+    #: ``lr * lr_scale`` (e.g. DSKD's randomly initialised projectors learn faster).
+    lr_scale: float = 1.0
+
+    def setup(self, *, student_hidden_size: int, teacher_hidden_size: int) -> None:
+        """Called once by the core with the models' hidden sizes, before it builds the optimizer
+        (and before it restores a checkpoint); aligners with parameters create them here."""
+
     def align(self, student: Tokenized, teacher: Tokenized) -> Alignment:  # pragma: no cover - interface
         raise NotImplementedError
 

@@ -1,0 +1,105 @@
+"""``uld``: Universal Logit Distillation, a vocabulary-agnostic distance between distributions.
+
+Boizard et al. 2024, "Towards Cross-Tokenizer Distillation: the Universal Logit Distillation
+Loss for LLMs": the optimal-transport (Wasserstein-1) distance between two next-token
+distributions whose supports cannot be matched is bounded by comparing them *sorted*: sort the
+teacher's probabilities and the student's probabilities in decreasing order, pad the shorter
+vocabulary with zeros, and take the L1 distance
+
+    ULD(p, q) = Σ_i | p_(i) − q_(i) |,     p = softmax(z_t / T), q = softmax(z_s / T).
+
+It needs no vocabulary map and no shared tokens: only the shapes of the two distributions are
+compared. ULD pairs positions by index after truncating to the shorter sequence; here positions
+are paired by the text they have read (:mod:`.offsets`), which is what the index pairing
+approximates. ULD's distance *is* the divergence, so the recipe's ``distill.loss`` is not used
+by this aligner (CE mixing, ``kd_ratio`` and temperature are).
+
+Chunked over rows (:func:`.common.student_chunked_loss`): a chunk's two sorted
+``[chunk, V]`` probability tables are the largest buffers, never ``[N, V]`` for the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from kdcore.aligner import AlignedBatch, LossSpec
+from kdcore.kdloss import LossOutput
+from kdflow_algorithms.aligners.common import PairedAligner, check_hidden, pair_rows, student_chunked_loss, teacher_logits
+
+
+@dataclass
+class ULDOptions:
+    # 0 sorts whole vocabularies (the exact distance). k > 0 compares the k largest
+    # probabilities of each side plus the difference of the remaining masses: a lower bound
+    # that is exact when both tails are sorted alike, and much cheaper than sorting 150k entries.
+    top_k: int = 0
+
+
+def uld_distance(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 1.0,
+                 top_k: int = 0) -> torch.Tensor:
+    """Per-row ULD distance between ``student_logits [n, V_s]`` and ``teacher_logits [n, V_t]``
+    (vocabulary sizes may differ); ``[n]`` float32. ``-inf`` logits are zero-probability entries."""
+    if student_logits.dim() != 2 or teacher_logits.dim() != 2 or student_logits.shape[0] != teacher_logits.shape[0]:
+        raise ValueError(f"uld: logits must be [n, V_s] and [n, V_t], got {tuple(student_logits.shape)} and "
+                         f"{tuple(teacher_logits.shape)}")
+    if not temperature > 0:
+        raise ValueError(f"uld: temperature must be > 0, got {temperature}")
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    q = torch.softmax(student_logits.to(dtype) / temperature, dim=-1)
+    p = torch.softmax(teacher_logits.to(dtype) / temperature, dim=-1)
+    if top_k > 0 and top_k < max(p.shape[1], q.shape[1]):
+        qs = q.topk(min(top_k, q.shape[1]), dim=-1).values
+        ps = p.topk(min(top_k, p.shape[1]), dim=-1).values
+        tail = (ps.sum(-1) - qs.sum(-1)).abs()  # the rest of the mass, compared as a whole
+    else:
+        qs = q.sort(dim=-1, descending=True).values
+        ps = p.sort(dim=-1, descending=True).values
+        tail = None
+    width = max(ps.shape[1], qs.shape[1])
+    if qs.shape[1] < width:  # the shorter vocabulary's missing entries are probability 0
+        qs = F.pad(qs, (0, width - qs.shape[1]))
+    if ps.shape[1] < width:
+        ps = F.pad(ps, (0, width - ps.shape[1]))
+    out = (ps - qs).abs().sum(-1)
+    return out + tail if tail is not None else out
+
+
+class ULDAligner(PairedAligner):
+    """Sorted-probability L1 distance on aligned pairs; see the module docstring."""
+
+    def __init__(self, options: ULDOptions):
+        super().__init__()
+        if options.top_k < 0:
+            raise ValueError(f"uld: top_k must be >= 0, got {options.top_k}")
+        self.top_k = options.top_k
+
+    def extra_repr(self) -> str:
+        return f"top_k={self.top_k}"
+
+    def forward(self, batch: AlignedBatch, loss: LossSpec) -> LossOutput:
+        """ULD on aligned pairs, CE on every labelled student row; ``kd_sum`` sums ULD distances."""
+        check_hidden(batch, "uld")
+        s_idx, t_idx = pair_rows(batch, "uld")
+        h_t, w_t = batch.teacher_hidden, batch.teacher_head
+
+        def kd_fn(ls_kd: torch.Tensor, pair_ids: torch.Tensor) -> torch.Tensor:
+            lt = teacher_logits(h_t.index_select(0, t_idx[pair_ids].to(h_t.device)), w_t).to(ls_kd.device)
+            return uld_distance(ls_kd, lt, temperature=loss.temperature, top_k=self.top_k)
+
+        self._count(s_idx.numel(), batch.student_hidden.shape[0])
+        return student_chunked_loss(batch.student_hidden, batch.student_head, pair_rows=s_idx, kd_fn=kd_fn,
+                                    labels=batch.labels, kd_scale=loss.kd_scale, ce_scale=loss.ce_scale,
+                                    chunk_size=loss.chunk_size)
+
+
+def uld(*, student_tokenizer: Any, teacher_tokenizer: Any, options: ULDOptions | None = None,
+        cache_dir: Any = None) -> ULDAligner:
+    """ULD (Boizard et al. 2024): sorted-probability distance, no vocabulary map needed.
+
+    ``cache_dir`` is unused (nothing to cache); the tokenizers are only used by ``align``'s data.
+    """
+    return ULDAligner(options or ULDOptions())
