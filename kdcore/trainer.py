@@ -164,12 +164,16 @@ class Trainer:
 
         model = kstudent.build_student(cfg)
         self._check_max_length(model.config, "student")
-        self.student = kstudent.Student.from_recipe(cfg, extra_modules=[self.aligner] if any(
-            p.requires_grad for p in self.aligner.parameters()) else [], model=model)
-        self.kstudent = kstudent
-
         teacher_dtype = getattr(torch, cfg.teacher.dtype)
         self.teacher_head = load_lm_head(cfg.teacher.path, dtype=teacher_dtype).to(self.env.device)
+        # Aligners with parameters (DSKD projectors) create them now, before the optimizer exists.
+        if hasattr(self.aligner, "setup"):
+            self.aligner.setup(student_hidden_size=int(model.config.hidden_size),
+                               teacher_hidden_size=int(self.teacher_head.shape[1]))
+        self.student = kstudent.Student.from_recipe(cfg, extra_modules=[self.aligner] if any(
+            p.requires_grad for p in self.aligner.parameters()) else [], model=model,
+            extra_lr=cfg.train.lr * float(getattr(self.aligner, "lr_scale", 1.0)))
+        self.kstudent = kstudent
         if hasattr(self.aligner, "check_heads"):
             w_s = self.student.model.get_output_embeddings().weight
             self.aligner.check_heads(int(w_s.shape[0]), int(self.teacher_head.shape[0]))
