@@ -23,6 +23,7 @@ rank ``r mod old_world_size``.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
@@ -244,7 +245,8 @@ def load_checkpoint(path: str | os.PathLike, *, model: nn.Module, optimizer: tor
     checkpoint folder in place; return the step and the trainer's saved states. Collective.
 
     The objects must be built as for the saved run (same model, optimizer parameter groups,
-    extra modules) and must not have taken a step yet.
+    extra modules); call it before any gradients exist (a fresh optimizer's state is created by
+    DCP with a zero-lr step, which it skips when gradients are present).
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
@@ -343,6 +345,9 @@ def export_hf(model: nn.Module, tokenizer, out_dir: str | os.PathLike,
         if missing or unexpected:
             raise CheckpointError(f"export_hf: state dict does not fit {type(clean).__name__}: "
                                   f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+        gen = getattr(model, "generation_config", None)
+        if gen is not None:  # keep the source model's sampling defaults (chat models ship some)
+            clean.generation_config = copy.deepcopy(gen)
         if hasattr(clean.config, "dtype"):
             clean.config.dtype = wdtype
         else:

@@ -49,65 +49,30 @@ def _transformers_dtype_kw(dtype: torch.dtype) -> dict:
     return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
 
 
-def _strip_gguf(model):
-    """A copy of a GGUF-loaded model that ``save_pretrained`` accepts (plain config, own weights)."""
-    from transformers import AutoModelForCausalLM
-
-    cfg = model.config
-    if getattr(cfg, "quantization_config", None) is None:
-        return model
-    cfg = type(cfg).from_dict({k: v for k, v in cfg.to_dict().items() if k != "quantization_config"})
-    clean = AutoModelForCausalLM.from_config(cfg, **_transformers_dtype_kw(next(model.parameters()).dtype))
-    clean.load_state_dict(model.state_dict())
-    return clean
-
-
 def load_pretrained(spec: str, dtype: torch.dtype = torch.float32):
-    """Load a causal LM (hub id, local folder, ``.gguf`` file or ``pkg://`` spec) on CPU.
+    """Load a causal LM (hub id, local folder, ``.gguf`` file or ``pkg://`` spec) on CPU, via
+    :func:`kdcore.models.load_causal_lm` (GGUF converted once into a cached plain HF folder)."""
+    from kdcore.models import load_causal_lm
 
-    Uses ``kdcore.models.load_causal_lm`` when that module exists; otherwise loads with
-    transformers directly (GGUF through ``gguf_file=``, then copied into a plain model).
-    """
-    try:
-        from kdcore.models import load_causal_lm  # type: ignore[attr-defined]
-    except ImportError:
-        load_causal_lm = None
-    if load_causal_lm is not None:
-        return load_causal_lm(spec, dtype=dtype, device="cpu")
-    from pathlib import Path
-
-    from transformers import AutoModelForCausalLM
-
-    from kdcore.paths import ModelNotFoundError, is_local, resolve
-
-    path = resolve(spec)
-    if is_local(spec) and not Path(path).expanduser().exists():
-        raise ModelNotFoundError(f"student model not found: '{spec}'")
-    p = Path(path).expanduser()
-    if p.suffix == ".gguf":
-        model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, **_transformers_dtype_kw(dtype))
-        return _strip_gguf(model)
-    return AutoModelForCausalLM.from_pretrained(str(p) if is_local(spec) else spec, **_transformers_dtype_kw(dtype))
+    return load_causal_lm(spec, dtype=dtype, device="cpu")
 
 
 def load_config(spec: str):
     """The model config of ``spec`` (same forms as :func:`load_pretrained`), without weights."""
-    from pathlib import Path
-
     from transformers import AutoConfig
 
-    from kdcore.paths import ModelNotFoundError, is_local, resolve
+    from kdcore.models import locate
 
-    path = resolve(spec)
-    p = Path(path).expanduser()
-    if is_local(spec) and not p.exists():
-        raise ModelNotFoundError(f"student model not found: '{spec}'")
-    if p.suffix == ".gguf":
-        cfg = AutoConfig.from_pretrained(str(p.parent), gguf_file=p.name)
+    kind, where = locate(spec)  # a missing local path raises ModelNotFoundError naming it
+    if kind == "gguf":
+        from pathlib import Path
+
+        # reads only the GGUF metadata; the quantization marker would follow into save_pretrained
+        cfg = AutoConfig.from_pretrained(str(Path(where).parent), gguf_file=Path(where).name)
         if hasattr(cfg, "quantization_config"):
             del cfg.quantization_config
         return cfg
-    return AutoConfig.from_pretrained(str(p) if is_local(spec) else spec)
+    return AutoConfig.from_pretrained(where)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -162,12 +127,25 @@ def truncate_layers(model: nn.Module, num_layers: int) -> list[int]:
 
 def _apply_overrides(cfg, overrides: dict) -> None:
     known = set(cfg.to_dict())
+    old_layers = getattr(cfg, "num_hidden_layers", None)
     for key, val in overrides.items():
         if key not in known:
             near = difflib.get_close_matches(key, sorted(known), n=1)
             hint = f"; did you mean '{near[0]}'?" if near else ""
             raise ValueError(f"student.config_overrides: '{key}' is not a field of {type(cfg).__name__}{hint}")
         setattr(cfg, key, val)
+    n = getattr(cfg, "num_hidden_layers", None)
+    if n == old_layers:
+        return
+    # per-layer lists must follow a new depth; a uniform list resizes, a mixed one is ambiguous
+    for name in _PER_LAYER_CONFIG_LISTS:
+        val = getattr(cfg, name, None)
+        if name in overrides or not isinstance(val, (list, tuple)) or len(val) == n:
+            continue
+        if len(set(map(str, val))) > 1:
+            raise ValueError(f"student.config_overrides: num_hidden_layers={n} also needs '{name}' "
+                             f"({len(val)} mixed per-layer entries in the source config)")
+        setattr(cfg, name, [val[0]] * n if val else [])
 
 
 def build_student(recipe, seed: int | None = None):
@@ -203,6 +181,7 @@ def build_student(recipe, seed: int | None = None):
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False  # training forwards never need a KV cache
+    model.train()  # loaders hand out eval-mode models; checkpointing and dropout need train mode
     return model
 
 

@@ -159,6 +159,23 @@ def test_config_init_overrides_and_seed(tmp_path):
         build_student(bad)
 
 
+def test_config_init_resizes_per_layer_lists(tmp_path):
+    from transformers import Qwen3Config
+
+    base = dict(hidden_size=HIDDEN, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                head_dim=8, vocab_size=VOCAB, num_hidden_layers=4)
+    Qwen3Config(**base).save_pretrained(tmp_path / "uniform")
+    model = build_student(recipe_for(str(tmp_path / "uniform"), init="config",
+                                     config_overrides={"num_hidden_layers": 2}))
+    assert len(model.model.layers) == 2 and len(model.config.layer_types) == 2
+    ids, mask = batch(2)
+    assert torch.isfinite(model(input_ids=ids, attention_mask=mask).logits).all()
+    mixed = ["sliding_attention", "full_attention"] * 2
+    Qwen3Config(**base, layer_types=mixed, use_sliding_window=True, sliding_window=4).save_pretrained(tmp_path / "mixed")
+    with pytest.raises(ValueError, match="also needs 'layer_types'"):
+        build_student(recipe_for(str(tmp_path / "mixed"), init="config", config_overrides={"num_hidden_layers": 2}))
+
+
 def test_pretrained_init_loads_weights_and_missing_path_is_clear(tmp_path):
     src = tiny_llama(seed=4)
     src.save_pretrained(tmp_path / "m")
