@@ -21,7 +21,7 @@ Failure handling: every wait polls its semaphore in short steps and in between c
 the peer is alive (pid, or a caller-given ``peer_alive`` such as ``Process.is_alive``) — a dead
 peer raises :class:`TeacherDiedError` (consumer side) or :class:`PeerDiedError` within a poll
 step. The consumer also watches the producer's *beat* counter, which the producer bumps as it
-makes progress (the hf engine bumps it after every decoder layer): no beat for
+makes progress (the hf engine bumps it after every module of the decoder): no beat for
 ``progress_timeout`` seconds raises :class:`ChannelTimeout`. The producer does not time out
 waiting for a free slot (the student may legitimately train for long), it only checks that the
 consumer is alive.
@@ -161,6 +161,7 @@ class Channel:
         state = self.__dict__.copy()
         state.pop("_held", None)
         state.pop("_writing", None)
+        state.pop("_control_np", None)
         return state
 
     def __setstate__(self, state):
@@ -191,8 +192,11 @@ class Channel:
         self.control[_CONSUMER_PID] = os.getpid()
 
     def beat(self) -> None:
-        """Producer progress mark (cheap; call it often while computing)."""
-        self.control[_PRODUCER_BEAT] += 1
+        """Producer progress mark (cheap, ~0.2 us through a numpy view; call it often)."""
+        control = self.__dict__.get("_control_np")
+        if control is None:
+            control = self._control_np = self.control.numpy()
+        control[_PRODUCER_BEAT] += 1
 
     @property
     def producer_pid(self) -> int:

@@ -86,12 +86,17 @@ class HiddenRequest:
         if len(self.positions) != B:
             raise TeacherError(f"positions has {len(self.positions)} entries for a batch of {B} samples")
         valid = mask.bool()
-        for b, pos in enumerate(self.positions):
-            for p in pos:
-                if not 0 <= int(p) < L:
-                    raise TeacherError(f"sample {b}: position {int(p)} outside the sequence length {L}")
-                if not valid[b, int(p)]:
-                    raise TeacherError(f"sample {b}: position {int(p)} is padding (attention_mask 0)")
+        flat = self.flat_index()  # vectorised checks: requests carry thousands of positions
+        rel = flat - torch.repeat_interleave(torch.arange(B) * L, torch.tensor([len(p) for p in self.positions]))
+        sample = torch.repeat_interleave(torch.arange(B), torch.tensor([len(p) for p in self.positions]))
+        outside = (rel < 0) | (rel >= L)
+        if bool(outside.any()):
+            i = int(outside.nonzero()[0])
+            raise TeacherError(f"sample {int(sample[i])}: position {int(rel[i])} outside the sequence length {L}")
+        padded = ~valid.reshape(-1).cpu()[flat]
+        if bool(padded.any()):
+            i = int(padded.nonzero()[0])
+            raise TeacherError(f"sample {int(sample[i])}: position {int(rel[i])} is padding (attention_mask 0)")
         if vocab_size is not None and bool(valid.any()):
             real = ids[valid]
             lo, hi = int(real.min()), int(real.max())

@@ -18,9 +18,9 @@ Child process setup, and why:
 - A watchdog thread exits the child within 0.5 s when its parent is gone (even SIGKILLed), so
   a crashed trainer leaves no orphan teacher; the ``daemon`` flag and an ``atexit`` hook stop
   it on a normal or exceptional parent exit.
-- A forward hook on each decoder layer bumps the channel's progress beat, so a hung teacher is
-  told apart from a slow one (:class:`kdcore.channel.ChannelTimeout` after
-  ``progress_timeout`` seconds without a finished layer).
+- A forward hook on each leaf module of the decoder bumps the channel's progress beat, so a
+  hung teacher is told apart from a slow one (:class:`kdcore.channel.ChannelTimeout` after
+  ``progress_timeout`` seconds without a finished linear/norm/... module).
 - Any exception in the child is fatal: its traceback is sent up, the child exits, and the
   parent's next wait raises :class:`kdcore.channel.TeacherDiedError` carrying it.
 
@@ -58,7 +58,8 @@ _LIVE: "weakref.WeakSet[HFTeacher]" = weakref.WeakSet()
 @atexit.register
 def _close_all() -> None:  # runs before multiprocessing's own exit hook (registered earlier)
     for engine in list(_LIVE):
-        engine.close()
+        if engine._owner == os.getpid():  # not in a forked copy of the process that started it
+            engine.close()
 
 
 def child_env(threads: int) -> dict[str, str]:
@@ -100,7 +101,7 @@ def _resolve_device(device: str) -> str:
 
 
 class HFTeacher(TeacherEngine):
-    """transformers teacher in a spawned process.
+    """transformers teacher in a spawned process. Use it from one thread.
 
     Args:
         spec: hub id, local folder, ``.gguf`` file or ``pkg://`` spec (GGUFs are converted once
@@ -110,8 +111,8 @@ class HFTeacher(TeacherEngine):
         threads: torch threads in the child; None = :func:`kdcore.teacher.default_threads`.
         max_rows: rows per channel slot = the most hidden states one request may ask for.
         n_slots: channel depth; 2 lets the teacher fill batch k+1 while the student uses k.
-        progress_timeout: seconds without a finished decoder layer before a live teacher counts
-            as hung (:class:`ChannelTimeout`).
+        progress_timeout: seconds without a finished module (a linear, a norm) before a live
+            teacher counts as hung (:class:`ChannelTimeout`).
         start_timeout: seconds allowed for the child to load the model.
         cache_dir: where converted GGUF folders live (default ``~/.cache/kdflow``).
     """
@@ -133,6 +134,7 @@ class HFTeacher(TeacherEngine):
         self.cache_dir = cache_dir
         self.attn_implementation = attn_implementation
         self._proc = None
+        self._owner = os.getpid()
         self._started = False
         self._closed = False
         self._asleep = False
@@ -226,14 +228,15 @@ class HFTeacher(TeacherEngine):
 
     def _death_error(self) -> TeacherDiedError:
         """The error for a dead child, with its traceback when it managed to send one."""
-        self._proc.join(1.0)
         deadline = time.monotonic() + 1.0
         while self._fatal is None and time.monotonic() < deadline:
             if not self._drain_one(0.1):
                 break
+        # a child that sent its traceback is on its way out (running exit finalizers)
+        self._proc.join(CLOSE_GRACE_S if self._fatal is not None else 1.0)
         code = self._proc.exitcode
         if code is None:
-            how = "stopped responding"
+            how = "failed" if self._fatal is not None else "stopped responding"
         elif code < 0:
             import signal
 
@@ -422,7 +425,10 @@ def _child_main(options: dict, channel: Channel, requests, responses, parent_pid
         code = 1
     responses.close()
     responses.join_thread()  # make sure the message left before the process does
-    os._exit(code)
+    # Returning (not os._exit) lets multiprocessing run its finalizers, which unlink semaphores
+    # that libraries created here (tqdm's lock) instead of leaving them to the resource tracker.
+    if code:
+        raise SystemExit(code)
 
 
 def _watch_parent(parent_pid: int) -> None:
@@ -451,8 +457,11 @@ def _serve(options: dict, channel: Channel, requests, responses, parent_pid: int
     if options.get("attn_implementation"):
         model.set_attn_implementation(options["attn_implementation"])
     decoder = model.get_decoder()
-    for layer in _decoder_layers(decoder):
-        layer.register_forward_hook(lambda *_: channel.beat())
+    # Progress beats from every leaf module (each linear, norm, ...), not just each layer: one
+    # layer of a large teacher on few CPU threads can outlast the hang timeout by itself.
+    for module in decoder.modules():
+        if next(module.children(), None) is None:
+            module.register_forward_hook(lambda *_: channel.beat())
     hidden = int(model.config.get_text_config().hidden_size)
     vocab = int(model.get_output_embeddings().weight.shape[0])
     responses.put(("ready", {"hidden_size": hidden, "vocab_size": vocab, "pid": os.getpid(), "folder": folder,
