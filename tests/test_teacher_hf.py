@@ -235,8 +235,10 @@ def test_an_exception_in_the_child_reaches_the_parent(model_dir, tmp_path):
     (broken / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage" + b"\0" * 64)
     eng = HFTeacher(str(broken), threads=1, max_rows=8)
     t0 = time.monotonic()
-    with pytest.raises(TeacherDiedError, match=r"exited with code 1:[\s\S]*Traceback[\s\S]*(afetensor|header|deserializ)"):
-        eng.start()
+    eng.start(wait=False)  # returns while the child loads
+    assert eng.pid is not None and not eng.info
+    with pytest.raises(TeacherDiedError, match=r"(exited with code 1|failed):[\s\S]*Traceback[\s\S]*(afetensor|header|deserializ)"):
+        eng.wait_ready()
     assert time.monotonic() - t0 < 60
     assert eng.pid is not None and not pid_alive(eng.pid)
 

@@ -118,7 +118,9 @@ class HFTeacher(TeacherEngine):
     """
 
     def __init__(self, spec: str, *, dtype: str | torch.dtype = "float32", device: str = "cpu",
-                 threads: Optional[int] = None, max_rows: int = 8192, n_slots: int = 2,
+                 threads: Optional[int] = None,
+                 max_rows: int = 8192,  # e.g. 16 sequences x 512 loss positions; 19 MiB a slot at H=576, fp32
+                 n_slots: int = 2,
                  progress_timeout: float = PROGRESS_TIMEOUT_S, start_timeout: float = START_TIMEOUT_S,
                  cache_dir: Optional[str] = None, attn_implementation: Optional[str] = None):
         from kdcore.models import torch_dtype
@@ -150,9 +152,11 @@ class HFTeacher(TeacherEngine):
 
     # ------------------------------------------------------------------ lifecycle
 
-    def start(self) -> "HFTeacher":
+    def start(self, wait: bool = True) -> "HFTeacher":
+        """Spawn the child; with ``wait=False`` return while it loads (the student can be built
+        meanwhile) — the first request, or :meth:`wait_ready`, waits for it."""
         if self._started:
-            return self
+            return self.wait_ready() if wait else self
         if self._closed:
             raise TeacherError("this teacher engine was closed; build a new one")
         from kdcore import models
@@ -174,16 +178,25 @@ class HFTeacher(TeacherEngine):
             self._proc.start()
         self._started = True
         _LIVE.add(self)
+        return self.wait_ready() if wait else self
+
+    def wait_ready(self) -> "HFTeacher":
+        """Block until the child has loaded the model (raises if it died doing so)."""
+        if self.info:
+            return self
+        if not self._started or self._closed:
+            raise TeacherError("the teacher engine is not running (call start())")
         try:
-            self.info = self._await_reply("ready", what="loading the teacher", timeout=self.start_timeout)
+            info = self._await_reply("ready", what="loading the teacher", timeout=self.start_timeout)
         except BaseException:
             self.close()
             raise
-        if self.info["hidden_size"] != self.hidden_size:
+        if info["hidden_size"] != self.hidden_size:
             self.close()
-            raise TeacherError(f"teacher '{self.spec}': model hidden size {self.info['hidden_size']} differs from "
+            raise TeacherError(f"teacher '{self.spec}': model hidden size {info['hidden_size']} differs from "
                                f"its config's {self.hidden_size}")
-        self.vocab_size = self.info["vocab_size"]
+        self.vocab_size = info["vocab_size"]
+        self.info = info
         return self
 
     def close(self) -> None:
@@ -223,6 +236,7 @@ class HFTeacher(TeacherEngine):
             raise TeacherError("the teacher engine is not started (call start() or use it as a context manager)")
         if self._closed:
             raise TeacherError("the teacher engine is closed")
+        self.wait_ready()
 
     # ------------------------------------------------------------------ errors and replies
 
@@ -399,6 +413,8 @@ class HFTeacher(TeacherEngine):
         from kdcore import models
 
         if self._head is None:
+            # A GGUF teacher's converted folder is faster to read than dequantizing; use it once
+            # the child has made it, else read the checkpoint itself (no need to wait for the load).
             self._head = models.load_lm_head(self.info.get("folder") or self.spec, dtype=self.dtype)
         return self._head if dtype is None else self._head.to(models.torch_dtype(dtype))
 
