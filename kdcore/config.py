@@ -42,6 +42,11 @@ class TeacherConfig:
     dtype: str = _choice("float32", "float32", "bfloat16", "float16")  # fp32: exact teacher targets on CPU
     device: str = _choice("auto", "auto", "cpu", "cuda")  # auto = cuda when present
     threads: int = 0  # 0 = split the cores with the student (see train.threads)
+    # Self-distillation: k > 0 replaces the teacher's weights with the student's every k
+    # optimizer steps (the student must have the teacher's architecture). Set explicitly,
+    # never inferred from equal model paths: a student initialised from the teacher's
+    # checkpoint is the ordinary distillation setup, not self-distillation. 0 = off.
+    self_distill_every: int = 0
     sglang: SGLangConfig = field(default_factory=SGLangConfig)
 
 
@@ -84,6 +89,23 @@ class DistillConfig:
 
 
 @dataclass
+class RolloutConfig:
+    """Generation for sampling rollout policies (on_policy, mixed, seqkd, adaptive); unused
+    by off_policy. Applies to student and teacher samples alike."""
+
+    # hf: an unsharded copy of the student in the trainer process (CPU or CUDA); sglang: GPU
+    engine: str = _choice("hf", "hf", "sglang")
+    max_new_tokens: int = 128  # per response; also capped by data.max_length minus the prompt
+    temperature: float = 1.0  # 1 = the model's own distribution, as GKD/DistiLLM sample; 0 = greedy
+    top_p: float = 1.0  # no nucleus cut: on-policy samples should be the student's distribution
+    n: int = 1  # responses per prompt
+    # optimizer steps between weight syncs of the student copy; 1 = strictly on-policy, larger
+    # trades freshness for fewer syncs (samples are then up to sync_every - 1 updates old)
+    sync_every: int = 1
+    dtype: str = _choice("float32", "float32", "bfloat16")  # float32: samples from the exact master weights
+
+
+@dataclass
 class TrainConfig:
     output_dir: str = "outputs/run"
     seed: int = 0
@@ -122,6 +144,7 @@ class Recipe:
     student: StudentConfig = field(default_factory=StudentConfig)
     data: DataConfig = field(default_factory=DataConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -144,6 +167,12 @@ _RANGES: list[tuple[str, Any, str]] = [
     ("train.max_grad_norm", lambda v: v >= 0, "must be >= 0"),
     ("train.threads", lambda v: v >= 0, "must be >= 0"),
     ("teacher.threads", lambda v: v >= 0, "must be >= 0"),
+    ("teacher.self_distill_every", lambda v: v >= 0, "must be >= 0"),
+    ("rollout.max_new_tokens", lambda v: v > 0, "must be > 0"),
+    ("rollout.temperature", lambda v: v >= 0, "must be >= 0 (0 = greedy)"),
+    ("rollout.top_p", lambda v: 0 < v <= 1, "must be within (0, 1]"),
+    ("rollout.n", lambda v: v > 0, "must be > 0"),
+    ("rollout.sync_every", lambda v: v > 0, "must be > 0"),
     ("checkpoint.keep", lambda v: v >= 1, "must be >= 1"),
     ("checkpoint.every", lambda v: v >= 0, "must be >= 0"),
 ]
