@@ -104,6 +104,7 @@ class Trainer:
         self.out_dir = Path(cfg.train.output_dir)
         self.metrics_path = self.out_dir / "metrics.jsonl"
         self.engine = None
+        self.sampler = None  # kdcore.sampling.RolloutSampler: sampling policies, self-distillation
         self.teacher_wait_s = 0.0
         self.last_position = None
         self.console = None
@@ -178,6 +179,9 @@ class Trainer:
             w_s = self.student.model.get_output_embeddings().weight
             self.aligner.check_heads(int(w_s.shape[0]), int(self.teacher_head.shape[0]))
         self.start_engine()
+        from kdcore.sampling import trainer_sampler
+
+        self.sampler = trainer_sampler(self)
 
     def _check_max_length(self, config, who: str) -> None:
         limit = getattr(config, "max_position_embeddings", None)
@@ -193,6 +197,9 @@ class Trainer:
                       for s in self.train_samples + self.eval_samples)
         mb = max(cfg.train.micro_batch_size, 1)
         max_rows = cfg.train.max_tokens_per_micro_batch or mb * longest
+        from kdcore.sampling import rollout_rows
+
+        max_rows = max(max_rows, rollout_rows(self))  # generated responses can outgrow the data's
         teacher_threads, student_threads = self.thread_split()
         self.kdist.setup_threads(student_threads)
         self.engine = create_engine(cfg.teacher, max_rows=max_rows, threads=teacher_threads)
@@ -246,10 +253,15 @@ class Trainer:
         for planned in planner.iterate(self.env.rank, position):
             if step >= self.cfg.train.max_steps:
                 return
-            ctx = RolloutContext(step=step, rng=rng, last_eval_loss=self.last_eval_loss)
+            if self.sampler is not None:
+                self.sampler.before_step(step)  # weight sync when due: collective, so on every rank here
+            ctx = RolloutContext(step=step, rng=rng, last_eval_loss=self.last_eval_loss, last_eval=self.last_eval,
+                                 max_steps=self.cfg.train.max_steps,
+                                 **(self.sampler.context_fields() if self.sampler is not None else {}))
             mbs = []
             n = len(planned.micro_batches)
             for i, idx in enumerate(planned.micro_batches):
+                ctx.micro_batch = i
                 samples = self.rollout.select([self.train_samples[j] for j in idx], ctx)
                 mbs.append(self.prepare_micro_batch(step, i, i == n - 1, samples))
             counts = torch.tensor([sum(m.kd_rows for m in mbs), sum(m.ce_rows for m in mbs)], dtype=torch.float64)
@@ -344,6 +356,7 @@ class Trainer:
         if hasattr(self.aligner, "metrics"):
             rec.update({f"eval_{k}": v for k, v in self.aligner.metrics().items()})
         self.last_eval_loss = rec["eval_kd"]
+        self.last_eval = rec
         self.log(rec)
         return rec
 
@@ -370,6 +383,7 @@ class Trainer:
 
         cfg = self.cfg
         self.last_eval_loss = None
+        self.last_eval = None
         self.setup()
         ckpt_dir = self.out_dir / "checkpoints"
         start_step, position = 0, DataPosition()
@@ -382,6 +396,7 @@ class Trainer:
             start_step = state.step
             position = DataPosition(**state.data_state)
             self.last_eval_loss = state.trainer_state.get("last_eval_loss")
+            self.rollout.load_state_dict(state.trainer_state.get("rollout") or {})
             last_good = state.path
             self.say(f"resumed from {state.path} at step {start_step}")
         evals = []
@@ -452,10 +467,23 @@ class Trainer:
                         where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
                         raise TrainingError(f"non-finite loss or gradients at step {step} (loss {loss}, grad norm "
                                             f"{stats.grad_norm}); stopped without updating; {where}")
+                    rollout_rec = self.rollout.metrics()
+                    if self.sampler is not None:
+                        self.sampler.after_update()
+                        if self.sampler.teacher_sync_due(step):
+                            for m in queue:  # computed by the old teacher: drop, recomputed after the refresh
+                                if m.ticket is not None:
+                                    self.engine.release(m.ticket)
+                                    m.ticket = None
+                            self.teacher_head = self.sampler.refresh_teacher(
+                                self.engine, dtype=self.teacher_head.dtype, device=self.env.device)
+                        rollout_rec.update(self.sampler.pop_metrics())
+                        # sampling ran inside this step's time; the rest is teacher wait + student
+                        rollout_rec["train_s"] = dt - rollout_rec["sample_s"] - rollout_rec["sync_s"]
                     if step % cfg.logging.log_every == 0 or step == cfg.train.max_steps:
                         self.log({"step": step, "loss": loss, "kd_loss": kd_mean, "ce_loss": ce_mean, "lr": stats.lr,
                                   "grad_norm": stats.grad_norm, "tokens_per_s": tps, "step_time_s": dt,
-                                  "tokens": int(sums[2]), "teacher_wait_s": self.teacher_wait_s})
+                                  "tokens": int(sums[2]), "teacher_wait_s": self.teacher_wait_s, **rollout_rec})
                     progress.update(task, completed=step, loss=loss, tps=tps)
                     kd_sum = ce_sum = 0.0
                     tokens = 0
@@ -500,7 +528,8 @@ class Trainer:
             ckpt_dir, step, model=self.student.model, optimizer=self.student.optimizer,
             scheduler=self.student.scheduler, extra_modules=self.student.extra_modules,
             data_state=asdict(position) if position is not None else {},
-            trainer_state={"last_eval_loss": self.last_eval_loss}, keep=self.cfg.checkpoint.keep)
+            trainer_state={"last_eval_loss": self.last_eval_loss, "rollout": self.rollout.state_dict()},
+            keep=self.cfg.checkpoint.keep)
         return path
 
     def _eval_line(self, ev: dict) -> str:
@@ -519,6 +548,9 @@ class Trainer:
         )
 
     def close(self) -> None:
+        if self.sampler is not None:
+            self.sampler.close()
+            self.sampler = None
         if self.engine is not None:
             try:
                 self.engine.close()
@@ -550,10 +582,12 @@ def train(cfg, *, registry=None, resume: bool = False) -> TrainResult:
     from kdcore.data import DataError
     from kdcore.paths import ModelNotFoundError
     from kdcore.registry import UnknownAlgorithmError
+    from kdcore.sampling import RolloutError
     from kdcore.vocab import VocabMismatchError
 
     trainer = Trainer(cfg, registry=registry, resume=resume)
     try:
         return trainer.run()
-    except (DataError, ModelNotFoundError, UnknownAlgorithmError, VocabMismatchError, ChannelError) as exc:
+    except (DataError, ModelNotFoundError, UnknownAlgorithmError, VocabMismatchError, ChannelError,
+            RolloutError) as exc:
         raise TrainingError(str(exc)) from exc
