@@ -116,17 +116,6 @@ def load_causal_lm(spec: str, *, dtype: "str | torch.dtype" = "float32", device:
     return model
 
 
-def load_tokenizer(spec: str, *, cache_dir: str | os.PathLike | None = None):
-    """The model's tokenizer (from the cached HF folder for GGUFs)."""
-    from transformers import AutoTokenizer
-
-    kind, where = locate(spec)
-    if kind == "gguf":
-        where = str(gguf_to_hf_folder(where, cache_dir))
-    _quiet_transformers()
-    return AutoTokenizer.from_pretrained(where)
-
-
 def _quiet_transformers() -> None:
     # Progress bars and per-load notices would spam the logs of every (child) process.
     from transformers.utils import logging as hf_logging
@@ -420,6 +409,6 @@ def count_parameters(spec: str) -> int:
 
 
 __all__: list[Any] = [
-    "DTYPES", "torch_dtype", "default_cache_dir", "locate", "load_causal_lm", "load_tokenizer",
+    "DTYPES", "torch_dtype", "default_cache_dir", "locate", "load_causal_lm",
     "gguf_cache_key", "gguf_to_hf_folder", "gguf_index", "load_lm_head", "model_dims", "count_parameters",
 ]

@@ -67,7 +67,7 @@ class HiddenRequest:
         import torch
 
         L = self.input_ids.shape[1]
-        parts = [torch.as_tensor(list(p), dtype=torch.int64) + b * L for b, p in enumerate(self.positions)]
+        parts = [torch.as_tensor(p, dtype=torch.int64).reshape(-1) + b * L for b, p in enumerate(self.positions)]
         return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
 
     def validate(self, *, vocab_size: Optional[int] = None, max_rows: Optional[int] = None) -> None:
