@@ -77,6 +77,8 @@ def child_env(threads: int, allocator: str, extra: dict[str, str] | None = None)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")  # the Rust pool would add threads beyond the budget
     env.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may touch the network
     env.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    env.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # trl.experimental import warning: known, by design
     if extra:
         env.update(extra)
     return env

@@ -9,7 +9,9 @@ Tables (``--tables``, comma-separated; default all):
   with the kdflow/TRL ratios against the issue's targets;
 - ``real``     the same with the real SmolLM2-135M teacher and a 576-wide 4-layer student;
 - ``scaling``  tokens/s and peak memory as the sequence grows (2048 tokens per step: 8×256 …
-  1×2048) and as the vocabulary grows (32000, 49152, 152064 at 4×256), tuned allocator.
+  1×2048) and as the vocabulary grows (32000, 49152, 152064 at 4×256), tuned allocator;
+- ``onpolicy`` TRL GKDTrainer λ=1 and DistillationTrainer (kdflow's on-policy rows come with its
+  rollout issue).
 
 Every configuration runs in a fresh child process pinned to ``--threads`` CPUs (both sides get
 the same CPU budget); sides alternate within each repeat so machine drift hits both. Rows
@@ -34,7 +36,9 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable from t
 from bench import common, models  # noqa: E402
 from bench.common import GB, fmt_range, md_table  # noqa: E402
 
-ALL_TABLES = ("limit", "channel", "offpolicy", "real", "scaling")
+ALL_TABLES = ("limit", "channel", "offpolicy", "real", "scaling", "onpolicy")
+ONPOLICY_PEERS = {"TRL GKDTrainer λ=1": "bench.peers.trl_onpolicy:run_gkd",
+                  "TRL DistillationTrainer": "bench.peers.trl_onpolicy:run_distillation"}
 SIDES = {"trl": "bench.peers.trl_gkd:run", "kdflow": "bench.kdflow_side:run"}
 SIDE_NAMES = {"trl": "TRL GKDTrainer", "kdflow": "kdflow"}
 
@@ -240,6 +244,42 @@ SCALING_HEADERS = ["sweep", "batch", "V", "TRL tokens/s", "TRL peak GB", "kdflow
                    "kdflow÷TRL tokens/s"]
 
 
+def onpolicy_table(args) -> str:
+    """On-policy peers (kdflow's on-policy rollout lands with its own issue): same prompts, lengths, sampling."""
+    import psutil
+
+    s, t = str(models.ensure_model("student")), str(models.ensure_model("teacher"))
+    P, M, B = args.prompt_len, args.max_new_tokens, 4
+    data = str(models.ensure_data(models.tokenizer_folder(), P + M, max(32, B * (args.warmup + args.onpolicy_steps))))
+    rows = []
+    for name, target in ONPOLICY_PEERS.items():
+        runs = []
+        for rep in range(args.onpolicy_repeats):
+            r = common.run_isolated(target, dict(student=s, teacher=t, data=data, prompt_len=P, max_new_tokens=M,
+                                                 batch=B, steps=args.onpolicy_steps, warmup=args.warmup),
+                                    threads=args.threads, allocator="tuned", timeout=args.timeout,
+                                    mem_cap=int(psutil.virtual_memory().available * 0.9))
+            log(f"onpolicy {name} #{rep + 1}: " + (f"{fmt_range(r.result['step_times'])} s/step" if r.ok else
+                                                   f"FAILED {r.error}\n{r.log_tail[-1500:]}"))
+            runs.append(r)
+        st = side_stats(runs)
+        if st is None:
+            rows.append([name, f"{B}×({P}+{M})", "tuned", "—", "—", "—", "—", "—", runs[-1].error[:120]])
+            continue
+        gen = [g for r in runs if r.ok for g in r.result["generated_tokens"]]
+        gen_tps = [g / t for g, t in zip(gen, st["step_s"])] if len(gen) == len(st["step_s"]) else []
+        rows.append([name, f"{B}×({P}+{M})", "tuned", f"{st['runs']}×{st['steps_per_run']}", fmt_range(st["step_s"]),
+                     fmt_range(gen_tps, "{:.0f}"), fmt_range(st["peak_gb"]), fmt_range(st["loss"], "{:.4f}"),
+                     f"cpu {fmt_range(st['cpu_share'])}; load {fmt_range(st['load'], '{:.1f}')}"])
+    rows.append(["kdflow on_policy", f"{B}×({P}+{M})", "tuned", "—", "—", "—", "—", "—",
+                 "comes with kdflow's rollout issue"])
+    return (md_table(["trainer", "prompts×(prompt+new)", "allocator", "runs×steps", "s/step", "generated tokens/s",
+                      "peak GB", "loss after N", "noise"], rows, "lllrrrrrl")
+            + f"\n\nBench pair, student sampling at temperature 1, top-k 0, top-p 1, {M} new tokens, β = 0.5; "
+            "a step includes generation. Cross-tokenizer ULD (TRL GOLDTrainer, `use_uld_loss=True`) comes with "
+            "kdflow's aligner issue.")
+
+
 # ----------------------------------------------------------------------------- configurations
 
 
@@ -285,6 +325,10 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=2, help="fresh-process runs per side, off-policy table")
     p.add_argument("--real-repeats", type=int, default=1, help="runs per side, real-teacher table")
     p.add_argument("--scaling-steps", type=int, default=3, help="measured steps per scaling run")
+    p.add_argument("--onpolicy-steps", type=int, default=3, help="measured steps per on-policy run")
+    p.add_argument("--onpolicy-repeats", type=int, default=1)
+    p.add_argument("--prompt-len", type=int, default=64, help="on-policy prompt tokens")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="on-policy completion tokens (both sides)")
     p.add_argument("--matmul-n", type=int, default=4096)
     p.add_argument("--matmul-repeats", type=int, default=5)
     p.add_argument("--channel-repeats", type=int, default=5)
@@ -305,7 +349,8 @@ def parse_args(argv=None):
     if [s for s in args.sides if s not in SIDES]:
         p.error(f"--sides: choose from {', '.join(SIDES)}")
     if args.quick:
-        args.steps, args.repeats, args.real_repeats, args.scaling_steps = 2, 1, 1, 1
+        args.steps, args.repeats, args.real_repeats, args.scaling_steps, args.onpolicy_steps = 2, 1, 1, 1, 1
+        args.max_new_tokens = 16
         args.matmul_n, args.matmul_repeats, args.channel_repeats = 2048, 3, 2
     return args
 
@@ -351,8 +396,8 @@ def main(argv=None) -> int:
         sections.append("## Scaling (tuned allocator)\n\n"
                         + md_table(SCALING_HEADERS, scaling_rows(cfgs, "" if kdflow_ok else why), "llrrrrrr"))
 
-    sections.append("## Not yet measured\n\nOn-policy (TRL DistillationTrainer and GKDTrainer λ=1) and cross-tokenizer "
-                    "ULD (TRL GOLDTrainer) rows come with kdflow's rollout and aligner issues.")
+    if "onpolicy" in args.tables:
+        sections.append("## On-policy peers\n\n" + onpolicy_table(args))
     minutes = (time.perf_counter() - t0) / 60
     header = _header(args, info, started, load0, minutes, kdflow_ok, why)
     text = header + "\n\n" + "\n\n".join(sections) + "\n"
