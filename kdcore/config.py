@@ -26,11 +26,21 @@ def _choice(default: Any, *choices: Any) -> Any:
 
 @dataclass
 class SGLangConfig:
+    """An SGLang server (GPU only; see kdcore/teacher/sglang.py and docs/gpu.md)."""
+
     tp_size: int = 1  # tensor parallel ranks of the teacher engine
     dp_size: int = 1  # data parallel replicas of the teacher engine
     mem_fraction_static: float = 0.4  # leaves room for the colocated student on the same GPU
     quantization: Optional[str] = None  # e.g. "fp8": a teacher only needs forward precision
     colocate: bool = False  # release teacher memory while the student trains (sleep/wake)
+    offload_optimizer: bool = False  # with colocate: optimizer state on CPU while the teacher runs
+    # hook: kdflow's SGLang plugin writes rows straight into the student's GPU slot; lists:
+    # SGLang's own JSON float lists (exact, far slower)
+    transport: str = _choice("auto", "auto", "hook", "lists")  # auto: hook where the server runs it
+    server_url: Optional[str] = None  # a server already running on this node; None = start one
+    port: int = 0  # of the server kdflow starts; 0 = any free port (set it when ranks share one)
+    base_gpu_id: int = 0  # first GPU of the server kdflow starts (tp_size * dp_size from there)
+    server_args: Dict[str, Any] = field(default_factory=dict)  # more sglang ServerArgs, passed as is
 
 
 @dataclass
@@ -175,6 +185,11 @@ _RANGES: list[tuple[str, Any, str]] = [
     ("rollout.sync_every", lambda v: v > 0, "must be > 0"),
     ("checkpoint.keep", lambda v: v >= 1, "must be >= 1"),
     ("checkpoint.every", lambda v: v >= 0, "must be >= 0"),
+    ("teacher.sglang.tp_size", lambda v: v >= 1, "must be >= 1"),
+    ("teacher.sglang.dp_size", lambda v: v >= 1, "must be >= 1"),
+    ("teacher.sglang.mem_fraction_static", lambda v: 0.0 < v < 1.0, "must be within (0, 1)"),
+    ("teacher.sglang.port", lambda v: 0 <= v <= 65535, "must be a port number (0 = any free one)"),
+    ("teacher.sglang.base_gpu_id", lambda v: v >= 0, "must be >= 0"),
 ]
 
 ALGORITHM_KEYS = {"loss": "loss", "aligner": "aligner", "rollout": "rollout"}
@@ -348,6 +363,11 @@ def validate_raw(raw: dict, registry=None) -> list[str]:
         s = raw.get("student") or {}
         if s.get("init") == "truncate" and not s.get("num_layers"):
             errors.append("student.num_layers: required when student.init is 'truncate'")
+    teacher = raw.get("teacher") or {}
+    if isinstance(teacher, dict) and teacher.get("engine") == "sglang":
+        from kdcore.teacher.sglang import check_recipe_section  # light: sglang itself is not imported
+
+        errors.extend(check_recipe_section(teacher, "teacher"))
     if registry is None:
         from kdcore.plugins import load_registry
 
