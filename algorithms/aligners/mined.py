@@ -15,8 +15,9 @@ entry removes that student token from the comparison for both sides, so KD shape
 distribution over the tokens the teacher can express, and the CE term covers the rest.
 
 The map is built once per tokenizer pair by :func:`.vocab_maps.mined_map` (exact matches first,
-then rapidfuzz Levenshtein by length windows; ~10 s for 49k teacher tokens into 152k student
-tokens, ~1 min the other way, on 2 cores) and cached in ``cache_dir``.
+then rapidfuzz Levenshtein by length windows; measured on 2 shared cores: 10-20 s for SmolLM2's
+49k teacher tokens into Qwen's 152k, 4-11 s into Mistral's 32k, 1-1.5 min for Qwen's 152k into
+SmolLM2's 49k) and cached in ``cache_dir`` (later loads take well under a second).
 """
 
 from __future__ import annotations
