@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -178,3 +179,18 @@ def test_bad_inputs_are_one_clear_error(tmp_path, tiny_teacher, section, values,
     assert res.returncode in (1, 2)
     assert message in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_quickstart_recipe_smoke_on_the_real_smollm2_teacher(tmp_path):
+    """The shipped quickstart, shortened: the real GGUF teacher, a truncated student, 3 steps."""
+    res = run_train(ROOT / "recipes" / "quickstart.yaml", f"train.output_dir={tmp_path / 'out'}",
+                    "train.max_steps=3", "train.micro_batch_size=4", "data.limit=24", "train.eval_every=0",
+                    "train.eval_batches=1", "checkpoint.every=0", "checkpoint.export_hf=false",
+                    "logging.progress=false", timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    steps = train_steps(tmp_path / "out")
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    assert all(math.isfinite(r["loss"]) for r in steps)
+    ev = evals(tmp_path / "out")
+    assert [e["step"] for e in ev] == [0, 3]
+    assert ev[1]["eval_teacher_kl"] < ev[0]["eval_teacher_kl"]
