@@ -501,11 +501,12 @@ def build_rollout_sample(prompt: Prompt, generation: Generation, *, sampled_by: 
     p = len(head.input_ids)
     own = Tokenized(input_ids=list(head.input_ids) + ids, offsets=list(head.offsets) + offs,
                     loss_positions=list(range(p - 1, p - 1 + len(ids))))
-    other = None
     if cross:
         other_tok = teacher_tok if sampled_by == "student" else student_tok
         other = _tokenize(_response_rendered(prompt, text, generation.finished_by_eos, other_tok), other_tok)
-    s, t = (own, other) if sampled_by == "student" else (other, own)
+        s, t = (own, other) if sampled_by == "student" else (other, own)
+    else:
+        s, t = own, None  # one tokenizer: the teacher reads the student's ids
     if max_length is not None and len(s.input_ids) > max_length:
         s = _truncate(s, max_length)
         if t is not None:
