@@ -55,8 +55,8 @@ class TeacherConfig:
     # Self-distillation: k > 0 replaces the teacher's weights with the student's every k
     # optimizer steps (the student must have the teacher's architecture). Set explicitly,
     # never inferred from equal model paths: a student initialised from the teacher's
-    # checkpoint is the ordinary distillation setup, not self-distillation. 0 = off.
-    self_distill_every: int = 0
+    # checkpoint is the ordinary distillation setup, not self-distillation.
+    self_distill_every: int = 0  # 0 = off: a fixed teacher is what distillation normally means
     sglang: SGLangConfig = field(default_factory=SGLangConfig)
 
 
@@ -103,15 +103,14 @@ class RolloutConfig:
     """Generation for sampling rollout policies (on_policy, mixed, seqkd, adaptive); unused
     by off_policy. Applies to student and teacher samples alike."""
 
-    # hf: an unsharded copy of the student in the trainer process (CPU or CUDA); sglang: GPU
-    engine: str = _choice("hf", "hf", "sglang")
+    engine: str = _choice("hf", "hf", "sglang")  # hf runs anywhere (a student copy in the trainer); sglang: GPU
     max_new_tokens: int = 128  # per response; also capped by data.max_length minus the prompt
     temperature: float = 1.0  # 1 = the model's own distribution, as GKD/DistiLLM sample; 0 = greedy
     top_p: float = 1.0  # no nucleus cut: on-policy samples should be the student's distribution
     n: int = 1  # responses per prompt
-    # optimizer steps between weight syncs of the student copy; 1 = strictly on-policy, larger
-    # trades freshness for fewer syncs (samples are then up to sync_every - 1 updates old)
-    sync_every: int = 1
+    # optimizer steps between weight syncs of the student copy; larger trades freshness for
+    # fewer syncs (samples are then up to sync_every - 1 updates old)
+    sync_every: int = 1  # strictly on-policy, as GKD/DistiLLM define it
     dtype: str = _choice("float32", "float32", "bfloat16")  # float32: samples from the exact master weights
 
 
@@ -154,7 +153,7 @@ class Recipe:
     student: StudentConfig = field(default_factory=StudentConfig)
     data: DataConfig = field(default_factory=DataConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)  # generation for sampling policies
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
