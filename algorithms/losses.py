@@ -10,8 +10,8 @@ stay float64, so the losses can be gradchecked). Sums ``Σ`` run over the vocabu
 
 Masked vocabulary entries: a ``-inf`` logit on *either* side removes that entry from the
 comparison for both sides, i.e. ``p`` and ``q`` are renormalised over the entries both sides
-keep, and every term of a removed entry is exactly 0 (never ``0·(-inf) = NaN``). This is the only
-finite convention under which every loss stays a divergence (``≥ 0``, ``0`` iff ``p = q`` on the
+keep, and every term of a removed entry is exactly 0 (never ``0·(-inf) = NaN``). This keeps
+every result finite and every loss a divergence (``≥ 0``, ``0`` iff ``p = q`` on the
 kept entries); it equals the plain formula whenever both sides mask the same entries (padded
 or restricted vocabularies), and otherwise it avoids the infinities that e.g. RKL has when the
 teacher masks a token the student still predicts. A row whose every entry is masked gives 0.
@@ -34,7 +34,7 @@ __all__ = ["fkl", "rkl", "js", "skl", "srkl", "tvd", "akl",
 
 @dataclass
 class JSOptions:
-    beta: float = 0.5  # 0.5 is the symmetric Jensen-Shannon divergence (GKD's default)
+    beta: float = 0.5  # 0.5: the symmetric Jensen-Shannon divergence (TRL's GKD default)
 
 
 @dataclass

@@ -9,18 +9,22 @@ student hidden states and the student head), fp32 on CPU. "dense" is the plain t
 (``h_s @ W_sᵀ``, ``h_t @ W_tᵀ`` under no_grad, the registered loss on the full ``[N, V]``
 logits, ``.backward()``); "chunked" is ``kdcore.kdloss.distill_loss``.
 
-How memory is measured: every configuration runs in a fresh subprocess, which reports its
-peak resident set size (``VmHWM`` in /proc/self/status) during the first step minus its RSS just
-before it (after the inputs exist). torch's CPU allocator is plain ``malloc``, so tracemalloc
-(Python objects only) does not see tensor memory, and the profiler's tensor-byte counts miss
-allocator overhead and fragmentation; peak RSS is what the OS must actually provide and what
-gets a process killed. A fresh process per configuration keeps one configuration's cached heap
-from hiding another's peak.
+How memory is measured: every configuration runs in fresh subprocesses, which report their peak
+resident set size (``VmHWM`` in /proc/self/status) during the first step minus their RSS just
+before it (after the inputs exist and ``malloc_trim(0)`` has handed free heap pages back, so no
+cached memory hides part of the peak). torch's CPU allocator is plain ``malloc``, so tracemalloc
+(Python objects only) does not see tensor memory, and the profiler's per-op byte counts miss
+allocator behaviour; peak RSS is what the OS must actually provide and what gets a process
+killed. Two views, each in its own process:
 
-Both sides run with ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736``: glibc otherwise
-serves every large tensor with mmap and returns it on free, so each step page-faults its
-vocab-sized buffers afresh (DESIGN.md §7); with these settings freed memory stays in the heap
-and is reused, which is also why the first step's RSS high-water mark is the step's peak.
+- *live*: default glibc, which serves every tensor above 32 MiB with its own mmap and unmaps it
+  on free, so RSS tracks the bytes of live tensors exactly (deterministic);
+- *tuned heap*: ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736``, the settings the timed
+  runs use (below): every tensor comes from the brk heap and freed memory is kept for reuse, so
+  RSS is the heap's high-water mark, fragmentation included (varies ±15% run to run).
+
+Both sides are timed with those settings: glibc otherwise returns every large tensor to the OS
+on free, so each step page-faults its vocab-sized buffers afresh (DESIGN.md §7).
 Timings are medians of the steps after the first, both wall-clock and process CPU time (user +
 sys of the worker's threads): on a shared machine wall time is noisy, CPU time much less so.
 """
@@ -28,6 +32,7 @@ sys of the worker's threads): on a shared machine wall time is noisy, CPU time m
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import statistics
@@ -46,6 +51,14 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status (Linux only)")
 
 
+def _trim_heap() -> None:
+    """Hand free heap pages back to the OS, so the baseline RSS holds no reusable memory."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing cached to hand back that we can reach
+        pass
+
+
 def worker(args: argparse.Namespace) -> None:
     import torch
     import torch.nn.functional as F
@@ -57,11 +70,13 @@ def worker(args: argparse.Namespace) -> None:
     fn = kdcore.load_registry().get("loss", args.loss).fn
     n, v, h = args.n, args.vocab, args.hidden
     # Scales give logits of std ~0.6, like a trained head's (uniform-ish softmax is no easier).
+    # In-place scaling: a freed temporary would stay in the heap and hide part of the peak.
     h_s = torch.randn(n, h).requires_grad_(True)
-    w_s = (torch.randn(v, h) * 0.02).requires_grad_(True)
+    w_s = torch.randn(v, h).mul_(0.02).requires_grad_(True)
     h_t = torch.randn(n, h)
-    w_t = torch.randn(v, h) * 0.02
+    w_t = torch.randn(v, h).mul_(0.02)
     labels = torch.randint(0, v, (n,)) if args.ce else None
+    _trim_heap()
     kd_ratio = 0.5 if args.ce else 1.0
     kd_scale, ce_scale = kd_ratio / n, (1.0 - kd_ratio) / n
 
@@ -73,13 +88,13 @@ def worker(args: argparse.Namespace) -> None:
         if labels is not None:
             loss = loss + F.cross_entropy(ls, labels, reduction="sum") * ce_scale
         loss.backward()
-        return float(loss)
+        return float(loss.detach())
 
     def chunked_step():
         out = distill_loss(h_s, w_s, h_t, w_t, loss_fn=fn, labels=labels, kd_scale=kd_scale, ce_scale=ce_scale,
                            chunk_size=args.chunk, strategy=args.strategy)
         out.loss.backward()
-        return float(out.loss)
+        return float(out.loss.detach())
 
     step = dense_step if args.mode == "dense" else chunked_step
     times, cpu = [], []
@@ -107,14 +122,17 @@ def _available_mib() -> float:
     return float("inf")
 
 
-def run_config(args, mode: str, n: int, chunk: int | None, strategy: str | None) -> dict:
+def run_config(args, mode: str, n: int, chunk: int | None, strategy: str | None, *, tuned_malloc: bool = True) -> dict:
+    steps = args.steps if tuned_malloc else 1
     cmd = [sys.executable, __file__, "--worker", "--mode", mode, "--n", str(n), "--vocab", str(args.vocab),
-           "--hidden", str(args.hidden), "--loss", args.loss, "--steps", str(args.steps)]
+           "--hidden", str(args.hidden), "--loss", args.loss, "--steps", str(steps)]
     if chunk:
         cmd += ["--chunk", str(chunk), "--strategy", strategy]
     if args.ce:
         cmd.append("--ce")
-    env = {**os.environ, **MALLOC_ENV}
+    env = {k: v for k, v in os.environ.items() if k not in MALLOC_ENV}
+    if tuned_malloc:
+        env.update(MALLOC_ENV)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{mode} N={n} failed (rc {proc.returncode}):\n{proc.stderr[-2000:]}")
@@ -137,7 +155,7 @@ def main() -> None:
     p.add_argument("--ce", action="store_true", help="mix in CE (kd_ratio 0.5)")
     p.add_argument("--chunks", default=str(DEFAULT_CHUNK_SIZE), help="chunk sizes to compare (comma separated)")
     p.add_argument("--strategies", default="fused", help="fused and/or recompute (comma separated)")
-    p.add_argument("--steps", type=int, default=3, help="steps per configuration; the first is the memory step")
+    p.add_argument("--steps", type=int, default=3, help="timed-run steps per configuration; the first is not timed")
     args = p.parse_args()
     if args.worker:
         worker(args)
@@ -147,29 +165,32 @@ def main() -> None:
           f"torch threads=default, env {' '.join(f'{k}={v}' for k, v in MALLOC_ENV.items())}", flush=True)
     rows = []
     for n in [int(x) for x in args.ns.split(",")]:
-        # Dense fp32 needs about six [N, V] buffers; refuse rather than push a shared box into OOM.
-        need_mib = 6.5 * n * args.vocab * 4 / 2**20
-        if need_mib > 0.9 * _available_mib():
+        # Dense fp32 peaks at about six [N, V] buffers plus the head gradient (measured); refuse
+        # rather than push a shared machine into the OOM killer.
+        need_mib = 1.1 * (6 * n * args.vocab + args.vocab * args.hidden) * 4 / 2**20
+        if need_mib > 0.95 * _available_mib():
             raise SystemExit(f"dense N={n} needs ~{need_mib:.0f} MiB, only {_available_mib():.0f} MiB available")
-        dense = run_config(args, "dense", n, None, None)
-        d_time, d_cpu = _median_after_first(dense["times"]), _median_after_first(dense["cpu"])
-        rows.append((n, "dense", "-", dense["peak_mib"], d_time, d_cpu, 1.0, 1.0, 1.0, dense["loss"]))
-        print(f"  N={n} dense: {dense['peak_mib']:.0f} MiB, {d_time:.2f} s, {d_cpu:.2f} cpu-s", flush=True)
-        for strategy in args.strategies.split(","):
-            for chunk in [int(x) for x in args.chunks.split(",")]:
-                out = run_config(args, "chunked", n, chunk, strategy)
-                t, c = _median_after_first(out["times"]), _median_after_first(out["cpu"])
-                rows.append((n, f"chunked/{strategy}", str(chunk), out["peak_mib"], t, c,
-                             out["peak_mib"] / dense["peak_mib"], t / d_time, c / d_cpu, out["loss"]))
-                print(f"  N={n} {strategy} chunk={chunk}: {out['peak_mib']:.0f} MiB, {t:.2f} s, {c:.2f} cpu-s",
-                      flush=True)
+        configs = [("dense", None, None)] + [("chunked", c, st) for st in args.strategies.split(",")
+                                              for c in (int(x) for x in args.chunks.split(","))]
+        base = None
+        for mode, chunk, strategy in configs:
+            tuned = run_config(args, mode, n, chunk, strategy)
+            live = run_config(args, mode, n, chunk, strategy, tuned_malloc=False)
+            row = dict(n=n, driver="dense" if mode == "dense" else f"chunked/{strategy}", chunk=chunk or "-",
+                       live=live["peak_mib"], heap=tuned["peak_mib"], wall=_median_after_first(tuned["times"]),
+                       cpu=_median_after_first(tuned["cpu"]), loss=tuned["loss"])
+            base = base or row
+            rows.append((row, base))
+            print(f"  N={n} {row['driver']} chunk={row['chunk']}: live {row['live']:.0f} MiB, heap {row['heap']:.0f} MiB, "
+                  f"{row['wall']:.2f} s, {row['cpu']:.2f} cpu-s", flush=True)
     print()
-    print("| N | driver | chunk | peak extra MiB | step wall s | step CPU s | memory vs dense | wall vs dense "
-          "| CPU vs dense | loss |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for n, name, chunk, mib, t, c, mr, tr, cr, loss in rows:
-        print(f"| {n} | {name} | {chunk} | {mib:.0f} | {t:.2f} | {c:.2f} | {mr:.3f} | {tr:.2f} | {cr:.2f} | {loss:.6f} |")
-
+    print("| N | driver | chunk | peak extra MiB, live | peak extra MiB, tuned heap | live vs dense | heap vs dense "
+          "| step wall s | step CPU s | CPU vs dense | loss |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r, b in rows:
+        print(f"| {r['n']} | {r['driver']} | {r['chunk']} | {r['live']:.0f} | {r['heap']:.0f} | {r['live'] / b['live']:.3f} "
+              f"| {r['heap'] / b['heap']:.3f} | {r['wall']:.2f} | {r['cpu']:.2f} | {r['cpu'] / b['cpu']:.2f} "
+              f"| {r['loss']:.6f} |")
 
 if __name__ == "__main__":
     main()

@@ -106,8 +106,6 @@ class _Plan:
         g_ws = torch.zeros(w_s.shape, dtype=torch.promote_types(w_s.dtype, torch.float32), device=w_s.device) if need[1] else None
         g_ht = torch.zeros_like(h_t) if need[2] else None
         g_wt = torch.zeros(w_t.shape, dtype=torch.promote_types(w_t.dtype, torch.float32), device=w_t.device) if need[3] else None
-        kd_grad = self.kd_scale != 0.0
-        ce_grad = self.ce_scale != 0.0
         for start in range(0, n, self.chunk_size):
             stop = min(n, start + self.chunk_size)
             hs = h_s[start:stop]
@@ -115,50 +113,11 @@ class _Plan:
             if self.kd_mask is not None:
                 local = self.kd_mask[start:stop]
                 kd_rows = local.nonzero().squeeze(1) if not bool(local.all()) else None
-            n_kd = (stop - start) if kd_rows is None else kd_rows.numel()
-            with torch.no_grad():
-                ls = hs @ w_s.T
-                ht = h_t[start:stop] if kd_rows is None else h_t[start:stop].index_select(0, kd_rows)
-                lt = ht @ w_t.T if n_kd else None
-            if need_ls:
-                ls.requires_grad_(True)
-            if need_lt and lt is not None:
-                lt.requires_grad_(True)
-            objective = None
-            with torch.enable_grad() if (need_ls or need_lt) else torch.no_grad():
-                if n_kd:
-                    ls_kd = ls if kd_rows is None else ls.index_select(0, kd_rows)
-                    lt_kd = lt
-                    if not kd_grad:  # KD is only a metric here: no graph through the loss
-                        ls_kd, lt_kd = ls_kd.detach(), lt.detach()
-                    per_token = self.loss_fn(ls_kd, lt_kd, temperature=self.temperature, **self.options)
-                    if per_token.shape != (n_kd,):
-                        raise ValueError(
-                            f"loss {getattr(self.loss_fn, '__name__', self.loss_fn)!r} returned shape "
-                            f"{tuple(per_token.shape)}, expected [{n_kd}] (one value per token)"
-                        )
-                    kd_chunk = per_token.to(acc).sum()
-                    del per_token, ls_kd, lt_kd
-                    if not need_lt:
-                        lt = None  # teacher logits are dead once the loss graph holds what it needs
-                    kd_sum += kd_chunk.detach()
-                    if kd_grad and kd_chunk.requires_grad:
-                        objective = kd_chunk * self.kd_scale
-                if self.labels is not None:
-                    lab = self.labels[start:stop]
-                    logits = ls if ce_grad else ls.detach()
-                    ce_chunk = F.cross_entropy(logits.to(acc), lab, ignore_index=IGNORE_INDEX, reduction="sum")
-                    ce_sum += ce_chunk.detach()
-                    if ce_grad and ce_chunk.requires_grad:
-                        term = ce_chunk * self.ce_scale
-                        objective = term if objective is None else objective + term
-            if objective is None or not (need_ls or need_lt):
-                continue  # nothing in this chunk depends on a trained input
-            wrt = ([ls] if need_ls else []) + ([lt] if need_lt and lt is not None else [])
-            grads = torch.autograd.grad(objective, wrt, allow_unused=True)
-            g_ls = grads[0] if need_ls else None
-            g_lt = grads[-1] if need_lt and lt is not None else None
-            del objective, grads, ls, lt
+            ht = h_t[start:stop] if kd_rows is None else h_t[start:stop].index_select(0, kd_rows)
+            labels = self.labels[start:stop] if self.labels is not None else None
+            kd_chunk, ce_chunk, g_ls, g_lt = self._chunk(hs, w_s, ht, w_t, kd_rows, labels, need_ls, need_lt)
+            kd_sum += kd_chunk
+            ce_sum += ce_chunk
             if g_ls is not None:
                 if g_hs is not None:
                     g_hs[start:stop] = g_ls @ w_s
@@ -173,11 +132,66 @@ class _Plan:
                         g_ht[start:stop].index_copy_(0, kd_rows, g_rows)
                 if g_wt is not None:
                     _add_outer(g_wt, g_lt, ht)
+            del g_ls, g_lt  # before the next chunk's logits exist
         if g_ws is not None and g_ws.dtype != w_s.dtype:
             g_ws = g_ws.to(w_s.dtype)
         if g_wt is not None and g_wt.dtype != w_t.dtype:
             g_wt = g_wt.to(w_t.dtype)
         return kd_sum.to(acc), ce_sum.to(acc), (g_hs, g_ws, g_ht, g_wt)
+
+    def _chunk(self, hs, w_s, ht, w_t, kd_rows, labels, need_ls: bool, need_lt: bool):
+        """Loss sums of one chunk and the gradients of the scaled objective w.r.t. its logits.
+
+        A separate frame on purpose: every reference into the chunk's graph (which ends in the
+        leaf logits) dies on return, so no ``[chunk, V]`` buffer outlives its chunk.
+        """
+        acc = torch.promote_types(hs.dtype, torch.float32)
+        n_kd = hs.shape[0] if kd_rows is None else kd_rows.numel()
+        with torch.no_grad():
+            ls = hs @ w_s.T
+            lt = ht @ w_t.T if n_kd else None
+        if need_ls:
+            ls.requires_grad_(True)
+        if need_lt and lt is not None:
+            lt.requires_grad_(True)
+        kd_grad, ce_grad = self.kd_scale != 0.0, self.ce_scale != 0.0
+        kd_value = ce_value = torch.zeros((), dtype=torch.float64, device=hs.device)
+        objective = None
+        with torch.enable_grad() if (need_ls or need_lt) else torch.no_grad():
+            if n_kd:
+                ls_kd = ls if kd_rows is None else ls.index_select(0, kd_rows)
+                lt_kd = lt
+                if not kd_grad:  # KD is only a metric here: no graph through the loss
+                    ls_kd, lt_kd = ls_kd.detach(), lt.detach()
+                per_token = self.loss_fn(ls_kd, lt_kd, temperature=self.temperature, **self.options)
+                if per_token.shape != (n_kd,):
+                    raise ValueError(
+                        f"loss {getattr(self.loss_fn, '__name__', self.loss_fn)!r} returned shape "
+                        f"{tuple(per_token.shape)}, expected [{n_kd}] (one value per token)"
+                    )
+                kd_chunk = per_token.to(acc).sum()
+                del per_token, ls_kd, lt_kd
+                if not need_lt:
+                    lt = None  # the graph holds what it needs of the teacher logits
+                kd_value = kd_chunk.detach().double()
+                if kd_grad and kd_chunk.requires_grad:
+                    objective = kd_chunk * self.kd_scale
+                del kd_chunk
+            if labels is not None:
+                logits = ls if ce_grad else ls.detach()
+                ce_chunk = F.cross_entropy(logits.to(acc), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+                del logits
+                ce_value = ce_chunk.detach().double()
+                if ce_grad and ce_chunk.requires_grad:
+                    term = ce_chunk * self.ce_scale
+                    objective = term if objective is None else objective + term
+                del ce_chunk
+        if objective is None or not (need_ls or need_lt):
+            return kd_value, ce_value, None, None  # nothing here depends on a trained input
+        use_lt = need_lt and lt is not None
+        grads = torch.autograd.grad(objective, ([ls] if need_ls else []) + ([lt] if use_lt else []),
+                                    allow_unused=True)
+        return kd_value, ce_value, grads[0] if need_ls else None, grads[-1] if use_lt else None
 
 
 def _add_outer(acc: Tensor, g: Tensor, h: Tensor) -> None:
