@@ -20,7 +20,10 @@ particular one. Per optimizer step and rank:
 Evaluation (before training, every ``train.eval_every`` steps, and at the end) reports on the
 held-out split: ``eval_teacher_kl`` (forward KL teacher→student through the aligner),
 ``eval_kd`` (the recipe's own loss), ``eval_ppl`` (student perplexity on the references) and,
-when both share a vocabulary, ``eval_top1_agreement``.
+when both share a vocabulary, ``eval_top1_agreement``; plus the aligner's own scalars
+(``metrics()``: ``align_ratio``, DSKD's ``projector_acc``) over the held-out forwards only, as
+``eval_<name>``. Step records carry the same scalars over the training forwards since the
+previous record. With several ranks each scalar is the mean of the ranks' values.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from typing import Any, Iterator
 
 import torch
 
-from kdcore.aligner import AlignedBatch, Alignment, LossSpec
+from kdcore.aligner import AlignedBatch, Aligner, Alignment, LossSpec
 from kdcore.teacher import HiddenRequest
 
 
@@ -169,8 +172,11 @@ class Trainer:
         self.teacher_head = load_lm_head(cfg.teacher.path, dtype=teacher_dtype).to(self.env.device)
         # Aligners with parameters (DSKD projectors) create them now, before the optimizer exists.
         if hasattr(self.aligner, "setup"):
-            self.aligner.setup(student_hidden_size=int(model.config.hidden_size),
-                               teacher_hidden_size=int(self.teacher_head.shape[1]))
+            # seeded like the student (train.seed), so projector init is reproducible and equal on every rank
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.train.seed)
+                self.aligner.setup(student_hidden_size=int(model.config.hidden_size),
+                                   teacher_hidden_size=int(self.teacher_head.shape[1]))
         self.student = kstudent.Student.from_recipe(cfg, extra_modules=[self.aligner] if any(
             p.requires_grad for p in self.aligner.parameters()) else [], model=model,
             extra_lr=cfg.train.lr * float(getattr(self.aligner, "lr_scale", 1.0)))
@@ -332,6 +338,10 @@ class Trainer:
         # pad every rank to the same number of forwards: FSDP collectives need all ranks
         rounds = math.ceil(len(batches) / self.env.world_size)
         sums = torch.zeros(7, dtype=torch.float64)
+        # the aligner's counters (align_ratio, projector_acc) restart here, so eval reports held-out
+        # forwards only; training forwards not yet read by a step record are dropped
+        self._read_aligner_metrics()
+        aligner_rec: dict = {}
         for r in range(rounds):
             use = r < len(mine)
             chosen = mine[r] if use else batches[0]
@@ -346,6 +356,10 @@ class Trainer:
             if use:
                 sums += torch.tensor([float(kl_out.kd_sum), kl_out.kd_tokens, float(kl_out.ce_sum), kl_out.ce_tokens,
                                       float(own_out.kd_sum), agree[0], agree[1]], dtype=torch.float64)
+                if r == len(mine) - 1:  # before the padding rounds, which repeat batch 0
+                    aligner_rec = self._read_aligner_metrics()
+        self._read_aligner_metrics()  # drop the padding rounds' counts
+        aligner_rec = self._mean_over_ranks(aligner_rec)
         self.kdist.all_reduce_sum(sums)
         self.student.train(was_training)
         kl, kd_tok, ce, ce_tok, own_kd, agree_n, agree_tot = sums.tolist()
@@ -353,12 +367,27 @@ class Trainer:
                "eval_ppl": math.exp(min(ce / max(ce_tok, 1), 50.0)), "eval_tokens": int(ce_tok)}
         if not self.cross:
             rec["eval_top1_agreement"] = agree_n / max(agree_tot, 1)
-        if hasattr(self.aligner, "metrics"):
-            rec.update({f"eval_{k}": v for k, v in self.aligner.metrics().items()})
+        rec.update({f"eval_{k}": v for k, v in aligner_rec.items()})
         self.last_eval_loss = rec["eval_kd"]
         self.last_eval = rec
         self.log(rec)
         return rec
+
+    def _read_aligner_metrics(self) -> dict[str, float]:
+        """This rank's aligner scalars since the previous read (reading starts a new window)."""
+        return dict(self.aligner.metrics()) if hasattr(self.aligner, "metrics") else {}
+
+    def _mean_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
+        """Each key averaged over the ranks that report it (collective: call on every rank)."""
+        # an aligner without metrics (same_vocab) has none on any rank: no collective to pay for
+        if self.env.world_size == 1 or type(self.aligner).metrics is Aligner.metrics:
+            return values
+        import torch.distributed as dist
+
+        every: list = [None] * self.env.world_size
+        dist.all_gather_object(every, values)
+        keys = sorted({k for d in every for k in d})
+        return {k: sum(d[k] for d in every if k in d) / sum(1 for d in every if k in d) for k in keys}
 
     def top1_agreement(self, pmb: PreparedMicroBatch, hidden: torch.Tensor, h_t: torch.Tensor) -> tuple[int, int]:
         """How often the student's most likely next token is the teacher's (paired rows only)."""
@@ -468,6 +497,9 @@ class Trainer:
                         raise TrainingError(f"non-finite loss or gradients at step {step} (loss {loss}, grad norm "
                                             f"{stats.grad_norm}); stopped without updating; {where}")
                     rollout_rec = self.rollout.metrics()
+                    if step % cfg.logging.log_every == 0 or step == cfg.train.max_steps:
+                        # the aligner's window covers the training forwards since the last record
+                        rollout_rec.update(self._mean_over_ranks(self._read_aligner_metrics()))
                     if self.sampler is not None:
                         self.sampler.after_update()
                         if self.sampler.teacher_sync_due(step):
