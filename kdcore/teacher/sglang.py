@@ -556,8 +556,10 @@ class SGLangServer:
         fd, log_path = tempfile.mkstemp(prefix=f"kdflow-sglang-{port}-", suffix=".log")
         full_env = dict(os.environ, **{HOOK_ENV: "1", "PYTHONUNBUFFERED": "1"}, **(env or {}))
         with os.fdopen(fd, "w") as logf:
+            # cwd outside the repository: `python -m` puts the cwd first on sys.path, and a stale
+            # kdflow.egg-info in a source checkout would hide the installed plugin entry point
             proc = subprocess.Popen(launch_command(kwargs), stdout=logf, stderr=subprocess.STDOUT, env=full_env,
-                                    start_new_session=True, preexec_fn=_die_with_parent)
+                                    cwd=tempfile.gettempdir(), start_new_session=True, preexec_fn=_die_with_parent)
         server = cls(f"http://{host}:{port}", proc, log_path)
         _SERVERS.add(server)
         try:
