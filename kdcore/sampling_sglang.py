@@ -171,6 +171,13 @@ def parse_generations(outputs: Any, limits: Sequence[int], eos_ids: Sequence[int
     return _finish_generations([o["output_ids"] for o in outs], limits, {int(e) for e in eos_ids})
 
 
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
 def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
@@ -274,6 +281,7 @@ class SGLangRolloutEngine(RolloutEngine):
             if bucket:
                 self._push(bucket)
             self._flush()
+        _barrier()  # no rank of the node samples before its server holds the new weights
         return len(state_dict)
 
     def sync_model(self, model: torch.nn.Module) -> int:
@@ -296,6 +304,7 @@ class SGLangRolloutEngine(RolloutEngine):
             del bucket
         if self.leader:
             self._flush()
+        _barrier()
         return count
 
     # ------------------------------------------------------------------ sampling

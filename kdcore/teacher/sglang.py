@@ -907,10 +907,15 @@ class SGLangTeacher(TeacherEngine):
 
     def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> int:
         """Copy tensors (HF names, any subset) into the served teacher through SGLang's
-        ``/update_weights_from_tensor``; CPU tensors are moved to the channel's GPU first."""
+        ``/update_weights_from_tensor``; CPU tensors are moved to the channel's GPU first.
+        With several ranks per server, every rank calls it (collective) and local rank 0
+        sends; the others wait until the server has the new weights."""
         self._idle("update_weights()")
-        return push_weights(self.server, state_dict, tp_size=int(self.scfg.tp_size), device=self._dest.device,
-                            dtype=self.dtype, lock=self._lock)
+        if _local_rank()[0] == 0:
+            push_weights(self.server, state_dict, tp_size=int(self.scfg.tp_size), device=self._dest.device,
+                         dtype=self.dtype, lock=self._lock)
+        Colocation._barrier()
+        return len(state_dict)
 
     def sleep(self) -> None:
         """Release the server's GPU memory (weights backed up in host memory, KV cache dropped).
