@@ -437,9 +437,13 @@ def cmd_sglang(args) -> int:
     top1 = ((h_sg @ head.T).argmax(-1) == (h_hf @ head.T).argmax(-1)).float().mean()
     checks.update(rows=int(h_sg.shape[0]), hidden_cos_min=float(cos.min()), hidden_rel_l2_mean=float(rel.mean()),
                   logits_top1_agreement=float(top1))
+    # top-1 agreement and greedy paths only mean something with trained weights: a random model's
+    # logits are nearly flat, so bf16 rounding flips near-ties (still reported)
+    real = kind == "smollm2"
     ok = (checks["hidden_cos_min"] >= HS_COS_MIN and checks["hidden_rel_l2_mean"] <= HS_REL_L2_MAX
-          and checks["logits_top1_agreement"] >= HS_TOP1_MIN and checks.get("hook_vs_lists_max_abs", 0.0) <= 1e-2)
-    checks["rollout"] = rollout_check(folder)
+          and (checks["logits_top1_agreement"] >= HS_TOP1_MIN or not real)
+          and checks.get("hook_vs_lists_max_abs", 0.0) <= 1e-2)
+    checks["rollout"] = rollout_check(folder, real=real)
     ok = ok and checks["rollout"]["passed"]
     if kind == "smollm2" and not args.skip_train:
         checks["on_policy_run"] = on_policy_run(out, args)
@@ -466,22 +470,26 @@ def cmd_sglang(args) -> int:
     return 0 if ok else 1
 
 
-def rollout_check(folder: str) -> dict:
-    """The sglang rollout engine on a 4-layer copy of the teacher's config: sync, sample,
-    change the weights, sync again, sample again; the hf copy as the reference."""
+def rollout_check(folder: str, real: bool = True) -> dict:
+    """The sglang rollout engine on a 4-layer truncation of the teacher: sync, sample, change
+    the weights, sync again, sample again; the hf copy as the reference."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from kdcore.config import SGLangConfig
     from kdcore.sampling import HFRolloutEngine
     from kdcore.sampling_sglang import SGLangRolloutEngine
 
-    cfg = AutoConfig.from_pretrained(folder)
-    cfg.num_hidden_layers = 4
+    from kdcore.student import truncate_layers
+
+    # the teacher's own weights, 4 evenly spaced layers kept: peaked logits, so greedy paths of two
+    # bf16 implementations rarely meet a near-tie (a random init would tie constantly)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    truncate_layers(model, 4)
+    model = model.cuda().eval()
+    cfg = model.config
     if hasattr(cfg, "quantization_config"):
         del cfg.quantization_config
-    torch.manual_seed(1)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).cuda().eval()
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(3, cfg.vocab_size, (12 + i,), generator=g).tolist() for i in range(8)]
     kw = dict(max_new_tokens=24, eos_ids=[], seed=123)
@@ -513,8 +521,8 @@ def rollout_check(folder: str) -> dict:
            "seeded_repeat_identical": s1 == s2, "changed_after_sync": sum(x != y for x, y in zip(a, b))}
     # bf16 kernels differ between sglang and transformers, so greedy paths may part after a
     # near-tie; most prompts must still agree, and the new weights must change the samples
-    res["passed"] = (res["changed_after_sync"] >= len(prompts) // 2 and res["greedy_same_as_hf"] >= len(prompts) // 2
-                     and res["greedy_same_as_hf_after"] >= len(prompts) // 2 and res["seeded_repeat_identical"])
+    agree = res["greedy_same_as_hf"] >= len(prompts) // 2 and res["greedy_same_as_hf_after"] >= len(prompts) // 2
+    res["passed"] = res["changed_after_sync"] >= len(prompts) // 2 and res["seeded_repeat_identical"] and (agree or not real)
     return res
 
 

@@ -891,7 +891,9 @@ class SGLangTeacher(TeacherEngine):
                  do_sample: bool = True, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                  seed: Optional[int] = None, eos_token_id: Optional[int | list[int]] = None) -> list[list[int]]:
         """Continue each prompt in the teacher (SeqKD); new ids per sample, up to and
-        including the first EOS. Same contract as :meth:`kdcore.teacher.hf.HFTeacher.generate`."""
+        including the first EOS. Same contract as :meth:`kdcore.teacher.hf.HFTeacher.generate`,
+        except that ``seed`` only takes effect when the server runs SGLang's deterministic mode
+        (``server_args: {enable_deterministic_inference: true}``)."""
         self._idle("generate()")
         HiddenRequest(input_ids, attention_mask, [[] for _ in range(input_ids.shape[0])]).validate(
             vocab_size=self.vocab_size)
@@ -900,6 +902,9 @@ class SGLangTeacher(TeacherEngine):
         params = [sampling_params(max_new_tokens=max_new_tokens, temperature=temperature if do_sample else 0.0,
                                   top_p=top_p, top_k=top_k, eos_ids=eos,
                                   seed=None if seed is None else seed + i) for i in range(len(prompts))]
+        if not eos:  # like the hf engine: no ids given = the model's own EOS (sglang's default)
+            for p in params:
+                p.pop("ignore_eos", None)
         with self._lock:
             out = self.server.call("/generate", {"input_ids": prompts, "sampling_params": params},
                                    timeout=self.progress_timeout * 6)
