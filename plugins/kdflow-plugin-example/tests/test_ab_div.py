@@ -28,22 +28,25 @@ def test_matches_formula(a, b):
 
 
 def test_zero_iff_equal_and_nonnegative():
-    t = torch.randn(4, 9)
+    g = torch.Generator().manual_seed(2)
+    t = torch.randn(4, 9, generator=g)
     assert ab_div(t.clone(), t, temperature=1.0).abs().max() < 1e-6
-    assert (ab_div(torch.randn(4, 9), t, temperature=1.0) > 0).all()
+    assert (ab_div(torch.randn(4, 9, generator=g), t, temperature=1.0) > 0).all()
 
 
 def test_approaches_forward_kl():
-    s, t = torch.randn(3, 7), torch.randn(3, 7)
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(3, 7, generator=g), torch.randn(3, 7, generator=g)
     p, log_p, log_q = torch.softmax(t, -1), torch.log_softmax(t, -1), torch.log_softmax(s, -1)
     fkl = (p * (log_p - log_q)).sum(-1)
-    near = ab_div(s.double(), t.double(), temperature=1.0, alpha=1.0, beta=1e-4)
+    near = ab_div(s.double(), t.double(), temperature=1.0, alpha=1.0, beta=1e-6)
     torch.testing.assert_close(near.double(), fkl.double(), rtol=1e-3, atol=1e-4)
 
 
 def test_masked_rows_and_gradients():
-    s = torch.randn(2, 6, requires_grad=True)
-    t = torch.randn(2, 6)
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(2, 6, generator=g).requires_grad_()
+    t = torch.randn(2, 6, generator=g)
     t[:, -1] = -math.inf
     out = ab_div(s, t, temperature=2.0)
     assert torch.isfinite(out).all()
