@@ -36,8 +36,11 @@ def ab_div(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temper
     D = -1/(alpha*beta) * sum_v [ p^a q^b - a/(a+b) p^(a+b) - b/(a+b) q^(a+b) ]  -> Tensor[n], fp32.
     Powers are taken as exp(a*log p + b*log q), so -inf logits (masked rows) contribute 0.
     """
-    log_p = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    log_q = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    # fp32 at least (bf16 inputs), fp64 kept for gradchecks and limit tests: the bracket is a
+    # difference of O(1) terms divided by alpha*beta, so small alpha*beta needs the precision
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    log_p = torch.log_softmax(teacher_logits.to(dtype) / temperature, dim=-1)
+    log_q = torch.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
     s = alpha + beta
     cross = torch.exp(alpha * log_p + beta * log_q)
     self_p = torch.exp(s * log_p)
