@@ -47,7 +47,7 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 import torch
 
 from kdcore.aligner import Tokenized
-from kdcore.data import DataError, Sample
+from kdcore.data import BadRow, DataError, Sample
 
 
 class RolloutError(RuntimeError):
@@ -712,7 +712,10 @@ class RolloutSampler:
             prompt = self.prompt(s)
             if prompt is None:
                 raise DataError(f"data row {s.row} has no prompt to sample a response for")
-            ids = render_prompt(prompt, own_tok).input_ids
+            try:
+                ids = render_prompt(prompt, own_tok).input_ids
+            except BadRow as exc:
+                raise DataError(f"data row {s.row}: its prompt cannot be rendered for sampling: {exc.reason}") from exc
             room = max_new if cap is None else min(max_new, cap - len(ids))
             if room >= 1 and ids:
                 jobs.append((i, prompt, ids))

@@ -60,7 +60,7 @@ def teacher_engine(tiny_teacher):
 
 
 def engine_for(model) -> HFRolloutEngine:
-    eng = HFRolloutEngine(model.config)
+    eng = HFRolloutEngine(model.config, threads=1)  # tiny models: one thread avoids OpenMP contention
     eng.update_weights(full_weights(model))
     return eng
 
