@@ -29,9 +29,9 @@ from __future__ import annotations
 import abc
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 
-from kdcore.channel import ChannelClosed, ChannelError, ChannelTimeout, PeerDiedError, TeacherDiedError
+from kdcore.channel import Channel, ChannelClosed, ChannelError, ChannelTimeout, PeerDiedError, TeacherDiedError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -140,13 +140,14 @@ class TeacherEngine(abc.ABC):
     """What the trainer needs from a teacher. Engines are context managers (``close`` on exit).
 
     Attributes after ``start()``: ``hidden_size``, ``vocab_size`` (rows of ``lm_head``),
-    ``n_slots``, ``max_rows``.
+    ``n_slots``, ``max_rows``; engines using the shared ticket helpers also ``channel``.
     """
 
     hidden_size: int
     vocab_size: int
     n_slots: int
     max_rows: int
+    channel: Channel  # the slot ring the shared ticket helpers read and release
 
     @abc.abstractmethod
     def start(self) -> "TeacherEngine":
@@ -200,6 +201,59 @@ class TeacherEngine(abc.ABC):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    # -------------------------------------------------------------- ticket bookkeeping
+    # Shared by the engines so that every engine numbers tickets, bounds them by n_slots and
+    # refuses stale ones the same way; the engine keeps its own queue and its own wait.
+    # Engines call _init_tickets() in __init__ and keep the slot ring in ``self.channel``.
+
+    def _init_tickets(self) -> None:
+        self._next_seq = 0
+        self._outstanding: dict[int, Ticket] = {}  # submitted, not released
+        self._read: set[int] = set()  # outstanding tickets already read from the channel
+
+    def _check_capacity(self) -> None:
+        """Raise :class:`ChannelError` when ``n_slots`` tickets are outstanding already."""
+        if len(self._outstanding) >= self.n_slots:
+            held = ", ".join(str(s) for s in sorted(self._outstanding))
+            raise ChannelError(f"{self.n_slots} requests already in flight (tickets {held}): release one first")
+
+    def _new_ticket(self, request: HiddenRequest) -> Ticket:
+        """The next ticket for ``request`` (not yet outstanding: :meth:`_track` it once queued)."""
+        ticket = Ticket(self._next_seq, request.rows)
+        self._next_seq += 1
+        return ticket
+
+    def _track(self, ticket: Ticket) -> Ticket:
+        self._outstanding[ticket.seq] = ticket
+        return ticket
+
+    def _check_outstanding(self, ticket: Ticket, hint: str) -> None:
+        if ticket.seq not in self._outstanding:
+            raise ChannelError(f"ticket {ticket.seq} is not outstanding ({hint})")
+
+    def _check_no_tickets(self, what: str) -> None:
+        """Raise :class:`TeacherError` while any ticket is outstanding (``what`` names the call)."""
+        if self._outstanding:
+            raise TeacherError(f"release all hidden-state tickets before {what}")
+
+    def _ticket_view(self, ticket: Ticket, wait: "Callable[[], torch.Tensor]") -> "torch.Tensor":
+        """The ``[rows, H]`` slot view of an outstanding ticket; ``wait()`` runs only on the first read."""
+        self._check_outstanding(ticket, "released already, or from another engine")
+        if ticket.seq in self._read:
+            return self.channel.view(ticket.seq)
+        view = wait()
+        self._read.add(ticket.seq)
+        return view
+
+    def _release_ticket(self, ticket: Ticket) -> None:
+        """Hand the slot back and forget the ticket; an unread ticket is waited for first."""
+        self._check_outstanding(ticket, "released twice?")
+        if ticket.seq not in self._read:
+            self.result(ticket)  # the slot must be consumed before it can be handed back
+        self.channel.release(ticket.seq)
+        self._read.discard(ticket.seq)
+        del self._outstanding[ticket.seq]
 
 
 def available_cores() -> int:

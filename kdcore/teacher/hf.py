@@ -43,7 +43,7 @@ from typing import Any, Iterator, Mapping, Optional
 
 import torch
 
-from kdcore.channel import (POLL_S, PROGRESS_TIMEOUT_S, Channel, ChannelClosed, ChannelError, ChannelTimeout,
+from kdcore.channel import (POLL_S, PROGRESS_TIMEOUT_S, Channel, ChannelClosed, ChannelTimeout,
                             TeacherDiedError)
 from kdcore.teacher import HiddenRequest, TeacherEngine, TeacherError, Ticket, default_threads
 
@@ -141,10 +141,8 @@ class HFTeacher(TeacherEngine):
         self._closed = False
         self._asleep = False
         self._hung = False
-        self._next_seq = 0
+        self._init_tickets()
         self._next_rid = 0
-        self._outstanding: dict[int, Ticket] = {}  # submitted, not released
-        self._read: set[int] = set()  # outstanding tickets already read from the channel
         self._replies: dict[int, tuple] = {}
         self._fatal: Optional[str] = None
         self._head: Optional[torch.Tensor] = None
@@ -311,47 +309,35 @@ class HFTeacher(TeacherEngine):
         self._check_usable()
         if self._asleep:
             raise TeacherError("the teacher is asleep: call wake() before asking for hidden states")
-        if len(self._outstanding) >= self.n_slots:
-            held = ", ".join(str(s) for s in sorted(self._outstanding))
-            raise ChannelError(f"{self.n_slots} requests already in flight (tickets {held}): release one first")
+        self._check_capacity()
         if not self._proc.is_alive():
             raise self._death_error()
         request.validate(vocab_size=self.vocab_size, max_rows=self.max_rows)
         mask = request.attention_mask.to(torch.int64)
         ids = request.input_ids.to(torch.int64).masked_fill(mask == 0, 0)  # any pad id embeds safely
-        ticket = Ticket(self._next_seq, request.rows)
-        self._next_seq += 1
+        ticket = self._new_ticket(request)
         self._requests.put(("hidden", ticket.seq, ids.cpu().numpy(), mask.cpu().numpy(),
                             request.flat_index().numpy()))
-        self._outstanding[ticket.seq] = ticket
-        return ticket
+        return self._track(ticket)
 
     def result(self, ticket: Ticket, timeout: Optional[float] = None) -> torch.Tensor:
         """The ``[rows, hidden]`` view of a ticket's slot (no copy), valid until ``release``."""
         self._check_usable()
-        if ticket.seq not in self._outstanding:
-            raise ChannelError(f"ticket {ticket.seq} is not outstanding (released already, or from another engine)")
-        if ticket.seq in self._read:
-            return self.channel.view(ticket.seq)
-        try:
-            view = self.channel.wait_full(
-                ticket.seq, peer_alive=self._proc.is_alive, dead=self._death_error,
-                progress_timeout=self.progress_timeout if timeout is None else timeout)
-        except ChannelTimeout:
-            self._hung = True  # close() will not wait for a graceful exit
-            raise
-        self._read.add(ticket.seq)
-        return view
+
+        def wait() -> torch.Tensor:
+            try:
+                return self.channel.wait_full(
+                    ticket.seq, peer_alive=self._proc.is_alive, dead=self._death_error,
+                    progress_timeout=self.progress_timeout if timeout is None else timeout)
+            except ChannelTimeout:
+                self._hung = True  # close() will not wait for a graceful exit
+                raise
+
+        return self._ticket_view(ticket, wait)
 
     def release(self, ticket: Ticket) -> None:
         self._check_usable()
-        if ticket.seq not in self._outstanding:
-            raise ChannelError(f"ticket {ticket.seq} is not outstanding (released twice?)")
-        if ticket.seq not in self._read:
-            self.result(ticket)  # the slot must be consumed before it can be handed back
-        self.channel.release(ticket.seq)
-        self._read.discard(ticket.seq)
-        del self._outstanding[ticket.seq]
+        self._release_ticket(ticket)
 
     # ------------------------------------------------------------------ other services
 
@@ -363,9 +349,8 @@ class HFTeacher(TeacherEngine):
         Returns the new token ids per sample, up to and including the first EOS. ``seed``
         makes sampling reproducible. Runs between hidden-state requests, in submission order.
         """
-        if self._outstanding:
-            # generation would queue behind them anyway; requiring it keeps the order explicit
-            raise TeacherError("release all hidden-state tickets before generate()")
+        # generation would queue behind outstanding tickets anyway; refusing keeps the order explicit
+        self._check_no_tickets("generate()")
         HiddenRequest(input_ids, attention_mask, [[] for _ in range(input_ids.shape[0])]).validate(vocab_size=self.vocab_size)
         kwargs = {"max_new_tokens": int(max_new_tokens), "do_sample": bool(do_sample), "temperature": float(temperature),
                   "top_p": float(top_p), "top_k": int(top_k), "seed": seed, "eos_token_id": eos_token_id}
@@ -381,8 +366,7 @@ class HFTeacher(TeacherEngine):
         nothing. Returns the number of tensors updated.
         """
         self._check_usable()
-        if self._outstanding:
-            raise TeacherError("release all hidden-state tickets before update_weights()")
+        self._check_no_tickets("update_weights()")
         names, shapes, offsets, total = [], [], [], 0
         for name, t in state_dict.items():
             names.append(name)

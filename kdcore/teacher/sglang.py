@@ -79,7 +79,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
 
-from kdcore.channel import Channel, ChannelClosed, ChannelError, ChannelTimeout, TeacherDiedError
+from kdcore.channel import Channel, ChannelClosed, ChannelTimeout, TeacherDiedError
 from kdcore.teacher import HiddenRequest, TeacherEngine, TeacherError, Ticket
 
 log = logging.getLogger(__name__)
@@ -678,9 +678,7 @@ class SGLangTeacher(TeacherEngine):
         self.owns_server = False
         self.folder: Optional[str] = None
         self._started = self._closed = self._asleep = False
-        self._next_seq = 0
-        self._outstanding: dict[int, Ticket] = {}
-        self._read: set[int] = set()
+        self._init_tickets()
         self._jobs: "queue.Queue[Optional[tuple]]" = queue.Queue()
         self._worker: Optional[threading.Thread] = None
         self._fatal: Optional[BaseException] = None
@@ -847,45 +845,29 @@ class SGLangTeacher(TeacherEngine):
         self._check_usable()
         if self._asleep:
             raise TeacherError("the teacher is asleep: call wake() before asking for hidden states")
-        if len(self._outstanding) >= self.n_slots:
-            held = ", ".join(str(s) for s in sorted(self._outstanding))
-            raise ChannelError(f"{self.n_slots} requests already in flight (tickets {held}): release one first")
+        self._check_capacity()
         if not self._worker_alive():
             raise self._death_error()
         request.validate(vocab_size=self.vocab_size, max_rows=self.max_rows)
-        ticket = Ticket(self._next_seq, request.rows)
-        self._next_seq += 1
+        ticket = self._new_ticket(request)
         self._jobs.put((ticket.seq, build_prompts(request)))
-        self._outstanding[ticket.seq] = ticket
-        return ticket
+        return self._track(ticket)
 
     def result(self, ticket: Ticket, timeout: Optional[float] = None) -> torch.Tensor:
         self._check_usable()
-        if ticket.seq not in self._outstanding:
-            raise ChannelError(f"ticket {ticket.seq} is not outstanding (released already, or from another engine)")
-        if ticket.seq in self._read:
-            return self.channel.view(ticket.seq)
-        view = self.channel.wait_full(ticket.seq, peer_alive=self._worker_alive, dead=self._death_error,
-                                      progress_timeout=self.progress_timeout if timeout is None else timeout)
-        self._read.add(ticket.seq)
-        return view
+        return self._ticket_view(ticket, lambda: self.channel.wait_full(
+            ticket.seq, peer_alive=self._worker_alive, dead=self._death_error,
+            progress_timeout=self.progress_timeout if timeout is None else timeout))
 
     def release(self, ticket: Ticket) -> None:
         self._check_usable()
-        if ticket.seq not in self._outstanding:
-            raise ChannelError(f"ticket {ticket.seq} is not outstanding (released twice?)")
-        if ticket.seq not in self._read:
-            self.result(ticket)
-        self.channel.release(ticket.seq)
-        self._read.discard(ticket.seq)
-        del self._outstanding[ticket.seq]
+        self._release_ticket(ticket)
 
     # ------------------------------------------------------------------ other services
 
     def _idle(self, what: str) -> None:
         self._check_usable()
-        if self._outstanding:
-            raise TeacherError(f"release all hidden-state tickets before {what}")
+        self._check_no_tickets(what)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int = 128,
                  do_sample: bool = True, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
