@@ -129,6 +129,21 @@ def _check_sampling(temperature: float, top_p: float, n: int) -> None:
         raise RolloutError(f"n must be >= 1, got {n}")
 
 
+def _check_generate(prompt_ids: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int], temperature: float,
+                    top_p: float, n: int) -> list[int]:
+    """Check a sampling engine's ``generate()`` arguments; the per-row token limits.
+
+    Rows are prompt-major (prompt 0's ``n`` samples, then prompt 1's), so the result has
+    ``len(prompt_ids) * n`` entries, each prompt's limit repeated ``n`` times; ``[]`` for no prompts.
+    """
+    _check_sampling(temperature, top_p, n)
+    if not prompt_ids:
+        return []
+    if any(len(p) == 0 for p in prompt_ids):
+        raise RolloutError("cannot generate from an empty prompt")
+    return [m for m in _limits(max_new_tokens, len(prompt_ids)) for _ in range(n)]
+
+
 class HFRolloutEngine(RolloutEngine):
     """An unsharded copy of the student (same config), generating with transformers.
 
@@ -192,12 +207,9 @@ class HFRolloutEngine(RolloutEngine):
     def generate(self, prompt_ids, *, max_new_tokens, temperature=1.0, top_p=1.0, n=1, eos_ids=(), seed=None):
         from transformers import GenerationConfig
 
-        _check_sampling(temperature, top_p, n)
-        if not prompt_ids:
+        limits = _check_generate(prompt_ids, max_new_tokens, temperature, top_p, n)
+        if not limits:
             return []
-        if any(len(p) == 0 for p in prompt_ids):
-            raise RolloutError("cannot generate from an empty prompt")
-        limits = [m for m in _limits(max_new_tokens, len(prompt_ids)) for _ in range(n)]
         rows = [list(map(int, p)) for p in prompt_ids for _ in range(n)]
         eos = {int(e) for e in eos_ids}
         pad = min(eos) if eos else 0  # any id: padded positions are masked out

@@ -42,7 +42,7 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import torch
 
-from kdcore.sampling import Generation, RolloutEngine, RolloutError, _check_sampling, _finish_generations, _limits
+from kdcore.sampling import Generation, RolloutEngine, RolloutError, _check_generate, _finish_generations
 
 BUCKET_MB = 512  # bucket of full tensors in flight per sync step: bounds the sync's extra memory
 ROLLOUT_DEFAULT_ARGS = {
@@ -310,14 +310,11 @@ class SGLangRolloutEngine(RolloutEngine):
     # ------------------------------------------------------------------ sampling
 
     def generate(self, prompt_ids, *, max_new_tokens, temperature=1.0, top_p=1.0, n=1, eos_ids=(), seed=None):
-        _check_sampling(temperature, top_p, n)
-        if not prompt_ids:
+        limits = _check_generate(prompt_ids, max_new_tokens, temperature, top_p, n)
+        if not limits:
             return []
-        if any(len(p) == 0 for p in prompt_ids):
-            raise RolloutError("cannot generate from an empty prompt")
         if self._asleep:
             raise RolloutError("the sglang rollout engine is asleep: wake() it (and re-sync) before sampling")
-        limits = [m for m in _limits(max_new_tokens, len(prompt_ids)) for _ in range(n)]
         body = generate_body(prompt_ids, limits, n=n, temperature=temperature, top_p=top_p, eos_ids=eos_ids, seed=seed)
         with self._lock:
             out = self.server.call("/generate", body)
