@@ -47,3 +47,19 @@ def tiny_teacher(tmp_path_factory, smollm2_tokenizer) -> Path:
     # a wide init gives peaked next-token distributions, so there is something to distill
     return save_tiny_llama(tmp_path_factory.mktemp("tiny_teacher"), smollm2_tokenizer, hidden=64, layers=2,
                            init_std=0.3)
+
+
+DIST_SCRIPTS = ROOT / "tests" / "dist_scripts"  # multi-rank entry points the tests launch with torchrun
+
+
+@pytest.fixture(scope="module")
+def cpu_process_group():
+    """A one-rank gloo process group for the module (``pytestmark = pytest.mark.usefixtures(...)``);
+    torn down afterwards only when this fixture created it."""
+    from kdcore import distributed as kdist
+
+    owned = not kdist.is_initialized()
+    kdist.init_distributed("cpu")
+    yield
+    if owned:
+        kdist.teardown()

@@ -12,22 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import DIST_SCRIPTS
 from dist_scripts.common import HIDDEN, VOCAB, kd_token_losses, teacher_logits, tiny_llama, tiny_llama_config, tiny_tokenizer
 from dist_scripts.toy_train import run as toy_run
 from kdcore import checkpoint as ck
-from kdcore import distributed as kdist
 from kdcore.student import build_optimizer, build_scheduler, shard_student, student_head_weight, student_hidden
 
-DIST_SCRIPTS = Path(__file__).parent / "dist_scripts"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def process_group():
-    owned = not kdist.is_initialized()
-    kdist.init_distributed("cpu")
-    yield
-    if owned:
-        kdist.teardown()
+pytestmark = pytest.mark.usefixtures("cpu_process_group")
 
 
 @pytest.fixture

@@ -17,23 +17,14 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from conftest import DIST_SCRIPTS
 from dist_scripts.common import HIDDEN, VOCAB, kd_token_losses, teacher_logits, tiny_llama
-from kdcore import distributed as kdist
 from kdcore.config import Recipe
 from kdcore.student import (Student, build_optimizer, build_scheduler, build_student, clip_gradients,
                             evenly_spaced, lr_factor, set_grad_sync, shard_student, student_head_weight,
                             student_hidden, truncate_layers)
 
-DIST_SCRIPTS = Path(__file__).parent / "dist_scripts"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def process_group():
-    owned = not kdist.is_initialized()
-    kdist.init_distributed("cpu")
-    yield
-    if owned:
-        kdist.teardown()
+pytestmark = pytest.mark.usefixtures("cpu_process_group")
 
 
 def recipe_for(path: str, **student):
