@@ -23,6 +23,8 @@ import resource
 import tempfile
 import time
 
+from bench.peers import step_clock
+
 
 def run(student: str, teacher: str, data: str, seq_len: int, batch: int = 4, steps: int = 5,
         warmup: int = 1, lr: float = 1e-4, precision: str = "fp32", seed: int = 0, beta: float = 0.5,
@@ -35,7 +37,7 @@ def run(student: str, teacher: str, data: str, seq_len: int, batch: int = 4, ste
     t_setup = time.perf_counter()
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from bench.models import read_texts, tokenize_fixed
     from trl.experimental.gkd import GKDConfig, GKDTrainer
@@ -59,23 +61,7 @@ def run(student: str, teacher: str, data: str, seq_len: int, batch: int = 4, ste
     student_model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32)
     teacher_model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32)
 
-    class Clock(TrainerCallback):
-        def __init__(self):
-            self.ends: list[float] = []
-            self.losses: list[float] = []
-            self.start = 0.0
-
-        def on_train_begin(self, args, state, control, **kw):
-            self.start = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            self.ends.append(time.perf_counter())
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            if logs and "loss" in logs:
-                self.losses.append(float(logs["loss"]))
-
-    clock = Clock()
+    clock = step_clock()
     with tempfile.TemporaryDirectory(prefix="trl-gkd-") as out:
         cfg = GKDConfig(
             output_dir=out, per_device_train_batch_size=batch, gradient_accumulation_steps=1,

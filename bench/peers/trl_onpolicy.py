@@ -19,6 +19,8 @@ import resource
 import tempfile
 import time
 
+from bench.peers import step_clock
+
 
 def _common(student: str, teacher: str, data: str, prompt_len: int, rows: int):
     import torch
@@ -42,26 +44,6 @@ def _common_ids(tok, data: str, length: int, rows: int) -> list[list[int]]:
     from bench.models import read_texts, tokenize_fixed
 
     return tokenize_fixed(tok, read_texts(data)[:rows], length)
-
-
-def _clock():
-    from transformers import TrainerCallback
-
-    class Clock(TrainerCallback):
-        def __init__(self):
-            self.ends, self.losses, self.start = [], [], 0.0
-
-        def on_train_begin(self, args, state, control, **kw):
-            self.start = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            self.ends.append(time.perf_counter())
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            if logs and "loss" in logs:
-                self.losses.append(float(logs["loss"]))
-
-    return Clock()
 
 
 def _result(side: str, clock, warmup: int, total: int, batch: int, prompt_len: int, generated: list[int],
@@ -132,7 +114,7 @@ def run_gkd(student: str, teacher: str, data: str, prompt_len: int = 64, max_new
         return {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": labels,
                 "prompts": prompt, "prompt_attention_mask": torch.ones_like(prompt)}
 
-    clock = _clock()
+    clock = step_clock()
     with tempfile.TemporaryDirectory(prefix="trl-gkd-onp-") as out:
         cfg = GKDConfig(**_train_kwargs(out, batch, total, lr, precision, seed), train_sampling_strategy="sequential",
                         lmbda=1.0, beta=beta, seq_kd=False, temperature=1.0, max_new_tokens=max_new_tokens,
@@ -166,7 +148,7 @@ def run_distillation(student: str, teacher: str, data: str, prompt_len: int = 64
             generated.append(int(out["completion_mask"].sum()))
             return out
 
-    clock = _clock()
+    clock = step_clock()
     with tempfile.TemporaryDirectory(prefix="trl-distill-") as out:
         cfg = DistillationConfig(**_train_kwargs(out, batch, total, lr, precision, seed), shuffle_dataset=False,
                                  beta=beta, temperature=1.0, top_k=0, top_p=1.0,
