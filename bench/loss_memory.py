@@ -23,8 +23,10 @@ killed. Two views, each in its own process:
   runs use (below): every tensor comes from the brk heap and freed memory is kept for reuse, so
   RSS is the heap's high-water mark, fragmentation included (varies ±15% run to run).
 
-Both sides are timed with those settings: glibc otherwise returns every large tensor to the OS
-on free, so each step page-faults its vocab-sized buffers afresh (DESIGN.md §7).
+Both sides are timed in both settings; the tuned one is what kdflow's processes run with: glibc
+otherwise returns every large tensor to the OS on free, so each step page-faults its
+vocab-sized buffers afresh (DESIGN.md §7). A run the OOM killer ends (dense at large N, whose
+tuned heap can outgrow a shared 24 GiB machine) is reported as such; the other rows still run.
 Timings are medians of the steps after the first, both wall-clock and process CPU time (user +
 sys of the worker's threads): on a shared machine wall time is noisy, CPU time much less so.
 """
@@ -123,9 +125,8 @@ def _available_mib() -> float:
 
 
 def run_config(args, mode: str, n: int, chunk: int | None, strategy: str | None, *, tuned_malloc: bool = True) -> dict:
-    steps = args.steps if tuned_malloc else 1
     cmd = [sys.executable, __file__, "--worker", "--mode", mode, "--n", str(n), "--vocab", str(args.vocab),
-           "--hidden", str(args.hidden), "--loss", args.loss, "--steps", str(steps)]
+           "--hidden", str(args.hidden), "--loss", args.loss, "--steps", str(args.steps)]
     if chunk:
         cmd += ["--chunk", str(chunk), "--strategy", strategy]
     if args.ce:
@@ -134,6 +135,8 @@ def run_config(args, mode: str, n: int, chunk: int | None, strategy: str | None,
     if tuned_malloc:
         env.update(MALLOC_ENV)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode in (-9, 137):  # the OOM killer: record it, the other rows still run
+        return None
     if proc.returncode != 0:
         raise SystemExit(f"{mode} N={n} failed (rc {proc.returncode}):\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -165,32 +168,42 @@ def main() -> None:
           f"torch threads=default, env {' '.join(f'{k}={v}' for k, v in MALLOC_ENV.items())}", flush=True)
     rows = []
     for n in [int(x) for x in args.ns.split(",")]:
-        # Dense fp32 peaks at about six [N, V] buffers plus the head gradient (measured); refuse
-        # rather than push a shared machine into the OOM killer.
-        need_mib = 1.1 * (6 * n * args.vocab + args.vocab * args.hidden) * 4 / 2**20
+        # Dense fp32 peaks at about six [N, V] buffers (measured); refuse rather than push a
+        # shared machine into the OOM killer.
+        need_mib = 1.05 * 6 * n * args.vocab * 4 / 2**20
         if need_mib > 0.95 * _available_mib():
             raise SystemExit(f"dense N={n} needs ~{need_mib:.0f} MiB, only {_available_mib():.0f} MiB available")
         configs = [("dense", None, None)] + [("chunked", c, st) for st in args.strategies.split(",")
                                               for c in (int(x) for x in args.chunks.split(","))]
         base = None
         for mode, chunk, strategy in configs:
-            tuned = run_config(args, mode, n, chunk, strategy)
             live = run_config(args, mode, n, chunk, strategy, tuned_malloc=False)
+            tuned = run_config(args, mode, n, chunk, strategy)
+            if live is None:
+                raise SystemExit(f"{mode} N={n} chunk={chunk} was killed (out of memory) even with default malloc")
             row = dict(n=n, driver="dense" if mode == "dense" else f"chunked/{strategy}", chunk=chunk or "-",
-                       live=live["peak_mib"], heap=tuned["peak_mib"], wall=_median_after_first(tuned["times"]),
-                       cpu=_median_after_first(tuned["cpu"]), loss=tuned["loss"])
+                       live=live["peak_mib"], cpu_default=_median_after_first(live["cpu"]), loss=live["loss"],
+                       heap=tuned and tuned["peak_mib"], cpu=tuned and _median_after_first(tuned["cpu"]),
+                       wall=tuned and _median_after_first(tuned["times"]))
             base = base or row
             rows.append((row, base))
-            print(f"  N={n} {row['driver']} chunk={row['chunk']}: live {row['live']:.0f} MiB, heap {row['heap']:.0f} MiB, "
-                  f"{row['wall']:.2f} s, {row['cpu']:.2f} cpu-s", flush=True)
+            print(f"  N={n} {row['driver']} chunk={row['chunk']}: {row}", flush=True)
     print()
-    print("| N | driver | chunk | peak extra MiB, live | peak extra MiB, tuned heap | live vs dense | heap vs dense "
-          "| step wall s | step CPU s | CPU vs dense | loss |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| N | driver | chunk | peak extra MiB (live) | vs dense | peak extra MiB (tuned heap) | vs dense "
+          "| step CPU s (tuned) | vs dense | step CPU s (default malloc) | vs dense | step wall s (tuned) | loss |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+    def ratio(a, b, digits):
+        return f"{a / b:.{digits}f}" if a is not None and b is not None else "-"
+
+    def num(a, fmt):
+        return format(a, fmt) if a is not None else "OOM-killed"
+
     for r, b in rows:
-        print(f"| {r['n']} | {r['driver']} | {r['chunk']} | {r['live']:.0f} | {r['heap']:.0f} | {r['live'] / b['live']:.3f} "
-              f"| {r['heap'] / b['heap']:.3f} | {r['wall']:.2f} | {r['cpu']:.2f} | {r['cpu'] / b['cpu']:.2f} "
-              f"| {r['loss']:.6f} |")
+        print(f"| {r['n']} | {r['driver']} | {r['chunk']} | {r['live']:.0f} | {ratio(r['live'], b['live'], 3)} "
+              f"| {num(r['heap'], '.0f')} | {ratio(r['heap'], b['heap'], 3)} | {num(r['cpu'], '.2f')} "
+              f"| {ratio(r['cpu'], b['cpu'], 2)} | {r['cpu_default']:.2f} | {ratio(r['cpu_default'], b['cpu_default'], 2)} "
+              f"| {num(r['wall'], '.2f')} | {r['loss']:.6f} |")
 
 if __name__ == "__main__":
     main()

@@ -95,7 +95,7 @@ class DistillConfig:
     rollout_options: Dict[str, Any] = field(default_factory=dict)
     kd_ratio: float = 1.0  # loss = (1 - kd_ratio) * CE + kd_ratio * KD; pure KD as in GKD/DistiLLM
     temperature: float = 1.0  # softmax temperature of both distributions (no T^2 factor)
-    chunk_size: int = 1024  # tokens per logits chunk; bounds memory at chunk_size x vocab floats
+    chunk_size: int = 256  # tokens per logits chunk; = kdcore.kdloss.DEFAULT_CHUNK_SIZE (measured, see there)
 
 
 @dataclass

@@ -10,17 +10,18 @@ registered loss; this module holds no algorithm) and the cross-entropy against `
 computed from the *same* chunk logits, and the chunk logits are freed. Peak extra memory is a
 few ``[chunk_size, V]`` buffers plus one ``[V, H_s]`` gradient, instead of several ``[N, V]``.
 
-Backward strategy (measured by ``bench/loss_memory.py``; see the README's performance section):
+Backward strategy (measured by ``bench/loss_memory.py``):
 gradients are computed *in the forward pass* (``strategy="fused"``, as Liger-Kernel's fused
 linear losses do): per chunk, autograd of the loss with respect to the chunk logits gives
 ``G [c, V]``, then ``∂h_s = G·W_s`` and ``∂W_s += Gᵀ·h_s`` (and the same for the teacher side
 when its inputs require grad, e.g. DSKD projections). The backward pass only scales the stored
 gradients by the incoming scalar. This costs exactly the four ``N×V×H`` matmuls of the dense
 computation, whereas recomputing the chunk logits in backward (``strategy="recompute"``) costs
-six (both logits matmuls twice) and runs the loss twice, for the same peak memory: the only
-thing fused keeps alive between forward and backward is ``∂W_s`` (head-sized), which the dense
-backward allocates as well. Without grad mode (evaluation) or without inputs that require grad,
-no gradient work is done at all.
+six (both logits matmuls twice) and runs the loss twice — measured 1.54-1.57x the CPU time of
+fused at V = 152064, H = 1024, N = 1024 — for the same peak memory (1063 / 1509 MiB at 128 / 256
+rows for both): the only thing fused keeps alive between forward and backward is ``∂W_s``
+(head-sized), which the dense backward allocates as well. Without grad mode (evaluation) or
+without inputs that require grad, no gradient work is done at all.
 
 Exact token mean under gradient accumulation and data parallelism. The objective of one
 optimizer step is, over every micro-batch ``m`` on every rank ``r``::
@@ -57,9 +58,14 @@ from torch import Tensor
 
 __all__ = ["LossOutput", "distill_loss", "DEFAULT_CHUNK_SIZE"]
 
-# Rows per chunk. Measured with bench/loss_memory.py (V = 152064, H = 1024, fp32, 2 CPU threads):
-# time per token is flat from 256 rows up, and 512 keeps peak extra memory under 1/8 of the dense
-# computation at N = 4096 with any built-in loss; see the README's performance section.
+# Rows per chunk, measured with bench/loss_memory.py (V = 152064, H = 1024, fp32, fkl, 2 CPU threads).
+# Peak extra memory is the [V, H] head gradient plus ~6 [chunk, V] fp32 buffers (the loss's autograd
+# graph and its gradient): at N = 4096, 256 rows peak at 1521 MiB of live tensors = 0.107 of dense
+# (14273 MiB), 512 rows at 0.169, so 256 is the largest power of two within the 1/8 target. CPU time
+# per step matches dense (1.00x at N = 1024 and 4096); 128 rows cost ~15% more (smaller matmuls).
+# With MALLOC_MMAP_MAX_=0 (kdflow's default allocator settings) the heap's high-water mark is ~2x
+# the live peak (fragmentation): ~3.2 GiB at 256 rows, while dense at N = 4096 no longer fits in
+# 24 GiB. On a GPU larger chunks are affordable: pass chunk_size (distill.chunk_size in a recipe).
 DEFAULT_CHUNK_SIZE = 256
 
 IGNORE_INDEX = -100  # label value excluded from CE (the transformers / PyTorch convention)
