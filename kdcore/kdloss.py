@@ -55,6 +55,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 __all__ = ["LossOutput", "distill_loss", "DEFAULT_CHUNK_SIZE"]
 
@@ -225,6 +226,7 @@ class _ChunkedDistill(torch.autograd.Function):
         return kd_sum * plan.kd_scale + ce_sum * plan.ce_scale
 
     @staticmethod
+    @once_differentiable  # the stored gradients are constants: no double backward through them
     def backward(ctx, grad_out):
         plan: _Plan = ctx.plan
         if plan.strategy == "fused":
