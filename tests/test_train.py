@@ -51,12 +51,21 @@ def evals(out: Path) -> list[dict]:
     return [r for r in records(out) if "eval_teacher_kl" in r]
 
 
+def free_port() -> int:
+    """A port nobody listens on now: a fixed one collides with TIME_WAIT sockets of earlier runs."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_train(recipe: Path, *overrides: str, resume=False, timeout=300, nproc=1):
     if nproc == 1:
         cmd = KDCORE + ["train", str(recipe), *overrides] + (["--resume"] if resume else [])
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", "29533", "-m", "kdcore", "train", str(recipe), *overrides]
+               "--master_port", str(free_port()), "-m", "kdcore", "train", str(recipe), *overrides]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 

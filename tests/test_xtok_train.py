@@ -10,7 +10,6 @@ same_vocab on different tokenizers is one clear error.
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from test_train import evals, run_train, train_steps, write_recipe
+from test_train import evals, free_port, run_train, train_steps, write_recipe
 
 MISTRAL_V1 = "pkg://mistral_common/data/tokenizer.model.v1"
 # A tiny student around Mistral v1's tokenizer (32000 ids; <s>=1, </s>=2, <unk>=0 pads: it is
@@ -40,12 +39,6 @@ def xtok_recipe(tmp_path: Path, teacher: Path, aligner: str, **sections) -> Path
     for name, values in sections.items():
         base.setdefault(name, {}).update(values)
     return write_recipe(tmp_path, teacher, **base)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_ranks(recipe: Path, nproc: int, timeout=400):
