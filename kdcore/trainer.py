@@ -311,14 +311,19 @@ class Trainer:
         return [self.aligner(batch, spec) for spec in specs], hidden
 
     def loss_spec(self, kd_global: int, ce_global: int, *, loss_fn=None, options=None, eval_mode=False) -> LossSpec:
+        """Training: scales that turn this rank's sums into its share of the global token mean
+        (see the module docstring). Evaluation: unit scales, only the sums are read."""
         d = self.cfg.distill
-        world = 1 if eval_mode else self.env.world_size
         r = d.kd_ratio
+        if eval_mode:
+            kd_scale = ce_scale = 1.0
+        else:
+            world = self.env.world_size
+            kd_scale = r * world / kd_global if kd_global else 0.0
+            ce_scale = (1 - r) * world / ce_global if ce_global else 0.0
         return LossSpec(
             fn=loss_fn or self.loss_fn, options=self.loss_options if options is None else options,
-            temperature=d.temperature, kd_ratio=r, chunk_size=d.chunk_size,
-            kd_scale=(r * world / kd_global) if kd_global and not eval_mode else (1.0 if eval_mode else 0.0),
-            ce_scale=((1 - r) * world / ce_global) if ce_global and not eval_mode else (1.0 if eval_mode else 0.0),
+            temperature=d.temperature, kd_ratio=r, chunk_size=d.chunk_size, kd_scale=kd_scale, ce_scale=ce_scale,
         )
 
     # ------------------------------------------------------------------------------ eval
@@ -326,8 +331,6 @@ class Trainer:
     def evaluate(self, step: int) -> dict | None:
         if not self.eval_samples:
             return None
-        from kdcore.data import BatchPlanner
-
         was_training = self.student.model.training
         self.student.train(False)
         mbs = self.cfg.train.micro_batch_size
@@ -434,7 +437,7 @@ class Trainer:
             if ev:
                 evals.append(ev)
                 self.say(self._eval_line(ev))
-        progress = self._progress(start_step)
+        progress = self._progress()
         steps = self.prepare_steps(start_step, position)
         lookahead = not getattr(self.rollout, "needs_sampling", False)
         queue: deque[PreparedMicroBatch] = deque()
@@ -568,7 +571,7 @@ class Trainer:
         parts = [f"{k.removeprefix('eval_')} {v:.4f}" for k, v in ev.items() if k.startswith("eval_") and k != "eval_tokens"]
         return f"[bold]eval @ step {ev['step']}[/bold]: " + ", ".join(parts)
 
-    def _progress(self, start_step: int):
+    def _progress(self):
         if not (self.env.is_main and self.cfg.logging.progress):
             return _NullProgress()
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
