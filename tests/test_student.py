@@ -399,6 +399,14 @@ def test_torchrun_two_ranks_match_single_process_reference():
             log.write_text(proc.stdout + "\n----- stderr -----\n" + proc.stderr)
             pytest.fail(f"torchrun exited {proc.returncode} (full log: {log})\n" + proc.stderr[-4000:])
         res = json.loads(out.read_text())
+        from transformers import AutoModelForCausalLM
+
+        for tied in ("tied=False", "tied=True"):  # the export gathered from both ranks reloads exactly
+            reloaded = AutoModelForCausalLM.from_pretrained(res[tied]["export_dir"])
+            with torch.no_grad():
+                got = reloaded(input_ids=torch.tensor(res[tied]["probe_ids"])).logits
+            want = torch.tensor(res[tied]["ref_logits"])
+            assert torch.allclose(got, want, rtol=1e-5, atol=1e-5), f"export logits differ: {(got - want).abs().max()}"
     for tied in ("tied=False", "tied=True"):
         assert res[tied]["max_grad_err"] < 1e-6
         assert res[tied]["grad_norm"] > 0.05  # clipping exercised in the 2-rank step

@@ -122,16 +122,14 @@ def check(tied: bool, work: Path, rank: int, world: int) -> dict:
 
     # HF export gathered from both ranks
     out = export_hf(model, None, work / f"hf_tied{int(tied)}")
-    if rank == 0:
-        from transformers import AutoModelForCausalLM
-
-        reloaded = AutoModelForCausalLM.from_pretrained(out)
-        ids = torch.randint(3, VOCAB, (2, 8), generator=torch.Generator().manual_seed(5))
-        with torch.no_grad():
-            a = reloaded(input_ids=ids).logits
-            b = ref(input_ids=ids).logits
-        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), f"export logits differ: {(a - b).abs().max()}"
-    return {"max_grad_err": max_err, "grad_norm": stats.grad_norm, "ref_loss": ref_total}
+    # The reload happens in the test process, not here: from_pretrained's loader threads beside
+    # live gloo threads aborted this process now and then ("terminate called without an active
+    # exception"), which says nothing about the export itself.
+    ids = torch.randint(3, VOCAB, (2, 8), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref_logits = ref(input_ids=ids).logits
+    return {"max_grad_err": max_err, "grad_norm": stats.grad_norm, "ref_loss": ref_total,
+            "export_dir": str(out), "probe_ids": ids.tolist(), "ref_logits": ref_logits.tolist()}
 
 
 def main() -> None:
