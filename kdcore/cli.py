@@ -128,6 +128,9 @@ def cmd_train(args) -> int:
     except TrainingError as exc:
         print(f"kdcore: {exc}", file=sys.stderr)
         return 1
+    from kdcore import distributed as kdist
+
+    kdist.teardown()  # only after success: on an error the peers may never reach its barrier
     return 0
 
 

@@ -13,6 +13,7 @@ call them unconditionally.
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -106,7 +107,14 @@ def teardown() -> None:
     global _ENV
     env, _ENV = _ENV, None
     if dist.is_available() and dist.is_initialized() and (env is None or env.owns_group):
+        # Gloo's worker threads keep finished work objects (and their tensors) alive; if the
+        # interpreter finalises them the rank aborts with "terminate called without an active
+        # exception" (pytorch#190489). Collect them while Python is alive, leave together.
+        gc.collect()
+        if dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
+        gc.collect()
 
 
 def is_initialized() -> bool:
