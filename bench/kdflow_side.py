@@ -92,26 +92,18 @@ def read_metrics(path: str | Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def run(student: str, teacher: str, data: str, seq_len: int, batch: int = 4, steps: int = 5, warmup: int = 1,
-        lr: float = 1e-4, precision: str = "fp32", seed: int = 0, beta: float = 0.5,
-        overrides: list[str] | None = None) -> dict:
-    """Train through kdflow's public API; return per-step times, losses and kdflow's own figures."""
-    t_setup = time.perf_counter()
-    ok, why = trainer_available()
-    if not ok:
-        raise RuntimeError(why)
+def _timed_train(recipe: dict, overrides: list[str] | None, warmup: int, total: int) -> dict:
+    """Train ``recipe`` through the public API; per-step times (see the module doc) and records."""
     import yaml
 
     import kdcore
     from kdcore import trainer
 
-    total = warmup + steps
     with tempfile.TemporaryDirectory(prefix="kdflow-bench-") as tmp:
-        out_dir = Path(tmp) / "out"
-        recipe = Path(tmp) / "bench.yaml"
-        recipe.write_text(yaml.safe_dump(recipe_dict(student, teacher, data, seq_len, batch, total, str(out_dir),
-                                                     lr=lr, precision=precision, seed=seed, beta=beta)))
-        cfg = kdcore.load_recipe(str(recipe), list(overrides or []))
+        recipe = dict(recipe, train=dict(recipe["train"], output_dir=str(Path(tmp) / "out")))
+        path = Path(tmp) / "bench.yaml"
+        path.write_text(yaml.safe_dump(recipe))
+        cfg = kdcore.load_recipe(str(path), list(overrides or []))
         metrics_file = Path(cfg.train.output_dir) / "metrics.jsonl"
         watcher = _Watcher(metrics_file)
         watcher.start()
@@ -129,7 +121,6 @@ def run(student: str, teacher: str, data: str, seq_len: int, batch: int = 4, ste
         raise RuntimeError(f"metrics.jsonl has {len(train_idx)} training records, expected {total} "
                            f"(log_every=1); keys seen: {sorted({k for r in records for k in r})}")
     train_recs = [records[i] for i in train_idx]
-    tokens_per_step = batch * seq_len
     own = [r.get("step_time_s", r.get("step_time")) for r in train_recs]
     if len(stamps) == len(records) and _spread(stamps, train_idx):
         # same definition as the peers: wall time between consecutive step ends, everything included
@@ -139,8 +130,8 @@ def run(student: str, teacher: str, data: str, seq_len: int, batch: int = 4, ste
     elif all(t is not None for t in own):
         step_times, timing = [float(t) for t in own], "trainer's step_time_s"
     else:
-        step_times = [tokens_per_step / float(r["tokens_per_s"]) for r in train_recs]
-        timing = "tokens_per_step / tokens_per_s"
+        step_times = [float(r["tokens"]) / float(r["tokens_per_s"]) for r in train_recs]
+        timing = "tokens / tokens_per_s"
     losses = [float(r["loss"]) for r in train_recs]
     return {
         "side": "kdflow",
@@ -154,13 +145,71 @@ def run(student: str, teacher: str, data: str, seq_len: int, batch: int = 4, ste
         "kdflow_step_time_s": [None if t is None else float(t) for t in own[warmup:]],
         "kdflow_tokens": [r.get("tokens") for r in train_recs[warmup:]],
         "teacher_wait_s": [r.get("teacher_wait_s") for r in train_recs[warmup:]],
-        "tokens_per_step": tokens_per_step,
-        "loss_tokens_per_step": batch * (seq_len - 1),
+        "records": train_recs,
         "timing": timing,
-        "setup_s": t_train - t_setup,
         "train_wall_s": train_wall,
         "child_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
+
+
+def run(student: str, teacher: str, data: str, seq_len: int, batch: int = 4, steps: int = 5, warmup: int = 1,
+        lr: float = 1e-4, precision: str = "fp32", seed: int = 0, beta: float = 0.5,
+        overrides: list[str] | None = None) -> dict:
+    """Off-policy: train through kdflow's public API; per-step times, losses and kdflow's own figures."""
+    t_setup = time.perf_counter()
+    ok, why = trainer_available()
+    if not ok:
+        raise RuntimeError(why)
+    total = warmup + steps
+    recipe = recipe_dict(student, teacher, data, seq_len, batch, total, "", lr=lr, precision=precision, seed=seed,
+                         beta=beta)
+    res = _timed_train(recipe, overrides, warmup, total)
+    res.pop("records")
+    res.update(tokens_per_step=batch * seq_len, loss_tokens_per_step=batch * (seq_len - 1),
+               setup_s=time.perf_counter() - t_setup - res["train_wall_s"])
+    return res
+
+
+def prompt_data(student: str, data: str, prompt_len: int, completion_len: int, rows: int, out: Path) -> Path:
+    """``{"prompt", "completion"}`` rows: the first ``prompt_len`` tokens of each text and the next
+    ``completion_len`` (decoded; the peers' prompts are the same ids, decoded the same way)."""
+    from transformers import AutoTokenizer
+
+    from bench.models import read_texts, tokenize_fixed
+
+    tok = AutoTokenizer.from_pretrained(student)
+    ids = tokenize_fixed(tok, read_texts(data)[:rows], prompt_len + completion_len)
+    with open(out, "w") as f:
+        for x in ids:
+            f.write(json.dumps({"prompt": tok.decode(x[:prompt_len]), "completion": tok.decode(x[prompt_len:])}) + "\n")
+    return out
+
+
+def run_onpolicy(student: str, teacher: str, data: str, prompt_len: int = 64, max_new_tokens: int = 64,
+                 batch: int = 4, steps: int = 3, warmup: int = 1, lr: float = 1e-4, precision: str = "fp32",
+                 seed: int = 0, beta: float = 0.5) -> dict:
+    """On-policy (every batch sampled from the live student, weights synced after every step),
+    ``js`` β, temperature 1, top-p 1, ``max_new_tokens`` per response, unless EOS comes first:
+    the settings of the TRL on-policy rows. A step includes generation."""
+    t_setup = time.perf_counter()
+    total = warmup + steps
+    with tempfile.TemporaryDirectory(prefix="kdflow-bench-prompts-") as tmp:
+        pdata = str(prompt_data(student, data, prompt_len, max_new_tokens, batch * total, Path(tmp) / "prompts.jsonl"))
+        recipe = recipe_dict(student, teacher, pdata, prompt_len + max_new_tokens, batch, total, "", lr=lr,
+                             precision=precision, seed=seed, beta=beta)
+        recipe["data"].update(format="prompt_completion", max_length=prompt_len + max_new_tokens + 8)
+        recipe["distill"]["rollout"] = "on_policy"
+        recipe["rollout"] = {"max_new_tokens": max_new_tokens, "temperature": 1.0, "top_p": 1.0, "n": 1,
+                             "sync_every": 1}
+        res = _timed_train(recipe, [], warmup, total)
+    recs = res.pop("records")
+    gen = [round(r["rollout_response_len"] * r["rollout_samples"]) for r in recs]
+    res.update(side="kdflow-onpolicy", generated_tokens=gen[warmup:], tokens_per_step=round(sum(gen) / len(gen)),
+               prompt_tokens_per_step=batch * prompt_len,
+               sample_s=[r.get("sample_s") for r in recs[warmup:]], sync_s=[r.get("sync_s") for r in recs[warmup:]],
+               eos_frac=[r.get("rollout_eos_frac") for r in recs[warmup:]],
+               setup_s=time.perf_counter() - t_setup - res["train_wall_s"])
+    return res
 
 
 def t_train_start_gap(marks: list[float], t_train: float) -> float:

@@ -10,8 +10,8 @@ Tables (``--tables``, comma-separated; default all):
 - ``real``     the same with the real SmolLM2-135M teacher and a 576-wide 4-layer student;
 - ``scaling``  tokens/s and peak memory as the sequence grows (2048 tokens per step: 8×256 …
   1×2048) and as the vocabulary grows (32000, 49152, 152064 at 4×256), tuned allocator;
-- ``onpolicy`` TRL GKDTrainer λ=1 and DistillationTrainer (kdflow's on-policy rows come with its
-  rollout issue).
+- ``onpolicy`` kdflow ``on_policy`` vs TRL GKDTrainer λ=1 and DistillationTrainer: the same
+  prompts, max_new_tokens and sampling settings; a step includes generation.
 
 Every configuration runs in a fresh child process pinned to ``--threads`` CPUs (both sides get
 the same CPU budget); sides alternate within each repeat so machine drift hits both. Rows
@@ -37,8 +37,9 @@ from bench import common, models  # noqa: E402
 from bench.common import GB, fmt_range, md_table  # noqa: E402
 
 ALL_TABLES = ("limit", "channel", "offpolicy", "real", "scaling", "onpolicy")
-ONPOLICY_PEERS = {"TRL GKDTrainer λ=1": "bench.peers.trl_onpolicy:run_gkd",
-                  "TRL DistillationTrainer": "bench.peers.trl_onpolicy:run_distillation"}
+ONPOLICY_SIDES = {"TRL GKDTrainer λ=1": "bench.peers.trl_onpolicy:run_gkd",
+                  "TRL DistillationTrainer": "bench.peers.trl_onpolicy:run_distillation",
+                  "kdflow on_policy": "bench.kdflow_side:run_onpolicy"}
 SIDES = {"trl": "bench.peers.trl_gkd:run", "kdflow": "bench.kdflow_side:run"}
 SIDE_NAMES = {"trl": "TRL GKDTrainer", "kdflow": "kdflow"}
 
@@ -244,40 +245,52 @@ SCALING_HEADERS = ["sweep", "batch", "V", "TRL tokens/s", "TRL peak GB", "kdflow
                    "kdflow÷TRL tokens/s"]
 
 
-def onpolicy_table(args) -> str:
-    """On-policy peers (kdflow's on-policy rollout lands with its own issue): same prompts, lengths, sampling."""
+def onpolicy_table(args, kdflow_ok: bool, why: str) -> str:
+    """On-policy: kdflow and the TRL peers on the same prompts, lengths and sampling settings."""
     import psutil
 
     s, t = str(models.ensure_model("student")), str(models.ensure_model("teacher"))
     P, M, B = args.prompt_len, args.max_new_tokens, 4
     data = str(models.ensure_data(models.tokenizer_folder(), P + M, max(32, B * (args.warmup + args.onpolicy_steps))))
-    rows = []
-    for name, target in ONPOLICY_PEERS.items():
-        runs = []
-        for rep in range(args.onpolicy_repeats):
-            r = common.run_isolated(target, dict(student=s, teacher=t, data=data, prompt_len=P, max_new_tokens=M,
-                                                 batch=B, steps=args.onpolicy_steps, warmup=args.warmup),
+    runs: dict[str, list] = {name: [] for name in ONPOLICY_SIDES}
+    names = [n for n in ONPOLICY_SIDES if kdflow_ok or not n.startswith("kdflow")]
+    for rep in range(args.onpolicy_repeats):
+        for name in (names if rep % 2 == 0 else names[::-1]):
+            r = common.run_isolated(ONPOLICY_SIDES[name], dict(student=s, teacher=t, data=data, prompt_len=P,
+                                                               max_new_tokens=M, batch=B, steps=args.onpolicy_steps,
+                                                               warmup=args.warmup),
                                     threads=args.threads, allocator="tuned", timeout=args.timeout,
                                     mem_cap=int(psutil.virtual_memory().available * 0.9))
-            log(f"onpolicy {name} #{rep + 1}: " + (f"{fmt_range(r.result['step_times'])} s/step" if r.ok else
+            log(f"onpolicy {name} #{rep + 1}: " + (f"{fmt_range(r.result['step_times'])} s/step, "
+                                                   f"generated {r.result['generated_tokens']}" if r.ok else
                                                    f"FAILED {r.error}\n{r.log_tail[-1500:]}"))
-            runs.append(r)
-        st = side_stats(runs)
+            runs[name].append(r)
+    rows, medians = [], {}
+    for name in ONPOLICY_SIDES:
+        st = side_stats(runs[name])
         if st is None:
-            rows.append([name, f"{B}×({P}+{M})", "tuned", "—", "—", "—", "—", "—", runs[-1].error[:120]])
+            reason = why if name.startswith("kdflow") and not kdflow_ok else (
+                runs[name][-1].error if runs[name] else "not run")
+            rows.append([name, f"{B}×({P}+{M})", "tuned", "—", "—", "—", "—", "—", "—", reason[:120]])
             continue
-        gen = [g for r in runs if r.ok for g in r.result["generated_tokens"]]
+        gen = [g for r in runs[name] if r.ok for g in r.result["generated_tokens"]]
         gen_tps = [g / t for g, t in zip(gen, st["step_s"])] if len(gen) == len(st["step_s"]) else []
+        medians[name] = (st["median_step"], st["median_peak"])
+        samp = [x for r in runs[name] if r.ok for x in (r.result.get("sample_s") or []) if x is not None]
         rows.append([name, f"{B}×({P}+{M})", "tuned", f"{st['runs']}×{st['steps_per_run']}", fmt_range(st["step_s"]),
-                     fmt_range(gen_tps, "{:.0f}"), fmt_range(st["peak_gb"]), fmt_range(st["loss"], "{:.4f}"),
+                     fmt_range(samp) if samp else "—", fmt_range(gen_tps, "{:.0f}"), fmt_range(st["peak_gb"]),
+                     fmt_range(st["loss"], "{:.4f}"),
                      f"cpu {fmt_range(st['cpu_share'])}; load {fmt_range(st['load'], '{:.1f}')}"])
-    rows.append(["kdflow on_policy", f"{B}×({P}+{M})", "tuned", "—", "—", "—", "—", "—",
-                 "comes with kdflow's rollout issue"])
-    return (md_table(["trainer", "prompts×(prompt+new)", "allocator", "runs×steps", "s/step", "generated tokens/s",
-                      "peak GB", "loss after N", "noise"], rows, "lllrrrrrl")
-            + f"\n\nBench pair, student sampling at temperature 1, top-k 0, top-p 1, {M} new tokens, β = 0.5; "
-            "a step includes generation. Cross-tokenizer ULD (TRL GOLDTrainer, `use_uld_loss=True`) comes with "
-            "kdflow's aligner issue.")
+    text = md_table(["trainer", "prompts×(prompt+new)", "allocator", "runs×steps", "s/step", "of which sampling s",
+                     "generated tokens/s", "peak GB", "loss after N", "noise"], rows, "lllrrrrrrl")
+    k = medians.get("kdflow on_policy")
+    ratios = [f"{name}: {t_step / k[0]:.2f}× the speed, {k[1] / peak:.2f}× the peak memory"
+              for name, (t_step, peak) in medians.items() if k and not name.startswith("kdflow")]
+    return (text + f"\n\nBench pair, student sampling at temperature 1, no top-k, top-p 1, up to {M} new tokens "
+            "(EOS may end a response earlier; `generated tokens/s` counts what was generated), β = 0.5, weights "
+            "synced every step; a step includes generation. `of which sampling s` is kdflow's own `sample_s` "
+            "(the TRL trainers do not report theirs)."
+            + ("\n\nkdflow on_policy vs " + "; vs ".join(ratios) + "." if ratios else ""))
 
 
 # ----------------------------------------------------------------------------- configurations
@@ -397,7 +410,7 @@ def main(argv=None) -> int:
                         + md_table(SCALING_HEADERS, scaling_rows(cfgs, "" if kdflow_ok else why), "llrrrrrr"))
 
     if "onpolicy" in args.tables:
-        sections.append("## On-policy peers\n\n" + onpolicy_table(args))
+        sections.append("## On-policy vs TRL\n\n" + onpolicy_table(args, kdflow_ok, why))
     minutes = (time.perf_counter() - t0) / 60
     header = _header(args, info, started, load0, minutes, kdflow_ok, why)
     text = header + "\n\n" + "\n\n".join(sections) + "\n"
