@@ -167,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from kdcore.runtime import passive_threads_default
+
+    passive_threads_default()  # before anything imports torch (see kdcore.runtime)
     args = build_parser().parse_args(argv)
     return args.func(args)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -76,3 +77,16 @@ def test_ci_runs_exactly_the_readme_test_command():
     command = section.split("```bash", 1)[1].split("```", 1)[0].strip()
     ci_lines = [line.strip() for line in (root / ".ci" / "run").read_text().splitlines()]
     assert command in ci_lines
+
+
+@pytest.mark.parametrize("preset", [None, "ACTIVE"])
+def test_cli_makes_openmp_workers_wait_passively_before_torch_loads(preset):
+    # the student and the teacher process share the cores; spinning workers steal their slices
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if preset:
+        env["OMP_WAIT_POLICY"] = preset
+    code = ("import os, sys, kdcore.cli as c; c.main(['list-algorithms', '--kind', 'loss', '--json']); "
+            "print('POLICY=' + os.environ['OMP_WAIT_POLICY'], file=sys.stderr)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr
+    assert f"POLICY={preset or 'PASSIVE'}" in res.stderr  # a user's own setting wins

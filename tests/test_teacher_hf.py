@@ -199,6 +199,8 @@ def test_child_runs_with_its_own_threads_and_allocator_settings(engine):
     env = dict(kv.split("=", 1) for kv in open(f"/proc/{engine.pid}/environ").read().split("\0") if "=" in kv)
     assert env["MALLOC_MMAP_MAX_"] == "0" and env["MALLOC_TRIM_THRESHOLD_"] == "68719476736"
     assert env["OMP_NUM_THREADS"] == "1" and env["TQDM_DISABLE"] == "1"
+    # workers sleep while waiting (they share the cores with the student) unless the user chose
+    assert env["OMP_WAIT_POLICY"] == os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
     assert os.environ.get("TQDM_DISABLE") != "1" or "TQDM_DISABLE" in os.environ  # parent untouched
     assert default_threads(2) == 1 and default_threads(1) == 1 and default_threads(12) == 4
 

@@ -64,9 +64,10 @@ def _close_all() -> None:  # runs before multiprocessing's own exit hook (regist
 
 def child_env(threads: int) -> dict[str, str]:
     """Environment the teacher process starts with (see the module docstring)."""
-    from kdcore.runtime import ALLOCATOR_ENV
+    from kdcore.runtime import ALLOCATOR_ENV, THREAD_ENV
 
-    env = {k: os.environ.get(k, v) for k, v in ALLOCATOR_ENV.items()}  # a user's own choice wins
+    # a user's own choice wins
+    env = {k: os.environ.get(k, v) for k, v in {**ALLOCATOR_ENV, **THREAD_ENV}.items()}
     env.update({
         "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
         "TOKENIZERS_PARALLELISM": "false",  # the child never tokenizes; keep its pool out of the way
