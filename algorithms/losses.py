@@ -115,6 +115,64 @@ class _LogProbs:
         return self._q
 
 
+def _unmasked(student_logits: Tensor, teacher_logits: Tensor, temperature: float, name: str):
+    """The fp32 (at least), temperature-scaled logits when no entry is masked, else None.
+
+    The closed-form paths below cover this common case; masked chunks take the general
+    :class:`_LogProbs` path, whose removed-entry rules they would otherwise have to repeat.
+    """
+    if student_logits.shape != teacher_logits.shape or student_logits.dim() != 2:
+        return None  # _LogProbs raises the shape error
+    if not temperature > 0 or not student_logits.numel():
+        return None
+    dtype = torch.promote_types(torch.promote_types(student_logits.dtype, teacher_logits.dtype), torch.float32)
+    with torch.no_grad():
+        lows = torch.stack([student_logits.detach().amin(), teacher_logits.detach().amin()])
+        if bool(torch.isneginf(lows).any()):
+            return None
+    s, t = student_logits.to(dtype), teacher_logits.to(dtype)
+    if temperature != 1.0:
+        s, t = s / temperature, t / temperature
+    return s, t
+
+
+class _ClosedFormJS(torch.autograd.Function):
+    """Generalised JS with its gradient written out, computed in the forward pass.
+
+    With ``d_q = log q − log m`` and ``d_p = log p − log m``: ``∂js/∂s = (1−β)·q·(d_q − Σ q·d_q)``
+    and ``∂js/∂t = β·p·(d_p − Σ p·d_p)`` per row (the ``m``-terms of the mixture cancel).
+    Autograd through the log-space formula takes about twice the passes over ``[n, V]``
+    (measured: 87 vs 39 ms for a 256 × 49152 chunk on 2 threads; the whole chunked loss step
+    at N = 508: about 540 vs 490 ms). The same treatment measured no gain for ``fkl``.
+    """
+
+    @staticmethod
+    def forward(ctx, s: Tensor, t: Tensor, beta: float) -> Tensor:
+        need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        logq = torch.log_softmax(s, dim=-1)
+        logp = torch.log_softmax(t, dim=-1)
+        log_m = torch.logaddexp(logp + math.log(beta), logq + math.log1p(-beta))
+        q = logq.exp()
+        p = logp.exp()
+        d_q = logq.sub_(log_m)
+        d_p = logp.sub_(log_m)
+        del log_m
+        kl_q = (q * d_q).sum(dim=-1)
+        kl_p = (p * d_p).sum(dim=-1)
+        g_s = d_q.sub_(kl_q.unsqueeze(-1)).mul_(q).mul_(1.0 - beta) if need_s else None
+        del q, d_q
+        g_t = d_p.sub_(kl_p.unsqueeze(-1)).mul_(p).mul_(beta) if need_t else None
+        ctx.save_for_backward(g_s, g_t)
+        return beta * kl_p + (1.0 - beta) * kl_q
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        g_s, g_t = ctx.saved_tensors
+        scale = grad_out.unsqueeze(-1)
+        return (None if g_s is None else g_s * scale, None if g_t is None else g_t * scale, None)
+
+
 def _kl(a: Tensor, log_a: Tensor, log_b: Tensor) -> Tensor:
     """Σ a·(log a − log b) per row; ``a`` is 0 wherever the safe logs were zeroed."""
     diff = log_a - log_b
@@ -164,6 +222,9 @@ def js(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1
     for logits ``[n, V]``, ``0 < β < 1``; returns ``[n]``. Symmetric in p and q at β = 0.5.
     """
     _check_open_unit("js", "beta", beta)
+    plain = _unmasked(student_logits, teacher_logits, temperature, "js")
+    if plain is not None:
+        return _ClosedFormJS.apply(*plain, beta)
     lp = _LogProbs(student_logits, teacher_logits, temperature, "js")
     log_m = _log_mix(lp.logp, lp.logq, beta)
     return beta * _kl(lp.p, lp.logp, log_m) + (1.0 - beta) * _kl(lp.q, lp.logq, log_m)
