@@ -1,5 +1,6 @@
 """kdflow's side of the peer tables, run exactly as a user would: a recipe plus overrides,
-through the public API (``kdcore.load_recipe`` + ``kdcore.trainer.train``).
+through the command line (``python -m kdcore train RECIPE OVERRIDES...`` in a child process,
+so kdflow's process-level defaults apply as they do for users).
 
 ``run`` writes a recipe for the bench models and data (the same files the peers load), applies
 ``overrides`` (dotlist, as on the command line), trains ``warmup + steps`` steps and reads
@@ -24,6 +25,8 @@ from __future__ import annotations
 
 import json
 import resource
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -96,24 +99,25 @@ def _timed_train(recipe: dict, overrides: list[str] | None, warmup: int, total: 
     """Train ``recipe`` through the public API; per-step times (see the module doc) and records."""
     import yaml
 
-    import kdcore
-    from kdcore import trainer
-
     with tempfile.TemporaryDirectory(prefix="kdflow-bench-") as tmp:
-        recipe = dict(recipe, train=dict(recipe["train"], output_dir=str(Path(tmp) / "out")))
+        out_dir = Path(tmp) / "out"
+        recipe = dict(recipe, train=dict(recipe["train"], output_dir=str(out_dir)))
         path = Path(tmp) / "bench.yaml"
         path.write_text(yaml.safe_dump(recipe))
-        cfg = kdcore.load_recipe(str(path), list(overrides or []))
-        metrics_file = Path(cfg.train.output_dir) / "metrics.jsonl"
+        metrics_file = out_dir / "metrics.jsonl"
         watcher = _Watcher(metrics_file)
         watcher.start()
         t_train = time.perf_counter()
         try:
-            trainer.train(cfg)
+            # the command a user runs, in its own process (whose memory the tree measurement counts)
+            proc = subprocess.run([sys.executable, "-m", "kdcore", "train", str(path), *list(overrides or [])],
+                                  capture_output=True, text=True)
         finally:
             watcher.stop.set()
             watcher.join()
         train_wall = time.perf_counter() - t_train
+        if proc.returncode != 0:
+            raise RuntimeError(f"kdcore train exited {proc.returncode}: {(proc.stderr or proc.stdout)[-3000:]}")
         records = read_metrics(metrics_file)
     stamps = watcher.stamps
     train_idx = [i for i, r in enumerate(records) if "step" in r and "loss" in r and "tokens_per_s" in r]
@@ -148,7 +152,7 @@ def _timed_train(recipe: dict, overrides: list[str] | None, warmup: int, total: 
         "records": train_recs,
         "timing": timing,
         "train_wall_s": train_wall,
-        "child_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "child_maxrss": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
     }
 
 
