@@ -224,9 +224,11 @@ def _child_main(target: str, args_file: str, out_file: str) -> int:
     threads = int(os.environ.get("BENCH_THREADS", "0") or 0)
     payload: dict[str, Any] = {}
     try:
-        import torch
+        if threads and os.environ.get("BENCH_CHILD_TORCH", "1") == "1":
+            # a target that only launches other processes (kdflow's side) sets BENCH_CHILD_TORCH=0:
+            # an idle torch in the launcher would count against its memory
+            import torch
 
-        if threads:
             torch.set_num_threads(threads)
         mod_name, _, fn_name = target.partition(":")
         fn: Callable[..., dict] = getattr(importlib.import_module(mod_name), fn_name)

@@ -34,7 +34,8 @@ from pathlib import Path
 
 
 def trainer_available() -> tuple[bool, str]:
-    """(True, "") when ``kdcore.trainer.train`` can be imported, else (False, why)."""
+    """(True, "") when ``kdcore.trainer.train`` can be imported, else (False, why). Imports torch:
+    for the parent process (``run_all``), not the benchmark children."""
     try:
         from kdcore import trainer  # noqa: F401
     except Exception as exc:  # ImportError, or a half-written module
@@ -88,6 +89,20 @@ class _Watcher(threading.Thread):
                     _, buf = buf.split(b"\n", 1)
                     self.stamps.append(now)
             time.sleep(self.interval)
+
+
+def prepare_in_subprocess(target: str, **kwargs) -> None:
+    """Run ``target`` (``"module:function"``, writing a data file) in a short-lived process.
+
+    The benchmark child that launches ``kdcore train`` stays free of torch and transformers, so
+    the memory measured for kdflow's process tree is kdflow's own: tokenizing the bench rows
+    would otherwise leave a few hundred MB of libraries resident beside the training run.
+    """
+    code = ("import json, sys; from importlib import import_module; m, _, f = sys.argv[1].partition(':'); "
+            "getattr(import_module(m), f)(**json.loads(sys.argv[2]))")
+    proc = subprocess.run([sys.executable, "-c", code, target, json.dumps(kwargs)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{target} failed: {proc.stderr[-2000:]}")
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -161,9 +176,6 @@ def run(student: str, teacher: str, data: str, seq_len: int, batch: int = 4, ste
         overrides: list[str] | None = None) -> dict:
     """Off-policy: train through kdflow's public API; per-step times, losses and kdflow's own figures."""
     t_setup = time.perf_counter()
-    ok, why = trainer_available()
-    if not ok:
-        raise RuntimeError(why)
     total = warmup + steps
     recipe = recipe_dict(student, teacher, data, seq_len, batch, total, "", lr=lr, precision=precision, seed=seed,
                          beta=beta)
@@ -198,7 +210,9 @@ def run_onpolicy(student: str, teacher: str, data: str, prompt_len: int = 64, ma
     t_setup = time.perf_counter()
     total = warmup + steps
     with tempfile.TemporaryDirectory(prefix="kdflow-bench-prompts-") as tmp:
-        pdata = str(prompt_data(student, data, prompt_len, max_new_tokens, batch * total, Path(tmp) / "prompts.jsonl"))
+        pdata = str(Path(tmp) / "prompts.jsonl")
+        prepare_in_subprocess("bench.kdflow_side:prompt_data", student=student, data=data, prompt_len=prompt_len,
+                              completion_len=max_new_tokens, rows=batch * total, out=pdata)
         recipe = recipe_dict(student, teacher, pdata, prompt_len + max_new_tokens, batch, total, "", lr=lr,
                              precision=precision, seed=seed, beta=beta)
         recipe["data"].update(format="prompt_completion", max_length=prompt_len + max_new_tokens + 8)

@@ -13,8 +13,8 @@ boundary of the student tokenizer, and split into ``{"prompt": <first student to
 GOLD's collator refuses rows whose prompt is empty; one token is the least it accepts, and using
 the same rows on both sides keeps the trained region the same (the completion).
 
-:func:`run_uld` runs kdflow through the public API (``recipe_dict`` + ``_timed_train`` from
-:mod:`bench.kdflow_side`) with ``distill.aligner: uld`` (``top_k: 0``: whole vocabularies
+:func:`run_uld` runs kdflow as a user would (``recipe_dict`` + ``_timed_train`` from
+:mod:`bench.kdflow_side`: ``python -m kdcore train``) with ``distill.aligner: uld`` (``top_k: 0``: whole vocabularies
 sorted, the exact distance, as GOLD computes it), ``off_policy``, ``kd_ratio: 1`` (pure
 distillation: the CE term has weight 0, as GOLD's ``uld_crossentropy_weight=0``),
 temperature 1 (GOLD's ``uld_student_temperature = uld_teacher_temperature = 1``), fp32,
@@ -59,7 +59,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.kdflow_side import _timed_train, recipe_dict, trainer_available
+from bench.kdflow_side import _timed_train, prepare_in_subprocess, recipe_dict
 
 
 def xtok_rows(student: str, data: str, seq_len: int, rows: int, out: str | Path) -> Path:
@@ -105,12 +105,11 @@ def run_uld(student: str, teacher: str, data: str, seq_len: int, batch: int = 4,
     ``setup_s``) plus ``align_ratio`` (per step: aligned student rows / student loss rows)
     and ``rows`` (the prompt/completion rows trained on, for comparison with the peer)."""
     t_setup = time.perf_counter()
-    ok, why = trainer_available()
-    if not ok:
-        raise RuntimeError(why)
     total = warmup + steps
     with tempfile.TemporaryDirectory(prefix="kdflow-xtok-") as tmp:
-        rows_file = str(xtok_rows(student, data, seq_len, batch * total, Path(tmp) / "rows.jsonl"))
+        rows_file = str(Path(tmp) / "rows.jsonl")
+        prepare_in_subprocess("bench.kdflow_xtok:xtok_rows", student=student, data=data, seq_len=seq_len,
+                              rows=batch * total, out=rows_file)
         recipe = recipe_dict(student, teacher, rows_file, seq_len, batch, total, "", lr=lr, precision="fp32",
                              seed=seed)
         recipe["data"].update(format="prompt_completion", max_length=seq_len, overlong="truncate")

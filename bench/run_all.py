@@ -11,7 +11,9 @@ Tables (``--tables``, comma-separated; default all):
 - ``scaling``  tokens/s and peak memory as the sequence grows (2048 tokens per step: 8×256 …
   1×2048) and as the vocabulary grows (32000, 49152, 152064 at 4×256), tuned allocator;
 - ``onpolicy`` kdflow ``on_policy`` vs TRL GKDTrainer λ=1 and DistillationTrainer: the same
-  prompts, max_new_tokens and sampling settings; a step includes generation.
+  prompts, max_new_tokens and sampling settings; a step includes generation;
+- ``xtok``     cross-tokenizer ULD: kdflow's ``uld`` aligner vs TRL GOLDTrainer
+  (``use_uld_loss=True``), SmolLM2-BPE teacher 512×8 → Mistral-SentencePiece student 256×4.
 
 Every configuration runs in a fresh child process pinned to ``--threads`` CPUs (both sides get
 the same CPU budget); sides alternate within each repeat so machine drift hits both. Rows
@@ -36,12 +38,16 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable from t
 from bench import common, models  # noqa: E402
 from bench.common import GB, fmt_range, md_table  # noqa: E402
 
-ALL_TABLES = ("limit", "channel", "offpolicy", "real", "scaling", "onpolicy")
+ALL_TABLES = ("limit", "channel", "offpolicy", "real", "scaling", "onpolicy", "xtok")
 ONPOLICY_SIDES = {"TRL GKDTrainer λ=1": "bench.peers.trl_onpolicy:run_gkd",
                   "TRL DistillationTrainer": "bench.peers.trl_onpolicy:run_distillation",
                   "kdflow on_policy": "bench.kdflow_side:run_onpolicy"}
 SIDES = {"trl": "bench.peers.trl_gkd:run", "kdflow": "bench.kdflow_side:run"}
 SIDE_NAMES = {"trl": "TRL GKDTrainer", "kdflow": "kdflow"}
+XTOK_SIDES = {"trl": "bench.peers.trl_gold:run", "kdflow": "bench.kdflow_xtok:run_uld"}
+XTOK_NAMES = {"trl": "TRL GOLDTrainer (ULD)", "kdflow": "kdflow uld"}
+# kdflow's side only launches `python -m kdcore train`: no torch in the launcher (bench.common)
+LAUNCHER_ENV = {"BENCH_CHILD_TORCH": "0"}
 
 
 @dataclass
@@ -58,7 +64,8 @@ class Config:
     steps: int
     warmup: int
     repeats: int
-    vocab: int = 49152
+    vocab: int = 49152  # the data is built for this vocabulary's tokenizer (the student's)
+    sides: dict = field(default_factory=lambda: dict(SIDES))  # side -> "module:function"
     runs: dict = field(default_factory=dict)  # side -> list[RunResult]
 
     def kwargs(self, data: str) -> dict:
@@ -79,14 +86,14 @@ def run_config(cfg: Config, args, kdflow_ok: bool) -> None:
 
     tok_dir = models.tokenizer_folder(cfg.vocab)
     data = str(models.ensure_data(tok_dir, cfg.seq_len, max(32, cfg.batch * (cfg.steps + cfg.warmup))))
-    sides = [s for s in args.sides if s in SIDES]
+    sides = [s for s in args.sides if s in cfg.sides]
     for rep in range(cfg.repeats):
         for side in (sides if rep % 2 == 0 else sides[::-1]):
             if side == "kdflow" and not kdflow_ok:
                 continue
             cap = int(psutil.virtual_memory().available * 0.9)  # never push the machine into the OOM killer
-            r = common.run_isolated(SIDES[side], cfg.kwargs(data), threads=args.threads, allocator=cfg.allocator,
-                                    timeout=args.timeout, mem_cap=cap)
+            r = common.run_isolated(cfg.sides[side], cfg.kwargs(data), threads=args.threads, allocator=cfg.allocator,
+                                    timeout=args.timeout, mem_cap=cap, env_extra=LAUNCHER_ENV if side == "kdflow" else None)
             cfg.runs.setdefault(side, []).append(r)
             if r.ok:
                 st = r.result["step_times"]
@@ -159,20 +166,21 @@ def flops_of(cfg: Config) -> float:
     return step_flops(Dims.from_folder(cfg.student), Dims.from_folder(cfg.teacher), cfg.batch, cfg.seq_len)["total"]
 
 
-def peer_rows(cfgs: list[Config], peak_fp32: float | None, why_no_kdflow: str) -> list[list]:
+def peer_rows(cfgs: list[Config], peak_fp32: float | None, why_no_kdflow: str,
+              names: dict = SIDE_NAMES) -> list[list]:
     rows = []
     for cfg in cfgs:
-        flops = flops_of(cfg)
-        for side in SIDES:
+        flops = flops_of(cfg) if names is SIDE_NAMES else None  # the FLOP model covers same-vocab KD only
+        for side in names:
             st = side_stats(cfg.runs.get(side, []))
-            name = SIDE_NAMES[side]
+            name = names[side]
             shape = f"{cfg.batch}×{cfg.seq_len}"
             if st is None:
                 reason = why_no_kdflow if side == "kdflow" and why_no_kdflow else (
                     cfg.runs[side][-1].error if cfg.runs.get(side) else "not run")
                 rows.append([cfg.label, shape, cfg.allocator, name, "—", "—", "—", "—", "—", "—", reason[:120]])
                 continue
-            pct = f"{100 * flops / st['median_step'] / 1e9 / peak_fp32:.0f}%" if peak_fp32 else "—"
+            pct = f"{100 * flops / st['median_step'] / 1e9 / peak_fp32:.0f}%" if peak_fp32 and flops else "—"
             rows.append([cfg.label, shape, cfg.allocator, name, f"{st['runs']}×{st['steps_per_run']}",
                          fmt_range(st["step_s"]), fmt_range(st["tok_s"], "{:.0f}"), fmt_range(st["peak_gb"]),
                          fmt_range(st["loss"], "{:.4f}"), pct,
@@ -260,7 +268,8 @@ def onpolicy_table(args, kdflow_ok: bool, why: str) -> str:
                                                                max_new_tokens=M, batch=B, steps=args.onpolicy_steps,
                                                                warmup=args.warmup),
                                     threads=args.threads, allocator="tuned", timeout=args.timeout,
-                                    mem_cap=int(psutil.virtual_memory().available * 0.9))
+                                    mem_cap=int(psutil.virtual_memory().available * 0.9),
+                                    env_extra=LAUNCHER_ENV if name.startswith("kdflow") else None)
             log(f"onpolicy {name} #{rep + 1}: " + (f"{fmt_range(r.result['step_times'])} s/step, "
                                                    f"generated {r.result['generated_tokens']}" if r.ok else
                                                    f"FAILED {r.error}\n{r.log_tail[-1500:]}"))
@@ -291,6 +300,21 @@ def onpolicy_table(args, kdflow_ok: bool, why: str) -> str:
             "synced every step; a step includes generation. `of which sampling s` is kdflow's own `sample_s` "
             "(the TRL trainers do not report theirs)."
             + ("\n\nkdflow on_policy vs " + "; vs ".join(ratios) + "." if ratios else ""))
+
+
+def xtok_table(args, kdflow_ok: bool, why: str) -> str:
+    s, t = str(models.ensure_model("student-v32000")), str(models.ensure_model("teacher"))
+    cfg = Config("xtok", "Mistral-SP 256×4 ← SmolLM2-BPE 512×8", s, t, 128, 4, "tuned", args.xtok_steps, args.warmup,
+                 args.xtok_repeats, vocab=32000, sides=dict(XTOK_SIDES))
+    run_config(cfg, args, kdflow_ok)
+    text = md_table(PEER_HEADERS, peer_rows([cfg], None, "" if kdflow_ok else why, names=XTOK_NAMES), "lllllrrrrrl")
+    k, g = side_stats(cfg.runs.get("kdflow", [])), side_stats(cfg.runs.get("trl", []))
+    ratio = (f"kdflow ÷ GOLD: {g['median_step'] / k['median_step']:.2f}× the speed, "
+             f"{k['median_peak'] / g['median_peak']:.2f}× the peak memory (medians)." if k and g else "")
+    return (text + "\n\n" + ratio + " Off-policy, pure ULD (sorted-probability L1, whole vocabularies, T = 1), "
+            "the same prompt/completion rows on both sides. The two ULDs pair positions differently (kdflow: "
+            "positions that have read the same characters; GOLD, with a SentencePiece student, must pair by "
+            "index), so the loss values are on the same scale but not the same average; see bench/kdflow_xtok.py.")
 
 
 # ----------------------------------------------------------------------------- configurations
@@ -340,6 +364,8 @@ def parse_args(argv=None):
     p.add_argument("--scaling-steps", type=int, default=3, help="measured steps per scaling run")
     p.add_argument("--onpolicy-steps", type=int, default=3, help="measured steps per on-policy run")
     p.add_argument("--onpolicy-repeats", type=int, default=1)
+    p.add_argument("--xtok-steps", type=int, default=3, help="measured steps per cross-tokenizer run")
+    p.add_argument("--xtok-repeats", type=int, default=1)
     p.add_argument("--prompt-len", type=int, default=64, help="on-policy prompt tokens")
     p.add_argument("--max-new-tokens", type=int, default=64, help="on-policy completion tokens (both sides)")
     p.add_argument("--matmul-n", type=int, default=4096)
@@ -363,6 +389,7 @@ def parse_args(argv=None):
         p.error(f"--sides: choose from {', '.join(SIDES)}")
     if args.quick:
         args.steps, args.repeats, args.real_repeats, args.scaling_steps, args.onpolicy_steps = 2, 1, 1, 1, 1
+        args.xtok_steps = 1
         args.max_new_tokens = 16
         args.matmul_n, args.matmul_repeats, args.channel_repeats = 2048, 3, 2
     return args
@@ -411,6 +438,9 @@ def main(argv=None) -> int:
 
     if "onpolicy" in args.tables:
         sections.append("## On-policy vs TRL\n\n" + onpolicy_table(args, kdflow_ok, why))
+    if "xtok" in args.tables:
+        log("xtok: cross-tokenizer ULD vs GOLD")
+        sections.append("## Cross-tokenizer ULD vs TRL GOLDTrainer\n\n" + xtok_table(args, kdflow_ok, why))
     minutes = (time.perf_counter() - t0) / 60
     header = _header(args, info, started, load0, minutes, kdflow_ok, why)
     text = header + "\n\n" + "\n\n".join(sections) + "\n"
