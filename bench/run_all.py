@@ -475,7 +475,8 @@ def _header(args, info: dict, started: str, load0, minutes: float, kdflow_ok: bo
         "(bench/limit.py: 6·N_student + 2·N_teacher per token, attention, student head and teacher-logit rebuild "
         "at loss positions) per second ÷ the fp32 matmul rate below. Allocator `default` = glibc as shipped, "
         "`tuned` = `MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736` in the run's environment "
-        "(kdflow also tunes its own processes by default).",
+        "(kdflow, run as `python -m kdcore train`, also tunes its own processes by default: the allocator, "
+        "passive OpenMP waits, and the thread split between its teacher and student processes).",
     ]
     if not kdflow_ok:
         lines += ["", f"**{why}** — kdflow rows are empty in this run."]
