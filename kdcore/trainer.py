@@ -28,6 +28,7 @@ previous record. With several ranks each scalar is the mean of the ranks' values
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -107,6 +108,7 @@ class Trainer:
         self.out_dir = Path(cfg.train.output_dir)
         self.metrics_path = self.out_dir / "metrics.jsonl"
         self.engine = None
+        self.colocation = None  # kdcore.teacher.colocation.Colocation when teacher.sglang.colocate
         self.sampler = None  # kdcore.sampling.RolloutSampler: sampling policies, self-distillation
         self.teacher_wait_s = 0.0
         self.last_position = None
@@ -208,9 +210,30 @@ class Trainer:
         max_rows = max(max_rows, rollout_rows(self))  # generated responses can outgrow the data's
         teacher_threads, student_threads = self.thread_split()
         self.kdist.setup_threads(student_threads)
-        self.engine = create_engine(cfg.teacher, max_rows=max_rows, threads=teacher_threads)
+        extra = {}
+        if self.colocated():
+            # a whole step's micro-batches are computed in one teacher phase, then read while it sleeps
+            extra["n_slots"] = max(2, cfg.train.grad_accum)
+        self.engine = create_engine(cfg.teacher, max_rows=max_rows, threads=teacher_threads, **extra)
         self.engine.start()
         self.say(f"[dim]threads: student {student_threads}, teacher {teacher_threads}[/dim]")
+        self.colocation = None
+        if self.colocated():
+            from kdcore.teacher.colocation import Colocation
+
+            self.colocation = Colocation(self.engine, self.student.optimizer,
+                                         offload_optimizer=bool(cfg.teacher.sglang.offload_optimizer))
+            self.colocation.start_asleep()
+
+    def colocated(self) -> bool:
+        """Teacher and student share the GPUs (``teacher.sglang.colocate``): the teacher is
+        woken for its phases only, and works on a step while the student waits (no overlap)."""
+        return self.cfg.teacher.engine == "sglang" and bool(self.cfg.teacher.sglang.colocate)
+
+    def teacher_phase(self):
+        """Context in which the teacher engine may be used: a colocated engine is awake only
+        inside it; otherwise a no-op."""
+        return self.colocation.teacher_phase() if self.colocation is not None else contextlib.nullcontext()
 
     def thread_split(self) -> tuple[int, int]:
         """(teacher, student) torch threads. The teacher runs beside the student (pipelined) on
@@ -435,7 +458,8 @@ class Trainer:
             self.say(f"resumed from {state.path} at step {start_step}")
         evals = []
         if start_step == 0:
-            ev = self.evaluate(0)
+            with self.teacher_phase():
+                ev = self.evaluate(0)
             if ev:
                 evals.append(ev)
                 self.say(self._eval_line(ev))
@@ -446,6 +470,8 @@ class Trainer:
         pending_steps: deque[PreparedStep] = deque()
 
         def fill(n_ahead: int) -> None:
+            if self.colocation is not None:
+                return fill_colocated()
             # submit queued micro-batches until n_ahead of them wait in the channel (the one the
             # student holds is the other slot of the double buffer)
             while sum(1 for m in queue if m.ticket is not None) < n_ahead:
@@ -461,6 +487,28 @@ class Trainer:
                 pending_steps.append(nxt)
                 queue.extend(nxt.micro_batches)
 
+        prepared = [start_step]  # steps taken from `steps` so far
+
+        def fill_colocated() -> None:
+            # one teacher phase per step: prepare it (a rollout may sample from the teacher),
+            # compute every micro-batch, read them all; the teacher sleeps while the student trains
+            if queue or prepared[0] >= cfg.train.max_steps:
+                return  # (no phase just to learn that the steps are over)
+            with self.teacher_phase():
+                nxt = next(steps, None)
+                if nxt is None:
+                    return
+                prepared[0] += 1
+                if len(nxt.micro_batches) > self.engine.n_slots:
+                    raise TrainingError(f"step {nxt.step + 1} has {len(nxt.micro_batches)} micro-batches but the "
+                                        f"colocated teacher holds {self.engine.n_slots}; lower train.grad_accum")
+                pending_steps.append(nxt)
+                queue.extend(nxt.micro_batches)
+                for m in nxt.micro_batches:
+                    self.submit(m)
+                for m in nxt.micro_batches:
+                    self.teacher_hidden(m)
+
         step = start_step
         t_step = time.perf_counter()
         tokens = 0
@@ -475,7 +523,8 @@ class Trainer:
                     if not queue:
                         break
                     pmb = queue.popleft()
-                    fill(1)  # the teacher computes the next micro-batch while the student trains on this one
+                    if self.colocation is None:  # colocated: the teacher sleeps until the step is done
+                        fill(1)  # the teacher computes the next micro-batch while the student trains on this one
                     cur = pending_steps[0]
                     spec = self.loss_spec(cur.kd_global, cur.ce_global)
                     self.student.begin_micro_batch(pmb.last)
@@ -512,8 +561,9 @@ class Trainer:
                                 if m.ticket is not None:
                                     self.engine.release(m.ticket)
                                     m.ticket = None
-                            self.teacher_head = self.sampler.refresh_teacher(
-                                self.engine, dtype=self.teacher_head.dtype, device=self.env.device)
+                            with self.teacher_phase():
+                                self.teacher_head = self.sampler.refresh_teacher(
+                                    self.engine, dtype=self.teacher_head.dtype, device=self.env.device)
                         rollout_rec.update(self.sampler.pop_metrics())
                         # sampling ran inside this step's time; the rest is teacher wait + student
                         rollout_rec["train_s"] = dt - rollout_rec["sample_s"] - rollout_rec["sync_s"]
@@ -535,13 +585,15 @@ class Trainer:
                                 self.engine.result(m.ticket)
                                 self.engine.release(m.ticket)
                                 m.ticket = None
-                        ev = self.evaluate(step)
+                        with self.teacher_phase():
+                            ev = self.evaluate(step)
                         if ev:
                             evals.append(ev)
                             (progress.console.print if progress.console else self.say)(self._eval_line(ev))
                     t_step = time.perf_counter()
             if step > start_step or start_step == cfg.train.max_steps:
-                ev = self.evaluate(step)
+                with self.teacher_phase():
+                    ev = self.evaluate(step)
                 if ev:
                     evals.append(ev)
                     self.say(self._eval_line(ev))

@@ -237,6 +237,12 @@ class TeacherEngine(abc.ABC):
         if self._outstanding:
             raise TeacherError(f"release all hidden-state tickets before {what}")
 
+    def _check_all_read(self, what: str) -> None:
+        """Raise :class:`TeacherError` while a submitted request is still being computed."""
+        unread = sorted(set(self._outstanding) - self._read)
+        if unread:
+            raise TeacherError(f"read the results of tickets {unread} before {what}")
+
     def _ticket_view(self, ticket: Ticket, wait: "Callable[[], torch.Tensor]") -> "torch.Tensor":
         """The ``[rows, H]`` slot view of an outstanding ticket; ``wait()`` runs only on the first read."""
         self._check_outstanding(ticket, "released already, or from another engine")

@@ -48,8 +48,10 @@ that source):
 - **Colocation.** With ``teacher.sglang.colocate`` the server runs with SGLang's memory saver
   (``--enable-memory-saver --enable-weights-cpu-backup``): :meth:`SGLangTeacher.sleep` /
   :meth:`~SGLangTeacher.wake` call ``/release_memory_occupation`` / ``/resume_memory_occupation``
-  (weights are backed up in host memory, the KV cache is dropped). :class:`Colocation` wraps a
-  teacher phase, optionally moving the student's optimizer state to the host meanwhile.
+  (weights are backed up in host memory, the KV cache is dropped); rows already read stay in
+  kdflow's channel slots across a sleep. :class:`kdcore.teacher.colocation.Colocation` wraps a
+  teacher phase (the trainer runs one per step), optionally moving the student's optimizer
+  state to the host meanwhile.
 """
 
 from __future__ import annotations
@@ -908,7 +910,9 @@ class SGLangTeacher(TeacherEngine):
         """Release the server's GPU memory (weights backed up in host memory, KV cache dropped).
         Only with ``teacher.sglang.colocate`` and only by the rank that started the server
         (other ranks: no-op; synchronise ranks around it, see :class:`Colocation`)."""
-        self._idle("sleep()")
+        # rows already read stay valid: the channel slots are kdflow's, not SGLang's memory pool
+        self._check_usable()
+        self._check_all_read("sleep()")
         if self.scfg.colocate and self.owns_server and not self._asleep:
             with self._lock:
                 self.server.call("/release_memory_occupation", {"tags": None})
@@ -978,91 +982,8 @@ def push_weights(server: SGLangServer, state_dict: Mapping[str, torch.Tensor], *
 
 # ============================================================================ colocation
 
-
-def offload_optimizer_state(optimizer: torch.optim.Optimizer, device: str | torch.device = "cpu", *,
-                            move: Optional[Callable[[torch.Tensor, torch.device], torch.Tensor]] = None
-                            ) -> Callable[[], None]:
-    """Move every tensor of the optimizer's state to ``device`` (pinned host memory for CUDA
-    state, so the way back is a fast async copy) and return a function that moves each back
-    where it was. DTensor state (FSDP2) moves its local shard. ``move(tensor, device)``
-    replaces the transfer itself (default ``tensor.to(device)``)."""
-    target = torch.device(device)
-    homes: list[tuple[dict, Any, torch.device]] = []
-
-    def to(t: torch.Tensor, d: torch.device) -> torch.Tensor:
-        if move is not None:
-            return move(t, d)
-        out = t.to(d, non_blocking=True)
-        if d.type == "cpu" and t.is_cuda and not _is_dtensor(out):
-            out = out.pin_memory()
-        return out
-
-    for state in optimizer.state.values():
-        for k, v in state.items():
-            if isinstance(v, torch.Tensor) and v.device != target:
-                homes.append((state, k, v.device))
-                state[k] = to(v, target)
-    if any(h[2].type == "cuda" for h in homes):
-        torch.cuda.synchronize()  # the GPU copies are gone before the teacher takes the memory
-
-    def restore() -> None:
-        for state, k, home in homes:
-            state[k] = to(state[k], home)
-        if any(h[2].type == "cuda" for h in homes):
-            torch.cuda.synchronize()
-        homes.clear()
-
-    return restore
-
-
-def _is_dtensor(t: torch.Tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(t, DTensor)
-
-
-class Colocation:
-    """Teacher and student on the same GPUs: the teacher sleeps except during its phases.
-
-    ``with colocation.teacher_phase(): ...`` wakes the engine (after moving the optimizer
-    state to host memory when ``offload_optimizer``), runs the block (submit/result the
-    step's micro-batches: give the engine ``n_slots >= micro-batches per step`` so all of them
-    fit before the student trains), then puts the engine back to sleep and restores the
-    optimizer state. Collective when torch.distributed is initialised (barriers around the
-    server's sleep/wake, which only the rank that owns the server performs).
-    """
-
-    def __init__(self, engine: TeacherEngine, optimizer: Optional[torch.optim.Optimizer] = None,
-                 offload_optimizer: bool = False):
-        self.engine, self.optimizer, self.offload_optimizer = engine, optimizer, offload_optimizer
-        self.phases = 0
-
-    @staticmethod
-    def _barrier() -> None:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.barrier()
-
-    @contextmanager
-    def teacher_phase(self) -> Iterator[None]:
-        restore = None
-        if self.offload_optimizer and self.optimizer is not None:
-            restore = offload_optimizer_state(self.optimizer)
-        self._barrier()  # every rank's memory is free before the server takes it back
-        self.engine.wake()
-        self._barrier()
-        try:
-            yield
-        finally:
-            self._barrier()  # every rank has its rows before the server lets go of them
-            self.engine.sleep()
-            self._barrier()
-            if restore is not None:
-                restore()
-            self.phases += 1
+# engine-agnostic; kept importable from here for the GPU check script and older callers
+from kdcore.teacher.colocation import Colocation, offload_optimizer_state  # noqa: E402
 
 
 # ============================================================================ the SGLang plugin (server side)
