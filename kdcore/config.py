@@ -112,6 +112,9 @@ class RolloutConfig:
     # fewer syncs (samples are then up to sync_every - 1 updates old)
     sync_every: int = 1  # strictly on-policy, as GKD/DistiLLM define it
     dtype: str = _choice("float32", "float32", "bfloat16")  # float32: samples from the exact master weights
+    # the student copy's server with engine sglang (its own server, beside the teacher's:
+    # give the two different base_gpu_id/port or mem_fraction_static that fit together)
+    sglang: SGLangConfig = field(default_factory=SGLangConfig)
 
 
 @dataclass
@@ -184,12 +187,13 @@ _RANGES: list[tuple[str, Any, str]] = [
     ("rollout.sync_every", lambda v: v > 0, "must be > 0"),
     ("checkpoint.keep", lambda v: v >= 1, "must be >= 1"),
     ("checkpoint.every", lambda v: v >= 0, "must be >= 0"),
-    ("teacher.sglang.tp_size", lambda v: v >= 1, "must be >= 1"),
-    ("teacher.sglang.dp_size", lambda v: v >= 1, "must be >= 1"),
-    ("teacher.sglang.mem_fraction_static", lambda v: 0.0 < v < 1.0, "must be within (0, 1)"),
-    ("teacher.sglang.port", lambda v: 0 <= v <= 65535, "must be a port number (0 = any free one)"),
-    ("teacher.sglang.base_gpu_id", lambda v: v >= 0, "must be >= 0"),
-]
+] + [(f"{side}.sglang.{key}", check, msg) for side in ("teacher", "rollout") for key, check, msg in (
+    ("tp_size", lambda v: v >= 1, "must be >= 1"),
+    ("dp_size", lambda v: v >= 1, "must be >= 1"),
+    ("mem_fraction_static", lambda v: 0.0 < v < 1.0, "must be within (0, 1)"),
+    ("port", lambda v: 0 <= v <= 65535, "must be a port number (0 = any free one)"),
+    ("base_gpu_id", lambda v: v >= 0, "must be >= 0"),
+)]
 
 ALGORITHM_KEYS = {"loss": "loss", "aligner": "aligner", "rollout": "rollout"}
 

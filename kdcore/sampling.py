@@ -564,6 +564,7 @@ class SamplingSettings:
     n: int = 1
     sync_every: int = 1
     dtype: str = "float32"
+    sglang: Any = None  # the rollout server's settings (kdcore.config.SGLangConfig) for engine sglang
 
     @classmethod
     def from_config(cls, cfg: Any) -> "SamplingSettings":
@@ -644,8 +645,9 @@ class RolloutSampler:
         """Copy the student's current weights into the rollout engine (collective under FSDP)."""
         t0 = time.perf_counter()
         if self.engine is None:
+            extra = {"sglang": self.settings.sglang} if self.settings.engine == "sglang" and self.settings.sglang else {}
             self.engine = create_rollout_engine(self.settings.engine, config=self.student_model.config,
-                                                device=self.device, dtype=self.dtype, threads=self.threads)
+                                                device=self.device, dtype=self.dtype, threads=self.threads, **extra)
         if hasattr(self.engine, "sync_model"):  # engines that gather shards their own way (sglang)
             self.engine.sync_model(self.student_model)
         else:
