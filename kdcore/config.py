@@ -51,7 +51,7 @@ class TeacherConfig:
     engine: str = _choice("hf", "hf", "sglang")  # hf runs anywhere; sglang needs a GPU
     dtype: str = _choice("float32", "float32", "bfloat16", "float16")  # fp32: exact teacher targets on CPU
     device: str = _choice("auto", "auto", "cpu", "cuda")  # auto = cuda when present
-    threads: int = 0  # 0 = half this rank's cores: it runs beside the student and finishes first
+    threads: int = 0  # 0 = all this rank's cores (shared with the student; both wait passively)
     # Self-distillation: k > 0 replaces the teacher's weights with the student's every k
     # optimizer steps (the student must have the teacher's architecture). Set explicitly,
     # never inferred from equal model paths: a student initialised from the teacher's
@@ -131,7 +131,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     max_grad_norm: float = 1.0  # 0 disables clipping
     precision: str = _choice("fp32", "fp32", "bf16")  # bf16 = mixed precision, fp32 master weights
-    threads: int = 0  # student torch threads; 0 = all this rank's cores (the larger side of a step)
+    threads: int = 0  # student torch threads; 0 = all this rank's cores (shared with the teacher)
     device: str = _choice("auto", "auto", "cpu", "cuda")  # auto = cuda when present
     eval_every: int = 0  # steps; 0 = evaluate only before and after training
     eval_batches: int = 8  # held-out micro-batches per evaluation (bounded cost)
