@@ -243,8 +243,10 @@ def scaling_rows(cfgs: list[Config], why_no_kdflow: str) -> list[list]:
             else:
                 cells += ["—", "—"]
         k, t = stats["kdflow"], stats["trl"]
+        failed = "; ".join(f"{SIDE_NAMES[side]}: {cfg.runs[side][-1].error}"[:100] for side in ("trl", "kdflow")
+                           if not stats[side] and cfg.runs.get(side))
         cells.append(f"{t['median_step'] / k['median_step']:.2f}×" if k and t else
-                     (why_no_kdflow[:60] if not k and why_no_kdflow else "—"))
+                     (why_no_kdflow[:60] if not k and why_no_kdflow else failed or "—"))
         rows.append(cells)
     return rows
 

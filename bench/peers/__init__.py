@@ -22,4 +22,12 @@ def step_clock():
             if logs and "loss" in logs:
                 self.losses.append(float(logs["loss"]))
 
+        def step_times(self, total: int, who: str) -> list[float]:
+            """Seconds of each of the ``total`` steps (train start → first step end, then end
+            to end); a run that did not take exactly ``total`` steps is an error."""
+            if len(self.ends) != total:
+                raise RuntimeError(f"{who} ran {len(self.ends)} steps, expected {total}")
+            marks = [self.start] + self.ends
+            return [b - a for a, b in zip(marks, marks[1:])]
+
     return Clock()

@@ -76,10 +76,7 @@ def run(student: str, teacher: str, data: str, seq_len: int, batch: int = 4, ste
                              train_dataset=train, processing_class=tok, callbacks=[clock])
         setup_s = time.perf_counter() - t_setup
         trainer.train()
-    if len(clock.ends) != total:
-        raise RuntimeError(f"GKDTrainer ran {len(clock.ends)} steps, expected {total}")
-    marks = [clock.start] + clock.ends
-    step_times = [b - a for a, b in zip(marks, marks[1:])]
+    step_times = clock.step_times(total, "GKDTrainer")
     return {
         "side": "trl-gkd",
         "step_times": step_times[warmup:],

@@ -123,10 +123,7 @@ def run(student: str, teacher: str, data: str, seq_len: int, batch: int = 4, ste
                             processing_class=tok, callbacks=[clock])
         setup_s = time.perf_counter() - t_setup
         trainer.train()
-    if len(clock.ends) != total:
-        raise RuntimeError(f"GOLDTrainer ran {len(clock.ends)} steps, expected {total}")
-    marks = [clock.start] + clock.ends
-    step_times = [b - a for a, b in zip(marks, marks[1:])]
+    step_times = clock.step_times(total, "GOLDTrainer")
     expected = [r["prompt"] + r["completion"] for r in rows[::batch]][:total]
     return {
         "side": "trl-gold-uld",

@@ -50,10 +50,7 @@ def _result(side: str, clock, warmup: int, total: int, batch: int, prompt_len: i
             setup_s: float) -> dict:
     import torch
 
-    if len(clock.ends) != total:
-        raise RuntimeError(f"{side} ran {len(clock.ends)} steps, expected {total}")
-    marks = [clock.start] + clock.ends
-    step_times = [b - a for a, b in zip(marks, marks[1:])]
+    step_times = clock.step_times(total, side)
     gen = generated[warmup:] if len(generated) == total else generated
     return {
         "side": side,
