@@ -63,25 +63,11 @@ class _LogProbs:
 
     __slots__ = ("logp", "logq", "_p", "_q")
 
-    def __init__(self, student_logits: Tensor, teacher_logits: Tensor, temperature: float, name: str):
-        if student_logits.shape != teacher_logits.shape or student_logits.dim() != 2:
-            raise ValueError(
-                f"{name}: student_logits {tuple(student_logits.shape)} and teacher_logits "
-                f"{tuple(teacher_logits.shape)} must both be [n, V]"
-            )
-        if not temperature > 0:
-            raise ValueError(f"{name}: temperature must be > 0, got {temperature}")
-        # fp32 at least: bf16/fp16 softmax over 150k entries loses the tail; fp64 stays fp64.
-        dtype = torch.promote_types(torch.promote_types(student_logits.dtype, teacher_logits.dtype), torch.float32)
-        s = student_logits.to(dtype)
-        t = teacher_logits.to(dtype)
-        if temperature != 1.0:
-            s = s / temperature
-            t = t / temperature
+    def __init__(self, student_logits: Tensor, teacher_logits: Tensor, temperature: float, name: str,
+                 prepared: "tuple[Tensor, Tensor, bool] | None" = None):
+        s, t, masked = prepared if prepared is not None else _prepare(student_logits, teacher_logits, temperature, name)
         removed = None
-        # Two reductions and one host sync decide whether any entry is masked, so the common
-        # unmasked case builds no [n, V] mask and skips every masking op.
-        if s.numel() and bool(torch.isneginf(torch.stack([s.detach().amin(), t.detach().amin()])).any()):
+        if masked:
             removed = torch.isneginf(s) | torch.isneginf(t)
             s = s.masked_fill(removed, -math.inf)
             t = t.masked_fill(removed, -math.inf)
@@ -115,25 +101,27 @@ class _LogProbs:
         return self._q
 
 
-def _unmasked(student_logits: Tensor, teacher_logits: Tensor, temperature: float, name: str):
-    """The fp32 (at least), temperature-scaled logits when no entry is masked, else None.
-
-    The closed-form paths below cover this common case; masked chunks take the general
-    :class:`_LogProbs` path, whose removed-entry rules they would otherwise have to repeat.
-    """
+def _prepare(student_logits: Tensor, teacher_logits: Tensor, temperature: float, name: str):
+    """``(s, t, masked)``: both logits in fp32 at least (fp64 stays fp64), divided by the
+    temperature, and whether any entry is ``-inf`` on either side."""
     if student_logits.shape != teacher_logits.shape or student_logits.dim() != 2:
-        return None  # _LogProbs raises the shape error
-    if not temperature > 0 or not student_logits.numel():
-        return None
+        raise ValueError(
+            f"{name}: student_logits {tuple(student_logits.shape)} and teacher_logits "
+            f"{tuple(teacher_logits.shape)} must both be [n, V]"
+        )
+    if not temperature > 0:
+        raise ValueError(f"{name}: temperature must be > 0, got {temperature}")
+    # fp32 at least: bf16/fp16 softmax over 150k entries loses the tail; fp64 stays fp64.
     dtype = torch.promote_types(torch.promote_types(student_logits.dtype, teacher_logits.dtype), torch.float32)
-    with torch.no_grad():
-        lows = torch.stack([student_logits.detach().amin(), teacher_logits.detach().amin()])
-        if bool(torch.isneginf(lows).any()):
-            return None
-    s, t = student_logits.to(dtype), teacher_logits.to(dtype)
+    s = student_logits.to(dtype)
+    t = teacher_logits.to(dtype)
     if temperature != 1.0:
-        s, t = s / temperature, t / temperature
-    return s, t
+        s = s / temperature
+        t = t / temperature
+    # Two reductions and one host sync decide whether any entry is masked, so the common
+    # unmasked case builds no [n, V] mask and skips every masking op.
+    masked = bool(s.numel()) and bool(torch.isneginf(torch.stack([s.detach().amin(), t.detach().amin()])).any())
+    return s, t, masked
 
 
 class _ClosedFormJS(torch.autograd.Function):
@@ -222,10 +210,11 @@ def js(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1
     for logits ``[n, V]``, ``0 < β < 1``; returns ``[n]``. Symmetric in p and q at β = 0.5.
     """
     _check_open_unit("js", "beta", beta)
-    plain = _unmasked(student_logits, teacher_logits, temperature, "js")
-    if plain is not None:
-        return _ClosedFormJS.apply(*plain, beta)
-    lp = _LogProbs(student_logits, teacher_logits, temperature, "js")
+    prepared = _prepare(student_logits, teacher_logits, temperature, "js")
+    s, t, masked = prepared
+    if not masked and s.numel():  # the closed form covers the common case; masks take the general path
+        return _ClosedFormJS.apply(s, t, beta)
+    lp = _LogProbs(student_logits, teacher_logits, temperature, "js", prepared)
     log_m = _log_mix(lp.logp, lp.logq, beta)
     return beta * _kl(lp.p, lp.logp, log_m) + (1.0 - beta) * _kl(lp.q, lp.logq, log_m)
 

@@ -210,15 +210,13 @@ class Trainer:
         max_rows = max(max_rows, rollout_rows(self))  # generated responses can outgrow the data's
         teacher_threads, student_threads = self.thread_split()
         self.kdist.setup_threads(student_threads)
-        extra = {}
-        if self.colocated():
-            # a whole step's micro-batches are computed in one teacher phase, then read while it sleeps
-            extra["n_slots"] = max(2, cfg.train.grad_accum)
+        colocate = self.colocated()
+        # colocated: a whole step's micro-batches are computed in one teacher phase, then read while it sleeps
+        extra = {"n_slots": max(2, cfg.train.grad_accum)} if colocate else {}
         self.engine = create_engine(cfg.teacher, max_rows=max_rows, threads=teacher_threads, **extra)
         self.engine.start()
         self.say(f"[dim]threads: student {student_threads}, teacher {teacher_threads}[/dim]")
-        self.colocation = None
-        if self.colocated():
+        if colocate:
             from kdcore.teacher.colocation import Colocation
 
             self.colocation = Colocation(self.engine, self.student.optimizer,
@@ -487,18 +485,19 @@ class Trainer:
                 pending_steps.append(nxt)
                 queue.extend(nxt.micro_batches)
 
-        prepared = [start_step]  # steps taken from `steps` so far
+        prepared = start_step  # steps taken from `steps` so far
 
         def fill_colocated() -> None:
             # one teacher phase per step: prepare it (a rollout may sample from the teacher),
             # compute every micro-batch, read them all; the teacher sleeps while the student trains
-            if queue or prepared[0] >= cfg.train.max_steps:
+            nonlocal prepared
+            if queue or prepared >= cfg.train.max_steps:
                 return  # (no phase just to learn that the steps are over)
             with self.teacher_phase():
                 nxt = next(steps, None)
                 if nxt is None:
                     return
-                prepared[0] += 1
+                prepared += 1
                 if len(nxt.micro_batches) > self.engine.n_slots:
                     raise TrainingError(f"step {nxt.step + 1} has {len(nxt.micro_batches)} micro-batches but the "
                                         f"colocated teacher holds {self.engine.n_slots}; lower train.grad_accum")

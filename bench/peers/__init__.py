@@ -22,12 +22,27 @@ def step_clock():
             if logs and "loss" in logs:
                 self.losses.append(float(logs["loss"]))
 
-        def step_times(self, total: int, who: str) -> list[float]:
-            """Seconds of each of the ``total`` steps (train start → first step end, then end
-            to end); a run that did not take exactly ``total`` steps is an error."""
+        def result(self, side: str, total: int, warmup: int, setup_s: float) -> dict:
+            """The keys every peer returns: per-step seconds (train start → first step end, then
+            end to end; the first ``warmup`` apart), losses, setup time, threads, max RSS. A run
+            that did not take exactly ``total`` steps is an error."""
+            import resource
+
+            import torch
+
             if len(self.ends) != total:
-                raise RuntimeError(f"{who} ran {len(self.ends)} steps, expected {total}")
+                raise RuntimeError(f"{side} ran {len(self.ends)} steps, expected {total}")
             marks = [self.start] + self.ends
-            return [b - a for a, b in zip(marks, marks[1:])]
+            times = [b - a for a, b in zip(marks, marks[1:])]
+            return {
+                "side": side,
+                "step_times": times[warmup:],
+                "warmup_times": times[:warmup],
+                "losses": self.losses,
+                "final_loss": self.losses[-1] if self.losses else None,
+                "setup_s": setup_s,
+                "torch_threads": torch.get_num_threads(),
+                "child_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            }
 
     return Clock()

@@ -19,7 +19,6 @@ excluded. Run it through :func:`bench.common.run_isolated`, which fixes threads 
 
 from __future__ import annotations
 
-import resource
 import tempfile
 import time
 
@@ -76,16 +75,5 @@ def run(student: str, teacher: str, data: str, seq_len: int, batch: int = 4, ste
                              train_dataset=train, processing_class=tok, callbacks=[clock])
         setup_s = time.perf_counter() - t_setup
         trainer.train()
-    step_times = clock.step_times(total, "GKDTrainer")
-    return {
-        "side": "trl-gkd",
-        "step_times": step_times[warmup:],
-        "warmup_times": step_times[:warmup],
-        "losses": clock.losses,
-        "final_loss": clock.losses[-1] if clock.losses else None,
-        "tokens_per_step": batch * seq_len,
-        "loss_tokens_per_step": batch * (seq_len - 1),
-        "setup_s": setup_s,
-        "torch_threads": torch.get_num_threads(),
-        "child_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-    }
+    return {**clock.result("trl-gkd", total, warmup, setup_s),
+            "tokens_per_step": batch * seq_len, "loss_tokens_per_step": batch * (seq_len - 1)}

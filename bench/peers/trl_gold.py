@@ -42,7 +42,6 @@ excluded. Run it through :func:`bench.common.run_isolated`, which fixes threads 
 from __future__ import annotations
 
 import json
-import resource
 import tempfile
 import time
 from pathlib import Path
@@ -123,19 +122,11 @@ def run(student: str, teacher: str, data: str, seq_len: int, batch: int = 4, ste
                             processing_class=tok, callbacks=[clock])
         setup_s = time.perf_counter() - t_setup
         trainer.train()
-    step_times = clock.step_times(total, "GOLDTrainer")
     expected = [r["prompt"] + r["completion"] for r in rows[::batch]][:total]
     return {
-        "side": "trl-gold-uld",
-        "step_times": step_times[warmup:],
-        "warmup_times": step_times[:warmup],
-        "losses": clock.losses,
-        "final_loss": clock.losses[-1] if clock.losses else None,
+        **clock.result("trl-gold-uld", total, warmup, setup_s),
         "tokens_per_step": seen[-1]["student_tokens"] if seen else batch * (seq_len - 1),
         "loss_tokens_per_step": seen[-1]["student_loss_tokens"] if seen else None,
         "student_tokens": [s["student_tokens"] for s in seen],
         "file_order": [s["first_row"] for s in seen] == expected,
-        "setup_s": setup_s,
-        "torch_threads": torch.get_num_threads(),
-        "child_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }

@@ -15,7 +15,6 @@ per step includes generation.
 
 from __future__ import annotations
 
-import resource
 import tempfile
 import time
 
@@ -48,23 +47,14 @@ def _common_ids(tok, data: str, length: int, rows: int) -> list[list[int]]:
 
 def _result(side: str, clock, warmup: int, total: int, batch: int, prompt_len: int, generated: list[int],
             setup_s: float) -> dict:
-    import torch
-
-    step_times = clock.step_times(total, side)
+    result = clock.result(side, total, warmup, setup_s)
     gen = generated[warmup:] if len(generated) == total else generated
     return {
-        "side": side,
-        "step_times": step_times[warmup:],
-        "warmup_times": step_times[:warmup],
-        "losses": clock.losses,
-        "final_loss": clock.losses[-1] if clock.losses else None,
+        **result,
         # tokens the loss covers per step (generated completions); prompt tokens come on top
         "generated_tokens": gen,
         "tokens_per_step": round(sum(gen) / len(gen)) if gen else batch,
         "prompt_tokens_per_step": batch * prompt_len,
-        "setup_s": setup_s,
-        "torch_threads": torch.get_num_threads(),
-        "child_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
 
 

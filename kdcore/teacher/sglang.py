@@ -75,14 +75,15 @@ import time
 import urllib.error
 import urllib.request
 import weakref
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 
 from kdcore.channel import Channel, ChannelClosed, ChannelTimeout, TeacherDiedError
 from kdcore.teacher import HiddenRequest, TeacherEngine, TeacherError, Ticket
+# engine-agnostic; re-exported here for the GPU check script and the tests
+from kdcore.teacher.colocation import Colocation, offload_optimizer_state
 
 log = logging.getLogger(__name__)
 
@@ -978,12 +979,6 @@ def push_weights(server: SGLangServer, state_dict: Mapping[str, torch.Tensor], *
     if isinstance(reply, dict) and reply.get("success") is False:
         raise ServerError(f"sglang rejected the weight update: {reply.get('message')}")
     return len(named)
-
-
-# ============================================================================ colocation
-
-# engine-agnostic; kept importable from here for the GPU check script and older callers
-from kdcore.teacher.colocation import Colocation, offload_optimizer_state  # noqa: E402
 
 
 # ============================================================================ the SGLang plugin (server side)
