@@ -1,0 +1,130 @@
+"""``prepare_data``: read, check, split off a held-out set, tokenize, apply the max-length policy."""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from kdcore.data.common import BadRow, DataError, OverlongRow, Sample, _cfg
+from kdcore.data.formats import detect_format, normalize_row
+from kdcore.data.reading import RowSource, read_rows
+from kdcore.data.rendering import _finish, tokenize_rows
+from kdcore.data.report import DataReport, SplitReport
+
+
+@dataclass
+class PreparedData:
+    train: list[Sample]
+    eval: list[Sample]
+    report: DataReport
+
+
+def split_eval(n: int, eval_size: float, seed: int) -> tuple[list[int], list[int]]:
+    """Deterministic held-out split of ``n`` items: (train indices, eval indices), each sorted.
+    ``eval_size`` < 1 is a fraction (rounded, at least one item when > 0), >= 1 a count."""
+    if eval_size <= 0 or n == 0:
+        return list(range(n)), []
+    k = int(eval_size) if eval_size >= 1 else max(1, int(round(eval_size * n)))
+    if k >= n:
+        raise DataError(f"data.eval_size={eval_size} leaves no training rows out of {n}; lower it or set data.eval")
+    perm = list(range(n))
+    random.Random(seed).shuffle(perm)
+    return sorted(perm[k:]), sorted(perm[:k])
+
+
+def prepare_data(data_cfg: Any, student_tokenizer, teacher_tokenizer=None, *, seed: int = 0,
+                 base_dir: str | os.PathLike | None = None) -> PreparedData:
+    """Load, check, split and tokenize the recipe's ``data`` section.
+
+    ``data_cfg`` is a :class:`kdcore.config.DataConfig` (or any object/dict with its fields);
+    ``seed`` is ``train.seed`` (held-out split); ``base_dir`` is the recipe's folder, where
+    relative data paths are looked up first. Returns the train and eval samples and a
+    :class:`DataReport`. Raises :class:`DataError` for a missing or empty data set, columns
+    that fit no format, a bad row under ``bad_rows: error``, or nothing left to train on.
+    """
+    from kdcore.tokenizers import same_tokenizer
+
+    fmt_req = _cfg(data_cfg, "format", "auto")
+    max_length = _cfg(data_cfg, "max_length", 512)
+    overlong = _cfg(data_cfg, "overlong", "truncate")
+    bad_policy = _cfg(data_cfg, "bad_rows", "skip")
+    limit = _cfg(data_cfg, "limit", None)
+    eval_spec = _cfg(data_cfg, "eval", None)
+    eval_size = _cfg(data_cfg, "eval_size", 0.05)
+    if overlong not in ("truncate", "drop"):
+        raise DataError(f"data.overlong must be truncate or drop, got {overlong!r}")
+    if bad_policy not in ("skip", "error"):
+        raise DataError(f"data.bad_rows must be skip or error, got {bad_policy!r}")
+
+    cross = teacher_tokenizer is not None and not same_tokenizer(student_tokenizer, teacher_tokenizer)
+    train_src = read_rows(_cfg(data_cfg, "train", None), base_dir=base_dir, limit=limit)
+    fmt = detect_format(train_src.columns, fmt_req, train_src.path)
+    report = DataReport(format=fmt, max_length=max_length, overlong_policy=overlong, cross_tokenizer=cross)
+    report.train.source, report.train.rows = train_src.path, len(train_src.rows)
+    train_rows = _normalize_all(train_src, fmt, report.train, bad_policy)
+
+    if eval_spec:
+        eval_src = read_rows(eval_spec, base_dir=base_dir)
+        detect_format(eval_src.columns, fmt, eval_src.path)  # same format as train, checked
+        report.eval.source, report.eval.rows = eval_src.path, len(eval_src.rows)
+        eval_rows = _normalize_all(eval_src, fmt, report.eval, bad_policy)
+        report.eval_from = "file"
+    else:
+        tr, ev = split_eval(len(train_rows), eval_size, seed)
+        eval_rows = [train_rows[i] for i in ev]
+        train_rows = [train_rows[i] for i in tr]
+        report.eval.source = f"{train_src.path} (held out: {len(eval_rows)} rows, seed {seed})" if ev else ""
+        report.eval.rows = len(eval_rows)
+        report.eval_from = "split" if ev else "none"
+
+    kw = dict(max_length=max_length, overlong=overlong, bad_policy=bad_policy)
+    ttok = teacher_tokenizer if cross else None
+    train = _tokenize_split(train_rows, student_tokenizer, ttok, report.train, train_src.path, **kw)
+    evals = _tokenize_split(eval_rows, student_tokenizer, ttok, report.eval, report.eval.source, **kw)
+    if not train:
+        raise DataError(f"no training samples left in '{train_src.path}' ({report.train.rows} rows, "
+                        f"{report.train.bad_rows} bad, {report.train.dropped_overlong} dropped by max_length)")
+    return PreparedData(train=train, eval=evals, report=report)
+
+
+def _normalize_all(src: RowSource, fmt: str, rep: SplitReport, bad_policy: str) -> list[tuple[int, dict]]:
+    out = []
+    for i, row in enumerate(src.rows):
+        try:
+            out.append((i, normalize_row(row, fmt)))
+        except BadRow as exc:
+            _bad(rep, i, exc.reason, bad_policy, src.path)
+    return out
+
+
+def _bad(rep: SplitReport, row: int, reason: str, policy: str, path: str) -> None:
+    if policy == "error":
+        raise DataError(f"'{path}' row {row}: {reason} "
+                        "(data.bad_rows=error; set it to skip to count and skip bad rows)")
+    rep.count_bad(row, reason)
+
+
+def _tokenize_split(rows: list[tuple[int, dict]], stok, ttok, rep: SplitReport, path: str, *,
+                    max_length: int, overlong: str, bad_policy: str) -> list[Sample]:
+    norms = [n for _, n in rows]
+    s_tok = tokenize_rows(norms, stok)
+    t_tok = tokenize_rows(norms, ttok) if ttok is not None else [None] * len(norms)
+    samples = []
+    for (row, norm), s, t in zip(rows, s_tok, t_tok):
+        bad = s if isinstance(s, BadRow) else t if isinstance(t, BadRow) else None
+        if bad is not None:
+            _bad(rep, row, bad.reason, bad_policy, path)
+            continue
+        if max_length is not None and len(s.input_ids) > max_length:
+            rep.overlong += 1
+        try:
+            sample, truncated = _finish(norm, row, s, t, max_length, overlong)
+        except OverlongRow:
+            rep.dropped_overlong += 1
+            continue
+        rep.truncated += truncated
+        rep.add(sample)
+        samples.append(sample)
+    return samples
