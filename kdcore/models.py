@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kdcore.paths import ModelNotFoundError, resolve
+from kdcore.paths import ModelNotFoundError, looks_local, resolve
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -57,10 +57,6 @@ def default_cache_dir() -> Path:
     return Path(root)
 
 
-def _looks_local(spec: str) -> bool:
-    return spec.startswith((".", "/", "~")) or spec.endswith(".gguf")
-
-
 def locate(spec: str) -> tuple[str, str]:
     """Classify a spec: ``("gguf", file)``, ``("folder", dir)`` or ``("hub", id)``.
 
@@ -77,7 +73,7 @@ def locate(spec: str) -> tuple[str, str]:
         if not os.path.isfile(os.path.join(expanded, "config.json")):
             raise ModelNotFoundError(f"model '{spec}': folder '{expanded}' has no config.json (not a Hugging Face model folder)")
         return "folder", expanded
-    if _looks_local(path) or path != spec:
+    if looks_local(path, (".gguf",)) or path != spec:
         raise ModelNotFoundError(f"model '{spec}': no such file or folder '{expanded}'")
     return "hub", spec
 

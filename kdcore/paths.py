@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from typing import Iterable
 
 PKG_SCHEME = "pkg://"
 
@@ -38,5 +39,16 @@ def resolve(spec: str) -> str:
     return str(path)
 
 
+def looks_local(spec: str, file_suffixes: Iterable[str] = ()) -> bool:
+    """Whether ``spec`` is meant as a local path rather than a hub id, judged from its spelling
+    alone (it need not exist): it starts with ``.``, ``/`` or ``~``; or it has more than one
+    ``/`` (hub ids are ``name`` or ``org/name``); or it ends in one of ``file_suffixes`` (the file
+    types the caller reads, compared case-insensitively). Callers use it to report a missing
+    path by name instead of trying the hub with it."""
+    return (spec.startswith((".", "/", "~")) or spec.count("/") > 1
+            or spec.lower().endswith(tuple(s.lower() for s in file_suffixes)))
+
+
 def is_local(spec: str) -> bool:
-    return spec.startswith(PKG_SCHEME) or Path(spec).exists() or spec.startswith((".", "/", "~"))
+    """A ``pkg://`` spec, an existing path, or one that :func:`looks_local`."""
+    return spec.startswith(PKG_SCHEME) or Path(spec).exists() or looks_local(spec)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from kdcore.data.common import BadRow, DataError
-from kdcore.paths import PKG_SCHEME, resolve
+from kdcore.paths import PKG_SCHEME, looks_local, resolve
 
 
 @dataclass
@@ -32,13 +32,7 @@ def resolve_data_path(spec: str, base_dir: str | os.PathLike | None = None) -> s
     p = Path(os.path.expanduser(spec))
     if not p.is_absolute() and base_dir is not None and (Path(base_dir) / p).exists():
         return str(Path(base_dir) / p)
-    return str(p) if p.exists() or _looks_local(spec) else spec
-
-
-def _looks_local(spec: str) -> bool:
-    # Hub names look like "org/name"; anything with a data-file suffix or a deeper path is local.
-    return (spec.startswith((".", "/", "~")) or Path(spec).suffix.lower() in _FILE_BUILDERS
-            or spec.count("/") > 1)
+    return str(p) if p.exists() or looks_local(spec, _FILE_BUILDERS) else spec
 
 
 _FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow", ".csv": "csv"}
@@ -52,7 +46,7 @@ def read_rows(spec: str, *, base_dir: str | os.PathLike | None = None, limit: in
     p = Path(path)
     if p.exists():
         ds = _load_local(p)
-    elif _looks_local(spec):
+    elif looks_local(spec, _FILE_BUILDERS):
         where = f" (looked in {base_dir} and {os.getcwd()})" if base_dir is not None else ""
         raise DataError(f"data file not found: '{spec}'{where}")
     else:
