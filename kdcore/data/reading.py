@@ -3,8 +3,11 @@ folders, folders of data files, hub names; a row that cannot be read is a :class
 
 from __future__ import annotations
 
+import codecs
+import io
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,12 +88,17 @@ def _load_local(p: Path):
         raise DataError(f"unknown data file type '{p}': expected {', '.join(_FILE_BUILDERS)} or a save_to_disk folder")
     if p.stat().st_size == 0:
         raise DataError(f"data set is empty: '{p}'")
+    if builder in ("json", "csv") and not _is_utf8(p):
+        # datasets stops at the first undecodable byte (CSV) or keeps it and fails later (JSON);
+        # reading such a file ourselves makes only the rows that hold one bad.
+        return _read_json_rows(p) if builder == "json" else _read_csv_rows(p)
     try:
         return datasets.load_dataset(builder, data_files=str(p), split="train")
     except Exception as exc:
         if builder == "json":
-            # Arrow needs one type per column; rows of mixed types (or broken lines) are read one
-            # by one so that each bad row is reported with its number instead of failing the file.
+            # Arrow needs one type per column and valid UTF-8; rows of mixed types, broken lines
+            # or undecodable bytes are read one by one so that each bad row is reported with its
+            # number instead of failing the file.
             return _read_json_rows(p)
         raise DataError(f"cannot read data file '{p}': {type(exc).__name__}: {exc}") from exc
 
@@ -119,25 +127,102 @@ def _one_split(ds, name: str):
 
 
 def _read_json_rows(p: Path) -> RowSource:
-    text = p.read_text(encoding="utf-8")
-    rows: list[Any] = []
-    stripped = text.lstrip()
-    if p.suffix.lower() == ".json" and stripped.startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"cannot parse JSON file '{p}': {exc}") from exc
-        rows = list(data)
+    data = p.read_bytes()
+    if p.suffix.lower() == ".json" and data.lstrip().startswith(b"["):
+        rows = _read_json_array(p, data)
     else:
-        for lineno, line in enumerate(text.splitlines(), 1):
+        rows = []
+        for lineno, raw in enumerate(data.splitlines(), 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                rows.append(BadRow(f"line {lineno} is not valid UTF-8 "
+                                   f"(byte 0x{exc.object[exc.start]:02x} at byte {exc.start + 1} of the line)"))
+                continue
             if not line.strip():
                 continue
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as exc:
                 rows.append(BadRow(f"line {lineno} is not valid JSON ({exc.msg})"))
+    return RowSource(path=str(p), rows=rows, columns=_columns(rows))
+
+
+def _read_json_array(p: Path, data: bytes) -> list[Any]:
+    # A JSON array has no lines to blame, so undecodable bytes are marked in the text and the
+    # items that hold a mark are the bad rows.
+    try:
+        items = list(json.loads(_decode_marking_bad_bytes(data)))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"cannot parse JSON file '{p}': {exc}") from exc
+    return [_marked_as_bad(item) for item in items]
+
+
+def _read_csv_rows(p: Path) -> RowSource:
+    """A CSV file with undecodable bytes, parsed as ``datasets`` parses CSV (pandas, empty cells
+    as None) from its text with those bytes marked; the rows that hold a mark are bad."""
+    import pandas as pd
+
+    try:
+        frame = pd.read_csv(io.StringIO(_decode_marking_bad_bytes(p.read_bytes())))
+    except Exception as exc:
+        raise DataError(f"cannot read data file '{p}': {type(exc).__name__}: {exc}") from exc
+    records = frame.to_dict(orient="records")
+    rows = [_marked_as_bad({k: None if _is_missing(v) else v for k, v in rec.items()}) for rec in records]
+    return RowSource(path=str(p), rows=rows, columns=[str(c) for c in frame.columns])
+
+
+def _is_missing(value: Any) -> bool:
+    return isinstance(value, float) and value != value  # NaN: pandas' empty cell
+
+
+def _is_utf8(p: Path, chunk: int = 1 << 20) -> bool:
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    with open(p, "rb") as f:
+        try:
+            while block := f.read(chunk):  # in chunks: data files can be larger than memory allows twice
+                decoder.decode(block)
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            return False
+    return True
+
+
+# An undecodable byte b becomes this mark (private-use code points, which text does not use this
+# way), so the text can be parsed whole and each mark traced back to its row.
+_BAD_BYTE = "\U0010fffd{:02x}\U0010fffd"
+_BAD_BYTE_RE = re.compile("\U0010fffd([0-9a-f]{2})\U0010fffd")
+
+
+def _mark_bad_bytes(exc: UnicodeDecodeError) -> tuple[str, int]:
+    return "".join(_BAD_BYTE.format(b) for b in exc.object[exc.start:exc.end]), exc.end
+
+
+def _decode_marking_bad_bytes(data: bytes) -> str:
+    codecs.register_error("kdflow.mark_bad_bytes", _mark_bad_bytes)  # idempotent
+    return data.decode("utf-8", errors="kdflow.mark_bad_bytes")
+
+
+def _marked_as_bad(row: Any) -> Any:
+    """``row`` itself, or a :class:`BadRow` naming a byte in it that was not UTF-8."""
+    stack = [row]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+        elif isinstance(value, str) and (m := _BAD_BYTE_RE.search(value)):
+            shown = _BAD_BYTE_RE.sub("\ufffd", value)
+            at = len(_BAD_BYTE_RE.sub("\ufffd", value[:m.start()]))
+            return BadRow(f"not valid UTF-8 (byte 0x{m.group(1)} at character {at + 1} of {shown[:60]!r})")
+    return row
+
+
+def _columns(rows: list[Any]) -> list[str]:
     columns: list[str] = []
     for r in rows:
         if isinstance(r, dict):
             columns.extend(k for k in r if k not in columns)
-    return RowSource(path=str(p), rows=rows, columns=columns)
+    return columns
