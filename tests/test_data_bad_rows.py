@@ -69,3 +69,51 @@ def test_undecodable_row_in_json_array_and_csv(tmp_path):
     # the CSV fallback reads the good rows as datasets does: numbers parsed, empty cells None
     rows = read_rows(str(csv)).rows
     assert rows[0] == {"text": "good 0", "n": 1} and rows[2] == {"text": "good 2", "n": None}
+
+
+# ------------------------------------------------------------------------------- the report
+
+
+BAD_TEXT_ROWS = [
+    {"text": "fine 0"},
+    {"text": ""},                 # 1 empty 'text'
+    b"{broken",                   # 2 not valid JSON
+    {"text": 3},                  # 3 'text' must be a string
+    b'{"text": "\xff"}',          # 4 not valid UTF-8
+    [1, 2],                       # 5 row is a list
+    {"other": "x"},               # 6 missing 'text' (beyond the first few: counted, not shown)
+    {"text": "fine 7"},
+]
+
+
+def test_report_shows_reasons_of_the_first_bad_rows(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes(jsonl_bytes(BAD_TEXT_ROWS))
+    report = prepare_data({"train": str(path), "eval_size": 0}, smol()).report
+    assert MAX_BAD_EXAMPLES == 5 and report.train.bad_rows == 6
+    expected = ["row 1: empty 'text'", "row 2: line 3 is not valid JSON", "row 3: 'text' must be a string, got int",
+                "row 4: line 5 is not valid UTF-8 (byte 0xff", "row 5: row is a list, not an object"]
+    for text in (" ".join(" ".join(report.lines()).split()), export(report.rich_table()), export(report.rich_table(), 100)):
+        assert re.search(rf"train: 6 bad rows in \S*mixed\.jsonl skipped \(the first 5 below", text), text
+        for shown in expected:
+            assert shown in text, (shown, text)
+        assert "row 6:" not in text and "missing 'text'" not in text
+    # the table itself is unchanged above the reasons
+    assert re.search(r"train\s*│\s*8\s*│\s*6\s*│\s*2\b", export(report.rich_table()))
+
+
+def test_report_has_no_reasons_section_without_bad_rows(tmp_path):
+    path = tmp_path / "clean.jsonl"
+    path.write_bytes(jsonl_bytes([{"text": "a"}, {"text": "b"}]))
+    report = prepare_data({"train": str(path), "eval_size": 0}, smol()).report
+    assert report.bad_row_lines() == [] and "bad row" not in export(report.rich_table())
+
+
+def test_reasons_with_brackets_are_shown_verbatim(tmp_path):
+    path = tmp_path / "chat.jsonl"
+    rows = [{"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "y"}]},
+            {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}]
+    path.write_bytes(jsonl_bytes(rows))
+    report = prepare_data({"train": str(path), "eval_size": 0}, smol()).report
+    assert "train: 1 bad row in" in export(report.rich_table())
+    assert "row 0: messages[0].content must be a string, got int" in export(report.rich_table())

@@ -44,7 +44,8 @@ class SplitReport:
 
 @dataclass
 class DataReport:
-    """What data preparation kept, cut and dropped; ``lines()`` / ``rich_table()`` print it."""
+    """What data preparation kept, cut and dropped; ``lines()`` / ``rich_table()`` print it, with
+    the reasons of the first bad rows (``bad_row_lines()``)."""
 
     format: str = ""
     max_length: int = 0
@@ -72,14 +73,28 @@ class DataReport:
                 f"tokens {s.tokens} (mean {mean:.1f}, max {s.max_tokens}), loss tokens {s.loss_tokens}"
                 + (f", teacher tokens {s.teacher_tokens}" if self.cross_tokenizer else "")
             )
-            for row, reason in s.bad_examples:
-                out.append(f"  {name} row {row}: {reason}")
+        return out + self.bad_row_lines()
+
+    def bad_row_lines(self) -> list[str]:
+        """Per split with bad rows: their count and source, then the first few, ``row N: reason``."""
+        out = []
+        for name, s in (("train", self.train), ("eval", self.eval)):
+            if not s.bad_rows:
+                continue
+            shown = f"the first {len(s.bad_examples)}" if len(s.bad_examples) < s.bad_rows else "all"
+            out.append(f"{name}: {s.bad_rows} bad row{'s' * (s.bad_rows != 1)} in {s.source} skipped "
+                       f"({shown} below; rows count from 0)")
+            out.extend(f"  row {row}: {reason}" for row, reason in s.bad_examples)
         return out
 
     def rich_table(self):
         from rich.table import Table
+        from rich.text import Text
 
-        t = Table(title=f"data ({self.format}, max_length {self.max_length}, {self.overlong_policy})")
+        bad = self.bad_row_lines()
+        # Text, not a markup string: reasons quote data and templates, whose brackets rich would eat.
+        t = Table(title=f"data ({self.format}, max_length {self.max_length}, {self.overlong_policy})",
+                  caption=Text("\n".join(bad)) if bad else None, caption_justify="left")
         for col in ("split", "rows", "bad", "samples", "truncated", "dropped", "tokens", "loss tokens", "max len"):
             t.add_column(col, justify="right" if col != "split" else "left")
         for name, s in (("train", self.train), ("eval", self.eval)):
