@@ -220,7 +220,7 @@ def cmd_train(args) -> int:
     import torch
 
     from kdcore.config import load_recipe
-    from kdcore.trainer import train
+    from kdcore.training import train
 
     cfg = load_recipe(args.recipe, args.overrides)
     t0 = time.perf_counter()

@@ -34,14 +34,14 @@ from pathlib import Path
 
 
 def trainer_available() -> tuple[bool, str]:
-    """(True, "") when ``kdcore.trainer.train`` can be imported, else (False, why). Imports torch:
+    """(True, "") when ``kdcore.training.train`` can be imported, else (False, why). Imports torch:
     for the parent process (``run_all``), not the benchmark children."""
     try:
-        from kdcore import trainer  # noqa: F401
+        from kdcore import training as trainer  # noqa: F401
     except Exception as exc:  # ImportError, or a half-written module
         return False, f"kdflow trainer not available ({type(exc).__name__}: {exc})"
     if not callable(getattr(trainer, "train", None)):
-        return False, "kdflow trainer not available (kdcore.trainer has no train())"
+        return False, "kdflow trainer not available (kdcore.training has no train())"
     return True, ""
 
 

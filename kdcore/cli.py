@@ -121,7 +121,7 @@ def cmd_train(args) -> int:
     except RecipeError as exc:
         print(f"kdcore: {exc}", file=sys.stderr)
         return 2
-    from kdcore.trainer import TrainingError, train
+    from kdcore.training import TrainingError, train
 
     try:
         train(cfg, registry=registry, resume=args.resume)

@@ -850,23 +850,20 @@ __all__ = [
 # ------------------------------------------------------------------------ trainer wiring
 
 
-def rollout_rows(trainer) -> int:
-    """Channel rows the trainer's teacher engine needs for rollout micro-batches (0 for a
-    policy that does not sample)."""
-    cfg = trainer.cfg
-    if not getattr(trainer.rollout, "needs_sampling", False):
+def rollout_rows(cfg, policy, train_samples: Sequence[Sample], *, cross: bool) -> int:
+    """Channel rows the teacher engine needs for rollout micro-batches (0 for a policy that
+    does not sample)."""
+    if not getattr(policy, "needs_sampling", False):
         return 0
-    cap = length_caps(cfg.data.max_length, trainer.train_samples, cross=trainer.cross)
+    cap = length_caps(cfg.data.max_length, train_samples, cross=cross)
     return rows_bound(max_length=cfg.data.max_length, teacher_cap=cap, micro_batch_size=cfg.train.micro_batch_size,
-                      token_budget=cfg.train.max_tokens_per_micro_batch, samples=trainer.train_samples,
-                      n=cfg.rollout.n)
+                      token_budget=cfg.train.max_tokens_per_micro_batch, samples=train_samples, n=cfg.rollout.n)
 
 
-def trainer_sampler(trainer) -> Optional[RolloutSampler]:
-    """The sampler a trainer needs: for a sampling policy, or for self-distillation (teacher
+def build_sampler(cfg, policy, *, student_model, student_tok, teacher_tok, cross: bool, teacher_engine, env,
+                  train_samples: Sequence[Sample]) -> Optional[RolloutSampler]:
+    """The sampler a run needs: for a sampling policy, or for self-distillation (teacher
     refreshes); None otherwise. Checks prompts and architectures up front (one-line errors)."""
-    cfg = trainer.cfg
-    policy = trainer.rollout
     sampling = bool(getattr(policy, "needs_sampling", False))
     every = int(getattr(cfg.teacher, "self_distill_every", 0) or 0)
     if not sampling and not every:
@@ -874,14 +871,13 @@ def trainer_sampler(trainer) -> Optional[RolloutSampler]:
     if every:
         from kdcore.student import load_config
 
-        check_self_distill(trainer.student.model.config, load_config(cfg.teacher.path))
+        check_self_distill(student_model.config, load_config(cfg.teacher.path))
     sources = tuple(getattr(policy, "sample_sources", ()) or ("student", "teacher")) if sampling else ()
-    env = trainer.env
     sampler = RolloutSampler(
-        settings=SamplingSettings.from_config(cfg.rollout), student_model=trainer.student.model,
-        student_tok=trainer.student_tok, teacher_tok=trainer.teacher_tok if trainer.cross else None,
-        teacher_engine=trainer.engine, max_length=cfg.data.max_length,
-        teacher_max_length=length_caps(cfg.data.max_length, trainer.train_samples, cross=trainer.cross),
+        settings=SamplingSettings.from_config(cfg.rollout), student_model=student_model,
+        student_tok=student_tok, teacher_tok=teacher_tok if cross else None,
+        teacher_engine=teacher_engine, max_length=cfg.data.max_length,
+        teacher_max_length=length_caps(cfg.data.max_length, train_samples, cross=cross),
         seed=cfg.train.seed, rank=env.rank, world_size=env.world_size, device=env.device,
         # the student's own threads: growing the OpenMP pool while the (idle) teacher process
         # holds the other cores measured 10x slower on a loaded 2-core machine, never faster
@@ -889,5 +885,5 @@ def trainer_sampler(trainer) -> Optional[RolloutSampler]:
         sources=sources)
     sampler.self_distill_every = every
     if sampling:
-        sampler.check_prompts(trainer.train_samples, f"distill.rollout '{cfg.distill.rollout}'")
+        sampler.check_prompts(train_samples, f"distill.rollout '{cfg.distill.rollout}'")
     return sampler

@@ -21,14 +21,14 @@ from test_train import evals, run_train, train_steps, write_recipe
 SCRIPT = textwrap.dedent('''
     import json, sys
     import kdcore
-    from kdcore import trainer as T
+    from kdcore.training import trainer as T
 
     if __name__ == "__main__":  # the teacher process is spawned: this must not rerun there
-        T.Trainer.colocated = lambda self: True  # the sglang engine's switch, on the hf engine
+        T.Trainer._colocated = lambda self: True  # the sglang engine's switch, on the hf engine
         cfg = kdcore.load_recipe(sys.argv[1], ["teacher.sglang.offload_optimizer=true"])
         t = T.Trainer(cfg)
         t.run()
-        json.dump({"phases": t.colocation.phases, "slots": t.colocation.engine.n_slots}, open(sys.argv[2], "w"))
+        json.dump({"phases": t.schedule.colocation.phases, "slots": t.schedule.colocation.engine.n_slots}, open(sys.argv[2], "w"))
 ''')
 
 

@@ -1,0 +1,134 @@
+"""Held-out evaluation during training (before the first step, every ``train.eval_every`` steps,
+and at the end).
+
+A record holds ``eval_teacher_kl`` (forward KL teacher→student through the aligner),
+``eval_kd`` (the recipe's own loss), ``eval_ppl`` (student perplexity on the references) and,
+when both share a vocabulary, ``eval_top1_agreement``; plus the aligner's own scalars
+(``metrics()``: ``align_ratio``, DSKD's ``projector_acc``) over the held-out forwards only, as
+``eval_<name>``. Every rank evaluates its own slice of the fixed held-out batches and the sums
+are all-reduced; aligner scalars are the mean of the ranks' values.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kdcore.training.types import LatestEval, PreparedMicroBatch
+
+
+def fkl_reference(student_logits, teacher_logits, *, temperature):
+    """Forward KL for the held-out metric, independent of which losses are installed."""
+    t = teacher_logits.float() / temperature
+    s = student_logits.float() / temperature
+    log_p = torch.log_softmax(t, -1)
+    log_q = torch.log_softmax(s, -1)
+    p = log_p.exp()
+    return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
+
+
+def mean_over_ranks(values: dict[str, float], env, aligner) -> dict[str, float]:
+    """Each key averaged over the ranks that report it (collective: call on every rank)."""
+    from kdcore.aligner import Aligner
+
+    # an aligner without metrics (same_vocab) has none on any rank: no collective to pay for
+    if env.world_size == 1 or type(aligner).metrics is Aligner.metrics:
+        return values
+    import torch.distributed as dist
+
+    every: list = [None] * env.world_size
+    dist.all_gather_object(every, values)
+    keys = sorted({k for d in every for k in d})
+    return {k: sum(d[k] for d in every if k in d) / sum(1 for d in every if k in d) for k in keys}
+
+
+class Evaluator:
+    """Scores the student against the teacher on the held-out samples."""
+
+    def __init__(self, *, samples, preparer, forward, schedule, train_cfg, chunk_size: int, cross: bool, env,
+                 kdist, latest: LatestEval):
+        self.samples = samples
+        self.preparer = preparer  # kdcore.training.steps.StepPreparer: collate + align
+        self.forward = forward  # kdcore.training.forward.DistillForward
+        self.schedule = schedule  # kdcore.training.teacher_schedule.TeacherSchedule
+        self.train_cfg = train_cfg
+        self.chunk_size = chunk_size
+        self.cross = cross
+        self.env = env
+        self.kdist = kdist
+        self.latest = latest
+
+    def due(self, step: int) -> bool:
+        every = self.train_cfg.eval_every
+        return bool(every) and step % every == 0 and step < self.train_cfg.max_steps
+
+    @torch.no_grad()
+    def evaluate(self, step: int) -> dict | None:
+        """One record (also kept as ``latest``), or None without held-out samples."""
+        if not self.samples:
+            return None
+        student = self.forward.student
+        was_training = student.model.training
+        student.train(False)
+        sums, aligner_rec = self._held_out_sums(step)
+        self.kdist.all_reduce_sum(sums)
+        student.train(was_training)
+        kl, kd_tok, ce, ce_tok, own_kd, agree_n, agree_tot = sums.tolist()
+        rec = {"step": step, "eval_teacher_kl": kl / max(kd_tok, 1), "eval_kd": own_kd / max(kd_tok, 1),
+               "eval_ppl": math.exp(min(ce / max(ce_tok, 1), 50.0)), "eval_tokens": int(ce_tok)}
+        if not self.cross:
+            rec["eval_top1_agreement"] = agree_n / max(agree_tot, 1)
+        rec.update({f"eval_{k}": v for k, v in aligner_rec.items()})
+        self.latest.record, self.latest.loss = rec, rec["eval_kd"]
+        return rec
+
+    def _held_out_sums(self, step: int) -> tuple[torch.Tensor, dict]:
+        mbs = self.train_cfg.micro_batch_size
+        idx = list(range(len(self.samples)))
+        batches = [idx[i:i + mbs] for i in range(0, len(idx), mbs)][: self.train_cfg.eval_batches]
+        mine = batches[self.env.rank::self.env.world_size]
+        # pad every rank to the same number of forwards: FSDP collectives need all ranks
+        rounds = math.ceil(len(batches) / self.env.world_size)
+        sums = torch.zeros(7, dtype=torch.float64)
+        aligner = self.forward.aligner
+        # the aligner's counters (align_ratio, projector_acc) restart here, so eval reports held-out
+        # forwards only; training forwards not yet read by a step record are dropped
+        aligner.metrics()
+        aligner_rec: dict = {}
+        kl_spec = self.forward.spec(0, 0, loss_fn=fkl_reference, options={}, eval_mode=True)
+        own_spec = self.forward.spec(0, 0, eval_mode=True)
+        for r in range(rounds):
+            use = r < len(mine)
+            chosen = mine[r] if use else batches[0]
+            pmb = self.preparer.micro_batch(step, r, True, [self.samples[j] for j in chosen])
+            self.schedule.submit(pmb)
+            try:
+                (kl_out, own_out), hidden = self.forward.losses(
+                    pmb, lambda: self.schedule.hidden(pmb, timed=False), [kl_spec, own_spec])
+                agree = (0, 0) if self.cross else self.top1_agreement(pmb, hidden, self.schedule.hidden(pmb, timed=False))
+            finally:
+                self.schedule.release(pmb)
+            if use:
+                sums += torch.tensor([float(kl_out.kd_sum), kl_out.kd_tokens, float(kl_out.ce_sum), kl_out.ce_tokens,
+                                      float(own_out.kd_sum), agree[0], agree[1]], dtype=torch.float64)
+                if r == len(mine) - 1:  # before the padding rounds, which repeat batch 0
+                    aligner_rec = dict(aligner.metrics())
+        aligner.metrics()  # drop the padding rounds' counts
+        return sums, mean_over_ranks(aligner_rec, self.env, aligner)
+
+    def top1_agreement(self, pmb: PreparedMicroBatch, hidden: torch.Tensor, h_t: torch.Tensor) -> tuple[int, int]:
+        """How often the student's most likely next token is the teacher's (paired rows only)."""
+        b = pmb.batch
+        dev = self.env.device
+        h_s = hidden.reshape(-1, hidden.shape[-1])[b.loss_index.to(dev)][pmb.student_index.to(dev)]
+        h_tt = h_t.to(dev)[pmb.teacher_index.to(dev)]
+        w_s = self.forward.student_head()
+        w_t = self.forward.teacher_head
+        v = min(w_s.shape[0], w_t.shape[0], getattr(self.forward.aligner, "vocab_size", 10**12))  # MERGE: protocol
+        hits = 0
+        for i in range(0, h_s.shape[0], self.chunk_size):
+            s_top = (h_s[i:i + self.chunk_size] @ w_s[:v].T).argmax(-1)
+            t_top = (h_tt[i:i + self.chunk_size].to(w_t.dtype) @ w_t[:v].T).argmax(-1)
+            hits += int((s_top == t_top).sum())
+        return hits, int(h_s.shape[0])

@@ -1,0 +1,95 @@
+"""From the data plan to prepared steps: rollout selection, alignment, global token counts.
+
+Per optimizer step and rank: the batch planner gives ``grad_accum`` micro-batches (sample
+indices); the rollout policy picks the sequences to learn on; the aligner pairs student loss
+positions with teacher positions per sample; the step's KD and CE row counts are summed over
+micro-batches and ranks before any backward, so each micro-batch's loss can be scaled to its
+share of the global token mean (see :mod:`kdcore.training.forward`).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from kdcore.training.types import LatestEval, PreparedMicroBatch, PreparedStep
+
+
+class StepPreparer:
+    """Builds :class:`PreparedStep` s for one rank, in step order."""
+
+    def __init__(self, *, aligner, rollout, train_samples: Sequence, train_cfg, shuffle: bool, env, kdist,
+                 pad_id: int, teacher_pad_id: int, latest_eval: LatestEval, sampler=None):
+        self.aligner = aligner
+        self.rollout = rollout
+        self.train_samples = train_samples
+        self.train_cfg = train_cfg
+        self.shuffle = shuffle
+        self.env = env
+        self.kdist = kdist
+        self.pad_id = pad_id
+        self.teacher_pad_id = teacher_pad_id
+        self.sampler = sampler  # kdcore.sampling.RolloutSampler for sampling policies, else None
+        self.latest_eval = latest_eval  # what the evaluator saw last, for policies that adapt to it
+
+    @property
+    def looks_ahead(self) -> bool:
+        """Whether the next step may be prepared before this one's update (not for policies that
+        sample from the student: their samples must see the latest weights)."""
+        return not getattr(self.rollout, "needs_sampling", False)
+
+    def micro_batch(self, step: int, index: int, last: bool, samples: list) -> PreparedMicroBatch:
+        from kdcore.data import collate
+        from kdcore.kdloss import IGNORE_INDEX
+
+        mb = collate(samples, self.pad_id, self.teacher_pad_id)
+        alignments = [self.aligner.align(s.student, s.teacher if s.teacher is not None else s.student)
+                      for s in samples]
+        s_idx, t_idx, s_off, t_off = [], [], [], []
+        s_base = t_base = 0
+        for s, a in zip(samples, alignments):
+            s_off.append(s_base)
+            t_off.append(t_base)
+            s_idx.extend(s_base + i for i in a.student_index)
+            t_idx.extend(t_base + i for i in a.teacher_index)
+            s_base += len(s.student.loss_positions)
+            t_base += len(a.teacher_positions)
+        extra = self.aligner.collate([a.extra for a in alignments], s_off, t_off)
+        student_index = torch.tensor(s_idx, dtype=torch.long)
+        return PreparedMicroBatch(
+            step=step, index=index, last=last, batch=mb, alignments=alignments,
+            teacher_positions=[list(a.teacher_positions) for a in alignments],
+            student_index=student_index, teacher_index=torch.tensor(t_idx, dtype=torch.long), extra=extra,
+            kd_rows=int(torch.unique(student_index).numel()), ce_rows=int((mb.labels != IGNORE_INDEX).sum()),
+        )
+
+    def steps(self, start_step: int, position: Any) -> Iterator[PreparedStep]:
+        """Prepared steps from ``start_step`` (at data ``position``) to ``train.max_steps``."""
+        from kdcore.data import planner_for
+        from kdcore.rollout import RolloutContext
+
+        planner = planner_for(self.train_samples, self.train_cfg, world_size=self.env.world_size,
+                              shuffle=self.shuffle)
+        rng = random.Random(self.train_cfg.seed * 7919 + self.env.rank)
+        step = start_step
+        for planned in planner.iterate(self.env.rank, position):
+            if step >= self.train_cfg.max_steps:
+                return
+            if self.sampler is not None:
+                self.sampler.before_step(step)  # weight sync when due: collective, so on every rank here
+            ctx = RolloutContext(step=step, rng=rng, last_eval_loss=self.latest_eval.loss,
+                                 last_eval=self.latest_eval.record, max_steps=self.train_cfg.max_steps,
+                                 **(self.sampler.context_fields() if self.sampler is not None else {}))
+            mbs = []
+            n = len(planned.micro_batches)
+            for i, idx in enumerate(planned.micro_batches):
+                ctx.micro_batch = i
+                samples = self.rollout.select([self.train_samples[j] for j in idx], ctx)
+                mbs.append(self.micro_batch(step, i, i == n - 1, samples))
+            counts = torch.tensor([sum(m.kd_rows for m in mbs), sum(m.ce_rows for m in mbs)], dtype=torch.float64)
+            self.kdist.all_reduce_sum(counts)
+            yield PreparedStep(step=step, micro_batches=mbs, data_next=planned.next,
+                               kd_global=int(counts[0]), ce_global=int(counts[1]))
+            step += 1

@@ -1,0 +1,132 @@
+"""When the teacher computes which micro-batch: pipelined, or in phases when colocated.
+
+Pipelined (the default): the teacher engine runs in its own process and computes micro-batch
+k+1 into the second channel slot while the student trains on micro-batch k. A rollout policy
+that samples from the student does not let the next step be prepared before this step's
+optimizer update (its samples must come from the current weights), so there the teacher idles
+at step boundaries.
+
+Colocated (an engine whose ``colocated`` is true, e.g. SGLang sharing the GPUs with the
+student): the teacher is woken once per step, prepares the step (a rollout may sample from
+it), computes all of its micro-batches, and sleeps while the student trains on them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import deque
+from typing import Iterable, Iterator
+
+import torch
+
+from kdcore.training.types import PreparedMicroBatch, PreparedStep, TrainingError
+
+
+class TeacherSchedule:
+    """Feeds prepared micro-batches to the trainer with their teacher rows on the way."""
+
+    def __init__(self, engine, *, cross: bool, looks_ahead: bool, max_steps: int, colocation=None):
+        self.engine = engine
+        self.cross = cross  # the teacher gets its own tokenization (else the student's ids)
+        self.looks_ahead = looks_ahead
+        self.max_steps = max_steps
+        self.colocation = colocation  # kdcore engines' Colocation when the engine is colocated
+        self.wait_s = 0.0  # time spent waiting for teacher rows (reset by the caller per step)
+        self._queue: deque[PreparedMicroBatch] = deque()
+        self._pending: deque[PreparedStep] = deque()
+        self._next_step = 0
+
+    # ------------------------------------------------------------------ one micro-batch
+    def submit(self, pmb: PreparedMicroBatch) -> None:
+        from kdcore.teacher import HiddenRequest  # MERGE: kdcore.engines
+
+        b = pmb.batch
+        ids = b.teacher_input_ids if self.cross else b.input_ids
+        mask = b.teacher_attention_mask if self.cross else b.attention_mask
+        pmb.ticket = self.engine.submit(HiddenRequest(ids, mask, pmb.teacher_positions))
+
+    def hidden(self, pmb: PreparedMicroBatch, *, timed: bool = True) -> torch.Tensor:
+        """The teacher rows of a submitted micro-batch: a view of its channel slot."""
+        from kdcore.channel import ChannelError
+
+        t0 = time.perf_counter()
+        try:
+            h_t = self.engine.result(pmb.ticket)
+        except ChannelError as exc:
+            raise TrainingError(f"teacher engine failed at step {pmb.step}: {exc}") from exc
+        if timed:
+            self.wait_s += time.perf_counter() - t0
+        return h_t
+
+    def release(self, pmb: PreparedMicroBatch) -> None:
+        self.engine.release(pmb.ticket)
+        pmb.ticket = None
+
+    def phase(self):
+        """Context in which the teacher may be used: a colocated engine is awake only inside it."""
+        return self.colocation.teacher_phase() if self.colocation is not None else contextlib.nullcontext()
+
+    def drop_in_flight(self) -> None:
+        """Hand back the slots of micro-batches computed ahead (before an evaluation, which
+        uses the same slots, or a teacher refresh, after which they are stale); they are
+        submitted again when their turn comes."""
+        for m in self._queue:
+            if m.ticket is not None:
+                self.release(m)
+
+    # ------------------------------------------------------------------ the stream
+    def micro_batches(self, steps: Iterable[PreparedStep], start_step: int) -> Iterator[tuple[PreparedMicroBatch, PreparedStep]]:
+        """``(micro-batch, its step)`` in training order, each with its teacher request
+        submitted; the caller reads the rows with :meth:`hidden` and releases them."""
+        steps = iter(steps)
+        self._next_step = start_step
+        fill = self._fill_phase if self.colocation is not None else self._fill_ahead
+        while True:
+            fill(steps)
+            if not self._queue:
+                return
+            pmb = self._queue.popleft()
+            if self.colocation is None:
+                fill(steps)  # the teacher computes the next micro-batch while the student trains on this one
+            yield pmb, self._pending[0]
+            if pmb.last:
+                self._pending.popleft()
+
+    def _fill_ahead(self, steps: Iterator[PreparedStep]) -> None:
+        # submit queued micro-batches until one waits in the channel (the one the student holds
+        # is the other slot of the double buffer)
+        while not any(m.ticket is not None for m in self._queue):
+            waiting = [m for m in self._queue if m.ticket is None]
+            if waiting:
+                self.submit(waiting[0])
+                continue
+            if not self.looks_ahead and self._pending:
+                return  # on-policy: the next step's rollout must see this step's update
+            if not self._take_step(steps):
+                return
+
+    def _fill_phase(self, steps: Iterator[PreparedStep]) -> None:
+        # one teacher phase per step: prepare it, compute every micro-batch, read them all
+        if self._queue or self._next_step >= self.max_steps:
+            return  # (no phase just to learn that the steps are over)
+        with self.phase():
+            if not self._take_step(steps):
+                return
+            nxt = self._pending[-1]
+            if len(nxt.micro_batches) > self.engine.n_slots:
+                raise TrainingError(f"step {nxt.step + 1} has {len(nxt.micro_batches)} micro-batches but the "
+                                    f"colocated teacher holds {self.engine.n_slots}; lower train.grad_accum")
+            for m in nxt.micro_batches:
+                self.submit(m)
+            for m in nxt.micro_batches:
+                self.hidden(m)
+
+    def _take_step(self, steps: Iterator[PreparedStep]) -> bool:
+        nxt = next(steps, None)
+        if nxt is None:
+            return False
+        self._next_step = nxt.step + 1
+        self._pending.append(nxt)
+        self._queue.extend(nxt.micro_batches)
+        return True
