@@ -1,4 +1,4 @@
-"""Typed registries of losses, aligners and rollouts, filled through the plugin hooks."""
+"""Typed registries of losses, aligners, rollouts and engines, filled through the plugin hooks."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-KINDS = ("loss", "aligner", "rollout")
-HOOK_OF_KIND = {"loss": "register_losses", "aligner": "register_aligners", "rollout": "register_rollouts"}
+KINDS = ("loss", "aligner", "rollout", "engine")
+HOOK_OF_KIND = {"loss": "register_losses", "aligner": "register_aligners", "rollout": "register_rollouts",
+                "engine": "register_engines"}
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
@@ -38,11 +39,11 @@ class PluginInfo:
 
 @dataclass(frozen=True)
 class Entry:
-    """One registered algorithm."""
+    """One registered algorithm (or engine: ``fn`` is then its :class:`kdcore.engines.EngineSpec`)."""
 
     name: str
     kind: str
-    fn: Callable[..., Any]
+    fn: Any  # the callable a hook registered; for kind "engine", the engine spec object
     plugin: str  # distribution name of the provider
     version: str
     summary: str
@@ -129,7 +130,16 @@ def make_register(registry: Registry, kind: str, plugin: PluginInfo) -> Callable
         where = f"plugin '{plugin.distribution}' ({plugin.name})"
         if not isinstance(name, str) or not _NAME_RE.match(name):
             raise PluginError(f"{where}: {kind} name {name!r} must match [a-z][a-z0-9_]*")
-        if not callable(fn):
+        if kind == "engine":
+            from kdcore.engines.factory import spec_problem  # light: no torch, no engine modules
+
+            problem = spec_problem(fn)
+            if problem:
+                raise PluginError(f"{where}: engine '{name}' {problem}")
+            if options is not None:
+                raise PluginError(f"{where}: engine '{name}' takes no options dataclass (engines read their "
+                                  f"recipe section, see EngineSpec.check_recipe)")
+        elif not callable(fn):
             raise PluginError(f"{where}: {kind} '{name}' is not callable: {fn!r}")
         if options is not None:
             if not (isinstance(options, type) and dataclasses.is_dataclass(options)):

@@ -42,7 +42,7 @@ from typing import Any, Iterator
 import torch
 
 from kdcore.aligner import AlignedBatch, Aligner, Alignment, LossSpec
-from kdcore.teacher import HiddenRequest
+from kdcore.engines.protocol import HiddenRequest
 
 
 class TrainingError(RuntimeError):
@@ -108,7 +108,7 @@ class Trainer:
         self.out_dir = Path(cfg.train.output_dir)
         self.metrics_path = self.out_dir / "metrics.jsonl"
         self.engine = None
-        self.colocation = None  # kdcore.teacher.colocation.Colocation when teacher.sglang.colocate
+        self.colocation = None  # kdcore.engines.colocation.Colocation when the engine is colocated
         self.sampler = None  # kdcore.sampling.RolloutSampler: sampling policies, self-distillation
         self.teacher_wait_s = 0.0
         self.last_position = None
@@ -198,7 +198,7 @@ class Trainer:
                                 f"max_position_embeddings={limit}")
 
     def start_engine(self) -> None:
-        from kdcore.teacher import create_engine
+        from kdcore.engines import create_teacher_engine
 
         cfg = self.cfg
         longest = max(len(s.teacher.input_ids if s.teacher is not None else s.student.input_ids)
@@ -210,23 +210,16 @@ class Trainer:
         max_rows = max(max_rows, rollout_rows(self))  # generated responses can outgrow the data's
         teacher_threads, student_threads = self.thread_split()
         self.kdist.setup_threads(student_threads)
-        colocate = self.colocated()
-        # colocated: a whole step's micro-batches are computed in one teacher phase, then read while it sleeps
-        extra = {"n_slots": max(2, cfg.train.grad_accum)} if colocate else {}
-        self.engine = create_engine(cfg.teacher, max_rows=max_rows, threads=teacher_threads, **extra)
+        self.engine = create_teacher_engine(cfg.teacher, registry=self.registry, max_rows=max_rows,
+                                            threads=teacher_threads, micro_batches_per_step=cfg.train.grad_accum)
         self.engine.start()
         self.say(f"[dim]threads: student {student_threads}, teacher {teacher_threads}[/dim]")
-        if colocate:
-            from kdcore.teacher.colocation import Colocation
+        if self.engine.colocated:  # a whole step's micro-batches in one teacher phase, read while it sleeps
+            from kdcore.engines.colocation import Colocation
 
             self.colocation = Colocation(self.engine, self.student.optimizer,
                                          offload_optimizer=bool(cfg.teacher.sglang.offload_optimizer))
             self.colocation.start_asleep()
-
-    def colocated(self) -> bool:
-        """Teacher and student share the GPUs (``teacher.sglang.colocate``): the teacher is
-        woken for its phases only, and works on a step while the student waits (no overlap)."""
-        return self.cfg.teacher.engine == "sglang" and bool(self.cfg.teacher.sglang.colocate)
 
     def teacher_phase(self):
         """Context in which the teacher engine may be used: a colocated engine is awake only
