@@ -12,6 +12,7 @@ KINDS = ("loss", "aligner", "rollout", "engine")
 HOOK_OF_KIND = {"loss": "register_losses", "aligner": "register_aligners", "rollout": "register_rollouts",
                 "engine": "register_engines"}
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+ENGINE_ROLES = ("teacher", "rollout")  # the recipe sections that name an engine: teacher.engine, rollout.engine
 
 
 class PluginError(Exception):
@@ -123,6 +124,21 @@ class Registry:
         return [p for p in self.plugins if p.error]
 
 
+def engine_spec_problem(spec: Any) -> str | None:
+    """Why ``spec`` is not a usable engine spec (:class:`kdcore.engines.EngineSpec`'s shape),
+    None when it is: checked when a plugin registers it."""
+    roles = getattr(spec, "roles", None)
+    if not isinstance(roles, tuple) or not roles or any(r not in ENGINE_ROLES for r in roles):
+        return f"needs `roles`, a non-empty tuple of {', '.join(map(repr, ENGINE_ROLES))}; got {roles!r}"
+    for role in roles:
+        if not callable(getattr(spec, f"create_{role}", None)):
+            return f"serves '{role}' but has no create_{role}() method"
+    check = getattr(spec, "check_recipe", None)
+    if check is not None and not callable(check):
+        return "check_recipe is not callable"
+    return None
+
+
 def make_register(registry: Registry, kind: str, plugin: PluginInfo) -> Callable[..., None]:
     """The ``register`` callback handed to one plugin's hook: validates each item on arrival."""
 
@@ -131,9 +147,7 @@ def make_register(registry: Registry, kind: str, plugin: PluginInfo) -> Callable
         if not isinstance(name, str) or not _NAME_RE.match(name):
             raise PluginError(f"{where}: {kind} name {name!r} must match [a-z][a-z0-9_]*")
         if kind == "engine":
-            from kdcore.engines.factory import spec_problem  # light: no torch, no engine modules
-
-            problem = spec_problem(fn)
+            problem = engine_spec_problem(fn)
             if problem:
                 raise PluginError(f"{where}: engine '{name}' {problem}")
             if options is not None:

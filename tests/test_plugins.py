@@ -1,4 +1,4 @@
-"""The plugin manager's rules (DESIGN.md §4), each with in-process plugins or real entry points."""
+"""The plugin manager's rules, each with in-process plugins or real entry points."""
 
 from __future__ import annotations
 
@@ -410,3 +410,14 @@ def test_unknown_hook_error_lists_every_hook():
             kdcore.load_registry()
     finally:
         kdcore.unregister_plugin("test-typo-engine")
+
+
+def test_list_algorithms_lists_the_engines():
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "kdcore", "list-algorithms", "--kind", "engine", "--json"],
+                         capture_output=True, text=True, check=True).stdout
+    assert {(e["name"], e["kind"], e["plugin"]) for e in json.loads(out)} == {("hf", "engine", "kdflow"),
+                                                                               ("sglang", "engine", "kdflow")}

@@ -10,12 +10,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 from kdcore.engines.protocol import RolloutError, TeacherError
+from kdcore.registry import ENGINE_ROLES as ROLES  # light; the registry checks specs against them
 
 if TYPE_CHECKING:  # pragma: no cover
     from kdcore.engines.protocol import RolloutEngine, TeacherEngine
     from kdcore.registry import Registry
-
-ROLES = ("teacher", "rollout")  # the recipe sections that name an engine: teacher.engine, rollout.engine
 
 
 class EngineSpec:
@@ -52,24 +51,8 @@ class EngineSpec:
         return []
 
 
-def spec_problem(spec: Any) -> Optional[str]:
-    """Why ``spec`` is not a usable engine spec (None when it is); checked at registration."""
-    roles = getattr(spec, "roles", None)
-    if not isinstance(roles, tuple) or not roles or any(r not in ROLES for r in roles):
-        return f"needs `roles`, a non-empty tuple of {', '.join(map(repr, ROLES))}; got {roles!r}"
-    for role in roles:
-        if not callable(getattr(spec, f"create_{role}", None)):
-            return f"serves '{role}' but has no create_{role}() method"
-    check = getattr(spec, "check_recipe", None)
-    if check is not None and not callable(check):
-        return "check_recipe is not callable"
-    return None
-
-
 def engine_spec(name: str, role: str, registry: "Optional[Registry]" = None) -> EngineSpec:
     """The registered spec of engine ``name`` for ``role``; a one-line error otherwise."""
-    from kdcore.registry import UnknownAlgorithmError
-
     error = TeacherError if role == "teacher" else RolloutError
     if registry is None:
         from kdcore.plugins import load_registry
@@ -77,7 +60,7 @@ def engine_spec(name: str, role: str, registry: "Optional[Registry]" = None) -> 
         registry = load_registry()
     try:
         spec = registry.get("engine", name).fn
-    except UnknownAlgorithmError as exc:
+    except KeyError as exc:  # UnknownAlgorithmError: its message names the installed engines
         raise error(f"{role}.engine: {exc}") from None
     if role not in spec.roles:
         raise error(f"{role}.engine: engine '{name}' cannot serve as a {role} engine (it serves: {', '.join(spec.roles)})")
@@ -103,4 +86,4 @@ def create_rollout_engine(kind: str, *, registry: "Optional[Registry]" = None, c
     return spec.create_rollout(config=config, device=device, dtype=dtype, threads=threads, settings=settings, **kwargs)
 
 
-__all__ = ["ROLES", "EngineSpec", "spec_problem", "engine_spec", "create_teacher_engine", "create_rollout_engine"]
+__all__ = ["ROLES", "EngineSpec", "engine_spec", "create_teacher_engine", "create_rollout_engine"]

@@ -1,11 +1,7 @@
 """The ``sglang`` teacher engine: an SGLang server prefills, the student reads hidden rows.
 
-**Status: written against SGLang 0.5.23's source and never run.** Nothing in this module has
-executed on a GPU or against a live SGLang server (the development machines have no GPU, and
-SGLang does not install there). Everything that runs without SGLang — request building, row
-bookkeeping, server flags, version/CUDA/architecture checks, the status protocol, the hook's
-row writing (on CPU tensors), the post-norm check, optimizer offload — is tested on CPU in
-``tests/test_sglang_engine.py``; ``bench/gpu_check.sh`` part (b) is the first real run.
+**Status: written against SGLang 0.5.23's source and never run** (what is CPU-tested, with
+which stand-ins: ``README.md`` in this folder; the first real run: ``bench/gpu_check.sh`` part (b)).
 
 How it works (all facts below were read from the sglang 0.5.23 wheel; line references are to
 that source):
@@ -32,8 +28,8 @@ that source):
 - **Transport ``hook`` (fast; the default when available).** SGLang's own return path turns
   every hidden state into Python floats (``.cpu().clone().tolist()`` per request), pickles
   them through two processes and JSON-encodes them: ~100x the cost of the prefill itself. So
-  kdflow registers a *SGLang plugin* (entry point group ``sglang.srt.plugins``, SGLang's own
-  mechanism, loaded by every server process; inert unless ``KDFLOW_SGLANG_HOOK=1`` is set in
+  kdflow registers a *SGLang plugin* (:mod:`kdcore.engines.sglang.hook`; entry point group
+  ``sglang.srt.plugins``, SGLang's own mechanism, loaded by every server process; inert unless ``KDFLOW_SGLANG_HOOK=1`` is set in
   the server's environment and the installed version is the pinned one). It wraps exactly one
   method, ``SchedulerBatchResultProcessor._append_prefill_hidden_states``: for requests that
   carry kdflow's ``custom_params`` it gathers the requested positions from the GPU tensor and
@@ -58,6 +54,7 @@ from __future__ import annotations
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import queue
