@@ -284,7 +284,7 @@ class FakeTeacher:
 
             def __init__(self):
                 self.max_rows, self.n_slots = max_rows, max(2, micro_batches_per_step)
-                self.colocated = True  # exercised by the trainer through this flag, not a name
+                self.colocated = True  # the flag the trainer reads (never the engine name)
                 self.threads, self.path = threads, teacher_cfg.path
                 self._init_tickets()
 

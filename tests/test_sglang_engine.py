@@ -112,6 +112,17 @@ def test_requesting_sglang_without_gpu_or_install_is_a_clear_error():
         engine.submit(padded_request())
 
 
+def test_the_engine_decides_its_slots_and_colocation_from_its_section():
+    """Colocated, a whole step (train.grad_accum micro-batches) is computed before the student
+    trains, so the engine needs that many slots; otherwise 2 pipeline the two sides."""
+    for colocate, grad_accum, slots in ((False, 5, 2), (True, 5, 5), (True, 1, 2)):
+        cfg = load_recipe("quickstart", ["teacher.engine=sglang", f"teacher.sglang.colocate={str(colocate).lower()}"])
+        engine = create_teacher_engine(cfg.teacher, max_rows=64, micro_batches_per_step=grad_accum)
+        assert (engine.colocated, engine.n_slots) == (colocate, slots)
+    hf = create_teacher_engine(load_recipe("quickstart").teacher, max_rows=64, micro_batches_per_step=5)
+    assert (hf.colocated, hf.n_slots) == (False, 2)
+
+
 def test_rollout_engine_without_gpu_is_a_clear_error():
     from kdcore.engines import RolloutError, create_rollout_engine
 
