@@ -246,7 +246,7 @@ def cmd_teacher_tps(args) -> int:
 def recipe_requests(cfg, n: int):
     """The recipe's first ``n`` micro-batches as HiddenRequests at their loss positions."""
     from kdcore.data import collate, prepare_data
-    from kdcore.teacher import HiddenRequest
+    from kdcore.engines import HiddenRequest
     from kdcore.tokenizers import load_tokenizer, pad_token_id
 
     tok = load_tokenizer(cfg.teacher.tokenizer or cfg.teacher.path)
@@ -261,11 +261,11 @@ def recipe_requests(cfg, n: int):
 
 def measure_engine(teacher_cfg, requests, engine=None, warmup: int = 2) -> dict:
     """Sequential submit/result/release of every request after ``warmup`` of them."""
-    from kdcore.teacher import create_engine
+    from kdcore.engines import create_teacher_engine
 
     rows = max(r.rows for r in requests)
     own = engine is None
-    eng = engine or create_engine(teacher_cfg, max_rows=rows).start()
+    eng = engine or create_teacher_engine(teacher_cfg, max_rows=rows).start()
     try:
         for r in requests[:warmup]:
             with eng.hidden_states(r):
@@ -378,7 +378,7 @@ def _teacher_folder(out: Path) -> tuple[str, str]:
 def _padded_batch(vocab: int, B: int = 8, L: int = 384, seed: int = 0):
     import torch
 
-    from kdcore.teacher import HiddenRequest
+    from kdcore.engines import HiddenRequest
 
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, vocab, (B, L), generator=g)
@@ -400,13 +400,14 @@ def cmd_sglang(args) -> int:
     from types import SimpleNamespace
 
     from kdcore.config import SGLangConfig
-    from kdcore.teacher import sglang as sg
-    from kdcore.teacher.hf import HFTeacher
+    from kdcore import models
+    from kdcore.engines.hf import HFTeacher
+    from kdcore.engines.sglang.teacher import SGLangTeacher
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     spec, kind = _teacher_folder(out)
-    folder = sg.resolve_model_folder(spec)
+    folder = models.loadable_path(spec)[0]
     vocab = json.loads((Path(folder) / "config.json").read_text())["vocab_size"]
     req = _padded_batch(vocab)
     result: dict = {"part": "b", "teacher": kind, "env": env_report("b")[0],
@@ -416,7 +417,7 @@ def cmd_sglang(args) -> int:
     tps_batches = [_padded_batch(vocab, B=16, L=512, seed=s) for s in range(8)]
     teacher = SimpleNamespace(path=spec, dtype="bfloat16", sglang=SGLangConfig(mem_fraction_static=0.25))
     t0 = time.perf_counter()
-    with sg.SGLangTeacher(teacher, max_rows=16 * 512) as eng:
+    with SGLangTeacher(teacher, max_rows=16 * 512) as eng:
         result["sglang_start_s"] = round(time.perf_counter() - t0, 1)
         result["sglang_info"] = {k: v for k, v in eng.info.items() if k != "folder"}
         with eng.hidden_states(req) as h:
@@ -424,7 +425,7 @@ def cmd_sglang(args) -> int:
         lists_cfg = SimpleNamespace(path=spec, dtype="bfloat16",
                                     sglang=SGLangConfig(server_url=eng.server.url, transport="lists"))
         if eng.info["transport"] == "hook":
-            with sg.SGLangTeacher(lists_cfg, max_rows=16 * 512) as lst, lst.hidden_states(req) as h2:
+            with SGLangTeacher(lists_cfg, max_rows=16 * 512) as lst, lst.hidden_states(req) as h2:
                 checks["hook_vs_lists_max_abs"] = float((h2.float().cpu() - h_sg).abs().max())
         result["sglang_prefill"] = measure_engine(None, tps_batches, engine=eng)
         head = eng.lm_head(torch.float32)
@@ -477,8 +478,8 @@ def rollout_check(folder: str, real: bool = True) -> dict:
     from transformers import AutoModelForCausalLM
 
     from kdcore.config import SGLangConfig
-    from kdcore.sampling import HFRolloutEngine
-    from kdcore.sampling_sglang import SGLangRolloutEngine
+    from kdcore.engines.hf_rollout import HFRolloutEngine
+    from kdcore.engines.sglang.rollout import SGLangRolloutEngine
 
     from kdcore.student import truncate_layers
 

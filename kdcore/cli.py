@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from kdcore.registry import KINDS
+
 EXAMPLES = """\
 examples:
   kdcore train quickstart                     run a shipped recipe by name
@@ -57,7 +59,7 @@ def cmd_list_algorithms(args) -> int:
     from rich.table import Table
 
     console = _console()
-    kinds = [args.kind] if args.kind else ["loss", "aligner", "rollout"]
+    kinds = [args.kind] if args.kind else list(KINDS)
     for kind in kinds:
         table = Table(title=f"{kind}es" if kind == "loss" else f"{kind}s", title_justify="left")
         for col in ("name", "plugin", "summary", "options"):
@@ -156,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("list-algorithms", help="installed losses, aligners and rollouts")
-    p.add_argument("--kind", choices=["loss", "aligner", "rollout"])
+    p.add_argument("--kind", choices=list(KINDS))
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_list_algorithms)
 

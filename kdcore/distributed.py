@@ -171,7 +171,11 @@ def broadcast_tensors(tensors, src: int = 0) -> None:
 
 
 def default_threads(local_world_size: int = 1) -> int:
-    """Cores this process may use: its CPU affinity split evenly across local ranks (>= 1)."""
+    """Cores this process may use: its CPU affinity split evenly across local ranks (>= 1).
+
+    The one thread policy of kdflow: a rank's student and its CPU teacher engine both get all
+    of these cores by default (they overlap and wait passively; see the README's performance
+    section for the measurements)."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # macOS has no affinity API

@@ -14,7 +14,7 @@ The common shape of ``register`` for every hook::
     Registry name, lowercase ``[a-z][a-z0-9_]*``. Unique per kind across all installed plugins;
     two plugins registering one name is a startup error naming both.
 ``fn``
-    The callable (contract per hook below).
+    The callable (contract per hook below); for ``register_engines``, an engine spec object.
 ``options``
     ``None`` or a dataclass type whose fields (each with a default) are the algorithm's options.
     Recipes set them under ``distill.<kind>_options`` and ``kdcore validate`` checks them
@@ -86,4 +86,39 @@ def register_rollouts(register):
     :class:`kdcore.rollout.RolloutContext` that can sample from the live student and from the
     teacher, holds a replay buffer, a seeded RNG, the step number and the last evaluation loss.
     Sampled token ids must be used as they are (never re-tokenized from text).
+    """
+
+
+@hookspec
+def register_engines(register):
+    """Register engines: what computes the teacher's hidden states and what samples rollouts.
+
+    ``register(name, spec)`` where ``spec`` is an instance of a :class:`kdcore.engines.EngineSpec`
+    subclass (no ``options``: an engine reads its own recipe section). Recipes pick engines by
+    name: ``teacher.engine: <name>`` and ``rollout.engine: <name>``; ``kdcore validate`` checks
+    the name against the installed engines (with a did-you-mean). The spec provides:
+
+    - ``roles``: a tuple of ``"teacher"`` and/or ``"rollout"``, the sections it can serve.
+    - ``create_teacher(teacher_cfg, *, max_rows, threads, micro_batches_per_step, **kwargs)``
+      for ``"teacher"``: build (not start) a :class:`kdcore.engines.protocol.TeacherEngine` from
+      the recipe's ``teacher`` section. ``max_rows``: rows of one channel slot; ``threads``: CPU
+      threads (None = the engine's default); ``micro_batches_per_step``: ``train.grad_accum``.
+      The engine decides its own slot count (``n_slots``, at least 2 for pipelining) and sets
+      ``colocated = True`` when it shares the accelerators with the student and must only be
+      awake for teacher phases (it then needs ``max(2, micro_batches_per_step)`` slots).
+    - ``create_rollout(*, config, device, dtype, threads, settings, **kwargs)`` for
+      ``"rollout"``: a :class:`kdcore.engines.protocol.RolloutEngine` sampling from a copy of
+      the student (its transformers ``config``); ``settings`` is the ``rollout`` section. Use
+      :func:`kdcore.engines.protocol.check_generate` and ``finish_generations`` so every engine
+      refuses the same inputs with the same words.
+    - ``check_recipe(section, prefix) -> list[str]`` (optional): one-line problems with the raw
+      ``teacher`` or ``rollout`` section (``prefix``) naming this engine, run at validation.
+
+    An engine receives **token ids, never text**, and never knows the loss or the aligner: a
+    teacher engine returns last hidden states (after the final norm, before ``lm_head``) at
+    the requested positions, plus ``lm_head()``; the core does the rest. Registration runs
+    for every ``kdcore`` command, so the spec's module must import nothing heavy (torch,
+    CUDA-only backends): import the engine inside ``create_*``, and raise a one-line
+    :class:`kdcore.engines.TeacherError` / ``RolloutError`` naming what is missing when the
+    engine cannot run here.
     """

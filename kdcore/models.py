@@ -191,6 +191,16 @@ def gguf_to_hf_folder(gguf_path: str | os.PathLike, cache_dir: str | os.PathLike
 # ----------------------------------------------------------------------------- lm_head alone
 
 
+def loadable_path(spec: str, cache_dir: str | os.PathLike | None = None) -> tuple[str, bool]:
+    """Where transformers or SGLang can load ``spec`` from, and whether it was converted: a
+    GGUF file becomes its cached HF folder (:func:`gguf_to_hf_folder`, converted once); a
+    folder or hub id is returned as :func:`locate` found it."""
+    kind, where = locate(spec)
+    if kind == "gguf":
+        return str(gguf_to_hf_folder(where, cache_dir)), True
+    return where, False
+
+
 def load_lm_head(spec: str, *, dtype: "str | torch.dtype" = "float32") -> "torch.Tensor":
     """The output projection ``W [V, H]`` of a causal LM (logits = hidden @ W.T), loaded alone.
 

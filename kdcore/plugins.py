@@ -63,9 +63,9 @@ def _entry_point_plugins(allow: set[str] | None) -> list[tuple[PluginInfo, Any]]
         builtin = _norm(dist) == BUILTIN_DISTRIBUTION
         if not builtin and allow is not None and not ({_norm(dist), _norm(ep.name)} & allow):
             continue
-        info = PluginInfo(name=ep.name if builtin else dist, distribution=dist, version=version, builtin=builtin)
-        if not builtin:
-            info = PluginInfo(name=f"{dist}:{ep.name}", distribution=dist, version=version)
+        # built-in plugins go by their entry-point name, third-party ones by distribution:name
+        name = ep.name if builtin else f"{dist}:{ep.name}"
+        info = PluginInfo(name=name, distribution=dist, version=version, builtin=builtin)
         try:
             module = ep.load()
         except Exception as exc:  # a broken plugin must not take the others down
@@ -109,9 +109,10 @@ def make_plugin_manager(*, entry_points: bool = True) -> tuple[pluggy.PluginMana
 
 
 def load_registry(*, entry_points: bool = True) -> Registry:
-    """Build the registry of every installed algorithm (public API).
+    """Build the registry of every installed algorithm and engine (public API).
 
-    ``registry.get(kind, name).fn`` is the registered callable; an unknown name raises
+    ``registry.get(kind, name).fn`` is the registered callable (an engine spec for kind
+    ``engine``); an unknown name raises
     :class:`~kdcore.registry.UnknownAlgorithmError` listing the valid names.
     """
     pm, infos = make_plugin_manager(entry_points=entry_points)

@@ -1,4 +1,4 @@
-"""Typed registries of losses, aligners and rollouts, filled through the plugin hooks."""
+"""Typed registries of losses, aligners, rollouts and engines, filled through the plugin hooks."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-KINDS = ("loss", "aligner", "rollout")
-HOOK_OF_KIND = {"loss": "register_losses", "aligner": "register_aligners", "rollout": "register_rollouts"}
+KINDS = ("loss", "aligner", "rollout", "engine")
+HOOK_OF_KIND = {"loss": "register_losses", "aligner": "register_aligners", "rollout": "register_rollouts",
+                "engine": "register_engines"}
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+ENGINE_ROLES = ("teacher", "rollout")  # the recipe sections that name an engine: teacher.engine, rollout.engine
 
 
 class PluginError(Exception):
@@ -38,11 +40,11 @@ class PluginInfo:
 
 @dataclass(frozen=True)
 class Entry:
-    """One registered algorithm."""
+    """One registered algorithm (or engine: ``fn`` is then its :class:`kdcore.engines.EngineSpec`)."""
 
     name: str
     kind: str
-    fn: Callable[..., Any]
+    fn: Any  # the callable a hook registered; for kind "engine", the engine spec object
     plugin: str  # distribution name of the provider
     version: str
     summary: str
@@ -122,6 +124,21 @@ class Registry:
         return [p for p in self.plugins if p.error]
 
 
+def engine_spec_problem(spec: Any) -> str | None:
+    """Why ``spec`` is not a usable engine spec (:class:`kdcore.engines.EngineSpec`'s shape),
+    None when it is: checked when a plugin registers it."""
+    roles = getattr(spec, "roles", None)
+    if not isinstance(roles, tuple) or not roles or any(r not in ENGINE_ROLES for r in roles):
+        return f"needs `roles`, a non-empty tuple of {', '.join(map(repr, ENGINE_ROLES))}; got {roles!r}"
+    for role in roles:
+        if not callable(getattr(spec, f"create_{role}", None)):
+            return f"serves '{role}' but has no create_{role}() method"
+    check = getattr(spec, "check_recipe", None)
+    if check is not None and not callable(check):
+        return "check_recipe is not callable"
+    return None
+
+
 def make_register(registry: Registry, kind: str, plugin: PluginInfo) -> Callable[..., None]:
     """The ``register`` callback handed to one plugin's hook: validates each item on arrival."""
 
@@ -129,7 +146,14 @@ def make_register(registry: Registry, kind: str, plugin: PluginInfo) -> Callable
         where = f"plugin '{plugin.distribution}' ({plugin.name})"
         if not isinstance(name, str) or not _NAME_RE.match(name):
             raise PluginError(f"{where}: {kind} name {name!r} must match [a-z][a-z0-9_]*")
-        if not callable(fn):
+        if kind == "engine":
+            problem = engine_spec_problem(fn)
+            if problem:
+                raise PluginError(f"{where}: engine '{name}' {problem}")
+            if options is not None:
+                raise PluginError(f"{where}: engine '{name}' takes no options dataclass (engines read their "
+                                  f"recipe section, see EngineSpec.check_recipe)")
+        elif not callable(fn):
             raise PluginError(f"{where}: {kind} '{name}' is not callable: {fn!r}")
         if options is not None:
             if not (isinstance(options, type) and dataclasses.is_dataclass(options)):

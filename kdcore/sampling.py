@@ -1,14 +1,13 @@
-"""Sampling for rollout policies: rollout engines, prompts, and samples rebuilt around responses.
+"""Sampling for rollout policies: prompts, samples rebuilt around responses, and the sampler.
 
 Algorithm-free: *which* sequences a step learns on is a rollout policy's choice
 (``kdflow_algorithms.rollouts``); this module only provides the means to generate them.
 
-**Rollout engines** (:class:`RolloutEngine`) generate continuations of prompt token ids and
-take new weights. ``hf`` (:class:`HFRolloutEngine`) is an unsharded copy of the student, built
-from the student's config in the trainer process, generating with transformers on the
-student's device; the SGLang rollout engine implements the same interface
-(``create_rollout_engine("sglang", ...)``). Under FSDP2 every rank keeps its own copy and
-samples its own prompts: :func:`full_weights` gathers the full weights on *every* rank.
+**Rollout engines** live in :mod:`kdcore.engines` (protocol: :class:`kdcore.engines.protocol.RolloutEngine`);
+the recipe's ``rollout.engine`` names one registered through the ``register_engines`` hook
+(``hf``: a student copy in the trainer process; ``sglang``: GPU). Under FSDP2 every rank keeps
+its own copy and samples its own prompts: :func:`full_weights` gathers the full weights on
+*every* rank.
 
 **Weight sync.** The copy holds the weights of some optimizer step; :class:`RolloutSampler`
 re-syncs it before sampling whenever it is ``rollout.sync_every`` or more updates behind, so
@@ -36,268 +35,19 @@ open, **with no end-of-turn or EOS token on either side**.
 
 from __future__ import annotations
 
-import abc
-import contextlib
 import math
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
 from kdcore.aligner import Tokenized
 from kdcore.data import BadRow, DataError, Sample
-
-
-class RolloutError(RuntimeError):
-    """Sampling cannot proceed (bad settings, or an engine that cannot do what was asked)."""
-
-
-# ------------------------------------------------------------------------------ engines
-
-
-@dataclass
-class Generation:
-    """One sampled continuation: the new token ids (EOS included when it stopped on one)."""
-
-    token_ids: list[int]
-    finished_by_eos: bool
-
-
-class RolloutEngine(abc.ABC):
-    """Generates continuations from the current policy weights.
-
-    Implementations: :class:`HFRolloutEngine` (transformers, CPU or CUDA), the SGLang engine
-    (GPU), and :class:`TeacherRolloutEngine` (the teacher engine's own ``generate``).
-    """
-
-    @abc.abstractmethod
-    def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> int:
-        """Load full (unsharded) weights by name; returns how many tensors were copied. Unknown
-        names, missing names or shape mismatches raise :class:`RolloutError` naming them."""
-
-    @abc.abstractmethod
-    def generate(self, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int | Sequence[int],
-                 temperature: float = 1.0, top_p: float = 1.0, n: int = 1, eos_ids: Sequence[int] = (),
-                 seed: Optional[int] = None) -> list[Generation]:
-        """Sample ``n`` continuations of each prompt.
-
-        ``prompt_ids``: token ids per prompt (no padding). ``max_new_tokens``: one limit, or one
-        per prompt. ``temperature`` 0 means greedy decoding; ``top_p`` 1 means no nucleus cut;
-        no top-k cut is ever applied (the samples follow the model's own distribution).
-        ``eos_ids``: generation stops after the first of these. ``seed``: same seed, same
-        weights, same prompts → same samples.
-
-        Returns ``len(prompt_ids) * n`` generations, prompt-major (prompt 0's ``n``, then
-        prompt 1's, ...). A continuation cut by its length limit ends where it was cut, with
-        ``finished_by_eos`` False (no EOS is appended).
-        """
-
-    def close(self) -> None:
-        """Free the engine's resources (idempotent)."""
-
-
-def _finish_generations(rows: Sequence[Sequence[int]], limits: Sequence[int], eos: set[int]) -> list[Generation]:
-    """Cut each row after its first EOS or at its own limit; no EOS is ever added."""
-    out = []
-    for row, limit in zip(rows, limits):
-        row = list(row)[:limit]
-        cut = next((i + 1 for i, t in enumerate(row) if t in eos), None)
-        out.append(Generation(row[:cut], True) if cut is not None else Generation(row, False))
-    return out
-
-
-def _limits(max_new_tokens: int | Sequence[int], n_prompts: int) -> list[int]:
-    if isinstance(max_new_tokens, int):
-        limits = [max_new_tokens] * n_prompts
-    else:
-        limits = [int(m) for m in max_new_tokens]
-        if len(limits) != n_prompts:
-            raise RolloutError(f"max_new_tokens has {len(limits)} limits for {n_prompts} prompts")
-    if any(m < 1 for m in limits):
-        raise RolloutError(f"max_new_tokens must be >= 1, got {min(limits)}")
-    return limits
-
-
-def _check_sampling(temperature: float, top_p: float, n: int) -> None:
-    if temperature < 0:
-        raise RolloutError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if not 0 < top_p <= 1:
-        raise RolloutError(f"top_p must be within (0, 1], got {top_p}")
-    if n < 1:
-        raise RolloutError(f"n must be >= 1, got {n}")
-
-
-def _check_generate(prompt_ids: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int], temperature: float,
-                    top_p: float, n: int) -> list[int]:
-    """Check a sampling engine's ``generate()`` arguments; the per-row token limits.
-
-    Rows are prompt-major (prompt 0's ``n`` samples, then prompt 1's), so the result has
-    ``len(prompt_ids) * n`` entries, each prompt's limit repeated ``n`` times; ``[]`` for no prompts.
-    """
-    _check_sampling(temperature, top_p, n)
-    if not prompt_ids:
-        return []
-    if any(len(p) == 0 for p in prompt_ids):
-        raise RolloutError("cannot generate from an empty prompt")
-    return [m for m in _limits(max_new_tokens, len(prompt_ids)) for _ in range(n)]
-
-
-class HFRolloutEngine(RolloutEngine):
-    """An unsharded copy of the student (same config), generating with transformers.
-
-    Args:
-        config: the student's ``transformers`` config (copied; the KV cache is switched on).
-        device: where the copy lives and generates (the student's device).
-        dtype: weights' dtype; float32 keeps samples exactly those of the fp32 master weights.
-        threads: torch intra-op threads while generating (None = leave as is). The trainer
-            passes all of the rank's cores: while the student samples, the teacher is idle.
-    """
-
-    def __init__(self, config, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 threads: Optional[int] = None):
-        from transformers import AutoModelForCausalLM
-
-        cfg = type(config).from_dict(config.to_dict())
-        if hasattr(cfg, "quantization_config"):  # GGUF-loaded configs carry it; the copy is plain
-            del cfg.quantization_config
-        cfg.use_cache = True  # generation without a KV cache is quadratic
-        self.device = torch.device(device)
-        self.dtype = dtype
-        self.threads = threads
-        # the seed only makes the (immediately overwritten) random init reproducible
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            self.model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-        self.model.to(self.device).eval().requires_grad_(False)
-        self._targets = self._named_tensors()
-        self.version: Optional[int] = None  # optimizer step of the weights held (set by the sampler)
-
-    def _named_tensors(self) -> dict[str, torch.Tensor]:
-        named = dict(self.model.named_parameters(remove_duplicate=False))
-        persistent = self.model.state_dict(keep_vars=True)  # non-persistent buffers (rotary) excluded
-        named.update({k: v for k, v in persistent.items() if k not in named})
-        return named
-
-    def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> int:
-        unknown = [k for k in state_dict if k not in self._targets]
-        if unknown:
-            raise RolloutError(f"rollout engine: the student copy has no tensor named {', '.join(unknown[:5])}"
-                               + (f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else ""))
-        missing = [k for k in self._targets if k not in state_dict]
-        if missing:
-            raise RolloutError(f"rollout engine: the weights lack {', '.join(missing[:5])}"
-                               + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
-                               + " (a partial sync would sample from a mix of two models)")
-        bad = [f"{k} {tuple(v.shape)} vs {tuple(self._targets[k].shape)}" for k, v in state_dict.items()
-               if tuple(v.shape) != tuple(self._targets[k].shape)]
-        if bad:
-            raise RolloutError(f"rollout engine: shape mismatch for {', '.join(bad[:5])}")
-        with torch.no_grad():
-            done: set[int] = set()
-            for k, v in state_dict.items():
-                t = self._targets[k]
-                if id(t) in done:  # tied weights: one tensor under two names
-                    continue
-                t.copy_(v.detach().to(device=t.device, dtype=t.dtype))
-                done.add(id(t))
-        return len(state_dict)
-
-    def generate(self, prompt_ids, *, max_new_tokens, temperature=1.0, top_p=1.0, n=1, eos_ids=(), seed=None):
-        from transformers import GenerationConfig
-
-        limits = _check_generate(prompt_ids, max_new_tokens, temperature, top_p, n)
-        if not limits:
-            return []
-        rows = [list(map(int, p)) for p in prompt_ids for _ in range(n)]
-        eos = {int(e) for e in eos_ids}
-        pad = min(eos) if eos else 0  # any id: padded positions are masked out
-        width = max(len(r) for r in rows)
-        # batched generation needs left padding (every row's next token at the same column)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for b, r in enumerate(rows):
-            ids[b, width - len(r):] = torch.tensor(r, dtype=torch.long)
-            mask[b, width - len(r):] = 1
-        greedy = temperature == 0
-        gen = GenerationConfig(
-            max_new_tokens=max(limits), do_sample=not greedy, num_beams=1, use_cache=True,
-            eos_token_id=sorted(eos) or None, pad_token_id=pad,
-            **({} if greedy else {"temperature": float(temperature), "top_p": float(top_p), "top_k": 0}),
-        )
-        with _threads(self.threads), torch.random.fork_rng(devices=_rng_devices(self.device)), torch.inference_mode():
-            if seed is not None:
-                torch.manual_seed(int(seed))
-            out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                      generation_config=gen)
-        return _finish_generations(out[:, width:].tolist(), limits, eos)
-
-    def close(self) -> None:
-        self.model = None  # type: ignore[assignment]
-        self._targets = {}
-
-
-class TeacherRolloutEngine(RolloutEngine):
-    """The teacher engine as a rollout engine: generation runs in the teacher's own process
-    (SeqKD's teacher samples); ``update_weights`` is the engine's (self-distillation)."""
-
-    def __init__(self, engine):
-        self.engine = engine
-
-    def update_weights(self, state_dict):
-        return self.engine.update_weights(state_dict)
-
-    def generate(self, prompt_ids, *, max_new_tokens, temperature=1.0, top_p=1.0, n=1, eos_ids=(), seed=None):
-        _check_sampling(temperature, top_p, n)
-        if not prompt_ids:
-            return []
-        limits = [m for m in _limits(max_new_tokens, len(prompt_ids)) for _ in range(n)]
-        rows = [list(map(int, p)) for p in prompt_ids for _ in range(n)]
-        width = max(len(r) for r in rows)
-        ids = torch.zeros((len(rows), width), dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for b, r in enumerate(rows):
-            ids[b, : len(r)] = torch.tensor(r, dtype=torch.long)
-            mask[b, : len(r)] = 1
-        eos = sorted({int(e) for e in eos_ids})
-        greedy = temperature == 0
-        out = self.engine.generate(ids, mask, max_new_tokens=max(limits), do_sample=not greedy,
-                                   temperature=float(temperature) if not greedy else 1.0, top_p=float(top_p),
-                                   top_k=0, seed=seed, eos_token_id=eos or None)
-        return _finish_generations(out, limits, set(eos))
-
-
-def create_rollout_engine(kind: str, *, config=None, device: str | torch.device = "cpu",
-                          dtype: torch.dtype = torch.float32, threads: Optional[int] = None, **kwargs) -> RolloutEngine:
-    """The student rollout engine a recipe's ``rollout.engine`` names (``hf`` or ``sglang``)."""
-    if kind == "hf":
-        return HFRolloutEngine(config, device=device, dtype=dtype, threads=threads)
-    if kind == "sglang":
-        try:
-            from kdcore.sampling_sglang import SGLangRolloutEngine  # type: ignore[import-not-found]
-        except ImportError as exc:
-            raise RolloutError(f"rollout.engine 'sglang' is not available here ({exc}); it needs a GPU and "
-                               "`pip install kdflow[sglang]`") from exc
-        return SGLangRolloutEngine(config=config, device=device, dtype=dtype, **kwargs)
-    raise RolloutError(f"unknown rollout.engine '{kind}' (known: hf, sglang)")
-
-
-@contextlib.contextmanager
-def _threads(n: Optional[int]) -> Iterator[None]:
-    if not n or n == torch.get_num_threads():
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def _rng_devices(device: torch.device) -> list:
-    return [device] if device.type == "cuda" else []
+from kdcore.engines import create_rollout_engine
+from kdcore.engines.hf_rollout import HFRolloutEngine, TeacherRolloutEngine
+from kdcore.engines.protocol import Generation, RolloutEngine, RolloutError, check_sampling
 
 
 def full_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -607,7 +357,7 @@ class RolloutSampler:
 
         if settings.sync_every < 1:
             raise RolloutError(f"rollout.sync_every must be >= 1, got {settings.sync_every}")
-        _check_sampling(settings.temperature, settings.top_p, settings.n)
+        check_sampling(settings.temperature, settings.top_p, settings.n)
         self.settings = settings
         self.student_model = student_model
         self.student_tok = student_tok
@@ -645,9 +395,9 @@ class RolloutSampler:
         """Copy the student's current weights into the rollout engine (collective under FSDP)."""
         t0 = time.perf_counter()
         if self.engine is None:
-            extra = {"sglang": self.settings.sglang} if self.settings.engine == "sglang" and self.settings.sglang else {}
             self.engine = create_rollout_engine(self.settings.engine, config=self.student_model.config,
-                                                device=self.device, dtype=self.dtype, threads=self.threads, **extra)
+                                                device=self.device, dtype=self.dtype, threads=self.threads,
+                                                settings=self.settings)
         if hasattr(self.engine, "sync_model"):  # engines that gather shards their own way (sglang)
             self.engine.sync_model(self.student_model)
         else:

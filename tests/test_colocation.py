@@ -19,13 +19,32 @@ import pytest
 from test_train import evals, run_train, train_steps, write_recipe
 
 SCRIPT = textwrap.dedent('''
-    import json, sys
+    import json, sys, types
     import kdcore
     from kdcore.training import trainer as T
+    from kdcore.engines.builtin import HFEngine
+
+
+    class ColocatedHF(HFEngine):
+        """The hf engine flagged colocated: the sglang engine's switch, on CPU."""
+
+        roles = ("teacher",)
+
+        def create_teacher(self, teacher_cfg, *, max_rows, threads=None, micro_batches_per_step=1, **kwargs):
+            engine = super().create_teacher(teacher_cfg, max_rows=max_rows, threads=threads,
+                                            n_slots=max(2, micro_batches_per_step), **kwargs)
+            engine.colocated = True
+            engine.offloads_optimizer = True
+            return engine
+
+
+    def register_engines(register):
+        register("hf_colocated", ColocatedHF())
+
 
     if __name__ == "__main__":  # the teacher process is spawned: this must not rerun there
-        T.Trainer._colocated = lambda self: True  # the sglang engine's switch, on the hf engine
-        cfg = kdcore.load_recipe(sys.argv[1], ["teacher.sglang.offload_optimizer=true"])
+        kdcore.register_plugin(types.SimpleNamespace(register_engines=kdcore.hookimpl(register_engines)), "coloc")
+        cfg = kdcore.load_recipe(sys.argv[1], ["teacher.engine=hf_colocated"])
         t = T.Trainer(cfg)
         t.run()
         json.dump({"phases": t.schedule.colocation.phases, "slots": t.schedule.colocation.engine.n_slots}, open(sys.argv[2], "w"))

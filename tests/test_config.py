@@ -77,6 +77,46 @@ def test_ranges_and_required(tmp_path):
     assert "student.num_layers: required when student.init is 'truncate'" in joined
 
 
+def test_truncate_without_num_layers_is_reported_once():
+    errors = validate_raw({"teacher": {"path": "t"}, "data": {"train": "x"}, "student": {"init": "truncate"}})
+    assert errors.count("student.num_layers: required when student.init is 'truncate'") == 1
+    assert validate_raw({"teacher": {"path": "t"}, "data": {"train": "x"},
+                         "student": {"init": "truncate", "num_layers": 2}}) == []
+
+
+def test_engine_names_come_from_the_registry():
+    errors = validate_raw({"teacher": {"path": "t", "engine": "vllm"}, "data": {"train": "x"}})
+    assert errors == ["teacher.engine: unknown engine 'vllm'; installed: hf, sglang"]
+
+
+def test_rollout_sglang_section_is_checked_like_the_teachers():
+    """rollout.sglang went unchecked before the engine registry; the rollout server needs no
+    hidden-state path, so the teacher-only fixed arguments are not enforced there."""
+    raw = {"teacher": {"path": "t"}, "data": {"train": "x"},
+           "rollout": {"engine": "sglang", "sglang": {"quantization": "fp9", "server_url": "localhost:1",
+                                                      "server_args": {"tp_size": 2, "disable_radix_cache": False},
+                                                      "mem_fraction_static": 1.5}}}
+    assert validate_raw(raw) == [
+        "rollout.sglang.mem_fraction_static: must be within (0, 1), got 1.5",
+        "rollout.sglang.quantization: 'fp9' is not a quantization sglang 0.5.23 knows; did you mean 'fp8'?",
+        "rollout.sglang.server_url: 'localhost:1' must start with http:// or https://",
+        "rollout.sglang.server_args.tp_size: set it through the recipe (rollout.sglang / rollout.dtype), not server_args",
+    ]
+    # the same section under an hf rollout engine is not sglang's to check (its ranges still are)
+    raw["rollout"]["engine"] = "hf"
+    assert validate_raw(raw) == ["rollout.sglang.mem_fraction_static: must be within (0, 1), got 1.5"]
+
+
+def test_config_imports_no_engine_runtime():
+    import subprocess
+    import sys
+
+    code = ("import sys, kdcore.config; print(sorted(m for m in ('torch', 'sglang', 'kdcore.channel', "
+            "'kdcore.engines.hf', 'kdcore.engines.sglang.teacher') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
 def test_algorithm_options_checked_against_the_plugin_dataclass(tmp_path):
     base = {"teacher": {"path": "m"}, "data": {"train": "x"}}
     errs = validate_raw({**base, "distill": {"loss": "ab_div", "loss_options": {"alpah": 0.2, "beta": "x"}}})
@@ -114,7 +154,7 @@ def test_every_default_has_a_reason_comment():
                     "min_lr_ratio", "path"}
     missing = []
     for cls in vars(config).values():
-        if not (isinstance(cls, type) and dataclasses.is_dataclass(cls) and cls.__module__ == config.__name__):
+        if not (isinstance(cls, type) and dataclasses.is_dataclass(cls) and cls.__module__ in (config.__name__, config.SGLangConfig.__module__)):
             continue
         for line in inspect.getsource(cls).splitlines()[1:]:
             stripped = line.strip()

@@ -13,7 +13,13 @@ HOOKS = [name for name, fn in vars(hookspecs).items()
 
 
 def test_there_are_hooks():
-    assert set(HOOKS) == {"register_losses", "register_aligners", "register_rollouts"}
+    assert set(HOOKS) == {"register_losses", "register_aligners", "register_rollouts", "register_engines"}
+
+
+def test_every_hook_fills_a_registry_kind():
+    from kdcore.registry import HOOK_OF_KIND, KINDS
+
+    assert set(HOOK_OF_KIND.values()) == set(HOOKS) and set(HOOK_OF_KIND) == set(KINDS)
 
 
 def test_every_hook_has_a_docstring_contract():

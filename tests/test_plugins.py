@@ -1,4 +1,4 @@
-"""The plugin manager's rules (DESIGN.md §4), each with in-process plugins or real entry points."""
+"""The plugin manager's rules, each with in-process plugins or real entry points."""
 
 from __future__ import annotations
 
@@ -211,10 +211,13 @@ def test_example_plugin_is_discovered_through_entry_points():
 
 def test_builtins_come_through_the_entry_point_group():
     builtin_eps = [ep for ep in md.entry_points(group="kdcore") if ep.dist and ep.dist.name == "kdflow"]
-    assert {ep.value.split(".")[0] for ep in builtin_eps} == {"kdflow_algorithms"}
+    # the zoo, plus the built-in engines (core, not algorithms) through the same group
+    assert {ep.value.split(".")[0] for ep in builtin_eps if ep.name != "engines"} == {"kdflow_algorithms"}
+    assert [ep.value for ep in builtin_eps if ep.name == "engines"] == ["kdcore.engines.builtin"]
     reg = kdcore.load_registry()
     assert all(p.error is None for p in reg.plugins if p.builtin), reg.failed_plugins()
-    for kind in ("loss", "aligner", "rollout"):
+    assert {"hf", "sglang"} <= set(reg.names("engine"))
+    for kind in ("loss", "aligner", "rollout", "engine"):
         assert any(e.plugin == "kdflow" for e in reg.list(kind)), kind
 
 
@@ -261,3 +264,160 @@ def test_in_process_aligner_and_rollout_can_be_chosen_in_a_recipe():
         assert not any("unknown aligner" in e or "unknown rollout" in e for e in errors)
     finally:
         kdcore.unregister_plugin("test-align-roll")
+
+
+# ------------------------------------------------------------------------- register_engines
+
+
+class FakeTeacher:
+    """A teacher engine built on the protocol alone: hidden row = [token id, position, 1, ...]."""
+
+    @staticmethod
+    def build(teacher_cfg, *, max_rows, threads, micro_batches_per_step):
+        import torch
+
+        from kdcore.channel import Channel
+        from kdcore.engines.protocol import TeacherEngine
+
+        class Engine(TeacherEngine):
+            hidden_size, vocab_size = 4, 100
+
+            def __init__(self):
+                self.max_rows, self.n_slots = max_rows, max(2, micro_batches_per_step)
+                self.colocated = True  # the flag the trainer reads (never the engine name)
+                self.threads, self.path = threads, teacher_cfg.path
+                self._init_tickets()
+
+            def start(self):
+                self.channel = Channel(self.max_rows, self.hidden_size, n_slots=self.n_slots)
+                self.channel.attach_producer()
+                self.channel.attach_consumer()
+                return self
+
+            def close(self):
+                pass
+
+            def submit(self, request):
+                self._check_capacity()
+                request.validate(vocab_size=self.vocab_size, max_rows=self.max_rows)
+                ticket = self._new_ticket(request)
+                buf = self.channel.acquire_write(ticket.seq)
+                rows = [[float(request.input_ids[b, p]), float(p), 1.0, 1.0]
+                        for b, pos in enumerate(request.positions) for p in pos]
+                buf[:len(rows)] = torch.tensor(rows).reshape(-1, 4)
+                self.channel.commit(ticket.seq, len(rows))
+                return self._track(ticket)
+
+            def result(self, ticket, timeout=None):
+                return self._ticket_view(ticket, lambda: self.channel.wait_full(ticket.seq, progress_timeout=5))
+
+            def release(self, ticket):
+                self._release_ticket(ticket)
+
+            def lm_head(self, dtype=None):
+                return torch.eye(self.vocab_size, self.hidden_size)
+
+        return Engine()
+
+
+def fake_engine_plugin():
+    from kdcore.engines import EngineSpec
+
+    class FakeSpec(EngineSpec):
+        """A stand-in teacher engine for tests."""
+
+        roles = ("teacher",)
+        create_teacher = staticmethod(FakeTeacher.build)
+
+        def check_recipe(self, section, prefix):
+            return [f"{prefix}.path: the fake engine wants 'fake://' paths"] if not str(
+                section.get("path", "")).startswith("fake://") else []
+
+    def register_engines(register):
+        register("fake", FakeSpec())
+
+    return make_plugin(register_engines=register_engines)
+
+
+def test_plugin_engine_is_chosen_by_the_recipe_and_built_by_the_registry():
+    import torch
+
+    from kdcore.config import RolloutConfig, TeacherConfig, validate_raw
+    from kdcore.engines import HiddenRequest, RolloutError, TeacherError, create_rollout_engine, create_teacher_engine
+
+    kdcore.register_plugin(fake_engine_plugin(), "test-fake-engine")
+    try:
+        reg = kdcore.load_registry()
+        assert "fake" in reg.names("engine") and reg.get("engine", "fake").summary == "A stand-in teacher engine for tests."
+        raw = {"teacher": {"path": "fake://t", "engine": "fake"}, "data": {"train": "x.jsonl"}}
+        assert validate_raw(raw, reg) == []
+        # the engine's own section check runs, and only a teacher-capable engine may serve teacher.engine
+        bad = validate_raw({**raw, "teacher": {"path": "t", "engine": "fake"}}, reg)
+        assert bad == ["teacher.path: the fake engine wants 'fake://' paths"]
+        assert validate_raw({**raw, "rollout": {"engine": "fake"}}, reg) == [
+            "rollout.engine: engine 'fake' cannot serve as a rollout engine (it serves: teacher)"]
+        cfg = TeacherConfig(path="fake://t", engine="fake")
+        with create_teacher_engine(cfg, registry=reg, max_rows=8, threads=3, micro_batches_per_step=5) as eng:
+            assert (eng.colocated, eng.n_slots, eng.threads, eng.path) == (True, 5, 3, "fake://t")
+            ids = torch.tensor([[7, 8, 9]])
+            with eng.hidden_states(HiddenRequest(ids, torch.ones_like(ids), [[2, 0]])) as h:
+                assert h[:, :2].tolist() == [[9.0, 2.0], [7.0, 0.0]]
+        with pytest.raises(RolloutError, match="rollout.engine: engine 'fake' cannot serve as a rollout engine"):
+            create_rollout_engine("fake", registry=reg, config=None)
+        with pytest.raises(TeacherError, match=r"^teacher.engine: unknown engine 'faek' \(did you mean 'fake'\?\); "
+                                               r"installed: fake, hf, sglang"):
+            create_teacher_engine(TeacherConfig(path="x", engine="faek"), registry=reg, max_rows=8)
+        assert RolloutConfig().engine == "hf"
+    finally:
+        kdcore.unregister_plugin("test-fake-engine")
+    assert "fake" not in kdcore.load_registry().names("engine")
+
+
+def test_misspelled_engine_in_a_recipe_gets_did_you_mean():
+    from kdcore.config import validate_raw
+
+    errors = validate_raw({"teacher": {"path": "t", "engine": "sglnag"}, "rollout": {"engine": "hf_"},
+                           "data": {"train": "x.jsonl"}})
+    assert errors == ["teacher.engine: unknown engine 'sglnag' (did you mean 'sglang'?); installed: hf, sglang",
+                      "rollout.engine: unknown engine 'hf_' (did you mean 'hf'?); installed: hf, sglang"]
+
+
+@pytest.mark.parametrize("spec, message", [
+    (object(), "engine 'broken' needs `roles`"),
+    (types.SimpleNamespace(roles=("teacher",)), "serves 'teacher' but has no create_teacher() method"),
+    (types.SimpleNamespace(roles=("student",), create_student=lambda: None), "needs `roles`"),
+])
+def test_a_malformed_engine_spec_is_refused_at_registration(spec, message):
+    def register_engines(register):
+        register("broken", spec)
+
+    kdcore.register_plugin(make_plugin(register_engines=register_engines), "test-broken-engine")
+    try:
+        with pytest.raises(PluginError, match=f"plugin 'test-broken-engine' .*{message}".replace("(", r"\(").replace(")", r"\)")):
+            kdcore.load_registry()
+    finally:
+        kdcore.unregister_plugin("test-broken-engine")
+
+
+def test_unknown_hook_error_lists_every_hook():
+    def register_engine(register):  # typo: the hook is register_engines
+        pass
+
+    kdcore.register_plugin(make_plugin(register_engine=register_engine), "test-typo-engine")
+    try:
+        with pytest.raises(PluginError, match="hooks are register_losses, register_aligners, register_rollouts, "
+                                              "register_engines"):
+            kdcore.load_registry()
+    finally:
+        kdcore.unregister_plugin("test-typo-engine")
+
+
+def test_list_algorithms_lists_the_engines():
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "kdcore", "list-algorithms", "--kind", "engine", "--json"],
+                         capture_output=True, text=True, check=True).stdout
+    assert {(e["name"], e["kind"], e["plugin"]) for e in json.loads(out)} == {("hf", "engine", "kdflow"),
+                                                                               ("sglang", "engine", "kdflow")}

@@ -52,7 +52,7 @@ def teacher_model(tiny_teacher):
 
 @pytest.fixture(scope="module")
 def teacher_engine(tiny_teacher):
-    from kdcore.teacher.hf import HFTeacher
+    from kdcore.engines.hf import HFTeacher
 
     eng = HFTeacher(str(tiny_teacher), threads=1, max_rows=512).start()
     yield eng
@@ -328,7 +328,7 @@ def test_seqkd_samples_come_from_the_teacher(teacher_engine, teacher_model, stud
 def test_self_distillation_sync_makes_teacher_and_student_hidden_states_equal(teacher_engine, teacher_model, student,
                                                                                samples, smollm2_tokenizer):
     from kdcore.student import student_hidden
-    from kdcore.teacher import HiddenRequest
+    from kdcore.engines import HiddenRequest
 
     mb = collate(samples[:3], smollm2_tokenizer.pad_token_id)
     positions = [list(range(int(m.sum()))) for m in mb.attention_mask]

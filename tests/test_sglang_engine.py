@@ -26,11 +26,16 @@ import pytest
 import torch
 
 from kdcore.config import RecipeError, SGLangConfig, load_recipe
-from kdcore.teacher import HiddenRequest, TeacherError, create_engine
-from kdcore.teacher import sglang as sg
+from kdcore.engines import HiddenRequest, TeacherError, colocation, create_teacher_engine
+from kdcore.engines.sglang import cli as sg_cli
+from kdcore.engines.sglang import config as sg_config
+from kdcore.engines.sglang import hook as sg_hook
+from kdcore.engines.sglang import ipc as sg_ipc
+from kdcore.engines.sglang import server as sg_server
+from kdcore.engines.sglang import teacher as sg_teacher
 
 REPO = Path(__file__).resolve().parent.parent
-HAVE_SGLANG = sg.installed_version() is not None
+HAVE_SGLANG = sg_config.installed_version() is not None
 
 
 # ---------------------------------------------------------------------------------- fixtures
@@ -84,7 +89,7 @@ def prompt_states(model, batch):
 
 
 def test_modules_import_without_sglang():
-    code = ("import sys, kdcore.teacher.sglang, kdcore.sampling_sglang; "
+    code = ("import sys, kdcore.engines.sglang.teacher, kdcore.engines.sglang.rollout, kdcore.engines.sglang.cli; "
             "print(sorted(m for m in sys.modules if m == 'sglang' or m.startswith('sglang.')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert out.returncode == 0, out.stderr
@@ -93,8 +98,8 @@ def test_modules_import_without_sglang():
 
 def test_requesting_sglang_without_gpu_or_install_is_a_clear_error():
     cfg = load_recipe("quickstart", ["teacher.engine=sglang", "teacher.dtype=bfloat16"])
-    engine = create_engine(cfg.teacher, max_rows=64)
-    assert isinstance(engine, sg.SGLangTeacher)  # building is free; start() checks the machine
+    engine = create_teacher_engine(cfg.teacher, max_rows=64)
+    assert isinstance(engine, sg_teacher.SGLangTeacher)  # building is free; start() checks the machine
     if not torch.cuda.is_available():
         expected = "needs a CUDA GPU"
     elif not HAVE_SGLANG:
@@ -107,8 +112,19 @@ def test_requesting_sglang_without_gpu_or_install_is_a_clear_error():
         engine.submit(padded_request())
 
 
+def test_the_engine_decides_its_slots_and_colocation_from_its_section():
+    """Colocated, a whole step (train.grad_accum micro-batches) is computed before the student
+    trains, so the engine needs that many slots; otherwise 2 pipeline the two sides."""
+    for colocate, grad_accum, slots in ((False, 5, 2), (True, 5, 5), (True, 1, 2)):
+        cfg = load_recipe("quickstart", ["teacher.engine=sglang", f"teacher.sglang.colocate={str(colocate).lower()}"])
+        engine = create_teacher_engine(cfg.teacher, max_rows=64, micro_batches_per_step=grad_accum)
+        assert (engine.colocated, engine.n_slots) == (colocate, slots)
+    hf = create_teacher_engine(load_recipe("quickstart").teacher, max_rows=64, micro_batches_per_step=5)
+    assert (hf.colocated, hf.n_slots) == (False, 2)
+
+
 def test_rollout_engine_without_gpu_is_a_clear_error():
-    from kdcore.sampling import RolloutError, create_rollout_engine
+    from kdcore.engines import RolloutError, create_rollout_engine
 
     if torch.cuda.is_available():
         pytest.skip("CUDA present: the GPU tests cover the rollout engine")
@@ -118,44 +134,44 @@ def test_rollout_engine_without_gpu_is_a_clear_error():
 
 def test_version_check():
     with pytest.raises(TeacherError, match=r"sglang==0\.5\.23.*not installed.*kdflow\[sglang\]"):
-        sg.check_version(None)
+        sg_config.check_version(None)
     with pytest.raises(TeacherError, match=r"written against sglang==0\.5\.23, found 0\.5\.22.*KDFLOW_SGLANG_ANY_VERSION"):
-        sg.check_version("0.5.22")
-    sg.check_version("0.5.23")
+        sg_config.check_version("0.5.22")
+    sg_config.check_version("0.5.23")
 
 
 def test_version_override(monkeypatch):
-    monkeypatch.setenv(sg.ANY_VERSION_ENV, "1")
-    sg.check_version("0.6.0")  # tolerated on request
+    monkeypatch.setenv(sg_config.ANY_VERSION_ENV, "1")
+    sg_config.check_version("0.6.0")  # tolerated on request
     with pytest.raises(TeacherError, match="not installed"):
-        sg.check_version(None)  # but never a missing one
+        sg_config.check_version(None)  # but never a missing one
 
 
 def test_pyproject_pins_sglang_and_declares_the_plugin():
     import tomllib
 
     meta = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    assert meta["optional-dependencies"]["sglang"] == [f"sglang=={sg.SGLANG_VERSION}"]
+    assert meta["optional-dependencies"]["sglang"] == [f"sglang=={sg_config.SGLANG_VERSION}"]
     target = meta["entry-points"]["sglang.srt.plugins"]["kdflow_hidden_states"]
     mod, fn = target.split(":")
-    assert getattr(__import__(mod, fromlist=[fn]), fn) is sg.sglang_plugin
+    assert getattr(__import__(mod, fromlist=[fn]), fn) is sg_hook.sglang_plugin
 
 
 def test_plugin_is_inert_without_the_environment_switch(monkeypatch):
-    monkeypatch.delenv(sg.HOOK_ENV, raising=False)
-    sg.sglang_plugin()  # must return before touching sglang (not installed here)
-    monkeypatch.setenv(sg.HOOK_ENV, "1")
+    monkeypatch.delenv(sg_config.HOOK_ENV, raising=False)
+    sg_hook.sglang_plugin()  # must return before touching sglang (not installed here)
+    monkeypatch.setenv(sg_config.HOOK_ENV, "1")
     if not HAVE_SGLANG:  # wrong/missing version: logs and stays off instead of failing the server
-        sg.sglang_plugin()
+        sg_hook.sglang_plugin()
     assert "sglang" not in sys.modules
 
 
 def test_architecture_check(monkeypatch):
-    assert sg.check_architecture({"architectures": ["Qwen3ForCausalLM"]}) == "Qwen3ForCausalLM"
+    assert sg_config.check_architecture({"architectures": ["Qwen3ForCausalLM"]}) == "Qwen3ForCausalLM"
     with pytest.raises(TeacherError, match="DeepseekV3ForCausalLM.*pre-norm"):
-        sg.check_architecture({"architectures": ["DeepseekV3ForCausalLM"]})
-    monkeypatch.setenv(sg.ANY_ARCH_ENV, "1")
-    assert sg.check_architecture({"architectures": ["DeepseekV3ForCausalLM"]}) == "DeepseekV3ForCausalLM"
+        sg_config.check_architecture({"architectures": ["DeepseekV3ForCausalLM"]})
+    monkeypatch.setenv(sg_config.ANY_ARCH_ENV, "1")
+    assert sg_config.check_architecture({"architectures": ["DeepseekV3ForCausalLM"]}) == "DeepseekV3ForCausalLM"
 
 
 # ------------------------------------------------------------------------------- recipes
@@ -198,7 +214,7 @@ def test_sglang_options_are_ignored_for_the_hf_engine():
 def test_build_prompts_against_a_reference():
     req = padded_request()
     req.validate(vocab_size=61)
-    batch = sg.build_prompts(req)
+    batch = sg_teacher.build_prompts(req)
     assert batch.samples == [0, 1, 2, 4]  # sample 3 asks for nothing and is not sent
     assert batch.rows == req.rows == 15
     assert batch.row_offsets == [0, 4, 8, 11]
@@ -213,8 +229,8 @@ def test_rows_match_the_hf_engine_formula():
     writes from the padded batch (position ids = cumsum(mask) - 1, rows in request order)."""
     model = tiny_llama()
     req = padded_request()
-    batch = sg.build_prompts(req)
-    got = sg.reference_rows(prompt_states(model, batch), batch)
+    batch = sg_teacher.build_prompts(req)
+    got = sg_teacher.reference_rows(prompt_states(model, batch), batch)
     h = decoder_states(model, req.input_ids, req.attention_mask)
     want = h.reshape(-1, h.shape[-1])[req.flat_index()]
     assert got.shape == want.shape == (15, 32)
@@ -223,22 +239,22 @@ def test_rows_match_the_hf_engine_formula():
 
 def test_hook_request_body_is_json_and_carries_the_bookkeeping():
     req = padded_request()
-    batch = sg.build_prompts(req)
-    body = sg.hidden_request_body(batch, transport="hook", dest="HANDLE", slot=1)
+    batch = sg_teacher.build_prompts(req)
+    body = sg_teacher.hidden_request_body(batch, transport="hook", dest="HANDLE", slot=1)
     json.dumps(body)  # goes over HTTP as is
     assert body["input_ids"] == batch.prompts and body["return_hidden_states"] is True
     for k, p in enumerate(body["sampling_params"]):
         assert p["max_new_tokens"] == 0  # prefill only
         cp = p["custom_params"]
-        assert cp == {sg.K_DEST: "HANDLE", sg.K_SLOT: 1, sg.K_ROW: batch.row_offsets[k], sg.K_SAMPLE: k,
-                      sg.K_POS: batch.positions[k], sg.K_LEN: len(batch.prompts[k])}
+        assert cp == {sg_hook.K_DEST: "HANDLE", sg_hook.K_SLOT: 1, sg_hook.K_ROW: batch.row_offsets[k], sg_hook.K_SAMPLE: k,
+                      sg_hook.K_POS: batch.positions[k], sg_hook.K_LEN: len(batch.prompts[k])}
         # sglang 0.5.23 CustomParamValue: JSON scalars, lists of scalars, dicts of scalars
         assert all(isinstance(v, (str, int)) or (isinstance(v, list) and all(isinstance(x, int) for x in v))
                    for v in cp.values())
-    lists = sg.hidden_request_body(batch, transport="lists")
+    lists = sg_teacher.hidden_request_body(batch, transport="lists")
     assert all(p == {"max_new_tokens": 1, "temperature": 0.0} for p in lists["sampling_params"])
     with pytest.raises(ValueError, match="transport"):
-        sg.hidden_request_body(batch, transport="fast")
+        sg_teacher.hidden_request_body(batch, transport="fast")
 
 
 def fake_generate_reply(states, *, drop=0):
@@ -251,28 +267,28 @@ def fake_generate_reply(states, *, drop=0):
 def test_lists_transport_parses_and_refuses_partial_states():
     model = tiny_llama()
     req = padded_request()
-    batch = sg.build_prompts(req)
+    batch = sg_teacher.build_prompts(req)
     states = prompt_states(model, batch)
-    parsed = sg.parse_lists(fake_generate_reply(states), batch)
-    torch.testing.assert_close(sg.reference_rows(parsed, batch), sg.reference_rows(states, batch))
+    parsed = sg_teacher.parse_lists(fake_generate_reply(states), batch)
+    torch.testing.assert_close(sg_teacher.reference_rows(parsed, batch), sg_teacher.reference_rows(states, batch))
     with pytest.raises(TeacherError, match="chunked prefill or a radix-cached prefix"):
-        sg.parse_lists(fake_generate_reply(states, drop=2), batch)
+        sg_teacher.parse_lists(fake_generate_reply(states, drop=2), batch)
     with pytest.raises(TeacherError, match="no hidden states for prompt 0"):
-        sg.parse_lists([{"meta_info": {}}] * len(states), batch)
+        sg_teacher.parse_lists([{"meta_info": {}}] * len(states), batch)
     with pytest.raises(TeacherError, match="3 outputs for 4 prompts"):
-        sg.parse_lists(fake_generate_reply(states[:3]), batch)
+        sg_teacher.parse_lists(fake_generate_reply(states[:3]), batch)
 
 
 def test_status_words_explain_failures():
-    batch = sg.build_prompts(padded_request())
+    batch = sg_teacher.build_prompts(padded_request())
     ok = [len(p) for p in batch.positions]
-    sg.check_status(ok, batch)
-    cases = [(sg.ST_PENDING, "did not run kdflow's hidden-state hook"), (sg.ST_PARTIAL, "only part of the prompt"),
-             (sg.ST_BAD_POSITION, "outside its"), (sg.ST_FAILED, "see the server log"),
-             (sg.ST_NOT_FULL, "only the last position"), (2, "wrote 2 rows, 4 were asked for")]
+    sg_teacher.check_status(ok, batch)
+    cases = [(sg_hook.ST_PENDING, "did not run kdflow's hidden-state hook"), (sg_hook.ST_PARTIAL, "only part of the prompt"),
+             (sg_hook.ST_BAD_POSITION, "outside its"), (sg_hook.ST_FAILED, "see the server log"),
+             (sg_hook.ST_NOT_FULL, "only the last position"), (2, "wrote 2 rows, 4 were asked for")]
     for code, msg in cases:
         with pytest.raises(TeacherError, match=msg):
-            sg.check_status([ok[0], code, ok[2], ok[3]] if code != 2 else [code, *ok[1:]], batch)
+            sg_teacher.check_status([ok[0], code, ok[2], ok[3]] if code != 2 else [code, *ok[1:]], batch)
 
 
 # ----------------------------------------------------------------------- the server hook
@@ -296,9 +312,9 @@ def run_fake_prefill(batch, states, dest, status, monkeypatch, *, slot=0, extend
     """Drive capture_prefill_hidden the way sglang 0.5.23's process_batch_result_prefill does:
     one call per request, ``hidden_state_offset`` threaded through, ``logits_output.hidden_states``
     the batch's concatenated ``[sum(extend), H]`` states. Stand-ins, not SGLang."""
-    monkeypatch.setattr(sg, "_open_destination", lambda payload: (dest, status))
-    monkeypatch.setattr(sg, "_writes_output", lambda: True)
-    body = sg.hidden_request_body(batch, transport="hook", dest="HANDLE", slot=slot)
+    monkeypatch.setattr(sg_hook, "_open_destination", lambda payload: (dest, status))
+    monkeypatch.setattr(sg_hook, "_writes_output", lambda: True)
+    body = sg_teacher.hidden_request_body(batch, transport="hook", dest="HANDLE", slot=slot)
     reqs = [SimpleNamespace(origin_input_ids=list(p), sampling_params=SimpleNamespace(custom_params=cp["custom_params"]))
             for p, cp in zip(batch.prompts, body["sampling_params"])]
     reqs += list(extra_reqs)
@@ -314,7 +330,7 @@ def run_fake_prefill(batch, states, dest, status, monkeypatch, *, slot=0, extend
     offset = 0
     out = SimpleNamespace(hidden_states=hidden)
     for req, e in zip(reqs, extend):
-        offset = sg.capture_prefill_hidden(original, object(), req=req, logits_output=out, hidden_state_offset=offset,
+        offset = sg_hook.capture_prefill_hidden(original, object(), req=req, logits_output=out, hidden_state_offset=offset,
                                            capture_hidden_mode=_Mode(mode), extend_input_len=e, store=store)
     return offset, originals, hidden
 
@@ -322,57 +338,57 @@ def run_fake_prefill(batch, states, dest, status, monkeypatch, *, slot=0, extend
 def test_hook_writes_requested_rows_into_the_slot(monkeypatch):
     model = tiny_llama()
     req = padded_request()
-    batch = sg.build_prompts(req)
+    batch = sg_teacher.build_prompts(req)
     states = prompt_states(model, batch)
     dest = torch.full((2, 40, 32), float("nan"))
-    status = torch.full((2, 40), sg.ST_PENDING, dtype=torch.int64)
+    status = torch.full((2, 40), sg_hook.ST_PENDING, dtype=torch.int64)
     other = SimpleNamespace(origin_input_ids=[1, 2, 3], sampling_params=SimpleNamespace(custom_params=None))
     end, originals, hidden = run_fake_prefill(batch, states, dest, status, monkeypatch, slot=1, extra_reqs=[other])
     assert end == hidden.shape[0]  # offsets advance exactly as sglang's own method would
     assert originals == [other]  # requests without kdflow params go to sglang's method untouched
-    torch.testing.assert_close(dest[1, :batch.rows], sg.reference_rows(states, batch), rtol=0, atol=0)
+    torch.testing.assert_close(dest[1, :batch.rows], sg_teacher.reference_rows(states, batch), rtol=0, atol=0)
     assert torch.isnan(dest[0]).all() and torch.isnan(dest[1, batch.rows:]).all()  # nothing else touched
     assert status[1, :4].tolist() == [len(p) for p in batch.positions]
-    sg.check_status(status[1, :4].tolist(), batch)
+    sg_teacher.check_status(status[1, :4].tolist(), batch)
 
 
 def test_hook_casts_into_a_bf16_slot(monkeypatch):
     model = tiny_llama()
-    batch = sg.build_prompts(padded_request())
+    batch = sg_teacher.build_prompts(padded_request())
     states = prompt_states(model, batch)
     dest = torch.zeros((2, 40, 32), dtype=torch.bfloat16)
-    status = torch.full((2, 40), sg.ST_PENDING, dtype=torch.int64)
+    status = torch.full((2, 40), sg_hook.ST_PENDING, dtype=torch.int64)
     run_fake_prefill(batch, states, dest, status, monkeypatch)
-    assert torch.equal(dest[0, :batch.rows], sg.reference_rows(states, batch).to(torch.bfloat16))
+    assert torch.equal(dest[0, :batch.rows], sg_teacher.reference_rows(states, batch).to(torch.bfloat16))
 
 
 def test_hook_flags_partial_prefill_and_skips_discarded_output(monkeypatch):
     model = tiny_llama()
-    batch = sg.build_prompts(padded_request())
+    batch = sg_teacher.build_prompts(padded_request())
     states = prompt_states(model, batch)
     dest = torch.zeros((2, 40, 32))
-    status = torch.full((2, 40), sg.ST_PENDING, dtype=torch.int64)
+    status = torch.full((2, 40), sg_hook.ST_PENDING, dtype=torch.int64)
     extend = [len(p) for p in batch.prompts]
     extend[1] -= 3  # a cached prefix / last chunk only
     run_fake_prefill(batch, states, dest, status, monkeypatch, extend=extend)
-    assert status[0, 1] == sg.ST_PARTIAL and status[0, 0] == len(batch.positions[0])
+    assert status[0, 1] == sg_hook.ST_PARTIAL and status[0, 0] == len(batch.positions[0])
     with pytest.raises(TeacherError, match="only part of the prompt"):
-        sg.check_status(status[0, :4].tolist(), batch)
-    status.fill_(sg.ST_PENDING)
+        sg_teacher.check_status(status[0, :4].tolist(), batch)
+    status.fill_(sg_hook.ST_PENDING)
     end, _, hidden = run_fake_prefill(batch, states, dest, status, monkeypatch, store=False)
-    assert end == hidden.shape[0] and (status == sg.ST_PENDING).all()
+    assert end == hidden.shape[0] and (status == sg_hook.ST_PENDING).all()
     end, _, _ = run_fake_prefill(batch, states, dest, status, monkeypatch, mode="last")
-    assert end == len(batch.prompts) and (status[0, :4] == sg.ST_NOT_FULL).all()
+    assert end == len(batch.prompts) and (status[0, :4] == sg_hook.ST_NOT_FULL).all()
 
 
 def test_write_rows_refuses_out_of_range_positions():
     h = torch.randn(5, 8)
     dest = torch.zeros(2, 6, 8)
-    status = torch.full((2, 4), sg.ST_PENDING, dtype=torch.int64)
-    params = {sg.K_SLOT: 0, sg.K_ROW: 0, sg.K_SAMPLE: 0, sg.K_POS: [0, 5], sg.K_LEN: 5}
-    assert sg.write_rows(h, params, 5, dest, status) == sg.ST_BAD_POSITION
-    params = {sg.K_SLOT: 0, sg.K_ROW: 4, sg.K_SAMPLE: 1, sg.K_POS: [0, 1, 2], sg.K_LEN: 5}  # past the slot
-    assert sg.write_rows(h, params, 5, dest, status) == sg.ST_BAD_POSITION
+    status = torch.full((2, 4), sg_hook.ST_PENDING, dtype=torch.int64)
+    params = {sg_hook.K_SLOT: 0, sg_hook.K_ROW: 0, sg_hook.K_SAMPLE: 0, sg_hook.K_POS: [0, 5], sg_hook.K_LEN: 5}
+    assert sg_hook.write_rows(h, params, 5, dest, status) == sg_hook.ST_BAD_POSITION
+    params = {sg_hook.K_SLOT: 0, sg_hook.K_ROW: 4, sg_hook.K_SAMPLE: 1, sg_hook.K_POS: [0, 1, 2], sg_hook.K_LEN: 5}  # past the slot
+    assert sg_hook.write_rows(h, params, 5, dest, status) == sg_hook.ST_BAD_POSITION
     assert (dest == 0).all()
 
 
@@ -389,17 +405,17 @@ def test_post_norm_check_tells_final_norm_output_from_the_residual_stream():
     pre = captured["pre"].reshape(-1, 32) * 4  # the residual stream grows with depth in real models
     w = model.model.norm.weight
     # not exactly 0: eps/(mean(x^2)+eps) with a tiny random model's small activations (~3e-3)
-    assert sg.check_post_norm(post, w) < 1e-2
-    assert sg.check_post_norm(post.to(torch.bfloat16), w) < sg.POST_NORM_TOL  # bf16 rounding passes
+    assert sg_teacher.check_post_norm(post, w) < 1e-2
+    assert sg_teacher.check_post_norm(post.to(torch.bfloat16), w) < sg_teacher.POST_NORM_TOL  # bf16 rounding passes
     with pytest.raises(TeacherError, match="not final-norm outputs"):
-        sg.check_post_norm(pre, w)
+        sg_teacher.check_post_norm(pre, w)
 
 
 def test_norm_weight_is_read_alone_from_the_folder(tmp_path):
     model = tiny_llama()
     model.save_pretrained(tmp_path)
-    torch.testing.assert_close(sg.load_norm_weight(str(tmp_path)), model.model.norm.weight.detach())
-    assert sg.load_norm_weight(str(tmp_path / "nowhere")) is None
+    torch.testing.assert_close(sg_teacher.load_norm_weight(str(tmp_path)), model.model.norm.weight.detach())
+    assert sg_teacher.load_norm_weight(str(tmp_path / "nowhere")) is None
 
 
 # ----------------------------------------------------------------------- server arguments
@@ -408,21 +424,21 @@ def test_norm_weight_is_read_alone_from_the_folder(tmp_path):
 def test_teacher_server_arguments():
     s = SGLangConfig(tp_size=2, dp_size=3, mem_fraction_static=0.3, quantization="fp8", colocate=True, base_gpu_id=4,
                      server_args={"attention_backend": "triton"})
-    kw = sg.server_kwargs(s, model_path="/m", dtype="bfloat16", max_rows=40000, port=31000, seed=7)
-    for k, v in sg.TEACHER_FIXED_ARGS.items():
+    kw = sg_server.server_kwargs(s, model_path="/m", dtype="bfloat16", max_rows=40000, port=31000, seed=7)
+    for k, v in sg_config.TEACHER_FIXED_ARGS.items():
         assert kw[k] == v
     assert kw["max_prefill_tokens"] == 40000  # a whole micro-batch in one forward
-    assert sg.server_kwargs(s, model_path="/m", dtype="bfloat16", max_rows=10, port=1)["max_prefill_tokens"] == 16384
+    assert sg_server.server_kwargs(s, model_path="/m", dtype="bfloat16", max_rows=10, port=1)["max_prefill_tokens"] == 16384
     assert (kw["tp_size"], kw["dp_size"], kw["mem_fraction_static"], kw["quantization"], kw["base_gpu_id"]) == (2, 3, 0.3, "fp8", 4)
     assert kw["enable_memory_saver"] and kw["enable_weights_cpu_backup"]  # the teacher's weights survive sleep
     assert kw["attention_backend"] == "triton" and kw["random_seed"] == 7 and kw["port"] == 31000
     with pytest.raises(TeacherError, match="chunked_prefill_size=-1"):
-        sg.server_kwargs(SGLangConfig(server_args={"chunked_prefill_size": 8192}), model_path="/m", dtype="bfloat16",
+        sg_server.server_kwargs(SGLangConfig(server_args={"chunked_prefill_size": 8192}), model_path="/m", dtype="bfloat16",
                          max_rows=8, port=1)
 
 
 def test_rollout_server_arguments():
-    kw = sg.server_kwargs(SGLangConfig(colocate=True), model_path="/m", dtype="bfloat16", max_rows=0, port=1,
+    kw = sg_server.server_kwargs(SGLangConfig(colocate=True), model_path="/m", dtype="bfloat16", max_rows=0, port=1,
                           role="rollout")
     assert kw["load_format"] == "dummy" and kw["skip_tokenizer_init"]
     assert kw["enable_memory_saver"] and not kw["enable_weights_cpu_backup"]  # the copy is re-synced after wake
@@ -440,14 +456,14 @@ SGLANG_0_5_23_FIELDS = {
 
 
 def test_launch_command_uses_only_known_flags():
-    from kdcore.sampling_sglang import ROLLOUT_DEFAULT_ARGS
+    from kdcore.engines.sglang.rollout import ROLLOUT_DEFAULT_ARGS
 
     for role in ("teacher", "rollout"):
-        kw = sg.server_kwargs(SGLangConfig(quantization="fp8", colocate=True), model_path="/m", dtype="bfloat16",
+        kw = sg_server.server_kwargs(SGLangConfig(quantization="fp8", colocate=True), model_path="/m", dtype="bfloat16",
                               max_rows=8, port=30001, role=role)
         kw = {**ROLLOUT_DEFAULT_ARGS, **kw} if role == "rollout" else kw
         assert set(kw) <= SGLANG_0_5_23_FIELDS, set(kw) - SGLANG_0_5_23_FIELDS
-    argv = sg.launch_command({"model_path": "/m", "chunked_prefill_size": -1, "disable_radix_cache": True,
+    argv = sg_server.launch_command({"model_path": "/m", "chunked_prefill_size": -1, "disable_radix_cache": True,
                               "enable_memory_saver": False, "quantization": None, "json_model_override_args": {"a": 1}},
                              python="py")
     assert argv == ["py", "-m", "sglang.launch_server", "--model-path", "/m", "--chunked-prefill-size", "-1",
@@ -457,17 +473,17 @@ def test_launch_command_uses_only_known_flags():
 def test_serve_command_for_a_multi_node_recipe(tmp_path):
     model = tiny_llama()
     model.save_pretrained(tmp_path / "teacher")
-    cmd, env = sg.serve_command("quickstart", [f"teacher.path={tmp_path / 'teacher'}", "teacher.engine=sglang",
+    cmd, env = sg_cli.serve_command("quickstart", [f"teacher.path={tmp_path / 'teacher'}", "teacher.engine=sglang",
                                                "teacher.dtype=bfloat16", "teacher.sglang.tp_size=8"], port=30123)
-    assert env == {sg.HOOK_ENV: "1"}
+    assert env == {sg_config.HOOK_ENV: "1"}
     text = " ".join(cmd)
     assert "--tp-size 8" in text and "--port 30123" in text and "--disable-radix-cache" in text
     assert f"--model-path {tmp_path / 'teacher'}" in text and "--dtype bfloat16" in text
-    printed = subprocess.run([sys.executable, "-m", "kdcore.teacher.sglang", "serve", "quickstart",
+    printed = subprocess.run([sys.executable, "-m", "kdcore.engines.sglang.cli", "serve", "quickstart",
                               f"teacher.path={tmp_path / 'teacher'}", "teacher.engine=sglang", "--print"],
                              capture_output=True, text=True, timeout=120, cwd=REPO)
     assert printed.returncode == 0, printed.stderr
-    assert printed.stdout.startswith(f"{sg.HOOK_ENV}=1 ") and "sglang.launch_server" in printed.stdout
+    assert printed.stdout.startswith(f"{sg_config.HOOK_ENV}=1 ") and "sglang.launch_server" in printed.stdout
 
 
 # ------------------------------------------------------------------------ CUDA IPC payloads
@@ -485,12 +501,12 @@ def test_payload_names_devices_by_uuid_and_stays_within_sglangs_allow_list(monke
 
     args = (torch.Tensor, torch.Size([2, 3]), (3, 1), 0, torch.storage.TypedStorage, torch.bfloat16, 1,
             b"handle", 24, 0, False, b"/torch_refcount", 0, b"event", True)
-    assert sg.with_device_uuid(args, uuid_of=lambda i: f"GPU-{i}")[6] == "GPU-1"
+    assert sg_ipc.with_device_uuid(args, uuid_of=lambda i: f"GPU-{i}")[6] == "GPU-1"
     t = torch.zeros(2, 3)
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
     monkeypatch.setattr(reductions, "reduce_tensor", lambda x: (reductions.rebuild_cuda_tensor, args))
-    monkeypatch.setattr(sg, "_device_uuid", lambda i: f"GPU-uuid-{i}")
-    payload = base64.b64decode(sg.cuda_ipc_payload((t, [("w", t)])))
+    monkeypatch.setattr(sg_ipc, "_device_uuid", lambda i: f"GPU-uuid-{i}")
+    payload = base64.b64decode(sg_ipc.cuda_ipc_payload((t, [("w", t)])))
     seen = set()
 
     class Recording(pickle.Unpickler):
@@ -510,23 +526,23 @@ def test_payload_names_devices_by_uuid_and_stays_within_sglangs_allow_list(monke
 
 def test_payload_refuses_host_tensors():
     with pytest.raises(TeacherError, match="only CUDA tensors"):
-        sg.cuda_ipc_payload([torch.zeros(2)])
+        sg_ipc.cuda_ipc_payload([torch.zeros(2)])
 
 
 # ---------------------------------------------------------------------- sampling requests
 
 
 def test_sampling_params_and_eos_cut():
-    p = sg.sampling_params(max_new_tokens=5, temperature=0.7, top_p=0.9, eos_ids=[2, 0, 2], seed=11)
+    p = sg_server.sampling_params(max_new_tokens=5, temperature=0.7, top_p=0.9, eos_ids=[2, 0, 2], seed=11)
     assert p == {"max_new_tokens": 5, "temperature": 0.7, "top_p": 0.9, "top_k": -1, "skip_special_tokens": False,
                  "no_stop_trim": True, "stop_token_ids": [0, 2], "sampling_seed": 11}
-    assert sg.sampling_params(max_new_tokens=3, temperature=0.0)["ignore_eos"] is True
-    assert sg.cut_at_eos([5, 6, 2, 7, 2], [2]) == [5, 6, 2]
-    assert sg.cut_at_eos([5, 6], [2]) == [5, 6]
+    assert sg_server.sampling_params(max_new_tokens=3, temperature=0.0)["ignore_eos"] is True
+    assert sg_server.cut_at_eos([5, 6, 2, 7, 2], [2]) == [5, 6, 2]
+    assert sg_server.cut_at_eos([5, 6], [2]) == [5, 6]
 
 
 def test_rollout_generate_body_and_reply():
-    from kdcore.sampling_sglang import generate_body, parse_generations
+    from kdcore.engines.sglang.rollout import generate_body, parse_generations
 
     body = generate_body([[1, 2], [3]], [4, 4, 2, 2], n=2, temperature=1.0, top_p=1.0, eos_ids=[9], seed=100)
     assert body["input_ids"] == [[1, 2], [1, 2], [3], [3]]  # prompt-major
@@ -540,8 +556,8 @@ def test_rollout_generate_body_and_reply():
 
 
 def test_rollout_name_and_shape_checks():
-    from kdcore.sampling import RolloutError
-    from kdcore.sampling_sglang import check_names, expected_tensors
+    from kdcore.engines import RolloutError
+    from kdcore.engines.sglang.rollout import check_names, expected_tensors
 
     model = tiny_llama()
     expected = expected_tensors(model.config)
@@ -575,14 +591,14 @@ def test_optimizer_offload_round_trip_keeps_state():
         moves.append(d.type)
         return t.clone()
 
-    restore = sg.offload_optimizer_state(opt, "cuda", move=move)
+    restore = colocation.offload_optimizer_state(opt, "cuda", move=move)
     assert moves == ["cuda"] * len(before)  # every state tensor (exp_avg, exp_avg_sq, step) of both params
     restore()
     assert moves[len(before):] == ["cpu"] * len(before)
     for p, s in opt.state.items():
         for k, v in s.items():
             assert torch.equal(v, before[(id(p), k)])
-    assert sg.offload_optimizer_state(opt, "cpu", move=move) is not None and len(moves) == 2 * len(before)  # nothing to move
+    assert colocation.offload_optimizer_state(opt, "cpu", move=move) is not None and len(moves) == 2 * len(before)  # nothing to move
 
 
 def test_colocation_phase_orders_sleep_wake_and_offload():
@@ -600,7 +616,7 @@ def test_colocation_phase_orders_sleep_wake_and_offload():
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     model(torch.randn(1, 2)).sum().backward()
     opt.step()
-    col = sg.Colocation(Recorder(), opt, offload_optimizer=False)
+    col = colocation.Colocation(Recorder(), opt, offload_optimizer=False)
     with col.teacher_phase():
         calls.append("work")
     assert calls == ["wake", "work", "sleep"] and col.phases == 1
@@ -619,7 +635,7 @@ GATHER_SCRIPT = textwrap.dedent('''
     import torch
     from kdcore import distributed as kdist
     from kdcore.student import shard_student
-    from kdcore.sampling_sglang import iter_full_buckets, gather_full
+    from kdcore.engines.sglang.rollout import iter_full_buckets, gather_full
     from transformers import LlamaConfig, LlamaForCausalLM
 
     env = kdist.init_distributed("cpu")
@@ -680,7 +696,7 @@ gpu = pytest.mark.skipif(not (torch.cuda.is_available() and HAVE_SGLANG), reason
 def test_gpu_sglang_rows_match_hf(tmp_path):  # pragma: no cover - never run on the CPU machines
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from kdcore.teacher.hf import HFTeacher
+    from kdcore.engines.hf import HFTeacher
 
     cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=512, max_position_embeddings=256)
@@ -688,7 +704,7 @@ def test_gpu_sglang_rows_match_hf(tmp_path):  # pragma: no cover - never run on 
     LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(tmp_path / "m")
     teacher = SimpleNamespace(path=str(tmp_path / "m"), dtype="bfloat16", sglang=SGLangConfig(mem_fraction_static=0.3))
     req = padded_request(vocab=512)
-    with sg.SGLangTeacher(teacher, max_rows=64) as eng, \
+    with sg_teacher.SGLangTeacher(teacher, max_rows=64) as eng, \
             HFTeacher(str(tmp_path / "m"), dtype="bfloat16", device="cuda", max_rows=64) as ref:
         assert eng.info["transport"] == "hook"
         with eng.hidden_states(req) as a, ref.hidden_states(req) as b:

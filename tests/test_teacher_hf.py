@@ -14,8 +14,9 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from kdcore.channel import ChannelError, ChannelTimeout, TeacherDiedError, pid_alive
-from kdcore.teacher import HiddenRequest, TeacherError, default_threads
-from kdcore.teacher.hf import HFTeacher
+from kdcore.distributed import default_threads
+from kdcore.engines import HiddenRequest, TeacherError
+from kdcore.engines.hf import HFTeacher
 
 VOCAB, HIDDEN = 97, 32
 
@@ -202,7 +203,15 @@ def test_child_runs_with_its_own_threads_and_allocator_settings(engine):
     # workers sleep while waiting (they share the cores with the student) unless the user chose
     assert env["OMP_WAIT_POLICY"] == os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
     assert os.environ.get("TQDM_DISABLE") != "1" or "TQDM_DISABLE" in os.environ  # parent untouched
-    assert default_threads(2) == 1 and default_threads(1) == 1 and default_threads(12) == 4
+
+
+def test_default_threads_are_all_of_a_ranks_cores(model_dir, monkeypatch):
+    """One thread policy for teacher and student: every core of the rank (split across local ranks)."""
+    cores = len(os.sched_getaffinity(0))
+    assert default_threads(1) == cores and default_threads(cores * 2) == 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert HFTeacher(str(model_dir), threads=None).threads == cores  # built, not started: no process
+    assert HFTeacher(str(model_dir), threads=3).threads == 3
 
 
 def test_hung_then_killed_teacher_raises_clear_errors_and_the_exception_closes_it(model_dir):
@@ -248,7 +257,7 @@ def test_an_exception_in_the_child_reaches_the_parent(model_dir, tmp_path):
 def test_no_orphan_teacher_after_its_parent_is_killed(model_dir):
     script = textwrap.dedent(f"""
         import time
-        from kdcore.teacher.hf import HFTeacher
+        from kdcore.engines.hf import HFTeacher
         if __name__ == "__main__":
             t = HFTeacher({str(model_dir)!r}, threads=1, max_rows=8).start()
             print("running", t.pid, flush=True)

@@ -39,7 +39,7 @@ class TeacherSchedule:
 
     # ------------------------------------------------------------------ one micro-batch
     def submit(self, pmb: PreparedMicroBatch) -> None:
-        from kdcore.teacher import HiddenRequest  # MERGE: kdcore.engines
+        from kdcore.engines import HiddenRequest
 
         b = pmb.batch
         ids = b.teacher_input_ids if self.cross else b.input_ids

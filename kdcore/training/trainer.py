@@ -265,8 +265,8 @@ class Trainer:
         (kdcore.runtime), so the overlap costs little. Measured on 2 cores, s/step, teacher +
         student threads: bench pair 4×128 (student side larger) 2+2 0.95–0.98, 1+2 0.97–0.98,
         1+1 1.28; quickstart (teacher side larger) 2+2 1.23, 1+2 1.46, 1+1 1.39."""
+        from kdcore.engines import create_teacher_engine
         from kdcore.sampling import rollout_rows
-        from kdcore.teacher import create_engine  # MERGE: registry
 
         cfg = self.cfg
         longest = max(len(s.teacher.input_ids if s.teacher is not None else s.student.input_ids)
@@ -277,22 +277,18 @@ class Trainer:
         cores = self.kdist.default_threads(self.env.local_world_size)
         teacher_threads, student_threads = cfg.teacher.threads or cores, cfg.train.threads or cores
         self.kdist.setup_threads(student_threads)
-        colocate = self._colocated()  # MERGE: engine.colocated
-        # colocated: a whole step's micro-batches are computed in one teacher phase, then read while it sleeps
-        extra = {"n_slots": max(2, cfg.train.grad_accum)} if colocate else {}
-        engine = self.engine = create_engine(cfg.teacher, max_rows=max_rows, threads=teacher_threads, **extra)
+        engine = self.engine = create_teacher_engine(cfg.teacher, registry=self.registry, max_rows=max_rows,
+                                                     threads=teacher_threads,
+                                                     micro_batches_per_step=cfg.train.grad_accum)
         engine.start()
         self.log.say(f"[dim]threads: student {student_threads}, teacher {teacher_threads}[/dim]")
-        if not colocate:
+        if not engine.colocated:
             return engine, None
-        from kdcore.teacher.colocation import Colocation
+        from kdcore.engines.colocation import Colocation
 
-        colocation = Colocation(engine, self.student.optimizer, offload_optimizer=bool(cfg.teacher.sglang.offload_optimizer))
+        colocation = Colocation(engine, self.student.optimizer, offload_optimizer=engine.offloads_optimizer)
         colocation.start_asleep()
         return engine, colocation
-
-    def _colocated(self) -> bool:  # MERGE: engine.colocated
-        return self.cfg.teacher.engine == "sglang" and bool(self.cfg.teacher.sglang.colocate)
 
 
 def train(cfg, *, registry=None, resume: bool = False) -> TrainResult:

@@ -5,7 +5,7 @@ has executed (no GPU on the development machines). Tested on CPU: the bucketed g
 FSDP2-sharded student to one rank (gloo, two ranks under torchrun), name/shape checks,
 request building and output parsing. ``bench/gpu_check.sh`` part (b) is the first real run.
 
-Design (same server plumbing as :mod:`kdcore.teacher.sglang`):
+Design (same server plumbing as the teacher engine, :mod:`kdcore.engines.sglang.server`):
 
 - One SGLang server per node, in its own process session, started by local rank 0 (or
   ``server_url``), with ``--load-format dummy``: it needs the student's config only (written
@@ -17,7 +17,7 @@ Design (same server plumbing as :mod:`kdcore.teacher.sglang`):
   all-gathered one bucket at a time; cast to the student's compute dtype on the GPU; handed
   to SGLang's ``/update_weights_from_tensor`` as CUDA IPC handles (no copy through the host,
   one payload per server TP rank), and freed before the next bucket. Peak extra memory: one
-  bucket. :meth:`update_weights` takes full tensors (the :class:`kdcore.sampling.RolloutEngine`
+  bucket. :meth:`update_weights` takes full tensors (the :class:`kdcore.engines.protocol.RolloutEngine`
   contract) and sends them the same way.
 - **Sampling**: ``/generate`` with token ids, ``n`` copies of each prompt (prompt-major,
   ``sampling_seed`` = seed + copy index), ``stop_token_ids`` = the EOS ids, no top-k cut;
@@ -42,7 +42,11 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import torch
 
-from kdcore.sampling import Generation, RolloutEngine, RolloutError, _check_generate, _finish_generations
+from kdcore.engines.protocol import Generation, RolloutEngine, RolloutError, TeacherError, check_generate, finish_generations
+from kdcore.engines.sglang.config import SGLangConfig, check_cuda, check_version, installed_version
+from kdcore.engines.sglang.ipc import push_weights
+from kdcore.engines.sglang.server import (START_TIMEOUT_S, SGLangServer, free_port, local_rank_and_world,
+                                          sampling_params, server_kwargs)
 
 BUCKET_MB = 512  # bucket of full tensors in flight per sync step: bounds the sync's extra memory
 ROLLOUT_DEFAULT_ARGS = {
@@ -155,8 +159,6 @@ def check_names(state: Mapping[str, Sequence[int]], expected: Mapping[str, tuple
 def generate_body(prompt_ids: Sequence[Sequence[int]], limits: Sequence[int], *, n: int, temperature: float,
                   top_p: float, eos_ids: Sequence[int], seed: Optional[int]) -> dict:
     """``/generate`` body: each prompt ``n`` times, prompt-major, one seed per row."""
-    from kdcore.teacher.sglang import sampling_params
-
     rows = [list(map(int, p)) for p in prompt_ids for _ in range(n)]
     params = [sampling_params(max_new_tokens=limits[i], temperature=temperature, top_p=top_p, eos_ids=eos_ids,
                               seed=None if seed is None else int(seed) + i) for i in range(len(rows))]
@@ -168,7 +170,7 @@ def parse_generations(outputs: Any, limits: Sequence[int], eos_ids: Sequence[int
     outs = outputs if isinstance(outputs, list) else [outputs]
     if len(outs) != len(limits):
         raise RolloutError(f"sglang returned {len(outs)} samples for {len(limits)} requested")
-    return _finish_generations([o["output_ids"] for o in outs], limits, {int(e) for e in eos_ids})
+    return finish_generations([o["output_ids"] for o in outs], limits, {int(e) for e in eos_ids})
 
 
 def _barrier() -> None:
@@ -192,7 +194,7 @@ class SGLangRolloutEngine(RolloutEngine):
         config: the student's transformers config (the served model is built from it).
         device: the student's device (CUDA): where buckets are cast before the IPC hand-off.
         dtype: served/compute dtype (bf16 recommended; fp32 works but samples slowly).
-        sglang: the server settings (a :class:`kdcore.config.SGLangConfig`: tp/dp size,
+        sglang: the server settings (a :class:`kdcore.engines.sglang.config.SGLangConfig`: tp/dp size,
             memory fraction, colocate, port, server_url, base_gpu_id, server_args). Default:
             ``SGLangConfig()``.
         bucket_mb: size of a weight-sync bucket.
@@ -201,9 +203,6 @@ class SGLangRolloutEngine(RolloutEngine):
     def __init__(self, config=None, *, device: str | torch.device = "cuda", dtype: torch.dtype = torch.bfloat16,
                  sglang: Any = None, bucket_mb: int = BUCKET_MB, seed: int = 0, threads: Optional[int] = None,
                  start_timeout: Optional[float] = None):
-        from kdcore.config import SGLangConfig
-        from kdcore.teacher import sglang as sg
-
         if config is None:
             raise RolloutError("the sglang rollout engine needs the student's config")
         self.config = config
@@ -217,48 +216,46 @@ class SGLangRolloutEngine(RolloutEngine):
         self.server = None
         self.owns_server = False
         try:
-            sg.check_cuda()
-        except sg.TeacherError as exc:
+            check_cuda()
+        except TeacherError as exc:
             raise RolloutError(str(exc).replace("teacher.engine", "rollout.engine")) from exc
         dev = torch.device(device)
         self.device = dev if dev.type == "cuda" and dev.index is not None else torch.device("cuda", torch.cuda.current_device())
         self.expected = expected_tensors(config)
-        local_rank, local_world = sg._local_rank()
+        local_rank, local_world = local_rank_and_world()
         self.leader = local_rank == 0  # the one rank per node that pushes weights to its server
         self.owns_server = self.scfg.server_url is None and local_rank == 0
-        timeout = start_timeout or sg.START_TIMEOUT_S
+        timeout = start_timeout or START_TIMEOUT_S
         if self.scfg.server_url:
-            self.server = sg.SGLangServer.connect(self.scfg.server_url, timeout=timeout)
+            self.server = SGLangServer.connect(self.scfg.server_url, timeout=timeout)
             return
         if local_world > 1 and not self.scfg.port:
             raise RolloutError(f"{local_world} ranks on this node share one sglang rollout server: set its port "
                                "(local rank 0 starts it there) or server_url")
-        port = int(self.scfg.port) or sg.free_port()
+        port = int(self.scfg.port) or free_port()
         if self.owns_server:
-            sg.check_version(sg.installed_version())
+            check_version(installed_version())
             self._folder = tempfile.mkdtemp(prefix="kdflow-rollout-model-")
             cfg = type(config).from_dict(config.to_dict())
             if hasattr(cfg, "quantization_config"):
                 del cfg.quantization_config
             cfg.save_pretrained(self._folder)
             name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
-            kw = sg.server_kwargs(self.scfg, model_path=self._folder, dtype=name, max_rows=0, port=port, seed=seed,
+            kw = server_kwargs(self.scfg, model_path=self._folder, dtype=name, max_rows=0, port=port, seed=seed,
                                   role="rollout")
             kw = {**ROLLOUT_DEFAULT_ARGS, **kw}
             kw.update(dict(getattr(self.scfg, "server_args", None) or {}))
-            self.server = sg.SGLangServer.start(kw, timeout=timeout)
+            self.server = SGLangServer.start(kw, timeout=timeout)
         else:
-            self.server = sg.SGLangServer.connect(f"http://127.0.0.1:{port}", timeout=timeout)
+            self.server = SGLangServer.connect(f"http://127.0.0.1:{port}", timeout=timeout)
 
     # ------------------------------------------------------------------ weights
 
     def _push(self, named: Mapping[str, torch.Tensor]) -> None:
-        from kdcore.teacher import sglang as sg
-
         try:
-            sg.push_weights(self.server, named, tp_size=int(self.scfg.tp_size), device=self.device, dtype=self.dtype,
+            push_weights(self.server, named, tp_size=int(self.scfg.tp_size), device=self.device, dtype=self.dtype,
                             lock=self._lock, flush_cache=False)
-        except sg.TeacherError as exc:
+        except TeacherError as exc:
             raise RolloutError(f"sglang rollout weight update failed: {exc}") from exc
 
     def _flush(self) -> None:
@@ -310,7 +307,7 @@ class SGLangRolloutEngine(RolloutEngine):
     # ------------------------------------------------------------------ sampling
 
     def generate(self, prompt_ids, *, max_new_tokens, temperature=1.0, top_p=1.0, n=1, eos_ids=(), seed=None):
-        limits = _check_generate(prompt_ids, max_new_tokens, temperature, top_p, n)
+        limits = check_generate(prompt_ids, max_new_tokens, temperature, top_p, n)
         if not limits:
             return []
         if self._asleep:

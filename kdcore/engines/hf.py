@@ -11,10 +11,11 @@ Child process setup, and why:
 - Its environment is set before it starts — glibc reads ``MALLOC_*`` once, at the first
   allocation, and OpenMP sizes its pool from ``OMP_NUM_THREADS`` at torch import, so neither
   can be changed from inside the child: ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736``
-  (keep freed activation buffers in the heap instead of page-faulting fresh ones every batch;
-  DESIGN §7), ``OMP_NUM_THREADS=threads``, progress bars and info logs off.
-- ``torch.set_num_threads(threads)``: the teacher shares the cores with the student
-  (:func:`kdcore.teacher.default_threads`; 1 of 2 cores on the project machines).
+  (keep freed activation buffers in the heap instead of page-faulting fresh ones every batch),
+  ``OMP_NUM_THREADS=threads``, progress bars and info logs off.
+- ``torch.set_num_threads(threads)``: by default all of the rank's cores
+  (:func:`kdcore.distributed.default_threads`), like the student: the two overlap and wait
+  passively, so each may use every core while the other waits (README, performance).
 - A watchdog thread exits the child within 0.5 s when its parent is gone (even SIGKILLed), so
   a crashed trainer leaves no orphan teacher; the ``daemon`` flag and an ``atexit`` hook stop
   it on a normal or exceptional parent exit.
@@ -45,7 +46,7 @@ import torch
 
 from kdcore.channel import (POLL_S, PROGRESS_TIMEOUT_S, Channel, ChannelClosed, ChannelTimeout,
                             TeacherDiedError)
-from kdcore.teacher import HiddenRequest, TeacherEngine, TeacherError, Ticket, default_threads
+from kdcore.engines.protocol import HiddenRequest, TeacherEngine, TeacherError, Ticket
 
 START_TIMEOUT_S = 1800.0  # loading may include a one-time GGUF conversion of a large model
 COMMAND_TIMEOUT_S = 600.0  # weight updates / sleep / wake of a live teacher (dead ones fail fast)
@@ -109,7 +110,8 @@ class HFTeacher(TeacherEngine):
             into a cached HF folder, see :func:`kdcore.models.gguf_to_hf_folder`).
         dtype: compute dtype of the teacher, and of the hidden states in the channel.
         device: ``cpu``, ``cuda[:i]`` or ``auto`` (cuda when available).
-        threads: torch threads in the child; None = :func:`kdcore.teacher.default_threads`.
+        threads: torch threads in the child; None = :func:`kdcore.distributed.default_threads`
+            (all of this rank's cores).
         max_rows: rows per channel slot = the most hidden states one request may ask for.
         n_slots: channel depth; 2 lets the teacher fill batch k+1 while the student uses k.
         progress_timeout: seconds without a finished module (a linear, a norm) before a live
@@ -129,7 +131,11 @@ class HFTeacher(TeacherEngine):
         self.spec = str(spec)
         self.dtype = torch_dtype(dtype)
         self.device = device
-        self.threads = int(threads) if threads else default_threads()
+        if not threads:
+            from kdcore.distributed import default_threads
+
+            threads = default_threads(int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+        self.threads = int(threads)
         self.max_rows = int(max_rows)
         self.n_slots = int(n_slots)
         self.progress_timeout = progress_timeout
@@ -452,8 +458,8 @@ def _serve(options: dict, channel: Channel, requests, responses, parent_pid: int
 
     device = options["device"]
     spec = options["spec"]
-    kind, where = models.locate(spec)
-    folder = str(models.gguf_to_hf_folder(where, options["cache_dir"])) if kind == "gguf" else None
+    path, converted = models.loadable_path(spec, options["cache_dir"])
+    folder = path if converted else None
     model = models.load_causal_lm(folder or spec, dtype=options["dtype"], device=device)
     if options.get("attn_implementation"):
         model.set_attn_implementation(options["attn_implementation"])

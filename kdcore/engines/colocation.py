@@ -1,9 +1,9 @@
 """Teacher and student on the same accelerators: the teacher engine sleeps outside its phases.
 
-Engine-agnostic (any :class:`kdcore.teacher.TeacherEngine` with ``sleep``/``wake``): the
+Engine-agnostic (any :class:`kdcore.engines.protocol.TeacherEngine` with ``sleep``/``wake``): the
 ``sglang`` engine releases its server's GPU memory (SGLang's memory saver), the ``hf`` engine
-on CUDA moves its weights to the host. The trainer uses :class:`Colocation` when
-``teacher.sglang.colocate`` is set: per step, one teacher phase computes every micro-batch of
+on CUDA moves its weights to the host. The trainer uses :class:`Colocation` when the
+engine is ``colocated`` (sglang: ``teacher.sglang.colocate``): per step, one teacher phase computes every micro-batch of
 the step (into ``n_slots >= grad_accum`` channel slots, which are kdflow's memory and stay
 valid while the engine sleeps), then the student trains with the teacher asleep and,
 with ``teacher.sglang.offload_optimizer``, gets its optimizer state back from the host.
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 import torch
 
 if TYPE_CHECKING:
-    from kdcore.teacher import TeacherEngine
+    from kdcore.engines.protocol import TeacherEngine
 
 
 def offload_optimizer_state(optimizer: torch.optim.Optimizer, device: str | torch.device = "cpu", *,

@@ -1,14 +1,14 @@
-"""Teacher engines: the teacher model behind a process boundary, feeding the hidden-state channel.
+"""Every engine protocol: teacher engines (hidden states) and rollout engines (sampling).
 
-An engine receives **token ids** (never text) and returns the teacher's last hidden states
-(after the final norm, before ``lm_head``) at the requested positions only, written straight
-into a :class:`kdcore.channel.Channel` slot that the student reads as a view. The student
-rebuilds teacher logits itself from :meth:`TeacherEngine.lm_head`, chunk by chunk.
+**Teacher engines** receive **token ids** (never text) and return the teacher's last hidden
+states (after the final norm, before ``lm_head``) at the requested positions only, written
+straight into a :class:`kdcore.channel.Channel` slot that the student reads as a view. The
+student rebuilds teacher logits itself from :meth:`TeacherEngine.lm_head`, chunk by chunk.
 
-Pipelining (DESIGN §3): ``submit`` returns at once, so the student submits batch k+1, then
-trains on batch k (``result`` of the earlier ticket), then ``release``-s it::
+Pipelining (see docs/architecture.md): ``submit`` returns at once, so the student submits
+batch k+1, then trains on batch k (``result`` of the earlier ticket), then ``release``-s it::
 
-    with create_engine(recipe.teacher, max_rows=...) as teacher:
+    with create_teacher_engine(recipe.teacher, registry=registry, max_rows=...) as teacher:
         head = teacher.lm_head()                      # [V, H], loaded alone
         t0 = teacher.submit(req0)
         for k, req in enumerate(requests[1:]):
@@ -20,21 +20,27 @@ trains on batch k (``result`` of the earlier ticket), then ``release``-s it::
 
 At most ``n_slots`` tickets (2 by default) may be outstanding (submitted, not released).
 
-Engines: ``hf`` (:class:`kdcore.teacher.hf.HFTeacher`, transformers in a spawned process, CPU or
-CUDA) and ``sglang`` (GPU; see ``kdcore.teacher.sglang`` where installed).
+**Rollout engines** (:class:`RolloutEngine`) generate continuations of prompt token ids from
+the current policy weights and take new weights. The argument checks below
+(:func:`check_generate`, :func:`check_sampling`, :func:`token_limits`) and
+:func:`finish_generations` are shared, so every rollout engine refuses the same inputs with the
+same words and cuts its outputs the same way.
+
+Engines are registered through the ``register_engines`` hook (:mod:`kdcore.hookspecs`); the
+built-in ``hf`` and ``sglang`` come from :mod:`kdcore.engines.builtin`. This module imports
+neither torch nor the channel at import time, so recipe validation stays light.
 """
 
 from __future__ import annotations
 
 import abc
-import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 
-from kdcore.channel import Channel, ChannelClosed, ChannelError, ChannelTimeout, PeerDiedError, TeacherDiedError
-
 if TYPE_CHECKING:  # pragma: no cover
     import torch
+
+    from kdcore.channel import Channel
 
 
 class TeacherError(RuntimeError):
@@ -141,8 +147,16 @@ class TeacherEngine(abc.ABC):
 
     Attributes after ``start()``: ``hidden_size``, ``vocab_size`` (rows of ``lm_head``),
     ``n_slots``, ``max_rows``; engines using the shared ticket helpers also ``channel``.
+
+    ``colocated``: teacher and student share the accelerators, so the engine is woken only for
+    teacher phases (the trainer then computes a whole step's micro-batches in one phase and
+    trains with the engine asleep, see :mod:`kdcore.engines.colocation`). False by default:
+    the teacher runs beside the student, pipelined. ``offloads_optimizer``: with colocation,
+    the student's optimizer state moves to CPU memory while the teacher is awake.
     """
 
+    colocated: bool = False  # an engine may set it per instance (sglang: from teacher.sglang.colocate)
+    offloads_optimizer: bool = False  # sglang: teacher.sglang.offload_optimizer
     hidden_size: int
     vocab_size: int
     n_slots: int
@@ -215,6 +229,8 @@ class TeacherEngine(abc.ABC):
     def _check_capacity(self) -> None:
         """Raise :class:`ChannelError` when ``n_slots`` tickets are outstanding already."""
         if len(self._outstanding) >= self.n_slots:
+            from kdcore.channel import ChannelError
+
             held = ", ".join(str(s) for s in sorted(self._outstanding))
             raise ChannelError(f"{self.n_slots} requests already in flight (tickets {held}): release one first")
 
@@ -230,6 +246,8 @@ class TeacherEngine(abc.ABC):
 
     def _check_outstanding(self, ticket: Ticket, hint: str) -> None:
         if ticket.seq not in self._outstanding:
+            from kdcore.channel import ChannelError
+
             raise ChannelError(f"ticket {ticket.seq} is not outstanding ({hint})")
 
     def _check_no_tickets(self, what: str) -> None:
@@ -262,50 +280,104 @@ class TeacherEngine(abc.ABC):
         del self._outstanding[ticket.seq]
 
 
-def available_cores() -> int:
-    """CPU cores this process may run on (affinity-aware; containers often restrict it)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
+# ============================================================================ rollout engines
 
 
-def default_threads(total: Optional[int] = None, teacher_share: float = 1 / 3) -> int:
-    """Torch threads for a CPU teacher sharing ``total`` cores with the student.
+class RolloutError(RuntimeError):
+    """Sampling cannot proceed (bad settings, or an engine that cannot do what was asked)."""
 
-    Per token the teacher runs a forward (2·P_t FLOPs) and the student a forward and backward
-    (6·P_s) plus the logits of both heads in the loss; for a teacher about twice the student
-    that puts the teacher near a third of the step's work. Giving it that share of the cores
-    (at least 1, and at least 1 left for the student) keeps both processes busy without
-    oversubscribing: on 2 cores that is 1 + 1. Pass ``teacher_share`` from parameter counts
-    when the sizes differ a lot.
+
+@dataclass
+class Generation:
+    """One sampled continuation: the new token ids (EOS included when it stopped on one)."""
+
+    token_ids: list[int]
+    finished_by_eos: bool
+
+
+class RolloutEngine(abc.ABC):
+    """Generates continuations from the current policy weights.
+
+    Implementations: :class:`kdcore.engines.hf_rollout.HFRolloutEngine` (transformers, CPU or
+    CUDA), :class:`kdcore.engines.sglang.rollout.SGLangRolloutEngine` (GPU), and
+    :class:`kdcore.engines.hf_rollout.TeacherRolloutEngine` (the teacher engine's own ``generate``).
     """
-    total = total or available_cores()
-    if total <= 1:
-        return 1
-    return max(1, min(total - 1, round(total * teacher_share)))
+
+    @abc.abstractmethod
+    def update_weights(self, state_dict: Mapping[str, "torch.Tensor"]) -> int:
+        """Load full (unsharded) weights by name; returns how many tensors were copied. Unknown
+        names, missing names or shape mismatches raise :class:`RolloutError` naming them."""
+
+    @abc.abstractmethod
+    def generate(self, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int | Sequence[int],
+                 temperature: float = 1.0, top_p: float = 1.0, n: int = 1, eos_ids: Sequence[int] = (),
+                 seed: Optional[int] = None) -> list[Generation]:
+        """Sample ``n`` continuations of each prompt.
+
+        ``prompt_ids``: token ids per prompt (no padding). ``max_new_tokens``: one limit, or one
+        per prompt. ``temperature`` 0 means greedy decoding; ``top_p`` 1 means no nucleus cut;
+        no top-k cut is ever applied (the samples follow the model's own distribution).
+        ``eos_ids``: generation stops after the first of these. ``seed``: same seed, same
+        weights, same prompts → same samples.
+
+        Returns ``len(prompt_ids) * n`` generations, prompt-major (prompt 0's ``n``, then
+        prompt 1's, ...). A continuation cut by its length limit ends where it was cut, with
+        ``finished_by_eos`` False (no EOS is appended).
+        """
+
+    def close(self) -> None:
+        """Free the engine's resources (idempotent)."""
 
 
-def create_engine(teacher_cfg: Any, *, max_rows: int, threads: Optional[int] = None, **kwargs: Any) -> TeacherEngine:
-    """Build (not start) the engine a recipe's ``teacher`` section asks for."""
-    engine = getattr(teacher_cfg, "engine", "hf")
-    if engine == "hf":
-        from kdcore.teacher.hf import HFTeacher
+def finish_generations(rows: Sequence[Sequence[int]], limits: Sequence[int], eos: set[int]) -> list[Generation]:
+    """Cut each row after its first EOS or at its own limit; no EOS is ever added."""
+    out = []
+    for row, limit in zip(rows, limits):
+        row = list(row)[:limit]
+        cut = next((i + 1 for i, t in enumerate(row) if t in eos), None)
+        out.append(Generation(row[:cut], True) if cut is not None else Generation(row, False))
+    return out
 
-        return HFTeacher(teacher_cfg.path, dtype=teacher_cfg.dtype, device=teacher_cfg.device,
-                         threads=threads or (teacher_cfg.threads or None), max_rows=max_rows, **kwargs)
-    if engine == "sglang":
-        try:
-            from kdcore.teacher.sglang import SGLangTeacher  # type: ignore[import-not-found]
-        except ImportError as exc:
-            raise TeacherError(f"teacher.engine 'sglang' is not available here ({exc}); it needs a GPU "
-                               f"and `pip install kdflow[sglang]`") from exc
-        return SGLangTeacher(teacher_cfg, max_rows=max_rows, **kwargs)
-    raise TeacherError(f"unknown teacher.engine '{engine}' (known: hf, sglang)")
+
+def token_limits(max_new_tokens: int | Sequence[int], n_prompts: int) -> list[int]:
+    """One new-token limit per prompt from ``generate()``'s ``max_new_tokens`` (each >= 1)."""
+    if isinstance(max_new_tokens, int):
+        limits = [max_new_tokens] * n_prompts
+    else:
+        limits = [int(m) for m in max_new_tokens]
+        if len(limits) != n_prompts:
+            raise RolloutError(f"max_new_tokens has {len(limits)} limits for {n_prompts} prompts")
+    if any(m < 1 for m in limits):
+        raise RolloutError(f"max_new_tokens must be >= 1, got {min(limits)}")
+    return limits
+
+
+def check_sampling(temperature: float, top_p: float, n: int) -> None:
+    """:class:`RolloutError` for a negative temperature, a ``top_p`` outside (0, 1] or ``n < 1``."""
+    if temperature < 0:
+        raise RolloutError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise RolloutError(f"top_p must be within (0, 1], got {top_p}")
+    if n < 1:
+        raise RolloutError(f"n must be >= 1, got {n}")
+
+
+def check_generate(prompt_ids: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int], temperature: float,
+                   top_p: float, n: int) -> list[int]:
+    """Check a sampling engine's ``generate()`` arguments; the per-row token limits.
+
+    Rows are prompt-major (prompt 0's ``n`` samples, then prompt 1's), so the result has
+    ``len(prompt_ids) * n`` entries, each prompt's limit repeated ``n`` times; ``[]`` for no prompts.
+    """
+    check_sampling(temperature, top_p, n)
+    if not prompt_ids:
+        return []
+    if any(len(p) == 0 for p in prompt_ids):
+        raise RolloutError("cannot generate from an empty prompt")
+    return [m for m in token_limits(max_new_tokens, len(prompt_ids)) for _ in range(n)]
 
 
 __all__ = [
-    "HiddenRequest", "Ticket", "HiddenStates", "TeacherEngine", "TeacherError", "create_engine",
-    "default_threads", "available_cores", "TeacherDiedError", "ChannelTimeout", "ChannelError",
-    "ChannelClosed", "PeerDiedError",
+    "HiddenRequest", "Ticket", "HiddenStates", "TeacherEngine", "TeacherError", "RolloutError", "Generation",
+    "RolloutEngine", "finish_generations", "token_limits", "check_sampling", "check_generate",
 ]

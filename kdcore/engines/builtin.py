@@ -1,0 +1,81 @@
+"""The built-in engines, registered through the ``kdcore`` entry-point group like any plugin.
+
+``hf``: transformers, CPU or CUDA (teacher in its own process; rollout as a student copy in the
+trainer process). ``sglang``: an SGLang server per node, GPU only (see
+``kdcore/engines/sglang/README.md``). Nothing heavy is imported here: each spec imports its
+engine when it builds one.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+from kdcore.engines.factory import EngineSpec
+from kdcore.engines.protocol import RolloutError, TeacherError
+from kdcore.plugins import hookimpl
+
+
+class HFEngine(EngineSpec):
+    """transformers in a spawned process (teacher) or in the trainer (rollout); CPU or CUDA."""
+
+    roles = ("teacher", "rollout")
+
+    def create_teacher(self, teacher_cfg: Any, *, max_rows: int, threads: Optional[int] = None,
+                       micro_batches_per_step: int = 1, **kwargs: Any):
+        from kdcore.engines.hf import HFTeacher
+
+        return HFTeacher(teacher_cfg.path, dtype=teacher_cfg.dtype, device=teacher_cfg.device,
+                         threads=threads or (teacher_cfg.threads or None), max_rows=max_rows, **kwargs)
+
+    def create_rollout(self, *, config: Any, device: Any, dtype: Any = None, threads: Optional[int] = None,
+                       settings: Any = None, **kwargs: Any):
+        import torch
+
+        from kdcore.engines.hf_rollout import HFRolloutEngine
+
+        # float32 by default: samples from the exact master weights
+        return HFRolloutEngine(config, device=device, dtype=torch.float32 if dtype is None else dtype, threads=threads)
+
+
+class SGLangEngine(EngineSpec):
+    """An SGLang server per node (GPU only; never run yet, see kdcore/engines/sglang/README.md)."""
+
+    roles = ("teacher", "rollout")
+
+    def create_teacher(self, teacher_cfg: Any, *, max_rows: int, threads: Optional[int] = None,
+                       micro_batches_per_step: int = 1, **kwargs: Any):
+        try:
+            from kdcore.engines.sglang.teacher import SGLangTeacher
+        except ImportError as exc:
+            raise TeacherError(f"teacher.engine 'sglang' is not available here ({exc}); it needs a GPU "
+                               f"and `pip install kdflow[sglang]`") from exc
+        if bool(getattr(getattr(teacher_cfg, "sglang", None), "colocate", False)):
+            # colocated: a whole step's micro-batches are computed in one teacher phase, then
+            # read while the engine sleeps, so every one of them needs its own slot
+            kwargs.setdefault("n_slots", max(2, int(micro_batches_per_step)))
+        return SGLangTeacher(teacher_cfg, max_rows=max_rows, **kwargs)
+
+    def create_rollout(self, *, config: Any, device: Any, dtype: Any = None, threads: Optional[int] = None,
+                       settings: Any = None, **kwargs: Any):
+        try:
+            from kdcore.engines.sglang.rollout import SGLangRolloutEngine
+        except ImportError as exc:
+            raise RolloutError(f"rollout.engine 'sglang' is not available here ({exc}); it needs a GPU and "
+                               "`pip install kdflow[sglang]`") from exc
+        if dtype is not None:
+            kwargs["dtype"] = dtype
+        server = getattr(settings, "sglang", None)
+        if server:
+            kwargs.setdefault("sglang", server)
+        return SGLangRolloutEngine(config=config, device=device, **kwargs)
+
+    def check_recipe(self, section: Mapping[str, Any], prefix: str) -> list[str]:
+        from kdcore.engines.sglang.config import check_recipe_section
+
+        return check_recipe_section(section, prefix, role="rollout" if prefix == "rollout" else "teacher")
+
+
+@hookimpl
+def register_engines(register):
+    register("hf", HFEngine())
+    register("sglang", SGLangEngine())

@@ -1,0 +1,89 @@
+"""Engines by name: the base of what ``register_engines`` registers, and the two factories.
+
+The trainer, the sampler and recipe validation never test an engine's name: they look it up
+in the registry (kind ``engine``) and ask the registered :class:`EngineSpec` to build or check.
+Light on purpose (no torch, no sglang): a spec imports its engine module only when it builds one.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Mapping, Optional
+
+from kdcore.engines.protocol import RolloutError, TeacherError
+from kdcore.registry import ENGINE_ROLES as ROLES  # light; the registry checks specs against them
+
+if TYPE_CHECKING:  # pragma: no cover
+    from kdcore.engines.protocol import RolloutEngine, TeacherEngine
+    from kdcore.registry import Registry
+
+
+class EngineSpec:
+    """One engine kind, as a plugin registers it: ``register("name", MySpec())``.
+
+    Subclass it and set ``roles`` to the recipe sections the engine can serve (``"teacher"``:
+    hidden states for the loss; ``"rollout"``: sampling from the student's weights), then
+    implement the matching factory. Factories import the engine's heavy modules inside the
+    method, never at module level: registering runs for every ``kdcore`` command.
+    """
+
+    roles: tuple[str, ...] = ()
+
+    def create_teacher(self, teacher_cfg: Any, *, max_rows: int, threads: Optional[int] = None,
+                       micro_batches_per_step: int = 1, **kwargs: Any) -> "TeacherEngine":
+        """Build (not start) a :class:`kdcore.engines.protocol.TeacherEngine` for the recipe's
+        ``teacher`` section: ``max_rows`` rows per channel slot, ``threads`` CPU threads (None:
+        the engine's default), ``micro_batches_per_step`` = ``train.grad_accum`` (a colocated
+        engine needs that many slots, since a whole step is computed before the student trains)."""
+        raise TeacherError(f"{type(self).__name__} cannot serve as a teacher engine")
+
+    def create_rollout(self, *, config: Any, device: Any, dtype: Any = None, threads: Optional[int] = None,
+                       settings: Any = None, **kwargs: Any) -> "RolloutEngine":
+        """Build a :class:`kdcore.engines.protocol.RolloutEngine`: a sampling copy of the student
+        built from its transformers ``config`` on ``device`` in ``dtype`` (None: the engine's
+        default); ``settings`` is the recipe's ``rollout`` section (its engine sub-section, e.g.
+        ``settings.sglang``, is the engine's to read)."""
+        raise RolloutError(f"{type(self).__name__} cannot serve as a rollout engine")
+
+    def check_recipe(self, section: Mapping[str, Any], prefix: str) -> list[str]:
+        """Problems with a raw recipe section that names this engine (one line each, each
+        starting with a dotted key under ``prefix``). ``prefix`` is the section, ``teacher`` or
+        ``rollout``: the role the engine plays there. Runs at recipe validation: keep it light."""
+        return []
+
+
+def engine_spec(name: str, role: str, registry: "Optional[Registry]" = None) -> EngineSpec:
+    """The registered spec of engine ``name`` for ``role``; a one-line error otherwise."""
+    error = TeacherError if role == "teacher" else RolloutError
+    if registry is None:
+        from kdcore.plugins import load_registry
+
+        registry = load_registry()
+    try:
+        spec = registry.get("engine", name).fn
+    except KeyError as exc:  # UnknownAlgorithmError: its message names the installed engines
+        raise error(f"{role}.engine: {exc}") from None
+    if role not in spec.roles:
+        raise error(f"{role}.engine: engine '{name}' cannot serve as a {role} engine (it serves: {', '.join(spec.roles)})")
+    return spec
+
+
+def create_teacher_engine(teacher_cfg: Any, *, registry: "Optional[Registry]" = None, max_rows: int,
+                          threads: Optional[int] = None, micro_batches_per_step: int = 1,
+                          **kwargs: Any) -> "TeacherEngine":
+    """Build (not start) the teacher engine a recipe's ``teacher`` section names (``engine``,
+    default ``hf``). ``registry``: the run's registry (None: load the installed one)."""
+    name = getattr(teacher_cfg, "engine", None) or "hf"
+    spec = engine_spec(name, "teacher", registry)
+    return spec.create_teacher(teacher_cfg, max_rows=max_rows, threads=threads,
+                               micro_batches_per_step=max(1, int(micro_batches_per_step)), **kwargs)
+
+
+def create_rollout_engine(kind: str, *, registry: "Optional[Registry]" = None, config: Any = None,
+                          device: Any = "cpu", dtype: Any = None, threads: Optional[int] = None,
+                          settings: Any = None, **kwargs: Any) -> "RolloutEngine":
+    """The student rollout engine a recipe's ``rollout.engine`` names (``settings``: that section)."""
+    spec = engine_spec(kind, "rollout", registry)
+    return spec.create_rollout(config=config, device=device, dtype=dtype, threads=threads, settings=settings, **kwargs)
+
+
+__all__ = ["ROLES", "EngineSpec", "engine_spec", "create_teacher_engine", "create_rollout_engine"]
