@@ -403,20 +403,7 @@ def chunked_distill(
             f"teacher_hidden has {teacher_hidden.shape[0]} rows but student_hidden has {n}; pass teacher_rows "
             f"or pair the rows"
         )
-    if labels is not None:
-        if labels.shape != (n,) or labels.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"labels must be an int tensor of shape [{n}], got {labels.dtype} {tuple(labels.shape)}")
-        labels = labels.long()
-        ce_rows = labels != IGNORE_INDEX
-        if bool(ce_rows.any()):
-            bad = ce_rows & ((labels < 0) | (labels >= vocab))
-            if bool(bad.any()):
-                i = int(bad.nonzero()[0, 0])
-                raise ValueError(f"labels[{i}] = {int(labels[i])} is outside the vocabulary [0, {vocab}) and is not -100")
-    elif ce_scale != 0.0:
-        raise ValueError(f"ce_scale = {ce_scale} needs labels (the CE targets)")
-    else:
-        ce_rows = torch.zeros(n, dtype=torch.bool, device=device)
+    labels, ce_rows = _ce_rows(labels, n, vocab, ce_scale, device)
     kd_tokens = int(kd_rows.sum())
     ce_tokens = int(ce_rows.sum())
 
@@ -447,6 +434,24 @@ def chunked_distill(
         loss = kd_sum * kd_scale + ce_sum * ce_scale
     return LossOutput(loss=loss, kd_sum=kd_sum.detach(), ce_sum=ce_sum.detach(),
                       kd_tokens=kd_tokens, ce_tokens=ce_tokens)
+
+
+def _ce_rows(labels: Tensor | None, n: int, vocab: int, ce_scale: float, device) -> tuple[Tensor | None, Tensor]:
+    """(labels as int64, the rows that take CE), checked."""
+    if labels is None:
+        if ce_scale != 0.0:
+            raise ValueError(f"ce_scale = {ce_scale} needs labels (the CE targets)")
+        return None, torch.zeros(n, dtype=torch.bool, device=device)
+    if labels.shape != (n,) or labels.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"labels must be an int tensor of shape [{n}], got {labels.dtype} {tuple(labels.shape)}")
+    labels = labels.long()
+    ce_rows = labels != IGNORE_INDEX
+    if bool(ce_rows.any()):
+        bad = ce_rows & ((labels < 0) | (labels >= vocab))
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(f"labels[{i}] = {int(labels[i])} is outside the vocabulary [0, {vocab}) and is not -100")
+    return labels, ce_rows
 
 
 def _check_teacher_rows(teacher_rows: Tensor, kd_rows: Tensor, n_teacher: int) -> None:
