@@ -76,6 +76,10 @@ class MinEDAligner(PairedAligner):
             self._map_cache = (key, src.to(device), m[src].to(device))
         return self._map_cache[1], self._map_cache[2]
 
+    def check_heads(self, student_rows: int, teacher_rows: int) -> None:
+        """The map must fit both heads (``forward`` checks it on every micro-batch too)."""
+        self._map_for(teacher_rows, student_rows, self.teacher_to_student.device)
+
     def mapped_teacher_logits(self, lt: torch.Tensor, student_vocab: int, temperature: float) -> torch.Tensor:
         """``T·log p'`` over the student vocabulary (``-inf`` where ``p'`` is 0) from teacher
         logits ``lt [k, V_t]``; ``[k, V_s]``, float32 at least."""

@@ -64,13 +64,14 @@ class OverlapAligner(PairedAligner):
         """
         check_hidden(batch, "overlap")
         s_idx, t_idx = pair_rows(batch, "overlap")
-        self._check_rows(batch.student_head.shape[0], batch.teacher_head.shape[0])
+        self.check_heads(batch.student_head.shape[0], batch.teacher_head.shape[0])
         shared_s = self.shared_student.to(batch.student_hidden.device)
         self._count(s_idx.numel(), batch.student_hidden.shape[0])
         return paired_loss(batch, loss, (s_idx, t_idx), teacher_head=self._teacher_head(batch.teacher_head),
                            student_view=lambda ls: ls.index_select(1, shared_s))
 
-    def _check_rows(self, student_rows: int, teacher_rows: int) -> None:
+    def check_heads(self, student_rows: int, teacher_rows: int) -> None:
+        """Both heads must cover the shared ids (``forward`` checks it on every micro-batch too)."""
         if self.shared_student.numel() and int(self.shared_student.max()) >= student_rows:
             raise ValueError(f"overlap: student head has {student_rows} rows but the shared vocabulary uses id "
                              f"{int(self.shared_student.max())}: is it the student tokenizer's model?")
