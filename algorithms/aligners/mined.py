@@ -31,6 +31,7 @@ from kdcore.aligner import AlignedBatch, LossSpec
 from kdcore.kdloss import LossOutput
 from kdflow_algorithms.aligners.common import PairedAligner, check_hidden, pair_rows, paired_loss
 from kdflow_algorithms.aligners.vocab_maps import mined_map
+from kdflow_algorithms.checks import check_range
 
 
 @dataclass
@@ -40,6 +41,11 @@ class MinEDOptions:
     max_distance: int = -1
     # rapidfuzz threads for the one-off map build; -1 = all cores.
     workers: int = -1
+
+    def __post_init__(self):
+        check_range("max_distance", self.max_distance, low=-1)
+        if self.workers != -1:
+            check_range("workers (-1 = all cores)", self.workers, low=1)
 
 
 class MinEDAligner(PairedAligner):

@@ -21,6 +21,7 @@ from kdcore.aligner import AlignedBatch, LossSpec
 from kdcore.kdloss import LossOutput
 from kdflow_algorithms.aligners.common import PairedAligner, check_hidden, pair_rows, paired_loss
 from kdflow_algorithms.aligners.vocab_maps import exact_map, token_surfaces
+from kdflow_algorithms.checks import check_range
 
 
 @dataclass
@@ -30,6 +31,9 @@ class OverlapOptions:
     include_specials: bool = True
     # Below this many shared ids the restricted distributions say little; fail early instead.
     min_shared: int = 1000
+
+    def __post_init__(self):
+        check_range("min_shared", self.min_shared, low=0)
 
 
 class OverlapAligner(PairedAligner):

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from kdcore.aligner import AlignedBatch, LossSpec
 from kdcore.kdloss import LossOutput
 from kdflow_algorithms.aligners.common import PairedAligner, check_hidden, pair_rows, paired_loss
+from kdflow_algorithms.checks import check_range
 
 
 @dataclass
@@ -37,6 +38,9 @@ class ULDOptions:
     # probabilities of each side plus the difference of the remaining masses: a lower bound
     # that is exact when both tails are sorted alike, and much cheaper than sorting 150k entries.
     top_k: int = 0
+
+    def __post_init__(self):
+        check_range("top_k", self.top_k, low=0)
 
 
 def uld_distance(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 1.0,
@@ -73,8 +77,6 @@ class ULDAligner(PairedAligner):
 
     def __init__(self, options: ULDOptions):
         super().__init__()
-        if options.top_k < 0:
-            raise ValueError(f"uld: top_k must be >= 0, got {options.top_k}")
         self.top_k = options.top_k
 
     def extra_repr(self) -> str:
