@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from kdcore import hookimpl
+from kdflow_algorithms.checks import check_range
 
 __all__ = ["fkl", "rkl", "js", "skl", "srkl", "tvd", "akl",
            "JSOptions", "SKLOptions", "SRKLOptions", "AKLOptions"]
@@ -36,20 +37,32 @@ __all__ = ["fkl", "rkl", "js", "skl", "srkl", "tvd", "akl",
 class JSOptions:
     beta: float = 0.5  # 0.5: the symmetric Jensen-Shannon divergence (TRL's GKD default)
 
+    def __post_init__(self):
+        check_range("beta", self.beta, low=0.0, high=1.0, low_open=True, high_open=True)
+
 
 @dataclass
 class SKLOptions:
     alpha: float = 0.1  # DistiLLM's skew; small alpha keeps SKL close to FKL but bounded
+
+    def __post_init__(self):
+        check_range("alpha", self.alpha, low=0.0, high=1.0, high_open=True)  # alpha = 0 is FKL
 
 
 @dataclass
 class SRKLOptions:
     alpha: float = 0.1  # DistiLLM's skew for the reverse direction
 
+    def __post_init__(self):
+        check_range("alpha", self.alpha, low=0.0, high=1.0, high_open=True)  # alpha = 0 is RKL
+
 
 @dataclass
 class AKLOptions:
     mu: float = 0.5  # head/tail split at half the teacher mass, as in the AKL paper (Wu et al. 2024)
+
+    def __post_init__(self):
+        check_range("mu", self.mu, low=0.0, high=1.0, low_open=True)  # mu = 1: every token is head
 
 
 class _LogProbs:

@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 
 from kdcore import hookimpl
 from kdcore.rollout import RolloutPolicy, require
+from kdflow_algorithms.checks import check_choice, check_range
 
 
 def _check_probability(name: str, value: float) -> None:
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be within [0, 1], got {value}")
+    check_range(name, value, low=0.0, high=1.0)
 
 
 class OffPolicy(RolloutPolicy):
@@ -74,8 +74,7 @@ class MixedOptions:
 
     def __post_init__(self):
         _check_probability("lam", self.lam)
-        if self.off_policy not in ("data", "teacher"):
-            raise ValueError(f"off_policy must be 'data' or 'teacher', got {self.off_policy!r}")
+        check_choice("off_policy", self.off_policy, ("data", "teacher"))
 
 
 class Mixed(RolloutPolicy):
@@ -194,14 +193,10 @@ class AdaptiveOptions:
     def __post_init__(self):
         _check_probability("init_probability", self.init_probability)
         _check_probability("probability_step", self.probability_step)
-        if self.loss_eps < 0:
-            raise ValueError(f"loss_eps must be >= 0, got {self.loss_eps}")
-        if self.capacity < 1:
-            raise ValueError(f"capacity must be >= 1, got {self.capacity}")
-        if self.schedule not in ("decreasing", "constant", "increasing"):
-            raise ValueError(f"schedule must be decreasing, constant or increasing, got {self.schedule!r}")
-        if self.signal not in ("ce", "kd"):
-            raise ValueError(f"signal must be 'ce' or 'kd', got {self.signal!r}")
+        check_range("loss_eps", self.loss_eps, low=0.0)
+        check_range("capacity", self.capacity, low=1)
+        check_choice("schedule", self.schedule, ("decreasing", "constant", "increasing"))
+        check_choice("signal", self.signal, ("ce", "kd"))
 
 
 class Adaptive(RolloutPolicy):

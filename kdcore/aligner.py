@@ -11,9 +11,13 @@ Terms used throughout (one sample):
   them. Aligners may put extra per-sample data in ``extra``; ``collate`` merges it.
 
 Per micro-batch the core builds an ``AlignedBatch`` (everything flattened over the batch) and
-calls the aligner's ``forward``, which returns a ``kdcore.kdloss.LossOutput``. Aligners whose
-divergence is a registered loss over (restricted or projected) logits call
-``kdcore.kdloss.distill_loss``, the chunked driver, so no ``[N, V]`` tensor is built.
+calls the aligner's ``forward``, which returns a ``kdcore.kdloss.LossOutput``. Aligners call
+the chunked driver ``kdcore.kdloss.chunked_distill`` (or its same-vocabulary form
+``distill_loss``), giving it per-chunk views for restricted, mapped or projected
+distributions, so no ``[N, V]`` tensor is built.
+
+Everything the core calls on an aligner is declared on :class:`Aligner` with a default, so an
+aligner overrides only what it needs and the core never probes with ``hasattr``.
 """
 
 from __future__ import annotations
@@ -66,30 +70,58 @@ class AlignedBatch:
 
 
 class Aligner(nn.Module):
-    """Base class for aligners; subclasses implement ``align`` and ``forward``."""
+    """Base class for aligners; subclasses implement ``align`` and ``forward``.
+
+    The core calls, in this order: ``setup`` (once, with the hidden sizes), ``parameters()``
+    and ``lr_scale`` (to build the optimizer), ``check_heads`` (once, with the loaded heads),
+    then per sample ``align``, per micro-batch ``collate`` and ``forward``, and ``metrics()``
+    whenever it writes a record. ``cross_tokenizer`` and ``vocab_size`` are read as attributes.
+    ``parameters()`` is ``nn.Module``'s: modules and parameters an aligner registers (e.g.
+    DSKD's projectors) are trained, kept equal across ranks and checkpointed by the core; the
+    base has none.
+    """
 
     #: True when the aligner needs teacher tokenization (cross-tokenizer); False lets the core
-    #: send the student's own token ids to the teacher.
+    #: send the student's own token ids to the teacher. Default True: the general case.
     cross_tokenizer: bool = True
 
     #: learning-rate multiplier for this module's parameters: the core trains them at
-    #: ``lr * lr_scale`` (e.g. DSKD's randomly initialised projectors learn faster).
+    #: ``lr * lr_scale`` (e.g. DSKD's randomly initialised projectors learn faster). Default 1.0:
+    #: the student's own rate.
     lr_scale: float = 1.0
+
+    #: the number of token ids both models share when they share one vocabulary (same-tokenizer
+    #: aligners); the core compares the two heads' first ``vocab_size`` rows for the top-1
+    #: agreement metric. Default None: the vocabularies are not one (cross-tokenizer).
+    vocab_size: int | None = None
 
     def setup(self, *, student_hidden_size: int, teacher_hidden_size: int) -> None:
         """Called once by the core with the models' hidden sizes, before it builds the optimizer
-        (and before it restores a checkpoint); aligners with parameters create them here."""
+        (and before it restores a checkpoint); aligners with parameters create them here.
+        Default: nothing to build."""
+
+    def check_heads(self, student_rows: int, teacher_rows: int) -> int | None:
+        """Called once by the core with the row counts of the loaded student and teacher heads,
+        before the first step, to fail early on heads that do not fit the tokenizers. Raises
+        ``ValueError`` naming the head; may return the number of head rows ``forward`` keeps.
+        Default: any heads are accepted (returns None)."""
+        return None
 
     def align(self, student: Tokenized, teacher: Tokenized) -> Alignment:  # pragma: no cover - interface
+        """Per sample: the teacher positions whose hidden states cross the channel and the
+        pairs of student loss positions with them."""
         raise NotImplementedError
 
     def collate(self, extras: list[dict[str, Any]], student_offsets: list[int], teacher_offsets: list[int]) -> dict[str, Any]:
-        """Merge per-sample ``Alignment.extra`` into a batch (row offsets given per sample)."""
+        """Merge per-sample ``Alignment.extra`` into a batch (row offsets given per sample).
+        Default: no extra data (an empty dict)."""
         return {}
 
     def forward(self, batch: AlignedBatch, loss: LossSpec):  # pragma: no cover - interface
+        """Per micro-batch: the ``kdcore.kdloss.LossOutput`` of ``batch`` under ``loss``."""
         raise NotImplementedError
 
     def metrics(self) -> dict[str, float]:
-        """Extra scalars for metrics.jsonl (e.g. projector accuracy)."""
+        """Extra scalars for metrics.jsonl (e.g. projector accuracy) since the previous call;
+        reading them starts a new window. Default: none (an empty dict)."""
         return {}

@@ -1,14 +1,18 @@
 """The chunked KD loss driver: hidden states → logits per chunk → registered loss, no [N, V] buffer.
 
-:func:`distill_loss` takes the student's last hidden states ``h_s [N, H_s]`` (with grad), the
-student head ``W_s [V, H_s]``, the teacher's last hidden states ``h_t [N, H_t]`` (row ``i`` pairs
-with student row ``i``) and the teacher head ``W_t [V, H_t]``, and returns
-``kd_scale · Σ_kd-rows loss_fn(...) + ce_scale · Σ_ce-rows CE`` together with the detached sums
-and token counts (:class:`LossOutput`). It works on ``chunk_size`` rows at a time: per chunk
-``logits_s = h_s·W_sᵀ`` and ``logits_t = h_t·W_tᵀ`` are built, the per-token divergence (any
-registered loss; this module holds no algorithm) and the cross-entropy against ``labels`` are
-computed from the *same* chunk logits, and the chunk logits are freed. Peak extra memory is a
-few ``[chunk_size, V]`` buffers plus one ``[V, H_s]`` gradient, instead of several ``[N, V]``.
+:func:`chunked_distill` is the one driver. It takes the student's last hidden states
+``h_s [N, H_s]`` (with grad) and head ``W_s [V_s, H_s]``, the teacher's last hidden states
+``h_t [N_t, H_t]`` and head ``W_t [V_t, H_t]``, which teacher row each KD row learns from, and
+returns ``kd_scale · Σ_kd-rows loss_fn(...) + ce_scale · Σ_ce-rows CE`` together with the detached
+sums and token counts (:class:`LossOutput`). It works on ``chunk_size`` rows at a time: per
+chunk ``logits_s = h_s·W_sᵀ`` and ``logits_t = h_t·W_tᵀ`` are built, optionally turned into the
+space the loss compares by per-chunk views (a shared-vocabulary gather, a vocabulary map: the
+callers' business, this module holds no algorithm), the per-token divergence (any registered
+loss) and the cross-entropy against ``labels`` are computed from the *same* chunk logits, and
+the chunk logits are freed. Peak extra memory is a few ``[chunk_size, V]`` buffers plus one
+``[V, H_s]`` gradient, instead of several ``[N, V]``. :func:`distill_loss` is its same-vocabulary
+form (row ``i`` pairs with row ``i``, both heads of one size), used by same-vocabulary runs and
+by aligners whose sides are both linear heads over one vocabulary.
 
 Backward strategy (measured by ``bench/loss_memory.py``):
 gradients are computed *in the forward pass* (``strategy="fused"``, as Liger-Kernel's fused
@@ -57,7 +61,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-__all__ = ["LossOutput", "distill_loss", "DEFAULT_CHUNK_SIZE"]
+__all__ = ["LossOutput", "ChunkView", "chunked_distill", "distill_loss", "DEFAULT_CHUNK_SIZE", "IGNORE_INDEX"]
 
 # Rows per chunk, measured with bench/loss_memory.py (V = 152064, H = 1024, fp32, fkl, 2 CPU threads).
 # Peak extra memory is the [V, H] head gradient plus ~6 [chunk, V] fp32 buffers (the loss's autograd
@@ -83,10 +87,17 @@ class LossOutput:
     ce_tokens: int
 
 
+ChunkView = Callable[[Tensor], Tensor]
+"""A per-chunk transform of one side's logits ``[k, V]`` (the chunk's KD rows) into what the loss
+compares, e.g. a column gather onto a shared vocabulary or a teacher distribution moved into the
+student's vocabulary. It runs under autograd when that side's inputs require grad."""
+
+
 class _Plan:
     """Non-tensor settings and the per-row data of one call, shared by forward and backward."""
 
-    def __init__(self, loss_fn, options, temperature, kd_scale, ce_scale, chunk_size, labels, kd_mask, strategy):
+    def __init__(self, loss_fn, options, temperature, kd_scale, ce_scale, chunk_size, labels, kd_mask, strategy,
+                 teacher_rows=None, student_view=None, teacher_view=None):
         self.loss_fn = loss_fn
         self.options = options
         self.temperature = temperature
@@ -96,8 +107,23 @@ class _Plan:
         self.labels = labels  # [n] or None
         self.kd_mask = kd_mask  # [n] bool or None (every row is a KD row)
         self.strategy = strategy
+        self.teacher_rows = teacher_rows  # [n] teacher row of each student row, or None (row i pairs with row i)
+        self.student_view = student_view
+        self.teacher_view = teacher_view
         self.kd_sum: Tensor | None = None
         self.ce_sum: Tensor | None = None
+
+    def _chunk_rows(self, start: int, stop: int) -> tuple[Tensor | None, Tensor | None]:
+        """(local KD rows of the chunk, ``None`` = all of them; their teacher rows, ``None`` when
+        rows are paired by position)."""
+        kd_rows = None
+        if self.kd_mask is not None:
+            local = self.kd_mask[start:stop]
+            kd_rows = local.nonzero().squeeze(1) if not bool(local.all()) else None
+        if self.teacher_rows is None:
+            return kd_rows, None
+        rows = self.teacher_rows[start:stop]
+        return kd_rows, rows if kd_rows is None else rows.index_select(0, kd_rows)
 
     def run(self, h_s: Tensor, w_s: Tensor, h_t: Tensor, w_t: Tensor, need: tuple[bool, bool, bool, bool]):
         """One pass over the chunks: (kd_sum, ce_sum) and the gradients of the scaled objective
@@ -116,11 +142,11 @@ class _Plan:
         for start in range(0, n, self.chunk_size):
             stop = min(n, start + self.chunk_size)
             hs = h_s[start:stop]
-            kd_rows = None  # None: every row of the chunk is a KD row
-            if self.kd_mask is not None:
-                local = self.kd_mask[start:stop]
-                kd_rows = local.nonzero().squeeze(1) if not bool(local.all()) else None
-            ht = h_t[start:stop] if kd_rows is None else h_t[start:stop].index_select(0, kd_rows)
+            kd_rows, t_rows = self._chunk_rows(start, stop)
+            if t_rows is not None:
+                ht = h_t.index_select(0, t_rows)
+            else:
+                ht = h_t[start:stop] if kd_rows is None else h_t[start:stop].index_select(0, kd_rows)
             labels = self.labels[start:stop] if self.labels is not None else None
             kd_chunk, ce_chunk, g_ls, g_lt = self._chunk(hs, w_s, ht, w_t, kd_rows, labels, need_ls, need_lt)
             kd_sum += kd_chunk
@@ -133,7 +159,9 @@ class _Plan:
             if g_lt is not None:
                 if g_ht is not None:
                     g_rows = g_lt @ w_t
-                    if kd_rows is None:
+                    if t_rows is not None:  # a teacher row may teach several student rows
+                        g_ht.index_add_(0, t_rows, g_rows)
+                    elif kd_rows is None:
                         g_ht[start:stop] = g_rows
                     else:
                         g_ht[start:stop].index_copy_(0, kd_rows, g_rows)
@@ -170,6 +198,10 @@ class _Plan:
                 lt_kd = lt
                 if not kd_grad:  # KD is only a metric here: no graph through the loss
                     ls_kd, lt_kd = ls_kd.detach(), lt.detach()
+                if self.student_view is not None:
+                    ls_kd = self.student_view(ls_kd)
+                if self.teacher_view is not None:
+                    lt_kd = self.teacher_view(lt_kd)
                 per_token = self.loss_fn(ls_kd, lt_kd, temperature=self.temperature, **self.options)
                 if per_token.shape != (n_kd,):
                     raise ValueError(
@@ -271,7 +303,7 @@ def distill_loss(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     strategy: str = "fused",
 ) -> LossOutput:
-    """KD (and CE) loss of paired rows, chunk by chunk, without an ``[N, V]`` buffer.
+    """KD (and CE) loss of row-paired inputs over one shared vocabulary, chunk by chunk.
 
     - ``student_hidden [N, H_s]``, ``student_head [V, H_s]`` (same dtype; the head may be a tied
       input embedding), ``teacher_hidden [N, H_t]`` (row ``i`` is the teacher for student row
@@ -280,6 +312,60 @@ def distill_loss(
     - ``loss_fn``: a registered loss (``fn(student_logits [n, V], teacher_logits [n, V], *,
       temperature, **loss_options) -> [n]``), applied to the rows where ``kd_mask`` (``[N]``
       bool, default all rows) is true.
+    - the other arguments as in :func:`chunked_distill`, which this calls.
+    """
+    _check_pair("student", student_hidden, student_head)
+    _check_pair("teacher", teacher_hidden, teacher_head)
+    n = student_hidden.shape[0]
+    if teacher_hidden.shape[0] != n:
+        raise ValueError(
+            f"teacher_hidden has {teacher_hidden.shape[0]} rows but student_hidden has {n}; rows must be paired"
+        )
+    if teacher_head.shape[0] != student_head.shape[0]:
+        raise ValueError(
+            f"student_head has {student_head.shape[0]} rows but teacher_head has {teacher_head.shape[0]}; slice both "
+            f"to the shared vocabulary (kdcore.vocab.shared_vocab_size) or use a cross-tokenizer aligner"
+        )
+    return chunked_distill(
+        student_hidden, student_head, teacher_hidden, teacher_head, loss_fn=loss_fn, loss_options=loss_options,
+        labels=labels, kd_mask=kd_mask, temperature=temperature, kd_scale=kd_scale, ce_scale=ce_scale,
+        chunk_size=chunk_size, strategy=strategy,
+    )
+
+
+def chunked_distill(
+    student_hidden: Tensor,
+    student_head: Tensor,
+    teacher_hidden: Tensor,
+    teacher_head: Tensor,
+    *,
+    loss_fn: Callable[..., Tensor],
+    loss_options: dict[str, Any] | None = None,
+    labels: Tensor | None = None,
+    kd_mask: Tensor | None = None,
+    teacher_rows: Tensor | None = None,
+    student_view: ChunkView | None = None,
+    teacher_view: ChunkView | None = None,
+    temperature: float = 1.0,
+    kd_scale: float = 1.0,
+    ce_scale: float = 0.0,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    strategy: str = "fused",
+) -> LossOutput:
+    """The chunked driver: KD (and CE) loss without an ``[N, V]`` buffer, for any pairing and space.
+
+    - ``student_hidden [N, H_s]``, ``student_head [V_s, H_s]`` (same dtype): the student logits
+      ``h_s·W_sᵀ``, on which CE is taken.
+    - ``teacher_hidden [N_t, H_t]``, ``teacher_head [V_t, H_t]`` (same dtype): the teacher logits
+      ``h_t·W_tᵀ`` (the head may be pre-sliced or pre-gathered, e.g. to a shared vocabulary).
+    - ``kd_mask [N]`` bool: the student rows that take KD (default all rows).
+    - ``teacher_rows [N]`` int: the teacher row paired with each student row (read at KD rows;
+      a teacher row may be paired with several); ``None`` pairs row ``i`` with teacher row ``i``
+      (then ``N_t = N``).
+    - ``student_view``/``teacher_view`` (:data:`ChunkView`): per chunk, turn the KD rows' logits
+      of that side into what ``loss_fn`` compares (default: the logits themselves).
+    - ``loss_fn(student_side [k, ·], teacher_side [k, ·], *, temperature, **loss_options) -> [k]``:
+      a registered loss, or any per-token divergence of the two sides.
     - ``labels [N]`` (int, ``-100`` = ignored): CE on the *student* logits at temperature 1 for
       every row with a label, from the same chunk logits as KD. Required when ``ce_scale != 0``.
     - ``kd_scale``/``ce_scale``: the global token-mean factors (module docstring); the result's
@@ -294,16 +380,7 @@ def distill_loss(
     _check_pair("student", student_hidden, student_head)
     _check_pair("teacher", teacher_hidden, teacher_head)
     n = student_hidden.shape[0]
-    if teacher_hidden.shape[0] != n:
-        raise ValueError(
-            f"teacher_hidden has {teacher_hidden.shape[0]} rows but student_hidden has {n}; rows must be paired"
-        )
     vocab = student_head.shape[0]
-    if teacher_head.shape[0] != vocab:
-        raise ValueError(
-            f"student_head has {vocab} rows but teacher_head has {teacher_head.shape[0]}; slice both to the shared "
-            f"vocabulary (kdcore.vocab.shared_vocab_size) or use a cross-tokenizer aligner"
-        )
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     if strategy not in ("fused", "recompute"):
@@ -318,20 +395,15 @@ def distill_loss(
         kd_rows = kd_mask
     else:
         kd_rows = torch.ones(n, dtype=torch.bool, device=device)
-    if labels is not None:
-        if labels.shape != (n,) or labels.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"labels must be an int tensor of shape [{n}], got {labels.dtype} {tuple(labels.shape)}")
-        labels = labels.long()
-        ce_rows = labels != IGNORE_INDEX
-        if bool(ce_rows.any()):
-            bad = ce_rows & ((labels < 0) | (labels >= vocab))
-            if bool(bad.any()):
-                i = int(bad.nonzero()[0, 0])
-                raise ValueError(f"labels[{i}] = {int(labels[i])} is outside the vocabulary [0, {vocab}) and is not -100")
-    elif ce_scale != 0.0:
-        raise ValueError(f"ce_scale = {ce_scale} needs labels (the CE targets)")
-    else:
-        ce_rows = torch.zeros(n, dtype=torch.bool, device=device)
+    if teacher_rows is not None:
+        _check_teacher_rows(teacher_rows, kd_rows, teacher_hidden.shape[0])
+        teacher_rows = teacher_rows.long()
+    elif teacher_hidden.shape[0] != n:
+        raise ValueError(
+            f"teacher_hidden has {teacher_hidden.shape[0]} rows but student_hidden has {n}; pass teacher_rows "
+            f"or pair the rows"
+        )
+    labels, ce_rows = _ce_rows(labels, n, vocab, ce_scale, device)
     kd_tokens = int(kd_rows.sum())
     ce_tokens = int(ce_rows.sum())
 
@@ -341,11 +413,16 @@ def distill_loss(
     h_s, h_t = student_hidden, teacher_hidden
     if n_active != n:
         index = active.nonzero().squeeze(1)
-        h_s, h_t = h_s.index_select(0, index), h_t.index_select(0, index)
+        h_s = h_s.index_select(0, index)
+        if teacher_rows is None:
+            h_t = h_t.index_select(0, index)
+        else:
+            teacher_rows = teacher_rows.index_select(0, index)
         kd_rows = kd_rows.index_select(0, index)
         labels = labels.index_select(0, index) if labels is not None else None
     plan = _Plan(loss_fn, options, float(temperature), kd_scale, ce_scale, chunk_size,
-                 labels if ce_tokens else None, None if kd_tokens == n_active else kd_rows, strategy)
+                 labels if ce_tokens else None, None if kd_tokens == n_active else kd_rows, strategy,
+                 teacher_rows, student_view, teacher_view)
 
     inputs = (h_s, student_head, h_t, teacher_head)
     if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
@@ -357,3 +434,32 @@ def distill_loss(
         loss = kd_sum * kd_scale + ce_sum * ce_scale
     return LossOutput(loss=loss, kd_sum=kd_sum.detach(), ce_sum=ce_sum.detach(),
                       kd_tokens=kd_tokens, ce_tokens=ce_tokens)
+
+
+def _ce_rows(labels: Tensor | None, n: int, vocab: int, ce_scale: float, device) -> tuple[Tensor | None, Tensor]:
+    """(labels as int64, the rows that take CE), checked."""
+    if labels is None:
+        if ce_scale != 0.0:
+            raise ValueError(f"ce_scale = {ce_scale} needs labels (the CE targets)")
+        return None, torch.zeros(n, dtype=torch.bool, device=device)
+    if labels.shape != (n,) or labels.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"labels must be an int tensor of shape [{n}], got {labels.dtype} {tuple(labels.shape)}")
+    labels = labels.long()
+    ce_rows = labels != IGNORE_INDEX
+    if bool(ce_rows.any()):
+        bad = ce_rows & ((labels < 0) | (labels >= vocab))
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(f"labels[{i}] = {int(labels[i])} is outside the vocabulary [0, {vocab}) and is not -100")
+    return labels, ce_rows
+
+
+def _check_teacher_rows(teacher_rows: Tensor, kd_rows: Tensor, n_teacher: int) -> None:
+    n = kd_rows.shape[0]
+    if teacher_rows.shape != (n,) or teacher_rows.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"teacher_rows must be an int tensor of shape [{n}], got {teacher_rows.dtype} "
+                         f"{tuple(teacher_rows.shape)}")
+    used = teacher_rows[kd_rows]
+    if used.numel() and (int(used.min()) < 0 or int(used.max()) >= n_teacher):
+        bad = int(((teacher_rows < 0) | (teacher_rows >= n_teacher)).logical_and(kd_rows).nonzero()[0, 0])
+        raise ValueError(f"teacher_rows[{bad}] = {int(teacher_rows[bad])} is outside the {n_teacher} teacher rows")

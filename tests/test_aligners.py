@@ -444,3 +444,50 @@ def test_dskd_bad_setup_is_a_clear_error(registry, toks, samples):
     a.setup(student_hidden_size=H, teacher_hidden_size=H + 1)
     with pytest.raises(ValueError, match="projectors were built for"):
         a.setup(student_hidden_size=H, teacher_hidden_size=H)
+
+
+# ------------------------------------------------------------------------- the Aligner protocol
+
+# Every member kdcore/trainer.py calls on an aligner, with the base class's default.
+CORE_MEMBERS = {"cross_tokenizer": True, "vocab_size": None, "lr_scale": 1.0}
+CORE_METHODS = ("setup", "check_heads", "align", "collate", "forward", "metrics", "parameters")
+
+
+def test_the_base_class_declares_every_member_the_core_calls():
+    class Minimal(Aligner):  # implements only the two required methods
+        def align(self, student, teacher):
+            raise NotImplementedError
+
+        def forward(self, batch, loss):
+            raise NotImplementedError
+
+    a = Minimal()
+    for name, default in CORE_MEMBERS.items():
+        assert getattr(a, name) == default, name
+    assert a.setup(student_hidden_size=8, teacher_hidden_size=12) is None
+    assert a.check_heads(100, 200) is None
+    assert a.collate([{}, {}], [0, 3], [0, 4]) == {} and a.metrics() == {}
+    assert list(a.parameters()) == []
+
+
+def test_built_in_aligners_conform(registry, toks, aligners):
+    same = registry.get("aligner", "same_vocab").fn(student_tokenizer=toks[0], teacher_tokenizer=toks[0])
+    for name, a in {**aligners, "same_vocab": same}.items():
+        for method in CORE_METHODS:
+            assert callable(getattr(a, method)), (name, method)
+        assert isinstance(a.cross_tokenizer, bool) and a.lr_scale > 0, name
+        assert (a.vocab_size is None) == a.cross_tokenizer, name  # one shared vocabulary iff same tokenizer
+    assert same.vocab_size == len(toks[0]) and same.check_heads(len(toks[0]) + 64, len(toks[0])) == len(toks[0])
+
+
+def test_check_heads_rejects_heads_of_other_tokenizers_before_any_step(toks, aligners):
+    n_s, n_t = len(toks[0]), len(toks[1])
+    for name in ("overlap", "mined"):
+        a = aligners[name]
+        a.check_heads(n_s, n_t + 64)  # padded teacher head: fine
+        with pytest.raises(ValueError, match=f"{name}: student head has 1000 rows"):
+            a.check_heads(1000, n_t)
+    with pytest.raises(ValueError, match="overlap: teacher head has 1000 rows"):
+        aligners["overlap"].check_heads(n_s, 1000)
+    for name in ("uld", "dskd"):  # no vocabulary map: any heads
+        assert aligners[name].check_heads(1000, 1000) is None

@@ -48,7 +48,7 @@ paper's ``acc_mask`` thresholds on.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -57,13 +57,15 @@ from torch import Tensor, nn
 from kdcore.aligner import AlignedBatch, Alignment, LossSpec, Tokenized
 from kdcore.kdloss import IGNORE_INDEX, LossOutput, distill_loss
 from kdflow_algorithms.aligners.common import PairedAligner, check_hidden, pair_rows
+from kdflow_algorithms.checks import check_choice, check_range
 
 MODES = ("eta", "cma")
 
 
 @dataclass
 class DSKDOptions:
-    mode: str = "cma"  # the paper's cross-tokenizer alignment; "eta" pairs same-text positions only
+    # the paper's cross-tokenizer alignment; "eta" pairs same-text positions only
+    mode: str = field(default="cma", metadata={"choices": MODES})
     # Projector lr = student lr x this. 1.0 because 10x (DSKD's 1e-3 projectors against 1e-4
     # students) diverged in a smoke run at student lr 1e-3 while 1.0 fell steadily; raise it
     # for students fine-tuned at small rates (1e-5), whose random projectors would lag.
@@ -72,6 +74,12 @@ class DSKDOptions:
     # Hidden sizes, normally given by the core through setup(); > 0 builds the projectors at once.
     student_hidden_size: int = 0
     teacher_hidden_size: int = 0
+
+    def __post_init__(self):
+        check_choice("mode", self.mode, MODES)
+        check_range("projector_lr_scale", self.projector_lr_scale, low=0.0, low_open=True)
+        check_range("student_hidden_size", self.student_hidden_size, low=0)
+        check_range("teacher_hidden_size", self.teacher_hidden_size, low=0)
 
 
 def _std_scale(x: Tensor) -> Tensor:
@@ -88,10 +96,6 @@ class DSKDAligner(PairedAligner):
 
     def __init__(self, options: DSKDOptions):
         super().__init__()
-        if options.mode not in MODES:
-            raise ValueError(f"dskd: mode must be one of {', '.join(MODES)}, got {options.mode!r}")
-        if not options.projector_lr_scale > 0:
-            raise ValueError(f"dskd: projector_lr_scale must be > 0, got {options.projector_lr_scale}")
         self.mode = options.mode
         self.fetch_all_teacher = options.mode == "cma"
         self.lr_scale = float(options.projector_lr_scale)

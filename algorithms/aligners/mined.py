@@ -29,8 +29,9 @@ import torch
 
 from kdcore.aligner import AlignedBatch, LossSpec
 from kdcore.kdloss import LossOutput
-from kdflow_algorithms.aligners.common import PairedAligner, check_hidden, pair_rows, student_chunked_loss, teacher_logits
+from kdflow_algorithms.aligners.common import PairedAligner, check_hidden, pair_rows, paired_loss
 from kdflow_algorithms.aligners.vocab_maps import mined_map
+from kdflow_algorithms.checks import check_range
 
 
 @dataclass
@@ -40,6 +41,11 @@ class MinEDOptions:
     max_distance: int = -1
     # rapidfuzz threads for the one-off map build; -1 = all cores.
     workers: int = -1
+
+    def __post_init__(self):
+        check_range("max_distance", self.max_distance, low=-1)
+        if self.workers != -1:
+            check_range("workers (-1 = all cores)", self.workers, low=1)
 
 
 class MinEDAligner(PairedAligner):
@@ -76,6 +82,10 @@ class MinEDAligner(PairedAligner):
             self._map_cache = (key, src.to(device), m[src].to(device))
         return self._map_cache[1], self._map_cache[2]
 
+    def check_heads(self, student_rows: int, teacher_rows: int) -> None:
+        """The map must fit both heads (``forward`` checks it on every micro-batch too)."""
+        self._map_for(teacher_rows, student_rows, self.teacher_to_student.device)
+
     def mapped_teacher_logits(self, lt: torch.Tensor, student_vocab: int, temperature: float) -> torch.Tensor:
         """``T·log p'`` over the student vocabulary (``-inf`` where ``p'`` is 0) from teacher
         logits ``lt [k, V_t]``; ``[k, V_s]``, float32 at least."""
@@ -92,20 +102,12 @@ class MinEDAligner(PairedAligner):
         CE on every labelled student row. Shapes as in :class:`kdcore.aligner.AlignedBatch`."""
         check_hidden(batch, "mined")
         s_idx, t_idx = pair_rows(batch, "mined")
-        h_t, w_t = batch.teacher_hidden, batch.teacher_head
+        w_t = batch.teacher_head
         v_s = batch.student_head.shape[0]
         self._map_for(w_t.shape[0], v_s, w_t.device)  # validate sizes before any work
-
-        def kd_fn(ls_kd: torch.Tensor, pair_ids: torch.Tensor) -> torch.Tensor:
-            with torch.no_grad():
-                lt = teacher_logits(h_t.index_select(0, t_idx[pair_ids].to(h_t.device)), w_t)
-                target = self.mapped_teacher_logits(lt, v_s, loss.temperature).to(ls_kd.device)
-            return loss.fn(ls_kd, target, temperature=loss.temperature, **loss.options)
-
         self._count(s_idx.numel(), batch.student_hidden.shape[0])
-        return student_chunked_loss(batch.student_hidden, batch.student_head, pair_rows=s_idx, kd_fn=kd_fn,
-                                    labels=batch.labels, kd_scale=loss.kd_scale, ce_scale=loss.ce_scale,
-                                    chunk_size=loss.chunk_size)
+        return paired_loss(batch, loss, (s_idx, t_idx),
+                           teacher_view=lambda lt: self.mapped_teacher_logits(lt, v_s, loss.temperature))
 
 
 def mined(*, student_tokenizer: Any, teacher_tokenizer: Any, options: MinEDOptions | None = None,

@@ -19,8 +19,9 @@ import torch
 
 from kdcore.aligner import AlignedBatch, LossSpec
 from kdcore.kdloss import LossOutput
-from kdflow_algorithms.aligners.common import PairedAligner, check_hidden, pair_rows, student_chunked_loss, teacher_logits
+from kdflow_algorithms.aligners.common import PairedAligner, check_hidden, pair_rows, paired_loss
 from kdflow_algorithms.aligners.vocab_maps import exact_map, token_surfaces
+from kdflow_algorithms.checks import check_range
 
 
 @dataclass
@@ -30,6 +31,9 @@ class OverlapOptions:
     include_specials: bool = True
     # Below this many shared ids the restricted distributions say little; fail early instead.
     min_shared: int = 1000
+
+    def __post_init__(self):
+        check_range("min_shared", self.min_shared, low=0)
 
 
 class OverlapAligner(PairedAligner):
@@ -64,21 +68,14 @@ class OverlapAligner(PairedAligner):
         """
         check_hidden(batch, "overlap")
         s_idx, t_idx = pair_rows(batch, "overlap")
-        self._check_rows(batch.student_head.shape[0], batch.teacher_head.shape[0])
-        w_t = self._teacher_head(batch.teacher_head)
-        h_t = batch.teacher_hidden
+        self.check_heads(batch.student_head.shape[0], batch.teacher_head.shape[0])
         shared_s = self.shared_student.to(batch.student_hidden.device)
-
-        def kd_fn(ls_kd: torch.Tensor, pair_ids: torch.Tensor) -> torch.Tensor:
-            lt = teacher_logits(h_t.index_select(0, t_idx[pair_ids].to(h_t.device)), w_t).to(ls_kd.device)
-            return loss.fn(ls_kd.index_select(1, shared_s), lt, temperature=loss.temperature, **loss.options)
-
         self._count(s_idx.numel(), batch.student_hidden.shape[0])
-        return student_chunked_loss(batch.student_hidden, batch.student_head, pair_rows=s_idx, kd_fn=kd_fn,
-                                    labels=batch.labels, kd_scale=loss.kd_scale, ce_scale=loss.ce_scale,
-                                    chunk_size=loss.chunk_size)
+        return paired_loss(batch, loss, (s_idx, t_idx), teacher_head=self._teacher_head(batch.teacher_head),
+                           student_view=lambda ls: ls.index_select(1, shared_s))
 
-    def _check_rows(self, student_rows: int, teacher_rows: int) -> None:
+    def check_heads(self, student_rows: int, teacher_rows: int) -> None:
+        """Both heads must cover the shared ids (``forward`` checks it on every micro-batch too)."""
         if self.shared_student.numel() and int(self.shared_student.max()) >= student_rows:
             raise ValueError(f"overlap: student head has {student_rows} rows but the shared vocabulary uses id "
                              f"{int(self.shared_student.max())}: is it the student tokenizer's model?")

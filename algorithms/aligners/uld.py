@@ -14,7 +14,7 @@ are paired by the text they have read (:mod:`.offsets`), which is what the index
 approximates. ULD's distance *is* the divergence, so the recipe's ``distill.loss`` is not used
 by this aligner (CE mixing, ``kd_ratio`` and temperature are).
 
-Chunked over rows (:func:`.common.student_chunked_loss`): a chunk's two sorted
+Chunked over rows (:func:`kdcore.kdloss.chunked_distill`): a chunk's two sorted
 ``[chunk, V]`` probability tables are the largest buffers, never ``[N, V]`` for the batch.
 """
 
@@ -28,7 +28,8 @@ import torch.nn.functional as F
 
 from kdcore.aligner import AlignedBatch, LossSpec
 from kdcore.kdloss import LossOutput
-from kdflow_algorithms.aligners.common import PairedAligner, check_hidden, pair_rows, student_chunked_loss, teacher_logits
+from kdflow_algorithms.aligners.common import PairedAligner, check_hidden, pair_rows, paired_loss
+from kdflow_algorithms.checks import check_range
 
 
 @dataclass
@@ -37,6 +38,9 @@ class ULDOptions:
     # probabilities of each side plus the difference of the remaining masses: a lower bound
     # that is exact when both tails are sorted alike, and much cheaper than sorting 150k entries.
     top_k: int = 0
+
+    def __post_init__(self):
+        check_range("top_k", self.top_k, low=0)
 
 
 def uld_distance(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 1.0,
@@ -73,8 +77,6 @@ class ULDAligner(PairedAligner):
 
     def __init__(self, options: ULDOptions):
         super().__init__()
-        if options.top_k < 0:
-            raise ValueError(f"uld: top_k must be >= 0, got {options.top_k}")
         self.top_k = options.top_k
 
     def extra_repr(self) -> str:
@@ -84,16 +86,9 @@ class ULDAligner(PairedAligner):
         """ULD on aligned pairs, CE on every labelled student row; ``kd_sum`` sums ULD distances."""
         check_hidden(batch, "uld")
         s_idx, t_idx = pair_rows(batch, "uld")
-        h_t, w_t = batch.teacher_hidden, batch.teacher_head
-
-        def kd_fn(ls_kd: torch.Tensor, pair_ids: torch.Tensor) -> torch.Tensor:
-            lt = teacher_logits(h_t.index_select(0, t_idx[pair_ids].to(h_t.device)), w_t).to(ls_kd.device)
-            return uld_distance(ls_kd, lt, temperature=loss.temperature, top_k=self.top_k)
-
         self._count(s_idx.numel(), batch.student_hidden.shape[0])
-        return student_chunked_loss(batch.student_hidden, batch.student_head, pair_rows=s_idx, kd_fn=kd_fn,
-                                    labels=batch.labels, kd_scale=loss.kd_scale, ce_scale=loss.ce_scale,
-                                    chunk_size=loss.chunk_size)
+        # the distance is the divergence: it takes the recipe's loss's place
+        return paired_loss(batch, loss, (s_idx, t_idx), loss_fn=uld_distance, loss_options={"top_k": self.top_k})
 
 
 def uld(*, student_tokenizer: Any, teacher_tokenizer: Any, options: ULDOptions | None = None,

@@ -8,6 +8,7 @@ how strongly low-probability tokens are weighted.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -21,12 +22,12 @@ class ABOptions:
     beta: float = 0.5
 
     def __post_init__(self):
-        if self.alpha == 0 or self.beta == 0 or self.alpha + self.beta == 0:
-            raise ValueError(
-                f"ab_div needs alpha, beta and alpha+beta non-zero (got alpha={self.alpha}, beta={self.beta}); "
-                "use fkl/rkl for the limits"
-            )
-
+        # D_AB divides by alpha, beta and alpha + beta; their zero limits are fkl / rkl
+        for option, value in (("alpha", self.alpha), ("beta", self.beta)):
+            if not math.isfinite(value) or value == 0:
+                raise ValueError(f"{option} must be finite and non-zero (use fkl/rkl for the limits), got {value}")
+        if self.alpha + self.beta == 0:
+            raise ValueError(f"alpha + beta must be non-zero, got alpha={self.alpha}, beta={self.beta}")
 
 def ab_div(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float,
            alpha: float = 0.5, beta: float = 0.5) -> torch.Tensor:

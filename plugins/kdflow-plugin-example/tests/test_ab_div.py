@@ -58,3 +58,19 @@ def test_masked_rows_and_gradients():
 def test_bad_options_are_named():
     with pytest.raises(ValueError, match="alpha"):
         ABOptions(alpha=0.0)
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"beta": 0.0}, "beta must be finite and non-zero (use fkl/rkl for the limits), got 0.0"),
+    ({"alpha": math.inf}, "alpha must be finite and non-zero (use fkl/rkl for the limits), got inf"),
+    ({"alpha": 0.5, "beta": -0.5}, "alpha + beta must be non-zero, got alpha=0.5, beta=-0.5"),
+])
+def test_each_bad_option_is_one_line_naming_it(values, message):
+    with pytest.raises(ValueError) as err:
+        ABOptions(**values)
+    assert str(err.value) == message
+
+
+def test_good_options_pass():
+    for values in ({}, {"alpha": 0.2, "beta": 0.9}, {"alpha": -0.3, "beta": 1.5}):
+        ABOptions(**values)
