@@ -5,7 +5,7 @@ have read the same text? A hidden state at position ``p`` has consumed tokens ``
 it has read is the content up to the *end* of those tokens. Two positions are comparable when
 they have consumed exactly the same content, i.e. when their token spans end at the same
 content character. Offsets are in the coordinates of the sample's canonical content text
-(DESIGN.md §3, ``kdcore.aligner.Tokenized``); template-only tokens (BOS, chat markers) carry an
+(docs/architecture.md, ``kdcore.aligner.Tokenized``); template-only tokens (BOS, chat markers) carry an
 empty span ``(e, e)`` at the content position where they sit.
 
 Definitions, per tokenization with offsets ``(s_i, e_i)``:

@@ -58,7 +58,7 @@ class Trainer:
             self._prepare_output()
             self.student_tok, self.teacher_tok = self._tokenizers()
             self.aligner = self._aligner()
-            self.cross = self.aligner.cross_tokenizer
+            self.cross = bool(self.aligner.cross_tokenizer)
             data = prepare_data(cfg.data, self.student_tok, self.teacher_tok if self.cross else None,
                                 seed=cfg.train.seed)
             self.train_samples, self.eval_samples = data.train, data.eval
@@ -252,8 +252,7 @@ class Trainer:
         student = kstudent.Student.from_recipe(cfg, extra_modules=trained, model=model,
                                                extra_lr=cfg.train.lr * float(self.aligner.lr_scale))
         w_s = student.model.get_output_embeddings().weight
-        if hasattr(self.aligner, "check_heads"):  # MERGE: protocol
-            self.aligner.check_heads(int(w_s.shape[0]), int(teacher_head.shape[0]))
+        self.aligner.check_heads(int(w_s.shape[0]), int(teacher_head.shape[0]))
         return student, teacher_head
 
     def _start_teacher(self):
