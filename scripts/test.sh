@@ -8,7 +8,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 VENV="$VENV" bash scripts/setup.sh
+# shellcheck disable=SC1091
+. "$VENV/bin/activate"
 if [ "$#" -eq 0 ]; then
-    set -- tests plugins/kdflow-plugin-example/tests
+    # README.md's "Tests" command, verbatim (tests/test_cli.py checks that CI runs exactly it)
+    python -m pytest -q tests plugins/kdflow-plugin-example/tests
+else
+    python -m pytest -q "$@"
 fi
-exec "$VENV/bin/python" -m pytest -q "$@"
