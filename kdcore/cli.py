@@ -148,13 +148,24 @@ def cmd_eval(args) -> int:
         overrides.append(f"eval.max_new_tokens={args.max_new_tokens}")
     if args.samples is not None:
         overrides.append(f"eval.samples={args.samples}")
+    from kdcore.channel import ChannelError
+    from kdcore.data import DataError
+    from kdcore.engines.protocol import RolloutError, TeacherError
+    from kdcore.evaluate import EvaluatorError
+    from kdcore.paths import ModelNotFoundError
+    from kdcore.tokenizers import TokenizerLoadError
+    from kdcore.vocab import VocabMismatchError
+
     try:
         target = resolve_target(args.recipe_or_run, student=args.student, json_out=args.json, overrides=overrides)
         cfg = load_recipe(target.recipe, overrides, registry=registry)
         report = evaluate(cfg, target.student, registry=registry, say=_console().print)
-    except (EvalInputError, RecipeError) as exc:
+    except (EvalInputError, RecipeError, DataError, ModelNotFoundError, TokenizerLoadError, VocabMismatchError) as exc:
         print(f"kdcore: {exc}", file=sys.stderr)
         return 2
+    except (ChannelError, TeacherError, RolloutError, EvaluatorError) as exc:  # failed while running
+        print(f"kdcore: {exc}", file=sys.stderr)
+        return 1
     write_report(report, target.json_path)
     print_report(report, _console())
     _console().print(f"wrote {target.json_path}")
@@ -191,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=cmd_validate)
 
-    p = sub.add_parser("list-algorithms", help="installed losses, aligners and rollouts")
+    p = sub.add_parser("list-algorithms", help="installed algorithms, engines and evaluators, by kind")
     p.add_argument("--kind", choices=list(KINDS))
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_list_algorithms)

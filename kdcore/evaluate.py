@@ -19,16 +19,22 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 RUN_RECIPE = "recipe.yaml"  # what a run folder keeps of the recipe it ran
 RUN_EXPORT = "hf"  # where a run exports its student (kdcore.training.trainer.Trainer.export)
+_METRIC_NAME = re.compile(r"^[a-z][a-z0-9_]*$")  # like registry names: safe as JSON keys and table rows
 
 
 class EvalInputError(ValueError):
     """A bad input to ``kdcore eval`` (one line naming the culprit)."""
+
+
+class EvaluatorError(RuntimeError):
+    """A registered evaluator returned something other than named finite floats."""
 
 
 @dataclass
@@ -220,10 +226,9 @@ def check_export_tokenizer(student_dir: Path, recipe_tok, cfg) -> None:
     from kdcore.tokenizers import load_tokenizer, same_tokenizer
     from kdcore.training.trainer import student_tokenizer_spec
 
-    try:
-        exported = load_tokenizer(str(student_dir))
-    except Exception:
+    if not any((student_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         return  # an export without a tokenizer is scored with the recipe's (export_hf always writes one)
+    exported = load_tokenizer(str(student_dir))
     if not same_tokenizer(exported, recipe_tok):
         raise EvalInputError(f"the tokenizer of student '{student_dir}' differs from the recipe's "
                              f"('{student_tokenizer_spec(cfg)}'): evaluate with the recipe the student was trained with")
@@ -311,10 +316,12 @@ def run_evaluators(cfg, registry, generations: Generations) -> dict[str, float]:
         options = entry.make_options(dict((cfg.eval.options or {}).get(name) or {}))
         result = entry.fn(generations, options)
         if not isinstance(result, dict):
-            raise RuntimeError(f"evaluator '{name}' returned {type(result).__name__}, not a dict of named floats")
+            raise EvaluatorError(f"evaluator '{name}' returned {type(result).__name__}, not a dict of named floats")
         for key, value in result.items():
+            if not isinstance(key, str) or not _METRIC_NAME.match(key):
+                raise EvaluatorError(f"evaluator '{name}': metric name {key!r} must match [a-z][a-z0-9_]*")
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-                raise RuntimeError(f"evaluator '{name}': metric '{key}' is {value!r}, not a finite float")
+                raise EvaluatorError(f"evaluator '{name}': metric '{key}' is {value!r}, not a finite float")
             out[f"{name}_{key}"] = float(value)
     return out
 

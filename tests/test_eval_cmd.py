@@ -214,7 +214,7 @@ def test_plugin_evaluators_run_beside_the_builtin_with_prefixed_names(plugin_reg
     from omegaconf import OmegaConf
 
     from kdcore.config import EvalConfig
-    from kdcore.evaluate import run_evaluators
+    from kdcore.evaluate import EvaluatorError, run_evaluators
 
     cfg = OmegaConf.create({"eval": OmegaConf.structured(EvalConfig(evaluators=["rouge_l", "answer_length"]))})
     out = run_evaluators(cfg, plugin_registry, generations(student_ids=[[1, 2, 3], [4]]))
@@ -222,7 +222,7 @@ def test_plugin_evaluators_run_beside_the_builtin_with_prefixed_names(plugin_reg
     assert set(out) == {"answer_length_student_tokens", "rouge_l_vs_reference", "rouge_l_vs_teacher",
                         "rouge_l_teacher_vs_reference"}
     cfg = OmegaConf.create({"eval": OmegaConf.structured(EvalConfig(evaluators=["broken"]))})
-    with pytest.raises(RuntimeError, match="evaluator 'broken': metric 'bad' is nan, not a finite float"):
+    with pytest.raises(EvaluatorError, match="evaluator 'broken': metric 'bad' is nan, not a finite float"):
         run_evaluators(cfg, plugin_registry, generations())
 
 
