@@ -14,6 +14,8 @@ examples:
   kdcore train recipes/quickstart.yaml train.lr=3e-4 train.max_steps=50
   torchrun --nproc_per_node 2 -m kdcore train quickstart
   kdcore train quickstart --resume            continue from the latest checkpoint
+  kdcore eval outputs/run                     score a run's student against its teacher
+  kdcore eval quickstart --student outputs/quickstart/hf --json eval.json
   kdcore validate recipes/my.yaml distill.loss=js distill.loss_options.beta=0.3
   kdcore list-algorithms --kind loss
   kdcore list-algorithms --json
@@ -152,6 +154,40 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from kdcore.config import RecipeError, load_recipe
+    from kdcore.evaluate import EvalInputError, evaluate, print_report, resolve_target, write_report
+
+    registry = _registry_or_exit()
+    overrides = list(args.overrides)
+    if args.max_new_tokens is not None:
+        overrides.append(f"eval.max_new_tokens={args.max_new_tokens}")
+    if args.samples is not None:
+        overrides.append(f"eval.samples={args.samples}")
+    from kdcore.channel import ChannelError
+    from kdcore.data import DataError
+    from kdcore.engines.protocol import RolloutError, TeacherError
+    from kdcore.evaluate import EvaluatorError
+    from kdcore.paths import ModelNotFoundError
+    from kdcore.tokenizers import TokenizerLoadError
+    from kdcore.vocab import VocabMismatchError
+
+    try:
+        target = resolve_target(args.recipe_or_run, student=args.student, json_out=args.json, overrides=overrides)
+        cfg = load_recipe(target.recipe, overrides, registry=registry)
+        report = evaluate(cfg, target.student, registry=registry, say=_console().print)
+    except (EvalInputError, RecipeError, DataError, ModelNotFoundError, TokenizerLoadError, VocabMismatchError) as exc:
+        print(f"kdcore: {exc}", file=sys.stderr)
+        return 2
+    except (ChannelError, TeacherError, RolloutError, EvaluatorError) as exc:  # failed while running
+        print(f"kdcore: {exc}", file=sys.stderr)
+        return 1
+    write_report(report, target.json_path)
+    print_report(report, _console())
+    _console().print(f"wrote {target.json_path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kdcore",
@@ -168,12 +204,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.output_dir")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("eval", help="score a trained student against its teacher on the held-out data")
+    p.add_argument("recipe_or_run", help="a run folder (with recipe.yaml and hf/), or a recipe file or name")
+    p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. eval.evaluators=[rouge_l]")
+    p.add_argument("--student", help="the student's Hugging Face folder (default: the run's hf/)")
+    p.add_argument("--json", help="where the JSON report goes (default: eval.json beside the student folder)")
+    p.add_argument("--max-new-tokens", type=int, help="greedy answer length (default: eval.max_new_tokens)")
+    p.add_argument("--samples", type=int, help="side-by-side answers to print (default: eval.samples)")
+    p.set_defaults(func=cmd_eval)
+
     p = sub.add_parser("validate", help="check a recipe and report every error at once")
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=cmd_validate)
 
-    p = sub.add_parser("list-algorithms", help="installed losses, aligners and rollouts")
+    p = sub.add_parser("list-algorithms", help="installed algorithms, engines and evaluators, by kind")
     p.add_argument("--kind", choices=list(KINDS))
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_list_algorithms)

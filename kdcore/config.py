@@ -137,6 +137,18 @@ class LoggingConfig:
 
 
 @dataclass
+class EvalConfig:
+    """``kdcore eval``: greedy answers of student and teacher to the held-out prompts, scored by
+    the registered evaluators (`kdcore list-algorithms --kind evaluator`). The token-level
+    metrics (teacher KL, perplexity, top-1) use ``train.eval_batches`` like training's evaluation."""
+
+    evaluators: List[str] = field(default_factory=lambda: ["rouge_l"])  # the one built in; [] = no generation
+    options: Dict[str, Any] = field(default_factory=dict)  # per evaluator name, its options
+    max_new_tokens: int = 128  # answers longer than this are cut (greedy, on CPU: ~1 s per token and batch)
+    samples: int = 3  # side-by-side answers printed: a glance, not a report
+
+
+@dataclass
 class Recipe:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
@@ -146,6 +158,7 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)  # read by `kdcore eval` only
 
 
 # Value checks beyond types: (dotted key, predicate, message).
@@ -173,6 +186,8 @@ _RANGES: list[tuple[str, Any, str]] = [
     ("rollout.sync_every", lambda v: v > 0, "must be > 0"),
     ("checkpoint.keep", lambda v: v >= 1, "must be >= 1"),
     ("checkpoint.every", lambda v: v >= 0, "must be >= 0"),
+    ("eval.max_new_tokens", lambda v: v > 0, "must be > 0"),
+    ("eval.samples", lambda v: v >= 0, "must be >= 0"),
 ] + [(f"{side}.sglang.{key}", check, msg) for side in ("teacher", "rollout") for key, check, msg in (
     ("tp_size", lambda v: v >= 1, "must be >= 1"),
     ("dp_size", lambda v: v >= 1, "must be >= 1"),
@@ -345,6 +360,47 @@ def check_engines(raw: dict, registry, errors: list[str]) -> None:
             errors.extend(check(section, role))
 
 
+def check_evaluators(raw: dict, registry, errors: list[str]) -> None:
+    """Check eval.evaluators against the registry and eval.options against their dataclasses."""
+    from kdcore.registry import UnknownAlgorithmError
+
+    section = raw.get("eval")
+    section = section if isinstance(section, dict) else {}
+    names = section.get("evaluators", EvalConfig().evaluators)
+    options = section.get("options") or {}
+    if not isinstance(names, list) or not isinstance(options, dict):
+        return  # type error already reported
+    for i, name in enumerate(names):
+        if not isinstance(name, str):
+            errors.append(f"eval.evaluators[{i}]: expected an evaluator name, got {type(name).__name__} {name!r}")
+            continue
+        try:
+            registry.get("evaluator", name)
+        except UnknownAlgorithmError as exc:
+            errors.append(f"eval.evaluators[{i}]: {exc}")
+    for name, opts in options.items():
+        key = f"eval.options.{name}"
+        if name not in names:
+            errors.append(f"{key}: '{name}' is not in eval.evaluators ({', '.join(map(str, names)) or 'empty'})")
+            continue
+        if name not in registry.names("evaluator") or not isinstance(opts, dict):
+            if not isinstance(opts, dict):
+                errors.append(f"{key}: expected a mapping, got {type(opts).__name__} {opts!r}")
+            continue
+        entry = registry.get("evaluator", name)
+        if entry.options is None:
+            if opts:
+                errors.append(f"{key}: evaluator '{name}' takes no options, got {', '.join(map(str, opts))}")
+            continue
+        before = len(errors)
+        _check_section(opts, entry.options, key, errors)
+        if len(errors) == before:
+            try:  # the dataclass may check value ranges itself (__post_init__)
+                entry.options(**opts)
+            except Exception as exc:
+                errors.append(f"{key}: evaluator '{name}' rejects {opts}: {exc}")
+
+
 def load_raw(path_or_name: str, overrides: list[str] | None = None) -> tuple[Path, dict]:
     path = resolve_recipe(path_or_name)
     try:
@@ -381,6 +437,7 @@ def validate_raw(raw: dict, registry=None) -> list[str]:
         registry = load_registry()
     check_engines(raw, registry, errors)
     check_algorithm_options(raw, registry, errors)
+    check_evaluators(raw, registry, errors)
     return errors
 
 

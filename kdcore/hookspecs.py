@@ -19,7 +19,8 @@ The common shape of ``register`` for every hook::
     ``None`` or a dataclass type whose fields (each with a default) are the algorithm's options.
     Recipes set them under ``distill.<kind>_options`` and ``kdcore validate`` checks them
     against this dataclass (unknown keys, types). ``fn`` receives the values as keyword
-    arguments (losses) or as an instance (aligners, rollouts).
+    arguments (losses) or as an instance (aligners, rollouts, evaluators; evaluators' options
+    are set under ``eval.options.<name>``).
 ``summary``
     One line for ``kdcore list-algorithms``. Defaults to the first line of ``fn``'s docstring,
     or ``"Undocumented"``.
@@ -121,4 +122,32 @@ def register_engines(register):
     CUDA-only backends): import the engine inside ``create_*``, and raise a one-line
     :class:`kdcore.engines.TeacherError` / ``RolloutError`` naming what is missing when the
     engine cannot run here.
+    """
+
+
+@hookspec
+def register_evaluators(register):
+    """Register generation evaluators: scores of the student's greedy answers, for ``kdcore eval``.
+
+    ``fn(generations: kdcore.evaluate.Generations, options) -> dict[str, float]``
+
+    ``kdcore eval`` asks the student and the teacher for greedy answers to the held-out
+    prompts (``eval.max_new_tokens`` new tokens at most, each side with its own tokenizer and
+    chat template) and calls every evaluator the recipe lists under ``eval.evaluators`` once
+    with all of them. ``generations`` holds, one entry per prompt, in the same order:
+
+    - ``prompts``: the prompt's text (message contents, without any chat template).
+    - ``references``: the data set's answer to it (the final trained assistant turn, or the
+      ``completion``).
+    - ``student`` / ``teacher``: each model's decoded answer (special tokens dropped), and
+      ``student_ids`` / ``teacher_ids``: the generated token ids exactly as sampled (the stop
+      token included when the answer ended on one).
+    - ``student_tokenizer`` / ``teacher_tokenizer``: the two tokenizers (the same object when
+      the pair shares one).
+
+    ``options`` is an instance of the registered options dataclass (or ``None``). Return a
+    mapping of metric names (``[a-z][a-z0-9_]*``) to finite floats; the core reports each as
+    ``<evaluator name>_<metric>`` (e.g. ``rouge_l_vs_reference``), so names need only be unique
+    within one evaluator. Evaluators must not modify ``generations`` (they all share it) and
+    run after the models are done, so they may take their time but see no model.
     """

@@ -1,4 +1,4 @@
-"""Typed registries of losses, aligners, rollouts and engines, filled through the plugin hooks."""
+"""Typed registries of losses, aligners, rollouts, engines and evaluators, filled through the plugin hooks."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-KINDS = ("loss", "aligner", "rollout", "engine")
+KINDS = ("loss", "aligner", "rollout", "engine", "evaluator")
 HOOK_OF_KIND = {"loss": "register_losses", "aligner": "register_aligners", "rollout": "register_rollouts",
-                "engine": "register_engines"}
+                "engine": "register_engines", "evaluator": "register_evaluators"}
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 ENGINE_ROLES = ("teacher", "rollout")  # the recipe sections that name an engine: teacher.engine, rollout.engine
 

@@ -7,6 +7,10 @@ when both share a vocabulary, ``eval_top1_agreement``; plus the aligner's own sc
 (``metrics()``: ``align_ratio``, DSKD's ``projector_acc``) over the held-out forwards only, as
 ``eval_<name>``. Every rank evaluates its own slice of the fixed held-out batches and the sums
 are all-reduced; aligner scalars are the mean of the ranks' values.
+
+The trainer builds an :class:`Evaluator` from its own parts; :func:`frozen_evaluator` builds
+one around a model that is only scored (``kdcore eval``), with the same preparer, forward and
+teacher schedule classes, so both report the same numbers for the same weights.
 """
 
 from __future__ import annotations
@@ -83,10 +87,15 @@ class Evaluator:
         self.latest.record, self.latest.loss = rec, rec["eval_kd"]
         return rec
 
-    def _held_out_sums(self, step: int) -> tuple[torch.Tensor, dict]:
+    def held_out_batches(self) -> list[list[int]]:
+        """The sample indices of the micro-batches every evaluation scores (bounded by
+        ``train.eval_batches``), before the split over ranks."""
         mbs = self.train_cfg.micro_batch_size
         idx = list(range(len(self.samples)))
-        batches = [idx[i:i + mbs] for i in range(0, len(idx), mbs)][: self.train_cfg.eval_batches]
+        return [idx[i:i + mbs] for i in range(0, len(idx), mbs)][: self.train_cfg.eval_batches]
+
+    def _held_out_sums(self, step: int) -> tuple[torch.Tensor, dict]:
+        batches = self.held_out_batches()
         mine = batches[self.env.rank::self.env.world_size]
         # pad every rank to the same number of forwards: FSDP collectives need all ranks
         rounds = math.ceil(len(batches) / self.env.world_size)
@@ -132,3 +141,35 @@ class Evaluator:
             t_top = (h_tt[i:i + self.chunk_size].to(w_t.dtype) @ w_t[:v].T).argmax(-1)
             hits += int((s_top == t_top).sum())
         return hits, int(h_s.shape[0])
+
+
+class FrozenStudent:
+    """What :class:`~kdcore.training.forward.DistillForward` and :class:`Evaluator` need from a
+    student (``.model``, ``.train(mode)``) for a plain, unsharded model that is only scored."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model.eval().requires_grad_(False)
+
+    def train(self, mode: bool = True) -> None:
+        self.model.train(mode)
+
+
+def frozen_evaluator(cfg, *, model, samples, aligner, engine, teacher_head, loss_fn, loss_options: dict,
+                     pad_id: int, teacher_pad_id: int, env, kdist) -> Evaluator:
+    """An :class:`Evaluator` scoring ``model`` (no optimizer, one process) against a started
+    teacher ``engine`` on ``samples``, with the recipe's aligner, loss and batching."""
+    from kdcore.training.forward import DistillForward
+    from kdcore.training.steps import StepPreparer
+    from kdcore.training.teacher_schedule import TeacherSchedule
+
+    cross = bool(aligner.cross_tokenizer)
+    latest = LatestEval()
+    # the preparer only aligns and collates here (micro_batch); no rollout, no training data
+    preparer = StepPreparer(aligner=aligner, rollout=None, train_samples=[], train_cfg=cfg.train, shuffle=False,
+                            env=env, kdist=kdist, pad_id=pad_id, teacher_pad_id=teacher_pad_id, latest_eval=latest)
+    forward = DistillForward(student=FrozenStudent(model), aligner=aligner, distill_cfg=cfg.distill, loss_fn=loss_fn,
+                             loss_options=loss_options, teacher_head=teacher_head, device=env.device,
+                             world_size=env.world_size)
+    schedule = TeacherSchedule(engine, cross=cross, looks_ahead=True, max_steps=0)
+    return Evaluator(samples=samples, preparer=preparer, forward=forward, schedule=schedule, train_cfg=cfg.train,
+                     chunk_size=cfg.distill.chunk_size, cross=cross, env=env, kdist=kdist, latest=latest)

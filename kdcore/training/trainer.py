@@ -215,20 +215,10 @@ class Trainer:
             self.log.path.unlink()  # a fresh run starts a fresh log; --resume appends
 
     def _tokenizers(self):
-        from kdcore.tokenizers import load_tokenizer
-
-        cfg = self.cfg
-        student_spec = cfg.student.tokenizer or cfg.student.path or cfg.teacher.tokenizer or cfg.teacher.path
-        teacher_spec = cfg.teacher.tokenizer or cfg.teacher.path
-        student_tok = load_tokenizer(student_spec)
-        return student_tok, student_tok if teacher_spec == student_spec else load_tokenizer(teacher_spec)
+        return recipe_tokenizers(self.cfg)
 
     def _aligner(self):
-        d = self.cfg.distill
-        entry = self.registry.get("aligner", d.aligner)
-        cache_dir = Path(os.environ.get("KDCORE_CACHE", Path.home() / ".cache" / "kdflow")) / "vocab_maps"
-        return entry.fn(student_tokenizer=self.student_tok, teacher_tokenizer=self.teacher_tok,
-                        options=entry.make_options(dict(d.aligner_options or {})), cache_dir=cache_dir)
+        return recipe_aligner(self.cfg, self.registry, self.student_tok, self.teacher_tok)
 
     def _student(self):
         """The sharded student with its optimizer, and the teacher's head (loaded alone)."""
@@ -288,6 +278,30 @@ class Trainer:
         colocation = Colocation(engine, self.student.optimizer, offload_optimizer=engine.offloads_optimizer)
         colocation.start_asleep()
         return engine, colocation
+
+
+def student_tokenizer_spec(cfg) -> str:
+    """Which tokenizer the recipe's student speaks: its own, else its model's, else the teacher's."""
+    return cfg.student.tokenizer or cfg.student.path or cfg.teacher.tokenizer or cfg.teacher.path
+
+
+def recipe_tokenizers(cfg):
+    """The recipe's (student, teacher) tokenizers; one object when both name the same."""
+    from kdcore.tokenizers import load_tokenizer
+
+    student_spec = student_tokenizer_spec(cfg)
+    teacher_spec = cfg.teacher.tokenizer or cfg.teacher.path
+    student_tok = load_tokenizer(student_spec)
+    return student_tok, student_tok if teacher_spec == student_spec else load_tokenizer(teacher_spec)
+
+
+def recipe_aligner(cfg, registry, student_tok, teacher_tok):
+    """The recipe's aligner for this tokenizer pair (not yet ``setup``)."""
+    d = cfg.distill
+    entry = registry.get("aligner", d.aligner)
+    cache_dir = Path(os.environ.get("KDCORE_CACHE", Path.home() / ".cache" / "kdflow")) / "vocab_maps"
+    return entry.fn(student_tokenizer=student_tok, teacher_tokenizer=teacher_tok,
+                    options=entry.make_options(dict(d.aligner_options or {})), cache_dir=cache_dir)
 
 
 def train(cfg, *, registry=None, resume: bool = False) -> TrainResult:
