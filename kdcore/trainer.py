@@ -94,7 +94,7 @@ def _fkl_reference(student_logits, teacher_logits, *, temperature):
 
 
 class Trainer:
-    def __init__(self, cfg, *, registry=None, resume: bool = False):
+    def __init__(self, cfg, *, registry=None, resume: bool = False, overwrite: bool = False):
         from kdcore import distributed as kdist
         from kdcore.plugins import load_registry
         from kdcore.runtime import tune_allocator
@@ -102,6 +102,7 @@ class Trainer:
         self.cfg = cfg
         self.registry = registry or load_registry()
         self.resume = resume
+        self.overwrite = overwrite
         tune_allocator()
         self.env = kdist.init_distributed(cfg.train.device)
         self.kdist = kdist
@@ -143,9 +144,9 @@ class Trainer:
         self.loss_fn = loss_entry.fn
         self.loss_options = dict(d.loss_options or {})
         loss_entry.make_options(self.loss_options)  # same checks as validate, in case cfg was built by hand
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        if self.env.is_main and not self.resume and self.metrics_path.exists():
-            self.metrics_path.unlink()  # a fresh run starts a fresh log; --resume appends
+        from kdcore import run_folder
+
+        run_folder.prepare_collective(self.out_dir, cfg, resume=self.resume, overwrite=self.overwrite)
 
         student_tok_spec = cfg.student.tokenizer or cfg.student.path or cfg.teacher.tokenizer or cfg.teacher.path
         teacher_tok_spec = cfg.teacher.tokenizer or cfg.teacher.path
@@ -453,6 +454,11 @@ class Trainer:
             self.last_eval_loss = state.trainer_state.get("last_eval_loss")
             self.rollout.load_state_dict(state.trainer_state.get("rollout") or {})
             last_good = state.path
+            self.kstudent.reschedule_for_recipe(self.student.scheduler, cfg.train, (state.recipe or {}).get("train"))
+            if self.env.is_main:
+                from kdcore.run_folder import trim_metrics
+
+                trim_metrics(self.metrics_path, start_step)
             self.say(f"resumed from {state.path} at step {start_step}")
         evals = []
         if start_step == 0:
@@ -610,13 +616,14 @@ class Trainer:
     def save(self, ckpt_dir: Path, step: int, position) -> Path:
         from dataclasses import asdict
 
-        from kdcore import checkpoint as ckpt
+        from kdcore import checkpoint as ckpt, run_folder
 
         path = ckpt.save_checkpoint(
             ckpt_dir, step, model=self.student.model, optimizer=self.student.optimizer,
             scheduler=self.student.scheduler, extra_modules=self.student.extra_modules,
             data_state=asdict(position) if position is not None else {},
             trainer_state={"last_eval_loss": self.last_eval_loss, "rollout": self.rollout.state_dict()},
+            recipe=run_folder.recipe_dict(self.cfg),
             keep=self.cfg.checkpoint.keep)
         return path
 
@@ -664,7 +671,7 @@ class _NullProgress:
         pass
 
 
-def train(cfg, *, registry=None, resume: bool = False) -> TrainResult:
+def train(cfg, *, registry=None, resume: bool = False, overwrite: bool = False) -> TrainResult:
     """Run a validated recipe (``kdcore.load_recipe``); returns where everything was written."""
     from kdcore.channel import ChannelError
     from kdcore.data import DataError
@@ -673,7 +680,7 @@ def train(cfg, *, registry=None, resume: bool = False) -> TrainResult:
     from kdcore.sampling import RolloutError
     from kdcore.vocab import VocabMismatchError
 
-    trainer = Trainer(cfg, registry=registry, resume=resume)
+    trainer = Trainer(cfg, registry=registry, resume=resume, overwrite=overwrite)
     try:
         return trainer.run()
     except (DataError, ModelNotFoundError, UnknownAlgorithmError, VocabMismatchError, ChannelError,
