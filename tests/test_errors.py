@@ -67,6 +67,17 @@ def test_ctrl_c_names_the_last_good_checkpoint(tmp_path, capsys):
     assert f"the last good checkpoint is '{step}'" in capsys.readouterr().err
 
 
+def test_a_dead_childs_exit_is_named_as_received():
+    from kdcore.channel import describe_exit
+
+    assert describe_exit(-signal.SIGKILL) == ("was killed by SIGKILL (signal 9); the kernel's OOM killer sends "
+                                              "this when memory runs out, as does kill -9")
+    assert describe_exit(-signal.SIGSEGV) == "was killed by SIGSEGV (signal 11)"  # no OOM guess for others
+    assert describe_exit(3) == "exited with code 3"
+    assert describe_exit(None) == "stopped responding"
+    assert describe_exit(-200) == "was killed by signal 200"
+
+
 # ----------------------------------------------------------------------------- validate
 
 
