@@ -10,8 +10,8 @@ and each chosen algorithm's options against its options dataclass — and raises
 from __future__ import annotations
 
 import dataclasses
-import os
 import difflib
+import os
 import types
 import typing
 from dataclasses import dataclass, field
