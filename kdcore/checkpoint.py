@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from kdcore import distributed as kdist
+from kdcore.errors import find_in_chain
 
 STEP_PREFIX = "step_"
 TMP_SUFFIX = ".tmp"
@@ -300,7 +301,9 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, *, model: nn.Module,
                    extra_modules=extra_modules, data_state=data_state, trainer_state=trainer_state,
                    recipe=recipe, keep=keep)
     except (Exception, _dcp_exception()) as exc:
-        reason = _os_error(exc)
+        if find_in_chain(exc, KeyboardInterrupt) is not None:  # Ctrl-C inside DCP's writer comes back wrapped
+            raise KeyboardInterrupt(f"interrupted while saving {final.name}") from exc
+        reason = find_in_chain(exc, OSError)
         if reason is None:
             raise
         shutil.rmtree(tmp, ignore_errors=True)
@@ -315,24 +318,6 @@ def _dcp_exception() -> type:
     from torch.distributed.checkpoint.api import CheckpointException
 
     return CheckpointException  # a BaseException: named explicitly to be caught
-
-
-def _os_error(exc: BaseException | None) -> OSError | None:
-    """The OSError behind ``exc``: itself, a cause, or a failing rank's error inside DCP's
-    CheckpointException."""
-    seen = set()
-    todo = [exc]
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, OSError):
-            return e
-        todo += [e.__cause__, e.__context__]
-        for failure in (getattr(e, "failures", None) or {}).values():
-            todo.append(failure[0] if isinstance(failure, tuple) else failure)
-    return None
 
 
 def _save_into(tmp: Path, final: Path, step: int, *, model, optimizer, scheduler, extra_modules,

@@ -177,9 +177,14 @@ def main(argv: list[str] | None = None) -> int:
 
     passive_threads_default()  # before anything imports torch (see kdcore.runtime)
     args = build_parser().parse_args(argv)
+    from kdcore.errors import watch_sigint
+
+    watch_sigint()
     try:
         return args.func(args)
-    except (Exception, KeyboardInterrupt) as exc:
+    except SystemExit:
+        raise
+    except BaseException as exc:  # KeyboardInterrupt and library BaseExceptions (DCP's) too
         from kdcore.errors import report
 
         return report(exc, output_dir=_CONTEXT["output_dir"])

@@ -98,9 +98,48 @@ def last_checkpoint_text(output_dir: str | os.PathLike | None) -> str:
     return "no checkpoint was written"
 
 
+_sigint_received = False  # set by the handler below: a library may swallow the KeyboardInterrupt
+
+
+def _on_sigint(signum, frame):
+    global _sigint_received
+    _sigint_received = True
+    raise KeyboardInterrupt
+
+
+def watch_sigint() -> None:
+    """Remember that Ctrl-C was pressed, even when the KeyboardInterrupt it raises is turned
+    into another error on the way (torch.save inside DCP's writer reports a C++ "unexpected
+    pos" instead). Behaves as Python's own handler otherwise; main thread only."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _on_sigint)
+
+
+def find_in_chain(exc: BaseException | None, kind: type) -> BaseException | None:
+    """The ``kind`` error behind ``exc``: itself, a cause or context, or a failing rank's
+    error inside DCP's CheckpointException (which wraps even a Ctrl-C)."""
+    seen = set()
+    todo = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, kind):
+            return e
+        todo += [e.__cause__, e.__context__]
+        for failure in (getattr(e, "failures", None) or {}).values():
+            todo.append(failure[0] if isinstance(failure, tuple) else failure)
+    return None
+
+
 def report(exc: BaseException, *, output_dir: str | os.PathLike | None = None) -> int:
     """Print the one line for ``exc`` to stderr and return the exit code."""
-    if isinstance(exc, KeyboardInterrupt):
+    if _sigint_received or find_in_chain(exc, KeyboardInterrupt) is not None:
         print(f"kdcore: interrupted; {last_checkpoint_text(output_dir)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     code = classify(exc)
