@@ -68,6 +68,11 @@ def prepare(out_dir: str | os.PathLike, *, resume: bool, overwrite: bool) -> Pat
                 f"'{d}' already holds a run ({', '.join(markers)}); continue it with --resume, or start over "
                 f"with --overwrite (the old run is moved to '{d.name}.old-<timestamp>', not deleted)")
         if markers:
+            cwd = Path.cwd().resolve()
+            if d.resolve() == cwd or d.resolve() in cwd.parents:
+                # relative paths (data, recipes) would then resolve inside the moved folder
+                raise RunFolderError(f"--overwrite: train.output_dir '{d}' is the working directory or holds it; "
+                                     "give the run its own folder")
             moved = move_aside(d)
     d.mkdir(parents=True, exist_ok=True)
     return moved

@@ -58,6 +58,16 @@ def test_overwrite_moves_the_old_run_aside_and_loses_nothing(tmp_path):
     assert moved2 != moved and moved.is_dir() and moved2.is_dir()
 
 
+def test_overwrite_never_moves_the_working_directory(tmp_path, monkeypatch):
+    _old_run(tmp_path)
+    (tmp_path / "sub").mkdir()
+    for cwd in (tmp_path, tmp_path / "sub"):
+        monkeypatch.chdir(cwd)
+        with pytest.raises(rf.RunFolderError, match="working directory"):
+            rf.prepare(tmp_path, resume=False, overwrite=True)
+    assert (tmp_path / "metrics.jsonl").is_file()
+
+
 def test_resume_with_overwrite_and_a_file_as_folder_are_refused(tmp_path):
     with pytest.raises(rf.RunFolderError, match="contradict"):
         rf.prepare(tmp_path, resume=True, overwrite=True)
