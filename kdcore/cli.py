@@ -30,7 +30,7 @@ def _console():
 _CONTEXT: dict = {"output_dir": None}
 
 
-def _registry_or_exit():
+def _registry_with_warnings():
     from kdcore.plugins import load_registry
 
     registry = load_registry()  # a PluginError goes to the top-level handler: one line, exit 2
@@ -48,7 +48,7 @@ def _options_text(entry) -> str:
 
 
 def cmd_list_algorithms(args) -> int:
-    registry = _registry_or_exit()
+    registry = _registry_with_warnings()
     entries = registry.list(args.kind)
     if args.json:
         print(json.dumps([
@@ -72,7 +72,7 @@ def cmd_list_algorithms(args) -> int:
 
 
 def cmd_plugins(args) -> int:
-    registry = _registry_or_exit()
+    registry = _registry_with_warnings()
     counts: dict[str, int] = {}
     for e in registry.list():
         counts[e.plugin] = counts.get(e.plugin, 0) + 1
@@ -99,7 +99,7 @@ def cmd_plugins(args) -> int:
 def cmd_validate(args) -> int:
     from kdcore.config import load_raw, recipe_warnings, validate_raw
 
-    registry = _registry_or_exit()
+    registry = _registry_with_warnings()
     path, raw = load_raw(args.recipe, args.overrides)
     errors = validate_raw(raw, registry, recipe_dir=path.parent)
     for w in recipe_warnings(raw):
@@ -119,7 +119,7 @@ def cmd_train(args) -> int:
 
     if args.resume and args.overwrite:
         raise RunFolderError("--resume and --overwrite contradict each other: pick one")
-    registry = _registry_or_exit()
+    registry = _registry_with_warnings()
     cfg = load_recipe(args.recipe, args.overrides, registry=registry)
     _CONTEXT["output_dir"] = cfg.train.output_dir
     from omegaconf import OmegaConf
@@ -180,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     from kdcore.errors import watch_sigint
 
     watch_sigint()
+    _CONTEXT["output_dir"] = None
     try:
         return args.func(args)
     except SystemExit:

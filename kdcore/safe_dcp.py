@@ -19,14 +19,17 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
-# DCP's metadata is made of dataclasses and enums from these modules (no callables with effects)
-_DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.planner",
-                "torch.distributed.checkpoint.filesystem", "torch.distributed.checkpoint._extension")
-_BUILTINS = {("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"),
-             ("builtins", "slice"), ("torch", "Size"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"),
-             ("pathlib", "PurePosixPath"), ("pathlib", "PureWindowsPath"),
-             # looks a layout up by name on the torch module; nothing else
-             ("torch.serialization", "_get_layout")}
+# DCP's metadata is made of the dataclasses and enums of its metadata module (plain data, so
+# any of them may be built) and the file index of the filesystem writer; that module's other
+# classes (readers, writers) do things when built, so they are not allowed
+_DCP_METADATA_MODULE = "torch.distributed.checkpoint.metadata"
+_ALLOWED = {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice"),
+    ("torch", "Size"),
+    ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"), ("pathlib", "PureWindowsPath"),
+    ("torch.serialization", "_get_layout"),  # looks a layout up by name on the torch module; nothing else
+}
 
 
 def _torch_constant(name: str) -> Any:
@@ -39,9 +42,9 @@ def _torch_constant(name: str) -> Any:
 
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _BUILTINS:
+        if (module, name) in _ALLOWED:
             return super().find_class(module, name)
-        if module in _DCP_MODULES:
+        if module == _DCP_METADATA_MODULE:
             found = super().find_class(module, name)
             if isinstance(found, type):  # classes only: no functions reached through the module
                 return found

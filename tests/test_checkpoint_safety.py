@@ -179,3 +179,29 @@ def test_a_save_onto_a_full_tmpfs_fails_cleanly(work):
         assert _load_latest(mnt).step == 1
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
+
+
+class _Builds:
+    def __init__(self, fn, *args):
+        self.fn, self.args = fn, args
+
+    def __reduce__(self):
+        return (self.fn, self.args)
+
+
+def test_the_metadata_unpickler_builds_only_plain_data(work):
+    import io
+
+    import torch.distributed.checkpoint as dcp
+
+    from kdcore.safe_dcp import safe_load_metadata
+
+    for bait in (_Builds(dcp.FileSystemWriter, str(work / "made")), _Builds(os.system, "true"),
+                 _Builds(getattr, "text", "upper"), _Builds(torch.serialization.load, "x")):
+        with pytest.raises(pickle.UnpicklingError, match="refusing to load"):
+            safe_load_metadata(io.BytesIO(pickle.dumps(bait)))
+    assert not (work / "made").exists()
+    path = _save(work, 1)  # and a real checkpoint's metadata reads back whole
+    with open(path / ".metadata", "rb") as f:
+        meta = safe_load_metadata(f)
+    assert any(k.startswith("model.") for k in meta.state_dict_metadata)
