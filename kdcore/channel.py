@@ -71,6 +71,26 @@ class TeacherDiedError(PeerDiedError):
     """The teacher (producer) process died; the message carries its error when known."""
 
 
+def describe_exit(exitcode: int | None) -> str:
+    """How a child process ended, as it was observed: the signal by name and number (a
+    SIGKILL may be the OOM killer, or kill -9 from a user or scheduler: both are said)."""
+    import signal
+
+    if exitcode is None:
+        return "stopped responding"
+    if exitcode >= 0:
+        return f"exited with code {exitcode}"
+    num = -exitcode
+    try:
+        name = signal.Signals(num).name
+    except ValueError:
+        return f"was killed by signal {num}"
+    how = f"was killed by {name} (signal {num})"
+    if num == signal.SIGKILL:
+        how += "; the kernel's OOM killer sends this when memory runs out, as does kill -9"
+    return how
+
+
 class ChannelTimeout(ChannelError, TimeoutError):
     """The peer is alive but made no progress within the timeout (hung)."""
 

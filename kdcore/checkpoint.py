@@ -4,8 +4,10 @@ Layout of a checkpoint directory::
 
     <dir>/step_<n>/          one resumable state, complete once it has this name
         .metadata, __<r>_0.distcp   DCP: student model + optimizer + extra modules (sharded)
-        rank_<r>.pt                 this rank's RNG states (python, numpy, torch, cuda)
-        trainer_state.pt            step, scheduler, data position, trainer extras (rank 0)
+        rank_<r>.safetensors        this rank's RNG states (torch, cuda, numpy; python's as JSON)
+        trainer_state.json          step, scheduler, data position, trainer extras (rank 0)
+        recipe.json                 the resolved recipe of the run that wrote it
+        manifest.json               size and sha256 of every file above
         meta.json                   step, world size, versions; written last
     <dir>/step_<n>.tmp/      a save in progress (or killed); never read, removed by the next save
     <dir>/latest             "step_<n>", replaced atomically after the rename
@@ -13,7 +15,13 @@ Layout of a checkpoint directory::
 A save writes everything into ``step_<n>.tmp`` (files fsynced), renames it to ``step_<n>``, then
 replaces ``latest`` with ``os.replace``: a kill at any point leaves the previous good checkpoint
 and a ``latest`` that names a complete one. :func:`find_latest` trusts ``latest`` when it names a
-complete checkpoint and otherwise falls back to the highest complete ``step_<n>``.
+complete checkpoint and otherwise falls back to the highest complete ``step_<n>``. A save that
+fails with an OS error (disk full) removes its ``.tmp`` folder and raises one line.
+
+Loading never runs code from the folder: no pickles are written or read (JSON and
+safetensors; DCP's own pickled ``.metadata`` goes through a restricted unpickler, see
+:mod:`kdcore.safe_dcp`). Each checkpoint is verified against its manifest before anything is
+restored, and :func:`load_latest` falls back to the newest one that verifies.
 
 Resuming restores parameters, optimizer moments, schedule, RNG streams and the data position
 exactly, so a resumed run continues bit for bit (CPU, same world size). Model and optimizer go
@@ -24,6 +32,7 @@ rank ``r mod old_world_size``.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import random
@@ -39,17 +48,28 @@ import torch
 from torch import nn
 
 from kdcore import distributed as kdist
+from kdcore.errors import find_in_chain
 
 STEP_PREFIX = "step_"
 TMP_SUFFIX = ".tmp"
 LATEST = "latest"
 META = "meta.json"
-TRAINER_STATE = "trainer_state.pt"
+TRAINER_STATE = "trainer_state.json"
+RECIPE = "recipe.json"
+MANIFEST = "manifest.json"
+RNG_SUFFIX = ".safetensors"
+LEGACY_TRAINER_STATE = "trainer_state.pt"  # pickles, written before kdflow stopped using them
+LEGACY_REASON = ("written by an older kdflow as pickles (trainer_state.pt, rank_*.pt), which can run code when "
+                 "loaded; kdflow does not load them: start a fresh run (--overwrite)")
 _STEP_RE = re.compile(rf"^{STEP_PREFIX}(\d+)$")
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read or does not fit the run, named in the message."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint whose files are damaged (truncated, altered, unreadable): an older one may do."""
 
 
 @dataclass
@@ -60,6 +80,7 @@ class ResumeState:
     data_state: dict  # the opaque data position the trainer saved
     trainer_state: dict = field(default_factory=dict)  # any other trainer-owned state
     path: Path | None = None
+    recipe: dict | None = None  # the resolved recipe saved with it (None for checkpoints without one)
 
 
 # --------------------------------------------------------------------------------------------
@@ -87,13 +108,6 @@ def _write_atomic_bytes(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     _fsync_dir(path.parent)
-
-
-def _torch_save_synced(obj: Any, path: Path) -> None:
-    with open(path, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def step_dir_name(step: int) -> str:
@@ -146,19 +160,51 @@ class _Holder(nn.Module):
         self.extra = nn.ModuleList(list(extra_modules))
 
 
-def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    """This process's RNG streams as (tensors for safetensors, JSON-able values)."""
+    py_version, py_state, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    tensors = {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(np_keys.astype(np.int64))}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+        for i, t in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda_{i}"] = t
+    values = {"python": [py_version, list(py_state), py_gauss],
+              "numpy": [np_name, int(np_pos), int(np_has_gauss), float(np_gauss)]}
+    return tensors, values
 
 
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def _set_rng_state(tensors: dict[str, torch.Tensor], values: dict) -> None:
+    version, state, gauss = values["python"]
+    random.setstate((version, tuple(state), gauss))
+    name, pos, has_gauss, cached = values["numpy"]
+    np.random.set_state((name, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["torch"])
+    cuda = sorted((k for k in tensors if k.startswith("cuda_")), key=lambda k: int(k.split("_")[1]))
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
+
+
+def _write_rng_file(path: Path, world: int) -> None:
+    from safetensors.torch import save
+
+    tensors, values = _rng_state()
+    data = save(tensors, metadata={"values": json.dumps(values), "world_size": str(world)})
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _read_rng_file(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            values = json.loads((f.metadata() or {})["values"])
+    except Exception as exc:
+        raise CorruptCheckpointError(f"'{path}' is unreadable: {type(exc).__name__}: {exc}") from exc
+    return tensors, values
 
 
 def _app_state(model, optimizer, extra_modules):
@@ -169,6 +215,63 @@ def _app_state(model, optimizer, extra_modules):
     return holder, {"model": msd, "optim": osd}
 
 
+def _write_json_synced(obj: Any, path: Path, what: str) -> None:
+    try:
+        text = json.dumps(obj)
+    except (TypeError, ValueError) as exc:  # checkpoints hold JSON, never pickles
+        raise CheckpointError(f"{what} must be JSON-serialisable to be checkpointed: {exc}") from exc
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# --------------------------------------------------------------------------------------------
+# manifest: what a checkpoint must contain, checked before anything is read
+
+
+def _file_record(path: Path) -> dict:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return {"size": path.stat().st_size, "sha256": h.hexdigest()}
+
+
+def _write_manifest(folder: Path) -> None:
+    # sha256 of every file: catches bit rot and truncation alike; costs one read of the
+    # checkpoint per save and per resume (about a second per GB), small next to training
+    files = {p.name: _file_record(p) for p in sorted(folder.iterdir())
+             if p.is_file() and p.name not in (MANIFEST, META)}
+    _write_json_synced({"files": files}, folder / MANIFEST, "manifest")
+
+
+def verify_checkpoint(path: str | os.PathLike) -> str | None:
+    """What is wrong with a checkpoint folder (one phrase), or None when every file the
+    manifest lists is present with its recorded size and sha256."""
+    p = Path(path)
+    if not _is_complete(p):
+        return "incomplete (no meta.json or .metadata)"
+    if not (p / MANIFEST).is_file():
+        if (p / LEGACY_TRAINER_STATE).exists():
+            return LEGACY_REASON
+        return f"no {MANIFEST}"
+    try:
+        files = json.loads((p / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"unreadable {MANIFEST} ({type(exc).__name__})"
+    for name, rec in files.items():
+        f = p / name
+        if not f.is_file():
+            return f"{name} is missing"
+        size = f.stat().st_size
+        if size != rec["size"]:
+            return f"{name} is {size} bytes, {rec['size']} were written (truncated or damaged)"
+        if _file_record(f)["sha256"] != rec["sha256"]:
+            return f"{name} does not match the sha256 recorded when it was written"
+    return None
+
+
 # --------------------------------------------------------------------------------------------
 # save / load
 
@@ -176,21 +279,52 @@ def _app_state(model, optimizer, extra_modules):
 def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, *, model: nn.Module,
                     optimizer: torch.optim.Optimizer, scheduler=None,
                     extra_modules: Sequence[nn.Module] = (), data_state: dict | None = None,
-                    trainer_state: dict | None = None, keep: int = 2) -> Path:
+                    trainer_state: dict | None = None, recipe: dict | None = None,
+                    keep: int = 2) -> Path:
     """Write ``<ckpt_dir>/step_<step>`` atomically and point ``latest`` at it; keep the newest
     ``keep`` checkpoints. Collective: every rank calls it with its own shards.
 
-    ``data_state``/``trainer_state``: picklable dicts, identical on every rank (rank 0's are
-    saved). Checkpoints of a later step than ``step`` (an abandoned branch of a run that was
-    resumed from an older checkpoint) are removed. Returns the final path.
+    ``data_state``/``trainer_state``/``recipe``: JSON-able dicts, identical on every rank
+    (rank 0's are saved). Checkpoints of a later step than ``step`` (an abandoned branch of a
+    run that was resumed from an older checkpoint) are removed. A save that fails with an
+    OS error (disk full, read-only folder) removes its partial ``.tmp`` folder, keeps the
+    previous checkpoints and raises :class:`CheckpointError` with the OS's reason. Returns the
+    final path.
     """
-    import torch.distributed.checkpoint as dcp
-
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
     d = Path(ckpt_dir)
     final = d / step_dir_name(step)
     tmp = d / (step_dir_name(step) + TMP_SUFFIX)
+    try:
+        _save_into(tmp, final, step, model=model, optimizer=optimizer, scheduler=scheduler,
+                   extra_modules=extra_modules, data_state=data_state, trainer_state=trainer_state,
+                   recipe=recipe, keep=keep)
+    except (Exception, _dcp_exception()) as exc:
+        if find_in_chain(exc, KeyboardInterrupt) is not None:  # Ctrl-C inside DCP's writer comes back wrapped
+            raise KeyboardInterrupt(f"interrupted while saving {final.name}") from exc
+        reason = find_in_chain(exc, OSError)
+        if reason is None:
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = find_latest(d)
+        kept_text = f"the last good checkpoint '{kept}' is kept" if kept else "no earlier checkpoint exists"
+        raise CheckpointError(f"saving checkpoint {final.name} in '{d}' failed: "
+                              f"{reason.strerror or reason}; removed the partial {tmp.name}, {kept_text}") from exc
+    return final
+
+
+def _dcp_exception() -> type:
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return CheckpointException  # a BaseException: named explicitly to be caught
+
+
+def _save_into(tmp: Path, final: Path, step: int, *, model, optimizer, scheduler, extra_modules,
+               data_state, trainer_state, recipe, keep) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    d = final.parent
     rank, world = kdist.get_rank(), kdist.get_world_size()
     if rank == 0:
         d.mkdir(parents=True, exist_ok=True)
@@ -201,19 +335,19 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, *, model: nn.Module,
 
     _, state = _app_state(model, optimizer, extra_modules)
     dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True))
-    _torch_save_synced({"rng": _rng_state(), "world_size": world}, tmp / f"rank_{rank}.pt")
+    _write_rng_file(tmp / f"rank_{rank}{RNG_SUFFIX}", world)
     kdist.barrier()  # every shard and RNG file is on disk before rank 0 seals the folder
 
     if rank == 0:
-        _torch_save_synced({"step": step, "data_state": dict(data_state or {}),
+        _write_json_synced({"step": step, "data_state": dict(data_state or {}),
                             "trainer_state": dict(trainer_state or {}),
                             "scheduler": scheduler.state_dict() if scheduler is not None else None},
-                           tmp / TRAINER_STATE)
-        meta = {"step": step, "world_size": world, "time": time.time(), "torch": torch.__version__}
-        with open(tmp / META, "w") as f:
-            json.dump(meta, f)
-            f.flush()
-            os.fsync(f.fileno())
+                           tmp / TRAINER_STATE, "the trainer state")
+        if recipe is not None:
+            _write_json_synced(recipe, tmp / RECIPE, "the recipe")
+        _write_manifest(tmp)
+        _write_json_synced({"step": step, "world_size": world, "time": time.time(), "torch": torch.__version__},
+                           tmp / META, "meta")
         _fsync_dir(tmp)
         if final.exists():  # re-saving a step: move the old one aside, never leave neither
             old = d / (final.name + ".old" + TMP_SUFFIX)
@@ -226,7 +360,6 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, *, model: nn.Module,
         _write_atomic_bytes(d / LATEST, f"{final.name}\n".encode())
         _prune(d, step, keep)
     kdist.barrier()
-    return final
 
 
 def _prune(d: Path, current: int, keep: int) -> None:
@@ -239,42 +372,82 @@ def _prune(d: Path, current: int, keep: int) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CorruptCheckpointError(f"'{path}' is unreadable: {type(exc).__name__}: {exc}") from exc
+
+
+def _check_model_keys(p: Path, model_state: dict) -> None:
+    """DCP loads only the keys the new model asks for and ignores the rest: a 4-layer
+    checkpoint would load into a 2-layer student without a word. Both sides must match."""
+    from kdcore.safe_dcp import SafeFileSystemReader
+
+    try:
+        saved_meta = SafeFileSystemReader(str(p)).read_metadata().state_dict_metadata
+    except Exception as exc:
+        raise CorruptCheckpointError(f"'{p}/.metadata' is unreadable: {type(exc).__name__}: {exc}") from exc
+    saved = {k[len("model."):] for k in saved_meta if k.startswith("model.")}
+    wanted = set(model_state)
+    missing, unexpected = sorted(wanted - saved), sorted(saved - wanted)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+        raise CheckpointError(f"'{p}' does not fit this run's model: parameters {'; '.join(parts)}")
+
+
 def load_checkpoint(path: str | os.PathLike, *, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler=None, extra_modules: Sequence[nn.Module] = ()) -> ResumeState:
+                    scheduler=None, extra_modules: Sequence[nn.Module] = (), verify: bool = True) -> ResumeState:
     """Restore model, optimizer, extra modules, scheduler and this rank's RNG streams from a
     checkpoint folder in place; return the step and the trainer's saved states. Collective.
+
+    Nothing read can run code: JSON, safetensors, and DCP read through
+    :mod:`kdcore.safe_dcp`. The folder is checked against its manifest first (``verify``):
+    a damaged one raises :class:`CorruptCheckpointError` before anything is restored. The
+    model's parameter names must equal the checkpoint's (strict).
 
     The objects must be built as for the saved run (same model, optimizer parameter groups,
     extra modules); call it before any gradients exist (a fresh optimizer's state is created by
     DCP with a zero-lr step, which it skips when gradients are present).
     """
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    from kdcore.safe_dcp import SafeFileSystemReader, SafeLoadPlanner
 
     p = Path(path)
     if not p.is_dir() or not _is_complete(p):
         raise CheckpointError(f"not a complete checkpoint: '{p}'")
-    meta = json.loads((p / META).read_text())
+    if (p / LEGACY_TRAINER_STATE).exists() and not (p / TRAINER_STATE).exists():
+        raise CheckpointError(f"'{p}': {LEGACY_REASON}")
+    problem = verify_checkpoint(p) if verify else None
+    if problem:
+        raise CorruptCheckpointError(f"'{p}' is damaged: {problem}")
+    meta = _read_json(p / META)
+    ts = _read_json(p / TRAINER_STATE)
+    saved_world = int(meta.get("world_size", 1))
+    # own stream when the world size is unchanged; otherwise borrow one so ranks still differ
+    rng = _read_rng_file(p / f"rank_{kdist.get_rank() % saved_world}{RNG_SUFFIX}")
     holder, state = _app_state(model, optimizer, extra_modules)
+    _check_model_keys(p, state["model"])
     try:
-        dcp.load(state, storage_reader=dcp.FileSystemReader(str(p)))
+        dcp.load(state, storage_reader=SafeFileSystemReader(str(p)), planner=SafeLoadPlanner())
         set_state_dict(holder, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    except (Exception, CheckpointException) as exc:  # DCP's CheckpointException is a BaseException
+    except (Exception, _dcp_exception()) as exc:
         raise CheckpointError(f"'{p}' does not fit this run's model/optimizer: {_short(exc)}") from exc
 
-    ts = torch.load(p / TRAINER_STATE, map_location="cpu", weights_only=False)
     if scheduler is not None:
         if ts.get("scheduler") is None:
             raise CheckpointError(f"'{p}' holds no scheduler state")
         scheduler.load_state_dict(ts["scheduler"])
-    saved_world = int(meta.get("world_size", 1))
-    rank = kdist.get_rank()
-    # own stream when the world size is unchanged; otherwise borrow one so ranks still differ
-    rank_file = p / f"rank_{rank % saved_world}.pt"
-    _set_rng_state(torch.load(rank_file, map_location="cpu", weights_only=False)["rng"])
+    _set_rng_state(*rng)
+    recipe = _read_json(p / RECIPE) if (p / RECIPE).is_file() else None
     return ResumeState(step=int(ts["step"]), data_state=ts.get("data_state") or {},
-                       trainer_state=ts.get("trainer_state") or {}, path=p)
+                       trainer_state=ts.get("trainer_state") or {}, path=p, recipe=recipe)
 
 
 def _short(exc: BaseException) -> str:
@@ -285,15 +458,41 @@ def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def _candidates(ckpt_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints, the one ``latest`` names first, then newest to oldest."""
+    first = find_latest(ckpt_dir)
+    rest = [p for _, p in reversed(list_checkpoints(ckpt_dir)) if p != first]
+    return ([first] if first else []) + rest
+
+
+def _warn(line: str) -> None:
+    import sys
+
+    print(line, file=sys.stderr)
+
+
 def load_latest(ckpt_dir: str | os.PathLike, *, model: nn.Module, optimizer: torch.optim.Optimizer,
-                scheduler=None, extra_modules: Sequence[nn.Module] = ()) -> ResumeState | None:
-    """:func:`load_checkpoint` of :func:`find_latest` (``None`` when there is no checkpoint)."""
+                scheduler=None, extra_modules: Sequence[nn.Module] = (), warn=_warn) -> ResumeState | None:
+    """:func:`load_checkpoint` of the newest checkpoint that verifies (``None`` when there is
+    none at all). Damaged ones are skipped with one ``warn`` line each; when every one is
+    damaged, :class:`CheckpointError` says so."""
     # rank 0 decides, so every rank loads the same checkpoint even if the folder changes meanwhile
-    found = kdist.broadcast_object(find_latest(ckpt_dir) if kdist.is_main() else None)
-    if found is None:
-        return None
-    return load_checkpoint(found, model=model, optimizer=optimizer, scheduler=scheduler,
-                           extra_modules=extra_modules)
+    candidates = kdist.broadcast_object(_candidates(ckpt_dir) if kdist.is_main() else None)
+    for cand in candidates:
+        problem = kdist.broadcast_object(verify_checkpoint(cand) if kdist.is_main() else None)
+        if problem == LEGACY_REASON:
+            raise CheckpointError(f"'{cand}': {LEGACY_REASON}")
+        if problem is None:
+            try:
+                return load_checkpoint(cand, model=model, optimizer=optimizer, scheduler=scheduler,
+                                       extra_modules=extra_modules, verify=False)
+            except CorruptCheckpointError as exc:
+                problem = str(exc)
+        if kdist.is_main():
+            warn(f"kdcore: warning: skipping checkpoint '{cand}': {problem}")
+    if candidates:
+        raise CheckpointError(f"no usable checkpoint in '{ckpt_dir}': all {len(candidates)} are damaged")
+    return None
 
 
 # --------------------------------------------------------------------------------------------

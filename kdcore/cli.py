@@ -16,6 +16,7 @@ examples:
   kdcore train quickstart --resume            continue from the latest checkpoint
   kdcore eval outputs/run                     score a run's student against its teacher
   kdcore eval quickstart --student outputs/quickstart/hf --json eval.json
+  kdcore train quickstart --overwrite         start over; the old run is moved to <dir>.old-<time>
   kdcore validate recipes/my.yaml distill.loss=js distill.loss_options.beta=0.3
   kdcore list-algorithms --kind loss
   kdcore list-algorithms --json
@@ -30,17 +31,19 @@ def _console():
     return Console()
 
 
-def _registry_or_exit():
-    from kdcore.plugins import load_registry
-    from kdcore.registry import PluginError
+# what the top-level error handler needs to know about the command that failed
+_CONTEXT: dict = {"output_dir": None}
 
-    try:
-        registry = load_registry()
-    except PluginError as exc:
-        print(f"kdcore: plugin error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from exc
+
+def _registry_with_warnings():
+    from kdcore.plugins import load_registry
+
+    registry = load_registry()  # a PluginError goes to the top-level handler: one line, exit 2
     for p in registry.failed_plugins():
         print(f"kdcore: warning: plugin '{p.name}' ({p.distribution} {p.version}) failed to load: {p.error}",
+              file=sys.stderr)
+    for kind, name in sorted(registry.duplicates):
+        print(f"kdcore: warning: {registry.duplicate_text(kind, name)} (commands that use it refuse)",
               file=sys.stderr)
     return registry
 
@@ -50,7 +53,7 @@ def _options_text(entry) -> str:
 
 
 def cmd_list_algorithms(args) -> int:
-    registry = _registry_or_exit()
+    registry = _registry_with_warnings()
     entries = registry.list(args.kind)
     if args.json:
         print(json.dumps([
@@ -74,7 +77,7 @@ def cmd_list_algorithms(args) -> int:
 
 
 def cmd_plugins(args) -> int:
-    registry = _registry_or_exit()
+    registry = _registry_with_warnings()
     counts: dict[str, int] = {}
     for e in registry.list():
         counts[e.plugin] = counts.get(e.plugin, 0) + 1
@@ -99,15 +102,13 @@ def cmd_plugins(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from kdcore.config import RecipeError, load_raw, validate_raw
+    from kdcore.config import load_raw, recipe_warnings, validate_raw
 
-    registry = _registry_or_exit()
-    try:
-        path, raw = load_raw(args.recipe, args.overrides)
-    except RecipeError as exc:
-        print(f"kdcore: {exc}", file=sys.stderr)
-        return 2
-    errors = validate_raw(raw, registry)
+    registry = _registry_with_warnings()
+    path, raw = load_raw(args.recipe, args.overrides)
+    errors = validate_raw(raw, registry, recipe_dir=path.parent)
+    for w in recipe_warnings(raw):
+        print(f"kdcore: warning: {w}", file=sys.stderr)
     if errors:
         print(f"{path}: {len(errors)} error(s)", file=sys.stderr)
         for e in errors:
@@ -118,21 +119,23 @@ def cmd_validate(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from kdcore.config import RecipeError, load_recipe
+    from kdcore.config import load_recipe
+    from kdcore.run_folder import RunFolderError
 
-    registry = _registry_or_exit()
-    try:
-        cfg = load_recipe(args.recipe, args.overrides, registry=registry)
-    except RecipeError as exc:
-        print(f"kdcore: {exc}", file=sys.stderr)
-        return 2
-    from kdcore.training import TrainingError, train
+    if args.resume and args.overwrite:
+        raise RunFolderError("--resume and --overwrite contradict each other: pick one")
+    registry = _registry_with_warnings()
+    cfg = load_recipe(args.recipe, args.overrides, registry=registry)
+    _CONTEXT["output_dir"] = cfg.train.output_dir
+    from omegaconf import OmegaConf
 
-    try:
-        train(cfg, registry=registry, resume=args.resume)
-    except TrainingError as exc:
-        print(f"kdcore: {exc}", file=sys.stderr)
-        return 1
+    from kdcore.config import recipe_warnings
+
+    for w in recipe_warnings(OmegaConf.to_container(cfg, resolve=True)):
+        print(f"kdcore: warning: {w}", file=sys.stderr)
+    from kdcore.training import train
+
+    train(cfg, registry=registry, resume=args.resume, overwrite=args.overwrite)
     from kdcore import distributed as kdist
 
     kdist.teardown()  # only after success: on an error the peers may never reach its barrier
@@ -158,7 +161,7 @@ def cmd_eval(args) -> int:
     from kdcore.config import RecipeError, load_recipe
     from kdcore.evaluate import EvalInputError, evaluate, print_report, resolve_target, write_report
 
-    registry = _registry_or_exit()
+    registry = _registry_with_warnings()
     overrides = list(args.overrides)
     if args.max_new_tokens is not None:
         overrides.append(f"eval.max_new_tokens={args.max_new_tokens}")
@@ -202,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", help="recipe file, or the name of a shipped recipe (e.g. quickstart)")
     p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. train.lr=1e-4")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.output_dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in a train.output_dir that holds a run: the old run is moved to "
+                        "<dir>.old-<timestamp> (never deleted)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="score a trained student against its teacher on the held-out data")
@@ -240,7 +246,18 @@ def main(argv: list[str] | None = None) -> int:
 
     passive_threads_default()  # before anything imports torch (see kdcore.runtime)
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    from kdcore.errors import watch_sigint
+
+    watch_sigint()
+    _CONTEXT["output_dir"] = None
+    try:
+        return args.func(args)
+    except SystemExit:
+        raise
+    except BaseException as exc:  # KeyboardInterrupt and library BaseExceptions (DCP's) too
+        from kdcore.errors import report
+
+        return report(exc, output_dir=_CONTEXT["output_dir"])
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -420,8 +421,9 @@ def load_raw(path_or_name: str, overrides: list[str] | None = None) -> tuple[Pat
     return path, raw
 
 
-def validate_raw(raw: dict, registry=None) -> list[str]:
-    """All problems in a raw recipe mapping (empty list when valid)."""
+def validate_raw(raw: dict, registry=None, recipe_dir: Path | None = None) -> list[str]:
+    """All problems in a raw recipe mapping (empty list when valid). With ``recipe_dir``,
+    local paths (data, models, tokenizers) are checked too (:func:`check_paths`)."""
     errors: list[str] = []
     _check_section(raw, Recipe, "", errors)
     for key, pred, msg in _RANGES:
@@ -438,6 +440,8 @@ def validate_raw(raw: dict, registry=None) -> list[str]:
     check_engines(raw, registry, errors)
     check_algorithm_options(raw, registry, errors)
     check_evaluators(raw, registry, errors)
+    if recipe_dir is not None:
+        check_paths(raw, recipe_dir, errors)
     return errors
 
 
@@ -447,7 +451,7 @@ def load_recipe(path_or_name: str, overrides: list[str] | None = None, registry=
     Raises :class:`RecipeError` with every problem at once.
     """
     path, raw = load_raw(path_or_name, overrides)
-    errors = validate_raw(raw, registry)
+    errors = validate_raw(raw, registry, recipe_dir=path.parent)
     if errors:
         raise RecipeError(str(path), errors)
     _resolve_data_paths(raw, path.parent)
@@ -464,3 +468,89 @@ def _resolve_data_paths(raw: dict, recipe_dir: Path) -> None:
         value = data.get(key)
         if isinstance(value, str) and not Path(value).is_absolute() and (recipe_dir / value).exists():
             data[key] = str((recipe_dir / value).resolve())
+
+
+# --------------------------------------------------------------------------------------------
+# checks of what the recipe points at, and warnings for settings that make no sense
+
+_DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow", ".csv", ".txt")
+
+
+def _looks_like_path(spec: str) -> bool:
+    return spec.startswith((".", "/", "~")) or spec.lower().endswith(_DATA_SUFFIXES)
+
+
+def _unreadable(path: Path) -> bool:
+    target = path / "config.json" if path.is_dir() else path
+    return target.exists() and not os.access(target, os.R_OK)
+
+
+def check_paths(raw: dict, recipe_dir: Path, errors: list[str]) -> None:
+    """Everything train would open first, checked without loading it: data files (beside the
+    recipe or in the working directory; hub dataset names are left to the loader), model
+    folders and ``.gguf`` files, ``pkg://`` specs, tokenizer paths, and read permission."""
+    from kdcore.models import locate
+    from kdcore.paths import ModelNotFoundError, resolve
+
+    data = raw.get("data") or {}
+    for key in ("train", "eval"):
+        spec = data.get(key) if isinstance(data, dict) else None
+        if not isinstance(spec, str) or not spec:
+            continue
+        if spec.startswith("pkg://"):
+            try:
+                spec = resolve(spec)
+            except ModelNotFoundError as exc:
+                errors.append(f"data.{key}: {exc}")
+                continue
+        p = Path(os.path.expanduser(spec))
+        found = p if p.is_absolute() else next((c for c in (recipe_dir / p, p) if c.exists()), None)
+        if found is None or not found.exists():
+            if _looks_like_path(spec):
+                errors.append(f"data.{key}: no file or folder '{spec}' (looked beside the recipe in "
+                              f"'{recipe_dir}' and in the working directory)")
+        elif _unreadable(found):
+            errors.append(f"data.{key}: '{found}' is not readable (permission denied)")
+    for section, key in (("teacher", "path"), ("student", "path")):
+        spec = (raw.get(section) or {}).get(key)
+        if not isinstance(spec, str) or not spec:
+            continue
+        try:
+            kind, where = locate(spec)
+        except ModelNotFoundError as exc:
+            errors.append(f"{section}.{key}: {exc}")
+            continue
+        if kind != "hub" and _unreadable(Path(where)):
+            errors.append(f"{section}.{key}: '{where}' is not readable (permission denied)")
+    for section in ("teacher", "student"):
+        spec = (raw.get(section) or {}).get("tokenizer")
+        if not isinstance(spec, str) or not spec:
+            continue
+        try:
+            path = Path(os.path.expanduser(resolve(spec)))
+        except ModelNotFoundError as exc:
+            errors.append(f"{section}.tokenizer: {exc}")
+            continue
+        if spec.startswith((".", "/", "~")) and not path.exists():
+            errors.append(f"{section}.tokenizer: no such file or folder '{spec}'")
+        elif path.exists() and _unreadable(path):
+            errors.append(f"{section}.tokenizer: '{path}' is not readable (permission denied)")
+
+
+# beyond these a run is almost surely a typo: the loss or the update degenerates
+_ABSURD = (
+    ("distill.temperature", lambda v: v > 100,
+     "softmax over logits / T this flat makes both distributions nearly uniform: the KD loss is ~0 and teaches nothing"),
+    ("train.lr", lambda v: v > 1, "an AdamW step this large diverges within a few steps"),
+    ("rollout.temperature", lambda v: v > 10, "samples this hot are random tokens"),
+)
+
+
+def recipe_warnings(raw: dict) -> list[str]:
+    """Settings that are valid but almost surely wrong, one line each (printed, not errors)."""
+    out = []
+    for key, absurd, why in _ABSURD:
+        v = _get(raw, key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and absurd(v):
+            out.append(f"{key}={v!r}: {why}")
+    return out

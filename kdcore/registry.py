@@ -26,6 +26,10 @@ class UnknownAlgorithmError(KeyError):
         return str(self.args[0])
 
 
+class DuplicateAlgorithmError(PluginError, UnknownAlgorithmError):
+    """A name that several plugins registered: refused where it is used, listed everywhere."""
+
+
 @dataclass(frozen=True)
 class PluginInfo:
     """Where algorithms come from: a loaded plugin, or one that failed to load."""
@@ -87,20 +91,28 @@ class Registry:
 
     entries: dict[tuple[str, str], Entry] = field(default_factory=dict)
     plugins: list[PluginInfo] = field(default_factory=list)
+    # (kind, name) -> every plugin that registered it, when more than one did; the registry
+    # still loads (so `kdcore plugins` can show the clash), and only using the name refuses
+    duplicates: dict[tuple[str, str], list[str]] = field(default_factory=dict)
 
     def add(self, entry: Entry) -> None:
         key = (entry.kind, entry.name)
         if key in self.entries:
-            other = self.entries[key]
-            raise PluginError(
-                f"duplicate {entry.kind} '{entry.name}': registered by plugin '{other.plugin}' "
-                f"and by plugin '{entry.plugin}'"
-            )
+            owners = self.duplicates.setdefault(key, [self.entries[key].plugin])
+            owners.append(entry.plugin)
+            return
         self.entries[key] = entry
+
+    def duplicate_text(self, kind: str, name: str) -> str:
+        owners = self.duplicates[(kind, name)]
+        return (f"{kind} '{name}' is registered by more than one plugin: "
+                f"{' and '.join(repr(o) for o in owners)}; uninstall or rename one of them")
 
     def get(self, kind: str, name: str) -> Entry:
         if kind not in KINDS:
             raise ValueError(f"unknown kind '{kind}'; kinds are {', '.join(KINDS)}")
+        if (kind, name) in self.duplicates:
+            raise DuplicateAlgorithmError(self.duplicate_text(kind, name))
         try:
             return self.entries[(kind, name)]
         except KeyError:

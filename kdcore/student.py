@@ -367,6 +367,37 @@ def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, max_ste
     return torch.optim.lr_scheduler.LambdaLR(optimizer, _LrFactor(warmup_steps, max_steps, min_lr_ratio))
 
 
+def reschedule(scheduler: torch.optim.lr_scheduler.LambdaLR, *, warmup_steps: int, max_steps: int,
+               min_lr_ratio: float, lr_scale: float = 1.0) -> None:
+    """Continue a restored schedule under new settings from the step it stands at.
+
+    ``LambdaLR.load_state_dict`` brings back the saved run's warmup/max_steps/floor and base
+    lrs, so a resumed run with a larger ``train.max_steps`` would otherwise stay at its floor,
+    and a new ``train.lr`` would be ignored. This sets the new schedule, multiplies every
+    group's base lr by ``lr_scale`` (new lr / saved lr, keeping the extra modules' ratio), and
+    sets each group's current lr to what a fresh run with these settings has at this step.
+    """
+    for fn in scheduler.lr_lambdas:
+        if not isinstance(fn, _LrFactor):
+            raise TypeError(f"reschedule needs a build_scheduler schedule, got {type(fn).__name__}")
+        fn.warmup_steps, fn.max_steps, fn.min_lr_ratio = warmup_steps, max_steps, min_lr_ratio
+    scheduler.base_lrs = [base * lr_scale for base in scheduler.base_lrs]
+    step = scheduler.last_epoch
+    groups = scheduler.optimizer.param_groups
+    for group, base, fn in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["initial_lr"] = base
+        group["lr"] = base * fn(step)
+    scheduler._last_lr = [g["lr"] for g in groups]
+
+
+def reschedule_for_recipe(scheduler, train_cfg, saved_train: dict | None) -> None:
+    """:func:`reschedule` with a resumed run's ``train`` section; ``saved_train`` is the
+    checkpoint's (its lr gives the scale of the base lrs; None: the lr is unchanged)."""
+    saved_lr = float((saved_train or {}).get("lr", train_cfg.lr))
+    reschedule(scheduler, warmup_steps=train_cfg.warmup_steps, max_steps=train_cfg.max_steps,
+               min_lr_ratio=train_cfg.min_lr_ratio, lr_scale=float(train_cfg.lr) / saved_lr)
+
+
 # --------------------------------------------------------------------------------------------
 # extra trainable modules (aligner projectors)
 

@@ -77,19 +77,35 @@ def test_hookimpl_matching_no_hookspec_names_the_plugin():
         kdcore.unregister_plugin("test-typo")
 
 
-def test_duplicate_name_is_an_error_naming_both_plugins():
+def test_duplicate_name_loads_for_listing_and_refuses_only_where_used(capsys):
+    from kdcore.cli import main
+
     def one(register):
         register("twin", scaled_l1)
 
     def two(register):
         register("twin", scaled_l1)
+        register("single", scaled_l1)
 
     kdcore.register_plugin(make_plugin(register_losses=one), "test-first")
     kdcore.register_plugin(make_plugin(register_losses=two), "test-second")
     try:
+        registry = kdcore.load_registry()  # still loads: `kdcore plugins` must be able to show the clash
+        assert registry.duplicates == {("loss", "twin"): ["test-first", "test-second"]}
+        assert registry.get("loss", "single").plugin == "test-second"
         with pytest.raises(PluginError, match="twin") as err:
-            kdcore.load_registry()
+            registry.get("loss", "twin")
         assert "test-first" in str(err.value) and "test-second" in str(err.value)
+        for argv in (["plugins"], ["list-algorithms", "--kind", "loss"]):
+            capsys.readouterr()
+            assert main(argv) == 0
+            warn = [line for line in capsys.readouterr().err.splitlines() if "twin" in line]
+            assert len(warn) == 1 and warn[0].startswith("kdcore: warning:")
+            assert "test-first" in warn[0] and "test-second" in warn[0]
+        assert main(["validate", "quickstart", "distill.loss=twin"]) == 2
+        err_text = capsys.readouterr().err
+        assert "distill.loss" in err_text and "test-first" in err_text and "test-second" in err_text
+        assert main(["validate", "quickstart"]) == 0  # a recipe that does not use the name is fine
     finally:
         kdcore.unregister_plugin("test-first")
         kdcore.unregister_plugin("test-second")

@@ -171,8 +171,8 @@ def test_evaluation_and_checkpoint_intervals_skip_the_final_step(tmp_path, every
     ev = Evaluator(samples=[], preparer=None, forward=None, schedule=None, chunk_size=8, cross=False, env=None,
                    kdist=None, latest=LatestEval(),
                    train_cfg=SimpleNamespace(eval_every=every, max_steps=max_steps))
-    ck = Checkpointer(tmp_path, checkpoint_cfg=SimpleNamespace(every=every, keep=1), max_steps=max_steps,
-                      student=None, rollout=None, latest_eval=LatestEval(), log=None)
+    recipe = SimpleNamespace(checkpoint=SimpleNamespace(every=every, keep=1), train=SimpleNamespace(max_steps=max_steps))
+    ck = Checkpointer(tmp_path, cfg=recipe, student=None, rollout=None, latest_eval=LatestEval(), log=None)
     # the final step is evaluated and saved by the loop's end, not by the interval
     assert [s for s in range(1, max_steps + 1) if ev.due(s)] == due
     assert [s for s in range(1, max_steps + 1) if ck.due(s)] == due

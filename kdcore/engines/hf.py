@@ -45,7 +45,7 @@ from typing import Any, Iterator, Mapping, Optional
 import torch
 
 from kdcore.channel import (POLL_S, PROGRESS_TIMEOUT_S, Channel, ChannelClosed, ChannelTimeout,
-                            TeacherDiedError)
+                            TeacherDiedError, describe_exit)
 from kdcore.engines.protocol import HiddenRequest, TeacherEngine, TeacherError, Ticket
 
 START_TIMEOUT_S = 1800.0  # loading may include a one-time GGUF conversion of a large model
@@ -254,16 +254,7 @@ class HFTeacher(TeacherEngine):
         # a child that sent its traceback is on its way out (running exit finalizers)
         self._proc.join(CLOSE_GRACE_S if self._fatal is not None else 1.0)
         code = self._proc.exitcode
-        if code is None:
-            how = "failed" if self._fatal is not None else "stopped responding"
-        elif code < 0:
-            import signal
-
-            name = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
-            how = f"was killed by {name}" + (" (the kernel's OOM killer does this when memory runs out)"
-                                             if name == "SIGKILL" else "")
-        else:
-            how = f"exited with code {code}"
+        how = "failed" if code is None and self._fatal is not None else describe_exit(code)
         msg = f"teacher process (pid {self._proc.pid}, '{self.spec}') {how}"
         if self._fatal:
             msg += f":\n{self._fatal.rstrip()}"

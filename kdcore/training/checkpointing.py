@@ -15,11 +15,11 @@ from kdcore.training.types import LatestEval, TrainingError
 
 
 class Checkpointer:
-    def __init__(self, out_dir: Path, *, checkpoint_cfg, max_steps: int, student, rollout, latest_eval: LatestEval,
-                 log):
+    def __init__(self, out_dir: Path, *, cfg, student, rollout, latest_eval: LatestEval, log):
         self.dir = out_dir / "checkpoints"
-        self.cfg = checkpoint_cfg
-        self.max_steps = max_steps
+        self.recipe = cfg  # saved with every checkpoint, compared on --resume (kdcore/resume.py)
+        self.cfg = cfg.checkpoint
+        self.max_steps = cfg.train.max_steps
         self.student = student
         self.rollout = rollout  # its state (e.g. an adaptive probability) is saved with the weights
         self.latest_eval = latest_eval
@@ -27,8 +27,12 @@ class Checkpointer:
         self.last_good: Path | None = None
 
     def restore(self) -> tuple[int, Any]:
-        """``(step, data position)`` of the latest checkpoint, restored into the student."""
+        """``(step, data position)`` of the latest checkpoint, restored into the student; the
+        schedule follows the recipe's (possibly changed) ``train`` settings, and metrics.jsonl
+        loses the records of steps after the checkpoint (they are about to be re-run)."""
         from kdcore import checkpoint as ckpt
+        from kdcore import student as kstudent
+        from kdcore.run_folder import trim_metrics
 
         s = self.student
         state = ckpt.load_latest(self.dir, model=s.model, optimizer=s.optimizer, scheduler=s.scheduler,
@@ -40,6 +44,9 @@ class Checkpointer:
         self.latest_eval.loss = state.trainer_state.get("last_eval_loss")
         self.rollout.load_state_dict(state.trainer_state.get("rollout") or {})
         self.last_good = state.path
+        kstudent.reschedule_for_recipe(s.scheduler, self.recipe.train, (state.recipe or {}).get("train"))
+        if self.log.is_main:
+            trim_metrics(self.log.path, state.step)
         self.log.say(f"resumed from {state.path} at step {state.step}")
         return state.step, DataPosition(**state.data_state)
 
@@ -49,13 +56,14 @@ class Checkpointer:
 
     def save(self, step: int, position: Any) -> Path:
         from kdcore import checkpoint as ckpt
+        from kdcore.run_folder import recipe_dict
 
         s = self.student
         self.last_good = ckpt.save_checkpoint(
             self.dir, step, model=s.model, optimizer=s.optimizer, scheduler=s.scheduler,
             extra_modules=s.extra_modules, data_state=asdict(position) if position is not None else {},
             trainer_state={"last_eval_loss": self.latest_eval.loss, "rollout": self.rollout.state_dict()},
-            keep=self.cfg.keep)
+            recipe=recipe_dict(self.recipe), keep=self.cfg.keep)
         return self.last_good
 
     def where(self) -> str:

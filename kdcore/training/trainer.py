@@ -31,7 +31,7 @@ from kdcore.training.types import LatestEval, PreparedMicroBatch, PreparedStep, 
 class Trainer:
     """Builds every part of a run from a validated recipe; :meth:`run` trains it."""
 
-    def __init__(self, cfg, *, registry=None, resume: bool = False):
+    def __init__(self, cfg, *, registry=None, resume: bool = False, overwrite: bool = False):
         from kdcore import distributed as kdist
         from kdcore.data import prepare_data
         from kdcore.plugins import load_registry
@@ -42,6 +42,7 @@ class Trainer:
         self.cfg = cfg
         self.registry = registry or load_registry()
         self.resume = resume
+        self.overwrite = overwrite  # a fresh run may move an old run in output_dir aside
         tune_allocator()
         self.kdist = kdist
         self.env = kdist.init_distributed(cfg.train.device)
@@ -82,9 +83,8 @@ class Trainer:
             self.evaluator = Evaluator(samples=self.eval_samples, preparer=self.preparer, forward=self.forward,
                                        schedule=self.schedule, train_cfg=cfg.train, chunk_size=cfg.distill.chunk_size,
                                        cross=self.cross, env=self.env, kdist=kdist, latest=self.latest_eval)
-            self.checkpointer = Checkpointer(self.out_dir, checkpoint_cfg=cfg.checkpoint,
-                                             max_steps=cfg.train.max_steps, student=self.student,
-                                             rollout=self.rollout, latest_eval=self.latest_eval, log=self.log)
+            self.checkpointer = Checkpointer(self.out_dir, cfg=cfg, student=self.student, rollout=self.rollout,
+                                             latest_eval=self.latest_eval, log=self.log)
         except BaseException:
             self.close()
             raise
@@ -210,9 +210,10 @@ class Trainer:
         return loss_entry.fn, loss_options, rollout
 
     def _prepare_output(self) -> None:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        if self.env.is_main and not self.resume and self.log.path.exists():
-            self.log.path.unlink()  # a fresh run starts a fresh log; --resume appends
+        """Refuse to overwrite another run, compare recipes on resume, save this one's recipe."""
+        from kdcore import run_folder
+
+        run_folder.prepare_collective(self.out_dir, self.cfg, resume=self.resume, overwrite=self.overwrite)
 
     def _tokenizers(self):
         return recipe_tokenizers(self.cfg)
@@ -304,7 +305,7 @@ def recipe_aligner(cfg, registry, student_tok, teacher_tok):
                     options=entry.make_options(dict(d.aligner_options or {})), cache_dir=cache_dir)
 
 
-def train(cfg, *, registry=None, resume: bool = False) -> TrainResult:
+def train(cfg, *, registry=None, resume: bool = False, overwrite: bool = False) -> TrainResult:
     """Run a validated recipe (``kdcore.load_recipe``); returns where everything was written."""
     from kdcore.channel import ChannelError
     from kdcore.data import DataError
@@ -314,7 +315,7 @@ def train(cfg, *, registry=None, resume: bool = False) -> TrainResult:
     from kdcore.vocab import VocabMismatchError
 
     try:
-        return Trainer(cfg, registry=registry, resume=resume).run()
+        return Trainer(cfg, registry=registry, resume=resume, overwrite=overwrite).run()
     except (DataError, ModelNotFoundError, UnknownAlgorithmError, VocabMismatchError, ChannelError,
             RolloutError) as exc:
         raise TrainingError(str(exc)) from exc

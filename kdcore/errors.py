@@ -1,0 +1,155 @@
+"""One line for every failure: what the ``kdcore`` command prints when a command fails.
+
+Known errors — bad input (exit 2) and runtime failures of a correct setup (exit 1) — print
+``kdcore: error: <one line>``. Anything else is a bug or an unforeseen situation: it prints
+one line naming the exception plus the file that holds its full traceback (in the run
+folder when there is one, else the temp dir), exit 1. Ctrl-C prints one line naming the last
+good checkpoint, exit 130 (the shell's code for SIGINT).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+EXIT_BAD_INPUT = 2
+EXIT_FAILED = 1
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for a Ctrl-C'd command
+
+# (module, class, exit code): matched only when the module is loaded (an error of a module
+# that was never imported cannot be raised), so this file imports nothing heavy
+KNOWN_ERRORS: tuple[tuple[str, str, int], ...] = (
+    ("kdcore.config", "RecipeError", EXIT_BAD_INPUT),
+    ("kdcore.run_folder", "RunFolderError", EXIT_BAD_INPUT),
+    ("kdcore.resume", "ResumeMismatchError", EXIT_BAD_INPUT),
+    ("kdcore.registry", "PluginError", EXIT_BAD_INPUT),
+    ("kdcore.registry", "UnknownAlgorithmError", EXIT_BAD_INPUT),
+    ("kdcore.paths", "ModelNotFoundError", EXIT_BAD_INPUT),
+    ("kdcore.data", "DataError", EXIT_BAD_INPUT),
+    ("kdcore.tokenizers", "TokenizerLoadError", EXIT_BAD_INPUT),
+    ("kdcore.vocab", "VocabMismatchError", EXIT_BAD_INPUT),
+    ("kdcore.trainer", "TrainingError", EXIT_FAILED),
+    ("kdcore.checkpoint", "CheckpointError", EXIT_FAILED),
+    ("kdcore.channel", "ChannelError", EXIT_FAILED),
+    ("kdcore.sampling", "RolloutError", EXIT_FAILED),
+    ("kdcore.teacher", "TeacherError", EXIT_FAILED),
+    ("builtins", "PermissionError", EXIT_BAD_INPUT),  # a read-only or foreign output folder
+    ("builtins", "FileNotFoundError", EXIT_BAD_INPUT),
+    ("builtins", "IsADirectoryError", EXIT_BAD_INPUT),
+    ("builtins", "NotADirectoryError", EXIT_BAD_INPUT),
+    ("builtins", "MemoryError", EXIT_FAILED),
+    ("builtins", "OSError", EXIT_FAILED),  # disk full and the like: the OS's reason says it
+)
+
+
+def classify(exc: BaseException) -> int | None:
+    """The exit code of a known error, None for an unexpected one."""
+    for module, name, code in KNOWN_ERRORS:
+        mod = sys.modules.get(module)
+        cls = getattr(mod, name, None) if mod is not None else None
+        if isinstance(cls, type) and isinstance(exc, cls):
+            return code
+    return None
+
+
+def one_line(exc: BaseException) -> str:
+    """The exception's message on one line (a RecipeError's problems joined with '; ')."""
+    errors = getattr(exc, "errors", None)
+    if isinstance(errors, list) and errors and hasattr(exc, "source"):
+        return f"{exc.source}: " + "; ".join(map(str, errors))
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f": '{exc.filename}'" if exc.filename else ""
+        return f"{exc.strerror}{where}"
+    text = str(exc).strip() or type(exc).__name__
+    lines = text.splitlines()
+    return lines[0] if len(lines) == 1 else f"{lines[0]} (+{len(lines) - 1} more lines)"
+
+
+def write_traceback(exc: BaseException, folder: str | os.PathLike | None) -> Path:
+    """Write ``exc``'s full traceback to ``<folder>/crash-<time>-<pid>.log`` (the temp dir
+    when ``folder`` is None or not writable); return the file."""
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    name = f"kdcore-crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    for d in ([Path(folder)] if folder else []) + [Path(tempfile.gettempdir())]:
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            path = d / name
+            path.write_text(text)
+            return path
+        except OSError:
+            continue
+    raise RuntimeError("no writable folder for the traceback")  # pragma: no cover
+
+
+def last_checkpoint_text(output_dir: str | os.PathLike | None) -> str:
+    if output_dir:
+        try:
+            from kdcore.checkpoint import find_latest
+
+            found = find_latest(Path(output_dir) / "checkpoints")
+        except Exception:
+            found = None
+        if found is not None:
+            return f"the last good checkpoint is '{found}' (continue with --resume)"
+    return "no checkpoint was written"
+
+
+_sigint_received = False  # set by the handler below: a library may swallow the KeyboardInterrupt
+
+
+def _on_sigint(signum, frame):
+    global _sigint_received
+    _sigint_received = True
+    raise KeyboardInterrupt
+
+
+def watch_sigint() -> None:
+    """Remember that Ctrl-C was pressed, even when the KeyboardInterrupt it raises is turned
+    into another error on the way (torch.save inside DCP's writer reports a C++ "unexpected
+    pos" instead). Behaves as Python's own handler otherwise; main thread only."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _on_sigint)
+
+
+def find_in_chain(exc: BaseException | None, kind: type) -> BaseException | None:
+    """The ``kind`` error behind ``exc``: itself, a cause or context, or a failing rank's
+    error inside DCP's CheckpointException (which wraps even a Ctrl-C)."""
+    seen = set()
+    todo = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, kind):
+            return e
+        todo += [e.__cause__, e.__context__]
+        for failure in (getattr(e, "failures", None) or {}).values():
+            todo.append(failure[0] if isinstance(failure, tuple) else failure)
+    return None
+
+
+def report(exc: BaseException, *, output_dir: str | os.PathLike | None = None) -> int:
+    """Print the one line for ``exc`` to stderr and return the exit code."""
+    if _sigint_received or find_in_chain(exc, KeyboardInterrupt) is not None:
+        print(f"kdcore: interrupted; {last_checkpoint_text(output_dir)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    code = classify(exc)
+    line = one_line(exc)
+    if code is not None and not line.endswith("more lines)"):
+        print(f"kdcore: error: {line}", file=sys.stderr)
+        return code
+    where = write_traceback(exc, output_dir)
+    if code is not None:
+        print(f"kdcore: error: {line}; full message in {where}", file=sys.stderr)
+        return code
+    print(f"kdcore: error: unexpected {type(exc).__name__}: {line}; full traceback in {where}", file=sys.stderr)
+    return EXIT_FAILED

@@ -1,0 +1,207 @@
+"""Checkpoints that cannot run code, are verified before use, fall back past damaged ones,
+load strictly, and fail to save cleanly (disk full)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import pickle
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from dist_scripts.common import HIDDEN, tiny_llama
+from kdcore import checkpoint as ck
+from kdcore.student import build_optimizer, build_scheduler, shard_student
+from test_checkpoint import snapshot, trained_setup
+
+pytestmark = pytest.mark.usefixtures("cpu_process_group")
+
+
+@pytest.fixture
+def work():
+    with tempfile.TemporaryDirectory(prefix="kdflow_ckpt_safety_") as d:
+        yield Path(d)
+
+
+class _Bait:
+    """Unpickling this creates ``marker``: proof that a loader ran code from a file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def _save(work, step, seed=0, steps=1, **kw):
+    model, proj, opt, sched = trained_setup(seed=seed, steps=steps)
+    return ck.save_checkpoint(work, step, model=model, optimizer=opt, scheduler=sched, extra_modules=[proj], **kw)
+
+
+def _fresh():
+    return trained_setup(seed=9, steps=0)
+
+
+def _load_latest(work, warnings=None):
+    m, p, o, s = _fresh()
+    return ck.load_latest(work, model=m, optimizer=o, scheduler=s, extra_modules=[p],
+                          warn=(warnings.append if warnings is not None else print))
+
+
+def test_no_pickles_are_written_or_loaded_with_weights_only_false(work):
+    path = _save(work, 1)
+    names = sorted(p.name for p in path.iterdir())
+    assert "trainer_state.json" in names and "rank_0.safetensors" in names and "manifest.json" in names
+    assert not [n for n in names if n.endswith((".pt", ".pkl"))]
+    assert "weights_only=False" not in Path(ck.__file__).read_text()
+
+
+def test_malicious_pickle_planted_as_the_old_file_names_never_runs(work):
+    path = _save(work, 1)
+    marker = work / "pwned"
+    for name in ("trainer_state.json", "manifest.json", "rank_0.safetensors"):
+        (path / name).unlink()
+    for name in ("trainer_state.pt", "rank_0.pt"):
+        (path / name).write_bytes(pickle.dumps(_Bait(marker)))
+    m, p, o, s = _fresh()
+    with pytest.raises(ck.CheckpointError, match="older kdflow as pickles") as err:
+        ck.load_checkpoint(path, model=m, optimizer=o, scheduler=s, extra_modules=[p])
+    assert "\n" not in str(err.value)
+    with pytest.raises(ck.CheckpointError, match="older kdflow"):
+        _load_latest(work)
+    assert not marker.exists()
+    pickle.loads((path / "rank_0.pt").read_bytes())  # the bait is real: plain unpickling runs it
+    assert marker.exists()
+
+
+def test_malicious_dcp_metadata_is_refused_by_the_restricted_unpickler(work):
+    path = _save(work, 1)
+    marker = work / "pwned"
+    (path / ".metadata").write_bytes(pickle.dumps(_Bait(marker)))
+    m, p, o, s = _fresh()
+    with pytest.raises(ck.CorruptCheckpointError, match="damaged"):  # the manifest notices first
+        ck.load_checkpoint(path, model=m, optimizer=o, scheduler=s, extra_modules=[p])
+    manifest = json.loads((path / "manifest.json").read_text())  # an attacker can rewrite it too
+    manifest["files"][".metadata"] = ck._file_record(path / ".metadata")
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ck.CheckpointError, match="refusing to load io.open"):
+        ck.load_checkpoint(path, model=m, optimizer=o, scheduler=s, extra_modules=[p])
+    assert not marker.exists()
+
+
+def test_truncated_newest_checkpoint_falls_back_to_an_older_one(work):
+    _save(work, 1, steps=1)
+    model, proj, opt, sched = trained_setup(steps=1)
+    expected = snapshot(model, proj, opt)
+    ck.save_checkpoint(work, 2, model=model, optimizer=opt, scheduler=sched, extra_modules=[proj])
+    ck.save_checkpoint(work, 3, model=model, optimizer=opt, scheduler=sched, extra_modules=[proj], keep=3)
+    shard = work / "step_3" / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:100])  # truncated newest
+    flipped = work / "step_2" / "trainer_state.json"
+    text = flipped.read_text()
+    flipped.write_text(text.replace('"step": 2', '"step": 7'))  # same size, other bytes
+    warnings: list[str] = []
+    m, p, o, s = _fresh()
+    state = ck.load_latest(work, model=m, optimizer=o, scheduler=s, extra_modules=[p], warn=warnings.append)
+    assert state.step == 1 and state.path == work / "step_1"
+    assert len(warnings) == 2 and all("\n" not in w for w in warnings)
+    assert "step_3" in warnings[0] and "truncated" in warnings[0]
+    assert "step_2" in warnings[1] and "sha256" in warnings[1]
+    assert snapshot(m, p, o)[0].keys() == expected[0].keys()
+    (work / "step_1" / "__0_0.distcp").unlink()
+    with pytest.raises(ck.CheckpointError, match="all 3 are damaged"):
+        _load_latest(work, [])
+
+
+def _layers_setup(layers: int):
+    model = tiny_llama(num_hidden_layers=layers)
+    shard_student(model, "fp32")
+    proj = torch.nn.Linear(HIDDEN, HIDDEN)
+    opt = build_optimizer(model, 1e-2, 0.01, [proj])
+    return model, proj, opt, build_scheduler(opt, 1, 10, 0.1)
+
+
+def test_a_checkpoint_of_another_depth_never_loads_partially(work):
+    model, proj, opt, sched = _layers_setup(4)
+    path = ck.save_checkpoint(work, 1, model=model, optimizer=opt, scheduler=sched, extra_modules=[proj])
+    m, p, o, s = _layers_setup(2)
+    before = {n: t.detach().clone() for n, t in m.named_parameters()}
+    with pytest.raises(ck.CheckpointError, match="unexpected") as err:
+        ck.load_checkpoint(path, model=m, optimizer=o, scheduler=s, extra_modules=[p])
+    assert "layers.2" in str(err.value) and "missing" not in str(err.value)
+    assert all(torch.equal(before[n], t) for n, t in m.named_parameters())  # nothing was loaded
+
+    model2, proj2, opt2, sched2 = _layers_setup(2)
+    path2 = ck.save_checkpoint(work / "two", 1, model=model2, optimizer=opt2, scheduler=sched2, extra_modules=[proj2])
+    m4, p4, o4, s4 = _layers_setup(4)
+    with pytest.raises(ck.CheckpointError, match="missing.*layers.2"):
+        ck.load_checkpoint(path2, model=m4, optimizer=o4, scheduler=s4, extra_modules=[p4])
+
+
+def test_a_save_that_hits_enospc_removes_its_partial_folder_and_keeps_the_last_good(work, monkeypatch):
+    _save(work, 1)
+
+    def full_disk(path, world):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(ck, "_write_rng_file", full_disk)
+    with pytest.raises(ck.CheckpointError, match="No space left on device") as err:
+        _save(work, 2)
+    msg = str(err.value)
+    assert "\n" not in msg and "step_2" in msg and "step_1" in msg and "kept" in msg
+    assert not (work / "step_2.tmp").exists() and not (work / "step_2").exists()
+    assert ck.find_latest(work) == work / "step_1" and ck.verify_checkpoint(work / "step_1") is None
+
+
+def test_a_save_onto_a_full_tmpfs_fails_cleanly(work):
+    probe = _save(work / "probe", 1)
+    one = sum(f.stat().st_size for f in probe.iterdir())
+    mnt = work / "small"
+    mnt.mkdir()
+    # room for one checkpoint and a half: the second save runs out of space mid-write
+    size_kb = (one * 3 // 2) // 1024 + 8
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(mnt)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    try:
+        _save(mnt, 1)
+        with pytest.raises(ck.CheckpointError, match="No space left on device") as err:
+            _save(mnt, 2, keep=2)
+        assert "\n" not in str(err.value)
+        assert not (mnt / "step_2.tmp").exists() and not (mnt / "step_2").exists()
+        assert ck.find_latest(mnt) == mnt / "step_1" and ck.verify_checkpoint(mnt / "step_1") is None
+        assert _load_latest(mnt).step == 1
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+class _Builds:
+    def __init__(self, fn, *args):
+        self.fn, self.args = fn, args
+
+    def __reduce__(self):
+        return (self.fn, self.args)
+
+
+def test_the_metadata_unpickler_builds_only_plain_data(work):
+    import io
+
+    import torch.distributed.checkpoint as dcp
+
+    from kdcore.safe_dcp import safe_load_metadata
+
+    for bait in (_Builds(dcp.FileSystemWriter, str(work / "made")), _Builds(os.system, "true"),
+                 _Builds(getattr, "text", "upper"), _Builds(torch.serialization.load, "x")):
+        with pytest.raises(pickle.UnpicklingError, match="refusing to load"):
+            safe_load_metadata(io.BytesIO(pickle.dumps(bait)))
+    assert not (work / "made").exists()
+    path = _save(work, 1)  # and a real checkpoint's metadata reads back whole
+    with open(path / ".metadata", "rb") as f:
+        meta = safe_load_metadata(f)
+    assert any(k.startswith("model.") for k in meta.state_dict_metadata)
