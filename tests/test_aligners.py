@@ -448,7 +448,7 @@ def test_dskd_bad_setup_is_a_clear_error(registry, toks, samples):
 
 # ------------------------------------------------------------------------- the Aligner protocol
 
-# Every member kdcore/trainer.py calls on an aligner, with the base class's default.
+# Every member kdcore/training/ calls on an aligner, with the base class's default.
 CORE_MEMBERS = {"cross_tokenizer": True, "vocab_size": None, "lr_scale": 1.0}
 CORE_METHODS = ("setup", "check_heads", "align", "collate", "forward", "metrics", "parameters")
 
