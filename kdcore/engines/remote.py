@@ -153,9 +153,10 @@ class RemoteTeacher(TeacherEngine):
             raise ChannelTimeout(f"teacher server at {self.address} did not answer within {self.timeout_s:.0f} s "
                                  f"(is `kdcore serve-teacher` running there and reachable?)")
         header = wire.decode_header(sock.recv_multipart()[0])
-        problem = wire.version_mismatch(header.get("v"), side="server")
-        if problem is None and header.get("type") == "error":
-            problem = str(header.get("error"))
+        # the server's own refusal first (it names both sides), then our checks of its answer
+        problem = str(header.get("error")) if header.get("type") == "error" else None
+        if problem is None:
+            problem = wire.version_mismatch(header.get("v"), side="server")
         if problem is None:
             problem = wire.fingerprint_mismatch(self.fingerprint, header.get("fingerprint"))
         if problem:
