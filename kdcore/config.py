@@ -32,8 +32,7 @@ class RemoteTeacherConfig:
     """teacher.engine 'remote': where the `kdcore serve-teacher` runs and how long to wait for it."""
 
     address: Optional[str] = None  # HOST:PORT; required with engine remote (no sensible default host)
-    # the server's shared secret; None reads KDFLOW_TEACHER_TOKEN, which keeps it out of recipe files
-    token: Optional[str] = None
+    token: Optional[str] = None  # None reads KDFLOW_TEACHER_TOKEN: keeps the secret out of recipe files
     timeout_s: float = 20.0  # silence before the server counts as lost: inside the 30 s stop budget
     retries: int = 0  # reconnects (with resends) after a loss; 0: a dead server stops the run at once
 
