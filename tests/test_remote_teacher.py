@@ -274,19 +274,33 @@ def test_a_dead_server_stops_the_run_or_is_reconnected_to(tmp_path, tiny_teacher
     recipe = write_recipe(tmp_path, tiny_teacher, teacher={"threads": 1})
     log = tmp_path / "server.log"
     proc, ep = start_server(recipe, log)
-    second = None
+    second = trainer = None
     try:
+        trainer = subprocess.Popen([*KDCORE, "train", str(recipe), "teacher.engine=remote", "train.max_steps=100000",
+                                    f"teacher.remote.address={address(ep)}", "checkpoint.export_hf=false"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                                   env={**os.environ, "KDFLOW_TEACHER_TOKEN": TOKEN})
         fails, retries = client(tiny_teacher, ep), client(tiny_teacher, ep, retries=3, timeout_s=60)
         fails.start(), retries.start()
         req = make_request(3, fails.vocab_size)
         t = retries.submit(req)
         expected = retries.result(t).clone()
         retries.release(t)
-        proc.kill()
+        metrics = tmp_path / "out" / "metrics.jsonl"
+        deadline = time.monotonic() + 240
+        while not (metrics.exists() and '"loss"' in metrics.read_text()) and time.monotonic() < deadline:
+            assert trainer.poll() is None, trainer.stderr.read()[-3000:]
+            time.sleep(0.5)
+        proc.kill()  # mid-run
         proc.wait()
         t0 = time.monotonic()
         with pytest.raises(TeacherDiedError, match=f"teacher server at {ep} closed the connection"):
             fails.result(fails.submit(req))
+        assert time.monotonic() - t0 < 30
+        assert trainer.wait(30) == 1
+        last = trainer.stderr.read().strip().splitlines()[-1]
+        assert last.startswith("kdcore: teacher engine failed at step") and \
+            f"teacher server at {ep} closed the connection" in last, last
         assert time.monotonic() - t0 < 30
         t = retries.submit(req)  # sent to nobody; resent once the new server is up
         second, ep2 = start_server(recipe, log, listen=address(ep))
@@ -305,8 +319,9 @@ def test_a_dead_server_stops_the_run_or_is_reconnected_to(tmp_path, tiny_teacher
             engine.close()
     finally:
         stop_server(proc)
-        if second is not None:
-            stop_server(second)
+        for other in (second, trainer):
+            if other is not None:
+                stop_server(other)
 
 
 # ----------------------------------------------------------------------------- two hosts, one machine
