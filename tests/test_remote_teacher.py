@@ -129,6 +129,26 @@ def test_wire_rejects_frames_that_disagree_with_the_header():
         wire.unpack_request({**fields, "batch": -1}, frames, max_tokens=1 << 20)
 
 
+def test_the_server_caps_each_clients_queue_and_refuses_without_crashing():
+    from types import SimpleNamespace
+
+    from kdcore.engines.remote_server import MAX_QUEUED_PER_CLIENT, TeacherServer
+
+    server = TeacherServer(SimpleNamespace(vocab_size=100, max_rows=64, n_slots=2), {}, log=lambda line: None)
+    server.bind()
+    try:
+        fields, frames = wire.pack_request(make_request(0, 100))
+        head = wire.encode_header({"v": wire.PROTOCOL_VERSION, "client": "x", "rid": 0, **fields})
+        for _ in range(MAX_QUEUED_PER_CLIENT + 2):
+            server.handle([b"id-x", head, *frames])
+        server.handle([b"id-y", head.replace(b'"x"', b'"y"'), *frames])
+        server.handle([b"id-y"])  # no header at all
+        assert (server.queue.queued("x"), server.queue.queued("y")) == (MAX_QUEUED_PER_CLIENT, 1)
+        assert (server.stats["x"].refused, server.stats["id-y".encode().hex()].refused) == (2, 1)
+    finally:
+        server.close()
+
+
 def test_recipe_checks_the_remote_section(tiny_teacher):
     from kdcore.config import validate_raw
 

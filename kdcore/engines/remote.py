@@ -145,6 +145,8 @@ class RemoteTeacher(TeacherEngine):
         self._drop_socket()
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)  # never block close on messages a dead server will not take
+        if "[" in self.address:
+            sock.setsockopt(zmq.IPV6, 1)
         self._monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         sock.connect(self.address)
         self._sock = sock

@@ -33,6 +33,7 @@ from kdcore.engines import remote_wire as wire
 
 POLL_MS = 200  # idle poll step: how late a stop request is noticed
 MAX_REQUEST_MB = 64  # ~16M tokens of int32 ids: any real micro-batch fits, a memory bomb does not
+MAX_QUEUED_PER_CLIENT = 16  # a client engine keeps 2 in flight; more is a flood (or a bug), not pipelining
 STATS_EVERY_S = 60.0  # one throughput line per client a minute keeps the log readable
 TOKEN_ENV = "KDFLOW_TEACHER_TOKEN"
 
@@ -79,6 +80,9 @@ class FairQueue:
         if self._items[client]:
             self._turns.append(client)
         return client, item
+
+    def queued(self, client: str) -> int:
+        return len(self._items.get(client, ()))
 
     def __len__(self) -> int:
         return sum(len(q) for q in self._items.values())
@@ -198,6 +202,8 @@ class TeacherServer:
             if kind == "hello":
                 self._hello(identity, client, header)
             elif kind == "hidden":
+                if self.queue.queued(client) >= MAX_QUEUED_PER_CLIENT:
+                    raise wire.WireError(f"{MAX_QUEUED_PER_CLIENT} requests of this client are queued already")
                 request = wire.unpack_request(header, parts[1:], max_tokens=self.max_request_bytes)
                 request.validate(vocab_size=self.engine.vocab_size, max_rows=self.engine.max_rows)
                 self.queue.push(client, _Job(identity, client, rid, request))
