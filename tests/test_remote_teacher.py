@@ -337,6 +337,11 @@ def test_a_dead_server_stops_the_run_or_is_reconnected_to(tmp_path, tiny_teacher
         assert time.monotonic() - t0 < 10
         for engine in (fails, retries, slow):
             engine.close()
+        assert "rows/s lately" in log.read_text()  # the periodic per-client lines (--stats-every 1)
+        stop_server(second)  # SIGTERM: the server logs every client's totals on its way out
+        assert second.returncode == 0
+        totals = log.read_text().split("serving teacher")[-1]
+        assert f"client {retries.client_id}: 1 requests" in totals and "(total)" in totals, totals[-2000:]
     finally:
         stop_server(proc)
         for other in (second, trainer):
