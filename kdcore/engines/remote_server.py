@@ -286,9 +286,12 @@ def serve_recipe(recipe: str, overrides: list[str], *, listen: str, token: Optio
     """``kdcore serve-teacher``: the recipe's teacher engine served until SIGINT/SIGTERM; exit code."""
     import os
 
+    import zmq
+
     from kdcore.channel import ChannelError
     from kdcore.config import RecipeError, load_recipe
-    from kdcore.engines import create_teacher_engine
+    from kdcore.engines import TeacherError, create_teacher_engine
+    from kdcore.paths import ModelNotFoundError
     from kdcore.plugins import load_registry
 
     token = token or os.environ.get(TOKEN_ENV) or None
@@ -321,13 +324,17 @@ def serve_recipe(recipe: str, overrides: list[str], *, listen: str, token: Optio
         server = TeacherServer(engine, fingerprint, listen=listen, token=token,
                                max_request_bytes=int(max_request_mb * (1 << 20)), stats_every_s=stats_every_s)
         server.stop = stop
-        where = server.bind()
+        try:
+            where = server.bind()
+        except zmq.ZMQError as exc:  # address in use, or not an address of this machine
+            print(f"kdcore serve-teacher: cannot listen on {listen}: {exc}", file=sys.stderr)
+            return 2
         _stderr(f"serving teacher '{cfg.teacher.path}' (H={engine.hidden_size}, V={engine.vocab_size}, "
                 f"up to {rows} rows a request) on {where}")
         print(where, flush=True)  # stdout: the endpoint alone, for scripts
         server.serve()
         return 0
-    except ChannelError as exc:  # the served engine died or hung: the clients see the connection close
+    except (ChannelError, TeacherError, ModelNotFoundError) as exc:  # clients see the connection close
         _stderr(f"the teacher engine failed, stopping: {str(exc).splitlines()[0]}")
         return 1
     finally:
