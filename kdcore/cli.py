@@ -22,6 +22,7 @@ examples:
   kdcore list-algorithms --json
   kdcore plugins
   kdcore plot outputs/kd outputs/ce --labels KD,CE --out compare.png
+  kdcore serve-teacher quickstart --listen 0.0.0.0:5555 --token $SECRET   teacher for remote students
 """
 
 
@@ -191,6 +192,29 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_serve_teacher(args) -> int:
+    from kdcore.engines.remote_server import serve_recipe
+
+    return serve_recipe(args.recipe, args.overrides, listen=args.listen, token=args.token, max_rows=args.max_rows,
+                        max_request_mb=args.max_request_mb, stats_every_s=args.stats_every)
+
+
+def _add_serve_teacher(sub) -> None:
+    p = sub.add_parser("serve-teacher", help="serve a recipe's teacher hidden states to remote trainers")
+    p.add_argument("recipe", help="recipe whose teacher section is served")
+    p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. teacher.device=cuda")
+    p.add_argument("--listen", default="127.0.0.1:5555",
+                   help="HOST:PORT to bind (default 127.0.0.1:5555; port 0 = any free one)")
+    p.add_argument("--token", default=None,
+                   help="shared secret every request must carry (default: $KDFLOW_TEACHER_TOKEN); "
+                        "required beyond localhost")
+    p.add_argument("--max-rows", type=int, default=None,
+                   help="most hidden-state rows a request may ask for (default: from the recipe's batch size)")
+    p.add_argument("--max-request-mb", type=float, default=64.0, help="larger requests are refused (default 64)")
+    p.add_argument("--stats-every", type=float, default=60.0, help="seconds between per-client rows/s lines")
+    p.set_defaults(func=cmd_serve_teacher)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kdcore",
@@ -238,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="metrics.png", help="the PNG to write (default: metrics.png)")
     p.add_argument("--labels", help="comma-separated legend names, one per run (default: the folder names)")
     p.set_defaults(func=cmd_plot)
+    _add_serve_teacher(sub)
     return parser
 
 

