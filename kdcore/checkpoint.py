@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from kdcore import distributed as kdist
-from kdcore.errors import find_in_chain
+from kdcore.exceptions import find_in_chain
 
 STEP_PREFIX = "step_"
 TMP_SUFFIX = ".tmp"

@@ -16,6 +16,8 @@ import time
 import traceback
 from pathlib import Path
 
+from kdcore.exceptions import find_in_chain
+
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for a Ctrl-C'd command
@@ -117,24 +119,6 @@ def watch_sigint() -> None:
     if threading.current_thread() is threading.main_thread() and \
             signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, _on_sigint)
-
-
-def find_in_chain(exc: BaseException | None, kind: type) -> BaseException | None:
-    """The ``kind`` error behind ``exc``: itself, a cause or context, or a failing rank's
-    error inside DCP's CheckpointException (which wraps even a Ctrl-C)."""
-    seen = set()
-    todo = [exc]
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, kind):
-            return e
-        todo += [e.__cause__, e.__context__]
-        for failure in (getattr(e, "failures", None) or {}).values():
-            todo.append(failure[0] if isinstance(failure, tuple) else failure)
-    return None
 
 
 def report(exc: BaseException, *, output_dir: str | os.PathLike | None = None) -> int:
