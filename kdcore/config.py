@@ -134,6 +134,10 @@ class CheckpointConfig:
 class LoggingConfig:
     log_every: int = 1  # steps between metrics.jsonl records
     progress: bool = True  # rich progress bar (off in CI logs if you prefer)
+    # experiment trackers (`kdcore list-algorithms --kind logger`), e.g. [tensorboard, wandb];
+    # none by default: metrics.jsonl (the jsonl logger) is always written and is all a run needs,
+    # and a tracker pulls in an optional package
+    backends: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -345,6 +349,22 @@ def check_engines(raw: dict, registry, errors: list[str]) -> None:
             errors.extend(check(section, role))
 
 
+def check_loggers(raw: dict, registry, errors: list[str]) -> None:
+    """Check logging.backends names against the registry's loggers."""
+    from kdcore.registry import UnknownAlgorithmError
+
+    section = raw.get("logging")
+    backends = section.get("backends") if isinstance(section, dict) else None
+    for i, name in enumerate(backends if isinstance(backends, list) else []):  # a non-list is a type error already
+        if not isinstance(name, str):
+            errors.append(f"logging.backends[{i}]: expected a logger name, got {type(name).__name__} {name!r}")
+            continue
+        try:
+            registry.get("logger", name)
+        except UnknownAlgorithmError as exc:
+            errors.append(f"logging.backends: {exc}")
+
+
 def load_raw(path_or_name: str, overrides: list[str] | None = None) -> tuple[Path, dict]:
     path = resolve_recipe(path_or_name)
     try:
@@ -381,6 +401,7 @@ def validate_raw(raw: dict, registry=None) -> list[str]:
         registry = load_registry()
     check_engines(raw, registry, errors)
     check_algorithm_options(raw, registry, errors)
+    check_loggers(raw, registry, errors)
     return errors
 
 
