@@ -134,10 +134,9 @@ class CheckpointConfig:
 class LoggingConfig:
     log_every: int = 1  # steps between metrics.jsonl records
     progress: bool = True  # rich progress bar (off in CI logs if you prefer)
-    # experiment trackers (`kdcore list-algorithms --kind logger`), e.g. [tensorboard, wandb];
-    # none by default: metrics.jsonl (the jsonl logger) is always written and is all a run needs,
-    # and a tracker pulls in an optional package
-    backends: List[str] = field(default_factory=list)
+    # experiment trackers besides metrics.jsonl (`kdcore list-algorithms --kind logger`), e.g.
+    # [tensorboard, wandb]
+    backends: List[str] = field(default_factory=list)  # none: jsonl is always on, trackers need extras
 
 
 @dataclass

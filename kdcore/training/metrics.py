@@ -9,6 +9,7 @@ caller (one all-reduce per step).
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,8 +135,11 @@ class RunLog:
                 self.warn(logger_failure(name, exc, "while closing; the others were closed"))
 
     def _disable(self, name: str, exc: Exception) -> None:
+        broken = [lg for n, lg in self.loggers if n == name]
         self.loggers = [(n, lg) for n, lg in self.loggers if n != name]
         self.warn(logger_failure(name, exc))
+        with contextlib.suppress(Exception):  # let it release what it holds; its failure is reported already
+            broken[0].close()
 
     def eval_record(self, record: dict) -> None:
         """Write an evaluation record and print its one-line summary."""
