@@ -215,7 +215,7 @@ def test_trackers_fail_at_start_or_close_with_one_line_and_jsonl_stays(tmp_path,
         kdcore.unregister_plugin("test-bad-loggers")
     err = capsys.readouterr().err.splitlines()
     assert err == ["logger 'refuses' failed: ImportError: no module named x; disabled, the run goes on",
-                   "logger 'closes_badly' failed: OSError: disk gone; while closing; the others were closed"]
+                   "logger 'closes_badly' failed to close: OSError: disk gone; the others were closed"]
     assert [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [{"step": 1, "loss": 0.5}]
 
 

@@ -58,9 +58,11 @@ def build_loggers(registry, backends, *, run_dir: Path, config: dict, warn) -> l
     return loggers
 
 
-def logger_failure(name: str, exc: Exception, outcome: str = "disabled, the run goes on") -> str:
+def logger_failure(name: str, exc: Exception, *, closing: bool = False) -> str:
     detail = " ".join(str(exc).split()) or "no message"  # one line, whatever the exception holds
-    return f"logger '{name}' failed: {type(exc).__name__}: {detail}; {outcome}"
+    if closing:
+        return f"logger '{name}' failed to close: {type(exc).__name__}: {detail}; the others were closed"
+    return f"logger '{name}' failed: {type(exc).__name__}: {detail}; disabled, the run goes on"
 
 
 @dataclass
@@ -132,7 +134,7 @@ class RunLog:
             try:
                 logger.close()
             except Exception as exc:
-                self.warn(logger_failure(name, exc, "while closing; the others were closed"))
+                self.warn(logger_failure(name, exc, closing=True))
 
     def _disable(self, name: str, exc: Exception) -> None:
         broken = [lg for n, lg in self.loggers if n == name]
