@@ -146,6 +146,9 @@ class CheckpointConfig:
 class LoggingConfig:
     log_every: int = 1  # steps between metrics.jsonl records
     progress: bool = True  # rich progress bar (off in CI logs if you prefer)
+    # experiment trackers besides metrics.jsonl (`kdcore list-algorithms --kind logger`), e.g.
+    # [tensorboard, wandb]
+    backends: List[str] = field(default_factory=list)  # none: jsonl is always on, trackers need extras
 
 
 @dataclass
@@ -413,6 +416,22 @@ def check_evaluators(raw: dict, registry, errors: list[str]) -> None:
                 errors.append(f"{key}: evaluator '{name}' rejects {opts}: {exc}")
 
 
+def check_loggers(raw: dict, registry, errors: list[str]) -> None:
+    """Check logging.backends names against the registry's loggers."""
+    from kdcore.registry import UnknownAlgorithmError
+
+    section = raw.get("logging")
+    backends = section.get("backends") if isinstance(section, dict) else None
+    for i, name in enumerate(backends if isinstance(backends, list) else []):  # a non-list is a type error already
+        if not isinstance(name, str):
+            errors.append(f"logging.backends[{i}]: expected a logger name, got {type(name).__name__} {name!r}")
+            continue
+        try:
+            registry.get("logger", name)
+        except UnknownAlgorithmError as exc:
+            errors.append(f"logging.backends: {exc}")
+
+
 def load_raw(path_or_name: str, overrides: list[str] | None = None) -> tuple[Path, dict]:
     path = resolve_recipe(path_or_name)
     try:
@@ -453,6 +472,7 @@ def validate_raw(raw: dict, registry=None, recipe_dir: Path | None = None) -> li
     check_evaluators(raw, registry, errors)
     if recipe_dir is not None:
         check_paths(raw, recipe_dir, errors)
+    check_loggers(raw, registry, errors)
     return errors
 
 

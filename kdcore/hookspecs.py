@@ -151,3 +151,34 @@ def register_evaluators(register):
     within one evaluator. Evaluators must not modify ``generations`` (they all share it) and
     run after the models are done, so they may take their time but see no model.
     """
+
+
+@hookspec
+def register_loggers(register):
+    """Register loggers: experiment trackers that receive every record a run writes.
+
+    ``register(name, factory)`` (no ``options``: a logger reads what it needs from the config).
+    Recipes turn loggers on with ``logging.backends: [<name>, ...]``; ``kdcore validate``
+    checks each name against the installed loggers (with a did-you-mean). The built-in
+    ``jsonl`` logger (``metrics.jsonl``) is always on and comes first.
+
+    ``factory(*, run_dir: Path, config: dict) -> Logger``
+
+    - ``run_dir``: the run's output folder (``train.output_dir``); write under it, e.g.
+      ``<run_dir>/<name>/``. It exists when the factory is called.
+    - ``config``: the resolved recipe as a plain dict (``OmegaConf.to_container(cfg,
+      resolve=True)``); log it once if the tracker keeps run metadata.
+
+    The returned object implements :class:`kdcore.training.metrics.Logger`:
+
+    - ``log(record: dict)`` for every step record and every evaluation record, in order: the
+      same dicts as the lines of ``metrics.jsonl``. Every record has an int ``step``; step
+      records have ``loss``, ``kd_loss``, ``lr``, ...; evaluation records have ``eval_*`` keys
+      (a step can have both). Values are numbers (plus whatever a plugin's metrics add).
+    - ``close()`` once at the end of the run, also when the run fails.
+
+    Loggers are built and called on the main rank only. A logger that raises (in the factory,
+    ``log`` or ``close``) is named in one warning line and disabled; the run goes on with the
+    others. Registration runs for every ``kdcore`` command: import the tracker's package inside
+    the factory, not at module level.
+    """

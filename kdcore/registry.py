@@ -1,4 +1,4 @@
-"""Typed registries of losses, aligners, rollouts, engines and evaluators, filled through the plugin hooks."""
+"""Typed registries of losses, aligners, rollouts, engines, evaluators and loggers, filled through the plugin hooks."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-KINDS = ("loss", "aligner", "rollout", "engine", "evaluator")
+KINDS = ("loss", "aligner", "rollout", "engine", "evaluator", "logger")
 HOOK_OF_KIND = {"loss": "register_losses", "aligner": "register_aligners", "rollout": "register_rollouts",
-                "engine": "register_engines", "evaluator": "register_evaluators"}
+                "engine": "register_engines", "evaluator": "register_evaluators", "logger": "register_loggers"}
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 ENGINE_ROLES = ("teacher", "rollout")  # the recipe sections that name an engine: teacher.engine, rollout.engine
 
@@ -167,6 +167,9 @@ def make_register(registry: Registry, kind: str, plugin: PluginInfo) -> Callable
                                   f"recipe section, see EngineSpec.check_recipe)")
         elif not callable(fn):
             raise PluginError(f"{where}: {kind} '{name}' is not callable: {fn!r}")
+        if kind == "logger" and options is not None:
+            raise PluginError(f"{where}: logger '{name}' takes no options dataclass (a logger reads the run's "
+                              f"config it is given)")
         if options is not None:
             if not (isinstance(options, type) and dataclasses.is_dataclass(options)):
                 raise PluginError(f"{where}: options of {kind} '{name}' must be a dataclass type")

@@ -14,7 +14,7 @@ HOOKS = [name for name, fn in vars(hookspecs).items()
 
 def test_there_are_hooks():
     assert set(HOOKS) == {"register_losses", "register_aligners", "register_rollouts", "register_engines",
-                          "register_evaluators"}
+                          "register_evaluators", "register_loggers"}
 
 
 def test_every_hook_fills_a_registry_kind():

@@ -233,7 +233,7 @@ def test_builtins_come_through_the_entry_point_group():
     reg = kdcore.load_registry()
     assert all(p.error is None for p in reg.plugins if p.builtin), reg.failed_plugins()
     assert {"hf", "sglang"} <= set(reg.names("engine"))
-    for kind in ("loss", "aligner", "rollout", "engine"):
+    for kind in ("loss", "aligner", "rollout", "engine", "evaluator", "logger"):
         assert any(e.plugin == "kdflow" for e in reg.list(kind)), kind
 
 

@@ -1,15 +1,68 @@
-"""What a run reports: ``metrics.jsonl`` records, the progress bar and the console lines.
+"""What a run reports: its records (to every logger), the progress bar and the console lines.
 
-Only the main rank writes; other ranks get the same object and it stays silent, so callers
-never test the rank. A step record's figures are summed over micro-batches here
-(:class:`StepMeter`) and over ranks by the caller (one all-reduce per step).
+Records go through the loggers of the ``register_loggers`` hook: ``jsonl`` (``metrics.jsonl``)
+first and always, then the recipe's ``logging.backends``. Only the main rank writes; other
+ranks get the same object and it stays silent, so callers never test the rank. A step
+record's figures are summed over micro-batches here (:class:`StepMeter`) and over ranks by the
+caller (one all-reduce per step).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
+
+# metrics.jsonl is the run's own record (kdcore plot and every test read it): its logger is on
+# whatever the recipe says, comes first, and unlike the trackers a failure in it stops the run
+ALWAYS_ON_LOGGER = "jsonl"
+
+
+class Logger(Protocol):
+    """What a ``register_loggers`` factory returns (contract in :mod:`kdcore.hookspecs`)."""
+
+    def log(self, record: dict) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class JsonlLogger:
+    """``metrics.jsonl``: one JSON record per line, appended and closed per record, so the
+    lines written survive a crash and ``--resume`` continues the same file."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def log(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        pass  # nothing is held open between records
+
+
+def build_loggers(registry, backends, *, run_dir: Path, config: dict, warn) -> list[tuple[str, Logger]]:
+    """The recipe's ``logging.backends`` beside the always-on ``jsonl``; a tracker whose factory
+    raises is reported by ``warn`` and left out."""
+    loggers = []
+    for name in dict.fromkeys(backends):  # a name listed twice is one logger
+        if name == ALWAYS_ON_LOGGER:
+            continue  # RunLog has it already
+        factory = registry.get("logger", name).fn
+        try:
+            loggers.append((name, factory(run_dir=run_dir, config=config)))
+        except Exception as exc:
+            warn(logger_failure(name, exc))
+    return loggers
+
+
+def logger_failure(name: str, exc: Exception, *, closing: bool = False) -> str:
+    detail = " ".join(str(exc).split()) or "no message"  # one line, whatever the exception holds
+    if closing:
+        return f"logger '{name}' failed to close: {type(exc).__name__}: {detail}; the others were closed"
+    return f"logger '{name}' failed: {type(exc).__name__}: {detail}; disabled, the run goes on"
 
 
 @dataclass
@@ -34,7 +87,8 @@ class StepMeter:
 
 
 class RunLog:
-    """``metrics.jsonl`` (one JSON record per line, appended), the console and the progress bar."""
+    """The run's records (through its loggers, see :meth:`open_loggers`), the console and the
+    progress bar. ``path`` is ``metrics.jsonl``, written by the always-on ``jsonl`` logger."""
 
     def __init__(self, path: Path, *, is_main: bool, progress: bool):
         self.path = path
@@ -47,16 +101,47 @@ class RunLog:
             self.console = Console(stderr=True)
         self._progress = None
         self._task = None
+        self.loggers: list[tuple[str, Logger]] = [(ALWAYS_ON_LOGGER, JsonlLogger(path))] if is_main else []
 
     def say(self, msg: str) -> None:
         if self.console is not None:
             self.console.print(msg)  # the live bar shares this console and stays below the message
 
+    def warn(self, msg: str) -> None:
+        """One line, as it is: no markup (exception text may hold brackets), no wrapping."""
+        if self.console is not None:
+            self.console.print(msg, style="yellow", markup=False, highlight=False, soft_wrap=True)
+
+    def open_loggers(self, registry, backends, *, config: dict) -> None:
+        """Add the recipe's trackers after ``jsonl`` (main rank only), writing under the run folder."""
+        if self.is_main:
+            self.loggers += build_loggers(registry, list(backends), run_dir=self.path.parent, config=config,
+                                          warn=self.warn)
+
     def record(self, record: dict) -> None:
-        if not self.is_main:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        for name, logger in list(self.loggers):
+            try:
+                logger.log(dict(record))  # a copy each: one logger's edits never reach the next
+            except Exception as exc:
+                if name == ALWAYS_ON_LOGGER:
+                    raise
+                self._disable(name, exc)
+
+    def close(self) -> None:
+        """Close every logger once (also after a failed run); later calls do nothing."""
+        loggers, self.loggers = self.loggers, []
+        for name, logger in loggers:
+            try:
+                logger.close()
+            except Exception as exc:
+                self.warn(logger_failure(name, exc, closing=True))
+
+    def _disable(self, name: str, exc: Exception) -> None:
+        broken = [lg for n, lg in self.loggers if n == name]
+        self.loggers = [(n, lg) for n, lg in self.loggers if n != name]
+        self.warn(logger_failure(name, exc))
+        with contextlib.suppress(Exception):  # let it release what it holds; its failure is reported already
+            broken[0].close()
 
     def eval_record(self, record: dict) -> None:
         """Write an evaluation record and print its one-line summary."""

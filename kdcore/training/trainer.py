@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 from kdcore.training.checkpointing import Checkpointer
 from kdcore.training.evaluation import Evaluator, mean_over_ranks
@@ -57,6 +58,7 @@ class Trainer:
         try:
             self.loss_fn, self.loss_options, self.rollout = self._algorithms()
             self._prepare_output()
+            self.log.open_loggers(self.registry, cfg.logging.backends, config=OmegaConf.to_container(cfg, resolve=True))
             self.student_tok, self.teacher_tok = self._tokenizers()
             self.aligner = self._aligner()
             self.cross = bool(self.aligner.cross_tokenizer)
@@ -190,6 +192,7 @@ class Trainer:
         return export_dir
 
     def close(self) -> None:
+        self.log.close()
         if self.sampler is not None:
             self.sampler.close()
             self.sampler = None
