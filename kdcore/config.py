@@ -457,7 +457,9 @@ def _teachers_checked(raw: dict, errors: list[str]) -> dict:
     entries = raw.get("teachers")
     if not isinstance(entries, list) or not entries:
         errors.append(f"teachers: expected a non-empty list of teacher sections, got {entries!r}")
-    return {**raw, "teachers": entries if isinstance(entries, list) else [], "teacher": {"path": "(teachers)"}}
+    first = entries[0] if isinstance(entries, list) and entries and isinstance(entries[0], dict) else {}
+    path = first.get("path") if isinstance(first.get("path"), str) else "(teachers)"
+    return {**raw, "teachers": entries if isinstance(entries, list) else [], "teacher": {"path": path}}
 
 
 def check_teacher_entries(raw: dict, registry, errors: list[str]) -> None:
