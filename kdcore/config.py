@@ -53,8 +53,27 @@ class TeacherConfig:
     # never inferred from equal model paths: a student initialised from the teacher's
     # checkpoint is the ordinary distillation setup, not self-distillation.
     self_distill_every: int = 0  # 0 = off: a fixed teacher is what distillation normally means
+    # EMA self-distillation: DECAY > 0 makes the teacher an exponential moving average of the
+    # student (teacher <- decay * teacher + (1 - decay) * student every ema_every optimizer
+    # steps), starting from the student's initial weights; same architecture as for
+    # self_distill_every.
+    ema: float = 0.0  # 0 = off: a fixed teacher, as distillation normally means
+    ema_every: int = 1  # every step: the smoothest average; larger trades freshness for fewer weight pushes
     sglang: SGLangConfig = field(default_factory=SGLangConfig)
     remote: RemoteTeacherConfig = field(default_factory=RemoteTeacherConfig)  # with engine remote
+
+
+@dataclass
+class TeacherEntry(TeacherConfig):
+    """One entry of ``teachers:`` (several teachers): a teacher section plus how it teaches."""
+
+    name: str = MISSING  # names its metrics (kd_loss/<name>) and its rows in data.teacher_column
+    aligner: Optional[str] = None  # None = distill.aligner
+    aligner_options: Optional[Dict[str, Any]] = None  # None = distill.aligner_options
+    # the KD loss is sum(weight * that teacher's token-mean KD), not normalised: the weights say
+    # how much each teacher counts, and one teacher of weight 1 is exactly the single-teacher loss
+    weight: float = 1.0  # 1 = as much as a single teacher
+    temperature: Optional[float] = None  # None = distill.temperature
 
 
 @dataclass
@@ -80,6 +99,13 @@ class DataConfig:
     bad_rows: str = _choice("skip", "skip", "error")  # skip = count and report them
     limit: Optional[int] = None  # use only the first N rows (smoke runs)
     shuffle: bool = True  # reshuffled per epoch from train.seed
+    # several teachers: a column naming which teacher(s) teach a row (a name or a list of
+    # names); rows without a value go to every teacher.
+    teacher_column: Optional[str] = None  # None = every row to every teacher
+    # context distillation: {text: "..."} or {column: NAME}, prepended to the teacher's input
+    # only (to the first message's content, the prompt, or the text); the student never sees
+    # it and the pairs are made on the response through character offsets.
+    teacher_context: Dict[str, Any] = field(default_factory=dict)  # empty = off: both read the same input
 
 
 @dataclass
@@ -165,7 +191,8 @@ class EvalConfig:
 
 @dataclass
 class Recipe:
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)  # the short form of teachers:
+    teachers: List[TeacherEntry] = field(default_factory=list)  # several teachers (not with teacher:)
     student: StudentConfig = field(default_factory=StudentConfig)
     data: DataConfig = field(default_factory=DataConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
@@ -194,6 +221,8 @@ _RANGES: list[tuple[str, Any, str]] = [
     ("train.threads", lambda v: v >= 0, "must be >= 0"),
     ("teacher.threads", lambda v: v >= 0, "must be >= 0"),
     ("teacher.self_distill_every", lambda v: v >= 0, "must be >= 0"),
+    ("teacher.ema", lambda v: 0.0 <= v < 1.0, "must be within [0, 1) (0 = off)"),
+    ("teacher.ema_every", lambda v: v > 0, "must be > 0"),
     ("rollout.max_new_tokens", lambda v: v > 0, "must be > 0"),
     ("rollout.temperature", lambda v: v >= 0, "must be >= 0 (0 = greedy)"),
     ("rollout.top_p", lambda v: 0 < v <= 1, "must be within (0, 1]"),
@@ -455,6 +484,7 @@ def validate_raw(raw: dict, registry=None, recipe_dir: Path | None = None) -> li
     """All problems in a raw recipe mapping (empty list when valid). With ``recipe_dir``,
     local paths (data, models, tokenizers) are checked too (:func:`check_paths`)."""
     errors: list[str] = []
+    raw = _teachers_checked(raw, errors)
     _check_section(raw, Recipe, "", errors)
     for key, pred, msg in _RANGES:
         v = _get(raw, key)
@@ -473,6 +503,7 @@ def validate_raw(raw: dict, registry=None, recipe_dir: Path | None = None) -> li
     if recipe_dir is not None:
         check_paths(raw, recipe_dir, errors)
     check_loggers(raw, registry, errors)
+    check_teacher_entries(raw, registry, errors)
     return errors
 
 
@@ -486,6 +517,9 @@ def load_recipe(path_or_name: str, overrides: list[str] | None = None, registry=
     if errors:
         raise RecipeError(str(path), errors)
     _resolve_data_paths(raw, path.parent)
+    if raw.get("teachers"):  # cfg.teacher is the first entry, for the parts that read one teacher
+        first = raw["teachers"][0]
+        raw["teacher"] = {k: v for k, v in first.items() if k in TeacherConfig.__dataclass_fields__}
     cfg = OmegaConf.merge(OmegaConf.structured(Recipe), raw)
     OmegaConf.set_readonly(cfg, True)
     return cfg
@@ -584,4 +618,101 @@ def recipe_warnings(raw: dict) -> list[str]:
         v = _get(raw, key)
         if isinstance(v, (int, float)) and not isinstance(v, bool) and absurd(v):
             out.append(f"{key}={v!r}: {why}")
+
+
+# ------------------------------------------------------------------ several teachers
+_TEACHER_NAME = "^[A-Za-z0-9_.-]+$"  # it becomes part of metric keys (kd_loss/<name>)
+
+
+def _teachers_checked(raw: dict, errors: list[str]) -> dict:
+    """``teacher:`` xor ``teachers:``; with ``teachers:`` the schema check sees a placeholder
+    ``teacher`` (each entry is checked by :func:`check_teacher_entries`, as ``teachers[i]``)."""
+    if "teachers" not in raw:
+        return raw
+    if "teacher" in raw:
+        errors.append("teachers: give either teacher: (one teacher) or teachers: (several), not both")
+    entries = raw.get("teachers")
+    if not isinstance(entries, list) or not entries:
+        errors.append(f"teachers: expected a non-empty list of teacher sections, got {entries!r}")
+    first = entries[0] if isinstance(entries, list) and entries and isinstance(entries[0], dict) else {}
+    path = first.get("path") if isinstance(first.get("path"), str) else "(teachers)"
+    return {**raw, "teachers": entries if isinstance(entries, list) else [], "teacher": {"path": path}}
+
+
+def check_teacher_entries(raw: dict, registry, errors: list[str]) -> None:
+    """Every ``teachers:`` entry at once (errors ``teachers[i].<key>: ...``), the data settings
+    that name teachers, and the EMA keys of the short form."""
+    import re
+
+    from kdcore.registry import UnknownAlgorithmError
+
+    entries = raw.get("teachers") or []
+    names: list[str] = []
+    for i, entry in enumerate(entries):
+        where = f"teachers[{i}]"
+        if not isinstance(entry, dict):
+            errors.append(f"{where}: expected a teacher section (mapping), got {type(entry).__name__} {entry!r}")
+            continue
+        _check_section(entry, TeacherEntry, where, errors)
+        name = entry.get("name")
+        if isinstance(name, str):
+            if not re.match(_TEACHER_NAME, name):
+                errors.append(f"{where}.name: '{name}' must be letters, digits, '_', '-' or '.' (it names metrics)")
+            elif name in names:
+                errors.append(f"{where}.name: '{name}' is used by teachers[{names.index(name)}] already")
+            names.append(name)
+        for key, pred, msg in (("weight", lambda v: v >= 0, "must be >= 0"), ("threads", lambda v: v >= 0, "must be >= 0"),
+                               ("temperature", lambda v: v > 0, "must be > 0")):
+            v = entry.get(key)
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and not pred(v):
+                errors.append(f"{where}.{key}: {msg}, got {v!r}")
+        for key in ("self_distill_every", "ema"):
+            if entry.get(key):
+                errors.append(f"{where}.{key}: self-distillation teaches with one teacher; use the teacher: form")
+        engine = entry.get("engine", "hf")
+        if isinstance(engine, str):
+            try:
+                spec = registry.get("engine", engine).fn
+            except UnknownAlgorithmError as exc:
+                errors.append(f"{where}.engine: {exc}")
+            else:
+                check = getattr(spec, "check_recipe", None)
+                if check is not None:
+                    errors.extend(e.replace("teacher.", f"{where}.", 1) for e in check(entry, "teacher"))
+        aligner = entry.get("aligner")
+        if isinstance(aligner, str) or isinstance(entry.get("aligner_options"), dict):
+            distill = dict(raw.get("distill") or {})
+            one = {"aligner": aligner or distill.get("aligner", DistillConfig.aligner),
+                   "aligner_options": entry.get("aligner_options") if entry.get("aligner_options") is not None
+                   else distill.get("aligner_options") or {}}
+            found: list[str] = []
+            check_algorithm_options({"distill": one}, registry, found)
+            errors.extend(e.replace("distill.aligner", f"{where}.aligner", 1) for e in found
+                          if e.startswith("distill.aligner"))
+    data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
+    context = data.get("teacher_context")
+    if isinstance(context, dict) and context:
+        if sorted(context) not in (["text"], ["column"]) or not isinstance(next(iter(context.values())), str):
+            errors.append(f"data.teacher_context: expected {{text: \"...\"}} or {{column: NAME}}, got {context!r}")
+    teacher = raw.get("teacher") if isinstance(raw.get("teacher"), dict) else {}
+    if teacher.get("ema") and teacher.get("self_distill_every"):
+        errors.append("teacher.ema: choose one of teacher.ema (an averaged student) and teacher.self_distill_every "
+                      "(a copied student)")
+
+
+def teacher_entries(cfg) -> list[dict]:
+    """The recipe's teachers as one list of plain dicts, each with ``name``, its engine section,
+    ``aligner``/``aligner_options``, ``weight`` and ``temperature`` filled in; the short form
+    ``teacher:`` is one entry named ``teacher`` with distill's aligner and temperature."""
+    d = cfg.distill
+    raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dataclasses.asdict(cfg)
+    listed = raw.get("teachers") or [dict(raw["teacher"], name="teacher")]
+    out = []
+    for entry in listed:
+        e = dict(entry)
+        e["aligner"] = e.get("aligner") or d.aligner
+        e["aligner_options"] = dict(e["aligner_options"] if e.get("aligner_options") is not None else d.aligner_options or {})
+        e["weight"] = float(e.get("weight", 1.0))
+        e["temperature"] = float(e["temperature"] if e.get("temperature") is not None else d.temperature)
+        out.append(e)
     return out

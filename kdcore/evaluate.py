@@ -158,11 +158,14 @@ class _EvalParts:
 
         from kdcore.data import prepare_data
         from kdcore.models import load_lm_head
-        from kdcore.training.trainer import recipe_aligner, recipe_tokenizers
+        from kdcore.tokenizers import load_tokenizer
+        from kdcore.training.teachers import build_parts
+        from kdcore.training.trainer import student_tokenizer_spec
 
-        student_tok, teacher_tok = recipe_tokenizers(cfg)
+        student_tok = load_tokenizer(student_tokenizer_spec(cfg))
         check_export_tokenizer(student_dir, student_tok, cfg)
-        aligner = recipe_aligner(cfg, registry, student_tok, teacher_tok)
+        teacher = build_parts(cfg, registry, student_tok, student_tokenizer_spec(cfg))[0]  # kdcore eval: one teacher
+        teacher_tok, aligner = teacher.tokenizer, teacher.aligner
         cross = bool(aligner.cross_tokenizer)
         data = prepare_data(cfg.data, student_tok, teacher_tok if cross else None, seed=cfg.train.seed)
         if not data.eval:

@@ -550,9 +550,15 @@ def sync_teacher(engine, model: torch.nn.Module, *, dtype: torch.dtype, device) 
     """Self-distillation: copy the student's full weights into the teacher engine (every rank
     into its own engine; collective under FSDP) and return the new teacher head ``[V, H]``
     (a copy in ``dtype`` on ``device``) for the student side of the loss."""
-    weights = full_weights(model)
+    return push_teacher_weights(engine, full_weights(model), head_name(model), dtype=dtype, device=device)
+
+
+def push_teacher_weights(engine, weights: dict[str, torch.Tensor], head_key: str, *, dtype: torch.dtype,
+                         device) -> torch.Tensor:
+    """Load full ``weights`` into the teacher engine (self-distillation, an EMA teacher) and
+    return the teacher head they hold, a copy in ``dtype`` on ``device``."""
     engine.update_weights(weights)
-    return weights[head_name(model)].to(device=device, dtype=dtype, copy=True)
+    return weights[head_key].to(device=device, dtype=dtype, copy=True)
 
 
 def check_self_distill(student_config, teacher_config) -> None:

@@ -3,7 +3,8 @@
 Modules: :mod:`~kdcore.data.reading` (files and hub names to rows), :mod:`~kdcore.data.formats`
 (row formats), :mod:`~kdcore.data.rendering` (templates, offsets, tokenization),
 :mod:`~kdcore.data.preparation` (``prepare_data``), :mod:`~kdcore.data.report` (the data
-report), :mod:`~kdcore.data.batching` (collate, batch planner, data positions); the shared
+report), :mod:`~kdcore.data.teacher_views` (each teacher's own tokenization: several teachers,
+context distillation), :mod:`~kdcore.data.batching` (collate, batch planner, data positions); the shared
 types are in :mod:`~kdcore.data.common`. Every name is importable from ``kdcore.data``.
 
 Pipeline (``prepare_data``): read rows (``datasets``) → check each row and normalise it to one
@@ -78,6 +79,7 @@ from kdcore.data.rendering import (  # noqa: F401  (private helpers: see above)
     tokenize_rows,
 )
 from kdcore.data.report import MAX_BAD_EXAMPLES, DataReport, SplitReport
+from kdcore.data.teacher_views import TeacherView, shift_past_context, with_context
 
 __all__ = [
     "FORMATS", "MAX_BAD_EXAMPLES", "ROLES",
@@ -85,4 +87,5 @@ __all__ = [
     "PlannedStep", "PlanStats", "PreparedData", "RowSource", "Sample", "SplitReport",
     "build_sample", "canonical_text", "collate", "detect_format", "flat_index", "normalize_row",
     "planner_for", "prepare_data", "read_rows", "resolve_data_path", "split_eval", "tokenize_rows",
+    "TeacherView", "shift_past_context", "with_context",
 ]

@@ -40,6 +40,10 @@ class Sample:
     row: int  # row number in the source (0-based)
     source: dict[str, Any] | None = field(default=None, repr=False)
     response_spans: list[tuple[int, int]] = field(default_factory=list)  # trained content, canonical coords
+    # several teachers or context distillation (kdcore.data.teacher_views): each named teacher's
+    # own tokenization, offsets in this sample's canonical text; empty on the single-teacher path
+    teachers: dict[str, Tokenized] = field(default_factory=dict, repr=False)
+    route: tuple[str, ...] | None = None  # data.teacher_column: the teachers of this row; None = all
 
     def __len__(self) -> int:
         return len(self.student.input_ids)

@@ -35,7 +35,8 @@ def split_eval(n: int, eval_size: float, seed: int) -> tuple[list[int], list[int
 
 
 def prepare_data(data_cfg: Any, student_tokenizer, teacher_tokenizer=None, *, seed: int = 0,
-                 base_dir: str | os.PathLike | None = None) -> PreparedData:
+                 base_dir: str | os.PathLike | None = None, views: dict | None = None,
+                 teacher_names: tuple[str, ...] = ()) -> PreparedData:
     """Load, check, split and tokenize the recipe's ``data`` section.
 
     ``data_cfg`` is a :class:`kdcore.config.DataConfig` (or any object/dict with its fields);
@@ -43,6 +44,11 @@ def prepare_data(data_cfg: Any, student_tokenizer, teacher_tokenizer=None, *, se
     relative data paths are looked up first. Returns the train and eval samples and a
     :class:`DataReport`. Raises :class:`DataError` for a missing or empty data set, columns
     that fit no format, a bad row under ``bad_rows: error``, or nothing left to train on.
+
+    Several teachers / context distillation (:mod:`kdcore.data.teacher_views`): ``views`` maps
+    teacher names to the :class:`~kdcore.data.teacher_views.TeacherView` whose tokenization
+    goes to ``Sample.teachers[name]``; ``teacher_names`` are the names ``data.teacher_column``
+    may use (``Sample.route``). Without them, nothing changes.
     """
     from kdcore.tokenizers import same_tokenizer
 
@@ -81,8 +87,16 @@ def prepare_data(data_cfg: Any, student_tokenizer, teacher_tokenizer=None, *, se
 
     kw = dict(max_length=max_length, overlong=overlong, bad_policy=bad_policy)
     ttok = teacher_tokenizer if cross else None
-    train = _tokenize_split(train_rows, student_tokenizer, ttok, report.train, train_src.path, **kw)
-    evals = _tokenize_split(eval_rows, student_tokenizer, ttok, report.eval, report.eval.source, **kw)
+    if views or teacher_names:
+        extra = dict(views=views or {}, names=tuple(teacher_names), context=_cfg(data_cfg, "teacher_context", None),
+                     column=_cfg(data_cfg, "teacher_column", None))
+        train = _tokenize_split_views(train_rows, train_src, student_tokenizer, report.train, train_src.path,
+                                      **kw, **extra)
+        evals = _tokenize_split_views(eval_rows, eval_src if eval_spec else train_src, student_tokenizer,
+                                      report.eval, report.eval.source, **kw, **extra)
+    else:
+        train = _tokenize_split(train_rows, student_tokenizer, ttok, report.train, train_src.path, **kw)
+        evals = _tokenize_split(eval_rows, student_tokenizer, ttok, report.eval, report.eval.source, **kw)
     if not train:
         raise DataError(f"no training samples left in '{train_src.path}' ({report.train.rows} rows, "
                         f"{report.train.bad_rows} bad, {report.train.dropped_overlong} dropped by max_length)")
@@ -124,6 +138,51 @@ def _tokenize_split(rows: list[tuple[int, dict]], stok, ttok, rep: SplitReport, 
         except OverlongRow:
             rep.dropped_overlong += 1
             continue
+        rep.truncated += truncated
+        rep.add(sample)
+        samples.append(sample)
+    return samples
+
+
+def _tokenize_split_views(rows: list[tuple[int, dict]], src: RowSource, stok, rep: SplitReport, path: str, *,
+                          views: dict, names: tuple[str, ...], context, column, max_length: int, overlong: str,
+                          bad_policy: str) -> list[Sample]:
+    """:func:`_tokenize_split` with each teacher's own tokenization (``Sample.teachers``) and
+    each row's route (``Sample.route``), see :mod:`kdcore.data.teacher_views`."""
+    from kdcore.data.rendering import _truncate_at_char
+    from kdcore.data.teacher_views import row_context, row_route, tokenize_views
+
+    kept, contexts, routes = [], [], []
+    for row, norm in rows:
+        try:
+            ctx, route = row_context(src.rows[row], context), row_route(src.rows[row], column, names)
+        except BadRow as exc:
+            _bad(rep, row, exc.reason, bad_policy, path)
+            continue
+        kept.append((row, norm))
+        contexts.append(ctx)
+        routes.append(route)
+    norms = [n for _, n in kept]
+    s_tok = tokenize_rows(norms, stok)
+    own_tok = tokenize_views(norms, contexts, views)
+    samples = []
+    for k, ((row, norm), s) in enumerate(zip(kept, s_tok)):
+        own = {name: toks[k] for name, toks in own_tok.items()}
+        bad = s if isinstance(s, BadRow) else next((t for t in own.values() if isinstance(t, BadRow)), None)
+        if bad is not None:
+            _bad(rep, row, bad.reason, bad_policy, path)
+            continue
+        if max_length is not None and len(s.input_ids) > max_length:
+            rep.overlong += 1
+        try:
+            sample, truncated = _finish(norm, row, s, None, max_length, overlong)
+        except OverlongRow:
+            rep.dropped_overlong += 1
+            continue
+        if truncated:  # the teachers read as far as the student does
+            end = max(b for _, b in sample.student.offsets)
+            own = {name: _truncate_at_char(t, end) for name, t in own.items()}
+        sample.teachers, sample.route = own, routes[k]
         rep.truncated += truncated
         rep.add(sample)
         samples.append(sample)

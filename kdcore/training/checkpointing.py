@@ -2,7 +2,9 @@
 
 The files themselves (atomic DCP folders, ``latest``, pruning, export) are
 :mod:`kdcore.checkpoint`'s; this part owns the run's decisions: the save interval, the final
-save, which trainer state goes with a checkpoint, and naming the last good one when a run stops.
+save, which trainer state goes with a checkpoint (the rollout policy's state, the latest eval
+loss, and an EMA teacher's average as ``ema_teacher.safetensors``: :mod:`kdcore.training.ema`),
+and naming the last good one when a run stops.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from kdcore.training.types import LatestEval, TrainingError
 
 
 class Checkpointer:
-    def __init__(self, out_dir: Path, *, cfg, student, rollout, latest_eval: LatestEval, log):
+    def __init__(self, out_dir: Path, *, cfg, student, rollout, latest_eval: LatestEval, log, ema=None):
         self.dir = out_dir / "checkpoints"
         self.recipe = cfg  # saved with every checkpoint, compared on --resume (kdcore/resume.py)
         self.cfg = cfg.checkpoint
@@ -24,6 +26,7 @@ class Checkpointer:
         self.rollout = rollout  # its state (e.g. an adaptive probability) is saved with the weights
         self.latest_eval = latest_eval
         self.log = log  # kdcore.training.metrics.RunLog
+        self.ema = ema  # kdcore.training.ema.EMATeacher, or None
         self.last_good: Path | None = None
 
     def restore(self) -> tuple[int, Any]:
@@ -43,6 +46,8 @@ class Checkpointer:
 
         self.latest_eval.loss = state.trainer_state.get("last_eval_loss")
         self.rollout.load_state_dict(state.trainer_state.get("rollout") or {})
+        if self.ema is not None:
+            self.ema.load(state.path)
         self.last_good = state.path
         kstudent.reschedule_for_recipe(s.scheduler, self.recipe.train, (state.recipe or {}).get("train"))
         if self.log.is_main:
@@ -64,6 +69,12 @@ class Checkpointer:
             extra_modules=s.extra_modules, data_state=asdict(position) if position is not None else {},
             trainer_state={"last_eval_loss": self.latest_eval.loss, "rollout": self.rollout.state_dict()},
             recipe=recipe_dict(self.recipe), keep=self.cfg.keep)
+        if self.ema is not None:
+            from kdcore import distributed as kdist
+
+            if kdist.get_rank() == 0:  # the average is the same on every rank
+                self.ema.save(self.last_good)
+            kdist.barrier()
         return self.last_good
 
     def where(self) -> str:

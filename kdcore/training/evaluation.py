@@ -69,21 +69,41 @@ class Evaluator:
 
     @torch.no_grad()
     def evaluate(self, step: int) -> dict | None:
-        """One record (also kept as ``latest``), or None without held-out samples."""
+        """One record (also kept as ``latest``), or None without held-out samples.
+
+        Several teachers: ``eval_teacher_kl/<name>``, ``eval_kd/<name>`` (and
+        ``eval_top1_agreement/<name>``, ``eval_<aligner metric>/<name>``) per teacher, plus the
+        totals ``eval_teacher_kl`` and ``eval_kd`` weighted as the loss is."""
         if not self.samples:
             return None
         student = self.forward.student
         was_training = student.model.training
         student.train(False)
-        sums, aligner_rec = self._held_out_sums(step)
-        self.kdist.all_reduce_sum(sums)
+        sums, aligner_recs = self._held_out_sums(step)
+        flat = torch.cat(list(sums.values()))
+        self.kdist.all_reduce_sum(flat)
         student.train(was_training)
-        kl, kd_tok, ce, ce_tok, own_kd, agree_n, agree_tot = sums.tolist()
-        rec = {"step": step, "eval_teacher_kl": kl / max(kd_tok, 1), "eval_kd": own_kd / max(kd_tok, 1),
-               "eval_ppl": math.exp(min(ce / max(ce_tok, 1), 50.0)), "eval_tokens": int(ce_tok)}
-        if not self.cross:
-            rec["eval_top1_agreement"] = agree_n / max(agree_tot, 1)
-        rec.update({f"eval_{k}": v for k, v in aligner_rec.items()})
+        parts = self.forward.parts
+        several = len(parts) > 1
+        rec = {"step": step}
+        totals = {"eval_teacher_kl": 0.0, "eval_kd": 0.0}
+        for k, name in enumerate(parts):
+            kl, kd_tok, ce, ce_tok, own_kd, agree_n, agree_tot = flat[7 * k: 7 * k + 7].tolist()
+            mine = {"eval_teacher_kl": kl / max(kd_tok, 1), "eval_kd": own_kd / max(kd_tok, 1)}
+            if k == 0:
+                ppl = {"eval_ppl": math.exp(min(ce / max(ce_tok, 1), 50.0)), "eval_tokens": int(ce_tok)}
+            if not parts[name].cross:
+                mine["eval_top1_agreement"] = agree_n / max(agree_tot, 1)
+            mine.update({f"eval_{m}": v for m, v in aligner_recs[name].items()})
+            if not several:
+                rec.update({**{key: mine[key] for key in totals}, **ppl,
+                            **{key: v for key, v in mine.items() if key not in totals}})
+                break
+            for key in totals:
+                totals[key] += parts[name].weight * mine[key]
+            rec.update({f"{key}/{name}": v for key, v in mine.items()})
+        if several:
+            rec.update({**totals, **ppl})
         self.latest.record, self.latest.loss = rec, rec["eval_kd"]
         return rec
 
@@ -94,47 +114,57 @@ class Evaluator:
         idx = list(range(len(self.samples)))
         return [idx[i:i + mbs] for i in range(0, len(idx), mbs)][: self.train_cfg.eval_batches]
 
-    def _held_out_sums(self, step: int) -> tuple[torch.Tensor, dict]:
+    def _held_out_sums(self, step: int) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
         batches = self.held_out_batches()
         mine = batches[self.env.rank::self.env.world_size]
         # pad every rank to the same number of forwards: FSDP collectives need all ranks
         rounds = math.ceil(len(batches) / self.env.world_size)
-        sums = torch.zeros(7, dtype=torch.float64)
-        aligner = self.forward.aligner
-        # the aligner's counters (align_ratio, projector_acc) restart here, so eval reports held-out
+        parts = self.forward.parts
+        sums = {name: torch.zeros(7, dtype=torch.float64) for name in parts}
+        # the aligners' counters (align_ratio, projector_acc) restart here, so eval reports held-out
         # forwards only; training forwards not yet read by a step record are dropped
-        aligner.metrics()
-        aligner_rec: dict = {}
-        kl_spec = self.forward.spec(0, 0, loss_fn=fkl_reference, options={}, eval_mode=True)
-        own_spec = self.forward.spec(0, 0, eval_mode=True)
+        for part in parts.values():
+            part.aligner.metrics()
+        aligner_recs: dict = {name: {} for name in parts}
+        specs = {name: [self.forward.spec(0, 0, loss_fn=fkl_reference, options={}, eval_mode=True, teacher=name),
+                        self.forward.spec(0, 0, eval_mode=True, teacher=name)] for name in parts}
         for r in range(rounds):
             use = r < len(mine)
             chosen = mine[r] if use else batches[0]
             pmb = self.preparer.micro_batch(step, r, True, [self.samples[j] for j in chosen])
             self.schedule.submit(pmb)
             try:
-                (kl_out, own_out), hidden = self.forward.losses(
-                    pmb, lambda: self.schedule.hidden(pmb, timed=False), [kl_spec, own_spec])
-                agree = (0, 0) if self.cross else self.top1_agreement(pmb, hidden, self.schedule.hidden(pmb, timed=False))
+                shares = pmb.shares(self.forward.default)
+                outs, hidden = self.forward.losses_by_teacher(
+                    pmb, lambda n: self.schedule.hidden(pmb, timed=False, name=n), {n: specs[n] for n in shares})
+                agree = {n: (0, 0) if parts[n].cross else
+                         self.top1_agreement(shares[n], hidden, self.schedule.hidden(pmb, timed=False, name=n), n)
+                         for n in shares}
             finally:
                 self.schedule.release(pmb)
             if use:
-                sums += torch.tensor([float(kl_out.kd_sum), kl_out.kd_tokens, float(kl_out.ce_sum), kl_out.ce_tokens,
-                                      float(own_out.kd_sum), agree[0], agree[1]], dtype=torch.float64)
+                ce_out = next(iter(outs.values()))[0]  # CE is the same in every teacher's output
+                for n, (kl_out, own_out) in outs.items():
+                    sums[n] += torch.tensor([float(kl_out.kd_sum), kl_out.kd_tokens, float(ce_out.ce_sum),
+                                             ce_out.ce_tokens, float(own_out.kd_sum), agree[n][0], agree[n][1]],
+                                            dtype=torch.float64)
                 if r == len(mine) - 1:  # before the padding rounds, which repeat batch 0
-                    aligner_rec = dict(aligner.metrics())
-        aligner.metrics()  # drop the padding rounds' counts
-        return sums, mean_over_ranks(aligner_rec, self.env, aligner)
+                    aligner_recs = {n: dict(p.aligner.metrics()) for n, p in parts.items()}
+        for part in parts.values():
+            part.aligner.metrics()  # drop the padding rounds' counts
+        return sums, {n: mean_over_ranks(aligner_recs[n], self.env, p.aligner) for n, p in parts.items()}
 
-    def top1_agreement(self, pmb: PreparedMicroBatch, hidden: torch.Tensor, h_t: torch.Tensor) -> tuple[int, int]:
+    def top1_agreement(self, pmb: PreparedMicroBatch, hidden: torch.Tensor, h_t: torch.Tensor,
+                       teacher: str | None = None) -> tuple[int, int]:
         """How often the student's most likely next token is the teacher's (paired rows only)."""
         b = pmb.batch
         dev = self.env.device
+        part = self.forward.parts[teacher or self.forward.default]
         h_s = hidden.reshape(-1, hidden.shape[-1])[b.loss_index.to(dev)][pmb.student_index.to(dev)]
         h_tt = h_t.to(dev)[pmb.teacher_index.to(dev)]
         w_s = self.forward.student_head()
-        w_t = self.forward.teacher_head
-        v = min(w_s.shape[0], w_t.shape[0], self.forward.aligner.vocab_size or w_s.shape[0])
+        w_t = part.head
+        v = min(w_s.shape[0], w_t.shape[0], part.aligner.vocab_size or w_s.shape[0])
         hits = 0
         for i in range(0, h_s.shape[0], self.chunk_size):
             s_top = (h_s[i:i + self.chunk_size] @ w_s[:v].T).argmax(-1)

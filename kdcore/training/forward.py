@@ -4,7 +4,8 @@ Token counts of a step are all-reduced before its first backward (:mod:`kdcore.t
 so each micro-batch's sums are scaled by ``world_size / global_count``: with FSDP averaging
 gradients over ranks, the step's gradient is exactly that of the token mean over the global
 batch, whatever the split into micro-batches and ranks. The loss is
-``(1 - kd_ratio) * CE + kd_ratio * KD``.
+``(1 - kd_ratio) * CE + kd_ratio * KD``; with several teachers KD is
+``Σ_teachers weight · KD_teacher`` (weights as the recipe gives them, not normalised).
 """
 
 from __future__ import annotations
@@ -18,56 +19,99 @@ from kdcore.training.types import PreparedMicroBatch
 
 
 class DistillForward:
-    """Student forward and the registered loss through the aligner (chunked, no ``[N, V]``)."""
+    """Student forward and the registered loss through each teacher's aligner (chunked, no ``[N, V]``).
 
-    def __init__(self, *, student, aligner, distill_cfg, loss_fn, loss_options: dict, teacher_head: torch.Tensor,
-                 device, world_size: int):
+    Several teachers: one student forward, then one aligner loss per teacher present in the
+    micro-batch, scaled ``weight · kd_ratio · world / that teacher's global KD count``; CE is
+    counted once, by the first teacher present (its aligner computes CE over every labelled
+    student row, whichever rows it pairs)."""
+
+    def __init__(self, *, student, parts, distill_cfg, loss_fn, loss_options: dict, device, world_size: int):
         from kdcore import student as kstudent
 
         self.student = student
-        self.aligner = aligner
+        self.parts = {p.name: p for p in parts}  # kdcore.training.teachers.TeacherPart by name
+        self.default = parts[0].name
         self.distill_cfg = distill_cfg
         self.loss_fn = loss_fn
         self.loss_options = loss_options
-        self.teacher_head = teacher_head  # [V_t, H_t]; replaced when self-distillation refreshes the teacher
         self.device = device
         self.world_size = world_size
         self._kstudent = kstudent
 
+    @property
+    def aligner(self):
+        """The (first) teacher's aligner."""
+        return self.parts[self.default].aligner
+
+    @property
+    def teacher_head(self) -> torch.Tensor:
+        """The (first) teacher's head ``[V_t, H_t]``; replaced when self-distillation refreshes it."""
+        return self.parts[self.default].head
+
+    @teacher_head.setter
+    def teacher_head(self, head: torch.Tensor) -> None:
+        self.parts[self.default].head = head
+
     def spec(self, kd_global: int, ce_global: int, *, loss_fn=None, options: dict | None = None,
-             eval_mode: bool = False) -> LossSpec:
-        """Training: scales that turn this rank's sums into its share of the global token mean.
-        Evaluation: unit scales, only the sums are read."""
+             eval_mode: bool = False, teacher: str | None = None, with_ce: bool = True) -> LossSpec:
+        """Training: scales that turn this rank's sums into its share of the global token mean
+        (``teacher``: that teacher's weight and temperature; ``with_ce`` False: CE is another
+        teacher's to count). Evaluation: unit scales, only the sums are read."""
         d = self.distill_cfg
         r = d.kd_ratio
+        part = self.parts[teacher] if teacher is not None else None
         if eval_mode:
             kd_scale = ce_scale = 1.0
         else:
-            kd_scale = r * self.world_size / kd_global if kd_global else 0.0
-            ce_scale = (1 - r) * self.world_size / ce_global if ce_global else 0.0
+            kd_scale = (part.weight * r if part else r) * self.world_size / kd_global if kd_global else 0.0
+            ce_scale = (1 - r) * self.world_size / ce_global if ce_global and with_ce else 0.0
         return LossSpec(
             fn=loss_fn or self.loss_fn, options=self.loss_options if options is None else options,
-            temperature=d.temperature, kd_ratio=r, chunk_size=d.chunk_size, kd_scale=kd_scale, ce_scale=ce_scale,
+            temperature=part.temperature if part else d.temperature, kd_ratio=r, chunk_size=d.chunk_size,
+            kd_scale=kd_scale, ce_scale=ce_scale,
         )
+
+    def training_specs(self, pmb: PreparedMicroBatch, prepared) -> dict[str, list[LossSpec]]:
+        """Per teacher present in the micro-batch, its one training spec."""
+        names = list(pmb.shares(self.default))
+        if not pmb.teachers:
+            return {names[0]: [self.spec(prepared.kd_global, prepared.ce_global)]}
+        return {n: [self.spec(prepared.kd_by_teacher[n], prepared.ce_global, teacher=n, with_ce=k == 0)]
+                for k, n in enumerate(names)}
 
     def student_head(self) -> torch.Tensor:
         return self._kstudent.student_head_weight(self.student.model)
 
     def losses(self, pmb: PreparedMicroBatch, teacher_rows: Callable[[], torch.Tensor],
                specs: list[LossSpec]) -> tuple[list[Any], torch.Tensor]:
-        """One student forward, then one aligner loss per spec; returns (outputs, hidden states).
+        """The one teacher's :meth:`losses_by_teacher`."""
+        outs, hidden = self.losses_by_teacher(pmb, lambda name: teacher_rows(), {self.default: specs})
+        return outs[self.default], hidden
 
-        ``teacher_rows()`` is called after the student forward, so a teacher still computing
-        this micro-batch overlaps with it."""
+    def losses_by_teacher(self, pmb: PreparedMicroBatch, teacher_rows: Callable[[str], torch.Tensor],
+                          specs: dict[str, list[LossSpec]]) -> tuple[dict[str, list[Any]], torch.Tensor]:
+        """One student forward, then per teacher one aligner loss per spec; returns (outputs by
+        teacher, hidden states).
+
+        ``teacher_rows(name)`` is called after the student forward, so teachers still computing
+        this micro-batch overlap with it."""
         b = pmb.batch
         dev = self.device
         hidden = self._kstudent.student_hidden(self.student.model, b.input_ids.to(dev), b.attention_mask.to(dev))
         h_s = hidden.reshape(-1, hidden.shape[-1])[b.loss_index.to(dev)]
         w_s = self.student_head()
-        h_t = teacher_rows()
-        batch = AlignedBatch(
-            student_hidden=h_s, student_head=w_s, labels=b.labels.to(dev),
-            teacher_hidden=h_t.to(dev), teacher_head=self.teacher_head,
-            student_index=pmb.student_index.to(dev), teacher_index=pmb.teacher_index.to(dev), extra=pmb.extra,
-        )
-        return [self.aligner(batch, spec) for spec in specs], hidden
+        labels = b.labels.to(dev)
+        shares = pmb.shares(self.default)
+        outs = {}
+        for name, share_specs in specs.items():
+            share, part = shares[name], self.parts[name]
+            h_t = teacher_rows(name)
+            batch = AlignedBatch(
+                student_hidden=h_s, student_head=w_s, labels=labels,
+                teacher_hidden=h_t.to(dev), teacher_head=part.head,
+                student_index=share.student_index.to(dev), teacher_index=share.teacher_index.to(dev),
+                extra=share.extra,
+            )
+            outs[name] = [part.aligner(batch, spec) for spec in share_specs]
+        return outs, hidden

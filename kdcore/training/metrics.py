@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -72,17 +72,21 @@ class StepMeter:
     kd_sum: float = 0.0
     ce_sum: float = 0.0
     tokens: int = 0
+    kd_by_teacher: dict[str, float] = field(default_factory=dict)  # several teachers: each one's KD sum
 
-    def add(self, kd_sum: float, ce_sum: float, tokens: int) -> None:
+    def add(self, kd_sum: float, ce_sum: float, tokens: int, kd_by_teacher: dict[str, float] | None = None) -> None:
         self.kd_sum += kd_sum
         self.ce_sum += ce_sum
         self.tokens += tokens
+        for name, v in (kd_by_teacher or {}).items():
+            self.kd_by_teacher[name] = self.kd_by_teacher.get(name, 0.0) + v
 
     def take(self) -> "StepMeter":
         """This step's sums; the meter starts the next step from zero."""
-        done = StepMeter(self.kd_sum, self.ce_sum, self.tokens)
+        done = StepMeter(self.kd_sum, self.ce_sum, self.tokens, self.kd_by_teacher)
         self.kd_sum = self.ce_sum = 0.0
         self.tokens = 0
+        self.kd_by_teacher = {}
         return done
 
 

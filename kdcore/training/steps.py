@@ -2,7 +2,8 @@
 
 Per optimizer step and rank: the batch planner gives ``grad_accum`` micro-batches (sample
 indices); the rollout policy picks the sequences to learn on; the aligner pairs student loss
-positions with teacher positions per sample; the step's KD and CE row counts are summed over
+positions with teacher positions per sample (with several teachers, once per teacher, over the
+rows ``data.teacher_column`` routes to it: :mod:`kdcore.training.teachers`); the step's KD and CE row counts are summed over
 micro-batches and ranks before any backward, so each micro-batch's loss can be scaled to its
 share of the global token mean (see :mod:`kdcore.training.forward`).
 """
@@ -10,6 +11,7 @@ share of the global token mean (see :mod:`kdcore.training.forward`).
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -17,12 +19,24 @@ import torch
 from kdcore.training.types import LatestEval, PreparedMicroBatch, PreparedStep
 
 
+def _pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ``[B, L]`` ids and mask (as :func:`kdcore.data.collate` pads)."""
+    longest = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), longest), int(pad_id), dtype=torch.long)
+    mask = torch.zeros((len(seqs), longest), dtype=torch.long)
+    for b, s in enumerate(seqs):
+        ids[b, : len(s)] = torch.tensor(list(s), dtype=torch.long)
+        mask[b, : len(s)] = 1
+    return ids, mask
+
+
 class StepPreparer:
     """Builds :class:`PreparedStep` s for one rank, in step order."""
 
-    def __init__(self, *, aligner, rollout, train_samples: Sequence, train_cfg, shuffle: bool, env, kdist,
-                 pad_id: int, teacher_pad_id: int, latest_eval: LatestEval, sampler=None):
-        self.aligner = aligner
+    def __init__(self, *, parts, rollout, train_samples: Sequence, train_cfg, shuffle: bool, env, kdist,
+                 pad_id: int, teacher_pad_id: int, latest_eval: LatestEval, sampler=None, several: bool = False):
+        self.parts = parts  # kdcore.training.teachers.TeacherPart per teacher
+        self.several = several  # each teacher gets a share of its own (PreparedMicroBatch.teachers)
         self.rollout = rollout
         self.train_samples = train_samples
         self.train_cfg = train_cfg
@@ -45,24 +59,49 @@ class StepPreparer:
         from kdcore.kdloss import IGNORE_INDEX
 
         mb = collate(samples, self.pad_id, self.teacher_pad_id)
-        alignments = [self.aligner.align(s.student, s.teacher if s.teacher is not None else s.student)
-                      for s in samples]
+        ce_rows = int((mb.labels != IGNORE_INDEX).sum())
+        if not self.several:
+            return self._share(self.parts[0], step, index, last, mb, samples, ce_rows, list(range(len(samples))))
+        shares = {}
+        for part in self.parts:
+            rows = [b for b, s in enumerate(samples) if part.teaches(s)]
+            if rows:
+                share = self._share(part, step, index, last, mb, samples, ce_rows, rows)
+                # the rows this teacher reads: its own tokens, or the student's ids
+                share.batch = replace(mb, **dict(zip(("teacher_input_ids", "teacher_attention_mask"),
+                                                     _pad([part.view(samples[b]).input_ids for b in rows],
+                                                          part.pad_id))))
+                shares[part.name] = share
+        return PreparedMicroBatch(step=step, index=index, last=last, batch=mb, alignments=[], teacher_positions=[],
+                                  student_index=torch.zeros(0, dtype=torch.long),
+                                  teacher_index=torch.zeros(0, dtype=torch.long), extra={},
+                                  kd_rows=sum(m.kd_rows for m in shares.values()), ce_rows=ce_rows, teachers=shares)
+
+    def _share(self, part, step: int, index: int, last: bool, mb, samples: list, ce_rows: int,
+               rows: list[int]) -> PreparedMicroBatch:
+        """One teacher's share: its pairs over the micro-batch's student rows (sample ``b``'s
+        loss rows start after those of samples ``< b``) and its teacher rows (``rows`` only)."""
+        student_starts, base = [], 0
+        for s in samples:
+            student_starts.append(base)
+            base += len(s.student.loss_positions)
+        alignments = [part.aligner.align(samples[b].student, part.view(samples[b])) for b in rows]
         s_idx, t_idx, s_off, t_off = [], [], [], []
-        s_base = t_base = 0
-        for s, a in zip(samples, alignments):
+        t_base = 0
+        for b, a in zip(rows, alignments):
+            s_base = student_starts[b]
             s_off.append(s_base)
             t_off.append(t_base)
             s_idx.extend(s_base + i for i in a.student_index)
             t_idx.extend(t_base + i for i in a.teacher_index)
-            s_base += len(s.student.loss_positions)
             t_base += len(a.teacher_positions)
-        extra = self.aligner.collate([a.extra for a in alignments], s_off, t_off)
+        extra = part.aligner.collate([a.extra for a in alignments], s_off, t_off)
         student_index = torch.tensor(s_idx, dtype=torch.long)
         return PreparedMicroBatch(
             step=step, index=index, last=last, batch=mb, alignments=alignments,
             teacher_positions=[list(a.teacher_positions) for a in alignments],
             student_index=student_index, teacher_index=torch.tensor(t_idx, dtype=torch.long), extra=extra,
-            kd_rows=int(torch.unique(student_index).numel()), ce_rows=int((mb.labels != IGNORE_INDEX).sum()),
+            kd_rows=int(torch.unique(student_index).numel()), ce_rows=ce_rows,
         )
 
     def steps(self, start_step: int, position: Any) -> Iterator[PreparedStep]:
@@ -88,8 +127,12 @@ class StepPreparer:
                 ctx.micro_batch = i
                 samples = self.rollout.select([self.train_samples[j] for j in idx], ctx)
                 mbs.append(self.micro_batch(step, i, i == n - 1, samples))
-            counts = torch.tensor([sum(m.kd_rows for m in mbs), sum(m.ce_rows for m in mbs)], dtype=torch.float64)
+            names = [p.name for p in self.parts] if self.several else []
+            counts = torch.tensor([sum(m.kd_rows for m in mbs), sum(m.ce_rows for m in mbs)]
+                                  + [sum(m.teachers[n].kd_rows for m in mbs if n in m.teachers) for n in names],
+                                  dtype=torch.float64)
             self.kdist.all_reduce_sum(counts)
             yield PreparedStep(step=step, micro_batches=mbs, data_next=planned.next,
-                               kd_global=int(counts[0]), ce_global=int(counts[1]))
+                               kd_global=int(counts[0]), ce_global=int(counts[1]),
+                               kd_by_teacher={n: int(c) for n, c in zip(names, counts[2:].tolist())})
             step += 1

@@ -9,6 +9,10 @@ at step boundaries.
 Colocated (an engine whose ``colocated`` is true, e.g. SGLang sharing the GPUs with the
 student): the teacher is woken once per step, prepares the step (a rollout may sample from
 it), computes all of its micro-batches, and sleeps while the student trains on them.
+
+Several teachers (:mod:`kdcore.training.teachers`): every teacher has its own engine and slots;
+a micro-batch is submitted to all of its teachers at once (each its own share), so every
+teacher computes micro-batch k+1 while the student trains on k.
 """
 
 from __future__ import annotations
@@ -26,9 +30,13 @@ from kdcore.training.types import PreparedMicroBatch, PreparedStep, TrainingErro
 class TeacherSchedule:
     """Feeds prepared micro-batches to the trainer with their teacher rows on the way."""
 
-    def __init__(self, engine, *, cross: bool, looks_ahead: bool, max_steps: int, colocation=None):
-        self.engine = engine
-        self.cross = cross  # the teacher gets its own tokenization (else the student's ids)
+    def __init__(self, engine=None, *, cross: bool = False, looks_ahead: bool, max_steps: int, colocation=None,
+                 engines: dict | None = None):
+        # name -> (engine, whether it reads batch.teacher_input_ids rather than the student's ids);
+        # ``engine``/``cross`` is the one teacher of the short form
+        self.engines = engines if engines is not None else {"teacher": (engine, cross)}
+        self.default = next(iter(self.engines))
+        self.engine, self.cross = self.engines[self.default]
         self.looks_ahead = looks_ahead
         self.max_steps = max_steps
         self.colocation = colocation  # kdcore engines' Colocation when the engine is colocated
@@ -39,29 +47,44 @@ class TeacherSchedule:
 
     # ------------------------------------------------------------------ one micro-batch
     def submit(self, pmb: PreparedMicroBatch) -> None:
+        from kdcore.channel import ChannelError
         from kdcore.engines import HiddenRequest
 
-        b = pmb.batch
-        ids = b.teacher_input_ids if self.cross else b.input_ids
-        mask = b.teacher_attention_mask if self.cross else b.attention_mask
-        pmb.ticket = self.engine.submit(HiddenRequest(ids, mask, pmb.teacher_positions))
+        for name, share in pmb.shares(self.default).items():
+            engine, cross = self.engines[name]
+            b = share.batch
+            ids = b.teacher_input_ids if cross else b.input_ids
+            mask = b.teacher_attention_mask if cross else b.attention_mask
+            try:
+                share.ticket = engine.submit(HiddenRequest(ids, mask, share.teacher_positions))
+            except ChannelError as exc:
+                raise TrainingError(f"{self._who(name)} failed at step {pmb.step}: {exc}") from exc
+        pmb.submitted = True
 
-    def hidden(self, pmb: PreparedMicroBatch, *, timed: bool = True) -> torch.Tensor:
-        """The teacher rows of a submitted micro-batch: a view of its channel slot."""
+    def hidden(self, pmb: PreparedMicroBatch, *, timed: bool = True, name: str | None = None) -> torch.Tensor:
+        """The rows teacher ``name`` (default: the one teacher) computed for a submitted
+        micro-batch: a view of its channel slot."""
         from kdcore.channel import ChannelError
 
+        name = name or self.default
         t0 = time.perf_counter()
         try:
-            h_t = self.engine.result(pmb.ticket)
+            h_t = self.engines[name][0].result(pmb.shares(self.default)[name].ticket)
         except ChannelError as exc:
-            raise TrainingError(f"teacher engine failed at step {pmb.step}: {exc}") from exc
+            raise TrainingError(f"{self._who(name)} failed at step {pmb.step}: {exc}") from exc
         if timed:
             self.wait_s += time.perf_counter() - t0
         return h_t
 
+    def _who(self, name: str) -> str:
+        return "teacher engine" if len(self.engines) == 1 else f"teacher '{name}' (its engine)"
+
     def release(self, pmb: PreparedMicroBatch) -> None:
-        self.engine.release(pmb.ticket)
-        pmb.ticket = None
+        for name, share in pmb.shares(self.default).items():
+            if share.ticket is not None:
+                self.engines[name][0].release(share.ticket)
+                share.ticket = None
+        pmb.submitted = False
 
     def phase(self):
         """Context in which the teacher may be used: a colocated engine is awake only inside it."""
@@ -72,7 +95,7 @@ class TeacherSchedule:
         uses the same slots, or a teacher refresh, after which they are stale); they are
         submitted again when their turn comes."""
         for m in self._queue:
-            if m.ticket is not None:
+            if m.submitted:
                 self.release(m)
 
     # ------------------------------------------------------------------ the stream
@@ -96,8 +119,8 @@ class TeacherSchedule:
     def _fill_ahead(self, steps: Iterator[PreparedStep]) -> None:
         # submit queued micro-batches until one waits in the channel (the one the student holds
         # is the other slot of the double buffer)
-        while not any(m.ticket is not None for m in self._queue):
-            waiting = [m for m in self._queue if m.ticket is None]
+        while not any(m.submitted for m in self._queue):
+            waiting = [m for m in self._queue if not m.submitted]
             if waiting:
                 self.submit(waiting[0])
                 continue
@@ -120,7 +143,8 @@ class TeacherSchedule:
             for m in nxt.micro_batches:
                 self.submit(m)
             for m in nxt.micro_batches:
-                self.hidden(m)
+                for name in m.shares(self.default):
+                    self.hidden(m, name=name)
 
     def _take_step(self, steps: Iterator[PreparedStep]) -> bool:
         nxt = next(steps, None)

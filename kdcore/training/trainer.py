@@ -13,13 +13,13 @@ them, :class:`~kdcore.training.forward.DistillForward` runs the student and the 
 from __future__ import annotations
 
 import math
-import os
 import time
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
+from kdcore.training import teachers
 from kdcore.training.checkpointing import Checkpointer
 from kdcore.training.evaluation import Evaluator, mean_over_ranks
 from kdcore.training.forward import DistillForward
@@ -34,7 +34,6 @@ class Trainer:
 
     def __init__(self, cfg, *, registry=None, resume: bool = False, overwrite: bool = False):
         from kdcore import distributed as kdist
-        from kdcore.data import prepare_data
         from kdcore.plugins import load_registry
         from kdcore.runtime import tune_allocator
         from kdcore.sampling import build_sampler
@@ -54,50 +53,52 @@ class Trainer:
         self.evals: list[dict] = []
         self.position = None  # data position after the last finished step
         self.step_started = time.perf_counter()
-        self.engine = self.sampler = None  # closed by close(), also when building fails half-way
+        self.parts: list = []
+        self.sampler = self.ema = None  # closed by close(), also when building fails half-way
         try:
             self.loss_fn, self.loss_options, self.rollout = self._algorithms()
             self._prepare_output()
             self.log.open_loggers(self.registry, cfg.logging.backends, config=OmegaConf.to_container(cfg, resolve=True))
-            self.student_tok, self.teacher_tok = self._tokenizers()
-            self.aligner = self._aligner()
+            self.student_tok = self._student_tokenizer()
+            self.parts = teachers.build_parts(cfg, self.registry, self.student_tok, student_tokenizer_spec(cfg))
+            self.several = teachers.uses_views(cfg)
+            self.teacher_tok, self.aligner = self.parts[0].tokenizer, self.parts[0].aligner
             self.cross = bool(self.aligner.cross_tokenizer)
-            data = prepare_data(cfg.data, self.student_tok, self.teacher_tok if self.cross else None,
-                                seed=cfg.train.seed)
-            self.train_samples, self.eval_samples = data.train, data.eval
-            self.log.say(data.report.rich_table())
-            self.student, teacher_head = self._student()
-            self.engine, colocation = self._start_teacher()
+            self.train_samples, self.eval_samples = self._data()
+            self.student = self._student()
+            colocation = self._start_teachers()
+            self.engine = self.parts[0].engine
             self.sampler = build_sampler(cfg, self.rollout, student_model=self.student.model,
                                          student_tok=self.student_tok, teacher_tok=self.teacher_tok,
                                          cross=self.cross, teacher_engine=self.engine, env=self.env,
                                          train_samples=self.train_samples)
+            self.ema = self._ema()
             self.preparer = StepPreparer(
-                aligner=self.aligner, rollout=self.rollout, train_samples=self.train_samples, train_cfg=cfg.train,
+                parts=self.parts, rollout=self.rollout, train_samples=self.train_samples, train_cfg=cfg.train,
                 shuffle=cfg.data.shuffle, env=self.env, kdist=kdist, pad_id=pad_token_id(self.student_tok),
-                teacher_pad_id=pad_token_id(self.teacher_tok), latest_eval=self.latest_eval, sampler=self.sampler)
-            self.forward = DistillForward(student=self.student, aligner=self.aligner, distill_cfg=cfg.distill,
+                teacher_pad_id=pad_token_id(self.teacher_tok), latest_eval=self.latest_eval, sampler=self.sampler,
+                several=self.several)
+            self.forward = DistillForward(student=self.student, parts=self.parts, distill_cfg=cfg.distill,
                                           loss_fn=self.loss_fn, loss_options=self.loss_options,
-                                          teacher_head=teacher_head, device=self.env.device,
-                                          world_size=self.env.world_size)
-            self.schedule = TeacherSchedule(self.engine, cross=self.cross, looks_ahead=self.preparer.looks_ahead,
+                                          device=self.env.device, world_size=self.env.world_size)
+            engines = {p.name: (p.engine, self.cross if not self.several else True) for p in self.parts}
+            self.schedule = TeacherSchedule(engines=engines, looks_ahead=self.preparer.looks_ahead,
                                             max_steps=cfg.train.max_steps, colocation=colocation)
             self.evaluator = Evaluator(samples=self.eval_samples, preparer=self.preparer, forward=self.forward,
                                        schedule=self.schedule, train_cfg=cfg.train, chunk_size=cfg.distill.chunk_size,
                                        cross=self.cross, env=self.env, kdist=kdist, latest=self.latest_eval)
             self.checkpointer = Checkpointer(self.out_dir, cfg=cfg, student=self.student, rollout=self.rollout,
-                                             latest_eval=self.latest_eval, log=self.log)
+                                             latest_eval=self.latest_eval, log=self.log,
+                                             ema=self.ema)
         except BaseException:
             self.close()
             raise
 
     # ------------------------------------------------------------------------------ the loop
     def run(self) -> TrainResult:
-        from kdcore.data import DataPosition
-
         max_steps = self.cfg.train.max_steps
         try:
-            start, self.position = self.checkpointer.restore() if self.resume else (0, DataPosition())
+            start, self.position = self._begin()
             if start == 0:
                 self.evaluate(0)
             step = start
@@ -116,22 +117,45 @@ class Trainer:
         finally:
             self.close()
 
+    def _begin(self):
+        """``(first step, data position)``: restored with --resume; the EMA teacher gets its average."""
+        from kdcore.data import DataPosition
+
+        start, position = self.checkpointer.restore() if self.resume else (0, DataPosition())
+        if self.ema is not None:
+            if not self.resume:
+                self.ema.reset()
+            self._push_ema()
+        return start, position
+
     def train_micro_batch(self, pmb: PreparedMicroBatch, prepared: PreparedStep) -> None:
-        spec = self.forward.spec(prepared.kd_global, prepared.ce_global)
+        specs = self.forward.training_specs(pmb, prepared)
         self.student.begin_micro_batch(pmb.last)
-        (out,), _ = self.forward.losses(pmb, lambda: self.schedule.hidden(pmb), [spec])
-        out.loss.backward()
+        outs, _ = self.forward.losses_by_teacher(pmb, lambda name: self.schedule.hidden(pmb, name=name), specs)
+        firsts = [o[0] for o in outs.values()]
+        loss = firsts[0].loss
+        for out in firsts[1:]:
+            loss = loss + out.loss
+        loss.backward()
         self.schedule.release(pmb)
-        self.meter.add(float(out.kd_sum), float(out.ce_sum), pmb.batch.num_tokens)
+        per_teacher = {n: float(o[0].kd_sum) for n, o in outs.items()} if pmb.teachers else None
+        self.meter.add(sum(float(o.kd_sum) for o in firsts), float(firsts[0].ce_sum), pmb.batch.num_tokens,
+                       per_teacher)
 
     def finish_step(self, prepared: PreparedStep) -> int:
         """Optimizer step, then what follows it: record, teacher refresh, checkpoint, evaluation."""
         cfg = self.cfg
         stats = self.student.step()
         done = self.meter.take()
-        sums = torch.tensor([done.kd_sum, done.ce_sum, done.tokens], dtype=torch.float64)
+        names = list(prepared.kd_by_teacher)
+        sums = torch.tensor([done.kd_sum, done.ce_sum, done.tokens] + [done.kd_by_teacher.get(n, 0.0) for n in names],
+                            dtype=torch.float64)
         self.kdist.all_reduce_sum(sums)
-        kd_mean = float(sums[0]) / max(prepared.kd_global, 1)
+        per_teacher = {n: float(v) / max(prepared.kd_by_teacher[n], 1) for n, v in zip(names, sums[3:].tolist())}
+        if per_teacher:  # the weighted sum the loss optimises
+            kd_mean = sum(self.forward.parts[n].weight * v for n, v in per_teacher.items())
+        else:
+            kd_mean = float(sums[0]) / max(prepared.kd_global, 1)
         ce_mean = float(sums[1]) / max(prepared.ce_global, 1)
         loss = cfg.distill.kd_ratio * kd_mean + (1 - cfg.distill.kd_ratio) * ce_mean
         dt = time.perf_counter() - self.step_started
@@ -142,13 +166,17 @@ class Trainer:
                                 f"{stats.grad_norm}); stopped without updating; {self.checkpointer.where()}")
         rec = {"step": step, "loss": loss, "kd_loss": kd_mean, "ce_loss": ce_mean, "lr": stats.lr,
                "grad_norm": stats.grad_norm, "tokens_per_s": tps, "step_time_s": dt, "tokens": int(sums[2]),
-               "teacher_wait_s": self.schedule.wait_s, **self.rollout.metrics()}
+               "teacher_wait_s": self.schedule.wait_s, **self.rollout.metrics(),
+               **{f"kd_loss/{n}": v for n, v in per_teacher.items()}}
         self.schedule.wait_s = 0.0
         logged = step % cfg.logging.log_every == 0 or step == cfg.train.max_steps
-        if logged:  # the aligner's window covers the training forwards since the last record
-            rec.update(mean_over_ranks(dict(self.aligner.metrics()), self.env, self.aligner))
+        if logged:  # the aligners' windows cover the training forwards since the last record
+            rec.update(self._aligner_metrics())
         if self.sampler is not None:
             rec.update(self._after_update(step, dt))
+        if self.ema is not None and self.ema.due(step):
+            self.ema.update()
+            self._push_ema()
         if logged:
             self.log.record(rec)
         self.log.advance(step, loss=loss, tps=tps)
@@ -159,6 +187,19 @@ class Trainer:
             self.evaluate(step)
         self.step_started = time.perf_counter()
         return step
+
+    def _aligner_metrics(self) -> dict:
+        if len(self.parts) == 1:
+            return mean_over_ranks(dict(self.aligner.metrics()), self.env, self.aligner)
+        return {f"{k}/{p.name}": v for p in self.parts
+                for k, v in mean_over_ranks(dict(p.aligner.metrics()), self.env, p.aligner).items()}
+
+    def _push_ema(self) -> None:
+        """The teacher takes the EMA weights (no request may be outstanding: stale rows are dropped)."""
+        self.schedule.drop_in_flight()
+        with self.schedule.phase():
+            self.forward.teacher_head = self.ema.push(self.engine, dtype=self.forward.teacher_head.dtype,
+                                                      device=self.env.device)
 
     def _after_update(self, step: int, step_s: float) -> dict:
         """Sampler bookkeeping after an optimizer step; self-distillation refreshes the teacher."""
@@ -196,11 +237,8 @@ class Trainer:
         if self.sampler is not None:
             self.sampler.close()
             self.sampler = None
-        if self.engine is not None:
-            try:
-                self.engine.close()
-            finally:
-                self.engine = None
+        teachers.close_engines(self.parts)
+        self.engine = None
 
     # ------------------------------------------------------------------------------ building
     def _algorithms(self):
@@ -218,16 +256,34 @@ class Trainer:
 
         run_folder.prepare_collective(self.out_dir, self.cfg, resume=self.resume, overwrite=self.overwrite)
 
-    def _tokenizers(self):
-        return recipe_tokenizers(self.cfg)
+    def _student_tokenizer(self):
+        from kdcore.tokenizers import load_tokenizer
 
-    def _aligner(self):
-        return recipe_aligner(self.cfg, self.registry, self.student_tok, self.teacher_tok)
+        return load_tokenizer(student_tokenizer_spec(self.cfg))
+
+    def _data(self):
+        """Train and eval samples: the single-teacher path as it always was, or with each
+        teacher's own tokenization and route (several teachers, a context)."""
+        from kdcore.data import TeacherView, prepare_data
+
+        cfg = self.cfg
+        if self.several and getattr(self.rollout, "needs_sampling", False):
+            raise TrainingError(f"distill.rollout '{cfg.distill.rollout}' samples new responses, which is not "
+                                "supported with teachers:, data.teacher_column or data.teacher_context yet")
+        if self.several:
+            context = bool(cfg.data.teacher_context)
+            views = {p.name: TeacherView(p.tokenizer, context=context) for p in self.parts if p.own_tokens}
+            data = prepare_data(cfg.data, self.student_tok, None, seed=cfg.train.seed, views=views,
+                                teacher_names=tuple(p.name for p in self.parts))
+        else:
+            data = prepare_data(cfg.data, self.student_tok, self.teacher_tok if self.cross else None,
+                                seed=cfg.train.seed)
+        self.log.say(data.report.rich_table())
+        return data.train, data.eval
 
     def _student(self):
-        """The sharded student with its optimizer, and the teacher's head (loaded alone)."""
+        """The sharded student with its optimizer; every teacher's head (loaded alone) and aligner."""
         from kdcore import student as kstudent
-        from kdcore.models import load_lm_head
 
         cfg = self.cfg
         model = kstudent.build_student(cfg)
@@ -235,22 +291,17 @@ class Trainer:
         if limit and cfg.data.max_length > limit:
             raise TrainingError(f"data.max_length={cfg.data.max_length} exceeds the student's "
                                 f"max_position_embeddings={limit}")
-        teacher_head = load_lm_head(cfg.teacher.path, dtype=getattr(torch, cfg.teacher.dtype)).to(self.env.device)
-        # aligners with parameters (DSKD projectors) create them before the optimizer exists,
-        # seeded like the student (train.seed) so their init is reproducible and equal on every rank
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.train.seed)
-            self.aligner.setup(student_hidden_size=int(model.config.hidden_size),
-                               teacher_hidden_size=int(teacher_head.shape[1]))
-        trained = [self.aligner] if any(p.requires_grad for p in self.aligner.parameters()) else []
+        teachers.setup_heads(self.parts, model, seed=cfg.train.seed, device=self.env.device)
+        trained, lr_scale = teachers.trained_aligners(self.parts)
         student = kstudent.Student.from_recipe(cfg, extra_modules=trained, model=model,
-                                               extra_lr=cfg.train.lr * float(self.aligner.lr_scale))
+                                               extra_lr=cfg.train.lr * float(lr_scale))
         w_s = student.model.get_output_embeddings().weight
-        self.aligner.check_heads(int(w_s.shape[0]), int(teacher_head.shape[0]))
-        return student, teacher_head
+        for part in self.parts:
+            part.aligner.check_heads(int(w_s.shape[0]), int(part.head.shape[0]))
+        return student
 
-    def _start_teacher(self):
-        """The started teacher engine, and its colocation when it shares the accelerators.
+    def _start_teachers(self):
+        """Start every teacher engine; the colocation when the (one) teacher shares the accelerators.
 
         Threads: by default the teacher and the student both get all of this rank's cores.
         They overlap (pipelined) and which side is larger depends on the pair and the data, so
@@ -258,54 +309,45 @@ class Trainer:
         (kdcore.runtime), so the overlap costs little. Measured on 2 cores, s/step, teacher +
         student threads: bench pair 4×128 (student side larger) 2+2 0.95–0.98, 1+2 0.97–0.98,
         1+1 1.28; quickstart (teacher side larger) 2+2 1.23, 1+2 1.46, 1+1 1.39."""
-        from kdcore.engines import create_teacher_engine
         from kdcore.sampling import rollout_rows
 
         cfg = self.cfg
-        longest = max(len(s.teacher.input_ids if s.teacher is not None else s.student.input_ids)
-                      for s in self.train_samples + self.eval_samples)
-        max_rows = cfg.train.max_tokens_per_micro_batch or max(cfg.train.micro_batch_size, 1) * longest
+        samples = self.train_samples + self.eval_samples
         # generated responses can outgrow the data's
-        max_rows = max(max_rows, rollout_rows(cfg, self.rollout, self.train_samples, cross=self.cross))
+        rollout = rollout_rows(cfg, self.rollout, self.train_samples, cross=self.cross)
+
+        def max_rows_for(part) -> int:
+            longest = teachers.longest_input(part, samples)
+            return max(cfg.train.max_tokens_per_micro_batch or max(cfg.train.micro_batch_size, 1) * longest, rollout)
+
         cores = self.kdist.default_threads(self.env.local_world_size)
-        teacher_threads, student_threads = cfg.teacher.threads or cores, cfg.train.threads or cores
+        student_threads = cfg.train.threads or cores
         self.kdist.setup_threads(student_threads)
-        engine = self.engine = create_teacher_engine(cfg.teacher, registry=self.registry, max_rows=max_rows,
-                                                     threads=teacher_threads,
-                                                     micro_batches_per_step=cfg.train.grad_accum)
-        engine.start()
-        self.log.say(f"[dim]threads: student {student_threads}, teacher {teacher_threads}[/dim]")
+        teachers.start_engines(self.parts, registry=self.registry, max_rows_for=max_rows_for, threads_default=cores,
+                               micro_batches_per_step=cfg.train.grad_accum)
+        self.log.say(f"[dim]threads: student {student_threads}, teacher {cfg.teacher.threads or cores}[/dim]")
+        engine = self.parts[0].engine
         if not engine.colocated:
-            return engine, None
+            return None
         from kdcore.engines.colocation import Colocation
 
         colocation = Colocation(engine, self.student.optimizer, offload_optimizer=engine.offloads_optimizer)
         colocation.start_asleep()
-        return engine, colocation
+        return colocation
+
+    def _ema(self):
+        t = self.cfg.teacher
+        if not t.ema:
+            return None
+        from kdcore.training.ema import EMATeacher, check_ema_architecture
+
+        check_ema_architecture(self.student.model, t.path)
+        return EMATeacher(decay=t.ema, every=t.ema_every, model=self.student.model)
 
 
 def student_tokenizer_spec(cfg) -> str:
     """Which tokenizer the recipe's student speaks: its own, else its model's, else the teacher's."""
     return cfg.student.tokenizer or cfg.student.path or cfg.teacher.tokenizer or cfg.teacher.path
-
-
-def recipe_tokenizers(cfg):
-    """The recipe's (student, teacher) tokenizers; one object when both name the same."""
-    from kdcore.tokenizers import load_tokenizer
-
-    student_spec = student_tokenizer_spec(cfg)
-    teacher_spec = cfg.teacher.tokenizer or cfg.teacher.path
-    student_tok = load_tokenizer(student_spec)
-    return student_tok, student_tok if teacher_spec == student_spec else load_tokenizer(teacher_spec)
-
-
-def recipe_aligner(cfg, registry, student_tok, teacher_tok):
-    """The recipe's aligner for this tokenizer pair (not yet ``setup``)."""
-    d = cfg.distill
-    entry = registry.get("aligner", d.aligner)
-    cache_dir = Path(os.environ.get("KDCORE_CACHE", Path.home() / ".cache" / "kdflow")) / "vocab_maps"
-    return entry.fn(student_tokenizer=student_tok, teacher_tokenizer=teacher_tok,
-                    options=entry.make_options(dict(d.aligner_options or {})), cache_dir=cache_dir)
 
 
 def train(cfg, *, registry=None, resume: bool = False, overwrite: bool = False) -> TrainResult:

@@ -32,6 +32,16 @@ class PreparedMicroBatch:
     kd_rows: int  # student rows paired with a teacher row
     ce_rows: int  # student rows with a label
     ticket: Any = None
+    # several teachers (kdcore.training.teachers): each teacher's share of this micro-batch, a
+    # PreparedMicroBatch of its own (its rows, pairs and ticket; ``batch.teacher_input_ids`` are
+    # what it reads), for the teachers that teach at least one of its rows. Empty: this
+    # micro-batch is the one teacher's share itself.
+    teachers: dict[str, "PreparedMicroBatch"] = field(default_factory=dict)
+    submitted: bool = False  # its teacher requests are in flight (released by the schedule)
+
+    def shares(self, default: str) -> dict[str, "PreparedMicroBatch"]:
+        """Teacher name → that teacher's share (``default`` names the one teacher's)."""
+        return self.teachers or {default: self}
 
 
 @dataclass
@@ -43,6 +53,7 @@ class PreparedStep:
     data_next: Any  # kdcore.data.DataPosition after this step
     kd_global: int = 0
     ce_global: int = 0
+    kd_by_teacher: dict[str, int] = field(default_factory=dict)  # several teachers: each one's KD rows
 
 
 @dataclass

@@ -1,0 +1,338 @@
+"""Several teachers into one student, context distillation, and the EMA teacher.
+
+Two tiny teachers: ``a`` shares the student's SmolLM2 tokenizer (same_vocab), ``b`` speaks Mistral
+v1's SentencePiece (overlap). Real tokenizers, real teacher processes, one tiny student folder so
+that single-teacher runs and the several-teacher run start from the same weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+
+from conftest import PYDOC, PYDOC_EVAL, ROOT, save_tiny_llama
+from test_train import KDCORE, evals, records, run_train, train_steps
+
+MISTRAL_V1 = "pkg://mistral_common/data/tokenizer.model.v1"
+
+
+@pytest.fixture(scope="module")
+def mistral_teacher(tmp_path_factory) -> Path:
+    """A tiny random Llama over Mistral v1's 32000 ids (its tokenizer is given in the recipe)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("mistral_teacher")
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=48, intermediate_size=96, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                      initializer_range=0.3)
+    torch.manual_seed(3)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_student(tmp_path_factory, smollm2_tokenizer) -> Path:
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_student"), smollm2_tokenizer, hidden=32, layers=1,
+                           inter=64, seed=5)
+
+
+def recipe(tmp: Path, student: Path, teachers: list[dict] | None = None, teacher: dict | None = None,
+           **sections) -> Path:
+    tmp.mkdir(parents=True, exist_ok=True)
+    r = {"student": {"path": str(student)},
+         "data": {"train": str(PYDOC), "eval": str(PYDOC_EVAL), "limit": 24, "max_length": 64},
+         "distill": {"loss": "fkl"},
+         "train": {"output_dir": str(tmp / "out"), "max_steps": 1, "micro_batch_size": 4, "lr": 1e-2,
+                   "warmup_steps": 1, "eval_batches": 1, "threads": 1},
+         "checkpoint": {"every": 0, "export_hf": False}, "logging": {"progress": False}}
+    if teachers is not None:
+        r["teachers"] = teachers
+    if teacher is not None:
+        r["teacher"] = teacher
+    for name, values in sections.items():
+        r.setdefault(name, {}).update(values)
+    path = tmp / "recipe.yaml"
+    path.write_text(yaml.safe_dump(r))
+    return path
+
+
+def two_teachers(tiny_teacher, mistral_teacher, wa=0.7, wb=0.3) -> list[dict]:
+    return [{"name": "a", "path": str(tiny_teacher), "weight": wa, "threads": 1},
+            {"name": "b", "path": str(mistral_teacher), "tokenizer": MISTRAL_V1, "aligner": "overlap",
+             "weight": wb, "threads": 1}]
+
+
+# ---------------------------------------------------------------- the weighted loss, end to end
+def test_weighted_loss_is_the_weighted_sum_of_single_teacher_losses(tmp_path, tiny_teacher, mistral_teacher,
+                                                                    tiny_student):
+    both = recipe(tmp_path / "both", tiny_student, two_teachers(tiny_teacher, mistral_teacher))
+    only_a = recipe(tmp_path / "a", tiny_student, teacher={"path": str(tiny_teacher), "threads": 1})
+    only_b = recipe(tmp_path / "b", tiny_student, teacher={"path": str(mistral_teacher), "tokenizer": MISTRAL_V1,
+                                                           "threads": 1}, distill={"aligner": "overlap"})
+    for r in (both, only_a, only_b):
+        res = run_train(r)
+        assert res.returncode == 0, res.stderr[-3000:]
+    (m,), (a,), (b,) = (train_steps(tmp_path / n / "out") for n in ("both", "a", "b"))
+    # step 1's KD is computed at the initial weights, on the same batch, by each teacher alone
+    assert m["kd_loss/a"] == pytest.approx(a["kd_loss"], rel=1e-6), (m, a)
+    assert m["kd_loss/b"] == pytest.approx(b["kd_loss"], rel=1e-6), (m, b)
+    assert m["kd_loss"] == pytest.approx(0.7 * a["kd_loss"] + 0.3 * b["kd_loss"], rel=1e-6)
+    assert m["loss"] == pytest.approx(m["kd_loss"], rel=1e-12)  # kd_ratio 1
+    assert m["ce_loss"] == pytest.approx(a["ce_loss"], rel=1e-6)  # CE counted once
+    assert 0 < m["align_ratio/b"] <= 1 and "align_ratio/a" not in m  # same_vocab reports nothing
+    ev_m, ev_a, ev_b = (evals(tmp_path / n / "out")[0] for n in ("both", "a", "b"))
+    assert ev_m["step"] == 0
+    assert ev_m["eval_teacher_kl/a"] == pytest.approx(ev_a["eval_teacher_kl"], rel=1e-6)
+    assert ev_m["eval_teacher_kl/b"] == pytest.approx(ev_b["eval_teacher_kl"], rel=1e-6)
+    assert ev_m["eval_teacher_kl"] == pytest.approx(0.7 * ev_a["eval_teacher_kl"] + 0.3 * ev_b["eval_teacher_kl"],
+                                                    rel=1e-6)
+    assert ev_m["eval_top1_agreement/a"] == pytest.approx(ev_a["eval_top1_agreement"])
+    assert "eval_top1_agreement/b" not in ev_m
+    assert ev_m["eval_ppl"] == pytest.approx(ev_a["eval_ppl"], rel=1e-6)
+
+
+def test_resume_with_several_teachers_is_exact(tmp_path, tiny_teacher, mistral_teacher, tiny_student):
+    r = recipe(tmp_path, tiny_student, two_teachers(tiny_teacher, mistral_teacher),
+               train={"max_steps": 4}, checkpoint={"every": 2, "keep": 3, "export_hf": False})
+    res = run_train(r)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = tmp_path / "out"
+    unbroken = {s["step"]: s for s in train_steps(out)}
+    shutil.rmtree(out / "checkpoints" / "step_4")
+    (out / "metrics.jsonl").unlink()
+    res = run_train(r, resume=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    resumed = {s["step"]: s for s in train_steps(out)}
+    assert sorted(resumed) == [3, 4]
+    for step in (3, 4):
+        for key in ("loss", "kd_loss/a", "kd_loss/b"):
+            assert resumed[step][key] == unbroken[step][key], (step, key)  # bitwise on CPU, one rank
+
+
+def test_a_dead_teacher_is_named(tmp_path, tiny_teacher, mistral_teacher, tiny_student):
+    r = recipe(tmp_path, tiny_student, two_teachers(tiny_teacher, mistral_teacher), train={"max_steps": 10_000})
+    proc = subprocess.Popen(KDCORE + ["train", str(r)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=ROOT)
+    out = tmp_path / "out"
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not (out / "metrics.jsonl").exists() or not train_steps(out):
+            time.sleep(0.5)
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+        kids = [int(x) for x in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                               text=True).stdout.split()]
+        assert len(kids) >= 2, "each teacher runs in its own process"
+        os.kill(max(kids), signal.SIGKILL)  # the newest child: teacher b's engine (started after a's)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 1
+        assert "teacher 'b'" in err, err[-2000:]
+        assert "Traceback" not in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+# ---------------------------------------------------------------- routing and context, in process
+def _parts(names_toks_aligners, student_tok):
+    from kdcore.plugins import load_registry
+    from kdcore.tokenizers import pad_token_id, same_tokenizer
+    from kdcore.training.teachers import TeacherPart
+
+    reg = load_registry()
+    parts = []
+    for name, tok, aligner, context in names_toks_aligners:
+        entry = reg.get("aligner", aligner)
+        al = entry.fn(student_tokenizer=student_tok, teacher_tokenizer=tok, options=entry.make_options({}),
+                      cache_dir=Path(os.environ["KDCORE_CACHE"]) / "vocab_maps")
+        own = al.cross_tokenizer and (context or not same_tokenizer(student_tok, tok))
+        parts.append(TeacherPart(name=name, section=None, tokenizer=tok, aligner=al, weight=1.0, temperature=1.0,
+                                 own_tokens=own, pad_id=pad_token_id(tok)))
+    return parts
+
+
+def _preparer(parts, samples, student_tok):
+    from kdcore.tokenizers import pad_token_id
+    from kdcore.training.steps import StepPreparer
+    from kdcore.training.types import LatestEval
+
+    return StepPreparer(parts=parts, rollout=None, train_samples=samples, train_cfg=None, shuffle=False, env=None,
+                        kdist=None, pad_id=pad_token_id(student_tok), teacher_pad_id=pad_token_id(student_tok),
+                        latest_eval=LatestEval(), several=True)
+
+
+def test_routing_by_column_sends_each_row_only_to_its_teachers(tmp_path, smollm2_tokenizer):
+    from kdcore.data import TeacherView, prepare_data
+    from kdcore.tokenizers import load_tokenizer
+
+    rows = [json.loads(x) for x in PYDOC.read_text().splitlines()[:6]]
+    routes = ["a", ["b"], None, ["a", "b"], "b", "a"]
+    for row, route in zip(rows, routes):
+        if route is not None:
+            row["teacher"] = route
+    data_file = tmp_path / "routed.jsonl"
+    data_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    mistral = load_tokenizer(MISTRAL_V1)
+    parts = _parts([("a", smollm2_tokenizer, "same_vocab", False), ("b", mistral, "overlap", False)],
+                   smollm2_tokenizer)
+    data = prepare_data({"train": str(data_file), "eval_size": 0, "teacher_column": "teacher", "max_length": 512},
+                        smollm2_tokenizer, None, views={"b": TeacherView(mistral)}, teacher_names=("a", "b"))
+    samples = data.train
+    assert [s.route for s in samples] == [("a",), ("b",), None, ("a", "b"), ("b",), ("a",)]
+    assert all(set(s.teachers) == {"b"} for s in samples)
+    pmb = _preparer(parts, samples, smollm2_tokenizer).micro_batch(0, 0, True, samples)
+    want = {"a": [0, 2, 3, 5], "b": [1, 2, 3, 4]}
+    starts = [sum(len(s.student.loss_positions) for s in samples[:b]) for b in range(len(samples) + 1)]
+    for name, rows_of in want.items():
+        share = pmb.teachers[name]
+        assert share.batch.teacher_input_ids.shape[0] == len(rows_of)  # only its rows reach its engine
+        view = (lambda s: s.teachers["b"]) if name == "b" else (lambda s: s.student)
+        for k, b in enumerate(rows_of):
+            n = len(view(samples[b]).input_ids)
+            assert share.batch.teacher_input_ids[k, :n].tolist() == view(samples[b]).input_ids
+        # every paired student row belongs to a routed sample
+        owners = {next(b for b in range(len(samples)) if starts[b] <= i < starts[b + 1])
+                  for i in share.student_index.tolist()}
+        assert owners == set(rows_of)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({**rows[0], "teacher": "c"}) + "\n" + json.dumps(rows[1]) + "\n")
+    data = prepare_data({"train": str(bad), "eval_size": 0, "teacher_column": "teacher"}, smollm2_tokenizer, None,
+                        views={}, teacher_names=("a", "b"))
+    assert len(data.train) == 1 and "unknown teacher 'c'" in data.report.train.bad_examples[0][1]
+
+
+def test_context_distillation_pairs_the_response_positions_exactly(tmp_path, smollm2_tokenizer):
+    from kdcore.data import TeacherView, prepare_data
+
+    context = "You are an expert on the Python standard library. Answer briefly.\n"
+    parts = _parts([("a", smollm2_tokenizer, "overlap", True)], smollm2_tokenizer)
+    data = prepare_data({"train": str(PYDOC), "eval_size": 0, "limit": 8, "teacher_context": {"text": context}},
+                        smollm2_tokenizer, None, views={"a": TeacherView(smollm2_tokenizer, context=True)},
+                        teacher_names=("a",))
+    prefix = smollm2_tokenizer(context, add_special_tokens=False)["input_ids"]
+    for s in data.train:
+        t = s.teachers["a"]
+        assert len(t.input_ids) >= len(s.student.input_ids) + len(prefix) - 1  # it reads the context too
+        assert len(t.loss_positions) == len(s.student.loss_positions)
+        al = parts[0].aligner.align(s.student, t)
+        # every trained student position pairs, with the teacher position predicting the same token
+        assert sorted(al.student_index) == list(range(len(s.student.loss_positions)))
+        for i, j in zip(al.student_index, al.teacher_index):
+            p, q = s.student.loss_positions[i], al.teacher_positions[j]
+            assert q > p  # the teacher's input is longer by the context
+            assert t.input_ids[q + 1] == s.student.input_ids[p + 1]
+        # the context's own tokens are in the teacher's input and pair with nothing
+        text = smollm2_tokenizer.decode(t.input_ids)
+        assert context.strip() in text and context.strip() not in smollm2_tokenizer.decode(s.student.input_ids)
+
+
+def test_context_needs_an_offset_pairing_aligner(tmp_path, tiny_teacher):
+    from kdcore.config import load_recipe
+    from kdcore.training import TrainingError, Trainer
+
+    r = recipe(tmp_path, tiny_teacher, teacher={"path": str(tiny_teacher)},
+               data={"teacher_context": {"text": "Be brief.\n"}})
+    with pytest.raises(TrainingError, match="same_vocab.*pairs by character offsets"):
+        Trainer(load_recipe(str(r)))
+
+
+# ---------------------------------------------------------------- validation
+def test_validate_checks_every_teacher_entry_at_once(tmp_path, tiny_teacher):
+    from kdcore.config import RecipeError, load_recipe
+
+    r = recipe(tmp_path, tiny_teacher, [{"name": "a", "path": str(tiny_teacher), "weight": -1},
+                                        {"name": "a", "dtype": "float8", "aligner": "nope"}],
+               teacher={"path": str(tiny_teacher)}, data={"teacher_context": {"txt": "x"}})
+    with pytest.raises(RecipeError) as info:
+        load_recipe(str(r))
+    msg = str(info.value)
+    for part in ("either teacher: (one teacher) or teachers:", "teachers[0].weight: must be >= 0",
+                 "teachers[1].path: required but not set", "teachers[1].name: 'a' is used by teachers[0]",
+                 "teachers[1].dtype: 'float8' is not one of", "teachers[1].aligner:", "data.teacher_context:"):
+        assert part in msg, (part, msg)
+
+
+def test_the_short_form_is_one_teacher_named_teacher(tmp_path, tiny_teacher):
+    from kdcore.config import load_recipe, teacher_entries
+
+    cfg = load_recipe(str(recipe(tmp_path, tiny_teacher, teacher={"path": str(tiny_teacher)},
+                                 distill={"temperature": 2.0})))
+    (e,) = teacher_entries(cfg)
+    assert (e["name"], e["aligner"], e["weight"], e["temperature"]) == ("teacher", "same_vocab", 1.0, 2.0)
+    cfg = load_recipe(str(recipe(tmp_path, tiny_teacher, [{"name": "x", "path": str(tiny_teacher),
+                                                           "temperature": 3.0}])))
+    assert cfg.teacher.path == str(tiny_teacher)  # the first entry, for the parts that read one teacher
+    assert teacher_entries(cfg)[0]["temperature"] == 3.0
+
+
+# ---------------------------------------------------------------- EMA teacher
+class RecordingEngine:
+    def __init__(self):
+        self.pushed = []
+
+    def update_weights(self, weights):
+        self.pushed.append({k: v.clone() for k, v in weights.items()})
+        return len(weights)
+
+
+def test_ema_update_matches_the_reference_and_round_trips(tmp_path, smollm2_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from kdcore.training.ema import EMA_FILE, EMATeacher
+
+    model = AutoModelForCausalLM.from_pretrained(save_tiny_llama(tmp_path / "m", smollm2_tokenizer, hidden=16,
+                                                                 layers=1, inter=32))
+    ema = EMATeacher(decay=0.75, every=2, model=model)
+    assert [s for s in range(1, 7) if ema.due(s)] == [2, 4, 6]
+    ema.reset()
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    ref = dict(start)
+    for seed in (1, 2):
+        with torch.no_grad():
+            torch.manual_seed(seed)
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        ema.update()
+        ref = {k: 0.75 * ref[k] + 0.25 * v.detach() for k, v in model.state_dict().items()}
+    for k, v in ref.items():
+        torch.testing.assert_close(ema.state[k], v, rtol=1e-6, atol=1e-6)
+    engine = RecordingEngine()
+    head = ema.push(engine, dtype=torch.float32, device="cpu")
+    torch.testing.assert_close(head, ref["model.embed_tokens.weight"], rtol=1e-6, atol=1e-6)  # tied head
+    assert set(engine.pushed[0]) == set(ref)
+    ema.save(tmp_path)
+    assert (tmp_path / EMA_FILE).read_bytes()[:8] != b"\x80\x02\x8a\n"  # not a pickle
+    again = EMATeacher(decay=0.75, every=2, model=model)
+    again.load(tmp_path)
+    for k in ref:
+        assert torch.equal(again.state[k], ema.state[k])
+
+
+def test_ema_run_resumes_exactly(tmp_path, tiny_teacher):
+    """Self-distillation from an EMA of the student (student = the teacher's architecture)."""
+    r = recipe(tmp_path, tiny_teacher, teacher={"path": str(tiny_teacher), "ema": 0.5, "ema_every": 1, "threads": 1},
+               train={"max_steps": 4}, checkpoint={"every": 2, "keep": 3, "export_hf": False})
+    res = run_train(r)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = tmp_path / "out"
+    assert (out / "checkpoints" / "step_2" / "ema_teacher.safetensors").is_file()
+    unbroken = {s["step"]: s["loss"] for s in train_steps(out)}
+    ev = evals(out)
+    assert ev[0]["eval_teacher_kl"] == pytest.approx(0.0, abs=1e-6)  # the average starts as the student
+    assert unbroken[2] > 0  # afterwards the student moves away from its average
+    shutil.rmtree(out / "checkpoints" / "step_4")
+    (out / "metrics.jsonl").unlink()
+    res = run_train(r, resume=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    resumed = {s["step"]: s["loss"] for s in train_steps(out)}
+    assert resumed[3] == unbroken[3] and resumed[4] == unbroken[4]
