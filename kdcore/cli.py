@@ -14,6 +14,8 @@ examples:
   kdcore train recipes/quickstart.yaml train.lr=3e-4 train.max_steps=50
   torchrun --nproc_per_node 2 -m kdcore train quickstart
   kdcore train quickstart --resume            continue from the latest checkpoint
+  kdcore cache-teacher quickstart --out cache/qs   store the teacher's states once
+  kdcore train quickstart teacher.engine=cache teacher.cache=cache/qs
   kdcore validate recipes/my.yaml distill.loss=js distill.loss_options.beta=0.3
   kdcore list-algorithms --kind loss
   kdcore list-algorithms --json
@@ -136,6 +138,32 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_cache_teacher(args) -> int:
+    from kdcore.config import RecipeError, load_raw, load_recipe
+    from kdcore.engines.cache_build import build_teacher_cache, live_engine_overrides
+
+    registry = _registry_or_exit()
+    try:
+        overrides = list(args.overrides) + live_engine_overrides(args.recipe, args.overrides, registry, args.engine)
+        _, raw = load_raw(args.recipe, overrides)
+        cfg = load_recipe(args.recipe, overrides, registry=registry)
+    except RecipeError as exc:
+        print(f"kdcore: {exc}", file=sys.stderr)
+        return 2
+    from kdcore.engines.cache_build import BUILD_ERRORS
+
+    try:
+        done = build_teacher_cache(cfg, raw, args.out, registry=registry, dtype=args.dtype, shard_mb=args.shard_mb,
+                                   batch_size=args.batch_size, progress=cfg.logging.progress)
+    except BUILD_ERRORS as exc:
+        print(f"kdcore: {exc}", file=sys.stderr)
+        return 1
+    print(f"{done.folder}: verified; {done.samples} samples, {done.rows} teacher rows (tokens), "
+          f"{done.bytes / 2**20:.1f} MiB in {done.shards} shard(s) ({done.built_shards} built now), "
+          f"{done.bytes_per_row:.0f} bytes per token, {done.seconds:.1f} s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kdcore",
@@ -151,6 +179,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. train.lr=1e-4")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.output_dir")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("cache-teacher", help="store a recipe's teacher hidden states once (teacher.engine: cache)")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--out", required=True, help="the cache folder (an interrupted build there is continued)")
+    p.add_argument("--dtype", default="bfloat16", help="stored dtype: bfloat16 (default, 2*H bytes/token), "
+                   "float32 (exact), float16")
+    p.add_argument("--shard-mb", type=float, default=64.0, help="shard size in MiB")
+    p.add_argument("--batch-size", type=int, default=None, help="samples per teacher request (train.micro_batch_size)")
+    p.add_argument("--engine", default=None, help="live teacher engine to build with (default: the recipe's; "
+                   "hf when the recipe names the cache)")
+    p.set_defaults(func=cmd_cache_teacher)
 
     p = sub.add_parser("validate", help="check a recipe and report every error at once")
     p.add_argument("recipe")

@@ -42,6 +42,8 @@ class TeacherConfig:
     # never inferred from equal model paths: a student initialised from the teacher's
     # checkpoint is the ordinary distillation setup, not self-distillation.
     self_distill_every: int = 0  # 0 = off: a fixed teacher is what distillation normally means
+    # with engine cache: a `kdcore cache-teacher` folder; path still names the teacher (its head)
+    cache: Optional[str] = None  # None: engines compute the teacher live
     sglang: SGLangConfig = field(default_factory=SGLangConfig)
 
 
@@ -343,6 +345,9 @@ def check_engines(raw: dict, registry, errors: list[str]) -> None:
         check = getattr(spec, "check_recipe", None)
         if check is not None:
             errors.extend(check(section, role))
+        check_run = getattr(spec, "check_run", None)  # an engine's checks across sections
+        if check_run is not None:
+            errors.extend(check_run(raw, registry, role))
 
 
 def load_raw(path_or_name: str, overrides: list[str] | None = None) -> tuple[Path, dict]:

@@ -2,7 +2,8 @@
 
 ``hf``: transformers, CPU or CUDA (teacher in its own process; rollout as a student copy in the
 trainer process). ``sglang``: an SGLang server per node, GPU only (see
-``kdcore/engines/sglang/README.md``). Nothing heavy is imported here: each spec imports its
+``kdcore/engines/sglang/README.md``). ``cache``: stored teacher states from a
+``kdcore cache-teacher`` folder (:mod:`kdcore.engines.cache`). Nothing heavy is imported here: each spec imports its
 engine when it builds one.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Optional
 
+from kdcore.engines.cache import CacheEngine
 from kdcore.engines.factory import EngineSpec
 from kdcore.engines.protocol import RolloutError, TeacherError
 from kdcore.plugins import hookimpl
@@ -79,3 +81,4 @@ class SGLangEngine(EngineSpec):
 def register_engines(register):
     register("hf", HFEngine())
     register("sglang", SGLangEngine())
+    register("cache", CacheEngine())
