@@ -1,4 +1,7 @@
-"""The ``cache`` teacher engine: teacher hidden states read from a folder ``kdcore cache-teacher`` wrote.
+"""The ``cache`` teacher engine's spec, manifest and fingerprints (light: no torch); the engine
+itself is :mod:`kdcore.engines.cache_teacher`, the builder :mod:`kdcore.engines.cache_build`.
+
+The ``cache`` teacher engine: teacher hidden states read from a folder ``kdcore cache-teacher`` wrote.
 
 Off-policy distillation asks the teacher the same questions every epoch, trial and student.
 ``kdcore cache-teacher RECIPE --out DIR`` (:mod:`kdcore.engines.cache_build`) asks them once
@@ -39,7 +42,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 from kdcore.engines.factory import EngineSpec
-from kdcore.engines.protocol import HiddenRequest, TeacherEngine, TeacherError, Ticket
+from kdcore.engines.protocol import TeacherError
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -210,113 +213,6 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-# ------------------------------------------------------------------------------ the engine
-
-
-class _Slots:
-    """The slot ring the shared ticket helpers read and release: ``n`` buffers of
-    ``[max_rows, H]`` in the head's dtype, each holding one request's rows until released."""
-
-    def __init__(self, n: int, max_rows: int, hidden: int, dtype):
-        import torch
-
-        self.buffers = [torch.empty(max_rows, hidden, dtype=dtype) for _ in range(n)]
-        self.rows: dict[int, int] = {}
-
-    def buffer(self, seq: int):
-        return self.buffers[seq % len(self.buffers)]
-
-    def view(self, seq: int):
-        return self.buffer(seq)[: self.rows[seq]]
-
-    def release(self, seq: int) -> None:
-        self.rows.pop(seq, None)
-
-
-class CacheTeacher(TeacherEngine):
-    """Serves :class:`HiddenRequest` s from a cache folder; ``submit`` finishes the copy at once."""
-
-    def __init__(self, folder: str | os.PathLike, *, teacher_path: str, dtype: str = "float32",
-                 max_rows: int, n_slots: int = 2):
-        self.folder = Path(folder)
-        self.teacher_path = teacher_path
-        self.dtype_name = dtype
-        self.max_rows = int(max_rows)
-        self.n_slots = int(n_slots)
-        self._shards: list = []
-        self._index: dict[bytes, tuple[int, int, int]] = {}
-        self.started = False
-        self._init_tickets()
-
-    def start(self) -> "CacheTeacher":
-        if self.started:
-            return self
-        import torch
-        from safetensors import safe_open
-
-        manifest = self.manifest = read_manifest(self.folder)
-        check_shard_files(self.folder, manifest)
-        found = weights_fingerprint(self.teacher_path)
-        if found != manifest["identity"]["teacher weights"]:
-            raise CacheError(f"teacher.cache: built for teacher weights {manifest['identity']['teacher weights']!r} "
-                             f"({manifest['teacher_path']}), teacher.path {self.teacher_path} has {found!r}")
-        self.hidden_size = int(manifest["hidden_size"])
-        self.vocab_size = int(manifest["vocab_size"])
-        dtype = getattr(torch, self.dtype_name)
-        for no, s in enumerate(manifest["shards"]):
-            handle = safe_open(str(self.folder / s["file"]), framework="pt", device="cpu")
-            keys = handle.get_tensor("keys").numpy()
-            offsets = handle.get_tensor("offsets").tolist()
-            self._shards.append(handle.get_tensor("hidden"))  # a view of the file mapping
-            for i in range(keys.shape[0]):
-                self._index.setdefault(keys[i].tobytes(), (no, offsets[i], offsets[i + 1]))
-        self.channel = _Slots(self.n_slots, self.max_rows, self.hidden_size, dtype)
-        self.started = True
-        return self
-
-    def close(self) -> None:
-        self._shards, self._index, self.started = [], {}, False
-
-    def submit(self, request: HiddenRequest) -> Ticket:
-        if not self.started:
-            raise TeacherError("the cache engine is not started")
-        self._check_capacity()
-        request.validate(vocab_size=self.vocab_size, max_rows=self.max_rows)
-        ticket = self._new_ticket(request)
-        out = self.channel.buffer(ticket.seq)
-        row = 0
-        for b, (key, pos) in enumerate(zip(sample_keys(request.input_ids, request.attention_mask, request.positions),
-                                           request.positions)):
-            hit = self._index.get(key)
-            if hit is None:
-                raise CacheError(self._miss(b, request, key))
-            shard, lo, hi = hit
-            if hi - lo != len(pos):  # equal keys hash equal positions: only a damaged index gets here
-                raise CacheError(f"teacher.cache: sample {b} of the request has {len(pos)} positions, its cached "
-                                 f"entry {hi - lo} rows (damaged shard {self.manifest['shards'][shard]['file']})")
-            out[row:row + len(pos)].copy_(self._shards[shard][lo:hi])  # converts to the head's dtype
-            row += len(pos)
-        self.channel.rows[ticket.seq] = row
-        return self._track(ticket)
-
-    def _miss(self, b: int, request: HiddenRequest, key: bytes) -> str:
-        n_ids = int(request.attention_mask[b].sum())
-        return (f"teacher.cache: sample {b} of the request ({n_ids} teacher tokens, {len(request.positions[b])} "
-                f"positions, key {key.hex()[:12]}) is not in {self.folder}: the run's data, tokenizers, "
-                f"data.max_length or aligner differ from the build's (rebuild with `kdcore cache-teacher`)")
-
-    def result(self, ticket: Ticket, timeout: Optional[float] = None):
-        return self._ticket_view(ticket, lambda: self.channel.view(ticket.seq))
-
-    def release(self, ticket: Ticket) -> None:
-        self._release_ticket(ticket)
-
-    def lm_head(self, dtype=None):
-        from kdcore.models import load_lm_head
-
-        return load_lm_head(self.teacher_path, dtype=dtype or self.dtype_name)
-
-
 # ------------------------------------------------------------------------------ the spec
 
 
@@ -347,9 +243,11 @@ class CacheEngine(EngineSpec):
     roles = ("teacher",)
 
     def create_teacher(self, teacher_cfg: Any, *, max_rows: int, threads: Optional[int] = None,
-                       micro_batches_per_step: int = 1, **kwargs: Any) -> CacheTeacher:
+                       micro_batches_per_step: int = 1, **kwargs: Any):
         if not getattr(teacher_cfg, "cache", None):
             raise CacheError("teacher.cache: required with teacher.engine 'cache' (a `kdcore cache-teacher` folder)")
+        from kdcore.engines.cache_teacher import CacheTeacher
+
         return CacheTeacher(teacher_cfg.cache, teacher_path=teacher_cfg.path, dtype=teacher_cfg.dtype,
                             max_rows=max_rows, n_slots=max(2, int(micro_batches_per_step)))
 
@@ -379,5 +277,5 @@ class CacheEngine(EngineSpec):
         return problems
 
 
-__all__ = ["CacheEngine", "CacheTeacher", "CacheError", "sample_keys", "read_manifest", "recipe_identity",
+__all__ = ["CacheEngine", "CacheError", "sample_keys", "read_manifest", "recipe_identity",
            "weights_fingerprint", "file_fingerprint", "check_shard_files", "MANIFEST"]
