@@ -84,19 +84,21 @@ def test_fp32_cache_trains_to_the_digit_like_the_live_teacher(fp32_cache, tmp_pa
 
 def test_two_epochs_and_resume_from_the_cache(fp32_cache, tmp_path):
     """48 samples / 8 per step = 6 steps an epoch: 8 steps go into the second epoch; a run
-    stopped at step 4 and resumed ends like the uninterrupted one."""
+    killed after its step-4 checkpoint and resumed ends bit for bit like the unbroken one."""
     recipe, cache, _ = fp32_cache
-    common = [*cached(cache), "train.micro_batch_size=8", "train.max_steps=8", "checkpoint.every=4"]
-    whole = run_train(recipe, f"train.output_dir={tmp_path / 'whole'}", *common)
+    out = tmp_path / "out"
+    common = [f"train.output_dir={out}", *cached(cache), "train.micro_batch_size=8", "train.max_steps=8",
+              "checkpoint.every=4", "checkpoint.keep=3"]
+    whole = run_train(recipe, *common)
     assert whole.returncode == 0, whole.stderr[-3000:]
-    assert [r["step"] for r in train_steps(tmp_path / "whole")] == list(range(1, 9))
-    first = run_train(recipe, f"train.output_dir={tmp_path / 'split'}", *common[:-2], "train.max_steps=4",
-                      "checkpoint.every=4")
-    assert first.returncode == 0, first.stderr[-3000:]
-    rest = run_train(recipe, f"train.output_dir={tmp_path / 'split'}", *common, resume=True)
+    unbroken = {r["step"]: r["loss"] for r in train_steps(out)}
+    assert sorted(unbroken) == list(range(1, 9))
+    shutil.rmtree(out / "checkpoints" / "step_8")
+    (out / "metrics.jsonl").unlink()
+    rest = run_train(recipe, *common, resume=True)
     assert rest.returncode == 0, rest.stderr[-3000:]
-    tail = {r["step"]: r["loss"] for r in train_steps(tmp_path / "split")}
-    assert [tail[s] for s in range(5, 9)] == [r["loss"] for r in train_steps(tmp_path / "whole")][4:]
+    resumed = {r["step"]: r["loss"] for r in train_steps(out)}
+    assert resumed == {s: unbroken[s] for s in range(5, 9)}
 
 
 def test_interrupted_build_keeps_its_shards_and_ends_identical(fp32_cache, tmp_path):
