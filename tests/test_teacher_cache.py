@@ -252,10 +252,11 @@ def test_every_cross_tokenizer_aligner_trains_from_a_cache(tmp_path, tiny_teache
     res = build(recipe, tmp_path / "cache", "--dtype", "float32")
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.loads((tmp_path / "cache" / "manifest.json").read_text())["aligner"]["name"] == aligner
-    live = run_train(recipe, f"train.output_dir={tmp_path / 'live'}", "train.max_steps=1")
-    assert live.returncode == 0, live.stderr[-3000:]
     res = run_train(recipe, *cached(tmp_path / "cache"))
     assert res.returncode == 0, res.stderr[-3000:]
     steps = train_steps(tmp_path / "out")
     assert [r["step"] for r in steps] == [1, 2] and "align_ratio" in steps[0]
-    assert losses(tmp_path / "out")[:2] == losses(tmp_path / "live")[:2]  # step-0 eval and step 1
+    if aligner == "dskd":  # the one with trained projectors and extra inputs: exact against live too
+        live = run_train(recipe, f"train.output_dir={tmp_path / 'live'}", "train.max_steps=1")
+        assert live.returncode == 0, live.stderr[-3000:]
+        assert losses(tmp_path / "out")[:2] == losses(tmp_path / "live")[:2]  # step-0 eval and step 1
