@@ -140,13 +140,17 @@ class CacheBuilder:
     def _settings(self) -> dict:
         """What makes two builds the same build (an interrupted one is resumed only if equal)."""
         import kdcore
+        from omegaconf import OmegaConf
 
-        return {"format": FORMAT_VERSION, "identity": recipe_identity(self.raw), "fingerprints": self.fingerprints,
-                "dtype": self.dtype, "batch_size": self.batch_size, "shard_bytes": self.shard_bytes,
-                "teacher_path": str(self.cfg.teacher.path), "teacher_dtype": str(self.cfg.teacher.dtype),
-                "aligner": {"name": self.cfg.distill.aligner,
-                            "options": dict(self.cfg.distill.aligner_options or {})},
-                "kdflow_version": getattr(kdcore, "__version__", "unknown")}
+        options = self.cfg.distill.aligner_options
+        options = OmegaConf.to_container(options) if OmegaConf.is_config(options) else dict(options or {})
+        settings = {"format": FORMAT_VERSION, "identity": recipe_identity(self.raw),
+                    "fingerprints": self.fingerprints, "dtype": self.dtype, "batch_size": self.batch_size,
+                    "shard_bytes": self.shard_bytes, "teacher_path": str(self.cfg.teacher.path),
+                    "teacher_dtype": str(self.cfg.teacher.dtype),
+                    "aligner": {"name": self.cfg.distill.aligner, "options": options},
+                    "kdflow_version": getattr(kdcore, "__version__", "unknown")}
+        return json.loads(json.dumps(settings))  # as a manifest reads back (tuples are lists there)
 
     # ------------------------------------------------------------------ resume
     def _earlier(self, settings: dict) -> tuple[dict, list[dict]]:
