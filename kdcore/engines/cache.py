@@ -1,8 +1,6 @@
 """The ``cache`` teacher engine's spec, manifest and fingerprints (light: no torch); the engine
 itself is :mod:`kdcore.engines.cache_teacher`, the builder :mod:`kdcore.engines.cache_build`.
 
-The ``cache`` teacher engine: teacher hidden states read from a folder ``kdcore cache-teacher`` wrote.
-
 Off-policy distillation asks the teacher the same questions every epoch, trial and student.
 ``kdcore cache-teacher RECIPE --out DIR`` (:mod:`kdcore.engines.cache_build`) asks them once
 and stores, per sample, the last hidden states at the teacher positions the aligner requests
