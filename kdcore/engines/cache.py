@@ -1,5 +1,6 @@
-"""The ``cache`` teacher engine's spec, manifest and fingerprints (light: no torch); the engine
-itself is :mod:`kdcore.engines.cache_teacher`, the builder :mod:`kdcore.engines.cache_build`.
+"""The ``cache`` teacher engine's format, manifest, fingerprints and recipe checks (light: no
+torch); its spec is :class:`kdcore.engines.builtin.CacheEngine`, the engine
+:mod:`kdcore.engines.cache_teacher`, the builder :mod:`kdcore.engines.cache_build`.
 
 Off-policy distillation asks the teacher the same questions every epoch, trial and student.
 ``kdcore cache-teacher RECIPE --out DIR`` (:mod:`kdcore.engines.cache_build`) asks them once
@@ -39,7 +40,6 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-from kdcore.engines.factory import EngineSpec
 from kdcore.engines.protocol import TeacherError
 
 MANIFEST = "manifest.json"
@@ -211,10 +211,7 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-# ------------------------------------------------------------------------------ the spec
-
-
-def _needs_live_teacher(raw: Mapping[str, Any], registry) -> list[str]:
+def needs_live_teacher(raw: Mapping[str, Any], registry) -> list[str]:
     """The recipe parts a stored teacher cannot serve: sampling rollouts and self-distillation."""
     problems = []
     distill = raw.get("distill") or {}
@@ -235,45 +232,5 @@ def _needs_live_teacher(raw: Mapping[str, Any], registry) -> list[str]:
     return problems
 
 
-class CacheEngine(EngineSpec):
-    """Teacher hidden states from a ``kdcore cache-teacher`` folder (``teacher.cache``)."""
-
-    roles = ("teacher",)
-
-    def create_teacher(self, teacher_cfg: Any, *, max_rows: int, threads: Optional[int] = None,
-                       micro_batches_per_step: int = 1, **kwargs: Any):
-        if not getattr(teacher_cfg, "cache", None):
-            raise CacheError("teacher.cache: required with teacher.engine 'cache' (a `kdcore cache-teacher` folder)")
-        from kdcore.engines.cache_teacher import CacheTeacher
-
-        return CacheTeacher(teacher_cfg.cache, teacher_path=teacher_cfg.path, dtype=teacher_cfg.dtype,
-                            max_rows=max_rows, n_slots=max(2, int(micro_batches_per_step)))
-
-    def check_recipe(self, section: Mapping[str, Any], prefix: str) -> list[str]:
-        folder = section.get("cache")
-        if not folder:
-            return [f"{prefix}.cache: required with {prefix}.engine 'cache' (a `kdcore cache-teacher` folder)"]
-        if not Path(str(folder)).is_dir():
-            return [f"{prefix}.cache: no such folder '{folder}'"]
-        try:
-            read_manifest(folder)
-        except CacheError as exc:
-            return [str(exc)]
-        return []
-
-    def check_run(self, raw: Mapping[str, Any], registry, prefix: str) -> list[str]:
-        """Whole-recipe checks: what needs a live teacher, and manifest vs recipe."""
-        problems = _needs_live_teacher(raw, registry)
-        folder = (raw.get(prefix) or {}).get("cache")
-        try:
-            manifest = read_manifest(folder) if folder and Path(str(folder)).is_dir() else None
-        except CacheError:
-            manifest = None  # reported by check_recipe
-        if manifest is not None:
-            problems += [f"{prefix}.cache: {d}" for d in
-                         identity_differences(manifest["identity"], recipe_identity(raw))]
-        return problems
-
-
-__all__ = ["CacheEngine", "CacheError", "sample_keys", "read_manifest", "recipe_identity",
+__all__ = ["CacheError", "needs_live_teacher", "sample_keys", "read_manifest", "recipe_identity",
            "weights_fingerprint", "file_fingerprint", "check_shard_files", "MANIFEST"]

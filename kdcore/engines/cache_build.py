@@ -322,7 +322,7 @@ def live_engine_overrides(recipe: str, overrides, registry, engine: Optional[str
     """Overrides that make the recipe's teacher a live one: ``engine`` when given, else ``hf``
     when the recipe names the cache engine itself (a recipe may be built and trained as one file)."""
     from kdcore.config import load_raw
-    from kdcore.engines.cache import CacheEngine
+    from kdcore.engines.builtin import CacheEngine
 
     _, raw = load_raw(recipe, list(overrides))
     name = (raw.get("teacher") or {}).get("engine") or "hf"
