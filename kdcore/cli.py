@@ -17,6 +17,8 @@ examples:
   kdcore eval outputs/run                     score a run's student against its teacher
   kdcore eval quickstart --student outputs/quickstart/hf --json eval.json
   kdcore train quickstart --overwrite         start over; the old run is moved to <dir>.old-<time>
+  kdcore cache-teacher quickstart --out cache/qs   store the teacher's states once
+  kdcore train quickstart teacher.engine=cache teacher.cache=cache/qs
   kdcore validate recipes/my.yaml distill.loss=js distill.loss_options.beta=0.3
   kdcore list-algorithms --kind loss
   kdcore list-algorithms --json
@@ -215,6 +217,34 @@ def _add_serve_teacher(sub) -> None:
     p.set_defaults(func=cmd_serve_teacher)
 
 
+
+
+def cmd_cache_teacher(args) -> int:
+    from kdcore.config import RecipeError, load_raw, load_recipe
+    from kdcore.engines.cache_build import build_teacher_cache, live_engine_overrides
+
+    registry = _registry_with_warnings()
+    try:
+        overrides = list(args.overrides) + live_engine_overrides(args.recipe, args.overrides, registry, args.engine)
+        _, raw = load_raw(args.recipe, overrides)
+        cfg = load_recipe(args.recipe, overrides, registry=registry)
+    except RecipeError as exc:
+        print(f"kdcore: {exc}", file=sys.stderr)
+        return 2
+    from kdcore.engines.cache_build import BUILD_ERRORS
+
+    try:
+        done = build_teacher_cache(cfg, raw, args.out, registry=registry, dtype=args.dtype, shard_mb=args.shard_mb,
+                                   batch_size=args.batch_size, progress=cfg.logging.progress)
+    except BUILD_ERRORS as exc:
+        print(f"kdcore: {exc}", file=sys.stderr)
+        return 1
+    print(f"{done.folder}: verified; {done.samples} samples, {done.rows} teacher rows (tokens), "
+          f"{done.bytes / 2**20:.1f} MiB in {done.shards} shard(s) ({done.built_shards} built now), "
+          f"{done.bytes_per_row:.0f} bytes per token, {done.seconds:.1f} s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kdcore",
@@ -242,6 +272,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, help="greedy answer length (default: eval.max_new_tokens)")
     p.add_argument("--samples", type=int, help="side-by-side answers to print (default: eval.samples)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("cache-teacher", help="store a recipe's teacher hidden states once (teacher.engine: cache)")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--out", required=True, help="the cache folder (an interrupted build there is continued)")
+    p.add_argument("--dtype", default="bfloat16", help="stored dtype: bfloat16 (default, 2*H bytes/token), "
+                   "float32 (exact), float16")
+    p.add_argument("--shard-mb", type=float, default=64.0, help="shard size in MiB")
+    p.add_argument("--batch-size", type=int, default=None, help="samples per teacher request (train.micro_batch_size)")
+    p.add_argument("--engine", default=None, help="live teacher engine to build with (default: the recipe's; "
+                   "hf when the recipe names the cache)")
+    p.set_defaults(func=cmd_cache_teacher)
 
     p = sub.add_parser("validate", help="check a recipe and report every error at once")
     p.add_argument("recipe")

@@ -59,6 +59,8 @@ class TeacherConfig:
     # self_distill_every.
     ema: float = 0.0  # 0 = off: a fixed teacher, as distillation normally means
     ema_every: int = 1  # every step: the smoothest average; larger trades freshness for fewer weight pushes
+    # with engine cache: a `kdcore cache-teacher` folder; path still names the teacher (its head)
+    cache: Optional[str] = None  # None: engines compute the teacher live
     sglang: SGLangConfig = field(default_factory=SGLangConfig)
     remote: RemoteTeacherConfig = field(default_factory=RemoteTeacherConfig)  # with engine remote
 
@@ -402,6 +404,9 @@ def check_engines(raw: dict, registry, errors: list[str]) -> None:
         check = getattr(spec, "check_recipe", None)
         if check is not None:
             errors.extend(check(section, role))
+        check_run = getattr(spec, "check_run", None)  # an engine's checks across sections
+        if check_run is not None:
+            errors.extend(check_run(raw, registry, role))
 
 
 def check_evaluators(raw: dict, registry, errors: list[str]) -> None:

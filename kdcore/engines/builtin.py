@@ -2,14 +2,19 @@
 
 ``hf``: transformers, CPU or CUDA (teacher in its own process; rollout as a student copy in the
 trainer process). ``sglang``: an SGLang server per node, GPU only (see
-``kdcore/engines/sglang/README.md``). ``remote``: a ``kdcore serve-teacher`` elsewhere (teacher only). Nothing heavy is imported here: each spec imports its
+``kdcore/engines/sglang/README.md``). ``remote``: a ``kdcore serve-teacher`` elsewhere (teacher
+only). ``cache``: stored teacher states from a ``kdcore cache-teacher`` folder
+(:mod:`kdcore.engines.cache`). Nothing heavy is imported here: each spec imports its
 engine when it builds one.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Mapping, Optional
 
+from kdcore.engines.cache import (CacheError, identity_differences, needs_live_teacher, read_manifest,
+                                  recipe_identity)
 from kdcore.engines.factory import EngineSpec
 from kdcore.engines.protocol import RolloutError, TeacherError
 from kdcore.plugins import hookimpl
@@ -113,8 +118,49 @@ class RemoteEngine(EngineSpec):
         return errors
 
 
+class CacheEngine(EngineSpec):
+    """Teacher hidden states from a ``kdcore cache-teacher`` folder (``teacher.cache``)."""
+
+    roles = ("teacher",)
+
+    def create_teacher(self, teacher_cfg: Any, *, max_rows: int, threads: Optional[int] = None,
+                       micro_batches_per_step: int = 1, **kwargs: Any):
+        if not getattr(teacher_cfg, "cache", None):
+            raise CacheError("teacher.cache: required with teacher.engine 'cache' (a `kdcore cache-teacher` folder)")
+        from kdcore.engines.cache_teacher import CacheTeacher
+
+        return CacheTeacher(teacher_cfg.cache, teacher_path=teacher_cfg.path, dtype=teacher_cfg.dtype,
+                            max_rows=max_rows, n_slots=max(2, int(micro_batches_per_step)))
+
+    def check_recipe(self, section: Mapping[str, Any], prefix: str) -> list[str]:
+        folder = section.get("cache")
+        if not folder:
+            return [f"{prefix}.cache: required with {prefix}.engine 'cache' (a `kdcore cache-teacher` folder)"]
+        if not Path(str(folder)).is_dir():
+            return [f"{prefix}.cache: no such folder '{folder}'"]
+        try:
+            read_manifest(folder)
+        except CacheError as exc:
+            return [str(exc)]
+        return []
+
+    def check_run(self, raw: Mapping[str, Any], registry, prefix: str) -> list[str]:
+        """Whole-recipe checks: what needs a live teacher, and manifest vs recipe."""
+        problems = needs_live_teacher(raw, registry)
+        folder = (raw.get(prefix) or {}).get("cache")
+        try:
+            manifest = read_manifest(folder) if folder and Path(str(folder)).is_dir() else None
+        except CacheError:
+            manifest = None  # reported by check_recipe
+        if manifest is not None:
+            problems += [f"{prefix}.cache: {d}" for d in
+                         identity_differences(manifest["identity"], recipe_identity(raw))]
+        return problems
+
+
 @hookimpl
 def register_engines(register):
     register("hf", HFEngine())
     register("sglang", SGLangEngine())
     register("remote", RemoteEngine())
+    register("cache", CacheEngine())

@@ -1,0 +1,357 @@
+"""``kdcore cache-teacher``: run a recipe's live teacher once over its data and store the rows.
+
+The samples go through the trainer's own preparation — ``prepare_data`` for the splits,
+:meth:`kdcore.training.steps.StepPreparer.micro_batch` for padding and the aligner's teacher
+positions, :meth:`kdcore.training.teacher_schedule.TeacherSchedule.submit` for the
+:class:`HiddenRequest` — so the cache holds exactly what a training run will ask for. Samples
+are taken in fixed batches (train split, then eval, in order), two requests in flight.
+
+Shards close at batch boundaries once they reach ``shard_mb``; each is written to a temporary
+name, renamed, and then recorded (size, sha256) in ``manifest.json`` (itself replaced
+atomically), which says ``complete: false`` until the end. An interrupted build run again
+with the same settings keeps the recorded shards whose checksums still match, removes the
+rest, and continues from the batch after the last kept one: the same batches as an
+uninterrupted build, so the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import torch
+
+from kdcore.engines.cache import (FORMAT_VERSION, MANIFEST, SPLITS, CacheError, check_shard_files, recipe_identity,
+                                  sample_keys, sha256_file)
+
+CACHE_DTYPES = ("bfloat16", "float32", "float16")
+DEFAULT_SHARD_MB = 64  # big enough that per-file overhead is nil, small enough to rewrite on resume
+
+
+@dataclass
+class BuildSummary:
+    folder: Path
+    samples: int
+    rows: int
+    bytes: int
+    shards: int
+    built_shards: int  # computed by this call (the rest were kept from an interrupted build)
+    seconds: float
+
+    @property
+    def bytes_per_row(self) -> float:
+        return self.bytes / max(self.rows, 1)
+
+
+class _Recorder:
+    """The live engine, remembering the last request the schedule built (its keys are the
+    cache's: they come from the very request a training run sends)."""
+
+    def __init__(self, engine):
+        self.engine, self.last = engine, None
+
+    def submit(self, request):
+        self.last = request
+        return self.engine.submit(request)
+
+    def result(self, ticket, timeout=None):
+        return self.engine.result(ticket, timeout)
+
+    def release(self, ticket):
+        self.engine.release(ticket)
+
+
+def _write_json(path: Path, value: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def data_fingerprint(splits: Mapping[str, list]) -> str:
+    """The prepared samples' token ids and loss positions, both tokenizations, in order."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, samples in splits.items():
+        h.update(f"{name}:{len(samples)};".encode())
+        for s in samples:
+            for tok in (s.student, s.teacher):
+                if tok is not None:
+                    h.update(torch.as_tensor(list(tok.input_ids), dtype=torch.int64).numpy().tobytes() + b"|")
+                    h.update(torch.as_tensor(list(tok.loss_positions), dtype=torch.int64).numpy().tobytes() + b";")
+    return h.hexdigest()[:16]
+
+
+class CacheBuilder:
+    """One build (or the rest of an interrupted one) of a recipe's teacher cache."""
+
+    def __init__(self, cfg, raw: Mapping[str, Any], out: str | os.PathLike, *, registry, dtype: str = "bfloat16",
+                 shard_mb: float = DEFAULT_SHARD_MB, batch_size: Optional[int] = None, progress: bool = True):
+        if dtype not in CACHE_DTYPES:
+            raise CacheError(f"--dtype: '{dtype}' is not one of {', '.join(CACHE_DTYPES)}")
+        if shard_mb <= 0:
+            raise CacheError(f"--shard-mb must be > 0, got {shard_mb}")
+        self.cfg, self.raw, self.registry = cfg, raw, registry
+        self.out = Path(out)
+        self.dtype = dtype
+        self.shard_bytes = int(shard_mb * (1 << 20))
+        self.batch_size = int(batch_size or cfg.train.micro_batch_size)
+        self.progress = progress
+
+    # ------------------------------------------------------------------ the parts the trainer uses too
+    def _prepare(self):
+        from kdcore.data import prepare_data
+        from kdcore.tokenizers import load_tokenizer, pad_token_id, tokenizer_fingerprint
+        from kdcore.training.steps import StepPreparer
+        from kdcore.training.types import LatestEval
+
+        cfg = self.cfg
+        student_spec = cfg.student.tokenizer or cfg.student.path or cfg.teacher.tokenizer or cfg.teacher.path
+        teacher_spec = cfg.teacher.tokenizer or cfg.teacher.path
+        s_tok = load_tokenizer(student_spec)
+        t_tok = s_tok if teacher_spec == student_spec else load_tokenizer(teacher_spec)
+        entry = self.registry.get("aligner", cfg.distill.aligner)
+        cache_dir = Path(os.environ.get("KDCORE_CACHE", Path.home() / ".cache" / "kdflow")) / "vocab_maps"
+        aligner = entry.fn(student_tokenizer=s_tok, teacher_tokenizer=t_tok,
+                           options=entry.make_options(dict(cfg.distill.aligner_options or {})), cache_dir=cache_dir)
+        self.cross = bool(aligner.cross_tokenizer)
+        data = prepare_data(cfg.data, s_tok, t_tok if self.cross else None, seed=cfg.train.seed)
+        self.splits = {"train": list(data.train), "eval": list(data.eval)}
+        self.preparer = StepPreparer(aligner=aligner, rollout=None, train_samples=data.train, train_cfg=cfg.train,
+                                     shuffle=False, env=None, kdist=None, pad_id=pad_token_id(s_tok),
+                                     teacher_pad_id=pad_token_id(t_tok), latest_eval=LatestEval())
+        self.fingerprints = {"teacher tokenizer": tokenizer_fingerprint(t_tok),
+                             "student tokenizer": tokenizer_fingerprint(s_tok),
+                             "data": data_fingerprint(self.splits)}
+
+    def _batches(self) -> list[tuple[int, int, list[int]]]:
+        """(split code, batch number, sample indices) for every batch, in build order."""
+        out = []
+        for code, name in enumerate(SPLITS):
+            n = len(self.splits[name])
+            for k, lo in enumerate(range(0, n, self.batch_size)):
+                out.append((code, k, list(range(lo, min(lo + self.batch_size, n)))))
+        return out
+
+    def _settings(self) -> dict:
+        """What makes two builds the same build (an interrupted one is resumed only if equal)."""
+        import kdcore
+        from omegaconf import OmegaConf
+
+        options = self.cfg.distill.aligner_options
+        options = OmegaConf.to_container(options) if OmegaConf.is_config(options) else dict(options or {})
+        settings = {"format": FORMAT_VERSION, "identity": recipe_identity(self.raw),
+                    "fingerprints": self.fingerprints, "dtype": self.dtype, "batch_size": self.batch_size,
+                    "shard_bytes": self.shard_bytes, "teacher_path": str(self.cfg.teacher.path),
+                    "teacher_dtype": str(self.cfg.teacher.dtype),
+                    "aligner": {"name": self.cfg.distill.aligner, "options": options},
+                    "kdflow_version": getattr(kdcore, "__version__", "unknown")}
+        return json.loads(json.dumps(settings))  # as a manifest reads back (tuples are lists there)
+
+    # ------------------------------------------------------------------ resume
+    def _earlier(self, settings: dict) -> tuple[dict, list[dict]]:
+        """An earlier build's manifest with these settings (empty when none) and its shards
+        that still verify, in order up to the first that does not."""
+        path = self.out / MANIFEST
+        if not path.is_file():
+            return {}, []
+        old = json.loads(path.read_text())
+        if {k: old.get(k) for k in settings} != settings:
+            differs = ", ".join(k for k in settings if old.get(k) != settings[k])
+            raise CacheError(f"--out {self.out}: holds a cache built with other settings ({differs}); "
+                             f"use another folder or remove it")
+        kept = []
+        for s in old.get("shards", []):
+            f = self.out / s["file"]
+            if f.is_file() and f.stat().st_size == s["bytes"] and sha256_file(f) == s["sha256"]:
+                kept.append(s)
+            else:
+                break
+        return old, kept
+
+    def _clean(self, kept: list[dict]) -> None:
+        keep = {s["file"] for s in kept}
+        for f in self.out.glob("shard-*"):
+            if f.name not in keep:
+                f.unlink()
+
+    # ------------------------------------------------------------------ the build
+    def run(self) -> BuildSummary:
+        t0 = time.perf_counter()
+        self._prepare()
+        self.out.mkdir(parents=True, exist_ok=True)
+        settings = self._settings()
+        old, kept = self._earlier(settings)
+        self._clean(kept)
+        manifest = dict(settings, complete=False, shards=list(kept))
+        for k in ("hidden_size", "vocab_size"):
+            if k in old:
+                manifest[k] = old[k]
+        batches = self._batches()
+        start = kept[-1]["end_batch"] if kept else 0
+        if start < len(batches):
+            self._compute(manifest, batches, start)
+        check_shard_files(self.out, manifest, checksums=True)
+        manifest["complete"] = True
+        _write_json(self.out / MANIFEST, manifest)
+        s = manifest["shards"]
+        return BuildSummary(self.out, sum(x["samples"] for x in s), sum(x["rows"] for x in s),
+                            sum(x["bytes"] for x in s), len(s), len(s) - len(kept), time.perf_counter() - t0)
+
+    def _compute(self, manifest: dict, batches: list, start: int) -> None:
+        from kdcore.engines import create_teacher_engine
+        from kdcore.training.teacher_schedule import TeacherSchedule
+
+        cfg = self.cfg
+        samples = self.splits["train"] + self.splits["eval"]
+        longest = max(len(s.teacher.input_ids if s.teacher is not None else s.student.input_ids) for s in samples)
+        engine = create_teacher_engine(cfg.teacher, registry=self.registry, max_rows=self.batch_size * longest,
+                                       threads=cfg.teacher.threads or None)
+        with engine:
+            recorder = _Recorder(engine)
+            manifest["hidden_size"], manifest["vocab_size"] = int(engine.hidden_size), int(engine.vocab_size)
+            schedule = TeacherSchedule(recorder, cross=self.cross, looks_ahead=True, max_steps=0)
+            writer = _ShardWriter(self.out, manifest, self.shard_bytes, getattr(torch, self.dtype))
+            todo = batches[start:]
+            tokens = sum(len(self.splits[SPLITS[c]][i].student.input_ids) for c, _, idx in todo for i in idx)
+            with _progress(self.progress, tokens) as advance:
+                pending = None  # (batch number, split code, indices, pmb, request): two in flight
+                for number, (code, k, idx) in enumerate(todo, start):
+                    pmb = self.preparer.micro_batch(k, 0, True, [self.splits[SPLITS[code]][i] for i in idx])
+                    schedule.submit(pmb)
+                    current = (number, code, idx, pmb, recorder.last)
+                    if pending is not None:
+                        advance(self._store(schedule, writer, *pending))
+                    pending = current
+                if pending is not None:
+                    advance(self._store(schedule, writer, *pending))
+            writer.flush()
+
+    def _store(self, schedule, writer: "_ShardWriter", number: int, code: int, idx: list, pmb, request) -> int:
+        rows = schedule.hidden(pmb, timed=False)
+        keys = sample_keys(request.input_ids, request.attention_mask, request.positions)
+        lo = 0
+        for i, key, pos in zip(idx, keys, request.positions):
+            writer.add(rows[lo:lo + len(pos)], key, code, i)
+            lo += len(pos)
+        schedule.release(pmb)
+        writer.end_batch(number + 1)
+        return sum(len(self.splits[SPLITS[code]][i].student.input_ids) for i in idx)
+
+
+class _ShardWriter:
+    """Collects samples' rows; at a batch boundary past ``shard_bytes`` writes one shard."""
+
+    def __init__(self, folder: Path, manifest: dict, shard_bytes: int, dtype):
+        self.folder, self.manifest, self.shard_bytes, self.dtype = folder, manifest, shard_bytes, dtype
+        self._reset()
+        self.end = 0
+
+    def _reset(self):
+        self.hidden, self.keys, self.ids, self.lengths, self.nbytes = [], [], [], [], 0
+
+    def add(self, rows: torch.Tensor, key: bytes, split: int, index: int) -> None:
+        self.hidden.append(rows.to(self.dtype, copy=True))  # the slot is reused after release
+        self.keys.append(key)
+        self.ids.append((split, index))
+        self.lengths.append(rows.shape[0])
+        self.nbytes += self.hidden[-1].numel() * self.hidden[-1].element_size()
+
+    def end_batch(self, end: int) -> None:
+        self.end = end
+        if self.nbytes >= self.shard_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.keys:
+            return
+        from safetensors.torch import save_file
+
+        offsets = torch.zeros(len(self.lengths) + 1, dtype=torch.int64)
+        offsets[1:] = torch.tensor(self.lengths, dtype=torch.int64).cumsum(0)
+        tensors = {"hidden": torch.cat(self.hidden).contiguous(),
+                   "keys": torch.frombuffer(bytearray(b"".join(self.keys)), dtype=torch.uint8).reshape(len(self.keys), -1),
+                   "offsets": offsets, "sample_ids": torch.tensor(self.ids, dtype=torch.int64)}
+        name = f"shard-{len(self.manifest['shards']):05d}.safetensors"
+        tmp = self.folder / (name + ".tmp")
+        save_file(tensors, str(tmp))
+        os.replace(tmp, self.folder / name)
+        self.manifest["shards"].append({
+            "file": name, "bytes": (self.folder / name).stat().st_size, "sha256": sha256_file(self.folder / name),
+            "samples": len(self.keys), "rows": int(offsets[-1]), "rows_per_sample": list(self.lengths),
+            "end_batch": self.end})
+        _write_json(self.folder / MANIFEST, self.manifest)  # recorded only once the shard is in place
+        self._reset()
+
+
+class _progress:
+    """A rich bar over tokens (tokens/s, ETA); a no-op without ``show``."""
+
+    def __init__(self, show: bool, total: int):
+        self.show, self.total = show, total
+
+    def __enter__(self):
+        if not self.show:
+            return lambda n: None
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
+                                   TimeRemainingColumn)
+
+        self.bar = Progress(TextColumn("teacher cache"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
+                            TextColumn("{task.fields[tps]} tok/s"), TimeRemainingColumn())
+        self.bar.start()
+        self.task = self.bar.add_task("tokens", total=self.total, tps="-")
+        self.t0, self.done = time.perf_counter(), 0
+
+        def advance(n: int) -> None:
+            self.done += n
+            rate = self.done / max(time.perf_counter() - self.t0, 1e-9)
+            self.bar.update(self.task, advance=n, tps=f"{rate:,.0f}")
+
+        return advance
+
+    def __exit__(self, *exc):
+        if self.show:
+            self.bar.stop()
+
+
+def live_engine_overrides(recipe: str, overrides, registry, engine: Optional[str]) -> list[str]:
+    """Overrides that make the recipe's teacher a live one: ``engine`` when given, else ``hf``
+    when the recipe names the cache engine itself (a recipe may be built and trained as one file)."""
+    from kdcore.config import load_raw
+    from kdcore.engines.builtin import CacheEngine
+
+    _, raw = load_raw(recipe, list(overrides))
+    name = (raw.get("teacher") or {}).get("engine") or "hf"
+    try:
+        is_cache = isinstance(registry.get("engine", str(name)).fn, CacheEngine)
+    except Exception:  # an unknown engine is reported by the recipe checks
+        is_cache = False
+    if engine is None and not is_cache:
+        return []
+    return [f"teacher.engine={engine or 'hf'}", "teacher.cache=null"]
+
+
+def _build_errors() -> tuple:
+    from kdcore.channel import ChannelError
+    from kdcore.data import DataError
+    from kdcore.engines.protocol import TeacherError
+    from kdcore.paths import ModelNotFoundError
+    from kdcore.vocab import VocabMismatchError
+
+    return (TeacherError, ChannelError, DataError, ModelNotFoundError, VocabMismatchError)
+
+
+BUILD_ERRORS = _build_errors()
+
+
+def build_teacher_cache(cfg, raw: Mapping[str, Any], out: str | os.PathLike, *, registry, **kwargs) -> BuildSummary:
+    """Build (or finish) the cache of a validated recipe ``cfg`` (``raw``: its mapping, for the
+    identity the manifest records); see :class:`CacheBuilder` for the keywords."""
+    return CacheBuilder(cfg, raw, out, registry=registry, **kwargs).run()
+
+
+__all__ = ["build_teacher_cache", "CacheBuilder", "BuildSummary", "CACHE_DTYPES", "data_fingerprint"]
