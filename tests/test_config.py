@@ -147,7 +147,7 @@ def test_every_default_has_a_reason_comment():
     """nanoGPT rule: each default in the schema carries its reason (or is self-evident)."""
     import inspect
 
-    from kdcore import config
+    from kdcore import schema as config
 
     self_evident = {"output_dir", "seed", "lr", "loss_options", "aligner_options", "rollout_options",
                     "teacher", "student", "data", "distill", "train", "checkpoint", "logging", "sglang",
