@@ -170,17 +170,19 @@ def check_paths(raw: dict, recipe_dir: Path, errors: list[str]) -> None:
                               f"'{recipe_dir}' and in the working directory)")
         elif _unreadable(found):
             errors.append(f"data.{key}: '{found}' is not readable (permission denied)")
-    for section, key in (("teacher", "path"), ("student", "path")):
-        spec = (raw.get(section) or {}).get(key)
+    entries = raw.get("teachers") if isinstance(raw.get("teachers"), list) else []
+    models = [(f"teachers[{i}]", e) for i, e in enumerate(entries) if isinstance(e, dict)] or [("teacher", raw.get("teacher"))]
+    for section, sec in models + [("student", raw.get("student"))]:
+        spec = (sec or {}).get("path")
         if not isinstance(spec, str) or not spec:
             continue
         try:
             kind, where = locate(spec)
         except ModelNotFoundError as exc:
-            errors.append(f"{section}.{key}: {exc}")
+            errors.append(f"{section}.path: {exc}")
             continue
         if kind != "hub" and _unreadable(Path(where)):
-            errors.append(f"{section}.{key}: '{where}' is not readable (permission denied)")
+            errors.append(f"{section}.path: '{where}' is not readable (permission denied)")
     for section in ("teacher", "student"):
         spec = (raw.get(section) or {}).get("tokenizer")
         if not isinstance(spec, str) or not spec:

@@ -262,6 +262,16 @@ def test_validate_checks_every_teacher_entry_at_once(tmp_path, tiny_teacher):
         assert part in msg, (part, msg)
 
 
+def test_validate_checks_every_teachers_path(tmp_path, tiny_teacher):
+    from kdcore.config import RecipeError, load_recipe
+
+    r = recipe(tmp_path, tiny_teacher, [{"name": "a", "path": str(tiny_teacher)},
+                                        {"name": "b", "path": str(tmp_path / "no_such_model")}])
+    with pytest.raises(RecipeError, match=r"teachers\[1\]\.path: ") as info:
+        load_recipe(str(r))
+    assert "teachers[0].path" not in str(info.value)
+
+
 def test_the_short_form_is_one_teacher_named_teacher(tmp_path, tiny_teacher):
     from kdcore.config import load_recipe, teacher_entries
 
