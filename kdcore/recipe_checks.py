@@ -214,6 +214,7 @@ def recipe_warnings(raw: dict) -> list[str]:
         v = get_dotted(raw, key)
         if isinstance(v, (int, float)) and not isinstance(v, bool) and absurd(v):
             out.append(f"{key}={v!r}: {why}")
+    return out
 
 
 # ------------------------------------------------------------------ several teachers

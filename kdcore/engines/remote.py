@@ -125,6 +125,7 @@ class RemoteTeacher(TeacherEngine):
         self.fingerprint = wire.teacher_fingerprint(self.spec)
         self.hidden_size, self.vocab_size = self.fingerprint["hidden_size"], self.fingerprint["vocab_size"]
         self._ctx = zmq.Context()
+        self._ctx.setsockopt(zmq.LINGER, 0)  # every socket of it, the monitor's too: closing never waits
         try:
             self._connect()
         except BaseException:
@@ -191,7 +192,9 @@ class RemoteTeacher(TeacherEngine):
                 pass
         self._drop_socket()
         if self._ctx is not None:
-            self._ctx.term()
+            # destroy, not term: term waits forever for any socket still open in the context
+            # (one left by a failed reconnect, say), and so would the context's finaliser
+            self._ctx.destroy(linger=0)
             self._ctx = None
 
     def _lost(self, why: str) -> None:

@@ -146,6 +146,7 @@ class TeacherServer:
         import zmq
 
         self._ctx = zmq.Context()
+        self._ctx.setsockopt(zmq.LINGER, 0)  # closing never waits for clients that are gone
         sock = self._ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         # ZeroMQ drops a peer whose message part exceeds this: a guard for memory far above the
@@ -276,7 +277,7 @@ class TeacherServer:
             self.log(stats.line(client, final=True))
         if self._sock is not None:
             self._sock.close(linger=0)
-            self._ctx.term()
+            self._ctx.destroy(linger=0)  # term would wait for any socket still open
             self._sock = self._ctx = None
 
 
