@@ -101,6 +101,34 @@ def trainable_parameter_count(model: nn.Module) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# merged weights (rollout engines and self-distillation take the student's weights by name)
+
+_PEFT_PREFIX = "base_model.model."  # where a PeftModelForCausalLM keeps the wrapped model
+
+
+def merge_lora_weights(model: nn.Module, weights: dict) -> dict:
+    """``weights`` (the peft ``model``'s full state, peft names) with each adapter merged into
+    its base weight, ``W + scaling * B @ A``, under the base model's own names: what a plain
+    copy of the model (a rollout engine, a self-distilled teacher) loads."""
+    out = dict(weights)
+    for name, module in model.named_modules():
+        lora_a = getattr(module, "lora_A", None)
+        if not isinstance(lora_a, nn.ModuleDict) or ADAPTER_NAME not in lora_a:
+            continue
+        if getattr(module, "fan_in_fan_out", False):
+            raise NotImplementedError(f"LoRA merge: {name} stores its weight transposed (fan_in_fan_out)")
+        base_key = f"{name}.base_layer.weight"
+        a = out.pop(f"{name}.lora_A.{ADAPTER_NAME}.weight")
+        b = out.pop(f"{name}.lora_B.{ADAPTER_NAME}.weight")
+        w = out.pop(base_key)
+        delta = (b.float() @ a.float()) * float(module.scaling[ADAPTER_NAME])
+        out[f"{name}.weight"] = (w.float() + delta).to(w.dtype)
+        if f"{name}.base_layer.bias" in out:
+            out[f"{name}.bias"] = out.pop(f"{name}.base_layer.bias")
+    return {k[len(_PEFT_PREFIX):] if k.startswith(_PEFT_PREFIX) else k: v for k, v in out.items()}
+
+
+# --------------------------------------------------------------------------------------------
 # export (rank 0, from a full state dict)
 
 

@@ -212,6 +212,29 @@ def test_export_writes_merged_model_and_adapter_folder(tiny_dir, tmp_path):
     assert torch.allclose(adapter_logits, peft_logits, rtol=1e-5, atol=1e-5)
 
 
+def test_rollout_weights_of_a_lora_student_are_merged_under_base_names(tiny_dir):
+    from transformers import AutoModelForCausalLM
+
+    from kdcore.sampling import full_weights, head_name
+
+    st = Student.from_recipe(lora_recipe(tiny_dir, alpha=12.0))
+    st.train()
+    train_step(st, *batch(40))
+    weights = full_weights(st.model)
+    plain = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    assert set(weights) == set(plain.state_dict())  # a plain copy loads them by name
+    layer = st.model.get_base_model().model.layers[1].self_attn.v_proj
+    a, b = full(layer.lora_A["default"].weight), full(layer.lora_B["default"].weight)
+    want = full(layer.base_layer.weight) + (12.0 / 4) * b @ a  # W + alpha/r * B A
+    assert torch.allclose(weights["model.layers.1.self_attn.v_proj.weight"], want, atol=1e-6)
+    assert not torch.allclose(want, full(layer.base_layer.weight))
+    assert torch.equal(weights[head_name(st.model)], full(student_head_weight_of(st.model)))
+
+
+def student_head_weight_of(model):
+    return model.get_output_embeddings().weight
+
+
 # ---------------------------------------------------------------------------------------------
 # bad sections
 
