@@ -65,8 +65,8 @@ class LoraConfig:
     r: int = 16  # adapter rank; 8-16 is the common peft setting, enough for distillation-sized updates
     alpha: float = 32.0  # scale alpha/r = 2, the usual peft pairing with r=16
     dropout: float = 0.05  # light regularisation on the adapter input, the common peft value
-    # the attention projections of Llama/Qwen/Mistral-style models: the usual peft targets
-    target_modules: List[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    target_modules: List[str] = field(  # attention projections (Llama/Qwen/Mistral names): the usual peft targets
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
 
 @dataclass

@@ -97,6 +97,38 @@ def test_only_adapters_train_and_base_weights_stay_bitwise(tiny_dir):
     assert losses[-1] < losses[0], losses
 
 
+def test_bf16_mixed_precision_trains_fp32_adapters(tiny_dir):
+    r = lora_recipe(tiny_dir)
+    r.train.precision = "bf16"
+    st = Student.from_recipe(r)
+    st.train()
+    adapters = {n: p for n, p in st.model.named_parameters() if p.requires_grad}
+    assert all(full(p).dtype == torch.float32 for p in adapters.values())  # fp32 masters
+    ids, mask = batch(2)
+    assert student_hidden(st.model, ids, mask).dtype == torch.bfloat16
+    before = {n: full(p).detach().clone() for n, p in adapters.items()}
+    train_step(st, ids, mask)
+    assert any(not torch.equal(full(p), before[n]) for n, p in adapters.items())
+
+
+def test_gradient_checkpointing_gives_the_same_adapter_gradients(tiny_dir):
+    grads = []
+    for gc in (False, True):
+        r = lora_recipe(tiny_dir)
+        r.student.gradient_checkpointing = gc
+        st = Student.from_recipe(r)
+        st.train()
+        ids, mask = batch(3)
+        h = student_hidden(st.model, ids, mask)
+        kd_token_losses(h, student_head_weight(st.model), teacher_logits(ids), mask).sum().backward()
+        named = [(n, p) for n, p in st.model.named_parameters() if p.requires_grad]
+        assert all(p.grad is not None for _, p in named)
+        grads.append({n: full(p.grad).clone() for n, p in named})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-7), n
+
+
 def test_world_size_two_under_torchrun_matches_reference(tiny_dir):
     from transformers import AutoModelForCausalLM
 
