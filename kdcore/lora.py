@@ -96,10 +96,6 @@ def apply_lora(model: nn.Module, lora_cfg) -> nn.Module:
     return peft.get_peft_model(model, config, adapter_name=ADAPTER_NAME)
 
 
-def trainable_parameter_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
 # --------------------------------------------------------------------------------------------
 # merged weights (rollout engines and self-distillation take the student's weights by name)
 
