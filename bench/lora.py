@@ -6,7 +6,7 @@ a few steps each, without evaluation, checkpoints or export; the LoRA run adds
 ``student.lora.enabled=true`` (the recipe defaults: r=16, alpha=32, dropout=0.05, q/k/v/o).
 Each run is a fresh child process pinned to ``--threads`` CPUs (:func:`bench.common.run_isolated`):
 peak PSS is over the whole tree (student + teacher process), maxrss is the largest single
-process (the student's). tokens/s is the median of the trainer's per-step figure, the first
+process. tokens/s is the median of the trainer's per-step figure, the first
 step (warm-up) excluded. Trainable parameters are counted on the built student in a child.
 
     python -m bench.lora [--steps 6] [--threads 2]     # writes bench/lora.md
@@ -78,7 +78,7 @@ def main() -> None:
         print(name, rows[-1], flush=True)
     info = common.machine_info()
     load_after = common.load_average()
-    table = common.md_table(["student", "trainable params", "of total", "peak PSS GB (tree)", "maxrss GB (student)",
+    table = common.md_table(["student", "trainable params", "of total", "peak PSS GB (tree)", "maxrss GB (largest process)",
                              "tokens/s (median)", "tokens/s range", "loss first → last"], rows)
     text = f"""# LoRA vs full fine-tuning (quickstart pair)
 
