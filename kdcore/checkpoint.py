@@ -207,12 +207,28 @@ def _read_rng_file(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, values
 
 
+def _state_options():
+    """A LoRA student's checkpoint holds only what trains (adapters, extras): its frozen base is
+    rebuilt from the recipe, whose student section a resume may not change. Loading is then not
+    strict in torch's sense; :func:`_check_model_keys` checks the saved and wanted keys instead."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(ignore_frozen_params=True, strict=False)
+
+
 def _app_state(model, optimizer, extra_modules):
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
+    from kdcore.lora import is_lora_model
+
     holder = _Holder(model, extra_modules)
-    msd, osd = get_state_dict(holder, optimizer)
-    return holder, {"model": msd, "optim": osd}
+    options = _state_options() if is_lora_model(model) else None
+    msd, osd = get_state_dict(holder, optimizer, options=options)
+    if options is not None:  # torch drops frozen parameters by name, not a tied head's second name
+        for name, p in holder.named_parameters(remove_duplicate=False):
+            if not p.requires_grad:
+                msd.pop(name, None)
+    return holder, {"model": msd, "optim": osd}, options
 
 
 def _write_json_synced(obj: Any, path: Path, what: str) -> None:
@@ -333,7 +349,7 @@ def _save_into(tmp: Path, final: Path, step: int, *, model, optimizer, scheduler
         tmp.mkdir()
     kdist.barrier()
 
-    _, state = _app_state(model, optimizer, extra_modules)
+    _, state, _ = _app_state(model, optimizer, extra_modules)
     dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True))
     _write_rng_file(tmp / f"rank_{rank}{RNG_SUFFIX}", world)
     kdist.barrier()  # every shard and RNG file is on disk before rank 0 seals the folder
@@ -432,11 +448,12 @@ def load_checkpoint(path: str | os.PathLike, *, model: nn.Module, optimizer: tor
     saved_world = int(meta.get("world_size", 1))
     # own stream when the world size is unchanged; otherwise borrow one so ranks still differ
     rng = _read_rng_file(p / f"rank_{kdist.get_rank() % saved_world}{RNG_SUFFIX}")
-    holder, state = _app_state(model, optimizer, extra_modules)
+    holder, state, options = _app_state(model, optimizer, extra_modules)
     _check_model_keys(p, state["model"])
     try:
         dcp.load(state, storage_reader=SafeFileSystemReader(str(p)), planner=SafeLoadPlanner())
-        set_state_dict(holder, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_state_dict(holder, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=options)
     except (Exception, _dcp_exception()) as exc:
         raise CheckpointError(f"'{p}' does not fit this run's model/optimizer: {_short(exc)}") from exc
 
@@ -516,18 +533,26 @@ def _clean_config(config):
 
 
 def export_hf(model: nn.Module, tokenizer, out_dir: str | os.PathLike,
-              dtype: torch.dtype | None = None) -> Path:
+              dtype: torch.dtype | None = None, adapter_dir: str | os.PathLike | None = None) -> Path:
     """Write ``model`` (sharded or not) as a ``from_pretrained``-loadable folder: safetensors
     weights + config (+ generation config) + ``tokenizer`` (when given). Collective; rank 0
     writes. ``dtype`` casts floating weights (default: as trained, fp32 master weights).
+
+    A LoRA student is written merged (plain transformers loads it), and its adapters (fp32, as
+    trained) to ``adapter_dir`` (default ``<out_dir>_adapter``) for ``PeftModel.from_pretrained``.
 
     Written to ``<out_dir>.tmp`` and renamed, so ``out_dir`` is either the old or the new export.
     """
     from transformers import AutoModelForCausalLM
 
+    from kdcore import lora
+
     sd = full_state_dict(model)
     out = Path(out_dir)
     if kdist.is_main():
+        if lora.is_lora_model(model):
+            sd = lora.merge_for_export(model, sd, adapter_dir or out.with_name(out.name + "_adapter"))
+            model = lora.unwrap(model)
         cfg = _clean_config(model.config)
         if dtype is not None:
             sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}

@@ -20,8 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 from kdcore.recipe_checks import (check_teachers_form, check_algorithm_options, check_engines, check_evaluators,
                                   check_loggers, check_paths, check_teacher_entries, recipe_warnings,
                                   teacher_entries)
-from kdcore.schema import (RANGES, CheckpointConfig, DataConfig, DistillConfig, EvalConfig, LoggingConfig, Recipe,
-                           RemoteTeacherConfig, RolloutConfig, SGLangConfig, StudentConfig, TeacherConfig,
+from kdcore.schema import (RANGES, CheckpointConfig, DataConfig, DistillConfig, EvalConfig, LoggingConfig,
+                           LoraConfig, Recipe, RemoteTeacherConfig, RolloutConfig, SGLangConfig, StudentConfig, TeacherConfig,
                            TeacherEntry, TrainConfig, check_section, get_dotted)
 
 
@@ -135,7 +135,8 @@ __all__ = [
     "RecipeError", "load_recipe", "load_raw", "validate_raw", "resolve_recipe", "recipe_dirs",
     # re-exported from kdcore.schema and kdcore.recipe_checks
     "Recipe", "TeacherConfig", "TeacherEntry", "RemoteTeacherConfig", "SGLangConfig", "StudentConfig", "DataConfig",
-    "DistillConfig", "RolloutConfig", "TrainConfig", "CheckpointConfig", "LoggingConfig", "EvalConfig", "RANGES",
+    "DistillConfig", "LoraConfig", "RolloutConfig", "TrainConfig", "CheckpointConfig", "LoggingConfig", "EvalConfig",
+    "RANGES",
     "check_algorithm_options", "check_engines", "check_evaluators", "check_loggers", "check_paths",
     "check_teacher_entries", "recipe_warnings", "teacher_entries",
 ]

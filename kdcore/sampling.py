@@ -43,6 +43,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from kdcore import lora
 from kdcore.aligner import Tokenized
 from kdcore.data import BadRow, DataError, Sample
 from kdcore.engines import create_rollout_engine
@@ -68,7 +69,8 @@ def full_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             if key not in gathered:
                 gathered[key] = (t.full_tensor() if isinstance(t, DTensor) else t).detach()
             out[name] = gathered[key]
-    return out
+    # a LoRA student hands out merged weights under the base model's names (what engines load)
+    return lora.merge_lora_weights(model, out) if lora.is_lora_model(model) else out
 
 
 # ------------------------------------------------------------------------------ prompts
@@ -539,6 +541,7 @@ class RolloutSampler:
 
 def head_name(model: torch.nn.Module) -> str:
     """The state-dict name of the model's output projection weight (lm_head, or the tied embedding)."""
+    model = lora.unwrap(model)  # a LoRA student's names as in its merged weights (full_weights)
     head = model.get_output_embeddings().weight
     for name, p in model.named_parameters(remove_duplicate=False):
         if p is head:

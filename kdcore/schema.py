@@ -75,6 +75,18 @@ class TeacherEntry(TeacherConfig):
 
 
 @dataclass
+class LoraConfig:
+    """student.lora: train low-rank adapters (peft) instead of every student weight."""
+
+    enabled: bool = False  # off: full fine-tuning is what a plain recipe has always meant
+    r: int = 16  # adapter rank; 8-16 is the common peft setting, enough for distillation-sized updates
+    alpha: float = 32.0  # scale alpha/r = 2, the usual peft pairing with r=16
+    dropout: float = 0.05  # light regularisation on the adapter input, the common peft value
+    target_modules: List[str] = field(  # attention projections (Llama/Qwen/Mistral names): the usual peft targets
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
 class StudentConfig:
     path: Optional[str] = None  # None = start from the teacher's checkpoint (see init)
     tokenizer: Optional[str] = None  # defaults to the model's own tokenizer
@@ -84,6 +96,7 @@ class StudentConfig:
     num_layers: Optional[int] = None  # for init=truncate
     config_overrides: Dict[str, Any] = field(default_factory=dict)  # for init=config
     gradient_checkpointing: bool = False  # trades ~30% compute for activation memory
+    lora: LoraConfig = field(default_factory=LoraConfig)  # off unless lora.enabled
 
 
 @dataclass
@@ -230,6 +243,9 @@ RANGES: list[tuple[str, Any, str]] = [
     ("checkpoint.every", lambda v: v >= 0, "must be >= 0"),
     ("eval.max_new_tokens", lambda v: v > 0, "must be > 0"),
     ("eval.samples", lambda v: v >= 0, "must be >= 0"),
+    ("student.lora.r", lambda v: v >= 1, "must be >= 1"),
+    ("student.lora.alpha", lambda v: v > 0, "must be > 0"),
+    ("student.lora.dropout", lambda v: 0.0 <= v < 1.0, "must be within [0, 1)"),
 ] + [(f"{side}.sglang.{key}", check, msg) for side in ("teacher", "rollout") for key, check, msg in (
     ("tp_size", lambda v: v >= 1, "must be >= 1"),
     ("dp_size", lambda v: v >= 1, "must be >= 1"),

@@ -7,6 +7,10 @@ Build (``student.init``):
   * ``config`` — same architecture with ``config_overrides``, randomly initialised from
     ``train.seed`` (identical on every rank).
 
+LoRA (``student.lora.enabled``): the built model is wrapped with peft adapters
+(:mod:`kdcore.lora`) before sharding; only the adapters train, and the functions below find the
+decoder stack and head of the base model through the wrapper.
+
 Sharding: ``fully_shard`` on each decoder layer, then on the root, which therefore owns the
 embedding, the final norm and ``lm_head`` (tied or not: a tied pair is one parameter in one FSDP
 unit, so it stays tied). FSDP2 does not reshard the root after forward, so between
@@ -33,6 +37,7 @@ import torch
 from torch import nn
 
 from kdcore import distributed as kdist
+from kdcore import lora as kdlora
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -76,7 +81,9 @@ def load_config(spec: str):
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layer list of a Llama/Qwen/Mistral-style causal LM (``model.model.layers``)."""
+    """The decoder layer list of a Llama/Qwen/Mistral-style causal LM (``model.model.layers``;
+    a peft-wrapped one's base model)."""
+    model = kdlora.unwrap(model)
     base = getattr(model, "model", None)
     layers = getattr(base, "layers", None)
     if not isinstance(layers, nn.ModuleList):
@@ -181,6 +188,11 @@ def build_student(recipe, seed: int | None = None):
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False  # training forwards never need a KV cache
+    if kdlora.lora_enabled(getattr(s, "lora", None)):
+        # adapters initialise from the global RNG: the same seed gives every rank the same ones
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = kdlora.apply_lora(model, s.lora)
     model.train()  # loaders hand out eval-mode models; checkpointing and dropout need train mode
     return model
 
@@ -233,6 +245,7 @@ def shard_student(model: nn.Module, precision: str = "fp32", device: torch.devic
 
 
 def _base_model(model: nn.Module) -> nn.Module:
+    model = kdlora.unwrap(model)
     base = getattr(model, "model", None)
     if base is None:
         raise TypeError(f"{type(model).__name__}: expected the decoder stack at model.model")
@@ -242,7 +255,8 @@ def _base_model(model: nn.Module) -> nn.Module:
 def _accepts_logits_to_keep(model: nn.Module) -> bool:
     cached = getattr(model, "_kdflow_logits_to_keep", None)
     if cached is None:
-        cached = "logits_to_keep" in inspect.signature(type(model).forward).parameters
+        # a peft wrapper passes keyword arguments through to the causal LM it wraps
+        cached = "logits_to_keep" in inspect.signature(type(kdlora.unwrap(model)).forward).parameters
         model._kdflow_logits_to_keep = cached
     return cached
 
@@ -323,7 +337,8 @@ def _param_groups(params: Iterable[tuple[str, nn.Parameter]], lr: float, weight_
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0,
                     extra_modules: Sequence[nn.Module] = (), extra_lr: float | None = None,
                     betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> torch.optim.AdamW:
-    """AdamW over the student (decayed: >= 2-D params) and ``extra_modules`` at ``extra_lr``
+    """AdamW over the student's trainable parameters (decayed: >= 2-D params; frozen ones, such
+    as a LoRA student's base weights, get no optimizer state) and ``extra_modules`` at ``extra_lr``
     (default ``lr``). Fused when the parameters' device supports it, foreach otherwise.
 
     ``betas``/``eps``: the transformers Trainer defaults, the usual fine-tuning setting.
