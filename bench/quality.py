@@ -34,6 +34,7 @@ import argparse
 import datetime as _dt
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -189,12 +190,18 @@ def plan(section: Section, args) -> list[tuple[Row, list[int]]]:
     return [(r, args.seeds if r.headline else args.other_seeds) for r in [section.baseline, *rows]]
 
 
-def run_section(section: Section, args) -> dict[str, list[Run]]:
+def run_section(section: Section, args, on_run: Callable[[dict[str, list[Run]]], None] = lambda runs: None
+                ) -> dict[str, list[Run]]:
+    """Every planned run, seed by seed (each seed's rows together, so an interrupted run still holds
+    complete pairs with the twin); ``on_run`` sees the runs so far after each one."""
     runs: dict[str, list[Run]] = {}
-    for row, seeds in plan(section, args):
-        for seed in seeds:
+    planned = plan(section, args)
+    seeds_in_order = list(dict.fromkeys(s for _, seeds in planned for s in seeds))
+    for seed in seeds_in_order:
+        for row in [row for row, seeds in planned if seed in seeds]:
             r = run_one(section, row, seed, args.steps, args.timeout)
             runs.setdefault(row.name, []).append(r)
+            on_run(runs)
             if r.ok:
                 figures = ", ".join(f"{m.key}={m.fmt.format(m.read(r.final))}" for m in section.metrics
                                     if m.read(r.final) is not None)
@@ -294,10 +301,10 @@ def render_section(section: Section, runs: dict[str, list[Run]]) -> str:
     return "\n".join(parts)
 
 
-def header(args, started: str, load0, minutes: float, n_runs: int) -> str:
+def header(args, started: str, load0, minutes: float, n_runs: int, progress: str = "") -> str:
     info = common.machine_info()
     load1 = common.load_average()
-    cmd = "python bench/quality.py" + (" " + " ".join(args.argv) if args.argv else "")
+    cmd = "python bench/quality.py" + (" " + shlex.join(args.argv) if args.argv else "")
     lines = [
         "# kdflow distillation quality",
         "",
@@ -313,6 +320,8 @@ def header(args, started: str, load0, minutes: float, n_runs: int) -> str:
         f"Seeds: headline rows and the CE-only twin {','.join(map(str, args.seeds))}; other rows "
         f"{','.join(map(str, args.other_seeds))}. Steps: {args.steps if args.steps else 'each recipe’s own'}.",
     ]
+    if progress:
+        lines += ["", progress]
     if args.note:
         lines += ["", args.note]
     return "\n".join(lines)
@@ -359,17 +368,28 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     started = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     load0 = common.load_average()
-    bodies, n_runs = [], 0
-    for name in args.sections:
-        section = SECTIONS[name]()
-        runs = run_section(section, args)
-        n_runs += sum(len(v) for v in runs.values())
-        bodies.append(render_section(section, runs))
-    minutes = (time.perf_counter() - t0) / 60
-    text = header(args, started, load0, minutes, n_runs) + "\n\n" + "\n\n".join(bodies) + "\n"
+    sections = [SECTIONS[name]() for name in args.sections]
+    total = sum(len(seeds) for s in sections for _, seeds in plan(s, args))
+    done: dict[str, dict[str, list[Run]]] = {}
+
+    def report(final: bool) -> str:
+        n_runs = sum(len(v) for runs in done.values() for v in runs.values())
+        minutes = (time.perf_counter() - t0) / 60
+        progress = "" if final else f"**Partial: {n_runs} of {total} planned runs so far** (rewritten after each run)."
+        bodies = [render_section(s, done[s.name]) for s in sections if s.name in done]
+        return header(args, started, load0, minutes, n_runs, progress) + "\n\n" + "\n\n".join(bodies) + "\n"
+
+    def save_partial(section: Section, runs: dict[str, list[Run]]) -> None:
+        done[section.name] = runs
+        if not args.no_write:  # an interrupted benchmark still leaves what it measured
+            Path(args.out).write_text(report(final=False))
+
+    for section in sections:
+        done[section.name] = run_section(section, args, on_run=lambda runs, s=section: save_partial(s, runs))
+    text = report(final=True)
     if not args.no_write:
         Path(args.out).write_text(text)
-        log(f"wrote {args.out} ({minutes:.1f} min)")
+        log(f"wrote {args.out} ({(time.perf_counter() - t0) / 60:.1f} min)")
     print(text)
     return 0
 
