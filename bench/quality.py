@@ -1,0 +1,398 @@
+"""Distillation quality at equal work: does KD beat plain fine-tuning on held-out data?
+
+``python bench/quality.py`` → ``bench/quality.md``. Every row is one recipe plus dotlist
+overrides, trained through the command line a user runs (``python -m kdcore train RECIPE
+key=value ...``) in a fresh process per run and seed, and read from the final evaluation record
+of that run's ``metrics.jsonl``. Each section compares its rows with a **CE-only twin**
+(``distill.kd_ratio=0``): the same recipe, steps, batches (so the same tokens), schedule and
+seed, with the learning rate that is best for CE in the same grid (the section says which).
+
+Sections (``--sections``):
+
+- ``losses``: the quickstart pair (SmolLM2-135M-Instruct teacher, 4 of its 30 layers as the
+  student), every built-in loss at ``kd_ratio=1`` and CE/KD mixes, against CE-only. Metrics:
+  held-out teacher-KL (forward KL teacher→student, the trainer's ``eval_teacher_kl``),
+  perplexity of the held-out references (``eval_ppl``) and top-1 agreement with the teacher
+  (``eval_top1_agreement``).
+
+A new section (say cross-tokenizer aligners with another teacher, or rollout policies judged by
+a generation metric) is a function returning a :class:`Section` — its recipe, its CE-only
+twin, its rows and the :class:`Metric` list it is judged on (a metric reads one value from the
+final evaluation record, so a new evaluation key needs only a new ``Metric``) — added to
+:data:`SECTIONS`. Running, aggregation and the report are shared.
+
+Options: ``--quick`` (the section's quick rows, one seed: about 15 minutes on a quiet 2-core
+machine), ``--seeds`` (seeds of the headline rows and the twin), ``--other-seeds`` (seeds of
+the remaining rows), ``--rows`` (a subset by name; the twin always runs), ``--steps`` (override
+every row's ``train.max_steps``), ``--note`` (a line for the header, e.g. that the machine was
+shared), ``--out``, ``--no-write``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+if __package__ in (None, ""):  # run as a script: make `bench` importable from the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import common  # noqa: E402
+from bench.common import md_table  # noqa: E402
+
+# ----------------------------------------------------------------------------- what is measured
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One figure read from a run's final evaluation record."""
+
+    key: str  # the evaluation record's key
+    label: str
+    fmt: str
+    higher_is_better: bool
+
+    def read(self, record: dict) -> float | None:
+        v = record.get(self.key)
+        return None if v is None else float(v)
+
+    def better(self, value: float, baseline: float) -> bool:
+        return value > baseline if self.higher_is_better else value < baseline
+
+
+TEACHER_KL = Metric("eval_teacher_kl", "teacher-KL ↓", "{:.3f}", higher_is_better=False)
+PPL = Metric("eval_ppl", "ppl ↓", "{:.1f}", higher_is_better=False)
+TOP1 = Metric("eval_top1_agreement", "top-1 ↑", "{:.3f}", higher_is_better=True)
+SAME_VOCAB_METRICS = (TEACHER_KL, PPL, TOP1)
+
+
+@dataclass(frozen=True)
+class Row:
+    """A recipe variant: dotlist overrides on top of the section's recipe."""
+
+    name: str
+    overrides: tuple[str, ...]
+    headline: bool = False  # runs every --seeds seed; the others run --other-seeds
+
+
+@dataclass(frozen=True)
+class Section:
+    name: str  # the --sections key
+    title: str
+    recipe: str  # a shipped recipe name or a path
+    baseline: Row  # the CE-only twin every row is compared with
+    rows: tuple[Row, ...]
+    metrics: tuple[Metric, ...]
+    quick_rows: tuple[str, ...]  # row names run by --quick (the twin always runs)
+    about: str  # what the section holds and how its twin was chosen
+
+
+def losses_section() -> Section:
+    """The quickstart pair: every built-in loss, and CE/KD mixes, against CE-only."""
+    pure = ("fkl", "rkl", "js", "skl", "srkl", "tvd", "akl")
+    rows = [Row("quickstart (as shipped)", (), headline=True)]
+    rows += [Row(f"{loss} kd_ratio=1", (f"distill.loss={loss}", "distill.kd_ratio=1")) for loss in pure]
+    rows += [Row(f"{loss} kd_ratio={r}", (f"distill.loss={loss}", f"distill.kd_ratio={r}"))
+             for loss, r in (("fkl", 0.25), ("fkl", 0.75), ("js", 0.5), ("rkl", 0.5), ("skl", 0.5))]
+    return Section(
+        name="losses",
+        title="Losses on the quickstart pair (same vocabulary)",
+        recipe="quickstart",
+        baseline=Row("CE only", ("distill.kd_ratio=0",), headline=True),
+        rows=tuple(rows),
+        metrics=SAME_VOCAB_METRICS,
+        quick_rows=("quickstart (as shipped)", "fkl kd_ratio=1", "js kd_ratio=1"),
+        about=("SmolLM2-135M-Instruct (GGUF) teacher, student = 4 evenly spaced of its 30 layers, Python "
+               "docstring Q&A, held-out split `recipes/data/pydoc_qa_eval.jsonl`. Every row and the CE-only twin "
+               "share the recipe's learning rate, schedule, batches and steps; the learning rate is the best "
+               "for CE-only in the grid of the issue's sweep (see README, Quality)."),
+    )
+
+
+# a new section: a function returning a Section, registered here
+SECTIONS: dict[str, Callable[[], Section]] = {"losses": losses_section}
+
+# ----------------------------------------------------------------------------- running
+
+
+@dataclass
+class Run:
+    row: str
+    seed: int
+    ok: bool = False
+    final: dict = field(default_factory=dict)  # the last evaluation record
+    initial: dict = field(default_factory=dict)  # the step-0 evaluation record (the student at init)
+    steps: int = 0
+    tokens: int = 0  # training loss tokens summed over the steps (equal work: the same for every row)
+    wall_s: float = 0.0
+    error: str = ""
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def train_command(recipe: str, overrides: Sequence[str], seed: int, output_dir: str, steps: int | None) -> list[str]:
+    """The command a user runs, plus what makes the run a bench run (its own folder, no extra files)."""
+    cmd = [sys.executable, "-m", "kdcore", "train", recipe, *overrides, f"train.seed={seed}",
+           f"train.output_dir={output_dir}", "logging.progress=false", "logging.log_every=1",
+           "checkpoint.every=0", "checkpoint.export_hf=false"]
+    if steps is not None:
+        cmd.append(f"train.max_steps={steps}")
+    return cmd
+
+
+def run_one(section: Section, row: Row, seed: int, steps: int | None, timeout: float) -> Run:
+    """One row and seed in a fresh ``kdcore train`` process; its first and last evaluation."""
+    res = Run(row=row.name, seed=seed)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    with tempfile.TemporaryDirectory(prefix="kdflow-quality-") as tmp:
+        out = Path(tmp) / "out"
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run(train_command(section.recipe, row.overrides, seed, str(out), steps),
+                                  cwd=str(common.REPO_ROOT), env=env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            res.error = f"still running after {timeout:.0f} s"
+            return res
+        res.wall_s = time.perf_counter() - t0
+        if proc.returncode != 0:
+            tail = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()]
+            res.error = f"kdcore train exited {proc.returncode}: {tail[-1][:300] if tail else '(no output)'}"
+            return res
+        records = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    train = [r for r in records if "loss" in r and "step" in r]
+    evals = [r for r in records if "eval_teacher_kl" in r or any(k.startswith("eval_") for k in r if k != "step")]
+    res.steps = max((r["step"] for r in train), default=0)
+    res.tokens = sum(int(r.get("tokens", 0)) for r in train)
+    if not evals or evals[-1]["step"] != res.steps:
+        res.error = f"no evaluation after the last step ({res.steps}) in metrics.jsonl"
+        return res
+    res.final, res.initial = evals[-1], evals[0] if evals[0]["step"] == 0 else {}
+    res.ok = True
+    return res
+
+
+def plan(section: Section, args) -> list[tuple[Row, list[int]]]:
+    """(row, seeds) in run order: the twin first, then the section's rows as selected."""
+    rows = [r for r in section.rows if (not args.rows or r.name in args.rows)
+            and (not args.quick or r.name in section.quick_rows)]
+    return [(r, args.seeds if r.headline else args.other_seeds) for r in [section.baseline, *rows]]
+
+
+def run_section(section: Section, args, on_run: Callable[[dict[str, list[Run]]], None] = lambda runs: None
+                ) -> dict[str, list[Run]]:
+    """Every planned run, seed by seed (each seed's rows together, so an interrupted run still holds
+    complete pairs with the twin); ``on_run`` sees the runs so far after each one."""
+    runs: dict[str, list[Run]] = {}
+    planned = plan(section, args)
+    seeds_in_order = list(dict.fromkeys(s for _, seeds in planned for s in seeds))
+    for seed in seeds_in_order:
+        for row in [row for row, seeds in planned if seed in seeds]:
+            r = run_one(section, row, seed, args.steps, args.timeout)
+            runs.setdefault(row.name, []).append(r)
+            on_run(runs)
+            if r.ok:
+                figures = ", ".join(f"{m.key}={m.fmt.format(m.read(r.final))}" for m in section.metrics
+                                    if m.read(r.final) is not None)
+                log(f"{section.name} | {row.name} | seed {seed}: {figures} ({r.wall_s / 60:.1f} min)")
+            else:
+                log(f"{section.name} | {row.name} | seed {seed}: FAILED {r.error}")
+    return runs
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def mean_range(values: Sequence[float], fmt: str) -> str:
+    """``"mean (min–max)"`` over seeds, or the value alone for one seed; ``"—"`` for none."""
+    if not values:
+        return "—"
+    text = fmt.format(statistics.fmean(values))
+    if len(values) > 1:
+        text += f" ({fmt.format(min(values))}–{fmt.format(max(values))})"
+    return text
+
+
+def values_of(runs: list[Run], metric: Metric) -> list[float]:
+    return [v for r in runs if r.ok for v in [metric.read(r.final)] if v is not None]
+
+
+def beats(runs: list[Run], base: list[Run], metric: Metric) -> str:
+    """Whether the row's mean beats the twin's; ``every seed`` when each seed beats its own twin."""
+    mine, theirs = values_of(runs, metric), values_of(base, metric)
+    if not mine or not theirs or not metric.better(statistics.fmean(mine), statistics.fmean(theirs)):
+        return ""
+    twin = {r.seed: metric.read(r.final) for r in base if r.ok}
+    paired = [(metric.read(r.final), twin[r.seed]) for r in runs if r.ok and r.seed in twin]
+    every = len(paired) > 1 and all(metric.better(a, b) for a, b in paired)
+    return metric.label.split(" ")[0] + (" (every seed)" if every else "")
+
+
+def section_table(section: Section, runs: dict[str, list[Run]]) -> str:
+    base = runs.get(section.baseline.name, [])
+    headers = ["row", "overrides", "seeds"] + [m.label for m in section.metrics] \
+        + [f"{m.label.split(' ')[0]} ÷ CE" for m in section.metrics] + ["beats CE-only on", "min/run"]
+    table = []
+    for row, _ in [(section.baseline, None)] + [(r, None) for r in section.rows]:
+        rr = runs.get(row.name)
+        if not rr:
+            continue
+        good = [r for r in rr if r.ok]
+        if not good:
+            table.append([row.name, " ".join(row.overrides) or "—", "—"] + ["—"] * (2 * len(section.metrics))
+                         + [f"failed: {rr[-1].error[:100]}", "—"])
+            continue
+        cells = [mean_range(values_of(good, m), m.fmt) for m in section.metrics]
+        ratios = []
+        for m in section.metrics:
+            a, b = values_of(good, m), values_of(base, m)
+            ratios.append(f"{statistics.fmean(a) / statistics.fmean(b):.2f}×" if a and b and statistics.fmean(b) else "—")
+        won = "—" if row is section.baseline else (", ".join(x for x in (beats(good, base, m) for m in section.metrics) if x) or "none")
+        table.append([row.name, " ".join(row.overrides) or "—", ",".join(str(r.seed) for r in good)] + cells + ratios
+                     + [won, f"{statistics.fmean(r.wall_s for r in good) / 60:.1f}"])
+    return md_table(headers, table, "ll" + "r" * (len(headers) - 3) + "r")
+
+
+def runs_table(section: Section, runs: dict[str, list[Run]]) -> str:
+    """Every run: the per-seed figures behind the means, and the work each did (equal by design)."""
+    headers = ["row", "seed", "steps", "loss tokens"] + [m.label for m in section.metrics] + ["min"]
+    rows = []
+    for name, rr in runs.items():
+        for r in rr:
+            if not r.ok:
+                rows.append([name, r.seed, "—", "—"] + ["—"] * len(section.metrics) + [f"failed: {r.error[:80]}"])
+                continue
+            rows.append([name, r.seed, r.steps, r.tokens]
+                        + [m.fmt.format(v) if (v := m.read(r.final)) is not None else "—" for m in section.metrics]
+                        + [f"{r.wall_s / 60:.1f}"])
+    return md_table(headers, rows, "lrrr" + "r" * len(section.metrics) + "r")
+
+
+def initial_line(section: Section, runs: dict[str, list[Run]]) -> str:
+    """The student before any training (step-0 evaluation of the twin), for scale."""
+    init = next((r.initial for r in runs.get(section.baseline.name, []) if r.ok and r.initial), None)
+    if not init:
+        return ""
+    figures = ", ".join(f"{m.label.split(' ')[0]} {m.fmt.format(v)}" for m in section.metrics
+                        if (v := m.read(init)) is not None)
+    return f"Student at initialisation (step 0): {figures}."
+
+
+def render_section(section: Section, runs: dict[str, list[Run]]) -> str:
+    parts = [f"## {section.title}", "", section.about, "",
+             f"Recipe `{section.recipe}`; the twin is `{' '.join(section.baseline.overrides)}`. Cells: mean "
+             "(min–max) over seeds of the final held-out evaluation; `÷ CE` = the row's mean ÷ the twin's; "
+             "`beats CE-only on` names the metrics whose mean is better than the twin's, `(every seed)` when each "
+             "seed also beats the twin of the same seed.", "", section_table(section, runs)]
+    if line := initial_line(section, runs):
+        parts += ["", line]
+    parts += ["", "<details><summary>Every run</summary>", "", runs_table(section, runs), "", "</details>"]
+    return "\n".join(parts)
+
+
+def header(args, started: str, load0, minutes: float, n_runs: int, progress: str = "") -> str:
+    info = common.machine_info()
+    load1 = common.load_average()
+    cmd = "python bench/quality.py" + (" " + shlex.join(args.argv) if args.argv else "")
+    lines = [
+        "# kdflow distillation quality",
+        "",
+        f"Command: `{cmd}` — started {started}, {n_runs} runs, took {minutes:.1f} min."
+        + (" **Quick run** (`--quick`: fewer rows, one seed)." if args.quick else ""),
+        "",
+        f"Machine: {info.get('cpu', '?')}, {info.get('cpus_available')} CPUs available, {info.get('memory_gb')} GiB; "
+        f"Python {info['python']}, torch {info['torch']}, transformers {info['transformers']}. Load average "
+        f"(1/5/15 min) at start {load0[0]:.1f}/{load0[1]:.1f}/{load0[2]:.1f}, at end "
+        f"{load1[0]:.1f}/{load1[1]:.1f}/{load1[2]:.1f}. The figures do not depend on the load (same seed, same "
+        "numbers); the `min/run` times do.",
+        "",
+        f"Seeds: headline rows and the CE-only twin {','.join(map(str, args.seeds))}; other rows "
+        f"{','.join(map(str, args.other_seeds))}. Steps: {args.steps if args.steps else 'each recipe’s own'}.",
+    ]
+    if progress:
+        lines += ["", progress]
+    if args.note:
+        lines += ["", args.note]
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {', '.join(SECTIONS)}")
+    p.add_argument("--rows", default="", help="comma-separated row names (the CE-only twin always runs)")
+    p.add_argument("--seeds", default="0,1", help="seeds of the headline rows and the CE-only twin")
+    p.add_argument("--other-seeds", default="0", help="seeds of the other rows")
+    p.add_argument("--steps", type=int, default=None, help="train.max_steps of every run (default: the recipe's)")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds before one run is abandoned")
+    p.add_argument("--quick", action="store_true", help="each section's quick rows, first seed only (~15 min)")
+    p.add_argument("--note", default="", help="a line for the report header (partial run, shared machine, ...)")
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "quality.md"))
+    p.add_argument("--no-write", action="store_true", help="print only; leave --out untouched")
+    raw = sys.argv[1:] if argv is None else list(argv)
+    args = p.parse_args(raw)
+    args.argv = raw
+    args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    if bad := [s for s in args.sections if s not in SECTIONS]:
+        p.error(f"--sections: unknown {bad}; choose from {', '.join(SECTIONS)}")
+    args.rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    known = {r.name for s in args.sections for r in SECTIONS[s]().rows}
+    if bad := [r for r in args.rows if r not in known]:
+        p.error(f"--rows: unknown {bad}; rows are: {'; '.join(sorted(known))}")
+    try:
+        args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        args.other_seeds = [int(s) for s in args.other_seeds.split(",") if s.strip()]
+    except ValueError:
+        p.error("--seeds/--other-seeds: comma-separated integers")
+    if not args.seeds or not args.other_seeds:
+        p.error("--seeds/--other-seeds: at least one seed each")
+    if args.steps is not None and args.steps < 1:
+        p.error(f"--steps must be >= 1, got {args.steps}")
+    if args.quick:
+        args.seeds, args.other_seeds = args.seeds[:1], args.seeds[:1]
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    t0 = time.perf_counter()
+    started = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    load0 = common.load_average()
+    sections = [SECTIONS[name]() for name in args.sections]
+    total = sum(len(seeds) for s in sections for _, seeds in plan(s, args))
+    done: dict[str, dict[str, list[Run]]] = {}
+
+    def report(final: bool) -> str:
+        n_runs = sum(len(v) for runs in done.values() for v in runs.values())
+        minutes = (time.perf_counter() - t0) / 60
+        progress = "" if final else f"**Partial: {n_runs} of {total} planned runs so far** (rewritten after each run)."
+        bodies = [render_section(s, done[s.name]) for s in sections if s.name in done]
+        return header(args, started, load0, minutes, n_runs, progress) + "\n\n" + "\n\n".join(bodies) + "\n"
+
+    def save_partial(section: Section, runs: dict[str, list[Run]]) -> None:
+        done[section.name] = runs
+        if not args.no_write:  # an interrupted benchmark still leaves what it measured
+            Path(args.out).write_text(report(final=False))
+
+    for section in sections:
+        done[section.name] = run_section(section, args, on_run=lambda runs, s=section: save_partial(s, runs))
+    text = report(final=True)
+    if not args.no_write:
+        Path(args.out).write_text(text)
+        log(f"wrote {args.out} ({(time.perf_counter() - t0) / 60:.1f} min)")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
