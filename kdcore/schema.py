@@ -127,7 +127,10 @@ class DistillConfig:
     aligner_options: Dict[str, Any] = field(default_factory=dict)
     rollout: str = "off_policy"  # which sequences the student learns on
     rollout_options: Dict[str, Any] = field(default_factory=dict)
-    kd_ratio: float = 1.0  # loss = (1 - kd_ratio) * CE + kd_ratio * KD; pure KD as in GKD/DistiLLM
+    # loss = (1 - kd_ratio) * CE + kd_ratio * KD. 1.0: pure KD as in GKD/DistiLLM, whose students start
+    # fine-tuned; a student far from the teacher (student.init truncate/config) measured better mixed
+    # with CE at 0.5 (recipes/quickstart.yaml, bench/quality.md)
+    kd_ratio: float = 1.0  # pure KD unless the recipe mixes in CE
     temperature: float = 1.0  # softmax temperature of both distributions (no T^2 factor)
     chunk_size: int = 256  # tokens per logits chunk; = kdcore.kdloss.DEFAULT_CHUNK_SIZE (measured, see there)
 
