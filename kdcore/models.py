@@ -12,7 +12,7 @@ in Hugging Face layout, a ``.gguf`` file, or ``pkg://<package>/<file>`` (see
 
 Hidden states: for Llama/Qwen-style models in transformers 5.x the decoder's
 ``last_hidden_state`` (``model.get_decoder()(...)``) is already after the final norm and
-``logits == last_hidden_state @ lm_head.T`` (checked in tests/test_models.py), so no separate
+``logits == last_hidden_state @ lm_head.T`` (checked in tests/unit/test_models.py), so no separate
 "final norm" helper is needed; engines call the decoder rather than asking for
 ``output_hidden_states``, which would keep every layer's activations alive.
 

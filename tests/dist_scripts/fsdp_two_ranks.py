@@ -1,5 +1,5 @@
 """World-size-2 check of the FSDP2 student against a single-process reference (run by
-tests/test_student.py under ``python -m torch.distributed.run --nproc_per_node 2``).
+tests/integration/test_student.py under ``python -m torch.distributed.run --nproc_per_node 2``).
 
 Every rank also builds an unsharded reference model that sees the *global* batch (both ranks'
 micro-batches) with an exact global token-mean loss. The sharded student sees only its rank's

@@ -1,5 +1,5 @@
 """World-size-2 check of a LoRA student under FSDP2 against an unsharded single-process reference
-(run by tests/test_lora.py under ``python -m torch.distributed.run --nproc_per_node 2``).
+(run by tests/integration/test_lora.py under ``python -m torch.distributed.run --nproc_per_node 2``).
 
 Every rank builds the student from the same recipe (same seed: same adapters everywhere) and an
 unsharded reference that sees the global batch with an exact token-mean loss. Checked on every

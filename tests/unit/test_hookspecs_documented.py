@@ -7,7 +7,7 @@ from pathlib import Path
 
 from kdcore import hookspecs
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 HOOKS = [name for name, fn in vars(hookspecs).items()
          if inspect.isfunction(fn) and hasattr(fn, "kdcore_spec")]
 
@@ -38,7 +38,7 @@ def test_every_hook_has_a_section_in_contributing():
 
 def test_every_hook_is_exercised_by_a_test():
     this = Path(__file__).name
-    sources = {p.name: p.read_text() for p in (ROOT / "tests").glob("test_*.py") if p.name != this}
+    sources = {p.name: p.read_text() for p in (ROOT / "tests").rglob("test_*.py") if p.name != this}
     for name in HOOKS:
         users = [f for f, src in sources.items() if f"{name}(register)" in src or f"{name}=" in src]
         assert users, f"no test registers a plugin through {name}"

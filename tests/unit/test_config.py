@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 import kdcore
 from kdcore.config import Recipe, RecipeError, load_recipe, validate_raw
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.y*ml"))
 
 

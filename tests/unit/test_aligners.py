@@ -27,7 +27,7 @@ from kdflow_algorithms.aligners.mined import MinEDAligner
 from kdflow_algorithms.aligners.overlap import OverlapAligner, OverlapOptions, overlap
 from kdflow_algorithms.aligners.uld import ULDAligner, ULDOptions, uld_distance
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 NAMES = ("overlap", "dskd", "uld", "mined")
 H = 16  # hidden size of the random "models"
 

