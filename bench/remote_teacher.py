@@ -12,7 +12,16 @@ Tokens/s: the bench pair (teacher 512 x 8, student 256 x 4, vocab 49152), traine
 ``kdcore train`` once with the local ``hf`` engine and once against ``kdcore serve-teacher``
 on 127.0.0.1 (same machine: the teacher's compute is the same, the transport is what differs).
 
+Two jobs: two ``kdcore train`` processes of the bench pair started together, once each with its
+own local ``hf`` teacher and once both with ``teacher.engine=remote`` against one
+``kdcore serve-teacher`` on 127.0.0.1 (started, and its model loaded, before the jobs). Per job:
+median tokens/s; for the set: the sum of the two, the wall time from start until both finished,
+and the peak PSS of every process involved (jobs, their teacher processes, the server), sampled
+as :mod:`bench.common` does. On one machine both jobs contend for the same cores either way;
+what sharing saves is one teacher's memory and one model load.
+
     nice -n 10 python -m bench.remote_teacher [--skip-train]   # writes bench/remote_teacher.md
+    nice -n 10 python -m bench.remote_teacher --two-jobs-only   # (re)writes only that section
 """
 
 from __future__ import annotations
@@ -26,6 +35,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench.common import md_table
 
 CASES = (("bench teacher", 512), ("7B-class", 4096))
 N_ROWS = 4 * 512  # loss positions of a 4 x 512 micro-batch
@@ -144,12 +155,122 @@ def tokens_per_s(steps: int = 8, warmup: int = 2, batch: int = 2, seq_len: int =
     return result
 
 
+def _peak_tree_pss(jobs: list, others: list, sample_interval: float = 0.1) -> tuple[int, float]:
+    """Wait for every Popen in ``jobs`` to end (``others``, e.g. a server, keep running); returns
+    (peak PSS summed over the process trees of all of them, seconds until the jobs ended)."""
+    import psutil
+
+    from bench.common import _tree_memory
+
+    roots = [psutil.Process(p.pid) for p in [*jobs, *others]]
+    peak, t0 = 0, time.perf_counter()
+    while any(j.poll() is None for j in jobs):
+        peak = max(peak, sum(_tree_memory(r)[0] for r in roots))
+        time.sleep(sample_interval)
+    return peak, time.perf_counter() - t0
+
+
+def two_jobs(steps: int = 8, warmup: int = 2, batch: int = 2, seq_len: int = 128) -> dict:
+    """Two jobs started together: each with its own hf teacher vs both on one serve-teacher."""
+    import yaml
+
+    from bench.kdflow_side import recipe_dict
+    from bench.models import ensure_data, ensure_model, tokenizer_folder
+
+    student, teacher = str(ensure_model("student")), str(ensure_model("teacher"))
+    data = str(ensure_data(tokenizer_folder(49152), seq_len, batch * steps))
+    result = {}
+    with tempfile.TemporaryDirectory(prefix="kdflow-remote-2jobs-") as tmp:
+        for mode in ("own", "shared"):
+            paths = []
+            for job in ("a", "b"):
+                recipe = recipe_dict(student, teacher, data, seq_len, batch, steps, str(Path(tmp) / mode / job))
+                paths.append(Path(tmp) / f"{mode}-{job}.yaml")
+                paths[-1].write_text(yaml.safe_dump(recipe))
+            server, overrides, server_load_s = None, [], 0.0
+            if mode == "shared":
+                t0 = time.perf_counter()
+                server = subprocess.Popen([sys.executable, "-m", "kdcore", "serve-teacher", str(paths[0]), "--listen",
+                                           "127.0.0.1:0"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                endpoint = server.stdout.readline().strip()
+                server_load_s = time.perf_counter() - t0
+                overrides = ["teacher.engine=remote", f"teacher.remote.address={endpoint.removeprefix('tcp://')}"]
+            logs = [p.with_suffix(".log") for p in paths]  # a file, not a pipe: a full pipe would stall a job
+            jobs = []
+            for path, log in zip(paths, logs):
+                with open(log, "wb") as fh:
+                    jobs.append(subprocess.Popen([sys.executable, "-m", "kdcore", "train", str(path), *overrides],
+                                                 stdout=fh, stderr=subprocess.STDOUT))
+            try:
+                peak, wall = _peak_tree_pss(jobs, [server] if server else [])
+                for job, proc, log in zip("ab", jobs, logs):
+                    if proc.wait():
+                        raise RuntimeError(f"{mode} job {job} failed: {log.read_text(errors='replace')[-2000:]}")
+                result[mode] = {"tokens_per_s": [_metrics_tokens_per_s(Path(tmp) / mode / j, warmup) for j in "ab"],
+                                "wall_s": wall, "peak_pss": peak, "server_load_s": server_load_s}
+            finally:
+                for proc in jobs:
+                    if proc.poll() is None:
+                        proc.kill()
+                if server is not None:
+                    server.terminate()
+                    server.wait(30)
+    return result
+
+
+TWO_JOBS_HEADING = "## Two student jobs at once: one shared teacher server vs a teacher each"
+
+
+def two_jobs_lines(steps: int = 8) -> list[str]:
+    res = two_jobs(steps=steps)
+    rows = []
+    for mode, label in (("own", "own local hf teacher each"), ("shared", "one serve-teacher, 127.0.0.1")):
+        r = res[mode]
+        a, b = r["tokens_per_s"]
+        wall = f"{r['wall_s']:.0f}" + (f" (+{r['server_load_s']:.0f} server start)" if r["server_load_s"] else "")
+        rows.append([label, f"{a:.0f}", f"{b:.0f}", f"{a + b:.0f}", wall, f"{r['peak_pss'] / 1e9:.2f}"])
+    return [TWO_JOBS_HEADING, "",
+            f"Bench pair, 2 x 128 tokens, {steps} steps per job, both jobs started together; tokens/s is each "
+            "job's median after 2 steps. Wall: start until both jobs ended (model loads included; the shared "
+            "server was started and loaded before). Peak PSS: the whole process tree (both jobs, their teacher "
+            "processes, the server), shared pages counted once.", "",
+            md_table(["teacher", "job A tokens/s", "job B tokens/s", "total tokens/s", "wall s", "peak PSS GB"],
+                     rows), "",
+            f"What this means: the machine has {os.cpu_count()} cores, so in both set-ups the two students and "
+            "the teacher work contend for the same cores (and with other work on a shared machine); the shared "
+            "server does not add compute, it serialises both jobs' teacher forwards through one process. What it "
+            "saves is one teacher's memory and one teacher model load (the bench teacher is small, so both savings "
+            "are small here; they grow with the teacher). On separate machines (the teacher on its own "
+            "accelerator) the throughput picture would differ.", ""]
+
+
+def _replace_section(text: str, heading: str, section: list[str]) -> str:
+    """``text`` without any previous ``heading`` section (up to the next ``## ``), plus ``section``."""
+    lines, out, skipping = text.rstrip("\n").splitlines(), [], False
+    for line in lines:
+        if line.startswith("## "):
+            skipping = line == heading
+        if not skipping:
+            out.append(line)
+    return "\n".join(out).rstrip("\n") + "\n\n" + "\n".join(section)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-train", action="store_true", help="transfer table only")
+    parser.add_argument("--two-jobs-only", action="store_true",
+                        help="run only the two-jobs measurement and replace that section of the existing report")
     args = parser.parse_args()
-    from bench.common import machine_info, md_table
+    from bench.common import machine_info
+
+    if args.two_jobs_only:
+        load = os.getloadavg()[0]
+        section = two_jobs_lines()
+        section[2:2] = [f"(Measured separately, load {load:.1f} at start.)", ""]
+        OUT.write_text(_replace_section(OUT.read_text() if OUT.exists() else "", TWO_JOBS_HEADING, section))
+        print("\n".join(section))
+        return
 
     info = machine_info()
     lines = ["# Remote teacher: loopback vs shared memory", "",
@@ -163,6 +284,7 @@ def main() -> None:
         lines += ["## Tokens/s of one student job (bench pair, 2 x 128 tokens, 8 steps, median after 2)", "",
                   md_table(["teacher", "tokens/s"], [["local hf engine", f"{tps['local']:.0f}"],
                                                      ["remote, 127.0.0.1", f"{tps['remote']:.0f}"]]), ""]
+        lines += two_jobs_lines()
     OUT.write_text("\n".join(lines))
     print("\n".join(lines))
 
