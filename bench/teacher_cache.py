@@ -176,6 +176,12 @@ def new_sections() -> list[str]:
              "| student layers | steps | final eval_teacher_kl | s/step (steps 2+) | wall s (in-process) |",
              "|---|---|---|---|---|"]
     lines += [f"| {n} | {r['steps']} | {r['kl']:.4f} | {r['step_s']:.2f} | {r['wall_s']:.1f} |" for n, r in depths.items()]
+    lines += ["", "Notes: measured on a machine shared with other work, so s/step and wall times are noisy; "
+              "the KLs depend only on the seed and the steps. The top-20 loss keeps the student's full "
+              "softmax, so mass outside the teacher's 20 is still pushed down (masking the teacher to -inf and "
+              "calling the built-in `fkl` would renormalise the student over the 20 as well, a weaker signal). "
+              f"Both depths start from the teacher's layers (`init: truncate`, evenly spaced); {DEPTH_STEPS} steps "
+              "is a smoke-sized comparison, not a quality ranking."]
     return lines
 
 
