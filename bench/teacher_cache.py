@@ -9,12 +9,21 @@
 2. Exactness: a short quickstart run from an fp32 cache against the live teacher (losses
    compared digit for digit), and from a bf16 cache (the largest loss difference).
 3. Speed: the same short runs' wall time and s/step, and the one-time build cost.
+4. What exactness buys: held-out teacher-KL after the same steps trained from the exact cache
+   and from what a top-20 logit cache gives (the teacher distribution restricted to its 20
+   largest logits and renormalised), both read from the one cache; the metric is always
+   against the full teacher distribution.
+5. Two students of different depths (2 and 4 truncated layers) trained from one cache folder,
+   which neither run rebuilds.
+
+``--only new`` runs 4 and 5 alone and replaces their sections in the existing report.
 
 Small on purpose (``data.limit`` rows, a few steps): it runs beside other work on a CPU box.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -85,7 +94,112 @@ def padding_noise(n: int = 8) -> float:
     return worst
 
 
+TOPK, VALUE_STEPS, DEPTH_STEPS = 20, 30, 10
+NEW_HEADING = "## What exactness buys"
+
+
+def topk_fkl(student_logits, teacher_logits, *, temperature: float = 1.0):
+    """Forward KL from the teacher's top-20 renormalised to the full student distribution.
+
+    What a top-20 logit cache can train on: ``p`` is the softmax of the row's 20 largest teacher
+    logits (0 elsewhere) and ``q`` the student's softmax over the whole vocabulary, so mass the
+    student puts outside the 20 is still penalised (masking the teacher to -inf and calling the
+    built-in ``fkl`` would drop those entries from the student side too).
+    """
+    import torch
+
+    s = student_logits.float() / temperature
+    top, kept = (teacher_logits.float() / temperature).topk(TOPK, dim=-1)
+    logp = torch.log_softmax(top, dim=-1)
+    logq = torch.log_softmax(s, dim=-1).gather(-1, kept)
+    return (logp.exp() * (logp - logq)).sum(dim=-1)
+
+
+def train_in_process(out: Path, overrides: list[str]) -> dict:
+    """One quickstart run in this process (so an in-process loss plugin is visible)."""
+    from kdcore import load_recipe
+    from kdcore.training import train as run_training
+
+    t0 = time.perf_counter()
+    run_training(load_recipe("quickstart", [*SHORT, f"train.output_dir={out}", *overrides]))
+    recs = records(out)
+    steps = [r for r in recs if "loss" in r]
+    return {"wall_s": time.perf_counter() - t0, "steps": len(steps),
+            "step_s": sum(r["step_time_s"] for r in steps[1:]) / max(len(steps) - 1, 1),
+            "kl": [r["eval_teacher_kl"] for r in recs if "eval_teacher_kl" in r][-1]}
+
+
+def folder_state(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(f.relative_to(folder)): (f.stat().st_size, f.stat().st_mtime_ns) for f in folder.rglob("*") if f.is_file()}
+
+
+def new_sections() -> list[str]:
+    """Sections 4 and 5: both read one fp32 cache built here once."""
+    import types
+
+    from kdcore import hookimpl, register_plugin, unregister_plugin
+
+    def register_losses(register):
+        register(f"top{TOPK}_fkl", topk_fkl, options=None)
+
+    register_plugin(types.SimpleNamespace(register_losses=hookimpl(register_losses)), "bench-topk")
+    try:
+        with tempfile.TemporaryDirectory() as tmp_name:
+            tmp = Path(tmp_name)
+            folder = tmp / "cache"
+            build_s = kdcore("cache-teacher", "quickstart", f"data.limit={LIMIT}", "logging.progress=false",
+                             "--out", str(folder), "--dtype", "float32")
+            before = folder_state(folder)
+            cache = ["teacher.engine=cache", f"teacher.cache={folder}"]
+            value = {name: train_in_process(tmp / name, [*cache, f"train.max_steps={VALUE_STEPS}", f"distill.loss={loss}"])
+                     for name, loss in (("exact", "fkl"), (f"top{TOPK}", f"top{TOPK}_fkl"))}
+            depths = {n: train_in_process(tmp / f"depth{n}", [*cache, f"train.max_steps={DEPTH_STEPS}",
+                                                              f"student.num_layers={n}"]) for n in (2, 4)}
+            unchanged = folder_state(folder) == before
+    finally:
+        unregister_plugin("bench-topk")
+    exact, top = value["exact"], value[f"top{TOPK}"]
+    lines = [NEW_HEADING, "",
+             f"Held-out teacher-KL (`eval_teacher_kl`, always against the full teacher distribution) after "
+             f"{VALUE_STEPS} steps, same seed and batches, both from one fp32 cache (built in {build_s:.1f} s). "
+             f"The top-{TOPK} run trains on what a top-{TOPK} logit cache gives: the teacher distribution "
+             f"restricted to its {TOPK} largest logits and renormalised, against the student's softmax "
+             f"over the whole vocabulary (an in-process loss plugin, `bench/teacher_cache.py: topk_fkl`).", "",
+             "| teacher signal | steps | final eval_teacher_kl | s/step (steps 2+) |", "|---|---|---|---|",
+             f"| exact (full vocabulary) | {exact['steps']} | {exact['kl']:.4f} | {exact['step_s']:.2f} |",
+             f"| top-{TOPK} renormalised | {top['steps']} | {top['kl']:.4f} | {top['step_s']:.2f} |", "",
+             f"Ratio top-{TOPK} / exact: **{top['kl'] / exact['kl']:.3f}**.", "",
+             "## Two students of different depths from one cache", "",
+             f"`student.num_layers=2` and `=4` (`init: truncate`), {DEPTH_STEPS} steps each, both reading the "
+             f"one cache folder: its files (names, sizes, modification times) are "
+             f"{'unchanged' if unchanged else 'CHANGED'} after both runs, so neither rebuilt it.", "",
+             "| student layers | steps | final eval_teacher_kl | s/step (steps 2+) | wall s (in-process) |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {n} | {r['steps']} | {r['kl']:.4f} | {r['step_s']:.2f} | {r['wall_s']:.1f} |" for n, r in depths.items()]
+    lines += ["", "Notes: measured on a machine shared with other work, so s/step and wall times are noisy; "
+              "the KLs depend only on the seed and the steps. The top-20 loss keeps the student's full "
+              "softmax, so mass outside the teacher's 20 is still pushed down (masking the teacher to -inf and "
+              "calling the built-in `fkl` would renormalise the student over the 20 as well, a weaker signal). "
+              f"Both depths start from the teacher's layers (`init: truncate`, evenly spaced); {DEPTH_STEPS} steps "
+              "is a smoke-sized comparison, not a quality ranking."]
+    return lines
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=["all", "new"], default="all",
+                        help="'new': run sections 4-5 only, keeping the report's other sections")
+    args = parser.parse_args()
+    out = Path(__file__).with_suffix(".md")
+    if args.only == "new":
+        old = out.read_text().split(NEW_HEADING)[0].rstrip("\n").splitlines()
+        out.write_text("\n".join(old + [""] + new_sections()) + "\n")
+        print(out.read_text())
+        return
+    run_all(out)
+
+
+def run_all(out: Path) -> None:
     lines = ["# Teacher cache: bytes per token, exactness, speed", "",
              f"Generated by `bench/teacher_cache.py` (quickstart pair, `data.limit={LIMIT}`, {STEPS} steps).", ""]
     lines += ["## Bytes per teacher token", "",
@@ -122,7 +236,7 @@ def main() -> None:
               f"| live hf | {live['wall_s']:.1f} | {live['step_s']:.2f} |"]
     for dtype, r in runs.items():
         lines.append(f"| cache {dtype} | {r['wall_s']:.1f} | {r['step_s']:.2f} |")
-    out = Path(__file__).with_suffix(".md")
+    lines += [""] + new_sections()
     out.write_text("\n".join(lines) + "\n")
     print(out.read_text())
 

@@ -121,7 +121,12 @@ class CacheBuilder:
         self.cross = bool(aligner.cross_tokenizer)
         data = prepare_data(cfg.data, s_tok, t_tok if self.cross else None, seed=cfg.train.seed)
         self.splits = {"train": list(data.train), "eval": list(data.eval)}
-        self.preparer = StepPreparer(aligner=aligner, rollout=None, train_samples=data.train, train_cfg=cfg.train,
+        from kdcore.training.teachers import DEFAULT_NAME, TeacherPart
+
+        # the short form's one teacher, as the trainer builds it (weight/temperature unused here)
+        part = TeacherPart(name=DEFAULT_NAME, section=cfg.teacher, tokenizer=t_tok, aligner=aligner, weight=1.0,
+                           temperature=float(cfg.distill.temperature), own_tokens=False, pad_id=pad_token_id(t_tok))
+        self.preparer = StepPreparer(parts=[part], rollout=None, train_samples=data.train, train_cfg=cfg.train,
                                      shuffle=False, env=None, kdist=None, pad_id=pad_token_id(s_tok),
                                      teacher_pad_id=pad_token_id(t_tok), latest_eval=LatestEval())
         self.fingerprints = {"teacher tokenizer": tokenizer_fingerprint(t_tok),
