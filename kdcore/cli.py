@@ -221,7 +221,7 @@ def _add_serve_teacher(sub) -> None:
 
 def cmd_cache_teacher(args) -> int:
     from kdcore.config import RecipeError, load_raw, load_recipe
-    from kdcore.engines.cache_build import build_teacher_cache, live_engine_overrides
+    from kdcore.cache_build import build_teacher_cache, live_engine_overrides
 
     registry = _registry_with_warnings()
     try:
@@ -231,7 +231,7 @@ def cmd_cache_teacher(args) -> int:
     except RecipeError as exc:
         print(f"kdcore: {exc}", file=sys.stderr)
         return 2
-    from kdcore.engines.cache_build import BUILD_ERRORS
+    from kdcore.cache_build import BUILD_ERRORS
 
     try:
         done = build_teacher_cache(cfg, raw, args.out, registry=registry, dtype=args.dtype, shard_mb=args.shard_mb,

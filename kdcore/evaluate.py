@@ -146,8 +146,7 @@ class _EvalParts:
     registry: Any
     env: Any
     student_tok: Any
-    teacher_tok: Any
-    aligner: Any
+    teacher: Any  # kdcore.training.teachers.TeacherPart: tokenizer, aligner, head (engine once started)
     held_out: list
     model: Any
     teacher_head: Any
@@ -180,7 +179,8 @@ class _EvalParts:
                                  f"export does not hold: kdcore eval cannot score it")
         aligner.to(env.device)
         aligner.check_heads(int(model.get_output_embeddings().weight.shape[0]), int(teacher_head.shape[0]))
-        return cls(cfg, student_dir, registry, env, student_tok, teacher_tok, aligner, data.eval, model, teacher_head)
+        teacher.head = teacher_head
+        return cls(cfg, student_dir, registry, env, student_tok, teacher, data.eval, model, teacher_head)
 
     def run(self, say) -> dict:
         from kdcore import distributed as kdist
@@ -193,25 +193,24 @@ class _EvalParts:
         loss = self.registry.get("loss", cfg.distill.loss)
         loss_options = dict(cfg.distill.loss_options or {})
         loss.make_options(loss_options)  # same checks as validate, in case cfg was built by hand
-        cross = bool(self.aligner.cross_tokenizer)
+        cross = self.teacher.cross
         cores = kdist.default_threads(1)
         kdist.setup_threads(cfg.train.threads or cores)
         engine = create_teacher_engine(cfg.teacher, registry=self.registry, threads=cfg.teacher.threads or cores,
                                        max_rows=max_rows(cfg, self.held_out, cross))
         try:
             engine.start()
-            evaluator = frozen_evaluator(
-                cfg, model=self.model, samples=self.held_out, aligner=self.aligner, engine=engine,
-                teacher_head=self.teacher_head, loss_fn=loss.fn, loss_options=loss_options,
-                pad_id=pad_token_id(self.student_tok), teacher_pad_id=pad_token_id(self.teacher_tok),
-                env=self.env, kdist=kdist)
+            self.teacher.engine = engine
+            evaluator = frozen_evaluator(cfg, model=self.model, samples=self.held_out, part=self.teacher,
+                                         loss_fn=loss.fn, loss_options=loss_options,
+                                         pad_id=pad_token_id(self.student_tok), env=self.env, kdist=kdist)
             chosen = [self.held_out[i] for batch in evaluator.held_out_batches() for i in batch]
             say(f"scoring {self.student_dir} on {len(chosen)} held-out samples")
             metrics = {k: v for k, v in evaluator.evaluate(0).items() if k != "step"}
             samples: list[dict] = []
             if list(cfg.eval.evaluators):
                 gens = generate_answers(cfg, chosen, self.model, TeacherRolloutEngine(engine), self.student_tok,
-                                        self.teacher_tok, device=self.env.device)
+                                        self.teacher.tokenizer, device=self.env.device)
                 if gens is None:
                     say("no held-out sample has a prompt and an answer (plain text rows): generation metrics skipped")
                 else:

@@ -184,22 +184,22 @@ class FrozenStudent:
         self.model.train(mode)
 
 
-def frozen_evaluator(cfg, *, model, samples, aligner, engine, teacher_head, loss_fn, loss_options: dict,
-                     pad_id: int, teacher_pad_id: int, env, kdist) -> Evaluator:
-    """An :class:`Evaluator` scoring ``model`` (no optimizer, one process) against a started
-    teacher ``engine`` on ``samples``, with the recipe's aligner, loss and batching."""
+def frozen_evaluator(cfg, *, model, samples, part, loss_fn, loss_options: dict, pad_id: int, env,
+                     kdist) -> Evaluator:
+    """An :class:`Evaluator` scoring ``model`` (no optimizer, one process) against a teacher
+    ``part`` (:class:`kdcore.training.teachers.TeacherPart` with its started ``engine`` and its
+    ``head``) on ``samples``, with the recipe's loss and batching."""
     from kdcore.training.forward import DistillForward
     from kdcore.training.steps import StepPreparer
     from kdcore.training.teacher_schedule import TeacherSchedule
 
-    cross = bool(aligner.cross_tokenizer)
+    cross = part.cross
     latest = LatestEval()
     # the preparer only aligns and collates here (micro_batch); no rollout, no training data
-    preparer = StepPreparer(aligner=aligner, rollout=None, train_samples=[], train_cfg=cfg.train, shuffle=False,
-                            env=env, kdist=kdist, pad_id=pad_id, teacher_pad_id=teacher_pad_id, latest_eval=latest)
-    forward = DistillForward(student=FrozenStudent(model), aligner=aligner, distill_cfg=cfg.distill, loss_fn=loss_fn,
-                             loss_options=loss_options, teacher_head=teacher_head, device=env.device,
-                             world_size=env.world_size)
-    schedule = TeacherSchedule(engine, cross=cross, looks_ahead=True, max_steps=0)
+    preparer = StepPreparer(parts=[part], rollout=None, train_samples=[], train_cfg=cfg.train, shuffle=False,
+                            env=env, kdist=kdist, pad_id=pad_id, teacher_pad_id=part.pad_id, latest_eval=latest)
+    forward = DistillForward(student=FrozenStudent(model), parts=[part], distill_cfg=cfg.distill, loss_fn=loss_fn,
+                             loss_options=loss_options, device=env.device, world_size=env.world_size)
+    schedule = TeacherSchedule(engines={part.name: (part.engine, cross)}, looks_ahead=True, max_steps=0)
     return Evaluator(samples=samples, preparer=preparer, forward=forward, schedule=schedule, train_cfg=cfg.train,
                      chunk_size=cfg.distill.chunk_size, cross=cross, env=env, kdist=kdist, latest=latest)

@@ -193,7 +193,7 @@ def test_a_damaged_shard_stops_the_run_before_its_first_step(fp32_cache, tmp_pat
     res = run_train(recipe, f"train.output_dir={out}", *cached(bad))
     assert res.returncode == 1
     last = res.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"kdcore: teacher.cache: shard {shard} ")
+    assert last.startswith(f"kdcore: error: teacher.cache: shard {shard} ")
     assert ("truncated" in last) if damage == "truncated" else last.endswith("is missing")
     assert not out.exists() or not any(out.iterdir()), "nothing written before the first step"
     assert {p.name: p.read_bytes() for p in bad.iterdir()} == before, "the cache is only read"

@@ -109,23 +109,17 @@ class CacheBuilder:
         from kdcore.training.steps import StepPreparer
         from kdcore.training.types import LatestEval
 
+        from kdcore.training.teachers import build_parts
+        from kdcore.training.trainer import student_tokenizer_spec
+
         cfg = self.cfg
-        student_spec = cfg.student.tokenizer or cfg.student.path or cfg.teacher.tokenizer or cfg.teacher.path
-        teacher_spec = cfg.teacher.tokenizer or cfg.teacher.path
-        s_tok = load_tokenizer(student_spec)
-        t_tok = s_tok if teacher_spec == student_spec else load_tokenizer(teacher_spec)
-        entry = self.registry.get("aligner", cfg.distill.aligner)
-        cache_dir = Path(os.environ.get("KDCORE_CACHE", Path.home() / ".cache" / "kdflow")) / "vocab_maps"
-        aligner = entry.fn(student_tokenizer=s_tok, teacher_tokenizer=t_tok,
-                           options=entry.make_options(dict(cfg.distill.aligner_options or {})), cache_dir=cache_dir)
+        s_tok = load_tokenizer(student_tokenizer_spec(cfg))
+        # the short form's one teacher, built as the trainer builds it (tokenizer, aligner)
+        part = build_parts(cfg, self.registry, s_tok, student_tokenizer_spec(cfg))[0]
+        t_tok, aligner = part.tokenizer, part.aligner
         self.cross = bool(aligner.cross_tokenizer)
         data = prepare_data(cfg.data, s_tok, t_tok if self.cross else None, seed=cfg.train.seed)
         self.splits = {"train": list(data.train), "eval": list(data.eval)}
-        from kdcore.training.teachers import DEFAULT_NAME, TeacherPart
-
-        # the short form's one teacher, as the trainer builds it (weight/temperature unused here)
-        part = TeacherPart(name=DEFAULT_NAME, section=cfg.teacher, tokenizer=t_tok, aligner=aligner, weight=1.0,
-                           temperature=float(cfg.distill.temperature), own_tokens=False, pad_id=pad_token_id(t_tok))
         self.preparer = StepPreparer(parts=[part], rollout=None, train_samples=data.train, train_cfg=cfg.train,
                                      shuffle=False, env=None, kdist=None, pad_id=pad_token_id(s_tok),
                                      teacher_pad_id=pad_token_id(t_tok), latest_eval=LatestEval())
