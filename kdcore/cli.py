@@ -149,20 +149,15 @@ def cmd_plot(args) -> int:
     from kdcore.plot import PlotError, load_runs, plot_runs
 
     labels = args.labels.split(",") if args.labels is not None else None
-    try:
-        if labels is not None and not all(x.strip() for x in labels):
-            raise PlotError(f"--labels: an empty label in '{args.labels}'")
-        out = plot_runs(load_runs(args.runs, labels), args.out)
-    except PlotError as exc:
-        print(f"kdcore: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}")
+    if labels is not None and not all(x.strip() for x in labels):
+        raise PlotError(f"--labels: an empty label in '{args.labels}'")
+    print(f"wrote {plot_runs(load_runs(args.runs, labels), args.out)}")
     return 0
 
 
 def cmd_eval(args) -> int:
-    from kdcore.config import RecipeError, load_recipe
-    from kdcore.evaluate import EvalInputError, evaluate, print_report, resolve_target, write_report
+    from kdcore.config import load_recipe
+    from kdcore.evaluate import evaluate, print_report, resolve_target, write_report
 
     registry = _registry_with_warnings()
     overrides = list(args.overrides)
@@ -170,24 +165,10 @@ def cmd_eval(args) -> int:
         overrides.append(f"eval.max_new_tokens={args.max_new_tokens}")
     if args.samples is not None:
         overrides.append(f"eval.samples={args.samples}")
-    from kdcore.channel import ChannelError
-    from kdcore.data import DataError
-    from kdcore.engines.protocol import RolloutError, TeacherError
-    from kdcore.evaluate import EvaluatorError
-    from kdcore.paths import ModelNotFoundError
-    from kdcore.tokenizers import TokenizerLoadError
-    from kdcore.vocab import VocabMismatchError
-
-    try:
-        target = resolve_target(args.recipe_or_run, student=args.student, json_out=args.json, overrides=overrides)
-        cfg = load_recipe(target.recipe, overrides, registry=registry)
-        report = evaluate(cfg, target.student, registry=registry, say=_console().print)
-    except (EvalInputError, RecipeError, DataError, ModelNotFoundError, TokenizerLoadError, VocabMismatchError) as exc:
-        print(f"kdcore: {exc}", file=sys.stderr)
-        return 2
-    except (ChannelError, TeacherError, RolloutError, EvaluatorError) as exc:  # failed while running
-        print(f"kdcore: {exc}", file=sys.stderr)
-        return 1
+    # bad input and failures are reported by main's handler, one line each (kdcore/errors.py)
+    target = resolve_target(args.recipe_or_run, student=args.student, json_out=args.json, overrides=overrides)
+    cfg = load_recipe(target.recipe, overrides, registry=registry)
+    report = evaluate(cfg, target.student, registry=registry, say=_console().print)
     write_report(report, target.json_path)
     print_report(report, _console())
     _console().print(f"wrote {target.json_path}")

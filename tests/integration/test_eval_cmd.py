@@ -257,7 +257,7 @@ def test_a_folder_that_is_not_a_model(tmp_path, tiny_teacher):
     recipe = write_recipe(tmp_path, tiny_teacher)
     (tmp_path / "empty").mkdir()
     line = one_line_error(run_eval(recipe, "--student", tmp_path / "empty"))
-    assert line == f"kdcore: student '{tmp_path / 'empty'}' is not a model folder (no config.json): give a " \
+    assert line == f"kdcore: error: student '{tmp_path / 'empty'}' is not a model folder (no config.json): give a " \
                    f"Hugging Face export such as <run>/hf"
     line = one_line_error(run_eval(tmp_path / "empty"))  # as a run folder: no recipe.yaml
     assert f"run folder '{tmp_path / 'empty'}' has no recipe.yaml" in line
@@ -266,18 +266,18 @@ def test_a_folder_that_is_not_a_model(tmp_path, tiny_teacher):
 def test_a_missing_teacher(tmp_path, tiny_teacher):
     recipe = write_recipe(tmp_path, tmp_path / "gone")
     line = one_line_error(run_eval(recipe, "--student", tiny_teacher))
-    assert line.startswith("kdcore: teacher.path: model ") and "no such file or folder" in line and "gone" in line
+    assert line.startswith("kdcore: error: ") and "teacher.path: model " in line and "no such file or folder" in line and "gone" in line
 
 
 def test_mismatched_tokenizers(tmp_path, tiny_teacher):
     # the export speaks SmolLM2's tokenizer; the recipe's student speaks Mistral v1's
     recipe = xtok_recipe(tmp_path, tiny_teacher, "overlap")
     line = one_line_error(run_eval(recipe, "--student", tiny_teacher))
-    assert line == (f"kdcore: the tokenizer of student '{tiny_teacher}' differs from the recipe's ('{MISTRAL_V1}'): "
+    assert line == (f"kdcore: error: the tokenizer of student '{tiny_teacher}' differs from the recipe's ('{MISTRAL_V1}'): "
                     f"evaluate with the recipe the student was trained with")
 
 
 def test_a_recipe_without_held_out_data(tmp_path, tiny_teacher):
     recipe = write_recipe(tmp_path, tiny_teacher, data={"eval": None, "eval_size": 0})
     line = one_line_error(run_eval(recipe, "--student", tiny_teacher))
-    assert line == "kdcore: the recipe has no held-out data: set data.eval (a file) or data.eval_size > 0"
+    assert line == "kdcore: error: the recipe has no held-out data: set data.eval (a file) or data.eval_size > 0"
