@@ -532,6 +532,23 @@ def _clean_config(config):
     return cfg
 
 
+def write_folder(out: Path, save) -> None:
+    """Write a folder through ``save(tmp)`` beside it, then swap it in, so a reader of ``out``
+    never sees half an export (the old folder stays whole until the swap)."""
+    tmp = out.with_name(out.name + TMP_SUFFIX)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    save(tmp)
+    if out.exists():
+        old = out.with_name(out.name + ".old" + TMP_SUFFIX)
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
 def export_hf(model: nn.Module, tokenizer, out_dir: str | os.PathLike,
               dtype: torch.dtype | None = None, adapter_dir: str | os.PathLike | None = None) -> Path:
     """Write ``model`` (sharded or not) as a ``from_pretrained``-loadable folder: safetensors
@@ -551,7 +568,8 @@ def export_hf(model: nn.Module, tokenizer, out_dir: str | os.PathLike,
     out = Path(out_dir)
     if kdist.is_main():
         if lora.is_lora_model(model):
-            sd = lora.merge_for_export(model, sd, adapter_dir or out.with_name(out.name + "_adapter"))
+            sd = lora.merge_for_export(model, sd, adapter_dir or out.with_name(out.name + "_adapter"),
+                                       write_folder=write_folder)
             model = lora.unwrap(model)
         cfg = _clean_config(model.config)
         if dtype is not None:
@@ -576,20 +594,13 @@ def export_hf(model: nn.Module, tokenizer, out_dir: str | os.PathLike,
             clean.config.dtype = wdtype
         else:
             clean.config.torch_dtype = wdtype
-        tmp = out.with_name(out.name + TMP_SUFFIX)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        clean.save_pretrained(str(tmp), safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-        if out.exists():
-            old = out.with_name(out.name + ".old" + TMP_SUFFIX)
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+
+        def save(tmp: Path) -> None:
+            clean.save_pretrained(str(tmp), safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))
+
+        write_folder(out, save)
     kdist.barrier()
     return out
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -128,21 +127,11 @@ def merge_lora_weights(model: nn.Module, weights: dict) -> dict:
 # export (rank 0, from a full state dict)
 
 
-def _replace_folder(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = out.with_name(out.name + ".old.tmp")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-
-
-def merge_for_export(model: nn.Module, full_sd: dict, adapter_dir: str | os.PathLike) -> dict:
+def merge_for_export(model: nn.Module, full_sd: dict, adapter_dir: str | os.PathLike, *, write_folder) -> dict:
     """Rebuild an unsharded copy of the peft ``model`` from its gathered ``full_sd``, write its
-    adapter folder to ``adapter_dir`` (atomically), and return the merged base model's state
-    dict (plain transformers names). Rank 0 only; ``model`` may be FSDP2-sharded."""
+    adapter folder to ``adapter_dir`` through ``write_folder(out, save)`` (the export's atomic
+    folder writer), and return the merged base model's state dict (plain transformers names).
+    Rank 0 only; ``model`` may be FSDP2-sharded."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -160,11 +149,7 @@ def merge_for_export(model: nn.Module, full_sd: dict, adapter_dir: str | os.Path
     if still_meta or unexpected:
         raise RuntimeError(f"LoRA export: the gathered state does not fit a rebuilt {type(base).__name__}: "
                            f"missing {still_meta[:5]}, unexpected {unexpected[:5]}")
-    out = Path(adapter_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    twin.save_pretrained(str(tmp), safe_serialization=True)
-    _replace_folder(tmp, out)
+    # the adapter folder before merging: merge_and_unload folds the adapters into the base
+    write_folder(Path(adapter_dir), lambda tmp: twin.save_pretrained(str(tmp), safe_serialization=True))
     merged = twin.merge_and_unload()
     return merged.state_dict()
