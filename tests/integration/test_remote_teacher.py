@@ -320,7 +320,7 @@ def test_a_dead_server_stops_the_run_or_is_reconnected_to(tmp_path, tiny_teacher
         assert time.monotonic() - t0 < 30
         assert trainer.wait(30) == 1
         last = trainer.stderr.read().strip().splitlines()[-1]
-        assert last.startswith("kdcore: teacher engine failed at step") and \
+        assert last.startswith("kdcore: error: teacher engine failed at step") and \
             f"teacher server at {ep} closed the connection" in last, last
         assert time.monotonic() - t0 < 30
         t = retries.submit(req)  # sent to nobody; resent once the new server is up
