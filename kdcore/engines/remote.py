@@ -126,6 +126,7 @@ class RemoteTeacher(TeacherEngine):
         self.hidden_size, self.vocab_size = self.fingerprint["hidden_size"], self.fingerprint["vocab_size"]
         self._ctx = zmq.Context()
         self._ctx.setsockopt(zmq.LINGER, 0)  # every socket of it, the monitor's too: closing never waits
+        self._ctx.setsockopt(zmq.BLOCKY, 0)  # and terminating it never waits (also when garbage-collected)
         try:
             self._connect()
         except BaseException:

@@ -147,6 +147,7 @@ class TeacherServer:
 
         self._ctx = zmq.Context()
         self._ctx.setsockopt(zmq.LINGER, 0)  # closing never waits for clients that are gone
+        self._ctx.setsockopt(zmq.BLOCKY, 0)  # and terminating the context never waits either
         sock = self._ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         # ZeroMQ drops a peer whose message part exceeds this: a guard for memory far above the

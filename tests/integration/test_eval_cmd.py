@@ -137,6 +137,7 @@ def test_student_answers_are_its_greedy_continuations(same_vocab_run):
     assert first["student"] == tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)
 
 
+@pytest.mark.long  # kept out of the default command (README, Tests)
 def test_cross_tokenizer_kl_through_the_aligner_equals_training(tmp_path, tiny_teacher):
     recipe = xtok_recipe(tmp_path, tiny_teacher, "overlap", train={"max_steps": 2, "output_dir": str(tmp_path / "out")},
                          checkpoint={"export_hf": True})

@@ -129,6 +129,7 @@ def test_gradient_checkpointing_gives_the_same_adapter_gradients(tiny_dir):
         assert torch.allclose(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-7), n
 
 
+@pytest.mark.long  # kept out of the default command (README, Tests)
 def test_world_size_two_under_torchrun_matches_reference(tiny_dir):
     from transformers import AutoModelForCausalLM
 
@@ -306,6 +307,7 @@ def test_lora_off_builds_the_plain_model_without_peft(tiny_dir):
 # end to end through `kdcore train`
 
 
+@pytest.mark.long  # kept out of the default command (README, Tests)
 def test_kdcore_train_with_lora_exports_both_folders_and_resumes_bit_for_bit(tmp_path, tiny_teacher):
     import shutil
 

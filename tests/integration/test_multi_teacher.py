@@ -102,6 +102,7 @@ def test_weighted_loss_is_the_weighted_sum_of_single_teacher_losses(tmp_path, ti
     assert ev_m["eval_ppl"] == pytest.approx(ev_a["eval_ppl"], rel=1e-6)
 
 
+@pytest.mark.long  # kept out of the default command (README, Tests)
 def test_resume_with_several_teachers_is_exact(tmp_path, tiny_teacher, mistral_teacher, tiny_student):
     r = recipe(tmp_path, tiny_student, two_teachers(tiny_teacher, mistral_teacher),
                train={"max_steps": 4}, checkpoint={"every": 2, "keep": 3, "export_hf": False})
@@ -120,6 +121,7 @@ def test_resume_with_several_teachers_is_exact(tmp_path, tiny_teacher, mistral_t
             assert resumed[step][key] == unbroken[step][key], (step, key)  # bitwise on CPU, one rank
 
 
+@pytest.mark.long  # kept out of the default command (README, Tests)
 def test_a_dead_teacher_is_named(tmp_path, tiny_teacher, mistral_teacher, tiny_student):
     r = recipe(tmp_path, tiny_student, two_teachers(tiny_teacher, mistral_teacher), train={"max_steps": 10_000})
     proc = subprocess.Popen(KDCORE + ["train", str(r)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -328,6 +330,7 @@ def test_ema_update_matches_the_reference_and_round_trips(tmp_path, smollm2_toke
         assert torch.equal(again.state[k], ema.state[k])
 
 
+@pytest.mark.long  # kept out of the default command (README, Tests)
 def test_ema_run_resumes_exactly(tmp_path, tiny_teacher):
     """Self-distillation from an EMA of the student (student = the teacher's architecture)."""
     r = recipe(tmp_path, tiny_teacher, teacher={"path": str(tiny_teacher), "ema": 0.5, "ema_every": 1, "threads": 1},

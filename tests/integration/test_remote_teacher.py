@@ -216,6 +216,7 @@ def test_two_clients_share_a_server_and_get_the_teachers_states(served, tiny_tea
 def test_bad_messages_are_refused_logged_and_the_server_keeps_serving(served, tiny_teacher):
     ep, log, _ = served
     ctx = zmq.Context()
+    ctx.setsockopt(zmq.BLOCKY, 0)
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(ep)
@@ -291,6 +292,7 @@ def test_a_remote_run_matches_the_local_run(served, tiny_teacher, tmp_path):
 # ----------------------------------------------------------------------------- faults
 
 
+@pytest.mark.long  # kept out of the default command (README, Tests)
 def test_a_dead_server_stops_the_run_or_is_reconnected_to(tmp_path, tiny_teacher):
     recipe = write_recipe(tmp_path, tiny_teacher, teacher={"threads": 1})
     log = tmp_path / "server.log"
@@ -362,6 +364,7 @@ def _netns_available() -> str:
     return "" if probe.returncode == 0 else f"cannot create network namespaces: {probe.stderr.strip()}"
 
 
+@pytest.mark.long  # kept out of the default command (README, Tests)
 def test_a_trainer_in_another_network_namespace(tmp_path, tiny_teacher):
     why = _netns_available()
     if why:

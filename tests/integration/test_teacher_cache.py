@@ -81,6 +81,7 @@ def test_fp32_cache_trains_to_the_digit_like_the_live_teacher(fp32_cache, tmp_pa
     assert len(train_steps(tmp_path / "cache")) == 3
 
 
+@pytest.mark.long  # kept out of the default command (README, Tests)
 def test_two_epochs_and_resume_from_the_cache(fp32_cache, tmp_path):
     """48 samples / 8 per step = 6 steps an epoch: 8 steps go into the second epoch; a run
     killed after its step-4 checkpoint and resumed ends bit for bit like the unbroken one."""
@@ -100,6 +101,7 @@ def test_two_epochs_and_resume_from_the_cache(fp32_cache, tmp_path):
     assert resumed == {s: unbroken[s] for s in range(5, 9)}
 
 
+@pytest.mark.long  # kept out of the default command (README, Tests)
 def test_interrupted_build_keeps_its_shards_and_ends_identical(fp32_cache, tmp_path):
     recipe, cache, _ = fp32_cache
     m = json.loads((cache / "manifest.json").read_text())
@@ -244,6 +246,7 @@ def test_the_engine_answers_by_content_and_names_a_sample_it_lacks(fp32_cache):
     eng.close()
 
 
+@pytest.mark.long  # kept out of the default command (README, Tests)
 @pytest.mark.parametrize("aligner", ["overlap", "dskd", "uld", "mined"])
 def test_every_cross_tokenizer_aligner_trains_from_a_cache(tmp_path, tiny_teacher, aligner):
     recipe = xtok_recipe(tmp_path, tiny_teacher, aligner, data={"limit": 12, "eval": None, "eval_size": 4},
