@@ -120,6 +120,22 @@ def _bad(rep: SplitReport, row: int, reason: str, policy: str, path: str) -> Non
     rep.count_bad(row, reason)
 
 
+def _finish_or_count(rep: SplitReport, row: int, norm: dict, s, t, bad, path: str, *, max_length, overlong: str,
+                     bad_policy: str):
+    """The row's ``(sample, truncated)``, or None when it is a bad row or dropped as overlong
+    (counted in ``rep`` either way)."""
+    if bad is not None:
+        _bad(rep, row, bad.reason, bad_policy, path)
+        return None
+    if max_length is not None and len(s.input_ids) > max_length:
+        rep.overlong += 1
+    try:
+        return _finish(norm, row, s, t, max_length, overlong)
+    except OverlongRow:
+        rep.dropped_overlong += 1
+        return None
+
+
 def _tokenize_split(rows: list[tuple[int, dict]], stok, ttok, rep: SplitReport, path: str, *,
                     max_length: int, overlong: str, bad_policy: str) -> list[Sample]:
     norms = [n for _, n in rows]
@@ -128,16 +144,11 @@ def _tokenize_split(rows: list[tuple[int, dict]], stok, ttok, rep: SplitReport, 
     samples = []
     for (row, norm), s, t in zip(rows, s_tok, t_tok):
         bad = s if isinstance(s, BadRow) else t if isinstance(t, BadRow) else None
-        if bad is not None:
-            _bad(rep, row, bad.reason, bad_policy, path)
+        done = _finish_or_count(rep, row, norm, s, t, bad, path, max_length=max_length, overlong=overlong,
+                                bad_policy=bad_policy)
+        if done is None:
             continue
-        if max_length is not None and len(s.input_ids) > max_length:
-            rep.overlong += 1
-        try:
-            sample, truncated = _finish(norm, row, s, t, max_length, overlong)
-        except OverlongRow:
-            rep.dropped_overlong += 1
-            continue
+        sample, truncated = done
         rep.truncated += truncated
         rep.add(sample)
         samples.append(sample)
@@ -169,16 +180,11 @@ def _tokenize_split_views(rows: list[tuple[int, dict]], src: RowSource, stok, re
     for k, ((row, norm), s) in enumerate(zip(kept, s_tok)):
         own = {name: toks[k] for name, toks in own_tok.items()}
         bad = s if isinstance(s, BadRow) else next((t for t in own.values() if isinstance(t, BadRow)), None)
-        if bad is not None:
-            _bad(rep, row, bad.reason, bad_policy, path)
+        done = _finish_or_count(rep, row, norm, s, None, bad, path, max_length=max_length, overlong=overlong,
+                                bad_policy=bad_policy)
+        if done is None:
             continue
-        if max_length is not None and len(s.input_ids) > max_length:
-            rep.overlong += 1
-        try:
-            sample, truncated = _finish(norm, row, s, None, max_length, overlong)
-        except OverlongRow:
-            rep.dropped_overlong += 1
-            continue
+        sample, truncated = done
         if truncated:  # the teachers read as far as the student does
             end = max(b for _, b in sample.student.offsets)
             own = {name: _truncate_at_char(t, end) for name, t in own.items()}
