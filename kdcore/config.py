@@ -55,6 +55,17 @@ def resolve_recipe(path_or_name: str) -> Path:
     raise RecipeError(path_or_name, [f"recipe not found: '{path_or_name}'{hint}; shipped recipes: {', '.join(known)}"])
 
 
+def _apply_override(cfg, override: str, source: str) -> None:
+    """One ``key=value`` onto the loaded recipe. ``OmegaConf.update`` rather than merging a dotlist:
+    a merged dotlist turns ``teachers.1.weight`` into a mapping that cannot merge into the list."""
+    key, _, text = override.partition("=")
+    value = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={text}"]))["v"]  # YAML typing, as a dotlist
+    try:
+        OmegaConf.update(cfg, key.strip(), value, merge=True)
+    except Exception as exc:  # a list index past the end, a key below a scalar, ...
+        raise RecipeError(source, [f"override '{override}': {type(exc).__name__}: {exc}".splitlines()[0]]) from exc
+
+
 def load_raw(path_or_name: str, overrides: list[str] | None = None) -> tuple[Path, dict]:
     path = resolve_recipe(path_or_name)
     try:
@@ -63,7 +74,8 @@ def load_raw(path_or_name: str, overrides: list[str] | None = None) -> tuple[Pat
             bad = [o for o in overrides if "=" not in o]
             if bad:
                 raise RecipeError(str(path), [f"override '{o}' must look like key=value" for o in bad])
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+            for override in overrides:
+                _apply_override(cfg, override, str(path))
         raw = OmegaConf.to_container(cfg, resolve=True)
     except RecipeError:
         raise

@@ -167,3 +167,14 @@ def test_every_default_has_a_reason_comment():
 def test_schema_is_a_dataclass_tree():
     assert dataclasses.is_dataclass(Recipe)
     OmegaConf.structured(Recipe)  # omegaconf accepts the schema
+
+
+def test_override_reaches_into_a_list_of_teachers():
+    cfg = load_recipe("multi_teacher", ["teachers.1.weight=0", "teachers.0.temperature=1.5"])
+    assert cfg.teachers[1].weight == 0 and cfg.teachers[0].temperature == 1.5
+    assert cfg.teachers[0].weight == 0.75  # the rest of the entry is kept
+
+
+def test_override_past_the_end_of_a_list_is_one_error():
+    with pytest.raises(RecipeError, match=r"override 'teachers\.5\.weight=0'.*index out of range"):
+        load_recipe("multi_teacher", ["teachers.5.weight=0"])
