@@ -96,6 +96,7 @@ class Section:
     metrics: tuple[Metric, ...]
     quick_rows: tuple[str, ...]  # row names run by --quick (the twin always runs)
     about: str  # what the section holds and how its twin was chosen
+    generation: bool = False  # export each student and score greedy answers with `kdcore eval` (ROUGE-L)
 
 
 def losses_section() -> Section:
@@ -158,8 +159,35 @@ def xtok_section() -> Section:
     )
 
 
+ROUGE_REF = Metric("rouge_l_vs_reference", "ROUGE-L ref ↑", "{:.3f}", higher_is_better=True)
+ROUGE_TEACHER = Metric("rouge_l_vs_teacher", "ROUGE-L teacher ↑", "{:.3f}", higher_is_better=True)
+
+
+def rollouts_section() -> Section:
+    """The rollout policies on the quickstart pair, judged on greedy answers (ROUGE-L, `kdcore eval`)."""
+    short = ("train.max_steps=30", "train.eval_every=30", "rollout.max_new_tokens=32")
+    policies = ("off_policy", "on_policy", "mixed", "seqkd", "adaptive")
+    return Section(
+        name="rollouts",
+        title="Rollout policies on the quickstart pair, judged on generated answers",
+        recipe="quickstart",
+        baseline=Row("CE only", (*short, "distill.kd_ratio=0")),
+        rows=tuple(Row(p, (*short, f"distill.rollout={p}")) for p in policies),
+        metrics=(ROUGE_REF, ROUGE_TEACHER, TEACHER_KL, PPL),
+        quick_rows=("off_policy", "on_policy"),
+        generation=True,
+        about=("The quickstart recipe (fkl, `kd_ratio 0.5`, lr 1e-3) shortened to 30 steps so that five sampling "
+               "policies fit the budget; sampled sequences are at most 32 new tokens (the policies' own default "
+               "options otherwise). After training, `kdcore eval RUN` greedily answers the 64 held-out prompts with "
+               "the exported student and with the teacher: `ROUGE-L ref` is the student's answers against the "
+               "references, `ROUGE-L teacher` against the teacher's own answers (the `rouge-score` package, "
+               "ROUGE-L F1). The CE-only twin is trained off-policy on the references."),
+    )
+
+
 # a new section: a function returning a Section, registered here
-SECTIONS: dict[str, Callable[[], Section]] = {"losses": losses_section, "xtok": xtok_section}
+SECTIONS: dict[str, Callable[[], Section]] = {"losses": losses_section, "xtok": xtok_section,
+                                            "rollouts": rollouts_section}
 
 # ----------------------------------------------------------------------------- running
 
@@ -181,11 +209,12 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def train_command(recipe: str, overrides: Sequence[str], seed: int, output_dir: str, steps: int | None) -> list[str]:
+def train_command(recipe: str, overrides: Sequence[str], seed: int, output_dir: str, steps: int | None,
+                  export: bool = False) -> list[str]:
     """The command a user runs, plus what makes the run a bench run (its own folder, no extra files)."""
     cmd = [sys.executable, "-m", "kdcore", "train", recipe, *overrides, f"train.seed={seed}",
            f"train.output_dir={output_dir}", "logging.progress=false", "logging.log_every=1",
-           "checkpoint.every=0", "checkpoint.export_hf=false"]
+           "checkpoint.every=0", f"checkpoint.export_hf={str(export).lower()}"]
     if steps is not None:
         cmd.append(f"train.max_steps={steps}")
     return cmd
@@ -199,17 +228,21 @@ def run_one(section: Section, row: Row, seed: int, steps: int | None, timeout: f
         out = Path(tmp) / "out"
         t0 = time.perf_counter()
         try:
-            proc = subprocess.run(train_command(section.recipe, row.overrides, seed, str(out), steps),
+            proc = subprocess.run(train_command(section.recipe, row.overrides, seed, str(out), steps, section.generation),
                                   cwd=str(common.REPO_ROOT), env=env, capture_output=True, text=True, timeout=timeout)
+            if proc.returncode == 0 and section.generation:  # the user's own command on the run folder
+                proc = subprocess.run([sys.executable, "-m", "kdcore", "eval", str(out), "--json", str(out / "eval.json")],
+                                      cwd=str(common.REPO_ROOT), env=env, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
             res.error = f"still running after {timeout:.0f} s"
             return res
         res.wall_s = time.perf_counter() - t0
         if proc.returncode != 0:
             tail = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()]
-            res.error = f"kdcore train exited {proc.returncode}: {tail[-1][:300] if tail else '(no output)'}"
+            res.error = f"{' '.join(proc.args[2:4])} exited {proc.returncode}: {tail[-1][:300] if tail else '(no output)'}"
             return res
         records = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+        generated = json.loads((out / "eval.json").read_text())["metrics"] if section.generation else {}
     train = [r for r in records if "loss" in r and "step" in r]
     evals = [r for r in records if "eval_teacher_kl" in r or any(k.startswith("eval_") for k in r if k != "step")]
     res.steps = max((r["step"] for r in train), default=0)
@@ -217,7 +250,7 @@ def run_one(section: Section, row: Row, seed: int, steps: int | None, timeout: f
     if not evals or evals[-1]["step"] != res.steps:
         res.error = f"no evaluation after the last step ({res.steps}) in metrics.jsonl"
         return res
-    res.final, res.initial = evals[-1], evals[0] if evals[0]["step"] == 0 else {}
+    res.final, res.initial = {**evals[-1], **generated}, evals[0] if evals[0]["step"] == 0 else {}
     res.ok = True
     return res
 
@@ -242,7 +275,8 @@ class RunStore:
             for line in self.path.read_text().splitlines():
                 if line.strip():
                     rec = json.loads(line)
-                    self.done[rec.pop("key")] = Run(**rec)
+                    key = rec.pop("key")  # before Run(**rec): the right side is evaluated first
+                    self.done[key] = Run(**rec)
 
     @staticmethod
     def key(section: Section, row: Row, seed: int, steps: int | None) -> str:

@@ -84,7 +84,7 @@ def save_recipe(out_dir: str | os.PathLike, recipe: Any) -> Path:
     from omegaconf import OmegaConf
 
     path = Path(out_dir) / RECIPE
-    text = OmegaConf.to_yaml(OmegaConf.create(recipe_dict(recipe)))
+    text = OmegaConf.to_yaml(OmegaConf.create(one_teacher_form(recipe_dict(recipe))))
     _write_atomic(path, text)
     return path
 
@@ -96,6 +96,16 @@ def load_saved_recipe(out_dir: str | os.PathLike) -> dict | None:
     if not path.is_file():
         return None
     return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+
+
+def one_teacher_form(recipe: dict | None) -> dict | None:
+    """The resolved recipe holds both ``teacher`` (the first teacher, or the only one) and
+    ``teachers`` (empty for one teacher); a recipe may give only one of them, so the saved file
+    keeps the one the run used and ``kdcore eval RUN`` or a new run can load it back."""
+    if not isinstance(recipe, dict):  # no saved recipe: nothing to reshape
+        return recipe
+    drop = "teacher" if recipe.get("teachers") else "teachers"
+    return {k: v for k, v in recipe.items() if k != drop}
 
 
 def recipe_dict(recipe: Any) -> dict:
@@ -168,7 +178,7 @@ def prepare_collective(out_dir: str | os.PathLike, recipe: Any, *, resume: bool,
                 print(f"kdcore: moved the previous run in '{out_dir}' to '{moved}'", file=sys.stderr)
             if resume:
                 saved, where = saved_run_recipe(out_dir)
-                changed = check_resume(saved, recipe_dict(recipe), where)
+                changed = check_resume(one_teacher_form(saved), one_teacher_form(recipe_dict(recipe)), where)
                 if changed:
                     print(f"kdcore: resuming with changed settings: {'; '.join(changed)}", file=sys.stderr)
             save_recipe(out_dir, recipe)

@@ -178,3 +178,13 @@ def test_override_reaches_into_a_list_of_teachers():
 def test_override_past_the_end_of_a_list_is_one_error():
     with pytest.raises(RecipeError, match=r"override 'teachers\.5\.weight=0'.*index out of range"):
         load_recipe("multi_teacher", ["teachers.5.weight=0"])
+
+
+@pytest.mark.parametrize("name", ["quickstart", "multi_teacher"])
+def test_a_run_folders_saved_recipe_loads_back(tmp_path, name):
+    """``kdcore eval RUN`` and a new run read ``RUN/recipe.yaml``: the resolved recipe must validate."""
+    from kdcore.run_folder import save_recipe
+
+    cfg = load_recipe(name)
+    again = load_recipe(str(save_recipe(tmp_path, cfg)))
+    assert OmegaConf.to_container(again) == OmegaConf.to_container(cfg)
