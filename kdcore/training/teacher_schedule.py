@@ -55,8 +55,9 @@ class TeacherSchedule:
             b = share.batch
             ids = b.teacher_input_ids if cross else b.input_ids
             mask = b.teacher_attention_mask if cross else b.attention_mask
-            vision = b.teacher_vision if cross else b.vision
-            if vision and not engine.accepts_vision:
+            # getattr: schedules also feed batches and engines that predate images (test doubles, plugins)
+            vision = getattr(b, "teacher_vision" if cross else "vision", None)
+            if vision and not getattr(engine, "accepts_vision", False):
                 raise TrainingError(f"{self._who(name)} ({type(engine).__name__}) does not take image inputs, and "
                                     f"step {pmb.step} has images; use teacher.engine: hf for a vision-language teacher")
             try:
