@@ -34,6 +34,9 @@ class Tokenized:
     input_ids: list[int]
     offsets: list[tuple[int, int]]  # character span of each token in the sample's text
     loss_positions: list[int]  # positions whose next-token prediction is trained
+    # a vision-language side's pixel inputs for this sample (kdcore.data.images.VisionInputs);
+    # None for text
+    vision: Any = field(default=None, repr=False, compare=False)
 
 
 @dataclass

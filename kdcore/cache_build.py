@@ -51,6 +51,10 @@ class _Recorder:
     """The live engine, remembering the last request the schedule built (its keys are the
     cache's: they come from the very request a training run sends)."""
 
+    # the cache keys rows by token ids alone, so rows with images (same ids, other pixels)
+    # cannot be stored: the schedule refuses them with a one-line error
+    accepts_vision = False
+
     def __init__(self, engine):
         self.engine, self.last = engine, None
 

@@ -560,9 +560,8 @@ def export_hf(model: nn.Module, tokenizer, out_dir: str | os.PathLike,
 
     Written to ``<out_dir>.tmp`` and renamed, so ``out_dir`` is either the old or the new export.
     """
-    from transformers import AutoModelForCausalLM
-
     from kdcore import lora
+    from kdcore.vision import model_class
 
     sd = full_state_dict(model)
     out = Path(out_dir)
@@ -577,7 +576,7 @@ def export_hf(model: nn.Module, tokenizer, out_dir: str | os.PathLike,
         wdtype = dtype or next(v.dtype for v in sd.values() if v.is_floating_point())
         # meta init: no random init of weights that are overwritten right away
         with torch.device("meta"):
-            clean = AutoModelForCausalLM.from_config(cfg)
+            clean = model_class(cfg).from_config(cfg)
         tied = bool(getattr(cfg, "tie_word_embeddings", False))
         missing, unexpected = clean.load_state_dict(sd, strict=False, assign=True)
         if tied:
@@ -598,7 +597,10 @@ def export_hf(model: nn.Module, tokenizer, out_dir: str | os.PathLike,
         def save(tmp: Path) -> None:
             clean.save_pretrained(str(tmp), safe_serialization=True)
             if tokenizer is not None:
-                tokenizer.save_pretrained(str(tmp))
+                from kdcore.data.images import processor_for
+
+                # a VL student's processor (image processor, template) goes with it; it saves the tokenizer too
+                (processor_for(tokenizer) or tokenizer).save_pretrained(str(tmp))
 
         write_folder(out, save)
     kdist.barrier()

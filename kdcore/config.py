@@ -83,6 +83,7 @@ def load_raw(path_or_name: str, overrides: list[str] | None = None) -> tuple[Pat
         raise RecipeError(str(path), [f"cannot read recipe: {type(exc).__name__}: {exc}"]) from exc
     if not isinstance(raw, dict):
         raise RecipeError(str(path), ["a recipe must be a mapping of sections"])
+    _resolve_model_paths(raw, path.parent)
     return path, raw
 
 
@@ -129,6 +130,17 @@ def load_recipe(path_or_name: str, overrides: list[str] | None = None, registry=
     cfg = OmegaConf.merge(OmegaConf.structured(Recipe), raw)
     OmegaConf.set_readonly(cfg, True)
     return cfg
+
+
+def _resolve_model_paths(raw: dict, recipe_dir: Path) -> None:
+    """A relative model folder that exists beside the recipe is that one (as for data), so a
+    recipe can ship or generate its models next to it; anything else is left as written."""
+    for section in ("teacher", "student"):
+        sec = raw.get(section)
+        value = sec.get("path") if isinstance(sec, dict) else None
+        if isinstance(value, str) and "://" not in value and not Path(value).expanduser().is_absolute() \
+                and not Path(value).exists() and (recipe_dir / value).is_dir():
+            sec["path"] = str((recipe_dir / value).resolve())
 
 
 def _resolve_data_paths(raw: dict, recipe_dir: Path) -> None:

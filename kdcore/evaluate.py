@@ -172,7 +172,7 @@ class _EvalParts:
                                  "check data.eval / data.eval_size")
         model = load_student(student_dir, env.device)
         teacher_head = load_lm_head(cfg.teacher.path, dtype=getattr(torch, cfg.teacher.dtype)).to(env.device)
-        aligner.setup(student_hidden_size=int(model.config.hidden_size),
+        aligner.setup(student_hidden_size=int(model.config.get_text_config().hidden_size),
                       teacher_hidden_size=int(teacher_head.shape[1]))
         if any(p.requires_grad for p in aligner.parameters()):
             raise EvalInputError(f"aligner '{cfg.distill.aligner}' trains its own parameters, which a Hugging Face "

@@ -101,7 +101,7 @@ def load_causal_lm(spec: str, *, dtype: "str | torch.dtype" = "float32", device:
         model = AutoModelForCausalLM.from_pretrained(os.path.dirname(where), gguf_file=os.path.basename(where), dtype=dt)
     else:
         try:
-            model = AutoModelForCausalLM.from_pretrained(where, dtype=dt)
+            model = _auto_class(where).from_pretrained(where, dtype=dt)
         except OSError as exc:
             if kind == "hub":
                 raise ModelNotFoundError(f"model '{spec}': not a local file or folder, and the hub could not provide it ({exc})") from exc
@@ -110,6 +110,21 @@ def load_causal_lm(spec: str, *, dtype: "str | torch.dtype" = "float32", device:
     if device != "cpu":
         model.to(device)
     return model
+
+
+def _auto_class(where: str):
+    """``AutoModelForCausalLM``, or ``AutoModelForImageTextToText`` for a vision-language
+    folder (:mod:`kdcore.vision`); a hub id is read as a causal LM unless its config says VL."""
+    from transformers import AutoConfig
+
+    from kdcore.vision import model_class
+
+    try:
+        return model_class(AutoConfig.from_pretrained(where))
+    except OSError:  # unreachable hub id: let from_pretrained report it
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM
 
 
 def _quiet_transformers() -> None:
@@ -323,10 +338,11 @@ def model_dims(spec: str) -> dict[str, int]:
 def _head_names(config) -> list[str]:
     """Checkpoint names to try for the head, best first (built on the meta device: no memory)."""
     import torch
-    from transformers import AutoModelForCausalLM
+
+    from kdcore.vision import model_class
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = model_class(config).from_config(config)
     out = model.get_output_embeddings()
     inp = model.get_input_embeddings()
     if out is None:
@@ -401,7 +417,9 @@ def _hub_fetcher(repo_id: str):
 def count_parameters(spec: str) -> int:
     """Parameter count from the config alone (meta device), e.g. to split CPU threads."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from kdcore.vision import model_class
 
     kind, where = locate(spec)
     if kind == "gguf":
@@ -410,7 +428,7 @@ def count_parameters(spec: str) -> int:
         return sum(math.prod(shape) for shape, _, _ in gguf_index(where)[1].values())
     config = AutoConfig.from_pretrained(where)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = model_class(config).from_config(config)
     return sum(p.numel() for p in model.parameters())
 
 

@@ -96,6 +96,9 @@ class StudentConfig:
     num_layers: Optional[int] = None  # for init=truncate
     config_overrides: Dict[str, Any] = field(default_factory=dict)  # for init=config
     gradient_checkpointing: bool = False  # trades ~30% compute for activation memory
+    # a vision-language student: train its vision tower too (false freezes it; the projector
+    # always trains). Ignored for a text-only student.
+    train_vision: bool = True  # full fine-tuning is what init=pretrained/config mean elsewhere
     lora: LoraConfig = field(default_factory=LoraConfig)  # off unless lora.enabled
 
 

@@ -83,9 +83,13 @@ def load_config(spec: str):
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder layer list of a Llama/Qwen/Mistral-style causal LM (``model.model.layers``;
     a peft-wrapped one's base model)."""
+    from kdcore.vision import language_layers
+
     model = kdlora.unwrap(model)
     base = getattr(model, "model", None)
     layers = getattr(base, "layers", None)
+    if layers is None and base is not None:
+        layers = language_layers(base)  # a vision-language model's language model
     if not isinstance(layers, nn.ModuleList):
         raise TypeError(f"{type(model).__name__}: expected decoder layers at model.model.layers "
                         "(Llama/Qwen/Mistral-style causal LM)")
@@ -114,6 +118,9 @@ def truncate_layers(model: nn.Module, num_layers: int) -> list[int]:
     renumbers every ``layer_idx`` attribute inside the kept layers (attention modules index the
     KV cache with it).
     """
+    if not isinstance(getattr(getattr(model, "model", None), "layers", None), nn.ModuleList):
+        raise ValueError(f"student.init=truncate needs the decoder layers at model.model.layers; "
+                         f"{type(model).__name__} keeps them elsewhere (use init=config for it)")
     layers = decoder_layers(model)
     total = len(layers)
     kept = evenly_spaced(total, num_layers)
@@ -165,14 +172,14 @@ def build_student(recipe, seed: int | None = None):
     source = s.path or recipe.teacher.path
     seed = recipe.train.seed if seed is None else seed
     if s.init == "config":
-        from transformers import AutoModelForCausalLM
+        from kdcore.vision import model_class
 
         cfg = load_config(source)
         _apply_overrides(cfg, dict(s.config_overrides or {}))
         # the same seed on every rank gives the same initial weights everywhere
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = AutoModelForCausalLM.from_config(cfg, **_transformers_dtype_kw(torch.float32))
+            model = model_class(cfg).from_config(cfg, **_transformers_dtype_kw(torch.float32))
     else:
         if s.config_overrides:
             raise ValueError(f"student.config_overrides only applies to init=config, not init={s.init}")
@@ -188,6 +195,10 @@ def build_student(recipe, seed: int | None = None):
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False  # training forwards never need a KV cache
+    if not getattr(s, "train_vision", True):
+        from kdcore.vision import freeze_vision
+
+        freeze_vision(model)  # before LoRA and the optimizer: frozen weights get no state
     if kdlora.lora_enabled(getattr(s, "lora", None)):
         # adapters initialise from the global RNG: the same seed gives every rank the same ones
         with torch.random.fork_rng(devices=[]):
@@ -236,8 +247,13 @@ def shard_student(model: nn.Module, precision: str = "fp32", device: torch.devic
     mp = mixed_precision_policy(precision)
     if mp is not None:
         kw["mp_policy"] = mp
+    from kdcore.vision import vision_blocks
+
     for layer in decoder_layers(model):
         fully_shard(layer, **kw)
+    for block in vision_blocks(kdlora.unwrap(model)):
+        if any(p.requires_grad for p in block.parameters()):  # a frozen tower stays in the root unit
+            fully_shard(block, **kw)
     # reshard_after_forward left at its default on the root: FSDP2 then keeps the root gathered
     # until backward (the head weight must stay full between student_hidden and backward)
     fully_shard(model, **kw)
@@ -261,8 +277,11 @@ def _accepts_logits_to_keep(model: nn.Module) -> bool:
     return cached
 
 
-def student_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+def student_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                   **vision: torch.Tensor) -> torch.Tensor:
     """Last hidden states ``[B, L, H]`` after the final norm, without the ``lm_head`` matmul.
+
+    ``vision``: a vision-language student's pixel inputs (:func:`kdcore.vision.model_inputs`).
 
     Runs the root module's forward (so FSDP gathers the root's parameters and registers its
     backward hooks) with ``logits_to_keep`` = no position, and takes the decoder stack's output.
@@ -274,7 +293,7 @@ def student_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
         captured.append(out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0])
 
     handle = _base_model(model).register_forward_hook(grab)
-    kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+    kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False, **vision}
     if _accepts_logits_to_keep(model):
         # an empty index list: lm_head runs on [B, 0, H], so no [B, L, V] logits are formed
         kwargs["logits_to_keep"] = torch.empty(0, dtype=torch.long, device=input_ids.device)

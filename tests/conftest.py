@@ -63,3 +63,23 @@ def cpu_process_group():
     yield
     if owned:
         kdist.teardown()
+
+
+def _make_vl_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_vl_data", ROOT / "scripts" / "make_vl_data.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="session")
+def vl_assets(tmp_path_factory):
+    """The VL quickstart's generator run into a temporary folder: a small data set (images on
+    disk, rows with relative paths) and the tiny LLaVA teacher/student and text student."""
+    mod = _make_vl_module()
+    root = tmp_path_factory.mktemp("vl")
+    files = mod.make_data(root, n_train=24, n_eval=8, seed=0)
+    models = mod.make_models(root / "models")
+    return {"root": root, "module": mod, **files, **models}

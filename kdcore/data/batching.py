@@ -20,6 +20,8 @@ class MicroBatch:
     Teacher side (cross-tokenizer only, else None — the teacher then receives ``input_ids``):
     ``teacher_input_ids``/``teacher_attention_mask`` ``[B, L_t]``, ``teacher_loss_positions``,
     ``teacher_loss_index`` (flat into ``[B * L_t]``).
+    ``vision`` / ``teacher_vision``: a vision-language side's pixel inputs for the micro-batch
+    (:func:`kdcore.data.images.collate_vision`), None for text.
     """
 
     input_ids: Any
@@ -32,6 +34,8 @@ class MicroBatch:
     teacher_attention_mask: Any = None
     teacher_loss_positions: list[list[int]] | None = None
     teacher_loss_index: Any = None
+    vision: dict[str, Any] | None = None
+    teacher_vision: dict[str, Any] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -75,8 +79,10 @@ def collate(samples: Sequence[Sample], pad_id: int, teacher_pad_id: int | None =
     positions = [list(s.student.loss_positions) for s in samples]
     index = flat_index(positions, ids.shape[1])
     labels = ids.reshape(-1)[index + 1]
+    from kdcore.data.images import collate_vision
+
     mb = MicroBatch(input_ids=ids, attention_mask=mask, loss_positions=positions, loss_index=index,
-                    labels=labels, samples=list(samples))
+                    labels=labels, samples=list(samples), vision=collate_vision([s.student for s in samples]))
     have_t = [s.teacher is not None for s in samples]
     if any(have_t):
         if not all(have_t):
@@ -87,6 +93,7 @@ def collate(samples: Sequence[Sample], pad_id: int, teacher_pad_id: int | None =
         mb.teacher_input_ids, mb.teacher_attention_mask = t_ids, t_mask
         mb.teacher_loss_positions = t_pos
         mb.teacher_loss_index = flat_index(t_pos, t_ids.shape[1])
+        mb.teacher_vision = collate_vision([s.teacher for s in samples])
     return mb
 
 

@@ -42,7 +42,7 @@ def normalize_row(row: Any, fmt: str) -> dict[str, Any]:
     if fmt == "messages":
         msgs = _check_messages(row.get("messages"), "messages")
         train = [m["role"] == "assistant" for m in msgs]
-        return _check_trainable({"messages": msgs, "train": train})
+        return _attach_images(_check_trainable({"messages": msgs, "train": train}), row.get("images"))
     if fmt == "prompt_completion":
         prompt, completion = row.get("prompt"), row.get("completion")
         if "prompt" not in row or prompt is None:
@@ -52,7 +52,8 @@ def normalize_row(row: Any, fmt: str) -> dict[str, Any]:
         if isinstance(prompt, list) and isinstance(completion, list):
             p = _check_messages(prompt, "prompt", allow_empty=True)
             c = _check_messages(completion, "completion")
-            return _check_trainable({"messages": p + c, "train": [False] * len(p) + [True] * len(c)})
+            return _attach_images(_check_trainable({"messages": p + c, "train": [False] * len(p) + [True] * len(c)}),
+                                  row.get("images"))
         if not isinstance(prompt, str):
             raise BadRow(f"'prompt' must be a string, got {type(prompt).__name__}")
         if not isinstance(completion, str):
@@ -86,10 +87,71 @@ def _check_messages(value: Any, key: str, allow_empty: bool = False) -> list[dic
         role, content = m.get("role"), m.get("content")
         if not isinstance(role, str) or role not in ROLES:
             raise BadRow(f"{key}[{i}].role must be one of {', '.join(ROLES)}, got {role!r}")
+        if isinstance(content, list):
+            text, parts = _check_parts(content, f"{key}[{i}].content")
+            out.append({"role": role, "content": text, "parts": parts})
+            continue
         if not isinstance(content, str):
-            raise BadRow(f"{key}[{i}].content must be a string, got {type(content).__name__}")
+            raise BadRow(f"{key}[{i}].content must be a string or a list of parts, got {type(content).__name__}")
         out.append({"role": role, "content": content})
     return out
+
+
+def _check_parts(parts: list, key: str) -> tuple[str, list[dict[str, Any]]]:
+    """A message's content parts: ``{"type": "text", "text": str}`` and ``{"type": "image",
+    "image": REF}`` (REF a path, bytes, a ``datasets`` Image value, or absent when the row's
+    ``images`` column supplies it). The message's canonical content is its text parts joined;
+    images are loaded later, by the side that reads them (:mod:`kdcore.data.images`)."""
+    out, text = [], []
+    for j, part in enumerate(parts):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            out.append({"type": "text", "text": part["text"]})
+            text.append(part["text"])
+        elif kind == "image":
+            out.append({"type": "image", "image": part.get("image")})
+        else:
+            raise BadRow(f"{key}[{j}] must be {{type: text, text: str}} or {{type: image, image: ...}}, got {part!r:.80}")
+    return "".join(text), out
+
+
+def _attach_images(norm: dict[str, Any], column: Any) -> dict[str, Any]:
+    """Collect the row's images in order into ``norm["images"]`` and number the image parts.
+
+    A top-level ``images`` column fills the image parts that carry no image, in order; a row
+    with such a column and no image part gets its images before the first user message's text
+    (the usual layout of single-image VQA sets). Rows without images are left as they were."""
+    column = [] if column is None else column
+    if not isinstance(column, list):
+        raise BadRow(f"'images' must be a list, got {type(column).__name__}")
+    msgs = norm["messages"]
+    if column and not any(p["type"] == "image" for m in msgs for p in m.get("parts", ())):
+        first = next((m for m in msgs if m["role"] == "user"), msgs[0])
+        first["parts"] = [{"type": "image", "image": None} for _ in column] + \
+            first.get("parts", [{"type": "text", "text": first["content"]}])
+    refs, free = [], list(column)
+    for m in msgs:
+        for p in m.get("parts", ()):
+            if p["type"] != "image":
+                continue
+            ref = p.pop("image")
+            if ref is None:
+                if not free:
+                    raise BadRow(f"an image part has no image and the 'images' column has {len(column)} "
+                                 f"entr{'y' if len(column) == 1 else 'ies'} for {_count_images(msgs)} image parts")
+                ref = free.pop(0)
+            p["index"] = len(refs)
+            refs.append(ref)
+    if free:
+        raise BadRow(f"the 'images' column has {len(column)} entries but the messages have "
+                     f"{_count_images(msgs)} image parts to fill")
+    if refs:
+        norm["images"] = refs
+    return norm
+
+
+def _count_images(msgs) -> int:
+    return sum(p["type"] == "image" for m in msgs for p in m.get("parts", ()))
 
 
 def _check_trainable(norm: dict[str, Any]) -> dict[str, Any]:

@@ -10,7 +10,8 @@ from typing import Any
 from kdcore.data.common import BadRow, DataError, OverlongRow, Sample, _cfg
 from kdcore.data.formats import detect_format, normalize_row
 from kdcore.data.reading import RowSource, read_rows
-from kdcore.data.rendering import _finish, tokenize_rows
+from kdcore.data.images import resolve_image_paths, tokenize_side
+from kdcore.data.rendering import _finish
 from kdcore.data.report import DataReport, SplitReport
 
 
@@ -105,9 +106,10 @@ def prepare_data(data_cfg: Any, student_tokenizer, teacher_tokenizer=None, *, se
 
 def _normalize_all(src: RowSource, fmt: str, rep: SplitReport, bad_policy: str) -> list[tuple[int, dict]]:
     out = []
+    base = os.path.dirname(src.path) if os.path.isfile(src.path) else src.path if os.path.isdir(src.path) else None
     for i, row in enumerate(src.rows):
         try:
-            out.append((i, normalize_row(row, fmt)))
+            out.append((i, resolve_image_paths(normalize_row(row, fmt), base)))
         except BadRow as exc:
             _bad(rep, i, exc.reason, bad_policy, src.path)
     return out
@@ -139,8 +141,8 @@ def _finish_or_count(rep: SplitReport, row: int, norm: dict, s, t, bad, path: st
 def _tokenize_split(rows: list[tuple[int, dict]], stok, ttok, rep: SplitReport, path: str, *,
                     max_length: int, overlong: str, bad_policy: str) -> list[Sample]:
     norms = [n for _, n in rows]
-    s_tok = tokenize_rows(norms, stok)
-    t_tok = tokenize_rows(norms, ttok) if ttok is not None else [None] * len(norms)
+    s_tok = tokenize_side(norms, stok)
+    t_tok = tokenize_side(norms, ttok) if ttok is not None else [None] * len(norms)
     samples = []
     for (row, norm), s, t in zip(rows, s_tok, t_tok):
         bad = s if isinstance(s, BadRow) else t if isinstance(t, BadRow) else None
@@ -174,7 +176,7 @@ def _tokenize_split_views(rows: list[tuple[int, dict]], src: RowSource, stok, re
         contexts.append(ctx)
         routes.append(route)
     norms = [n for _, n in kept]
-    s_tok = tokenize_rows(norms, stok)
+    s_tok = tokenize_side(norms, stok)
     own_tok = tokenize_views(norms, contexts, views)
     samples = []
     for k, ((row, norm), s) in enumerate(zip(kept, s_tok)):

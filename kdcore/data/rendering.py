@@ -46,50 +46,66 @@ def _render(norm: dict[str, Any], tok) -> _Rendered:
     return _Rendered(norm["text"], [(0, n, 0, True)], list(prefix), suffix, True, True)
 
 
-def _render_chat(norm: dict[str, Any], tok) -> _Rendered:
+def _render_chat(norm: dict[str, Any], tok, processor=None) -> _Rendered:
     """Render with the chat template and locate each message's content in the result.
 
     The template is rendered twice: once with placeholders instead of contents (which shows
     exactly where each content goes, however the template decorates it) and once for real;
     the real string must then be the placeholder string with each placeholder replaced by the
-    content (or the content stripped, for templates that trim).
+    content (or the content stripped, for templates that trim). With a ``processor`` (a
+    vision-language side, :mod:`kdcore.data.images`) its template renders the messages' parts
+    and places the image tokens; each text part is then a content piece of its own.
     """
     name = _tok_name(tok)
-    if not getattr(tok, "chat_template", None):
+    if not getattr(processor or tok, "chat_template", None):
         raise DataError(f"tokenizer '{name}' has no chat template, so 'messages' rows cannot be rendered; "
                         "use a tokenizer with one, or prompt/completion or text data")
-    msgs = norm["messages"]
+    pieces: list[tuple[int, int, str]] = []  # (message, canonical start, text) in content order
+    real_msgs, ph_msgs = [], []
+    pos = 0
+
+    def piece(i: int, text: str) -> str:
+        nonlocal pos
+        pieces.append((i, pos, text))
+        pos += len(text)
+        return _PH.format(len(pieces) - 1)
+
+    for i, m in enumerate(norm["messages"]):
+        if processor is not None and m.get("parts"):
+            parts = [{"type": "image"} if p["type"] == "image" else p for p in m["parts"]]
+            real_msgs.append({"role": m["role"], "content": parts})
+            ph_msgs.append({"role": m["role"], "content": [p if p["type"] == "image" else
+                                                           {"type": "text", "text": piece(i, p["text"])} for p in parts]})
+        else:
+            real_msgs.append({"role": m["role"], "content": m["content"]})
+            ph_msgs.append({"role": m["role"], "content": piece(i, m["content"])})
+    apply = (processor or tok).apply_chat_template
     try:
-        real = tok.apply_chat_template(msgs, tokenize=False)
-        ph_msgs = [{"role": m["role"], "content": _PH.format(i)} for i, m in enumerate(msgs)]
-        shape = tok.apply_chat_template(ph_msgs, tokenize=False)
+        real = apply(real_msgs, tokenize=False)
+        shape = apply(ph_msgs, tokenize=False)
     except Exception as exc:  # jinja raise_exception() for role order, missing variables, ...
         raise BadRow(f"chat template of '{name}' rejects the conversation: {type(exc).__name__}: {exc}") from exc
-    pieces = _PH_RE.split(shape)  # markup, idx, markup, idx, ..., markup
-    order = [int(i) for i in pieces[1::2]]
-    markup = pieces[0::2]
-    if sorted(order) != list(range(len(msgs))):
+    parts_ = _PH_RE.split(shape)  # markup, idx, markup, idx, ..., markup
+    order = [int(i) for i in parts_[1::2]]
+    markup = parts_[0::2]
+    if sorted(order) != list(range(len(pieces))):
         raise BadRow(f"chat template of '{name}' does not render each message exactly once")
-    starts = []
-    pos = 0
-    for m in msgs:
-        starts.append(pos)
-        pos += len(m["content"])
     regions = []
     at = 0
     for k, idx in enumerate(order):
+        msg, start, content = pieces[idx]
         if not real.startswith(markup[k], at):
-            raise BadRow(f"chat template of '{name}' renders the conversation inconsistently (message {idx})")
+            raise BadRow(f"chat template of '{name}' renders the conversation inconsistently (message {msg})")
         at += len(markup[k])
-        content = msgs[idx]["content"]
         for variant, lead in ((content, 0), (content.strip(), len(content) - len(content.lstrip())),
                               (content.rstrip(), 0), (content.lstrip(), len(content) - len(content.lstrip()))):
             if real.startswith(variant, at) and real.startswith(markup[k + 1], at + len(variant)):
                 break
         else:
-            raise BadRow(f"chat template of '{name}' alters the content of message {idx} ({msgs[idx]['role']})")
+            raise BadRow(f"chat template of '{name}' alters the content of message {msg} "
+                         f"({norm['messages'][msg]['role']})")
         if variant:
-            regions.append((at, at + len(variant), starts[idx] + lead, norm["train"][idx]))
+            regions.append((at, at + len(variant), start + lead, norm["train"][msg]))
         at += len(variant)
     if at + len(markup[-1]) != len(real):
         raise BadRow(f"chat template of '{name}' renders the conversation inconsistently (end)")
@@ -191,8 +207,11 @@ def tokenize_rows(norms: Sequence[dict[str, Any]], tok) -> list[Tokenized | BadR
 
 
 def _truncate(t: Tokenized, n: int) -> Tokenized:
+    if t.vision is not None and n < t.vision.end:
+        # an image's features must fill all of its tokens: a cut image cannot be fed to the model
+        raise OverlongRow(f"max_length {n} would cut an image (its tokens end at position {t.vision.end})")
     return Tokenized(input_ids=t.input_ids[:n], offsets=t.offsets[:n],
-                     loss_positions=[p for p in t.loss_positions if p < n - 1])
+                     loss_positions=[p for p in t.loss_positions if p < n - 1], vision=t.vision)
 
 
 def _truncate_at_char(t: Tokenized, x: int) -> Tokenized:

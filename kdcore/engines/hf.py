@@ -28,6 +28,10 @@ Child process setup, and why:
 The child computes the decoder (``model.get_decoder()``: its ``last_hidden_state`` is after
 the final norm; no logits, no per-layer hidden states kept, no KV cache) and gathers the
 requested positions with ``index_select(..., out=slot)`` directly into the channel slot.
+
+A vision-language teacher (:mod:`kdcore.vision`) computes its whole backbone instead, with the
+request's pixel inputs (``HiddenRequest.vision``, sent down the queue beside the ids); the
+channel still carries only the rows at the requested (text) positions.
 """
 
 from __future__ import annotations
@@ -105,6 +109,9 @@ def _resolve_device(device: str) -> str:
 class HFTeacher(TeacherEngine):
     """transformers teacher in a spawned process. Use it from one thread.
 
+    Text and vision-language models (``AutoModelForImageTextToText``; pixel inputs travel in
+    ``HiddenRequest.vision``).
+
     Args:
         spec: hub id, local folder, ``.gguf`` file or ``pkg://`` spec (GGUFs are converted once
             into a cached HF folder, see :func:`kdcore.models.gguf_to_hf_folder`).
@@ -119,6 +126,8 @@ class HFTeacher(TeacherEngine):
         start_timeout: seconds allowed for the child to load the model.
         cache_dir: where converted GGUF folders live (default ``~/.cache/kdflow``).
     """
+
+    accepts_vision = True
 
     def __init__(self, spec: str, *, dtype: str | torch.dtype = "float32", device: str = "cpu",
                  threads: Optional[int] = None,
@@ -313,9 +322,17 @@ class HFTeacher(TeacherEngine):
         request.validate(vocab_size=self.vocab_size, max_rows=self.max_rows)
         mask = request.attention_mask.to(torch.int64)
         ids = request.input_ids.to(torch.int64).masked_fill(mask == 0, 0)  # any pad id embeds safely
+        vision = None
+        if request.vision:
+            if not self.info.get("vision"):
+                raise TeacherError(f"teacher '{self.spec}' is a text model but the request carries image inputs")
+            if bool((mask[:, 1:] > mask[:, :-1]).any()):
+                raise TeacherError("a request with image inputs must be right-padded (the model computes "
+                                   "its own multimodal positions)")
+            vision = {k: v.detach().cpu().numpy() for k, v in request.vision.items()}
         ticket = self._new_ticket(request)
         self._requests.put(("hidden", ticket.seq, ids.cpu().numpy(), mask.cpu().numpy(),
-                            request.flat_index().numpy()))
+                            request.flat_index().numpy(), vision))
         return self._track(ticket)
 
     def result(self, ticket: Ticket, timeout: Optional[float] = None) -> torch.Tensor:
@@ -454,7 +471,10 @@ def _serve(options: dict, channel: Channel, requests, responses, parent_pid: int
     model = models.load_causal_lm(folder or spec, dtype=options["dtype"], device=device)
     if options.get("attn_implementation"):
         model.set_attn_implementation(options["attn_implementation"])
-    decoder = model.get_decoder()
+    from kdcore.vision import backbone, is_vision_model, model_inputs
+
+    vl = is_vision_model(model)
+    decoder = backbone(model)  # a VL model's whole backbone: vision tower, projector, language model
     # Progress beats from every leaf module (each linear, norm, ...), not just each layer: one
     # layer of a large teacher on few CPU threads can outlast the hang timeout by itself.
     for module in decoder.modules():
@@ -464,7 +484,7 @@ def _serve(options: dict, channel: Channel, requests, responses, parent_pid: int
     vocab = int(model.get_output_embeddings().weight.shape[0])
     responses.put(("ready", {"hidden_size": hidden, "vocab_size": vocab, "pid": os.getpid(), "folder": folder,
                              "threads": torch.get_num_threads(), "device": device,
-                             "num_layers": len(_decoder_layers(decoder))}))
+                             "num_layers": len(_decoder_layers(decoder)), "vision": vl}))
     parent_alive = lambda: os.getppid() == parent_pid  # noqa: E731
     on_device = device if device != "cpu" else None
 
@@ -479,14 +499,17 @@ def _serve(options: dict, channel: Channel, requests, responses, parent_pid: int
         if kind == "close":
             return
         if kind == "hidden":
-            _, seq, ids, mask, flat = msg
+            _, seq, ids, mask, flat, vision = msg
             ids, mask, flat = (torch.from_numpy(a) for a in (ids, mask, flat))
             if on_device:
                 ids, mask, flat = ids.to(on_device), mask.to(on_device), flat.to(on_device)
-            position_ids = (mask.cumsum(-1) - 1).clamp_(min=0)
+            if vl:  # right-padded (checked at submit); the model makes its own (multimodal) positions
+                extra = model_inputs({k: torch.from_numpy(v) for k, v in (vision or {}).items()},
+                                     device, options["dtype"])
+            else:
+                extra = {"position_ids": (mask.cumsum(-1) - 1).clamp_(min=0)}
             with torch.inference_mode():
-                h = decoder(input_ids=ids, attention_mask=mask, position_ids=position_ids,
-                            use_cache=False).last_hidden_state
+                h = decoder(input_ids=ids, attention_mask=mask, use_cache=False, **extra).last_hidden_state
                 # compute first, then wait for a free slot: the forward overlaps the student's step
                 buf = channel.acquire_write(seq, peer_alive=parent_alive)
                 n = flat.numel()

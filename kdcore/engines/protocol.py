@@ -58,11 +58,17 @@ class HiddenRequest:
     The engine returns ``[N, H]`` rows, ``N = sum(len(p) for p in positions)``: sample 0's
     positions in the given order, then sample 1's, and so on. Position ids are computed from
     the mask (``cumsum - 1``), so left padding gives the same states as no padding.
+
+    vision          a vision-language teacher's pixel inputs for the batch, as its processor
+                    made them (:func:`kdcore.data.images.collate_vision`); None for text. The
+                    batch is then right-padded (multimodal position ids are the model's own).
+                    Only engines with ``accepts_vision`` take it.
     """
 
     input_ids: "torch.Tensor"
     attention_mask: "torch.Tensor"
     positions: Sequence[Sequence[int]]
+    vision: Optional[Mapping[str, "torch.Tensor"]] = None
 
     @property
     def rows(self) -> int:
@@ -156,6 +162,7 @@ class TeacherEngine(abc.ABC):
     """
 
     colocated: bool = False  # an engine may set it per instance (sglang: from teacher.sglang.colocate)
+    accepts_vision: bool = False  # takes HiddenRequest.vision (hf); others refuse image rows
     offloads_optimizer: bool = False  # sglang: teacher.sglang.offload_optimizer
     hidden_size: int
     vocab_size: int

@@ -98,7 +98,10 @@ class DistillForward:
         this micro-batch overlap with it."""
         b = pmb.batch
         dev = self.device
-        hidden = self._kstudent.student_hidden(self.student.model, b.input_ids.to(dev), b.attention_mask.to(dev))
+        from kdcore.vision import model_inputs
+
+        hidden = self._kstudent.student_hidden(self.student.model, b.input_ids.to(dev), b.attention_mask.to(dev),
+                                               **model_inputs(b.vision, dev))
         h_s = hidden.reshape(-1, hidden.shape[-1])[b.loss_index.to(dev)]
         w_s = self.student_head()
         labels = b.labels.to(dev)

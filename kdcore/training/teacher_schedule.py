@@ -55,8 +55,13 @@ class TeacherSchedule:
             b = share.batch
             ids = b.teacher_input_ids if cross else b.input_ids
             mask = b.teacher_attention_mask if cross else b.attention_mask
+            # getattr: schedules also feed batches and engines that predate images (test doubles, plugins)
+            vision = getattr(b, "teacher_vision" if cross else "vision", None)
+            if vision and not getattr(engine, "accepts_vision", False):
+                raise TrainingError(f"{self._who(name)} ({type(engine).__name__}) does not take image inputs, and "
+                                    f"step {pmb.step} has images; use teacher.engine: hf for a vision-language teacher")
             try:
-                share.ticket = engine.submit(HiddenRequest(ids, mask, share.teacher_positions))
+                share.ticket = engine.submit(HiddenRequest(ids, mask, share.teacher_positions, vision))
             except ChannelError as exc:
                 raise TrainingError(f"{self._who(name)} failed at step {pmb.step}: {exc}") from exc
         pmb.submitted = True

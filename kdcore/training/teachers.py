@@ -101,7 +101,7 @@ def setup_heads(parts: list[TeacherPart], model, *, seed: int, device) -> None:
         part.head = load_lm_head(s.path, dtype=getattr(torch, s.dtype)).to(device)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            part.aligner.setup(student_hidden_size=int(model.config.hidden_size),
+            part.aligner.setup(student_hidden_size=int(model.config.get_text_config().hidden_size),
                                teacher_hidden_size=int(part.head.shape[1]))
 
 

@@ -279,6 +279,11 @@ class Trainer:
             data = prepare_data(cfg.data, self.student_tok, self.teacher_tok if self.cross else None,
                                 seed=cfg.train.seed)
         self.log.say(data.report.rich_table())
+        with_images = any(t is not None and t.vision is not None for s in data.train for t in (s.student, s.teacher))
+        if with_images and (self.several or getattr(self.rollout, "needs_sampling", False)):
+            # prompts would be re-rendered as text and views built without the images (README, Vision-language)
+            raise TrainingError(f"rows with images are not supported with distill.rollout '{cfg.distill.rollout}' "
+                                "(it samples) or several teachers yet; use off_policy with one teacher")
         return data.train, data.eval
 
     def _student(self):

@@ -116,4 +116,4 @@ def test_reasons_with_brackets_are_shown_verbatim(tmp_path):
     path.write_bytes(jsonl_bytes(rows))
     report = prepare_data({"train": str(path), "eval_size": 0}, smol()).report
     assert "train: 1 bad row in" in export(report.rich_table())
-    assert "row 0: messages[0].content must be a string, got int" in export(report.rich_table())
+    assert "row 0: messages[0].content must be a string or a list of parts, got int" in export(report.rich_table())

@@ -193,3 +193,15 @@ def test_fkl_reference_matches_the_definition():
 def test_mean_over_ranks_is_the_identity_on_one_rank():
     values = {"align_ratio": 0.75}
     assert mean_over_ranks(values, SimpleNamespace(world_size=1), aligner=None) is values
+
+
+def test_an_engine_without_vision_refuses_a_step_with_images_by_name():
+    pmb = _mb(0, 0, True)
+    pmb.batch.vision = {"pixel_values": torch.zeros(1, 3, 4, 4)}
+    with pytest.raises(TrainingError, match=r"teacher engine \(FakeEngine\) does not take image inputs, and step 0 "
+                                            r"has images; use teacher.engine: hf"):
+        TeacherSchedule(FakeEngine(), cross=False, looks_ahead=True, max_steps=1).submit(pmb)
+    engine = FakeEngine()
+    engine.accepts_vision = True
+    TeacherSchedule(engine, cross=False, looks_ahead=True, max_steps=1).submit(pmb)
+    assert engine.events == [("submit", 0)]
