@@ -1,9 +1,11 @@
 """Built-in generation evaluators for ``kdcore eval`` (see ``register_evaluators`` in kdcore.hookspecs).
 
-=======  ==================================================================================
-rouge_l  ROUGE-L F1 (longest common subsequence of words; Lin 2004) of the student's greedy
-         answers against the references and against the teacher's greedy answers
-=======  ==================================================================================
+============  =============================================================================
+rouge_l       ROUGE-L F1 (longest common subsequence of words; Lin 2004) of the student's
+              greedy answers against the references and against the teacher's greedy answers
+answer_words  mean words per answer (student, teacher, reference) and the share of empty
+              student answers: a ROUGE-L of 0 from a student that stops at once shows here
+============  =============================================================================
 """
 
 from __future__ import annotations
@@ -38,6 +40,18 @@ def rouge_l(generations, options: RougeLOptions | None = None) -> dict[str, floa
     }
 
 
+def answer_words(generations, options=None) -> dict[str, float]:
+    """How long the answers are, in whitespace-separated words."""
+    g = generations
+
+    def mean_words(texts) -> float:
+        return sum(len(t.split()) for t in texts) / len(texts) if texts else 0.0
+
+    return {"student": mean_words(g.student), "teacher": mean_words(g.teacher), "reference": mean_words(g.references),
+            "student_empty": sum(not t.strip() for t in g.student) / len(g.student) if g.student else 0.0}
+
+
 @hookimpl
 def register_evaluators(register):
     register("rouge_l", rouge_l, options=RougeLOptions)
+    register("answer_words", answer_words)

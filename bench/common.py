@@ -332,3 +332,20 @@ if __name__ == "__main__":
         sys.exit(_child_main(*sys.argv[2:]))
     print("usage: python -m bench.common --child module:function args.json out.json", file=sys.stderr)
     sys.exit(2)
+
+
+def train_steps(recipe: str, overrides: list[str], steps: int, batch: int, seq_len: int,
+                base: Sequence[str] = ()) -> dict:
+    """``kdcore train RECIPE`` for ``steps`` steps of ``batch`` rows, as a user runs it; the
+    trainer's per-step ``tokens_per_s`` and ``loss`` (run it in a child: :func:`run_isolated`)."""
+    with tempfile.TemporaryDirectory(prefix="kdflow-bench-") as tmp:
+        args = [*base, f"train.max_steps={steps}", f"train.micro_batch_size={batch}", f"data.max_length={seq_len}",
+                f"data.limit={batch * steps}", f"train.output_dir={tmp}/out", *overrides]
+        proc = subprocess.run([sys.executable, "-m", "kdcore", "train", recipe, *args],
+                              capture_output=True, text=True, cwd=str(REPO_ROOT))
+        if proc.returncode != 0:
+            raise RuntimeError(f"kdcore train exited {proc.returncode}: {(proc.stderr or proc.stdout)[-2000:]}")
+        with open(Path(tmp) / "out" / "metrics.jsonl") as f:
+            records = [json.loads(line) for line in f if line.strip()]
+    steps_rec = [r for r in records if "step" in r and "tokens_per_s" in r]
+    return {"tokens_per_s": [float(r["tokens_per_s"]) for r in steps_rec], "loss": [float(r["loss"]) for r in steps_rec]}

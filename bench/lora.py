@@ -15,11 +15,7 @@ step (warm-up) excluded. Trainable parameters are counted on the built student i
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 from bench import common
@@ -42,17 +38,7 @@ def count(overrides: list[str]) -> dict:
 
 def train(overrides: list[str], steps: int, batch: int, seq_len: int) -> dict:
     """Child: ``kdcore train quickstart`` for ``steps`` steps; the trainer's per-step records."""
-    with tempfile.TemporaryDirectory(prefix="kdflow-bench-lora-") as tmp:
-        args = [*BASE, f"train.max_steps={steps}", f"train.micro_batch_size={batch}", f"data.max_length={seq_len}",
-                f"data.limit={batch * steps}", f"train.output_dir={tmp}/out", *overrides]
-        proc = subprocess.run([sys.executable, "-m", "kdcore", "train", "quickstart", *args],
-                              capture_output=True, text=True, cwd=str(common.REPO_ROOT))
-        if proc.returncode != 0:
-            raise RuntimeError(f"kdcore train exited {proc.returncode}: {(proc.stderr or proc.stdout)[-2000:]}")
-        with open(Path(tmp) / "out" / "metrics.jsonl") as f:
-            records = [json.loads(line) for line in f if line.strip()]
-    steps_rec = [r for r in records if "step" in r and "tokens_per_s" in r]
-    return {"tokens_per_s": [float(r["tokens_per_s"]) for r in steps_rec], "loss": [float(r["loss"]) for r in steps_rec]}
+    return common.train_steps("quickstart", overrides, steps, batch, seq_len, base=BASE)
 
 
 def main() -> None:

@@ -154,8 +154,11 @@ def xtok_section() -> Section:
                "character. Every run is recipe `multi_teacher_gemma` with both teachers evaluated; a weight-0 "
                "teacher is scored but never in the gradient. KD is mixed half and half with CE (`kd_ratio 0.5`, "
                "as in the quickstart), lr 1e-3 as the quickstart's truncated student, 80 steps of 8 rows. "
-               "`KL→gemma` goes through that row's aligner for Gemma (overlap unless named): for `uld` it is "
-               "ULD's sorted-probability distance, not a KL, so that cell compares with nothing else."),
+               "`KL→gemma` is the held-out forward KL through that row's aligner for Gemma (overlap unless named), "
+               "so only the overlap rows and the twin share a yardstick: for `dskd` it is DSKD's own objective "
+               "(the projector's CE plus its two KL terms), for `uld` ULD's sorted-probability distance, for "
+               "`mined` the KL under its vocabulary map. `KL→smollm2`, `top-1(smollm2)` and `ppl` (the student's "
+               "own tokens) compare across every row."),
     )
 
 
@@ -165,7 +168,10 @@ ROUGE_TEACHER = Metric("rouge_l_vs_teacher", "ROUGE-L teacher ↑", "{:.3f}", hi
 
 def rollouts_section() -> Section:
     """The rollout policies on the quickstart pair, judged on greedy answers (ROUGE-L, `kdcore eval`)."""
-    short = ("train.max_steps=30", "train.eval_every=30", "rollout.max_new_tokens=32")
+    # 30 steps, 32 held-out prompts and 32-token answers (the median reference is 14 tokens): six
+    # runs with generation fit beside the other sections on 2 cores
+    short = ("train.max_steps=30", "train.eval_every=30", "train.eval_batches=4", "rollout.max_new_tokens=32",
+             "eval.max_new_tokens=32")
     policies = ("off_policy", "on_policy", "mixed", "seqkd", "adaptive")
     return Section(
         name="rollouts",
@@ -178,7 +184,7 @@ def rollouts_section() -> Section:
         generation=True,
         about=("The quickstart recipe (fkl, `kd_ratio 0.5`, lr 1e-3) shortened to 30 steps so that five sampling "
                "policies fit the budget; sampled sequences are at most 32 new tokens (the policies' own default "
-               "options otherwise). After training, `kdcore eval RUN` greedily answers the 64 held-out prompts with "
+               "options otherwise); teacher-KL and perplexity are on the same 32 held-out rows. After training, `kdcore eval RUN` greedily answers 32 held-out prompts (at most 32 tokens) with "
                "the exported student and with the teacher: `ROUGE-L ref` is the student's answers against the "
                "references, `ROUGE-L teacher` against the teacher's own answers (the `rouge-score` package, "
                "ROUGE-L F1). The CE-only twin is trained off-policy on the references."),
@@ -271,6 +277,7 @@ class RunStore:
     def __init__(self, path: str | None):
         self.path = Path(path) if path else None
         self.done: dict[str, Run] = {}
+        self.reused = 0  # runs this invocation took from the file
         if self.path and self.path.exists():
             for line in self.path.read_text().splitlines():
                 if line.strip():
@@ -283,7 +290,9 @@ class RunStore:
         return json.dumps([section.recipe, list(row.overrides), seed, steps])
 
     def get(self, key: str) -> Run | None:
-        return self.done.get(key)
+        run = self.done.get(key)
+        self.reused += run is not None
+        return run
 
     def put(self, key: str, run: Run) -> None:
         if self.path is None or not run.ok:
@@ -489,6 +498,11 @@ def main(argv=None) -> int:
         n_runs = sum(len(v) for runs in done.values() for v in runs.values())
         minutes = (time.perf_counter() - t0) / 60
         progress = "" if final else f"**Partial: {n_runs} of {total} planned runs so far** (rewritten after each run)."
+        if store.reused:
+            trained = sum(r.wall_s for runs in done.values() for rr in runs.values() for r in rr) / 60
+            progress = (progress + " " if progress else "") + (
+                f"{store.reused} of the {n_runs} runs were read from `{store.path.name}` (trained by earlier "
+                f"invocations with the same commands); the {n_runs} runs' own times add up to {trained:.1f} min.")
         bodies = [render_section(s, done[s.name]) for s in sections if s.name in done]
         return header(args, started, load0, minutes, n_runs, progress) + "\n\n" + "\n\n".join(bodies) + "\n"
 

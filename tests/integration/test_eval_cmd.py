@@ -184,6 +184,15 @@ def test_rouge_l_equals_the_package_scorer():
     assert 0 < got["vs_reference"] < got["teacher_vs_reference"] < 1
 
 
+def test_answer_words_counts_words_and_empty_student_answers():
+    from kdcore import load_registry
+
+    entry = load_registry().get("evaluator", "answer_words")
+    got = entry.fn(generations(student=["the cat on a mat", "  "]), entry.make_options({}))
+    # student: 5 and 0 words; teacher: 6 and 4; references: 6 and 4
+    assert got == {"student": 2.5, "teacher": 5.0, "reference": 5.0, "student_empty": 0.5}
+
+
 def register_evaluators(register):
     """A third-party plugin's evaluators: the student's mean answer length, and a broken one."""
 
@@ -248,7 +257,8 @@ def test_list_algorithms_lists_evaluators():
                          cwd=ROOT, timeout=120)
     assert res.returncode == 0, res.stderr
     rows = json.loads(res.stdout)
-    assert [(r["name"], r["kind"], r["options"]) for r in rows] == [("rouge_l", "evaluator", {"use_stemmer": False})]
+    assert sorted((r["name"], r["kind"], r["options"]) for r in rows) == [
+        ("answer_words", "evaluator", {}), ("rouge_l", "evaluator", {"use_stemmer": False})]
 
 
 # ------------------------------------------------------------------------------ bad input
