@@ -62,6 +62,7 @@ class Metric:
     label: str
     fmt: str
     higher_is_better: bool
+    judged: bool = True  # False: shown for context (answer length), never counted as a win
 
     def read(self, record: dict) -> float | None:
         v = record.get(self.key)
@@ -164,6 +165,8 @@ def xtok_section() -> Section:
 
 ROUGE_REF = Metric("rouge_l_vs_reference", "ROUGE-L ref ↑", "{:.3f}", higher_is_better=True)
 ROUGE_TEACHER = Metric("rouge_l_vs_teacher", "ROUGE-L teacher ↑", "{:.3f}", higher_is_better=True)
+EMPTY = Metric("answer_words_student_empty", "empty answers ↓", "{:.2f}", higher_is_better=False)
+WORDS = Metric("answer_words_student", "words/answer", "{:.1f}", higher_is_better=True, judged=False)
 
 
 def rollouts_section() -> Section:
@@ -179,7 +182,7 @@ def rollouts_section() -> Section:
         recipe="quickstart",
         baseline=Row("CE only", (*short, "distill.kd_ratio=0")),
         rows=tuple(Row(p, (*short, f"distill.rollout={p}")) for p in policies),
-        metrics=(ROUGE_REF, ROUGE_TEACHER, TEACHER_KL, PPL),
+        metrics=(ROUGE_REF, ROUGE_TEACHER, EMPTY, WORDS, TEACHER_KL, PPL),
         quick_rows=("off_policy", "on_policy"),
         generation=True,
         about=("The quickstart recipe (fkl, `kd_ratio 0.5`, lr 1e-3) shortened to 30 steps so that five sampling "
@@ -350,7 +353,7 @@ def values_of(runs: list[Run], metric: Metric) -> list[float]:
 def beats(runs: list[Run], base: list[Run], metric: Metric) -> str:
     """Whether the row's mean beats the twin's; ``every seed`` when each seed beats its own twin."""
     mine, theirs = values_of(runs, metric), values_of(base, metric)
-    if not mine or not theirs or not metric.better(statistics.fmean(mine), statistics.fmean(theirs)):
+    if not metric.judged or not mine or not theirs or not metric.better(statistics.fmean(mine), statistics.fmean(theirs)):
         return ""
     twin = {r.seed: metric.read(r.final) for r in base if r.ok}
     paired = [(metric.read(r.final), twin[r.seed]) for r in runs if r.ok and r.seed in twin]

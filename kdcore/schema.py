@@ -200,8 +200,7 @@ class EvalConfig:
     the registered evaluators (`kdcore list-algorithms --kind evaluator`). The token-level
     metrics (teacher KL, perplexity, top-1) use ``train.eval_batches`` like training's evaluation."""
 
-    # the built-ins; [] = no generation. answer_words makes a collapsed student (empty answers) visible
-    evaluators: List[str] = field(default_factory=lambda: ["rouge_l", "answer_words"])
+    evaluators: List[str] = field(default_factory=lambda: ["rouge_l", "answer_words"])  # the built-ins; [] = no generation
     options: Dict[str, Any] = field(default_factory=dict)  # per evaluator name, its options
     max_new_tokens: int = 128  # answers longer than this are cut (greedy, on CPU: ~1 s per token and batch)
     samples: int = 3  # side-by-side answers printed: a glance, not a report
