@@ -163,8 +163,8 @@ def xtok_section() -> Section:
     )
 
 
-ROUGE_REF = Metric("rouge_l_vs_reference", "ROUGE-L ref ↑", "{:.3f}", higher_is_better=True)
-ROUGE_TEACHER = Metric("rouge_l_vs_teacher", "ROUGE-L teacher ↑", "{:.3f}", higher_is_better=True)
+ROUGE_REF = Metric("rouge_l_vs_reference", "ROUGE-ref ↑", "{:.3f}", higher_is_better=True)
+ROUGE_TEACHER = Metric("rouge_l_vs_teacher", "ROUGE-teacher ↑", "{:.3f}", higher_is_better=True)
 EMPTY = Metric("answer_words_student_empty", "empty answers ↓", "{:.2f}", higher_is_better=False)
 WORDS = Metric("answer_words_student", "words/answer", "{:.1f}", higher_is_better=True, judged=False)
 
@@ -188,8 +188,8 @@ def rollouts_section() -> Section:
         about=("The quickstart recipe (fkl, `kd_ratio 0.5`, lr 1e-3) shortened to 30 steps so that five sampling "
                "policies fit the budget; sampled sequences are at most 32 new tokens (the policies' own default "
                "options otherwise); teacher-KL and perplexity are on the same 32 held-out rows. After training, `kdcore eval RUN` greedily answers 32 held-out prompts (at most 32 tokens) with "
-               "the exported student and with the teacher: `ROUGE-L ref` is the student's answers against the "
-               "references, `ROUGE-L teacher` against the teacher's own answers (the `rouge-score` package, "
+               "the exported student and with the teacher: `ROUGE-ref` is ROUGE-L of the student's answers against the "
+               "references, `ROUGE-teacher` against the teacher's own answers (the `rouge-score` package, "
                "ROUGE-L F1). The CE-only twin is trained off-policy on the references."),
     )
 
