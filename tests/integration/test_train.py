@@ -69,6 +69,21 @@ def run_train(recipe: Path, *overrides: str, resume=False, timeout=300, nproc=1)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
+def assert_resume_after_step_2_is_exact(recipe: Path, out: Path) -> None:
+    """A finished 4-step run (checkpoints every 2) is cut back to a run killed after step 2 (the
+    step-4 checkpoint and the metrics log removed); ``--resume`` must redo steps 3 and 4 bitwise."""
+    import shutil
+
+    unbroken = {r["step"]: r["loss"] for r in train_steps(out)}
+    shutil.rmtree(out / "checkpoints" / "step_4")
+    (out / "metrics.jsonl").unlink()
+    res = run_train(recipe, resume=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    resumed = {r["step"]: r["loss"] for r in train_steps(out)}
+    assert sorted(resumed) == [3, 4]
+    assert resumed[3] == unbroken[3] and resumed[4] == unbroken[4]  # bitwise on CPU, world size 1
+
+
 def test_off_policy_run_learns_logs_and_exports(tmp_path, tiny_teacher):
     recipe = write_recipe(tmp_path, tiny_teacher, train={"max_steps": 12, "eval_every": 6})
     res = run_train(recipe)
@@ -98,18 +113,7 @@ def test_resume_continues_bit_for_bit(tmp_path, tiny_teacher):
                                                                                         "export_hf": False})
     res = run_train(recipe)
     assert res.returncode == 0, res.stderr[-3000:]
-    out = tmp_path / "out"
-    unbroken = {r["step"]: r["loss"] for r in train_steps(out)}
-    # simulate a run killed after step 2: drop everything written after the step-2 checkpoint
-    import shutil
-
-    shutil.rmtree(out / "checkpoints" / "step_4")
-    (out / "metrics.jsonl").unlink()
-    res = run_train(recipe, resume=True)
-    assert res.returncode == 0, res.stderr[-3000:]
-    resumed = {r["step"]: r["loss"] for r in train_steps(out)}
-    assert sorted(resumed) == [3, 4]
-    assert resumed[3] == unbroken[3] and resumed[4] == unbroken[4]  # bitwise on CPU, world size 1
+    assert_resume_after_step_2_is_exact(recipe, tmp_path / "out")
 
 
 def test_two_ranks_match_one_rank(tmp_path, tiny_teacher):
