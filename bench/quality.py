@@ -14,6 +14,11 @@ Sections (``--sections``):
   held-out teacher-KL (forward KL teacher→student, the trainer's ``eval_teacher_kl``),
   perplexity of the held-out references (``eval_ppl``) and top-1 agreement with the teacher
   (``eval_top1_agreement``).
+- ``xtok``: both sides pretrained across tokenizers — Gemma 3 270M and SmolLM2-135M-Instruct
+  teaching 8 of SmolLM2's layers, alone (every aligner for Gemma) and together (recipe
+  ``multi_teacher_gemma``; needs ``bash scripts/get_gemma.sh``), scored against both teachers.
+- ``rollouts``: the five rollout policies on the quickstart pair, scored on greedy answers by
+  ``kdcore eval`` (ROUGE-L against the references and the teacher's answers, answer length).
 
 A new section (say cross-tokenizer aligners with another teacher, or rollout policies judged by
 a generation metric) is a function returning a :class:`Section` — its recipe, its CE-only
@@ -21,8 +26,8 @@ twin, its rows and the :class:`Metric` list it is judged on (a metric reads one 
 final evaluation record, so a new evaluation key needs only a new ``Metric``) — added to
 :data:`SECTIONS`. Running, aggregation and the report are shared.
 
-Options: ``--quick`` (the section's quick rows, one seed: about 15 minutes on a quiet 2-core
-machine), ``--seeds`` (seeds of the headline rows and the twin), ``--other-seeds`` (seeds of
+Options: ``--quick`` (the losses section's twin and two rows, one seed: 3 runs, about 11 minutes
+by the committed run's own times; with ``--sections`` the named sections' quick rows), ``--seeds`` (seeds of the headline rows and the twin), ``--other-seeds`` (seeds of
 the remaining rows), ``--rows`` (a subset by name; the twin always runs), ``--steps`` (override
 every row's ``train.max_steps``), ``--note`` (a line for the header, e.g. that the machine was
 shared), ``--store FILE`` (finished runs kept and reused: resume an interrupted benchmark, or run
@@ -114,7 +119,7 @@ def losses_section() -> Section:
         baseline=Row("CE only", ("distill.kd_ratio=0",), headline=True),
         rows=tuple(rows),
         metrics=SAME_VOCAB_METRICS,
-        quick_rows=("quickstart (as shipped)", "fkl kd_ratio=1", "js kd_ratio=1"),
+        quick_rows=("quickstart (as shipped)", "fkl kd_ratio=1"),
         about=("SmolLM2-135M-Instruct (GGUF) teacher, student = 4 evenly spaced of its 30 layers, Python "
                "docstring Q&A, held-out split `recipes/data/pydoc_qa_eval.jsonl`. Every row and the CE-only twin "
                "share the recipe's learning rate, schedule, batches and steps; the learning rate is the best "
@@ -451,7 +456,8 @@ def header(args, started: str, load0, minutes: float, n_runs: int, progress: str
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {', '.join(SECTIONS)}")
+    p.add_argument("--sections", default=None, help=f"comma-separated subset of {', '.join(SECTIONS)} "
+                   "(default: all; with --quick: losses)")
     p.add_argument("--rows", default="", help="comma-separated row names (the CE-only twin always runs)")
     p.add_argument("--seeds", default="0,1", help="seeds of the headline rows and the CE-only twin")
     p.add_argument("--other-seeds", default="0", help="seeds of the other rows")
@@ -466,7 +472,10 @@ def parse_args(argv=None):
     raw = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(raw)
     args.argv = raw
-    args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    # --quick stays within ~15 min on a quiet 2-core machine: one section (the twin and two rows),
+    # since each xtok or rollouts run alone takes 4-5 min
+    chosen = args.sections if args.sections is not None else ("losses" if args.quick else ",".join(SECTIONS))
+    args.sections = [s.strip() for s in chosen.split(",") if s.strip()]
     if bad := [s for s in args.sections if s not in SECTIONS]:
         p.error(f"--sections: unknown {bad}; choose from {', '.join(SECTIONS)}")
     args.rows = [r.strip() for r in args.rows.split(",") if r.strip()]
