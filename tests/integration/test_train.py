@@ -32,6 +32,11 @@ def write_recipe(tmp_path: Path, teacher_path: Path, **sections) -> Path:
         "checkpoint": {"every": 0},
         "logging": {"progress": False},
     }
+    return dump_recipe(tmp_path, recipe, sections)
+
+
+def dump_recipe(tmp_path: Path, recipe: dict, sections: dict) -> Path:
+    """``recipe`` with each of ``sections`` merged into its section, as ``tmp_path/recipe.yaml``."""
     for name, values in sections.items():
         recipe.setdefault(name, {}).update(values)
     path = tmp_path / "recipe.yaml"

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-import yaml
 
 from kdcore.data import collate, prepare_data
 from kdcore.tokenizers import load_tokenizer
-from test_train import assert_resume_after_step_2_is_exact, evals, run_train
+from test_train import assert_resume_after_step_2_is_exact, dump_recipe, evals, run_train
 
 
 def vl_recipe(tmp_path, vl, student=None, **sections):
@@ -24,11 +23,7 @@ def vl_recipe(tmp_path, vl, student=None, **sections):
         "checkpoint": {"every": 2, "keep": 3},
         "logging": {"progress": False},
     }
-    for name, values in sections.items():
-        recipe.setdefault(name, {}).update(values)
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+    return dump_recipe(tmp_path, recipe, sections)
 
 
 def test_vl_teacher_rows_equal_an_in_process_forward(vl_assets):
