@@ -11,10 +11,10 @@ Every configuration runs in a **fresh child process** (:func:`run_isolated`) so 
   ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736`` (freed vocab-sized buffers stay in
   the heap instead of being unmapped and page-faulted afresh every step).
 
-Memory is reported two ways: ``peak_pss`` — the largest sum, over the child's whole process
-tree, of proportional set size, sampled every ``sample_interval`` seconds (shared-memory pages
-are counted once, split between the processes that map them, so a shared-memory channel is
-not double counted) — and ``maxrss`` — the kernel's high-water RSS of the largest single
+Memory is reported two ways: ``peak_mem`` — the largest sum, over the processes of the child's
+tree alive at one sample (every ``sample_interval`` seconds), of each one's peak resident set
+(the kernel's ``VmHWM``; :class:`TreeMemory` says why not PSS, and how this errs: pages shared
+by two processes count in both) — and ``maxrss`` — the kernel's high-water RSS of the largest single
 process in the tree (``wait4`` rusage), exact but blind to a second process.
 
 A child entry point is any ``module:function`` that takes keyword arguments (JSON values) and
@@ -97,8 +97,8 @@ class RunResult:
     error: str = ""
     returncode: int | None = None
     wall_s: float = 0.0
-    peak_pss: int = 0  # bytes, sampled sum over the process tree
-    peak_rss_sum: int = 0  # bytes, sampled sum of RSS (double counts shared pages)
+    peak_mem: int = 0  # bytes, TreeMemory.peak: sum of the alive processes' peak RSS
+    peak_parts: dict = field(default_factory=dict)  # role -> bytes of peak_mem (TreeMemory.peak_parts)
     maxrss: int = 0  # bytes, kernel high-water RSS of the largest single process
     max_procs: int = 1  # most processes seen alive at once in the tree
     cpu_s: float = 0.0  # user + system CPU seconds of the tree (waited-for descendants included)
@@ -113,39 +113,121 @@ class RunResult:
         return self.cpu_s / (self.wall_s * self.threads) if self.wall_s else 0.0
 
 
-def _tree_memory(root) -> tuple[int, int, int]:
-    """(sum PSS, sum RSS, process count) of ``root`` and its descendants; vanished ones skipped."""
+def process_role(proc) -> str:
+    """What a process of a benchmark tree is, from its command line: ``student`` (``kdcore
+    train``), ``teacher`` (a spawned child of it), ``launcher`` (the benchmark child), else its
+    program name (a TRL run is one ``launcher`` process that trains)."""
+    cmd = " ".join(proc.cmdline())
+    if "kdcore train" in cmd or "-m kdcore" in cmd:
+        return "student"
+    if "spawn_main" in cmd or "multiprocessing" in cmd:
+        return "teacher"
+    if "bench.common" in cmd:
+        return "launcher"
+    return proc.name()
+
+
+def _tree(root) -> list:
     import psutil
 
     try:
-        procs = [root] + root.children(recursive=True)
+        return [root] + root.children(recursive=True)
     except psutil.Error:
-        return 0, 0, 0
-    pss = rss = n = 0
-    for p in procs:
-        try:
+        return []
+
+
+def _status_kb(pid: int, fields: tuple[str, ...]) -> dict[str, int]:
+    """``/proc/PID/status`` counters in KiB: read from the kernel's per-process counters, with no
+    walk of the page tables (so the measured process is not slowed)."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key in fields:
+                out[key] = int(rest.split()[0])
+    return out
+
+
+def _rollup_kb(pid: int) -> dict[str, int]:
+    """``/proc/PID/smaps_rollup`` in KiB (RSS, PSS). The kernel walks every mapping for it,
+    holding the process's mmap lock: see :class:`TreeMemory` for what that costs a measured run."""
+    out = {}
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key in ("Rss", "Pss"):
+                out[key] = int(rest.split()[0])
+    return out
+
+
+class TreeMemory:
+    """Peak memory of a process tree from the kernel's own high-water marks, without slowing it.
+
+    Sampling PSS (``smaps_rollup``, a walk of every page table under the process's mmap lock)
+    every 0.1 s slowed the runs it measured, each side differently (real SmolLM2 teacher, 4×128,
+    default allocator: kdflow 1.98 vs 1.60 s/step, TRL GKDTrainer 3.60 vs 2.75 s/step read every
+    10 s), which made the speed ratio an artefact of the measurement. ``/proc/PID/status`` is
+    read from counters the kernel keeps anyway: ``VmHWM``, each process's peak resident set.
+
+    ``peak`` = the largest sum, over the processes alive at one sample, of their ``VmHWM``.
+    Each process's own peak is exact (the kernel tracks it at every page fault); the sum is an
+    upper bound of the tree's true peak, because pages two processes share (the libraries both
+    map, the shared-memory channel) count once in each, and two processes' peaks need not
+    coincide: it errs against the side with more processes (kdflow's student and teacher).
+    """
+
+    def __init__(self, root):
+        self.root = root
+        self.peak = self.max_procs = 0
+        self.peak_parts: dict[str, int] = {}  # role -> bytes at the peak sample (:func:`process_role`)
+
+    def sample(self) -> int:
+        """One sample; returns the current resident sum (bytes), for memory caps."""
+        import psutil
+
+        hwm = rss = n = 0
+        parts: dict[str, int] = {}
+        for p in _tree(self.root):
             try:
-                info = p.memory_full_info()  # reads smaps_rollup: PSS counts shared pages once
-                pss += getattr(info, "pss", info.rss)
-                rss += info.rss
-            except psutil.AccessDenied:
-                r = p.memory_info().rss
-                pss += r
-                rss += r
+                st = _status_kb(p.pid, ("VmHWM", "VmRSS"))
+                role = process_role(p)
+            except (OSError, ValueError, psutil.Error):  # gone meanwhile, or not ours to read
+                continue
+            hwm += st.get("VmHWM", 0) * 1024
+            rss += st.get("VmRSS", 0) * 1024
+            parts[role] = parts.get(role, 0) + st.get("VmHWM", 0) * 1024
             n += 1
-        except psutil.Error:
+        if hwm > self.peak:
+            self.peak, self.peak_parts = hwm, parts
+        self.max_procs = max(self.max_procs, n)
+        return rss
+
+
+def _tree_memory(root) -> tuple[int, int, int]:
+    """(sum PSS, sum RSS, process count) of ``root`` and its descendants from one full
+    ``smaps_rollup`` read each (exact, but slows the processes read: see :class:`TreeMemory`)."""
+    pss = rss = n = 0
+    for p in _tree(root):
+        try:
+            r = _rollup_kb(p.pid)
+            pss += r.get("Pss", r.get("Rss", 0)) * 1024
+            rss += r.get("Rss", 0) * 1024
+            n += 1
+        except (OSError, ValueError):
             continue
     return pss, rss, n
 
 
 def run_isolated(target: str, kwargs: dict | None = None, *, threads: int, allocator: str = "default",
-                 timeout: float = 900.0, sample_interval: float = 0.1, mem_cap: int | None = None,
-                 env_extra: dict[str, str] | None = None) -> RunResult:
+                 timeout: float = 900.0, sample_interval: float = 0.2, mem_cap: int | None = None,
+                 env_extra: dict[str, str] | None = None, memory: str = "hwm") -> RunResult:
     """Run ``target`` (``"module:function"``) with ``kwargs`` in a fresh child process.
 
     The child (and every process it starts) is pinned to ``threads`` CPUs and runs under the
-    ``allocator`` setting. ``mem_cap`` (bytes): the tree is killed when its PSS exceeds it, so
+    ``allocator`` setting. ``mem_cap`` (bytes): the tree is killed when its resident sum exceeds it, so
     one configuration that would not fit cannot push the machine into swap or the OOM killer;
+    ``memory``: ``"hwm"`` (:class:`TreeMemory`, leaves the run's speed alone) or ``"pss"`` (the
+    exact tree PSS from :func:`_tree_memory` at every sample, which slows the run);
     the result then says so. Returns a :class:`RunResult` (never raises for a failing child).
     """
     import psutil
@@ -166,18 +248,22 @@ def run_isolated(target: str, kwargs: dict | None = None, *, threads: int, alloc
             proc = subprocess.Popen(cmd, cwd=str(REPO_ROOT), env=child_env(threads, allocator, env_extra),
                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                     preexec_fn=lambda: os.sched_setaffinity(0, pinned))
-            root = psutil.Process(proc.pid)
+            if memory not in ("hwm", "pss"):
+                raise ValueError(f"memory={memory!r}: choose 'hwm' or 'pss'")
+            meter = TreeMemory(psutil.Process(proc.pid)) if memory == "hwm" else None
             killed = ""
             while True:
                 pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
                 if pid:
                     break
-                pss, rss, n = _tree_memory(root)
-                res.peak_pss = max(res.peak_pss, pss)
-                res.peak_rss_sum = max(res.peak_rss_sum, rss)
-                res.max_procs = max(res.max_procs, n)
-                if not killed and mem_cap and pss > mem_cap:
-                    killed = f"killed: process tree PSS {pss / GB:.1f} GB exceeded the cap {mem_cap / GB:.1f} GB"
+                if meter is not None:
+                    rss = meter.sample()
+                    res.peak_mem, res.max_procs, res.peak_parts = meter.peak, meter.max_procs, meter.peak_parts
+                else:
+                    rss, _, n = _tree_memory(psutil.Process(proc.pid))
+                    res.peak_mem, res.max_procs = max(res.peak_mem, rss), max(res.max_procs, n)
+                if not killed and mem_cap and rss > mem_cap:
+                    killed = f"killed: process tree RSS {rss / GB:.1f} GB exceeded the cap {mem_cap / GB:.1f} GB"
                 elif not killed and time.perf_counter() - t0 > timeout:
                     killed = f"killed: still running after {timeout:.0f} s"
                 if killed:

@@ -54,14 +54,15 @@ def main() -> None:
     for name, overrides in VARIANTS.items():
         c = common.run_isolated("bench.lora:count", {"overrides": overrides}, threads=args.threads)
         t = common.run_isolated("bench.lora:train", {"overrides": overrides, "steps": args.steps, "batch": args.batch,
-                                                     "seq_len": args.seq_len}, threads=args.threads)
+                                                     "seq_len": args.seq_len}, threads=args.threads,
+                                memory="pss")  # PSS, as in lora.md
         if not (c.ok and t.ok):
             raise SystemExit(f"{name}: {c.error or t.error}\n{(t.log_tail or c.log_tail)[-2000:]}")
         tps = t.result["tokens_per_s"][1:] or t.result["tokens_per_s"]
         rows.append([name, f"{c.result['trainable']:,}", f"{100 * c.result['trainable'] / c.result['total']:.2f}%",
-                     f"{t.peak_pss / 2**30:.2f}", f"{t.maxrss / 2**30:.2f}", f"{statistics.median(tps):.0f}",
+                     f"{t.peak_mem / 2**30:.2f}", f"{t.maxrss / 2**30:.2f}", f"{statistics.median(tps):.0f}",
                      f"{min(tps):.0f}–{max(tps):.0f}", f"{t.result['loss'][0]:.3f} → {t.result['loss'][-1]:.3f}"])
-        pss.append(t.peak_pss / 2**30)
+        pss.append(t.peak_mem / 2**30)
         counts.append(c.result)
         print(name, rows[-1], flush=True)
     info = common.machine_info()

@@ -49,12 +49,12 @@ def main() -> None:
     for name, (recipe, overrides) in VARIANTS.items():
         t = common.run_isolated("bench.teachers:train", {"recipe": recipe, "overrides": overrides, "steps": args.steps,
                                                          "batch": args.batch, "seq_len": args.seq_len},
-                                threads=args.threads)
+                                threads=args.threads, memory="pss")  # PSS: teachers.md compares trees of 2 and 3 processes
         if not t.ok:
             raise SystemExit(f"{name}: {t.error}\n{t.log_tail[-2000:]}")
         tps = t.result["tokens_per_s"][1:] or t.result["tokens_per_s"]
         tps_of[name] = statistics.median(tps)
-        rows.append([name, f"{t.peak_pss / 2**30:.2f}", f"{t.maxrss / 2**30:.2f}", f"{tps_of[name]:.0f}",
+        rows.append([name, f"{t.peak_mem / 2**30:.2f}", f"{t.maxrss / 2**30:.2f}", f"{tps_of[name]:.0f}",
                      f"{min(tps):.0f}–{max(tps):.0f}"])
         print(name, rows[-1], flush=True)
     both, gemma = tps_of["both (multi_teacher_gemma)"], tps_of["Gemma 3 270M alone (overlap)"]
