@@ -491,3 +491,27 @@ def test_check_heads_rejects_heads_of_other_tokenizers_before_any_step(toks, ali
         aligners["overlap"].check_heads(n_s, 1000)
     for name in ("uld", "dskd"):  # no vocabulary map: any heads
         assert aligners[name].check_heads(1000, 1000) is None
+
+
+def test_uld_radix_sort_path_matches_torch_sort_in_values_and_gradients():
+    from kdflow_algorithms.aligners.uld import sorted_descending
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.softmax(torch.randn(6, 300, generator=g) * 3, -1)
+    x[2, :10] = 0.0  # exact zeros and ties sort like any other value
+    x[3, 50:60] = x[3, 50]
+    ref = x.sort(dim=-1, descending=True).values
+    assert torch.equal(sorted_descending(x), ref)
+    assert torch.equal(sorted_descending(x.double()), x.double().sort(dim=-1, descending=True).values)
+
+    ls = torch.randn(5, 70, generator=g, requires_grad=True)
+    lt = torch.randn(5, 90, generator=g)
+    got = torch.autograd.grad(uld_distance(ls, lt, temperature=1.7).sum(), ls)[0]
+
+    def by_torch_sort(ls):
+        q = torch.softmax(ls / 1.7, -1).sort(-1, descending=True).values
+        p = torch.softmax(lt / 1.7, -1).sort(-1, descending=True).values
+        return (p - F.pad(q, (0, 20))).abs().sum()
+
+    torch.testing.assert_close(uld_distance(ls, lt, temperature=1.7).sum(), by_torch_sort(ls))
+    torch.testing.assert_close(got, torch.autograd.grad(by_torch_sort(ls), ls)[0])
