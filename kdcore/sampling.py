@@ -638,9 +638,11 @@ def build_sampler(cfg, policy, *, student_model, student_tok, teacher_tok, cross
         teacher_engine=teacher_engine, max_length=cfg.data.max_length,
         teacher_max_length=length_caps(cfg.data.max_length, train_samples, cross=cross),
         seed=cfg.train.seed, rank=env.rank, world_size=env.world_size, device=env.device,
-        # the student's own threads: growing the OpenMP pool while the (idle) teacher process
-        # holds the other cores measured 10x slower on a loaded 2-core machine, never faster
-        threads=None,
+        # CPU: one thread. Decoding is a stream of tiny ops, and with kdflow's passive OpenMP
+        # waits every parallel one pays a worker wake-up: 64 tokens × 4 rows of the bench
+        # student took 0.60 s on 2 threads, 0.44 s on 1 (growing the pool instead, while the
+        # idle teacher process holds the other cores, measured 10x slower). Accelerators: as is.
+        threads=1 if env.device.type == "cpu" else None,
         sources=sources)
     sampler.self_distill_every = every
     if sampling:

@@ -13,6 +13,7 @@ import contextlib
 from typing import Iterator, Mapping, Optional
 
 import torch
+from torch import nn
 
 from kdcore.engines.protocol import (RolloutEngine, RolloutError, check_generate, check_sampling, finish_generations,
                                      token_limits)
@@ -47,6 +48,8 @@ class HFRolloutEngine(RolloutEngine):
             torch.manual_seed(0)
             self.model = AutoModelForCausalLM.from_config(cfg, **_transformers_dtype_kw(dtype))
         self.model.to(self.device).eval().requires_grad_(False)
+        if self.device.type == "cpu":
+            decode_linears(self.model)
         self._targets = self._named_tensors()
         self.version: Optional[int] = None  # optimizer step of the weights held (set by the sampler)
 
@@ -102,7 +105,8 @@ class HFRolloutEngine(RolloutEngine):
             eos_token_id=sorted(eos) or None, pad_token_id=pad,
             **({} if greedy else {"temperature": float(temperature), "top_p": float(top_p), "top_k": 0}),
         )
-        with _threads(self.threads), torch.random.fork_rng(devices=_rng_devices(self.device)), torch.inference_mode():
+        with _threads(self.threads), torch.random.fork_rng(devices=_rng_devices(self.device)), torch.inference_mode(), \
+                _inverse_cdf_sampling(self.device):
             if seed is not None:
                 torch.manual_seed(int(seed))
             out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
@@ -144,6 +148,71 @@ class TeacherRolloutEngine(RolloutEngine):
         return finish_generations(out, limits, set(eos))
 
 
+class DecodeLinear(nn.Linear):
+    """``nn.Linear`` that computes a few rows as ``W · xᵀ``: the same product, laid out for the
+    matrix-vector kernel. Decoding multiplies every weight by a handful of rows per token, and
+    on CPU torch's ``x · Wᵀ`` for them was up to 5× slower (measured, 2 threads, fp32: a
+    49152 × 256 head times 4 rows, 5.0 vs 1.1 ms; never slower for 1-128 rows at the shapes of
+    the bench models). More rows take the usual path."""
+
+    max_rows = 128  # the largest row count measured faster this way
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // max(1, x.shape[-1])
+        if rows > self.max_rows or x.dtype != self.weight.dtype or torch.is_grad_enabled():
+            return super().forward(x)
+        flat = x.reshape(rows, x.shape[-1])
+        out = (self.weight @ flat.T).T
+        if self.bias is not None:
+            out = out + self.bias
+        return out.contiguous().view(*x.shape[:-1], self.weight.shape[0])
+
+
+def decode_linears(model: nn.Module) -> int:
+    """Turn every plain ``nn.Linear`` of ``model`` into a :class:`DecodeLinear` (same parameters,
+    same names); returns how many. Only for an inference copy: gradients take the usual path."""
+    n = 0
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            module.__class__ = DecodeLinear
+            n += 1
+    return n
+
+
+def sample_one(probs: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """One index per row of ``probs [B, V]`` (non-negative, rows need not sum to 1), drawn with
+    probability proportional to its entry: the first index whose running sum (float64) exceeds
+    ``u × total``, ``u`` uniform in [0, 1). Returns ``[B, 1]`` int64, like ``torch.multinomial(probs,
+    1)``; an exact categorical sampler that draws one uniform per row instead of ``V``
+    exponentials (``torch.multinomial`` on CPU: 2.95 ms for 4 × 49152; this: 0.09 ms)."""
+    cum = probs.to(torch.float64).cumsum(-1)
+    u = torch.rand(probs.shape[0], 1, dtype=torch.float64, generator=generator, device=probs.device)
+    idx = torch.searchsorted(cum, u * cum[:, -1:], right=True)
+    return idx.clamp_(max=probs.shape[-1] - 1)  # u·total can round up to the total itself
+
+
+@contextlib.contextmanager
+def _inverse_cdf_sampling(device: torch.device) -> Iterator[None]:
+    """While transformers' ``generate`` samples (it calls ``torch.multinomial(probs, 1)`` once per
+    token), draw with :func:`sample_one` instead; every other call is passed through. CPU
+    only, and only inside the engine's own ``generate`` (the trainer samples from one thread)."""
+    if device.type != "cpu":
+        yield
+        return
+    original = torch.multinomial
+
+    def multinomial(probs, num_samples, replacement=False, *, generator=None, out=None):
+        if num_samples != 1 or probs.dim() != 2 or out is not None:
+            return original(probs, num_samples, replacement, generator=generator, out=out)
+        return sample_one(probs, generator)
+
+    torch.multinomial = multinomial
+    try:
+        yield
+    finally:
+        torch.multinomial = original
+
+
 @contextlib.contextmanager
 def _threads(n: Optional[int]) -> Iterator[None]:
     if not n or n == torch.get_num_threads():
@@ -161,4 +230,4 @@ def _rng_devices(device: torch.device) -> list:
     return [device] if device.type == "cuda" else []
 
 
-__all__ = ["HFRolloutEngine", "TeacherRolloutEngine"]
+__all__ = ["DecodeLinear", "HFRolloutEngine", "TeacherRolloutEngine", "decode_linears", "sample_one"]
