@@ -12,6 +12,9 @@ Tables (``--tables``, comma-separated; default all):
   1×2048) and as the vocabulary grows (32000, 49152, 152064 at 4×256), tuned allocator;
 - ``onpolicy`` kdflow ``on_policy`` vs TRL GKDTrainer λ=1 and DistillationTrainer: the same
   prompts, max_new_tokens and sampling settings; a step includes generation;
+- ``bf16``     the real-teacher pair with bf16 on both sides (kdflow ``train.precision=bf16``, its
+  teacher in bf16; TRL ``bf16=True``) and with only the teacher's inference in bf16 (kdflow
+  ``teacher.dtype=bfloat16``; TRL's teacher loaded in bf16), losses beside the fp32 run's;
 - ``xtok``     cross-tokenizer ULD: kdflow's ``uld`` aligner vs TRL GOLDTrainer
   (``use_uld_loss=True``), SmolLM2-BPE teacher 512×8 → Mistral-SentencePiece student 256×4.
 
@@ -38,7 +41,7 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable from t
 from bench import common, models  # noqa: E402
 from bench.common import GB, fmt_range, md_table  # noqa: E402
 
-ALL_TABLES = ("limit", "channel", "offpolicy", "real", "scaling", "onpolicy", "xtok")
+ALL_TABLES = ("limit", "channel", "offpolicy", "real", "bf16", "scaling", "onpolicy", "xtok")
 ONPOLICY_SIDES = {"TRL GKDTrainer λ=1": "bench.peers.trl_onpolicy:run_gkd",
                   "TRL DistillationTrainer": "bench.peers.trl_onpolicy:run_distillation",
                   "kdflow on_policy": "bench.kdflow_side:run_onpolicy"}
@@ -46,6 +49,14 @@ SIDES = {"trl": "bench.peers.trl_gkd:run", "kdflow": "bench.kdflow_side:run"}
 SIDE_NAMES = {"trl": "TRL GKDTrainer", "kdflow": "kdflow"}
 XTOK_SIDES = {"trl": "bench.peers.trl_gold:run", "kdflow": "bench.kdflow_xtok:run_uld"}
 XTOK_NAMES = {"trl": "TRL GOLDTrainer (ULD)", "kdflow": "kdflow uld"}
+# side -> (module:function, its own keyword arguments); pairs compared: (kdflow side, TRL side)
+BF16_SIDES = {"trl": ("bench.peers.trl_gkd:run", {"precision": "bf16"}),
+              "kdflow": ("bench.kdflow_side:run", {"precision": "bf16"}),
+              "trl_tbf16": ("bench.peers.trl_gkd:run", {"teacher_dtype": "bfloat16"}),
+              "kdflow_tbf16": ("bench.kdflow_side:run", {"overrides": ["teacher.dtype=bfloat16"]})}
+BF16_NAMES = {"trl": "TRL GKDTrainer bf16=True", "kdflow": "kdflow train.precision=bf16",
+              "trl_tbf16": "TRL GKDTrainer, teacher bf16", "kdflow_tbf16": "kdflow teacher.dtype=bfloat16"}
+BF16_PAIRS = (("kdflow", "trl"), ("kdflow_tbf16", "trl_tbf16"))
 # kdflow's side only launches `python -m kdcore train`: no torch in the launcher (bench.common)
 LAUNCHER_ENV = {"BENCH_CHILD_TORCH": "0"}
 
@@ -86,19 +97,22 @@ def run_config(cfg: Config, args, kdflow_ok: bool) -> None:
 
     tok_dir = models.tokenizer_folder(cfg.vocab)
     data = str(models.ensure_data(tok_dir, cfg.seq_len, max(32, cfg.batch * (cfg.steps + cfg.warmup))))
-    sides = [s for s in args.sides if s in cfg.sides]
+    sides = [s for s in cfg.sides if s.split("_")[0] in args.sides]
     for rep in range(cfg.repeats):
         for side in (sides if rep % 2 == 0 else sides[::-1]):
-            if side == "kdflow" and not kdflow_ok:
+            is_kdflow = side.startswith("kdflow")
+            if is_kdflow and not kdflow_ok:
                 continue
+            target, extra = cfg.sides[side] if isinstance(cfg.sides[side], tuple) else (cfg.sides[side], {})
             cap = int(psutil.virtual_memory().available * 0.9)  # never push the machine into the OOM killer
-            r = common.run_isolated(cfg.sides[side], cfg.kwargs(data), threads=args.threads, allocator=cfg.allocator,
-                                    timeout=args.timeout, mem_cap=cap, env_extra=LAUNCHER_ENV if side == "kdflow" else None)
+            r = common.run_isolated(target, {**cfg.kwargs(data), **extra}, threads=args.threads,
+                                    allocator=cfg.allocator, timeout=args.timeout, mem_cap=cap,
+                                    env_extra=LAUNCHER_ENV if is_kdflow else None)
             cfg.runs.setdefault(side, []).append(r)
             if r.ok:
                 st = r.result["step_times"]
                 log(f"{cfg.table} {cfg.label} {cfg.allocator} {side} #{rep + 1}: "
-                    f"{fmt_range(st)} s/step, peak {r.peak_pss / GB:.2f} GB, loss {r.result.get('final_loss')}, "
+                    f"{fmt_range(st)} s/step, peak {r.peak_mem / GB:.2f} GB, loss {r.result.get('final_loss')}, "
                     f"cpu share {r.cpu_share:.2f}, load {r.load_before:.1f}->{r.load_after:.1f}")
             else:
                 log(f"{cfg.table} {cfg.label} {cfg.allocator} {side} #{rep + 1}: FAILED {r.error}\n{r.log_tail[-1500:]}")
@@ -113,9 +127,9 @@ def side_stats(runs: list) -> dict | None:
     tps = good[0].result["tokens_per_step"]
     return {
         "runs": len(good), "failed": len(runs) - len(good), "steps_per_run": len(good[0].result["step_times"]),
-        "step_s": steps, "tok_s": [tps / t for t in steps], "peak_gb": [r.peak_pss / GB for r in good],
+        "step_s": steps, "tok_s": [tps / t for t in steps], "peak_gb": [r.peak_mem / GB for r in good],
         "loss": [r.result["final_loss"] for r in good if r.result.get("final_loss") is not None],
-        "median_step": sorted(steps)[len(steps) // 2], "median_peak": sorted(r.peak_pss for r in good)[len(good) // 2],
+        "median_step": sorted(steps)[len(steps) // 2], "median_peak": sorted(r.peak_mem for r in good)[len(good) // 2],
         "cpu_share": [r.cpu_share for r in good], "load": [r.load_before for r in good] + [r.load_after for r in good],
     }
 
@@ -176,7 +190,7 @@ def peer_rows(cfgs: list[Config], peak_fp32: float | None, why_no_kdflow: str,
             name = names[side]
             shape = f"{cfg.batch}×{cfg.seq_len}"
             if st is None:
-                reason = why_no_kdflow if side == "kdflow" and why_no_kdflow else (
+                reason = why_no_kdflow if side.startswith("kdflow") and why_no_kdflow else (
                     cfg.runs[side][-1].error if cfg.runs.get(side) else "not run")
                 rows.append([cfg.label, shape, cfg.allocator, name, "—", "—", "—", "—", "—", "—", reason[:120]])
                 continue
@@ -304,6 +318,36 @@ def onpolicy_table(args, kdflow_ok: bool, why: str) -> str:
             + ("\n\nkdflow on_policy vs " + "; vs ".join(ratios) + "." if ratios else ""))
 
 
+def bf16_table(args, kdflow_ok: bool, why: str, fp32_cfgs: list[Config]) -> str:
+    """The real-teacher pair in bf16, both ways, beside the same pair's fp32 losses."""
+    cfgs = [Config("bf16", c.label, c.student, c.teacher, c.seq_len, c.batch, "tuned", c.steps, c.warmup, 1,
+                   sides=dict(BF16_SIDES)) for c in real_configs(args) if c.allocator == args.allocators[-1]]
+    for cfg in cfgs:
+        run_config(cfg, args, kdflow_ok)
+    text = md_table(PEER_HEADERS, peer_rows(cfgs, None, "" if kdflow_ok else why, names=BF16_NAMES), "lllllrrrrrl")
+    fp32 = {(c.seq_len, c.allocator): c for c in fp32_cfgs}
+    lines = []
+    for cfg in cfgs:
+        ref = fp32.get((cfg.seq_len, cfg.allocator))
+        for k_side, t_side in BF16_PAIRS:
+            k, t = side_stats(cfg.runs.get(k_side, [])), side_stats(cfg.runs.get(t_side, []))
+            if not (k and t):
+                continue
+            line = (f"{cfg.batch}×{cfg.seq_len}, {BF16_NAMES[k_side]} vs {BF16_NAMES[t_side]}: "
+                    f"{t['median_step'] / k['median_step']:.2f}× the speed, {k['median_peak'] / t['median_peak']:.2f}× "
+                    f"the peak memory")
+            for side, st in ((k_side, k), (t_side, t)):
+                base = side_stats(ref.runs.get(side.split("_")[0], [])) if ref else None
+                if base and base["loss"] and st["loss"]:
+                    rel = st["loss"][0] / base["loss"][0] - 1
+                    line += f"; {side.split('_')[0]} loss {st['loss'][0]:.4f} vs fp32 {base['loss'][0]:.4f} ({100 * rel:+.2f}%)"
+            lines.append(line + ".")
+    return (text + "\n\n" + "\n".join(f"- {x}" for x in lines) + "\n\nSame models, data, steps and settings as the "
+            "real-teacher table, tuned allocator. Losses are the training loss after the last step (fp32 reference: "
+            "the real-teacher table's run with the same batch and allocator); bf16 changes each side's numerics, so "
+            "the two sides' bf16 losses are compared with their own fp32 runs, not with each other.")
+
+
 def xtok_table(args, kdflow_ok: bool, why: str) -> str:
     s, t = str(models.ensure_model("student-v32000")), str(models.ensure_model("teacher"))
     cfg = Config("xtok", "Mistral-SP 256×4 ← SmolLM2-BPE 512×8", s, t, 128, 4, "tuned", args.xtok_steps, args.warmup,
@@ -420,17 +464,21 @@ def main(argv=None) -> int:
         sections.append("## Channel: bytes and time per step\n\n" + channel_table(args))
 
     peak_fp32 = peak.get("float32")
+    made: dict[str, list[Config]] = {}
     for table, make, title in (("offpolicy", offpolicy_configs, "Off-policy vs TRL GKDTrainer (bench pair)"),
                                ("real", real_configs, "Off-policy vs TRL GKDTrainer (real SmolLM2-135M teacher)")):
         if table not in args.tables:
             continue
-        cfgs = make(args)
+        cfgs = made[table] = make(args)
         for cfg in cfgs:
             run_config(cfg, args, kdflow_ok)
         sections.append(f"## {title}\n\n" + md_table(PEER_HEADERS, peer_rows(cfgs, peak_fp32, "" if kdflow_ok else why),
                                                       "lllllrrrrrl")
                         + "\n\nRatios against the issue's targets (medians):\n\n"
                         + md_table(RATIO_HEADERS, ratio_rows(cfgs), "lllrllrll"))
+    if "bf16" in args.tables:
+        log("bf16: both sides in bf16, and bf16 teacher inference alone")
+        sections.append("## bf16 (real SmolLM2-135M teacher)\n\n" + bf16_table(args, kdflow_ok, why, made.get("real", [])))
     if "scaling" in args.tables:
         cfgs = scaling_configs(args)
         for cfg in cfgs:

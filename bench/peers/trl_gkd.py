@@ -27,8 +27,11 @@ from bench.peers import step_clock
 
 def run(student: str, teacher: str, data: str, seq_len: int, batch: int = 4, steps: int = 5,
         warmup: int = 1, lr: float = 1e-4, precision: str = "fp32", seed: int = 0, beta: float = 0.5,
-        gradient_checkpointing: bool = False) -> dict:
+        gradient_checkpointing: bool = False, teacher_dtype: str = "float32") -> dict:
     """Train ``warmup + steps`` optimizer steps; return per-step times, losses and memory.
+
+    ``precision="bf16"`` is TRL's ``bf16=True`` (autocast around student and teacher forwards);
+    ``teacher_dtype="bfloat16"`` loads the teacher in bf16 (inference in bf16, the student fp32).
 
     ``student`` / ``teacher``: HF model folders (``bench.models.ensure_model``); ``data``: a
     jsonl of texts each ≥ ``seq_len`` tokens (``bench.models.ensure_data``).
@@ -58,7 +61,7 @@ def run(student: str, teacher: str, data: str, seq_len: int, batch: int = 4, ste
         return {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x.clone()}
 
     student_model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32)
-    teacher_model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32)
+    teacher_model = AutoModelForCausalLM.from_pretrained(teacher, dtype=getattr(torch, teacher_dtype))
 
     clock = step_clock()
     with tempfile.TemporaryDirectory(prefix="trl-gkd-") as out:
