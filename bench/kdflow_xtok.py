@@ -97,8 +97,8 @@ def xtok_rows(student: str, data: str, seq_len: int, rows: int, out: str | Path)
 
 
 def run_uld(student: str, teacher: str, data: str, seq_len: int, batch: int = 4, steps: int = 5, warmup: int = 1,
-            lr: float = 1e-4, seed: int = 0) -> dict:
-    """kdflow ``uld`` off-policy, pure distillation; ``warmup + steps`` steps. Returns the keys of
+            lr: float = 1e-4, seed: int = 0, overrides: list[str] | None = None) -> dict:
+    """kdflow ``uld`` off-policy, pure distillation; ``warmup + steps`` steps (``overrides``: dotlist). Returns the keys of
     :func:`bench.kdflow_side.run` (``side``, ``step_times``, ``warmup_times``, ``losses``,
     ``final_loss``, ``kd_loss``, ``ce_loss``, ``kdflow_*``, ``teacher_wait_s``, ``timing``,
     ``train_wall_s``, ``child_maxrss``, ``tokens_per_step``, ``loss_tokens_per_step``,
@@ -115,7 +115,7 @@ def run_uld(student: str, teacher: str, data: str, seq_len: int, batch: int = 4,
         recipe["data"].update(format="prompt_completion", max_length=seq_len, overlong="truncate")
         recipe["distill"] = {"loss": "fkl", "aligner": "uld", "aligner_options": {"top_k": 0},
                              "rollout": "off_policy", "kd_ratio": 1.0, "temperature": 1.0}
-        res = _timed_train(recipe, [], warmup, total)
+        res = _timed_train(recipe, overrides, warmup, total)
     recs = res.pop("records")
     res.update(side="kdflow-uld", tokens_per_step=batch * seq_len,
                loss_tokens_per_step=batch * (seq_len - 2),  # completion + EOS targets (before pairing)

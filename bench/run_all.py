@@ -112,10 +112,16 @@ def run_config(cfg: Config, args, kdflow_ok: bool) -> None:
             if r.ok:
                 st = r.result["step_times"]
                 log(f"{cfg.table} {cfg.label} {cfg.allocator} {side} #{rep + 1}: "
-                    f"{fmt_range(st)} s/step, peak {r.peak_mem / GB:.2f} GB, loss {r.result.get('final_loss')}, "
+                    f"{fmt_range(st)} s/step, peak {r.peak_mem / GB:.2f} GB ({parts_text(r)}), "
+                    f"loss {r.result.get('final_loss')}, "
                     f"cpu share {r.cpu_share:.2f}, load {r.load_before:.1f}->{r.load_after:.1f}")
             else:
                 log(f"{cfg.table} {cfg.label} {cfg.allocator} {side} #{rep + 1}: FAILED {r.error}\n{r.log_tail[-1500:]}")
+
+
+def parts_text(r) -> str:
+    """The peak's split by process role, e.g. ``student 1.91 + teacher 1.02``."""
+    return " + ".join(f"{k} {v / GB:.2f}" for k, v in sorted(r.peak_parts.items(), key=lambda kv: -kv[1]))
 
 
 def side_stats(runs: list) -> dict | None:
@@ -131,6 +137,7 @@ def side_stats(runs: list) -> dict | None:
         "loss": [r.result["final_loss"] for r in good if r.result.get("final_loss") is not None],
         "median_step": sorted(steps)[len(steps) // 2], "median_peak": sorted(r.peak_mem for r in good)[len(good) // 2],
         "cpu_share": [r.cpu_share for r in good], "load": [r.load_before for r in good] + [r.load_after for r in good],
+        "parts": parts_text(sorted(good, key=lambda r: r.peak_mem)[len(good) // 2]),
     }
 
 
@@ -192,18 +199,18 @@ def peer_rows(cfgs: list[Config], peak_fp32: float | None, why_no_kdflow: str,
             if st is None:
                 reason = why_no_kdflow if side.startswith("kdflow") and why_no_kdflow else (
                     cfg.runs[side][-1].error if cfg.runs.get(side) else "not run")
-                rows.append([cfg.label, shape, cfg.allocator, name, "—", "—", "—", "—", "—", "—", reason[:120]])
+                rows.append([cfg.label, shape, cfg.allocator, name, "—", "—", "—", "—", "—", "—", "—", reason[:120]])
                 continue
             pct = f"{100 * flops / st['median_step'] / 1e9 / peak_fp32:.0f}%" if peak_fp32 and flops else "—"
             rows.append([cfg.label, shape, cfg.allocator, name, f"{st['runs']}×{st['steps_per_run']}",
                          fmt_range(st["step_s"]), fmt_range(st["tok_s"], "{:.0f}"), fmt_range(st["peak_gb"]),
-                         fmt_range(st["loss"], "{:.4f}"), pct,
+                         st["parts"], fmt_range(st["loss"], "{:.4f}"), pct,
                          f"cpu {fmt_range(st['cpu_share'])}; load {fmt_range(st['load'], '{:.1f}')}"])
     return rows
 
 
 PEER_HEADERS = ["models", "batch", "allocator", "side", "runs×steps", "s/step", "tokens/s", "peak GB",
-                "loss after N", "% fp32 peak", "noise"]
+                "peak by process GB", "loss after N", "% fp32 peak", "noise"]
 
 
 def ratio_rows(cfgs: list[Config]) -> list[list]:
@@ -324,7 +331,7 @@ def bf16_table(args, kdflow_ok: bool, why: str, fp32_cfgs: list[Config]) -> str:
                    sides=dict(BF16_SIDES)) for c in real_configs(args) if c.allocator == args.allocators[-1]]
     for cfg in cfgs:
         run_config(cfg, args, kdflow_ok)
-    text = md_table(PEER_HEADERS, peer_rows(cfgs, None, "" if kdflow_ok else why, names=BF16_NAMES), "lllllrrrrrl")
+    text = md_table(PEER_HEADERS, peer_rows(cfgs, None, "" if kdflow_ok else why, names=BF16_NAMES), "lllllrrrlrrl")
     fp32 = {(c.seq_len, c.allocator): c for c in fp32_cfgs}
     lines = []
     for cfg in cfgs:
@@ -353,7 +360,7 @@ def xtok_table(args, kdflow_ok: bool, why: str) -> str:
     cfg = Config("xtok", "Mistral-SP 256×4 ← SmolLM2-BPE 512×8", s, t, 128, 4, "tuned", args.xtok_steps, args.warmup,
                  args.xtok_repeats, vocab=32000, sides=dict(XTOK_SIDES))
     run_config(cfg, args, kdflow_ok)
-    text = md_table(PEER_HEADERS, peer_rows([cfg], None, "" if kdflow_ok else why, names=XTOK_NAMES), "lllllrrrrrl")
+    text = md_table(PEER_HEADERS, peer_rows([cfg], None, "" if kdflow_ok else why, names=XTOK_NAMES), "lllllrrrlrrl")
     k, g = side_stats(cfg.runs.get("kdflow", [])), side_stats(cfg.runs.get("trl", []))
     ratio = (f"kdflow ÷ GOLD: {g['median_step'] / k['median_step']:.2f}× the speed, "
              f"{k['median_peak'] / g['median_peak']:.2f}× the peak memory (medians)." if k and g else "")
@@ -473,7 +480,7 @@ def main(argv=None) -> int:
         for cfg in cfgs:
             run_config(cfg, args, kdflow_ok)
         sections.append(f"## {title}\n\n" + md_table(PEER_HEADERS, peer_rows(cfgs, peak_fp32, "" if kdflow_ok else why),
-                                                      "lllllrrrrrl")
+                                                      "lllllrrrlrrl")
                         + "\n\nRatios against the issue's targets (medians):\n\n"
                         + md_table(RATIO_HEADERS, ratio_rows(cfgs), "lllrllrll"))
     if "bf16" in args.tables:
@@ -520,13 +527,18 @@ def _header(args, info: dict, started: str, load0, minutes: float, kdflow_ok: bo
         "",
         "How to read: every run is a fresh process; `runs×steps` = fresh-process runs × measured steps each "
         f"(after {args.warmup} warm-up step); cells are median (min–max) over all measured steps (times) or runs "
-        "(memory, loss). `peak GB` = peak proportional set size of the run's whole process tree (shared memory "
-        "counted once). `tokens/s` = batch × sequence length ÷ step time. `% fp32 peak` = useful FLOPs "
+        "(memory, loss). `peak GB` = the largest sum, over the processes of the run's tree alive at one sample "
+        "(every 0.2 s), of each process's peak resident set (the kernel's VmHWM; bench/common.py TreeMemory): an "
+        "upper bound that counts pages two processes share (libraries, the shared-memory channel) in both, so it "
+        "errs against kdflow's two processes; `peak by process` splits it (`launcher` = the benchmark child, "
+        "which is the whole TRL run). Until 2026-12-01 this column was PSS read every 0.1 s, which slowed the "
+        "measured runs (kdflow 1.98 vs 1.60 s/step, TRL 3.60 vs 2.75 on the real teacher at 4×128): the speed "
+        "ratios of earlier runs were partly the meter's. `tokens/s` = batch × sequence length ÷ step time. `% fp32 peak` = useful FLOPs "
         "(bench/limit.py: 6·N_student + 2·N_teacher per token, attention, student head and teacher-logit rebuild "
         "at loss positions) per second ÷ the fp32 matmul rate below. Allocator `default` = glibc as shipped, "
         "`tuned` = `MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736` in the run's environment "
-        "(kdflow, run as `python -m kdcore train`, also tunes its own processes by default: the allocator, "
-        "passive OpenMP waits, and the thread split between its teacher and student processes).",
+        "(kdflow, run as `python -m kdcore train`, also tunes its own processes by default: the allocator and "
+        "passive OpenMP waits; its teacher and student processes each use every pinned core).",
     ]
     if not kdflow_ok:
         lines += ["", f"**{why}** — kdflow rows are empty in this run."]

@@ -20,6 +20,7 @@ Chunked over rows (:func:`kdcore.kdloss.chunked_distill`): a chunk's two sorted
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,24 +44,31 @@ class ULDOptions:
         check_range("top_k", self.top_k, low=0)
 
 
+_SORT_ROWS = 16  # rows per keyed sort: measured fastest of 4-256 (and its keys stay cache-sized)
+
+
 def sorted_descending(x: torch.Tensor) -> torch.Tensor:
     """Each row of ``x [n, V]`` (non-negative) sorted in decreasing order; differentiable.
 
     Sorting dominates ULD (measured, 256 rows on 2 threads: sorting 32000- and 49152-wide rows
     took 593 of the 644 ms of a chunk's forward and backward), and torch sorts the rows of a
-    float matrix with a comparison sort. For float32 the whole matrix is sorted instead as one
-    1-D int64 array of keys ``row · 2³¹ + (2³¹ − 1 − bits(x))``: a non-negative float's bit
+    float matrix with a comparison sort. For float32, blocks of rows are sorted instead as one
+    1-D int64 array of keys ``row · 2³¹ + (2³¹ − 1 − bits(x))`` each: a non-negative float's bit
     pattern orders like the float, the row in the high bits keeps rows apart, and a 1-D integer
-    sort takes torch's radix-sort path (about 2.5× faster here). The same values come out in
-    the same order; a gather by the sorted indices carries the gradient.
+    sort takes torch's radix-sort path (256 × 49152: 204 vs 415 ms). The same values come out
+    in the same order; a gather by the sorted indices carries the gradient.
     """
     n, v = x.shape
-    if x.dtype != torch.float32 or x.numel() == 0 or n >= 2**31:
+    if x.dtype != torch.float32 or x.numel() == 0:
         return x.sort(dim=-1, descending=True).values
-    bits = x.detach().view(torch.int32).to(torch.int64)
-    keys = (torch.arange(n, dtype=torch.int64, device=x.device) << 31).unsqueeze(1) + (2**31 - 1 - bits)
-    order = keys.view(-1).sort().indices
-    return x.reshape(-1).gather(0, order).view(n, v)
+    flat, bits = x.reshape(-1), x.detach().view(torch.int32)
+    row_keys = (torch.arange(min(n, _SORT_ROWS), dtype=torch.int64, device=x.device) << 31).unsqueeze(1)
+    parts = []
+    for start in range(0, n, _SORT_ROWS):
+        block = bits[start:start + _SORT_ROWS]
+        keys = row_keys[: block.shape[0]] + (2**31 - 1 - block.to(torch.int64))
+        parts.append(flat.gather(0, keys.view(-1).sort().indices + start * v))
+    return torch.cat(parts).view(n, v)
 
 
 def uld_distance(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 1.0,
@@ -73,8 +81,9 @@ def uld_distance(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, 
     if not temperature > 0:
         raise ValueError(f"uld: temperature must be > 0, got {temperature}")
     dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    with torch.no_grad() if not teacher_logits.requires_grad else contextlib.nullcontext():
+        p = torch.softmax(teacher_logits.to(dtype) / temperature, dim=-1)
     q = torch.softmax(student_logits.to(dtype) / temperature, dim=-1)
-    p = torch.softmax(teacher_logits.to(dtype) / temperature, dim=-1)
     if top_k > 0 and top_k < max(p.shape[1], q.shape[1]):
         qs = q.topk(min(top_k, q.shape[1]), dim=-1).values
         ps = p.topk(min(top_k, p.shape[1]), dim=-1).values
@@ -82,12 +91,14 @@ def uld_distance(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, 
     else:
         qs, ps = sorted_descending(q), sorted_descending(p)
         tail = None
-    width = max(ps.shape[1], qs.shape[1])
-    if qs.shape[1] < width:  # the shorter vocabulary's missing entries are probability 0
-        qs = F.pad(qs, (0, width - qs.shape[1]))
-    if ps.shape[1] < width:
-        ps = F.pad(ps, (0, width - ps.shape[1]))
-    out = (ps - qs).abs().sum(-1)
+    del p, q
+    # Σ_i |p_(i) − q_(i)| with the shorter side zero-padded: the entries past the shorter
+    # vocabulary are |p − 0| = p (or q), so they add the longer side's tail mass; no padded copy
+    w = min(ps.shape[1], qs.shape[1])
+    out = (ps[:, :w] - qs[:, :w]).abs().sum(-1)
+    longer = ps if ps.shape[1] > w else qs
+    if longer.shape[1] > w:
+        out = out + longer[:, w:].sum(-1)
     return out + tail if tail is not None else out
 
 
