@@ -165,8 +165,8 @@ class TreeMemory:
 
     Sampling PSS (``smaps_rollup``, a walk of every page table under the process's mmap lock)
     every 0.1 s slowed the runs it measured, each side differently (real SmolLM2 teacher, 4×128,
-    default allocator: kdflow 1.98 vs 1.60 s/step, TRL GKDTrainer 3.60 vs 2.75 s/step read every
-    10 s), which made the speed ratio an artefact of the measurement. ``/proc/PID/status`` is
+    default allocator, read every 0.1 s vs every 10 s: kdflow 1.98 vs 1.60 s/step, TRL
+    GKDTrainer 3.60 vs 2.75 s/step), which made the speed ratio partly the meter's. ``/proc/PID/status`` is
     read from counters the kernel keeps anyway: ``VmHWM``, each process's peak resident set.
 
     ``peak`` = the largest sum, over the processes alive at one sample, of their ``VmHWM``.
@@ -257,13 +257,14 @@ def run_isolated(target: str, kwargs: dict | None = None, *, threads: int, alloc
                 if pid:
                     break
                 if meter is not None:
-                    rss = meter.sample()
+                    resident = meter.sample()  # the tree's current RSS sum
                     res.peak_mem, res.max_procs, res.peak_parts = meter.peak, meter.max_procs, meter.peak_parts
                 else:
-                    rss, _, n = _tree_memory(psutil.Process(proc.pid))
-                    res.peak_mem, res.max_procs = max(res.peak_mem, rss), max(res.max_procs, n)
-                if not killed and mem_cap and rss > mem_cap:
-                    killed = f"killed: process tree RSS {rss / GB:.1f} GB exceeded the cap {mem_cap / GB:.1f} GB"
+                    resident, _, n = _tree_memory(psutil.Process(proc.pid))  # the tree's current PSS
+                    res.peak_mem, res.max_procs = max(res.peak_mem, resident), max(res.max_procs, n)
+                if not killed and mem_cap and resident > mem_cap:
+                    killed = (f"killed: process tree memory {resident / GB:.1f} GB exceeded the cap "
+                              f"{mem_cap / GB:.1f} GB")
                 elif not killed and time.perf_counter() - t0 > timeout:
                     killed = f"killed: still running after {timeout:.0f} s"
                 if killed:
