@@ -180,6 +180,7 @@ class TreeMemory:
         self.root = root
         self.peak = self.max_procs = 0
         self.peak_parts: dict[str, int] = {}  # role -> bytes at the peak sample (:func:`process_role`)
+        self._roles: dict[int, str] = {}  # pid -> role, read once: a process keeps its command line
 
     def sample(self) -> int:
         """One sample; returns the current resident sum (bytes), for memory caps."""
@@ -190,7 +191,7 @@ class TreeMemory:
         for p in _tree(self.root):
             try:
                 st = _status_kb(p.pid, ("VmHWM", "VmRSS"))
-                role = process_role(p)
+                role = self._roles.get(p.pid) or self._roles.setdefault(p.pid, process_role(p))
             except (OSError, ValueError, psutil.Error):  # gone meanwhile, or not ours to read
                 continue
             hwm += st.get("VmHWM", 0) * 1024

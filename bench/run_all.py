@@ -57,6 +57,11 @@ BF16_SIDES = {"trl": ("bench.peers.trl_gkd:run", {"precision": "bf16"}),
 BF16_NAMES = {"trl": "TRL GKDTrainer bf16=True", "kdflow": "kdflow train.precision=bf16",
               "trl_tbf16": "TRL GKDTrainer, teacher bf16", "kdflow_tbf16": "kdflow teacher.dtype=bfloat16"}
 BF16_PAIRS = (("kdflow", "trl"), ("kdflow_tbf16", "trl_tbf16"))
+
+
+def base_side(side: str) -> str:
+    """``kdflow_tbf16`` is a variant of side ``kdflow``: what ``--sides`` selects and fp32 rows match."""
+    return side.split("_")[0]
 # kdflow's side only launches `python -m kdcore train`: no torch in the launcher (bench.common)
 LAUNCHER_ENV = {"BENCH_CHILD_TORCH": "0"}
 
@@ -97,10 +102,10 @@ def run_config(cfg: Config, args, kdflow_ok: bool) -> None:
 
     tok_dir = models.tokenizer_folder(cfg.vocab)
     data = str(models.ensure_data(tok_dir, cfg.seq_len, max(32, cfg.batch * (cfg.steps + cfg.warmup))))
-    sides = [s for s in cfg.sides if s.split("_")[0] in args.sides]
+    sides = [s for s in cfg.sides if base_side(s) in args.sides]
     for rep in range(cfg.repeats):
         for side in (sides if rep % 2 == 0 else sides[::-1]):
-            is_kdflow = side.startswith("kdflow")
+            is_kdflow = base_side(side) == "kdflow"
             if is_kdflow and not kdflow_ok:
                 continue
             target, extra = cfg.sides[side] if isinstance(cfg.sides[side], tuple) else (cfg.sides[side], {})
@@ -197,7 +202,7 @@ def peer_rows(cfgs: list[Config], peak_fp32: float | None, why_no_kdflow: str,
             name = names[side]
             shape = f"{cfg.batch}×{cfg.seq_len}"
             if st is None:
-                reason = why_no_kdflow if side.startswith("kdflow") and why_no_kdflow else (
+                reason = why_no_kdflow if base_side(side) == "kdflow" and why_no_kdflow else (
                     cfg.runs[side][-1].error if cfg.runs.get(side) else "not run")
                 rows.append([cfg.label, shape, cfg.allocator, name, "—", "—", "—", "—", "—", "—", "—", reason[:120]])
                 continue
@@ -211,6 +216,7 @@ def peer_rows(cfgs: list[Config], peak_fp32: float | None, why_no_kdflow: str,
 
 PEER_HEADERS = ["models", "batch", "allocator", "side", "runs×steps", "s/step", "tokens/s", "peak GB",
                 "peak by process GB", "loss after N", "% fp32 peak", "noise"]
+PEER_ALIGN = "lllllrrrlrrl"
 
 
 def ratio_rows(cfgs: list[Config]) -> list[list]:
@@ -331,7 +337,7 @@ def bf16_table(args, kdflow_ok: bool, why: str, fp32_cfgs: list[Config]) -> str:
                    sides=dict(BF16_SIDES)) for c in real_configs(args) if c.allocator == args.allocators[-1]]
     for cfg in cfgs:
         run_config(cfg, args, kdflow_ok)
-    text = md_table(PEER_HEADERS, peer_rows(cfgs, None, "" if kdflow_ok else why, names=BF16_NAMES), "lllllrrrlrrl")
+    text = md_table(PEER_HEADERS, peer_rows(cfgs, None, "" if kdflow_ok else why, names=BF16_NAMES), PEER_ALIGN)
     fp32 = {(c.seq_len, c.allocator): c for c in fp32_cfgs}
     lines = []
     for cfg in cfgs:
@@ -344,10 +350,11 @@ def bf16_table(args, kdflow_ok: bool, why: str, fp32_cfgs: list[Config]) -> str:
                     f"{t['median_step'] / k['median_step']:.2f}× the speed, {k['median_peak'] / t['median_peak']:.2f}× "
                     f"the peak memory")
             for side, st in ((k_side, k), (t_side, t)):
-                base = side_stats(ref.runs.get(side.split("_")[0], [])) if ref else None
+                base = side_stats(ref.runs.get(base_side(side), [])) if ref else None
                 if base and base["loss"] and st["loss"]:
                     rel = st["loss"][0] / base["loss"][0] - 1
-                    line += f"; {side.split('_')[0]} loss {st['loss'][0]:.4f} vs fp32 {base['loss'][0]:.4f} ({100 * rel:+.2f}%)"
+                    line += (f"; {base_side(side)} loss {st['loss'][0]:.4f} vs fp32 {base['loss'][0]:.4f} "
+                             f"({100 * rel:+.2f}%)")
             lines.append(line + ".")
     return (text + "\n\n" + "\n".join(f"- {x}" for x in lines) + "\n\nSame models, data, steps and settings as the "
             "real-teacher table, tuned allocator. Losses are the training loss after the last step (fp32 reference: "
@@ -360,7 +367,7 @@ def xtok_table(args, kdflow_ok: bool, why: str) -> str:
     cfg = Config("xtok", "Mistral-SP 256×4 ← SmolLM2-BPE 512×8", s, t, 128, 4, "tuned", args.xtok_steps, args.warmup,
                  args.xtok_repeats, vocab=32000, sides=dict(XTOK_SIDES))
     run_config(cfg, args, kdflow_ok)
-    text = md_table(PEER_HEADERS, peer_rows([cfg], None, "" if kdflow_ok else why, names=XTOK_NAMES), "lllllrrrlrrl")
+    text = md_table(PEER_HEADERS, peer_rows([cfg], None, "" if kdflow_ok else why, names=XTOK_NAMES), PEER_ALIGN)
     k, g = side_stats(cfg.runs.get("kdflow", [])), side_stats(cfg.runs.get("trl", []))
     ratio = (f"kdflow ÷ GOLD: {g['median_step'] / k['median_step']:.2f}× the speed, "
              f"{k['median_peak'] / g['median_peak']:.2f}× the peak memory (medians)." if k and g else "")
@@ -480,7 +487,7 @@ def main(argv=None) -> int:
         for cfg in cfgs:
             run_config(cfg, args, kdflow_ok)
         sections.append(f"## {title}\n\n" + md_table(PEER_HEADERS, peer_rows(cfgs, peak_fp32, "" if kdflow_ok else why),
-                                                      "lllllrrrlrrl")
+                                                      PEER_ALIGN)
                         + "\n\nRatios against the issue's targets (medians):\n\n"
                         + md_table(RATIO_HEADERS, ratio_rows(cfgs), "lllrllrll"))
     if "bf16" in args.tables:

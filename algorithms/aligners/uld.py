@@ -20,7 +20,6 @@ Chunked over rows (:func:`kdcore.kdloss.chunked_distill`): a chunk's two sorted
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,8 +80,7 @@ def uld_distance(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, 
     if not temperature > 0:
         raise ValueError(f"uld: temperature must be > 0, got {temperature}")
     dtype = torch.promote_types(student_logits.dtype, torch.float32)
-    with torch.no_grad() if not teacher_logits.requires_grad else contextlib.nullcontext():
-        p = torch.softmax(teacher_logits.to(dtype) / temperature, dim=-1)
+    p = torch.softmax(teacher_logits.to(dtype) / temperature, dim=-1)
     q = torch.softmax(student_logits.to(dtype) / temperature, dim=-1)
     if top_k > 0 and top_k < max(p.shape[1], q.shape[1]):
         qs = q.topk(min(top_k, q.shape[1]), dim=-1).values
