@@ -108,7 +108,10 @@ def validate_raw(raw: dict, registry=None, recipe_dir: Path | None = None) -> li
     check_algorithm_options(raw, registry, errors)
     check_evaluators(raw, registry, errors)
     if recipe_dir is not None:
-        check_paths(raw, recipe_dir, errors)
+        path_errors: list[str] = []
+        check_paths(raw, recipe_dir, path_errors)
+        setup = raw.get("setup")
+        errors += [f"{e} (made by: {setup})" for e in path_errors] if isinstance(setup, str) and setup else path_errors
     check_loggers(raw, registry, errors)
     check_teacher_entries(raw, registry, errors)
     return errors

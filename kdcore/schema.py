@@ -218,6 +218,8 @@ class Recipe:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)  # read by `kdcore eval` only
+    # the command that makes the recipe's files that are not committed (models, data): named in every
+    setup: Optional[str] = None  # missing-path error, so the user learns how to get them; None = all committed
 
 
 # Value checks beyond types: (dotted key, predicate, message).
