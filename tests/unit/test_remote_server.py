@@ -1,0 +1,118 @@
+"""`kdcore serve-teacher`'s caps on what one peer can make it do, without a model (issue 24).
+
+The server is driven message by message (``handle``) with a stand-in engine that is never
+called: what is tested is what the server queues, refuses, counts and logs."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+zmq = pytest.importorskip("zmq")
+
+from kdcore.engines import remote_server as rs  # noqa: E402
+from kdcore.engines import remote_wire as wire  # noqa: E402
+from kdcore.engines.protocol import HiddenRequest  # noqa: E402
+
+TOKEN = "unit-secret"
+
+
+@pytest.fixture
+def server():
+    """A bound server (its replies go nowhere) that records its log lines in ``server.lines``."""
+    lines: list[str] = []
+    srv = rs.TeacherServer(SimpleNamespace(vocab_size=100, max_rows=64, n_slots=2), {}, token=TOKEN,
+                           log=lines.append)
+    srv.lines = lines
+    srv.bind()
+    yield srv
+    srv.close()
+
+
+def hidden_message(client="x", rid=0, B=3, L=12, **extra) -> list[bytes]:
+    ids = torch.randint(0, 100, (B, L), generator=torch.Generator().manual_seed(0))
+    fields, frames = wire.pack_request(HiddenRequest(ids, torch.ones(B, L, dtype=torch.int64), [[0, 1]] * B))
+    head = {"v": wire.PROTOCOL_VERSION, "client": client, "token": TOKEN, "rid": rid, **fields, **extra}
+    return [wire.encode_header(head), *frames]
+
+
+def test_the_queue_cap_is_per_connection_whatever_name_the_client_gives(server):
+    # issue 24: 300 requests queued from one socket by giving each another client name
+    for i in range(300):
+        server.handle([b"one-socket", *hidden_message(client=f"name-{i}", rid=i)])
+    assert len(server.queue) == rs.MAX_QUEUED_PER_CLIENT  # was 300
+    assert server.queue.queued(b"one-socket") == rs.MAX_QUEUED_PER_CLIENT
+    conn = server.conns[b"one-socket"]
+    assert conn.name == "name-0"  # named once, at its first message: later names change nothing
+    assert (conn.waiting, conn.stats.refused) == (rs.MAX_QUEUED_PER_CLIENT, 300 - rs.MAX_QUEUED_PER_CLIENT)
+    assert f"{rs.MAX_QUEUED_PER_CLIENT} requests of this connection are waiting already" in server.lines[-1]
+    server.handle([b"another", *hidden_message(client="name-0")])  # the same name, another connection
+    assert server.queue.queued(b"another") == 1
+
+
+def test_the_server_caps_the_requests_waiting_from_all_connections(server):
+    n = rs.MAX_QUEUED_TOTAL // rs.MAX_QUEUED_PER_CLIENT + 2
+    for c in range(n):
+        for i in range(rs.MAX_QUEUED_PER_CLIENT):
+            server.handle([f"conn-{c}".encode(), *hidden_message(client=f"c{c}", rid=i)])
+    assert len(server.queue) == server.waiting == rs.MAX_QUEUED_TOTAL
+    assert f"the server has {rs.MAX_QUEUED_TOTAL} requests waiting" in server.lines[-1]
+
+
+def test_peers_without_the_token_leave_no_state_behind(server):
+    for i in range(500):
+        head = wire.encode_header({"v": wire.PROTOCOL_VERSION, "type": "hello", "client": f"n{i}", "token": "x"})
+        server.handle([f"id-{i}".encode(), head])
+    server.handle([b"id-x"])  # no header at all
+    assert server.conns == {} and server.refused_unknown == 501
+    # and a flood of them is counted, not logged line by line (20 lines a second at most)
+    refusals = [x for x in server.lines if x.startswith("refused a message")]
+    assert len(refusals) < 200, len(refusals)
+    server.close()
+    assert any("more refusals not logged (at most 20 a second)" in x for x in server.lines)
+    assert server.lines[-1] == "501 messages refused before their sender showed the token"
+
+
+def test_a_request_over_the_token_cap_is_refused_naming_the_cap(server):
+    assert server.max_tokens == 64 * rs.MAX_TOKENS_FACTOR  # the default: from the engine's rows
+    server.handle([b"big", *hidden_message(B=1, L=200_000)])
+    assert len(server.queue) == 0
+    assert ("1 x 200000 = 200000 tokens is more than this server takes in one request (128 tokens, its "
+            "--max-tokens)") in server.lines[-1]
+    server.handle([b"big", *hidden_message(B=2, L=64)])  # 128: at the cap, taken
+    assert server.queue.queued(b"big") == 1
+
+
+FORGED = "x\n[serve-teacher 12:00:00] client admin connected\r\x1b[2K"
+
+
+@pytest.mark.parametrize("field", ["client", "type"])
+def test_values_from_a_peer_cannot_forge_or_flood_log_lines(server, field):
+    # issue 24: a client name holding a newline wrote a line of its own into the server's log
+    header = {"v": wire.PROTOCOL_VERSION, "type": "dance", "client": "ok", "token": TOKEN, "rid": 0}
+    header[field] = FORGED + "y" * 50_000
+    server.handle([b"peer", wire.encode_header(header)])
+    assert server.lines, "nothing logged"
+    for line in server.lines:
+        assert "\n" not in line and "\r" not in line and "\x1b" not in line, line
+        assert len(line) < 700, len(line)
+    text = " ".join(server.lines)
+    assert "x\\n[serve-teacher 12:00:00] client" in text  # escaped, still readable
+    assert f"({len(FORGED) + 50_000} characters)" in text  # shortened, and says so
+
+
+def test_printable_escapes_and_shortens():
+    assert wire.printable("a\nb\tc\x00") == "a\\nb\\tc\\x00"
+    assert wire.printable("plain name") == "plain name"
+    assert wire.printable("é ü 中") == "é ü 中"  # printable non-ASCII stays as it is
+    assert wire.printable("z" * 10, limit=4) == "zzzz... (10 characters)"
+    assert wire.printable("\n" * 10, limit=2) == "\\n\\n... (10 characters)"  # cut first: escapes cannot flood
+    assert wire.printable({"a": "\n"}) == "{'a': '\\n'}"
+
+
+def test_request_ids_echoed_back_are_small_integers_only(server):
+    blob = hidden_message(rid="r" * 10_000, B=1, L=1000)  # over the cap: refused, its rid echoed
+    server.handle([b"p", *blob])
+    assert rs._rid("r" * 10_000) is None and rs._rid(True) is None and rs._rid(-1) is None and rs._rid(7) == 7
