@@ -469,7 +469,7 @@ class TeacherServer:
         poller.register(self._sock, zmq.POLLIN)
         poller.register(self._pipe, zmq.POLLIN)
         next_stats = time.monotonic() + self.stats_every_s
-        next_keepalive = time.monotonic() + KEEPALIVE_S
+        last_keepalive = time.monotonic()
         while not self.stop.is_set():
             ready = dict(poller.poll(POLL_MS))
             if self._pipe in ready:  # replies first: they free a client's queue places
@@ -481,11 +481,13 @@ class TeacherServer:
                         break
                     self.handle(self._sock.recv_multipart(copy=False))
             if self._fatal is not None:
+                while self._pipe.poll(0):  # its last replies (the failed request's error) go out first
+                    self._answered(self._pipe.recv_multipart(copy=False))
                 raise self._fatal
             now = time.monotonic()
-            if now >= next_keepalive:
+            if now - last_keepalive >= KEEPALIVE_S:
                 self._keepalive()
-                next_keepalive = now + KEEPALIVE_S
+                last_keepalive = now
             if now >= next_stats:
                 for conn in self.conns.values():
                     if conn.stats.window_rows:
@@ -504,7 +506,7 @@ class TeacherServer:
         if self.refused_unknown:
             self.log(f"{self.refused_unknown} messages refused before their sender showed the token")
         if self._sock is not None:
-            self._sock.close(linger=0)
+            self._sock.close(linger=500)  # replies already sent (a last error) get half a second to leave
             self._pipe.close(linger=0)
             self._ctx.destroy(linger=0)  # term would wait for any socket still open
             self._sock = self._ctx = self._pipe = None

@@ -298,6 +298,7 @@ def _engine_pid(log: Path) -> int:
     return int(found[-1])
 
 
+@pytest.mark.long  # ~30 s (a server start and an engine restart); tests/unit/test_remote_server.py covers it fast
 def test_a_hung_engine_fails_only_its_request_and_the_server_goes_on(tmp_path, tiny_teacher):
     """A request the engine makes no progress on (here: its process stopped) fails with a reply;
     the engine is restarted, the other client's request is served, the server stays up."""

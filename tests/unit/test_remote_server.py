@@ -116,3 +116,156 @@ def test_request_ids_echoed_back_are_small_integers_only(server):
     blob = hidden_message(rid="r" * 10_000, B=1, L=1000)  # over the cap: refused, its rid echoed
     server.handle([b"p", *blob])
     assert rs._rid("r" * 10_000) is None and rs._rid(True) is None and rs._rid(-1) is None and rs._rid(7) == 7
+
+
+# ----------------------------------------------------------------------------- the engine thread
+
+HANG, BLOCK = 7, 8  # first token ids that make the stand-in engine hang (time out) or block
+
+
+class StandInEngine:
+    """What the server needs of an engine, in-process: "hidden states" derived from the ids.
+
+    A request whose first id is HANG fails as a real engine's no-progress timeout does; one
+    whose first id is BLOCK blocks until ``release_blocked`` is set."""
+
+    n_slots, max_rows, vocab_size, hidden_size, dtype = 2, 64, 100, 4, torch.float32
+
+    def __init__(self):
+        import threading
+
+        self.requests, self.closed, self.release_blocked = {}, False, threading.Event()
+
+    def submit(self, request):
+        from kdcore.engines.protocol import Ticket
+
+        ticket = Ticket(len(self.requests), request.rows)
+        self.requests[ticket.seq] = request
+        return ticket
+
+    def result(self, ticket, timeout=None):
+        from kdcore.channel import ChannelTimeout
+
+        first = int(self.requests[ticket.seq].input_ids[0, 0])
+        if first == HANG:
+            raise ChannelTimeout("no progress from the peer for 2 s while waiting for request 0 (it is alive but hung)")
+        if first == BLOCK:
+            self.release_blocked.wait(30)
+        return expected_rows(self.requests[ticket.seq])
+
+    def release(self, ticket):
+        pass
+
+    def close(self):
+        self.closed = True
+
+
+def expected_rows(request) -> torch.Tensor:
+    return request.input_ids.sum().float().expand(request.rows, 4).clone()
+
+
+def request_with_first_id(first: int, seed: int = 0) -> HiddenRequest:
+    ids = torch.randint(10, 100, (2, 5), generator=torch.Generator().manual_seed(seed))
+    ids[0, 0] = first
+    return HiddenRequest(ids, torch.ones(2, 5, dtype=torch.int64), [[0, 4], [1]])
+
+
+@pytest.fixture
+def running():
+    """A server on a thread with a stand-in engine that restarts into a fresh one; a socket factory."""
+    import threading
+
+    made = []
+
+    def restart():
+        made.append(StandInEngine())
+        return made[-1]
+
+    srv = rs.TeacherServer(StandInEngine(), {}, token=TOKEN, restart=restart, log=lambda line: None)
+    endpoint = srv.bind()
+    errors = []
+
+    def serve():
+        try:
+            srv.serve()
+        except BaseException as exc:  # noqa: BLE001 - the test looks at it
+            errors.append(exc)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    ctx = zmq.Context()
+    ctx.setsockopt(zmq.BLOCKY, 0)
+
+    def socket():
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(endpoint)
+        return sock
+
+    yield SimpleNamespace(server=srv, socket=socket, made=made, errors=errors, thread=thread)
+    srv.stop.set()
+    thread.join(10)
+    srv.close()
+    ctx.destroy(linger=0)
+
+
+def send(sock, request: HiddenRequest, rid: int) -> None:
+    fields, frames = wire.pack_request(request)
+    sock.send_multipart([wire.encode_header({"v": wire.PROTOCOL_VERSION, "type": "hidden", "client": "t",
+                                             "token": TOKEN, "rid": rid, **fields}), *frames])
+
+
+def receive(sock, *, skip_busy: bool = True):
+    while True:
+        assert sock.poll(20_000), "no reply"
+        frames = sock.recv_multipart()
+        header = wire.decode_header(frames[0])
+        if not (skip_busy and header["type"] == "busy"):
+            return header, frames[1:]
+
+
+def test_a_request_the_engine_fails_on_fails_alone_and_the_engine_is_restarted(running):
+    a, b = running.socket(), running.socket()
+    send(a, request_with_first_id(HANG), rid=0)
+    good = request_with_first_id(20, seed=1)
+    send(b, good, rid=5)
+    header, _ = receive(a)
+    assert header["type"] == "error" and header["rid"] == 0, header
+    assert "the teacher engine failed on this request (no progress from the peer for 2 s" in header["error"]
+    assert header["error"].endswith("it is restarted, other requests go on")
+    header, frames = receive(b)
+    assert header["type"] == "hidden" and header["rid"] == 5, header
+    assert torch.equal(torch.frombuffer(bytearray(frames[0]), dtype=torch.float32).view(3, 4), expected_rows(good))
+    assert len(running.made) == 1 and running.server.engine is running.made[0]
+    assert running.thread.is_alive() and not running.errors
+    send(a, request_with_first_id(30), rid=1)  # the failed client goes on too
+    assert receive(a)[0]["type"] == "hidden"
+
+
+def test_an_engine_that_fails_every_request_stops_the_server(running):
+    from kdcore.engines.protocol import TeacherError
+
+    a = running.socket()
+    for rid in range(rs.MAX_ENGINE_FAILURES):
+        send(a, request_with_first_id(HANG, seed=rid), rid=rid)
+    last = [receive(a)[0] for _ in range(rs.MAX_ENGINE_FAILURES)][-1]
+    assert last["error"].endswith("the server is stopping"), last
+    running.thread.join(20)
+    assert not running.thread.is_alive()
+    assert isinstance(running.errors[0], TeacherError)
+    assert f"failed on {rs.MAX_ENGINE_FAILURES} request(s) in a row" in str(running.errors[0])
+
+
+def test_the_server_answers_and_keeps_waiting_clients_informed_while_the_engine_computes(running, monkeypatch):
+    monkeypatch.setattr(rs, "KEEPALIVE_S", 0.05)
+    a, b = running.socket(), running.socket()
+    send(a, request_with_first_id(BLOCK), rid=0)  # holds the engine
+    send(b, request_with_first_id(20), rid=1)  # waits for it
+    for sock in (a, b):  # both hear the server is alive while their requests wait
+        assert receive(sock, skip_busy=False)[0] == {"v": wire.PROTOCOL_VERSION, "type": "busy", "waiting": 1}
+    late = running.socket()  # a newcomer is answered at once, engine busy or not
+    late.send_multipart([wire.encode_header({"v": wire.PROTOCOL_VERSION, "type": "hello", "token": TOKEN,
+                                             "client": "late", "fingerprint": {}})])
+    assert receive(late)[0]["type"] == "hello"
+    running.server.engine.release_blocked.set()
+    assert receive(a)[0]["type"] == receive(b)[0]["type"] == "hidden"
