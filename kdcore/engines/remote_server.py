@@ -17,9 +17,9 @@ number of client engines (:mod:`kdcore.engines.remote`: trainers, and each rank 
   answering (hellos, refusals, ``busy`` keepalives every :data:`KEEPALIVE_S` to connections
   with requests waiting) while the engine computes. An engine that fails on a request (no
   progress within its timeout, or its process died) fails *that* request with an error
-  reply; the engine is restarted and the other requests are served after it. Only an engine
-  that fails :data:`MAX_ENGINE_FAILURES` requests in a row, or cannot be restarted, stops
-  the server.
+  reply; the engine is restarted and the other requests are served after it (so is an
+  engine found dead between requests). Only an engine that fails :data:`MAX_ENGINE_FAILURES`
+  times in a row, or cannot be restarted, stops the server.
 - **Safe**: a client must send the shared secret with every message when one is set (always
   when listening beyond localhost). What one peer can make the server do is capped: bytes per
   request (``max_request_bytes``), tokens per request (``max_tokens``), rows per request (the
@@ -212,6 +212,9 @@ class TeacherServer:
         # ZeroMQ drops a peer whose message part exceeds this: a guard for memory far above the
         # polite cap below, which is answered with an error instead
         sock.setsockopt(zmq.MAXMSGSIZE, 2 * self.max_request_bytes + wire.MAX_HEADER_BYTES)
+        # messages read ahead per peer before ZeroMQ stops reading its connection (the default,
+        # 1000, lets one flooding peer park ~1000 requests' bytes in memory before any is refused)
+        sock.setsockopt(zmq.RCVHWM, 4 * MAX_QUEUED_PER_CLIENT)
         if ":" in self.host:
             sock.setsockopt(zmq.IPV6, 1)
         host = f"[{self.host}]" if ":" in self.host else self.host
@@ -394,6 +397,7 @@ class TeacherServer:
                 pass
 
     def _feed_engine(self, pipe: Any) -> None:
+        from kdcore.channel import ChannelError
         from kdcore.engines.protocol import TeacherError
 
         while len(self.in_engine) < self.engine.n_slots and not self.stop.is_set():
@@ -406,7 +410,11 @@ class TeacherServer:
                 _, job = self.queue.pop()
             try:
                 job.ticket = self.engine.submit(job.request)
-            except TeacherError as exc:
+            except ChannelError as exc:  # the engine died between requests: not this request's fault
+                with self._cond:
+                    self.queue.push(job.identity, job, front=True)
+                return self._engine_failed(pipe, None, exc)
+            except TeacherError as exc:  # the engine refused this request: its fault alone
                 self._send_error(pipe, job, str(exc))
                 continue
             self.in_engine.append(job)
@@ -430,26 +438,29 @@ class TeacherServer:
                                                                 "rid": job.rid}), payload], copy=False)
         self.failures = 0
 
-    def _engine_failed(self, pipe: Any, job: _Job, exc: BaseException) -> None:
-        """The engine failed on ``job``: fail it, put the others back in front, restart the engine."""
+    def _engine_failed(self, pipe: Any, job: Optional[_Job], exc: BaseException) -> None:
+        """The engine failed on ``job`` (None: between requests): fail it, put the others back
+        in front, restart the engine."""
         if self.stop.is_set():
             raise exc  # the engine was closed under us on the way out
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        self.in_engine.popleft()
+        if job is not None:
+            self.in_engine.popleft()
         with self._cond:  # the other requests in the engine were not at fault: served after the restart
             for other in reversed(self.in_engine):
                 self.queue.push(other.identity, other, front=True)
         self.in_engine.clear()
         self.failures += 1
         stopping = self.restart is None or self.failures >= MAX_ENGINE_FAILURES
-        self._send_error(pipe, job, f"the teacher engine failed on this request ({reason}); "
-                         + ("the server is stopping" if stopping else "it is restarted, other requests go on"))
+        if job is not None:
+            self._send_error(pipe, job, f"the teacher engine failed on this request ({reason}); "
+                             + ("the server is stopping" if stopping else "it is restarted, other requests go on"))
         if stopping:
             from kdcore.engines.protocol import TeacherError
 
-            raise TeacherError(f"the teacher engine failed on {self.failures} request(s) in a row, "
-                               f"last: {reason}") from exc
-        self.log(f"the teacher engine failed on a request ({reason}); restarting it")
+            raise TeacherError(f"the teacher engine failed {self.failures} time(s) in a row, last: {reason}") from exc
+        self.log(f"the teacher engine failed {'on a request' if job else 'between requests'} ({reason}); "
+                 f"restarting it")
         try:
             self.engine.close()
         except Exception as close_exc:  # noqa: BLE001 - a hung engine may not close cleanly; the new one matters

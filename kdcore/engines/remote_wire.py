@@ -82,6 +82,8 @@ def decode_header(frame: Any) -> dict:
         header = json.loads(raw.decode())
     except (UnicodeDecodeError, ValueError) as exc:
         raise WireError(f"header is not JSON ({exc})") from None
+    except RecursionError:  # '[[[[...' : 64 KB of nesting overflows the parser, and it must not crash us
+        raise WireError("header nests too deeply to be a header") from None
     if not isinstance(header, dict):
         raise WireError(f"header is a JSON {type(header).__name__}, not an object")
     return header

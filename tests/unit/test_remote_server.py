@@ -75,6 +75,13 @@ def test_peers_without_the_token_leave_no_state_behind(server):
     assert server.lines[-1] == "501 messages refused before their sender showed the token"
 
 
+def test_a_deeply_nested_header_is_refused_not_fatal(server):
+    # 60 KB of '[' (under the header cap) overflowed json's parser: a RecursionError, not a
+    # ValueError, escaped the server's handler and stopped it, without any token
+    server.handle([b"p", b"[" * 60_000])
+    assert "header nests too deeply" in server.lines[-1] and server.refused_unknown == 1
+
+
 def test_a_request_over_the_token_cap_is_refused_naming_the_cap(server):
     assert server.max_tokens == 64 * rs.MAX_TOKENS_FACTOR  # the default: from the engine's rows
     server.handle([b"big", *hidden_message(B=1, L=200_000)])
@@ -136,9 +143,14 @@ class StandInEngine:
 
         self.requests, self.closed, self.release_blocked = {}, False, threading.Event()
 
+    dead = False  # True: its process is gone, as a real engine's submit finds out
+
     def submit(self, request):
+        from kdcore.channel import TeacherDiedError
         from kdcore.engines.protocol import Ticket
 
+        if self.dead:
+            raise TeacherDiedError("teacher process (pid 1234, 'stand-in') was killed by SIGKILL")
         ticket = Ticket(len(self.requests), request.rows)
         self.requests[ticket.seq] = request
         return ticket
@@ -242,6 +254,17 @@ def test_a_request_the_engine_fails_on_fails_alone_and_the_engine_is_restarted(r
     assert receive(a)[0]["type"] == "hidden"
 
 
+def test_an_engine_that_died_between_requests_is_restarted_and_the_request_served(running):
+    running.server.engine.dead = True
+    a = running.socket()
+    req = request_with_first_id(40)
+    send(a, req, rid=3)
+    header, frames = receive(a)
+    assert header["type"] == "hidden" and header["rid"] == 3, header
+    assert torch.equal(torch.frombuffer(bytearray(frames[0]), dtype=torch.float32).view(3, 4), expected_rows(req))
+    assert len(running.made) == 1 and not running.errors
+
+
 def test_an_engine_that_fails_every_request_stops_the_server(running):
     from kdcore.engines.protocol import TeacherError
 
@@ -253,7 +276,7 @@ def test_an_engine_that_fails_every_request_stops_the_server(running):
     running.thread.join(20)
     assert not running.thread.is_alive()
     assert isinstance(running.errors[0], TeacherError)
-    assert f"failed on {rs.MAX_ENGINE_FAILURES} request(s) in a row" in str(running.errors[0])
+    assert f"failed {rs.MAX_ENGINE_FAILURES} time(s) in a row" in str(running.errors[0])
 
 
 def test_the_server_answers_and_keeps_waiting_clients_informed_while_the_engine_computes(running, monkeypatch):
