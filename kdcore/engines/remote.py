@@ -17,9 +17,9 @@ Decisions, and why:
   server that closes the connection (stopped, killed) is noticed at once through the socket's
   monitor; a server that sends nothing (hung, overloaded, unreachable host) after
   ``timeout_s`` (a live server whose engine is busy or restarting says ``busy`` every few
-  seconds, so only a silent one counts as lost). With ``retries`` > 0 the engine instead opens a new connection (hello and
-  fingerprint check included) and resends every unanswered request — safe, since hidden-state
-  requests are idempotent.
+  seconds, so only a silent one counts as lost). With ``retries`` > 0 the engine instead
+  opens a new connection (hello and fingerprint check included) and resends every unanswered
+  request — safe, since hidden-state requests are idempotent.
 - One socket per engine, used only from the trainer's thread (ZeroMQ sockets are not thread
   safe); each rank of a multi-rank run has its own engine and client id.
 """

@@ -326,7 +326,7 @@ class TeacherServer:
                                  f"(the most one connection may have)")
         if self.waiting >= MAX_QUEUED_TOTAL:
             raise wire.WireError(f"the server has {MAX_QUEUED_TOTAL} requests waiting (its most); try later")
-        request = wire.unpack_request(header, frames, max_tokens=self.max_tokens)
+        request = wire.unpack_request(header, frames, max_tokens=self.max_tokens, max_rows=self.max_rows)
         request.validate(vocab_size=self.vocab_size, max_rows=self.max_rows)
         with self._cond:
             self.queue.push(identity, _Job(identity, rid, request))

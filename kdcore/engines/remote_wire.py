@@ -179,7 +179,7 @@ def _int_field(header: dict, key: str, limit: int) -> int:
     return value
 
 
-def unpack_request(header: dict, frames: list, *, max_tokens: int) -> "HiddenRequest":
+def unpack_request(header: dict, frames: list, *, max_tokens: int, max_rows: Optional[int] = None) -> "HiddenRequest":
     """Rebuild a :class:`HiddenRequest` from a ``hidden`` message; :class:`WireError` when the
     frames do not match the header (the request's values are checked by ``validate`` later)."""
     import numpy as np
@@ -195,6 +195,11 @@ def unpack_request(header: dict, frames: list, *, max_tokens: int) -> "HiddenReq
     if B * L > max_tokens:
         raise WireError(f"a request of {B} x {L} = {B * L} tokens is more than this server takes in one request "
                         f"({max_tokens} tokens, its --max-tokens); send smaller micro-batches")
+    if not B or not L:  # B x 0 passes the token cap with any B: a cheap way to make us build huge lists
+        raise WireError(f"a request of {B} x {L} tokens is empty")
+    if max_rows is not None and N > max_rows:  # before any work proportional to N is done
+        raise WireError(f"a request for {N} hidden-state rows is more than this server takes ({max_rows}, its "
+                        f"--max-rows)")
     expected = {"ids": B * L * 4, "mask": B * L, "counts": B * 4, "positions": N * 4}
     for (name, size), frame in zip(expected.items(), frames):
         if len(frame) != size:

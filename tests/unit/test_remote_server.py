@@ -92,6 +92,16 @@ def test_a_request_over_the_token_cap_is_refused_naming_the_cap(server):
     assert server.queue.queued(b"big") == 1
 
 
+@pytest.mark.parametrize("fields, why", [
+    ({"batch": 10_000_000, "length": 0, "rows": 0}, "10000000 x 0 tokens is empty"),
+    ({"rows": 100_000}, "100000 hidden-state rows is more than this server takes (64, its --max-rows)"),
+])
+def test_requests_that_pass_the_token_cap_but_would_still_cost_are_refused_early(server, fields, why):
+    head, *frames = hidden_message()
+    server.handle([b"p", wire.encode_header({**wire.decode_header(head), **fields}), *frames])
+    assert why in server.lines[-1] and len(server.queue) == 0
+
+
 FORGED = "x\n[serve-teacher 12:00:00] client admin connected\r\x1b[2K"
 
 
