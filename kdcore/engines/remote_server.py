@@ -580,7 +580,14 @@ def serve_recipe(recipe: str, overrides: list[str], *, listen: str, token: Optio
             fresh.close()
             raise
 
-    engine = new_engine()
+    try:
+        engine = new_engine()
+    except TypeError as exc:  # an engine without a progress timeout to set (its constructor says so)
+        if not extra:
+            raise
+        print(f"kdcore serve-teacher: --progress-timeout: teacher.engine '{cfg.teacher.engine}' does not take "
+              f"one ({exc})", file=sys.stderr)
+        return 2
     server = None
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
