@@ -179,7 +179,8 @@ def cmd_serve_teacher(args) -> int:
     from kdcore.engines.remote_server import serve_recipe
 
     return serve_recipe(args.recipe, args.overrides, listen=args.listen, token=args.token, max_rows=args.max_rows,
-                        max_request_mb=args.max_request_mb, stats_every_s=args.stats_every)
+                        max_request_mb=args.max_request_mb, max_tokens=args.max_tokens,
+                        progress_timeout=args.progress_timeout, stats_every_s=args.stats_every)
 
 
 def _add_serve_teacher(sub) -> None:
@@ -194,6 +195,12 @@ def _add_serve_teacher(sub) -> None:
     p.add_argument("--max-rows", type=int, default=None,
                    help="most hidden-state rows a request may ask for (default: from the recipe's batch size)")
     p.add_argument("--max-request-mb", type=float, default=64.0, help="larger requests are refused (default 64)")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="most tokens (batch x length) one request may carry; larger ones are refused with a reply "
+                        "(default: twice --max-rows, so one request cannot hold the engine for long)")
+    p.add_argument("--progress-timeout", type=float, default=None,
+                   help="seconds without engine progress before a request counts as hung: it fails with a reply "
+                        "and the engine is restarted (default: the engine's, 20 s for hf)")
     p.add_argument("--stats-every", type=float, default=60.0, help="seconds between per-client rows/s lines")
     p.set_defaults(func=cmd_serve_teacher)
 

@@ -16,9 +16,10 @@ Decisions, and why:
 - **Failures stop the run within ``timeout_s``** (default 20 s, inside the 30 s budget): a
   server that closes the connection (stopped, killed) is noticed at once through the socket's
   monitor; a server that sends nothing (hung, overloaded, unreachable host) after
-  ``timeout_s``. With ``retries`` > 0 the engine instead opens a new connection (hello and
-  fingerprint check included) and resends every unanswered request — safe, since hidden-state
-  requests are idempotent.
+  ``timeout_s`` (a live server whose engine is busy or restarting says ``busy`` every few
+  seconds, so only a silent one counts as lost). With ``retries`` > 0 the engine instead
+  opens a new connection (hello and fingerprint check included) and resends every unanswered
+  request — safe, since hidden-state requests are idempotent.
 - One socket per engine, used only from the trainer's thread (ZeroMQ sockets are not thread
   safe); each rank of a multi-rank run has its own engine and client id.
 """
@@ -226,6 +227,10 @@ class RemoteTeacher(TeacherEngine):
         """Validate and send a request; returns at once. See :class:`HiddenRequest`."""
         self._check_usable()
         self._check_capacity()
+        tokens, server_tokens = request.input_ids.numel(), int(self.server.get("max_tokens", 0))
+        if server_tokens and tokens > server_tokens:  # refused there anyway: say so before sending
+            raise RemoteTeacherError(f"the batch has {tokens} tokens but the teacher server at {self.address} takes at "
+                                     f"most {server_tokens} in one request (its --max-tokens)")
         server_rows = int(self.server.get("max_rows", self.max_rows))
         if request.rows > server_rows:
             raise RemoteTeacherError(f"the batch asks for {request.rows} hidden-state rows but the teacher server at "
@@ -282,6 +287,8 @@ class RemoteTeacher(TeacherEngine):
     def _take_reply(self, frames: list) -> None:
         header = wire.decode_header(frames[0].buffer)
         rid = header.get("rid")
+        if header.get("type") == "busy":
+            return  # the server is alive and our requests are waiting there: progress enough
         if header.get("type") == "error":
             raise RemoteTeacherError(f"teacher server at {self.address} refused request {rid}: {header.get('error')}")
         if rid not in self._unanswered:

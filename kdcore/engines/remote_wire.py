@@ -12,13 +12,21 @@ checked on every message) and ``rid`` (request id: the ticket number, unique per
 type        client -> server                                    server -> client
 ==========  ==================================================  =================================
 hello       ``fingerprint`` of the teacher it expects            ``fingerprint``, ``dtype``,
-                                                                 ``max_rows``, ``max_request_bytes``
+                                                                 ``max_rows``, ``max_tokens``,
+                                                                 ``max_request_bytes``
 hidden      ``batch``, ``length``, ``rows`` + frames ids          ``shape`` [rows, H], ``dtype`` +
             (int32 [B*L]), mask (uint8 [B*L]), counts (int32     one frame: the hidden states'
             [B]: positions per sample), positions (int32 [N])    raw bytes (row-major)
 bye         (the client is closing)                             (no reply)
+busy        --                                                  ``waiting``: this connection's
+                                                                 requests not answered yet (sent
+                                                                 every few seconds while any wait)
 error       --                                                  ``error`` (one line), ``rid``
 ==========  ==================================================  =================================
+
+Version history: 1, the first; 2 adds ``max_tokens`` to the hello reply (tokens ``batch x
+length`` one request may carry) and the ``busy`` keepalive, so a client sharing a server whose
+engine is busy or restarting is not mistaken for one sharing a dead server.
 
 Requests are idempotent (the same token ids always give the same hidden states), so a client
 that lost its server may resend them to a new one.
@@ -36,7 +44,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from kdcore.engines.protocol import HiddenRequest
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # see the version history above; both sides refuse any other
 MAX_HEADER_BYTES = 64 * 1024  # a header holds a few numbers and names; anything larger is garbage
 WIRE_DTYPES = ("float32", "bfloat16", "float16")  # what a teacher engine may produce
 _VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "torch_dtype", "dtype")  # not the model itself
@@ -44,6 +52,21 @@ _VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "torch_dtype",
 
 class WireError(ValueError):
     """A message that does not follow the wire format (the text names what is wrong)."""
+
+
+def printable(value: Any, limit: int = 120) -> str:
+    """``value`` as text safe for a log line: control characters (newlines included) escaped
+    the way ``repr`` does, and cut to ``limit`` characters with the length said.
+
+    Everything a peer sends may end up in the server's log; a name holding a newline would
+    otherwise start a forged line of its own."""
+    text = value if isinstance(value, str) else repr(value)
+    size = len(text)
+    if size > limit:
+        text = text[:limit]
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return f"{text}... ({size} characters)" if size > limit else text
 
 
 def encode_header(header: dict) -> bytes:
@@ -59,6 +82,8 @@ def decode_header(frame: Any) -> dict:
         header = json.loads(raw.decode())
     except (UnicodeDecodeError, ValueError) as exc:
         raise WireError(f"header is not JSON ({exc})") from None
+    except RecursionError:  # '[[[[...' : 64 KB of nesting overflows the parser, and it must not crash us
+        raise WireError("header nests too deeply to be a header") from None
     if not isinstance(header, dict):
         raise WireError(f"header is a JSON {type(header).__name__}, not an object")
     return header
@@ -144,6 +169,9 @@ def pack_request(request: "HiddenRequest") -> tuple[dict, list[bytes]]:
     return fields, frames
 
 
+_INT32_MAX = 2**31 - 1  # ids and positions travel as int32
+
+
 def _int_field(header: dict, key: str, limit: int) -> int:
     value = header.get(key)
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= limit:
@@ -151,7 +179,7 @@ def _int_field(header: dict, key: str, limit: int) -> int:
     return value
 
 
-def unpack_request(header: dict, frames: list, *, max_tokens: int) -> "HiddenRequest":
+def unpack_request(header: dict, frames: list, *, max_tokens: int, max_rows: Optional[int] = None) -> "HiddenRequest":
     """Rebuild a :class:`HiddenRequest` from a ``hidden`` message; :class:`WireError` when the
     frames do not match the header (the request's values are checked by ``validate`` later)."""
     import numpy as np
@@ -161,11 +189,17 @@ def unpack_request(header: dict, frames: list, *, max_tokens: int) -> "HiddenReq
 
     if len(frames) != 4:
         raise WireError(f"a hidden request has 4 payload frames (ids, mask, counts, positions), got {len(frames)}")
-    B = _int_field(header, "batch", max_tokens)
-    L = _int_field(header, "length", max_tokens)
-    N = _int_field(header, "rows", max_tokens)
+    B = _int_field(header, "batch", _INT32_MAX)
+    L = _int_field(header, "length", _INT32_MAX)
+    N = _int_field(header, "rows", _INT32_MAX)
     if B * L > max_tokens:
-        raise WireError(f"a batch of {B} x {L} tokens is more than the server takes ({max_tokens})")
+        raise WireError(f"a request of {B} x {L} = {B * L} tokens is more than this server takes in one request "
+                        f"({max_tokens} tokens, its --max-tokens); send smaller micro-batches")
+    if not B or not L:  # B x 0 passes the token cap with any B: a cheap way to make us build huge lists
+        raise WireError(f"a request of {B} x {L} tokens is empty")
+    if max_rows is not None and N > max_rows:  # before any work proportional to N is done
+        raise WireError(f"a request for {N} hidden-state rows is more than this server takes ({max_rows}, its "
+                        f"--max-rows)")
     expected = {"ids": B * L * 4, "mask": B * L, "counts": B * 4, "positions": N * 4}
     for (name, size), frame in zip(expected.items(), frames):
         if len(frame) != size:
@@ -213,4 +247,4 @@ def unpack_hidden_into(header: dict, frame: Any, out: "torch.Tensor") -> None:
 
 __all__ = ["PROTOCOL_VERSION", "WireError", "encode_header", "decode_header", "teacher_fingerprint",
            "fingerprint_mismatch", "version_mismatch", "pack_request", "unpack_request", "pack_hidden",
-           "unpack_hidden_into"]
+           "unpack_hidden_into", "printable"]

@@ -67,13 +67,15 @@ def address(ep: str) -> str:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, tiny_teacher):
-    """One server for the module (small request cap, to test it): (endpoint, its log, the recipe)."""
+    """One server for the module (small request cap, to test it): (endpoint, its log, the recipe, the process).
+
+    Its token cap is the default: twice the recipe's micro-batch of 4 x 64 tokens."""
     tmp = tmp_path_factory.mktemp("served")
     recipe = write_recipe(tmp, tiny_teacher, teacher={"threads": 1})
     log = tmp / "server.log"
-    proc, ep = start_server(recipe, log, "--max-request-mb", "0.5")
+    proc, ep = start_server(recipe, log, "--max-request-mb", "2")
     try:
-        yield ep, log, recipe
+        yield ep, log, recipe, proc
     finally:
         stop_server(proc)
 
@@ -129,26 +131,6 @@ def test_wire_rejects_frames_that_disagree_with_the_header():
         wire.unpack_request({**fields, "batch": -1}, frames, max_tokens=1 << 20)
 
 
-def test_the_server_caps_each_clients_queue_and_refuses_without_crashing():
-    from types import SimpleNamespace
-
-    from kdcore.engines.remote_server import MAX_QUEUED_PER_CLIENT, TeacherServer
-
-    server = TeacherServer(SimpleNamespace(vocab_size=100, max_rows=64, n_slots=2), {}, log=lambda line: None)
-    server.bind()
-    try:
-        fields, frames = wire.pack_request(make_request(0, 100))
-        head = wire.encode_header({"v": wire.PROTOCOL_VERSION, "client": "x", "rid": 0, **fields})
-        for _ in range(MAX_QUEUED_PER_CLIENT + 2):
-            server.handle([b"id-x", head, *frames])
-        server.handle([b"id-y", head.replace(b'"x"', b'"y"'), *frames])
-        server.handle([b"id-y"])  # no header at all
-        assert (server.queue.queued("x"), server.queue.queued("y")) == (MAX_QUEUED_PER_CLIENT, 1)
-        assert (server.stats["x"].refused, server.stats["id-y".encode().hex()].refused) == (2, 1)
-    finally:
-        server.close()
-
-
 def test_recipe_checks_the_remote_section(tiny_teacher):
     from kdcore.config import validate_raw
 
@@ -180,7 +162,7 @@ def test_listening_beyond_localhost_needs_a_token(tmp_path, tiny_teacher):
 def test_two_clients_share_a_server_and_get_the_teachers_states(served, tiny_teacher):
     from transformers import AutoModelForCausalLM
 
-    ep, log, _ = served
+    ep, log, _, _ = served
     model = AutoModelForCausalLM.from_pretrained(tiny_teacher, torch_dtype=torch.float32).eval()
     with client(tiny_teacher, ep) as a, client(tiny_teacher, ep) as b:
         assert a.hidden_size == 64 and a.server["max_rows"] >= 64
@@ -214,7 +196,7 @@ def test_two_clients_share_a_server_and_get_the_teachers_states(served, tiny_tea
 
 
 def test_bad_messages_are_refused_logged_and_the_server_keeps_serving(served, tiny_teacher):
-    ep, log, _ = served
+    ep, log, _, _ = served
     ctx = zmq.Context()
     ctx.setsockopt(zmq.BLOCKY, 0)
     sock = ctx.socket(zmq.DEALER)
@@ -234,14 +216,14 @@ def test_bad_messages_are_refused_logged_and_the_server_keeps_serving(served, ti
         assert "not JSON" in ask(b"\xff\x00 garbage")["error"]
         assert "not an object" in ask(b"[1, 2]")["error"]
         assert "wrong or missing token" in ask(header(type="hello", token="nope"))["error"]
-        assert "protocol version mismatch: the client speaks 99, the server speaks 1" in \
+        assert f"protocol version mismatch: the client speaks 99, the server speaks {wire.PROTOCOL_VERSION}" in \
             ask(wire.encode_header({"v": 99, "type": "hello", "token": TOKEN}))["error"]
         assert "unknown message type 'dance'" in ask(header(type="dance"))["error"]
         assert "frame 'ids'" in ask(header(**fields), frames[0][:-4], *frames[1:])["error"]
-        bad_pos = wire.encode_header({"v": 1, "token": TOKEN, "rid": 8, **fields})
+        bad_pos = wire.encode_header({"v": wire.PROTOCOL_VERSION, "token": TOKEN, "rid": 8, **fields})
         reply = ask(bad_pos, *frames[:3], (torch.full((fields["rows"],), 500, dtype=torch.int32).numpy().tobytes()))
         assert "outside the sequence length" in reply["error"] and reply["rid"] == 8
-        assert "is more than this server takes" in ask(header(type="hidden"), b"\x00" * (600 << 10))["error"]
+        assert "is more than this server takes" in ask(header(type="hidden"), b"\x00" * (2100 << 10))["error"]
     finally:
         sock.close()
         ctx.destroy(linger=0)  # a context left to the garbage collector can block it (zmq's term)
@@ -256,9 +238,103 @@ def test_bad_messages_are_refused_logged_and_the_server_keeps_serving(served, ti
     assert len(refused) >= 9, refused
 
 
+def test_a_200000_token_request_is_refused_while_another_client_is_served(served, tiny_teacher):
+    """issue 24: one such request (1 MB, under the byte cap) held the engine past its no-progress
+    timeout; the student sharing the server died, then the server exited."""
+    from transformers import AutoModelForCausalLM
+
+    ep, log, _, proc = served
+    model = AutoModelForCausalLM.from_pretrained(tiny_teacher, torch_dtype=torch.float32).eval()
+    ctx = zmq.Context()
+    ctx.setsockopt(zmq.BLOCKY, 0)
+    raw = ctx.socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.connect(ep)
+    try:
+        with client(tiny_teacher, ep) as other:
+            requests = [make_request(10 + i, other.vocab_size) for i in range(3)]
+            t0 = other.submit(requests[0])
+            L = 200_000
+            ids = torch.randint(0, other.vocab_size, (1, L), generator=torch.Generator().manual_seed(0))
+            fields, frames = wire.pack_request(HiddenRequest(ids, torch.ones(1, L, dtype=torch.int64), [[0, 1, 2]]))
+            assert sum(len(f) for f in frames) < 2 << 20  # under the byte cap: only the token cap stops it
+            raw.send_multipart([wire.encode_header({"v": wire.PROTOCOL_VERSION, "type": "hidden", "client": "big",
+                                                    "token": TOKEN, "rid": 1, **fields}), *frames])
+            t1 = other.submit(requests[1])  # pipelined, like a trainer, while the big one is answered
+            got = [other.result(t0).clone()]
+            other.release(t0)
+            t2 = other.submit(requests[2])
+            for t in (t1, t2):
+                got.append(other.result(t).clone())
+                other.release(t)
+            assert raw.poll(60_000), "no reply to the 200,000-token request"
+            reply = wire.decode_header(raw.recv_multipart()[0])
+            assert reply["type"] == "error" and reply["rid"] == 1, reply
+            assert "1 x 200000 = 200000 tokens is more than this server takes in one request (512 tokens, its " \
+                   "--max-tokens)" in reply["error"], reply
+            assert other.server["max_tokens"] == 512
+            # the client itself refuses such a batch before sending it, naming the server's cap
+            with pytest.raises(RemoteTeacherError, match=r"600 tokens but the teacher server .* takes at most 512 "
+                                                         r"in one request \(its --max-tokens\)"):
+                other.submit(make_request(0, other.vocab_size, B=3, L=200))
+        for req, h in zip(requests, got):
+            torch.testing.assert_close(h, reference_hidden(model, req), rtol=1e-5, atol=1e-5)
+    finally:
+        raw.close()
+        ctx.destroy(linger=0)
+    assert proc.poll() is None  # still serving
+    with client(tiny_teacher, ep) as later:
+        t = later.submit(make_request(20, later.vocab_size))
+        assert torch.isfinite(later.result(t)).all()
+        later.release(t)
+    assert "200000 tokens is more than" in log.read_text()
+
+
+def _engine_pid(log: Path) -> int:
+    import re
+
+    found = re.findall(r"engine pid (\d+)", log.read_text())
+    assert found, log.read_text()[-2000:]
+    return int(found[-1])
+
+
+@pytest.mark.long  # ~30 s (a server start and an engine restart); tests/unit/test_remote_server.py covers it fast
+def test_a_hung_engine_fails_only_its_request_and_the_server_goes_on(tmp_path, tiny_teacher):
+    """A request the engine makes no progress on (here: its process stopped) fails with a reply;
+    the engine is restarted, the other client's request is served, the server stays up."""
+    from transformers import AutoModelForCausalLM
+
+    recipe = write_recipe(tmp_path, tiny_teacher, teacher={"threads": 1})
+    log = tmp_path / "server.log"
+    proc, ep = start_server(recipe, log, "--progress-timeout", "2")
+    first = _engine_pid(log)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(tiny_teacher, torch_dtype=torch.float32).eval()
+        with client(tiny_teacher, ep) as victim, client(tiny_teacher, ep, timeout_s=60) as other:
+            os.kill(first, signal.SIGSTOP)  # alive, silent: what a hung (or very slow) forward looks like
+            doomed = victim.submit(make_request(1, victim.vocab_size))
+            req = make_request(2, other.vocab_size)
+            t = other.submit(req)
+            with pytest.raises(RemoteTeacherError, match=r"refused request 0: the teacher engine failed on this "
+                                                         r"request \(no progress .*\); it is restarted"):
+                victim.result(doomed)
+            torch.testing.assert_close(other.result(t), reference_hidden(model, req), rtol=1e-5, atol=1e-5)
+            other.release(t)
+        assert proc.poll() is None
+        second = _engine_pid(log)
+        assert second != first and "restarting it" in log.read_text()
+    finally:
+        try:
+            os.kill(first, signal.SIGKILL)  # the server killed it already; never leave it stopped
+        except ProcessLookupError:
+            pass
+        stop_server(proc)
+    assert proc.returncode == 0
+
+
 def test_mismatches_are_refused_at_connect_naming_both_sides(served, tiny_teacher, tmp_path, smollm2_tokenizer,
                                                              monkeypatch):
-    ep, _, _ = served
+    ep, _, _, _ = served
     other = save_tiny_llama(tmp_path / "other", smollm2_tokenizer, hidden=32, layers=1)
     with pytest.raises(RemoteTeacherError) as err:
         client(other, ep).start()
@@ -267,13 +343,15 @@ def test_mismatches_are_refused_at_connect_naming_both_sides(served, tiny_teache
     same_shape = save_tiny_llama(tmp_path / "same_shape", smollm2_tokenizer, hidden=64, layers=1)
     with pytest.raises(RemoteTeacherError, match="mismatch on config_sha256"):
         client(same_shape, ep).start()
-    monkeypatch.setattr(wire, "PROTOCOL_VERSION", 2)
-    with pytest.raises(RemoteTeacherError, match="the client speaks 2, the server speaks 1"):
+    server_version = wire.PROTOCOL_VERSION
+    monkeypatch.setattr(wire, "PROTOCOL_VERSION", server_version + 1)
+    with pytest.raises(RemoteTeacherError, match=f"the client speaks {server_version + 1}, the server speaks "
+                                                 f"{server_version}"):
         client(tiny_teacher, ep).start()
 
 
 def test_a_remote_run_matches_the_local_run(served, tiny_teacher, tmp_path):
-    ep, _, _ = served
+    ep, _, _, _ = served
     kw = dict(train={"max_steps": 3, "threads": 1}, teacher={"threads": 1}, checkpoint={"export_hf": False})
     local = write_recipe(tmp_path / "local", tiny_teacher, **kw)
     remote = write_recipe(tmp_path / "remote", tiny_teacher, **kw)
