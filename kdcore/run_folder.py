@@ -90,13 +90,15 @@ def lock(out_dir: str | os.PathLike) -> None:
 
 
 def _holder_text(fd: int) -> str:
-    """``pid N on HOST since T`` from the lock file (written by the holder right after it took
-    the lock: empty only in that instant)."""
-    try:
-        info = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
-        return f"pid {int(info['pid'])} on {info['host']!s:.100} since {info['since']!s:.40}"
-    except (OSError, ValueError, KeyError, TypeError):
-        return "a process that is starting"
+    """``pid N on HOST since T`` from the lock file, written by the holder right after it took
+    the lock: a run that lost a start race may read it in that instant, so it waits a little."""
+    for _ in range(20):
+        try:
+            info = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+            return f"pid {int(info['pid'])} on {info['host']!s:.100} since {info['since']!s:.40}"
+        except (OSError, ValueError, KeyError, TypeError):
+            time.sleep(0.05)
+    return "a process that is starting"
 
 
 def unlock(out_dir: str | os.PathLike) -> None:
