@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from kdcore.exceptions import clip
+
 METRICS = "metrics.jsonl"
 RECIPE = "recipe.yaml"
 RUN_MARKERS = (METRICS, "checkpoints", "hf", RECIPE)  # what makes a folder hold a run
@@ -80,8 +82,8 @@ def lock(out_dir: str | os.PathLike) -> None:
         os.close(fd)
         if isinstance(exc, BlockingIOError):
             raise RunFolderBusyError(
-                f"'{d}' is in use by another kdcore run ({holder}); wait for it to end, stop it, or give this run "
-                f"another train.output_dir") from None
+                f"'{clip(str(d))}' is in use by another kdcore run ({holder}); wait for it to end, stop it, "
+                f"or give this run another train.output_dir") from None
         raise
     info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
     os.ftruncate(fd, 0)
@@ -113,10 +115,10 @@ def output_dir_problem(out_dir: str, cwd: str | os.PathLike | None = None) -> st
     """Why ``out_dir`` cannot be a run folder, or None: empty; ``/``, the home folder, a system
     folder or anything under /proc, /sys, /dev; an existing file; an existing folder holding
     files that are not a run's (a project, the working directory)."""
-    from kdcore.exceptions import clip
-
     if not out_dir.strip():
         return "train.output_dir: empty; give the run its own folder, e.g. outputs/my-run"
+    if "\0" in out_dir:
+        return f"train.output_dir: '{clip(repr(out_dir)[1:-1])}' is not a path (it holds a NUL character)"
     d = Path(cwd or os.getcwd()) / Path(out_dir).expanduser()
     resolved = Path(os.path.abspath(d))
     home = Path(os.path.expanduser("~")).resolve()
@@ -135,7 +137,9 @@ def output_dir_problem(out_dir: str, cwd: str | os.PathLike | None = None) -> st
             return None  # unreadable: the write itself says why, in one line
         foreign = [n for n in names if not _is_own(n)]
         if foreign and not run_markers(d):
-            shown = ", ".join(sorted(foreign)[:3]) + (", ..." if len(foreign) > 3 else "")
+            # names are shown escaped and cut: a folder's names are anyone's text
+            shown = ", ".join(clip(repr(n)[1:-1], 60) for n in sorted(foreign)[:3])
+            shown += ", ..." if len(foreign) > 3 else ""
             return (f"train.output_dir: '{clip(out_dir)}' holds files that are not a kdcore run ({shown}); give the "
                     f"run its own folder (a new or empty one)")
     return None

@@ -335,3 +335,17 @@ def test_the_remote_engine_gets_the_token_the_recipe_no_longer_holds(tmp_path):
     assert "engine-secret" not in str(cfg)
     engine = create_teacher_engine(cfg.teacher, registry=registry, max_rows=8)  # not started: no server needed
     assert engine.token == "engine-secret"
+
+
+def test_a_resume_compares_masked_tokens_equal(tmp_path, cpu_process_group):
+    from kdcore import secret
+
+    d = tmp_path / "run"
+    recipe = {"teacher": {"path": "m", "remote": {"token": "first", "address": "h:1"}}, "train": {"output_dir": str(d)}}
+    rf.prepare_collective(d, recipe, resume=False, overwrite=False)
+    assert rf.load_saved_recipe(d)["teacher"]["remote"]["token"] == secret.MASK
+    rf.unlock(d)
+    recipe["teacher"]["remote"]["token"] = "given-again"
+    rf.prepare_collective(d, recipe, resume=True, overwrite=False)  # no "token changed" refusal
+    recipe["teacher"]["remote"] = {"token_file": "/run/secrets/t", "address": "h:2"}  # where it comes from may change
+    rf.prepare_collective(d, recipe, resume=True, overwrite=False)
