@@ -114,8 +114,11 @@ def cmd_validate(args) -> int:
         print(f"kdcore: warning: {w}", file=sys.stderr)
     if errors:
         print(f"{path}: {len(errors)} error(s)", file=sys.stderr)
+        from kdcore.config import ERROR_CHARS
+        from kdcore.exceptions import clip
+
         for e in errors:
-            print(f"  - {e}", file=sys.stderr)
+            print(f"  - {clip(e, ERROR_CHARS)}", file=sys.stderr)
         return 2
     print(f"{path}: ok")
     return 0
@@ -127,6 +130,8 @@ def cmd_train(args) -> int:
 
     if args.resume and args.overwrite:
         raise RunFolderError("--resume and --overwrite contradict each other: pick one")
+    if args.allow_data_change and not args.resume:
+        raise RunFolderError("--allow-data-change only applies with --resume")
     registry = _registry_with_warnings()
     cfg = load_recipe(args.recipe, args.overrides, registry=registry)
     _CONTEXT["output_dir"] = cfg.train.output_dir
@@ -138,7 +143,8 @@ def cmd_train(args) -> int:
         print(f"kdcore: warning: {w}", file=sys.stderr)
     from kdcore.training import train
 
-    train(cfg, registry=registry, resume=args.resume, overwrite=args.overwrite)
+    train(cfg, registry=registry, resume=args.resume, overwrite=args.overwrite,
+          allow_data_change=args.allow_data_change)
     from kdcore import distributed as kdist
 
     kdist.teardown()  # only after success: on an error the peers may never reach its barrier
@@ -225,8 +231,10 @@ def cmd_cache_teacher(args) -> int:
         done = build_teacher_cache(cfg, raw, args.out, registry=registry, dtype=args.dtype, shard_mb=args.shard_mb,
                                    batch_size=args.batch_size, progress=cfg.logging.progress)
     except BUILD_ERRORS as exc:
-        print(f"kdcore: {exc}", file=sys.stderr)
-        return 1
+        from kdcore.errors import EXIT_FAILED, classify, one_line
+
+        print(f"kdcore: {one_line(exc)}", file=sys.stderr)
+        return classify(exc) or EXIT_FAILED  # bad data or a missing model: 2, as documented
     print(f"{done.folder}: verified; {done.samples} samples, {done.rows} teacher rows (tokens), "
           f"{done.bytes / 2**20:.1f} MiB in {done.shards} shard(s) ({done.built_shards} built now), "
           f"{done.bytes_per_row:.0f} bytes per token, {done.seconds:.1f} s")
@@ -250,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="start over in a train.output_dir that holds a run: the old run is moved to "
                         "<dir>.old-<timestamp> (never deleted)")
+    p.add_argument("--allow-data-change", action="store_true",
+                   help="with --resume: continue although a data file changed since the run started "
+                        "(refused otherwise: the saved position would read other samples)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="score a trained student against its teacher on the held-out data")

@@ -11,9 +11,14 @@ and each chosen algorithm's options against its options dataclass — and raises
 from __future__ import annotations
 
 import difflib
+import os
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+
+from kdcore.exceptions import clip
+from kdcore.secret import check_secrets, hold_secrets
 
 # The schema and the checks live in their own modules; their public names are importable from
 # here too, since recipes, tests and plugins know kdcore.config as the recipe's home.
@@ -25,12 +30,17 @@ from kdcore.schema import (RANGES, CheckpointConfig, DataConfig, DistillConfig, 
                            TeacherEntry, TrainConfig, check_section, get_dotted)
 
 
+ERROR_CHARS = 1000  # one problem's line: room for a key, a clipped value and the valid choices
+
+
 class RecipeError(ValueError):
     """Every problem found in a recipe, one per line."""
 
     def __init__(self, source: str, errors: list[str]):
         self.source = source
-        self.errors = errors
+        # each problem cut to a readable length: one may quote a value of any size (kdcore.exceptions.clip)
+        self.errors = [clip(e, ERROR_CHARS) for e in errors]
+        errors = self.errors
         super().__init__(f"{source}: {len(errors)} error(s)\n" + "\n".join(f"  - {e}" for e in errors))
 
 
@@ -83,6 +93,8 @@ def load_raw(path_or_name: str, overrides: list[str] | None = None) -> tuple[Pat
         raise RecipeError(str(path), [f"cannot read recipe: {type(exc).__name__}: {exc}"]) from exc
     if not isinstance(raw, dict):
         raise RecipeError(str(path), ["a recipe must be a mapping of sections"])
+    hold_secrets(raw)  # from here on the recipe holds a mask where a token was given
+    expand_home(raw)
     _resolve_model_paths(raw, path.parent)
     return path, raw
 
@@ -114,6 +126,7 @@ def validate_raw(raw: dict, registry=None, recipe_dir: Path | None = None) -> li
         errors += [f"{e} (made by: {setup})" for e in path_errors] if isinstance(setup, str) and setup else path_errors
     check_loggers(raw, registry, errors)
     check_teacher_entries(raw, registry, errors)
+    check_secrets(raw, errors)
     return errors
 
 
@@ -133,6 +146,29 @@ def load_recipe(path_or_name: str, overrides: list[str] | None = None, registry=
     cfg = OmegaConf.merge(OmegaConf.structured(Recipe), raw)
     OmegaConf.set_readonly(cfg, True)
     return cfg
+
+
+# every key that names a file or folder on this machine: a leading ~ means the home folder there,
+# as in a shell (not a folder named "~" in the working directory)
+PATH_KEYS = ("train.output_dir", "data.train", "data.eval", "student.path", "student.tokenizer")
+TEACHER_PATH_KEYS = ("path", "tokenizer", "cache", "remote.token_file")
+
+
+def expand_home(raw: dict) -> None:
+    """Expand a leading ``~`` in every path of ``raw`` (in place), the teachers' included."""
+    def expand(section: Any, dotted: str) -> None:
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            section = section.get(part) if isinstance(section, dict) else None
+        if isinstance(section, dict) and isinstance(section.get(leaf), str) and section[leaf].startswith("~"):
+            section[leaf] = os.path.expanduser(section[leaf])
+
+    for key in PATH_KEYS:
+        expand(raw, key)
+    teachers = raw.get("teachers") if isinstance(raw.get("teachers"), list) else []
+    for section in [raw.get("teacher")] + list(teachers):
+        for key in TEACHER_PATH_KEYS:
+            expand(section, key)
 
 
 def _resolve_model_paths(raw: dict, recipe_dir: Path) -> None:

@@ -4,7 +4,8 @@ Known errors — bad input (exit 2) and runtime failures of a correct setup (exi
 ``kdcore: error: <one line>``. Anything else is a bug or an unforeseen situation: it prints
 one line naming the exception plus the file that holds its full traceback (in the run
 folder when there is one, else the temp dir), exit 1. Ctrl-C prints one line naming the last
-good checkpoint, exit 130 (the shell's code for SIGINT).
+good checkpoint, exit 130 (the shell's code for SIGINT); SIGTERM the same, exit 143 (128 + 15).
+A bad-input error that another layer wrapped (a DataError inside a TrainingError) keeps exit 2.
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ import time
 import traceback
 from pathlib import Path
 
-from kdcore.exceptions import find_in_chain
+from kdcore.exceptions import clip, find_in_chain
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for a Ctrl-C'd command
+EXIT_TERMINATED = 143  # 128 + SIGTERM, what a killed command reports; schedulers know it
 
 # (module, class, exit code): matched only when the module is loaded (an error of a module
 # that was never imported cannot be raised), so this file imports nothing heavy
@@ -51,8 +53,19 @@ KNOWN_ERRORS: tuple[tuple[str, str, int], ...] = (
 )
 
 
+# errors that only carry another one's message across a layer (train() turns a DataError into a
+# TrainingError): the error they were raised from decides the exit code, so bad data exits 2
+WRAPPERS: tuple[tuple[str, str], ...] = (("kdcore.training.types", "TrainingError"),)
+
+
 def classify(exc: BaseException) -> int | None:
-    """The exit code of a known error, None for an unexpected one."""
+    """The exit code of a known error, None for an unexpected one. A wrapper raised ``from`` a
+    known error takes that error's code."""
+    cause = exc.__cause__
+    if cause is not None and _is_any(exc, WRAPPERS):
+        inner = classify(cause)
+        if inner is not None:
+            return inner
     for module, name, code in KNOWN_ERRORS:
         mod = sys.modules.get(module)
         cls = getattr(mod, name, None) if mod is not None else None
@@ -61,13 +74,30 @@ def classify(exc: BaseException) -> int | None:
     return None
 
 
+LINE_CHARS = 4000  # the most one error line prints: values inside it are clipped before this
+
+
+def _is_any(exc: BaseException, names) -> bool:
+    for module, name in names:
+        mod = sys.modules.get(module)
+        cls = getattr(mod, name, None) if mod is not None else None
+        if isinstance(cls, type) and isinstance(exc, cls):
+            return True
+    return False
+
+
 def one_line(exc: BaseException) -> str:
-    """The exception's message on one line (a RecipeError's problems joined with '; ')."""
+    """The exception's message on one line (a RecipeError's problems joined with '; '), cut to
+    :data:`LINE_CHARS` (a message may quote a value or a file of any size)."""
+    return clip(_first_line(exc), LINE_CHARS)
+
+
+def _first_line(exc: BaseException) -> str:
     errors = getattr(exc, "errors", None)
     if isinstance(errors, list) and errors and hasattr(exc, "source"):
-        return f"{exc.source}: " + "; ".join(map(str, errors))
+        return f"{clip(exc.source)}: " + "; ".join(clip(str(e), 1000) for e in errors)
     if isinstance(exc, OSError) and exc.strerror:
-        where = f": '{exc.filename}'" if exc.filename else ""
+        where = f": '{clip(exc.filename)}'" if exc.filename else ""
         return f"{exc.strerror}{where}"
     text = str(exc).strip() or type(exc).__name__
     lines = text.splitlines()
@@ -103,32 +133,50 @@ def last_checkpoint_text(output_dir: str | os.PathLike | None) -> str:
     return "no checkpoint was written"
 
 
-_sigint_received = False  # set by the handler below: a library may swallow the KeyboardInterrupt
+_signal_received: int | None = None  # set by the handler below: a library may swallow the KeyboardInterrupt
 
 
-def _on_sigint(signum, frame):
-    global _sigint_received
-    _sigint_received = True
+def _on_stop_signal(signum, frame):
+    global _signal_received
+    _signal_received = signum
     raise KeyboardInterrupt
 
 
 def watch_sigint() -> None:
-    """Remember that Ctrl-C was pressed, even when the KeyboardInterrupt it raises is turned
-    into another error on the way (torch.save inside DCP's writer reports a C++ "unexpected
-    pos" instead). Behaves as Python's own handler otherwise; main thread only."""
+    """Remember that Ctrl-C (SIGINT) or SIGTERM arrived, even when the KeyboardInterrupt it raises
+    is turned into another error on the way (torch.save inside DCP's writer reports a C++
+    "unexpected pos" instead). SIGTERM (what ``kill``, schedulers and container runtimes send)
+    stops the run exactly as Ctrl-C does, so it too ends with one line and the teacher processes
+    closed instead of a silent exit 143. A handler someone else installed is left alone; main
+    thread only."""
     import signal
     import threading
 
-    if threading.current_thread() is threading.main_thread() and \
-            signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-        signal.signal(signal.SIGINT, _on_sigint)
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
+        if signal.getsignal(sig) is default:
+            signal.signal(sig, _on_stop_signal)
+
+
+def _interrupt_code(exc: BaseException) -> int | None:
+    """The exit code of a stop by signal (130 for SIGINT, 143 for SIGTERM), None otherwise."""
+    import signal
+
+    if _signal_received == signal.SIGTERM:
+        return EXIT_TERMINATED
+    if _signal_received is not None or find_in_chain(exc, KeyboardInterrupt) is not None:
+        return EXIT_INTERRUPTED
+    return None
 
 
 def report(exc: BaseException, *, output_dir: str | os.PathLike | None = None) -> int:
     """Print the one line for ``exc`` to stderr and return the exit code."""
-    if _sigint_received or find_in_chain(exc, KeyboardInterrupt) is not None:
-        print(f"kdcore: interrupted; {last_checkpoint_text(output_dir)}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    stopped = _interrupt_code(exc)
+    if stopped is not None:
+        how = "terminated (SIGTERM)" if stopped == EXIT_TERMINATED else "interrupted"
+        print(f"kdcore: {how}; {last_checkpoint_text(output_dir)}", file=sys.stderr)
+        return stopped
     code = classify(exc)
     line = one_line(exc)
     if code is not None and not line.endswith("more lines)"):

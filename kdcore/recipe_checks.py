@@ -11,6 +11,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from kdcore.exceptions import clip
 from kdcore.schema import (DistillConfig, EvalConfig, RolloutConfig, TeacherConfig, TeacherEntry, check_section,
                            get_dotted)
 def check_algorithm_options(raw: dict, registry, errors: list[str]) -> None:
@@ -145,12 +146,18 @@ def _unreadable(path: Path) -> bool:
 
 
 def check_paths(raw: dict, recipe_dir: Path, errors: list[str]) -> None:
-    """Everything train would open first, checked without loading it: data files (beside the
+    """Everything train would open first, checked without loading it: the output folder
+    (:func:`kdcore.run_folder.output_dir_problem`), data files (beside the
     recipe or in the working directory; hub dataset names are left to the loader), model
     folders and ``.gguf`` files, ``pkg://`` specs, tokenizer paths, and read permission."""
     from kdcore.models import locate
     from kdcore.paths import ModelNotFoundError, resolve
+    from kdcore.run_folder import output_dir_problem
 
+    out = get_dotted(raw, "train.output_dir")
+    problem = output_dir_problem(out) if isinstance(out, str) else None
+    if problem:
+        errors.append(problem)
     data = raw.get("data") or {}
     for key in ("train", "eval"):
         spec = data.get(key) if isinstance(data, dict) else None
@@ -166,7 +173,7 @@ def check_paths(raw: dict, recipe_dir: Path, errors: list[str]) -> None:
         found = p if p.is_absolute() else next((c for c in (recipe_dir / p, p) if c.exists()), None)
         if found is None or not found.exists():
             if _looks_like_path(spec):
-                errors.append(f"data.{key}: no file or folder '{spec}' (looked beside the recipe in "
+                errors.append(f"data.{key}: no file or folder '{clip(spec)}' (looked beside the recipe in "
                               f"'{recipe_dir}' and in the working directory)")
         elif _unreadable(found):
             errors.append(f"data.{key}: '{found}' is not readable (permission denied)")
@@ -193,7 +200,7 @@ def check_paths(raw: dict, recipe_dir: Path, errors: list[str]) -> None:
             errors.append(f"{section}.tokenizer: {exc}")
             continue
         if spec.startswith((".", "/", "~")) and not path.exists():
-            errors.append(f"{section}.tokenizer: no such file or folder '{spec}'")
+            errors.append(f"{section}.tokenizer: no such file or folder '{clip(spec)}'")
         elif path.exists() and _unreadable(path):
             errors.append(f"{section}.tokenizer: '{path}' is not readable (permission denied)")
 

@@ -8,8 +8,9 @@ only say how long, how fast or where to run are applied, and listed in one line.
 May change (:data:`CHANGEABLE`): the schedule's length and shape (``train.max_steps``,
 ``lr``, ``warmup_steps``, ``min_lr_ratio`` — rebuilt from the resumed step by
 :func:`kdcore.student.reschedule`), clipping, precision, threads and devices, evaluation
-cadence, checkpointing, logging, the teacher's engine/dtype/device/threads/server and the
-rollout generator's engine/server. ``distill.chunk_size`` only splits the same sum.
+cadence, checkpointing, logging, the teacher's engine/dtype/device/threads/server (its
+``remote`` address, timeouts and where the token comes from: the fingerprint check at connect
+makes sure it is the same teacher) and the rollout generator's engine/server. ``distill.chunk_size`` only splits the same sum.
 
 Everything else is refused, unknown keys included (a key not known to be harmless is assumed
 to matter): student (path, tokenizer, init, num_layers, config_overrides), teacher path and
@@ -28,7 +29,7 @@ CHANGEABLE = (
     "train.max_steps", "train.lr", "train.warmup_steps", "train.min_lr_ratio", "train.max_grad_norm",
     "train.precision", "train.threads", "train.device", "train.eval_every", "train.eval_batches",
     "checkpoint.", "logging.",
-    "teacher.engine", "teacher.dtype", "teacher.device", "teacher.threads", "teacher.sglang.",
+    "teacher.engine", "teacher.dtype", "teacher.device", "teacher.threads", "teacher.sglang.", "teacher.remote.",
     "rollout.engine", "rollout.dtype", "rollout.sglang.",
     "distill.chunk_size",
 )

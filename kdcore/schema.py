@@ -16,6 +16,8 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
 
+from kdcore.exceptions import clip
+
 # one-way: the sglang section lives with its engine; that module imports neither torch nor sglang
 from kdcore.engines.sglang.config import SGLangConfig
 
@@ -29,7 +31,11 @@ class RemoteTeacherConfig:
     """teacher.engine 'remote': where the `kdcore serve-teacher` runs and how long to wait for it."""
 
     address: Optional[str] = None  # HOST:PORT; required with engine remote (no sensible default host)
-    token: Optional[str] = None  # None reads KDFLOW_TEACHER_TOKEN: keeps the secret out of recipe files
+    # the server's shared secret, one of: token_file (a file holding it), token_env (a variable's
+    # name), token (the value; masked in every file a run writes). None of them: $KDFLOW_TEACHER_TOKEN.
+    token: Optional[str] = None  # None: from token_file/token_env/$KDFLOW_TEACHER_TOKEN, never stored
+    token_env: Optional[str] = None  # None: KDFLOW_TEACHER_TOKEN, read if set
+    token_file: Optional[str] = None  # None: no file; a path is read at start (kdcore/secret.py)
     timeout_s: float = 20.0  # silence before the server counts as lost: inside the 30 s stop budget
     retries: int = 0  # reconnects (with resends) after a loss; 0: a dead server stops the run at once
 
@@ -281,15 +287,15 @@ def check_value(value: Any, tp: Any, key: str, errors: list[str]) -> None:
         return
     if origin in (dict, Dict):
         if not isinstance(value, dict):
-            errors.append(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+            errors.append(f"{key}: expected a mapping, got {type(value).__name__} {clip(repr(value))}")
         return
     if origin in (list, List):
         if not isinstance(value, list):
-            errors.append(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+            errors.append(f"{key}: expected a list, got {type(value).__name__} {clip(repr(value))}")
         return
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            errors.append(f"{key}: expected a section (mapping), got {type(value).__name__} {value!r}")
+            errors.append(f"{key}: expected a section (mapping), got {type(value).__name__} {clip(repr(value))}")
         else:
             check_section(value, tp, key, errors)
         return
@@ -300,7 +306,7 @@ def check_value(value: Any, tp: Any, key: str, errors: list[str]) -> None:
         str: isinstance(value, str),
     }.get(tp)
     if ok is False:
-        errors.append(f"{key}: expected {type_name(tp)}, got {type(value).__name__} {value!r}")
+        errors.append(f"{key}: expected {type_name(tp)}, got {type(value).__name__} {clip(repr(value))}")
 
 
 def check_section(raw: dict, schema: type, prefix: str, errors: list[str]) -> None:
@@ -311,7 +317,7 @@ def check_section(raw: dict, schema: type, prefix: str, errors: list[str]) -> No
         if k not in fields:
             near = difflib.get_close_matches(str(k), list(fields), n=1)
             hint = f"; did you mean '{(prefix + '.' if prefix else '') + near[0]}'?" if near else ""
-            errors.append(f"{key}: unknown key{hint} (valid: {', '.join(fields)})")
+            errors.append(f"{clip(key)}: unknown key{hint} (valid: {', '.join(fields)})")
             continue
         if v == MISSING or v is None and fields[k].default is MISSING:
             continue  # reported as missing below
@@ -321,7 +327,7 @@ def check_section(raw: dict, schema: type, prefix: str, errors: list[str]) -> No
         if len(errors) == before and choices and v not in choices:
             near = difflib.get_close_matches(str(v), [str(c) for c in choices], n=1)
             hint = f"; did you mean '{near[0]}'?" if near else ""
-            errors.append(f"{key}: '{v}' is not one of {', '.join(map(str, choices))}{hint}")
+            errors.append(f"{key}: '{clip(v)}' is not one of {', '.join(map(str, choices))}{hint}")
     for name, f in fields.items():
         key = f"{prefix}.{name}" if prefix else name
         required = f.default is MISSING and f.default_factory is dataclasses.MISSING  # type: ignore[misc]

@@ -89,9 +89,10 @@ class RemoteEngine(EngineSpec):
     def create_teacher(self, teacher_cfg: Any, *, max_rows: int, threads: Optional[int] = None,
                        micro_batches_per_step: int = 1, **kwargs: Any):
         from kdcore.engines.remote import RemoteTeacher
+        from kdcore.secret import remote_token
 
-        remote = teacher_cfg.remote
-        return RemoteTeacher(teacher_cfg.path, address=remote.address, token=remote.token,
+        remote = teacher_cfg.remote  # its token is masked in the recipe (kdcore/secret.py)
+        return RemoteTeacher(teacher_cfg.path, address=remote.address, token=remote_token(remote),
                              timeout_s=remote.timeout_s, retries=remote.retries, dtype=teacher_cfg.dtype,
                              max_rows=max_rows, **kwargs)
 

@@ -32,7 +32,8 @@ from kdcore.training.types import LatestEval, PreparedMicroBatch, PreparedStep, 
 class Trainer:
     """Builds every part of a run from a validated recipe; :meth:`run` trains it."""
 
-    def __init__(self, cfg, *, registry=None, resume: bool = False, overwrite: bool = False):
+    def __init__(self, cfg, *, registry=None, resume: bool = False, overwrite: bool = False,
+                 allow_data_change: bool = False):
         from kdcore import distributed as kdist
         from kdcore.plugins import load_registry
         from kdcore.runtime import tune_allocator
@@ -43,6 +44,7 @@ class Trainer:
         self.registry = registry or load_registry()
         self.resume = resume
         self.overwrite = overwrite  # a fresh run may move an old run in output_dir aside
+        self.allow_data_change = allow_data_change  # --resume onto a changed data file (run_folder.check_data)
         tune_allocator()
         self.kdist = kdist
         self.env = kdist.init_distributed(cfg.train.device)
@@ -233,12 +235,15 @@ class Trainer:
         return export_dir
 
     def close(self) -> None:
+        from kdcore import run_folder
+
         self.log.close()
         if self.sampler is not None:
             self.sampler.close()
             self.sampler = None
         teachers.close_engines(self.parts)
         self.engine = None
+        run_folder.unlock(self.out_dir)  # last: the run folder is ours until everything is closed
 
     # ------------------------------------------------------------------------------ building
     def _algorithms(self):
@@ -254,7 +259,8 @@ class Trainer:
         """Refuse to overwrite another run, compare recipes on resume, save this one's recipe."""
         from kdcore import run_folder
 
-        run_folder.prepare_collective(self.out_dir, self.cfg, resume=self.resume, overwrite=self.overwrite)
+        run_folder.prepare_collective(self.out_dir, self.cfg, resume=self.resume, overwrite=self.overwrite,
+                                      allow_data_change=self.allow_data_change)
 
     def _student_tokenizer(self):
         from kdcore.tokenizers import load_tokenizer
@@ -355,7 +361,8 @@ def student_tokenizer_spec(cfg) -> str:
     return cfg.student.tokenizer or cfg.student.path or cfg.teacher.tokenizer or cfg.teacher.path
 
 
-def train(cfg, *, registry=None, resume: bool = False, overwrite: bool = False) -> TrainResult:
+def train(cfg, *, registry=None, resume: bool = False, overwrite: bool = False,
+          allow_data_change: bool = False) -> TrainResult:
     """Run a validated recipe (``kdcore.load_recipe``); returns where everything was written."""
     from kdcore.channel import ChannelError
     from kdcore.data import DataError
@@ -365,7 +372,8 @@ def train(cfg, *, registry=None, resume: bool = False, overwrite: bool = False) 
     from kdcore.vocab import VocabMismatchError
 
     try:
-        return Trainer(cfg, registry=registry, resume=resume, overwrite=overwrite).run()
+        return Trainer(cfg, registry=registry, resume=resume, overwrite=overwrite,
+                       allow_data_change=allow_data_change).run()
     except (DataError, ModelNotFoundError, UnknownAlgorithmError, VocabMismatchError, ChannelError,
             RolloutError) as exc:
         raise TrainingError(str(exc)) from exc

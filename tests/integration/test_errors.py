@@ -67,6 +67,41 @@ def test_ctrl_c_names_the_last_good_checkpoint(tmp_path, capsys):
     assert f"the last good checkpoint is '{step}'" in capsys.readouterr().err
 
 
+def test_bad_input_wrapped_by_training_keeps_exit_2(capsys):
+    """train() turns a DataError (and a missing model, an unknown algorithm) into a TrainingError;
+    the exit code stays the documented one for bad input."""
+    from kdcore.channel import ChannelError
+    from kdcore.data import DataError
+    from kdcore.paths import ModelNotFoundError
+    from kdcore.training import TrainingError
+
+    for inner, code in ((DataError("data row 3: no text"), 2), (ModelNotFoundError("no model 'x'"), 2),
+                        (ChannelError("teacher gone"), 1)):
+        try:
+            raise TrainingError(str(inner)) from inner
+        except TrainingError as exc:
+            assert errors.report(exc) == code, inner
+        assert capsys.readouterr().err == f"kdcore: error: {inner}\n"
+    assert errors.report(TrainingError("non-finite loss")) == 1
+
+
+def test_a_huge_value_is_clipped_in_the_error_line(capsys, tmp_path):
+    from kdcore.config import RecipeError, load_raw, validate_raw
+    from kdcore.exceptions import clip
+
+    huge = "v" * (10 << 20)
+    assert len(clip(huge)) < 300 and clip(huge).startswith("vvv") and "characters left out" in clip(huge)
+    assert clip("short") == "short"
+    _, raw = load_raw("quickstart", [f"train.precision={huge[:100_000]}", f"data.train=/no/{huge[:100_000]}.jsonl"])
+    problems = validate_raw(raw)
+    assert errors.report(RecipeError("r.yaml", problems + [f"x: {huge}"])) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and len(err) < 3000, len(err)
+    assert "train.precision: 'vvv" in err and "is not one of fp32, bf16" in err
+    assert errors.report(ValueError(huge), output_dir=tmp_path) == 1  # the whole text goes to the file
+    assert len(capsys.readouterr().err) < 5000
+
+
 def test_a_dead_childs_exit_is_named_as_received():
     from kdcore.channel import describe_exit
 
