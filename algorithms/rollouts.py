@@ -11,6 +11,11 @@ adaptive       DistiLLM's adaptive off-policy: replay buffer + validation-driven
 Sampling settings (max_new_tokens, temperature, top_p, n, sync_every) live in the recipe's
 ``rollout`` section and are shared by all policies; the options below are each algorithm's own.
 Decisions are drawn per micro-batch from ``ctx.rng`` (seeded from ``train.seed`` and the rank).
+
+With ``kd_ratio`` < 1 the CE half stays on the data's references whatever a policy selects: the
+trainer gives the student's own samples the KD term only and adds the references of their
+prompts as CE-only rows (``kdcore/training/steps.py``). Teacher samples (``seqkd``, ``mixed``
+with ``off_policy: teacher``) keep their CE, which is what sequence-level KD trains on.
 """
 
 from __future__ import annotations

@@ -37,6 +37,7 @@ KNOWN_ERRORS: tuple[tuple[str, str, int], ...] = (
     ("kdcore.tokenizers", "TokenizerLoadError", EXIT_BAD_INPUT),
     ("kdcore.vocab", "VocabMismatchError", EXIT_BAD_INPUT),
     ("kdcore.evaluate", "EvalInputError", EXIT_BAD_INPUT),
+    ("kdcore.student", "StudentInitError", EXIT_BAD_INPUT),
     ("kdcore.plot", "PlotError", EXIT_BAD_INPUT),
     ("kdcore.evaluate", "EvaluatorError", EXIT_FAILED),
     ("kdcore.training.types", "TrainingError", EXIT_FAILED),

@@ -50,6 +50,12 @@ class Generations:
     teacher_ids: list[list[int]] = field(repr=False)
     student_tokenizer: Any = field(repr=False)
     teacher_tokenizer: Any = field(repr=False)
+    # the ids each side was asked to continue (chat template and generation prompt included),
+    # and the student itself: for evaluators that score the student on the teacher's answers
+    # (draft acceptance); absent (empty / None) where a caller builds generations by hand
+    student_prompt_ids: list[list[int]] = field(default_factory=list, repr=False)
+    teacher_prompt_ids: list[list[int]] = field(default_factory=list, repr=False)
+    student_model: Any = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -292,6 +298,9 @@ def generate_answers(cfg, samples, model, teacher_rollout, student_tok, teacher_
             out += [g.token_ids for g in engine.generate(ids, max_new_tokens=n, temperature=0.0, eos_ids=eos)]
         return out
 
+    def prompt_ids(tok) -> list[list[int]]:
+        return [list(render_prompt(p, tok).input_ids) for p in prompts]  # cached per tokenizer
+
     try:
         s_ids = answers(student_engine, student_tok, _model_eos(model))
     finally:
@@ -301,7 +310,8 @@ def generate_answers(cfg, samples, model, teacher_rollout, student_tok, teacher_
         prompts=[p.content for p in prompts], references=[r for _, r in pairs],
         student=[student_tok.decode(x, skip_special_tokens=True) for x in s_ids],
         teacher=[teacher_tok.decode(x, skip_special_tokens=True) for x in t_ids],
-        student_ids=s_ids, teacher_ids=t_ids, student_tokenizer=student_tok, teacher_tokenizer=teacher_tok)
+        student_ids=s_ids, teacher_ids=t_ids, student_tokenizer=student_tok, teacher_tokenizer=teacher_tok,
+        student_prompt_ids=prompt_ids(student_tok), teacher_prompt_ids=prompt_ids(teacher_tok), student_model=model)
 
 
 def _model_eos(model) -> list[int]:

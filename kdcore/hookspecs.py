@@ -144,12 +144,19 @@ def register_evaluators(register):
       token included when the answer ended on one).
     - ``student_tokenizer`` / ``teacher_tokenizer``: the two tokenizers (the same object when
       the pair shares one).
+    - ``student_prompt_ids`` / ``teacher_prompt_ids``: the ids each side was asked to continue
+      (its chat template and generation prompt included).
+    - ``student_model``: the student (a transformers causal LM in eval mode, on its device), for
+      evaluators that score it on other text, e.g. on the teacher's answers (``draft``). Read
+      it only: no training, no change of mode.
 
     ``options`` is an instance of the registered options dataclass (or ``None``). Return a
     mapping of metric names (``[a-z][a-z0-9_]*``) to finite floats; the core reports each as
     ``<evaluator name>_<metric>`` (e.g. ``rouge_l_vs_reference``), so names need only be unique
     within one evaluator. Evaluators must not modify ``generations`` (they all share it) and
-    run after the models are done, so they may take their time but see no model.
+    run after the answers are generated, so they may take their time. Return ``{}`` when the
+    metric does not apply (e.g. a same-tokenizer metric on a cross-tokenizer pair): the report
+    then has no such keys.
     """
 
 

@@ -162,6 +162,10 @@ def _apply_overrides(cfg, overrides: dict) -> None:
         setattr(cfg, name, [val[0]] * n if val else [])
 
 
+class StudentInitError(ValueError):
+    """The recipe's student section cannot build the student it describes (one line)."""
+
+
 def build_student(recipe, seed: int | None = None):
     """The student model from a recipe (full, unsharded, fp32 master weights on CPU).
 
@@ -182,12 +186,13 @@ def build_student(recipe, seed: int | None = None):
             model = model_class(cfg).from_config(cfg, **_transformers_dtype_kw(torch.float32))
     else:
         if s.config_overrides:
-            raise ValueError(f"student.config_overrides only applies to init=config, not init={s.init}")
+            raise StudentInitError(f"student.config_overrides only applies to init=config, not init={s.init}")
         model = load_pretrained(source, dtype=torch.float32)
         if s.init == "truncate":
             if not s.num_layers:
-                raise ValueError("student.num_layers is required when student.init is 'truncate'")
+                raise StudentInitError("student.num_layers is required when student.init is 'truncate'")
             truncate_layers(model, int(s.num_layers))
+    check_num_layers(model, s, source)
     if s.gradient_checkpointing:
         # non-reentrant checkpointing is the variant that composes with FSDP2
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
@@ -206,6 +211,19 @@ def build_student(recipe, seed: int | None = None):
             model = kdlora.apply_lora(model, s.lora)
     model.train()  # loaders hand out eval-mode models; checkpointing and dropout need train mode
     return model
+
+
+def check_num_layers(model, s, source) -> None:
+    """``student.num_layers`` only cuts layers under ``init: truncate``; elsewhere it must state
+    the student's own count, so a recipe switched to ``init: pretrained`` (a warm start from an
+    export) keeps its meaning instead of being silently ignored."""
+    if not s.num_layers or s.init == "truncate":
+        return
+    have = int(getattr(model.config.get_text_config(), "num_hidden_layers", 0) or 0)
+    if have and have != int(s.num_layers):
+        how = "config_overrides.num_hidden_layers" if s.init == "config" else "init: truncate"
+        raise StudentInitError(f"student.num_layers={s.num_layers}, but the init={s.init} student from '{source}' has "
+                         f"{have} layers; num_layers only cuts layers with {how}: drop it or set it to {have}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -157,6 +157,8 @@ class Evaluator:
     def top1_agreement(self, pmb: PreparedMicroBatch, hidden: torch.Tensor, h_t: torch.Tensor,
                        teacher: str | None = None) -> tuple[int, int]:
         """How often the student's most likely next token is the teacher's (paired rows only)."""
+        if h_t is None:  # the teacher was asked for no position
+            return 0, 0
         b = pmb.batch
         dev = self.env.device
         part = self.forward.parts[teacher or self.forward.default]

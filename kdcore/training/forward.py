@@ -110,6 +110,8 @@ class DistillForward:
         for name, share_specs in specs.items():
             share, part = shares[name], self.parts[name]
             h_t = teacher_rows(name)
+            if h_t is None:  # no pair, no request (kd_ratio 0): the aligner sees no teacher row
+                h_t = part.head.new_zeros((0, part.head.shape[1]))
             batch = AlignedBatch(
                 student_hidden=h_s, student_head=w_s, labels=labels,
                 teacher_hidden=h_t.to(dev), teacher_head=part.head,

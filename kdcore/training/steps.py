@@ -6,6 +6,15 @@ positions with teacher positions per sample (with several teachers, once per tea
 rows ``data.teacher_column`` routes to it: :mod:`kdcore.training.teachers`); the step's KD and CE row counts are summed over
 micro-batches and ranks before any backward, so each micro-batch's loss can be scaled to its
 share of the global token mean (see :mod:`kdcore.training.forward`).
+
+What a training micro-batch learns from: with ``kd_ratio`` 0 (``kd=False``) no row is paired
+with the teacher, so the teacher computes nothing for training (the held-out evaluation still
+asks it). With ``kd_ratio`` < 1 (``ce_on_data``), rows the *student* sampled get no CE: the
+expected gradient of the student's log-likelihood of its own samples is zero (E_q[∇ log q] = 0),
+so CE there is noise that takes the place of the supervised term. Those micro-batches carry the
+data samples of the same prompts as CE-only rows instead, keeping the CE half on the data's
+references whatever the rollout (as GKD and DistiLLM keep their supervised term on the data).
+Teacher samples (SeqKD) keep their CE: learning the teacher's answers is that method.
 """
 
 from __future__ import annotations
@@ -34,7 +43,8 @@ class StepPreparer:
     """Builds :class:`PreparedStep` s for one rank, in step order."""
 
     def __init__(self, *, parts, rollout, train_samples: Sequence, train_cfg, shuffle: bool, env, kdist,
-                 pad_id: int, teacher_pad_id: int, latest_eval: LatestEval, sampler=None, several: bool = False):
+                 pad_id: int, teacher_pad_id: int, latest_eval: LatestEval, sampler=None, several: bool = False,
+                 kd: bool = True, ce_on_data: bool = False):
         self.parts = parts  # kdcore.training.teachers.TeacherPart per teacher
         self.several = several  # each teacher gets a share of its own (PreparedMicroBatch.teachers)
         self.rollout = rollout
@@ -47,6 +57,8 @@ class StepPreparer:
         self.teacher_pad_id = teacher_pad_id
         self.sampler = sampler  # kdcore.sampling.RolloutSampler for sampling policies, else None
         self.latest_eval = latest_eval  # what the evaluator saw last, for policies that adapt to it
+        self.kd = kd  # training rows are paired with the teacher (kd_ratio > 0)
+        self.ce_on_data = ce_on_data  # CE on the data's references, not on student samples (kd_ratio < 1)
 
     @property
     def looks_ahead(self) -> bool:
@@ -54,17 +66,40 @@ class StepPreparer:
         sample from the student: their samples must see the latest weights)."""
         return not getattr(self.rollout, "needs_sampling", False)
 
-    def micro_batch(self, step: int, index: int, last: bool, samples: list) -> PreparedMicroBatch:
+    def training_micro_batch(self, step: int, index: int, last: bool, data: list, selected: list) -> PreparedMicroBatch:
+        """The micro-batch a step trains on: the rollout's ``selected`` samples for ``data``
+        (see the module docstring for which rows get KD and which CE)."""
+        own = [b for b, s in enumerate(selected) if getattr(s, "origin", "data") == "student"]
+        extra: list = []
+        if own and self.ce_on_data:
+            kept = {id(s) for s in selected}
+            extra = [d for d in data if id(d) not in kept]  # a prompt's fallback is already in
+        samples = list(selected) + extra
+        kd_rows = list(range(len(selected))) if self.kd else []
+        return self.micro_batch(step, index, last, samples, kd_rows=kd_rows,
+                                no_ce=own if self.ce_on_data else [])
+
+    def micro_batch(self, step: int, index: int, last: bool, samples: list, *, kd_rows: list[int] | None = None,
+                    no_ce: Sequence[int] = ()) -> PreparedMicroBatch:
+        """``samples`` collated and aligned: rows ``kd_rows`` (default all) paired with the
+        teacher, rows ``no_ce`` without CE labels."""
         from kdcore.data import collate
         from kdcore.kdloss import IGNORE_INDEX
 
         mb = collate(samples, self.pad_id, self.teacher_pad_id)
+        if no_ce:
+            starts = [0]
+            for s in samples:
+                starts.append(starts[-1] + len(s.student.loss_positions))
+            for b in no_ce:
+                mb.labels[starts[b]:starts[b + 1]] = IGNORE_INDEX
         ce_rows = int((mb.labels != IGNORE_INDEX).sum())
+        paired = list(range(len(samples))) if kd_rows is None else list(kd_rows)
         if not self.several:
-            return self._share(self.parts[0], step, index, last, mb, samples, ce_rows, list(range(len(samples))))
+            return self._share(self.parts[0], step, index, last, mb, samples, ce_rows, paired, every_row=True)
         shares = {}
         for part in self.parts:
-            rows = [b for b, s in enumerate(samples) if part.teaches(s)]
+            rows = [b for b, s in enumerate(samples) if part.teaches(s) and b in paired]
             if rows:
                 share = self._share(part, step, index, last, mb, samples, ce_rows, rows)
                 # the rows this teacher reads: its own tokens, or the student's ids
@@ -78,9 +113,11 @@ class StepPreparer:
                                   kd_rows=sum(m.kd_rows for m in shares.values()), ce_rows=ce_rows, teachers=shares)
 
     def _share(self, part, step: int, index: int, last: bool, mb, samples: list, ce_rows: int,
-               rows: list[int]) -> PreparedMicroBatch:
+               rows: list[int], every_row: bool = False) -> PreparedMicroBatch:
         """One teacher's share: its pairs over the micro-batch's student rows (sample ``b``'s
-        loss rows start after those of samples ``< b``) and its teacher rows (``rows`` only)."""
+        loss rows start after those of samples ``< b``) and its teacher rows (``rows`` only;
+        ``every_row``: the teacher reads every row of ``mb``, those outside ``rows`` asking for
+        no position, which the schedule does not send)."""
         student_starts, base = [], 0
         for s in samples:
             student_starts.append(base)
@@ -97,9 +134,13 @@ class StepPreparer:
             t_base += len(a.teacher_positions)
         extra = part.aligner.collate([a.extra for a in alignments], s_off, t_off)
         student_index = torch.tensor(s_idx, dtype=torch.long)
+        positions = [list(a.teacher_positions) for a in alignments]
+        if every_row and len(rows) < len(samples):
+            by_row = dict(zip(rows, positions))
+            positions = [by_row.get(b, []) for b in range(len(samples))]
         return PreparedMicroBatch(
             step=step, index=index, last=last, batch=mb, alignments=alignments,
-            teacher_positions=[list(a.teacher_positions) for a in alignments],
+            teacher_positions=positions,
             student_index=student_index, teacher_index=torch.tensor(t_idx, dtype=torch.long), extra=extra,
             kd_rows=int(torch.unique(student_index).numel()), ce_rows=ce_rows,
         )
@@ -125,8 +166,8 @@ class StepPreparer:
             n = len(planned.micro_batches)
             for i, idx in enumerate(planned.micro_batches):
                 ctx.micro_batch = i
-                samples = self.rollout.select([self.train_samples[j] for j in idx], ctx)
-                mbs.append(self.micro_batch(step, i, i == n - 1, samples))
+                data = [self.train_samples[j] for j in idx]
+                mbs.append(self.training_micro_batch(step, i, i == n - 1, data, self.rollout.select(data, ctx)))
             names = [p.name for p in self.parts] if self.several else []
             counts = torch.tensor([sum(m.kd_rows for m in mbs), sum(m.ce_rows for m in mbs)]
                                   + [sum(m.teachers[n].kd_rows for m in mbs if n in m.teachers) for n in names],

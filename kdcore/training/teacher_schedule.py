@@ -60,21 +60,32 @@ class TeacherSchedule:
             if vision and not getattr(engine, "accepts_vision", False):
                 raise TrainingError(f"{self._who(name)} ({type(engine).__name__}) does not take image inputs, and "
                                     f"step {pmb.step} has images; use teacher.engine: hf for a vision-language teacher")
+            positions = share.teacher_positions
+            wanted = [b for b, p in enumerate(positions) if p]
+            if not wanted:
+                continue  # nothing to compute (kd_ratio 0, or no pair): no request, hidden() gives None
+            if len(wanted) < len(positions) and not vision:
+                # rows that ask for no position (CE-only data rows beside rollout samples) are
+                # not sent: the reply concatenates the wanted rows' positions in the same order
+                ids, mask, positions = ids[wanted], mask[wanted], [positions[b] for b in wanted]
             try:
-                share.ticket = engine.submit(HiddenRequest(ids, mask, share.teacher_positions, vision))
+                share.ticket = engine.submit(HiddenRequest(ids, mask, positions, vision))
             except ChannelError as exc:
                 raise TrainingError(f"{self._who(name)} failed at step {pmb.step}: {exc}") from exc
         pmb.submitted = True
 
-    def hidden(self, pmb: PreparedMicroBatch, *, timed: bool = True, name: str | None = None) -> torch.Tensor:
+    def hidden(self, pmb: PreparedMicroBatch, *, timed: bool = True, name: str | None = None) -> torch.Tensor | None:
         """The rows teacher ``name`` (default: the one teacher) computed for a submitted
-        micro-batch: a view of its channel slot."""
+        micro-batch: a view of its channel slot; None when it asked for no position."""
         from kdcore.channel import ChannelError
 
         name = name or self.default
+        ticket = pmb.shares(self.default)[name].ticket
+        if ticket is None:
+            return None
         t0 = time.perf_counter()
         try:
-            h_t = self.engines[name][0].result(pmb.shares(self.default)[name].ticket)
+            h_t = self.engines[name][0].result(ticket)
         except ChannelError as exc:
             raise TrainingError(f"{self._who(name)} failed at step {pmb.step}: {exc}") from exc
         if timed:

@@ -79,7 +79,7 @@ class Trainer:
                 parts=self.parts, rollout=self.rollout, train_samples=self.train_samples, train_cfg=cfg.train,
                 shuffle=cfg.data.shuffle, env=self.env, kdist=kdist, pad_id=pad_token_id(self.student_tok),
                 teacher_pad_id=pad_token_id(self.teacher_tok), latest_eval=self.latest_eval, sampler=self.sampler,
-                several=self.several)
+                several=self.several, kd=cfg.distill.kd_ratio > 0, ce_on_data=cfg.distill.kd_ratio < 1)
             self.forward = DistillForward(student=self.student, parts=self.parts, distill_cfg=cfg.distill,
                                           loss_fn=self.loss_fn, loss_options=self.loss_options,
                                           device=self.env.device, world_size=self.env.world_size)

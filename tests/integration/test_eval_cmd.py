@@ -258,7 +258,8 @@ def test_list_algorithms_lists_evaluators():
     assert res.returncode == 0, res.stderr
     rows = json.loads(res.stdout)
     assert sorted((r["name"], r["kind"], r["options"]) for r in rows) == [
-        ("answer_words", "evaluator", {}), ("rouge_l", "evaluator", {"use_stemmer": False})]
+        ("answer_words", "evaluator", {}), ("draft", "evaluator", {"gamma": 4}),
+        ("repetition", "evaluator", {"n": 4}), ("rouge_l", "evaluator", {"use_stemmer": False})]
 
 
 # ------------------------------------------------------------------------------ bad input
