@@ -17,7 +17,7 @@ import torch
 from dist_scripts.common import HIDDEN, tiny_llama
 from kdcore import checkpoint as ck
 from kdcore.student import build_optimizer, build_scheduler, shard_student
-from test_checkpoint import snapshot, trained_setup
+from test_checkpoint import assert_same, snapshot, trained_setup
 
 pytestmark = pytest.mark.usefixtures("cpu_process_group")
 
@@ -79,19 +79,160 @@ def test_malicious_pickle_planted_as_the_old_file_names_never_runs(work):
     assert marker.exists()
 
 
-def test_malicious_dcp_metadata_is_refused_by_the_restricted_unpickler(work):
-    path = _save(work, 1)
+def _rewrite_manifest(path: Path, legacy: bool = False) -> None:
+    """What whoever plants a file does next: list every file with its new size and hash."""
+    files = {f.name: ck._file_record(f) for f in sorted(path.iterdir()) if f.is_file() and f.name != "manifest.json"}
+    (path / "manifest.json").write_text(json.dumps({"files": files} if legacy else {"format": 2, "files": files}))
+
+
+def _as_legacy(path: Path) -> None:
+    """The checkpoint as kdflow wrote it before its DCP metadata was JSON: DCP's own pickled
+    ``.metadata``, a manifest without a format."""
+    from kdcore.safe_dcp import read_metadata
+
+    (path / ".metadata").write_bytes(pickle.dumps(read_metadata(path)))
+    (path / "dcp.json").unlink()
+    _rewrite_manifest(path, legacy=True)
+
+
+def _short_str(text: str) -> bytes:
+    data = text.encode()
+    return b"\x8c" + bytes([len(data)]) + data  # SHORT_BINUNICODE
+
+
+def _global_call(module: str, name: str, *args) -> bytes:
+    """A protocol-4 pickle that looks ``module``/``name`` up with STACK_GLOBAL (which resolves a
+    dotted name attribute by attribute) and calls it with ``args``: a planted file's payload."""
+    return b"\x80\x04" + _short_str(module) + _short_str(name) + b"\x93" + pickle.dumps(args, protocol=2)[2:-1] + b"R."
+
+
+_DCP_META = "torch.distributed.checkpoint.metadata"
+
+
+def _dotted_path_to(module_name: str) -> str:
+    """A dotted path from DCP's metadata module's globals to ``module_name`` through the modules
+    it imports (e.g. ``torch.utils.collect_env.subprocess``): what the issue's payload walked."""
+    import importlib
+    import types
+
+    importlib.import_module("torch.utils.collect_env")  # imported by torch itself in a trainer; made sure of here
+    start = importlib.import_module(_DCP_META)
+    queue, seen = [("", start)], {id(start)}
+    while queue:
+        path, mod = queue.pop(0)
+        for key, value in list(vars(mod).items()):
+            if isinstance(value, types.ModuleType) and id(value) not in seen:
+                seen.add(id(value))
+                dotted = f"{path}.{key}" if path else key
+                if value.__name__ == module_name:
+                    return dotted
+                queue.append((dotted, value))
+    raise AssertionError(f"no path to {module_name}")
+
+
+def _payloads(marker: Path) -> dict[str, bytes]:
+    popen = _dotted_path_to("subprocess") + ".Popen"
+    assert popen.startswith("torch.") and popen.endswith("subprocess.Popen")
+    shell = ["sh", "-c", f"touch {marker}"]
+    return {
+        "popen": _global_call(_DCP_META, popen, shell),
+        "cdll_via_metadata": _global_call(_DCP_META, "torch.ctypes.CDLL", None),
+        "cdll_via_torch": _global_call("torch", "ctypes.CDLL", None),
+        "os_system": _global_call(_DCP_META, "os.system", f"touch {marker}"),
+        "allowed_module_dotted": _global_call("torch.serialization", "_get_layout.__globals__", ()),
+    }
+
+
+def test_the_issue_payloads_are_real(work):
+    """Plain unpickling runs them: the Popen one creates the marker, CDLL opens a library."""
+    import ctypes
+
     marker = work / "pwned"
-    (path / ".metadata").write_bytes(pickle.dumps(_Bait(marker)))
-    m, p, o, s = _fresh()
-    with pytest.raises(ck.CorruptCheckpointError, match="damaged"):  # the manifest notices first
-        ck.load_checkpoint(path, model=m, optimizer=o, scheduler=s, extra_modules=[p])
-    manifest = json.loads((path / "manifest.json").read_text())  # an attacker can rewrite it too
-    manifest["files"][".metadata"] = ck._file_record(path / ".metadata")
-    (path / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ck.CheckpointError, match="refusing to load io.open"):
-        ck.load_checkpoint(path, model=m, optimizer=o, scheduler=s, extra_modules=[p])
+    pickle.loads(_payloads(marker)["popen"]).wait()
+    assert marker.exists()
+    assert isinstance(pickle.loads(_payloads(marker)["cdll_via_metadata"]), ctypes.CDLL)
+
+
+@pytest.mark.parametrize("name", ["popen", "cdll_via_metadata", "cdll_via_torch", "os_system",
+                                  "allowed_module_dotted"])
+def test_a_planted_pickled_metadata_never_runs_and_an_older_checkpoint_is_used(work, name):
+    _save(work, 1)
+    newest = _save(work, 2)
+    _as_legacy(newest)  # the only form in which kdflow still unpickles anything
+    marker = work / "pwned"
+    (newest / ".metadata").write_bytes(_payloads(marker)[name])
+    _rewrite_manifest(newest, legacy=True)  # the manifest does not stop it: it is unsigned
+    warnings: list[str] = []
+    state = _load_latest(work, warnings)
     assert not marker.exists()
+    assert state.step == 1 and state.path == work / "step_1"
+    assert len(warnings) == 1 and "\n" not in warnings[0]
+    assert f"{newest / '.metadata'}' is refused" in warnings[0] and "refusing to load" in warnings[0]
+    m, p, o, s = _fresh()
+    with pytest.raises(ck.CorruptCheckpointError, match="refusing to load"):
+        ck.load_checkpoint(newest, model=m, optimizer=o, scheduler=s, extra_modules=[p])
+    assert not marker.exists()
+
+
+def test_a_legacy_checkpoint_still_loads_through_the_allow_list(work):
+    model, proj, opt, sched = trained_setup(steps=1)
+    expected = snapshot(model, proj, opt)
+    path = ck.save_checkpoint(work, 1, model=model, optimizer=opt, scheduler=sched, extra_modules=[proj])
+    _as_legacy(path)
+    state = _load_latest(work)
+    assert state.step == 1
+    m, p, o, s = _fresh()
+    ck.load_checkpoint(path, model=m, optimizer=o, scheduler=s, extra_modules=[p])
+    assert_same(snapshot(m, p, o), expected)
+
+
+def test_a_pickle_planted_beside_the_json_metadata_is_refused_or_never_read(work):
+    _save(work, 1)
+    newest = _save(work, 2)
+    assert (newest / "dcp.json").is_file() and not (newest / ".metadata").exists()
+    marker = work / "pwned"
+    (newest / ".metadata").write_bytes(_payloads(marker)["popen"])
+    warnings: list[str] = []
+    assert _load_latest(work, warnings).step == 1  # a file the manifest does not list: refused
+    assert len(warnings) == 1 and "'.metadata', which its manifest.json does not list" in warnings[0]
+    _rewrite_manifest(newest)  # listed: still never read, the JSON metadata is
+    assert _load_latest(work).step == 2
+    assert not marker.exists()
+
+
+def _repoint_storage(path: Path, target: str, legacy: bool) -> None:
+    from kdcore.safe_dcp import read_metadata
+
+    if legacy:
+        md = read_metadata(path)
+        for info in md.storage_data.values():
+            info.relative_path = target  # a REDUCE of an allowed class with a hostile argument
+        (path / ".metadata").write_bytes(pickle.dumps(md))
+        (path / "dcp.json").unlink()
+    else:
+        obj = json.loads((path / "dcp.json").read_text())
+        for entry in obj["storage"]:
+            entry["file"] = target
+        (path / "dcp.json").write_text(json.dumps(obj))
+    (path / "__0_0.distcp").unlink()
+    _rewrite_manifest(path, legacy=legacy)
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["json", "pickled"])
+def test_a_storage_path_outside_the_folder_is_refused(work, legacy):
+    ckpts = work / "ckpts"
+    model, proj, opt, sched = trained_setup(steps=1)
+    expected = snapshot(model, proj, opt)
+    ck.save_checkpoint(ckpts, 1, model=model, optimizer=opt, scheduler=sched, extra_modules=[proj])
+    newest = _save(ckpts, 2, seed=3)
+    (work / "x.distcp").write_bytes((newest / "__0_0.distcp").read_bytes())  # other weights, outside
+    _repoint_storage(newest, "../../x.distcp", legacy)
+    warnings: list[str] = []
+    m, p, o, s = _fresh()
+    state = ck.load_latest(ckpts, model=m, optimizer=o, scheduler=s, extra_modules=[p], warn=warnings.append)
+    assert state.step == 1
+    assert_same(snapshot(m, p, o), expected)  # the weights outside were not read
+    assert len(warnings) == 1 and "'../../x.distcp' is not a shard file inside the checkpoint folder" in warnings[0]
 
 
 def test_truncated_newest_checkpoint_falls_back_to_an_older_one(work):
@@ -201,7 +342,8 @@ def test_the_metadata_unpickler_builds_only_plain_data(work):
         with pytest.raises(pickle.UnpicklingError, match="refusing to load"):
             safe_load_metadata(io.BytesIO(pickle.dumps(bait)))
     assert not (work / "made").exists()
-    path = _save(work, 1)  # and a real checkpoint's metadata reads back whole
+    path = _save(work, 1)  # and a real (older kdflow's) checkpoint's metadata reads back whole
+    _as_legacy(path)
     with open(path / ".metadata", "rb") as f:
         meta = safe_load_metadata(f)
     assert any(k.startswith("model.") for k in meta.state_dict_metadata)
