@@ -3,6 +3,7 @@ load strictly, and fail to save cleanly (disk full)."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -322,6 +323,37 @@ def test_a_save_onto_a_full_tmpfs_fails_cleanly(work):
         subprocess.run(["umount", str(mnt)], check=False)
 
 
+@contextlib.contextmanager
+def _tmpfs(where: Path, size_bytes: int):
+    """A real filesystem of ``size_bytes`` (we run as root in CI); skipped, saying why, where
+    mounting is not permitted."""
+    where.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes // 1024 + 4}k", "tmpfs", str(where)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {proc.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=False)
+
+
+def test_an_export_onto_a_full_tmpfs_fails_cleanly_and_keeps_the_previous_one(work):
+    model, *_ = trained_setup(steps=1)
+    probe = ck.export_hf(model, None, work / "probe")
+    one = sum(f.stat().st_size for f in probe.iterdir())
+    with _tmpfs(work / "small", one * 3 // 2) as mnt:  # room for one export and a half
+        ck.export_hf(model, None, mnt / "hf")
+        before = {f.name: f.read_bytes() for f in (mnt / "hf").iterdir()}
+        with pytest.raises(ck.CheckpointError, match="No space left on device") as err:
+            ck.export_hf(model, None, mnt / "hf")
+        msg = str(err.value)
+        assert "\n" not in msg and "hf.tmp" in msg and "previous 'hf' is kept" in msg
+        assert not (mnt / "hf.tmp").exists()
+        assert {f.name: f.read_bytes() for f in (mnt / "hf").iterdir()} == before
+        assert os.statvfs(mnt).f_bavail * os.statvfs(mnt).f_frsize > one // 3
+
+
 class _Builds:
     def __init__(self, fn, *args):
         self.fn, self.args = fn, args
@@ -347,3 +379,170 @@ def test_the_metadata_unpickler_builds_only_plain_data(work):
     with open(path / ".metadata", "rb") as f:
         meta = safe_load_metadata(f)
     assert any(k.startswith("model.") for k in meta.state_dict_metadata)
+
+
+# ---------------------------------------------------------------------------------------------
+# every file verified, every value checked, before any of it is used
+
+
+def _cut_recipe(path: Path) -> None:
+    text = (path / "recipe.json").read_text()
+    (path / "recipe.json").write_text(text[: len(text) // 2])
+
+
+def _edit_json(name: str, **changes):
+    def edit(path: Path) -> None:
+        obj = json.loads((path / name).read_text())
+        obj.update(changes)
+        (path / name).write_text(json.dumps(obj))
+    return edit
+
+
+_RECIPE = {"train": {"max_steps": 10, "seed": 0}}
+_DAMAGE = {
+    "recipe_cut_in_half": (_cut_recipe, "recipe.json"),
+    "meta_world_size_0": (_edit_json("meta.json", world_size=0), "world_size is 0"),
+    "meta_world_size_text": (_edit_json("meta.json", world_size="1"), "world_size is '1'"),
+    "meta_step_negative": (_edit_json("meta.json", step=-1), "step is -1"),
+    "state_step_10e18": (_edit_json("trainer_state.json", step=10**18), "step is 1000000000000000000"),
+    "state_step_other": (_edit_json("trainer_state.json", step=7), "step is 7, but meta.json says 2"),
+    "state_data_state_list": (_edit_json("trainer_state.json", data_state=[1]), "data_state is not a mapping"),
+    "beyond_planned_steps": (_edit_json("recipe.json", train={"max_steps": 0}), "beyond the run's planned"),
+    "recipe_not_a_mapping": (lambda p: (p / "recipe.json").write_text("[1, 2]"), "not a recipe mapping"),
+}
+
+
+@pytest.mark.parametrize("rewrite", [False, True], ids=["as_damaged", "manifest_rewritten"])
+@pytest.mark.parametrize("damage", sorted(_DAMAGE))
+def test_a_damaged_value_falls_back_to_the_newest_good_checkpoint(work, damage, rewrite):
+    from kdcore.run_folder import saved_run_recipe
+
+    ckpts = work / "checkpoints"
+    _save(ckpts, 1, recipe=_RECIPE)
+    newest = _save(ckpts, 2, recipe=_RECIPE)
+    fn, phrase = _DAMAGE[damage]
+    fn(newest)
+    if rewrite:
+        _rewrite_manifest(newest)
+    # the recipe a --resume compares against comes from the checkpoint it will load, not the damaged one
+    assert saved_run_recipe(work) == (_RECIPE, str(ckpts / "step_1"))
+    warnings: list[str] = []
+    state = _load_latest(ckpts, warnings)
+    assert state.step == 1 and state.recipe == _RECIPE
+    assert len(warnings) == 1 and "\n" not in warnings[0] and "step_2" in warnings[0]
+    if rewrite:  # the value checks catch what the (unsigned) manifest cannot
+        assert phrase in warnings[0], warnings[0]
+    else:
+        assert "sha256" in warnings[0] or "truncated" in warnings[0], warnings[0]
+    m, p, o, s = _fresh()
+    with pytest.raises(ck.CorruptCheckpointError):
+        ck.load_checkpoint(newest, model=m, optimizer=o, scheduler=s, extra_modules=[p])
+    # no good checkpoint left: one line, no JSONDecodeError or ZeroDivisionError
+    fn(ckpts / "step_1")
+    if rewrite:
+        _rewrite_manifest(ckpts / "step_1")
+    with pytest.raises(ck.CheckpointError, match="no usable checkpoint .* all 2 are damaged") as err:
+        _load_latest(ckpts, [])
+    assert "\n" not in str(err.value)
+
+
+def test_a_manifest_naming_files_outside_or_missing_the_state_is_refused(work):
+    path = _save(work, 1)
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["files"]["../../etc/passwd"] = {"size": 1, "sha256": "0"}
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    assert "names '../../etc/passwd', not a file of the checkpoint folder" in ck.verify_checkpoint(path)
+    del manifest["files"]["../../etc/passwd"]
+    del manifest["files"]["meta.json"]
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    problem = ck.verify_checkpoint(path)
+    assert "meta.json" in problem and "does not list" in problem
+    (path / "manifest.json").write_text("{}")
+    assert ck.verify_checkpoint(path) == "manifest.json lists no files"
+
+
+def test_an_ema_average_is_written_before_the_folder_is_sealed(work):
+    from safetensors.torch import save_file
+
+    path = _save(work, 1, write_extra=lambda d: save_file({"w": torch.ones(2)}, str(d / "ema_teacher.safetensors")))
+    files = json.loads((path / "manifest.json").read_text())["files"]
+    assert "ema_teacher.safetensors" in files and "meta.json" in files
+    (path / "ema_teacher.safetensors").write_bytes(b"x" * files["ema_teacher.safetensors"]["size"])
+    assert "ema_teacher.safetensors does not match the sha256" in ck.verify_checkpoint(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# the same through `kdcore train` (the issue's cases, as a user meets them)
+
+
+def _crash_logs(out: Path) -> list[Path]:
+    return list(out.glob("kdcore-crash-*.log"))
+
+
+def test_resume_from_the_cli_falls_back_and_logs_the_final_eval_once(tmp_path, tiny_teacher):
+    from test_train import evals, run_train, train_steps, write_recipe
+
+    recipe = write_recipe(tmp_path, tiny_teacher, train={"max_steps": 4, "eval_every": 2},
+                          checkpoint={"every": 2, "keep": 3, "export_hf": False})
+    out = tmp_path / "out"
+    res = run_train(recipe)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert [e["step"] for e in evals(out)] == [0, 2, 4]
+    # as after a kill during the final export: the last checkpoint and the final eval are written
+    res = run_train(recipe, resume=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert [e["step"] for e in evals(out)] == [0, 2, 4]  # logged once, not again on resume
+
+    newest = out / "checkpoints" / "step_4"
+    _cut_recipe(newest)
+    _rewrite_manifest(newest)
+    res = run_train(recipe, resume=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"skipping checkpoint '{newest}'" in res.stderr and "recipe.json" in res.stderr
+    assert "JSONDecodeError" not in res.stderr or "is unreadable" in res.stderr
+    assert [r["step"] for r in train_steps(out)] == [1, 2, 3, 4]  # steps 3 and 4 re-run from step_2
+    assert [e["step"] for e in evals(out)] == [0, 2, 4]
+
+    for path in (out / "checkpoints").glob("step_*"):
+        _edit_json("meta.json", world_size=0)(path)
+        _rewrite_manifest(path)
+    res = run_train(recipe, resume=True)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 1 and lines[-1].startswith("kdcore: error: ") and "no usable checkpoint" in lines[-1]
+    assert "ZeroDivisionError" not in res.stderr and not _crash_logs(out)
+
+
+@pytest.mark.long
+def test_disk_full_in_a_save_and_in_the_export_from_the_cli(tmp_path, tiny_teacher):
+    from test_train import run_train, write_recipe
+
+    probe = write_recipe(tmp_path / "probe", tiny_teacher, train={"max_steps": 1},
+                         checkpoint={"every": 1, "keep": 1, "export_hf": True})
+    res = run_train(probe)
+    assert res.returncode == 0, res.stderr[-3000:]
+    size = lambda d: sum(f.stat().st_size for f in d.rglob("*") if f.is_file())  # noqa: E731
+    one_ckpt, export = size(tmp_path / "probe" / "out" / "checkpoints"), size(tmp_path / "probe" / "out" / "hf")
+
+    with _tmpfs(tmp_path / "full_save", one_ckpt * 3 // 2 + (256 << 10)) as mnt:  # a save and a half
+        recipe = write_recipe(tmp_path / "a", tiny_teacher, train={"max_steps": 3, "output_dir": str(mnt / "out")},
+                              checkpoint={"every": 1, "keep": 1, "export_hf": False})
+        res = run_train(recipe)
+        line = res.stderr.strip().splitlines()[-1]
+        assert res.returncode == 1, res.stderr[-3000:]
+        assert line.startswith("kdcore: error: saving checkpoint step_2") and "No space left on device" in line
+        assert "removed the partial step_2.tmp" in line and "step_1' is kept" in line
+        ckpts = mnt / "out" / "checkpoints"
+        assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_1"]
+        assert (ckpts / "latest").read_text().strip() == "step_1" and not _crash_logs(mnt / "out")
+
+    with _tmpfs(tmp_path / "full_export", one_ckpt + export // 2 + (256 << 10)) as mnt:  # no room for the export
+        recipe = write_recipe(tmp_path / "b", tiny_teacher, train={"max_steps": 1, "output_dir": str(mnt / "out")},
+                              checkpoint={"every": 0, "keep": 1, "export_hf": True})
+        res = run_train(recipe)
+        line = res.stderr.strip().splitlines()[-1]
+        assert res.returncode == 1, res.stderr[-3000:]
+        assert line.startswith("kdcore: error: writing '") and "No space left on device" in line, line
+        assert "removed the partial hf.tmp" in line
+        assert not (mnt / "out" / "hf.tmp").exists() and not (mnt / "out" / "hf").exists()
+        assert (mnt / "out" / "checkpoints" / "latest").read_text().strip() == "step_1"
+        assert not _crash_logs(mnt / "out")
