@@ -471,6 +471,49 @@ def test_an_ema_average_is_written_before_the_folder_is_sealed(work):
     assert "ema_teacher.safetensors does not match the sha256" in ck.verify_checkpoint(path)
 
 
+class _Rollout:
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+def _checkpointer(work, max_steps, latest=None):
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from kdcore.training.checkpointing import Checkpointer
+    from kdcore.training.types import LatestEval
+
+    model, proj, opt, sched = trained_setup(steps=1)
+    recipe = OmegaConf.create({"train": {"max_steps": max_steps, "lr": 1e-2, "warmup_steps": 1, "min_lr_ratio": 0.1},
+                               "checkpoint": {"every": 2, "keep": 2}})
+    student = SimpleNamespace(model=model, optimizer=opt, scheduler=sched, extra_modules=[proj])
+    log = SimpleNamespace(is_main=False, path=work / "metrics.jsonl", say=lambda line: None)
+    return Checkpointer(work, cfg=recipe, student=student, rollout=_Rollout(), latest_eval=latest or LatestEval(),
+                        log=log)
+
+
+def test_the_checkpointer_keeps_the_evaluated_step_and_checks_its_own_values(work):
+    from kdcore.data import DataPosition
+    from kdcore.training.types import LatestEval, TrainingError
+
+    saver = _checkpointer(work, 4, LatestEval(record={"step": 4, "eval_kd": 0.5}, loss=0.5))
+    path = saver.save(4, DataPosition(epoch=0, step=4))
+    restored = _checkpointer(work, 4)
+    assert restored.restore()[0] == 4
+    # the final evaluation was logged before this checkpoint: a resume does not log it again
+    assert restored.evaluated_step == 4 and restored.latest_eval.loss == 0.5
+    with pytest.raises(TrainingError, match="at step 4, beyond train.max_steps 3"):
+        _checkpointer(work, 3).restore()  # would train nothing and export the old weights
+    _edit_json("trainer_state.json", data_state={"epoch": -1, "step": 4})(path)
+    _rewrite_manifest(path)
+    with pytest.raises(ck.CheckpointError, match="all 1 are damaged"):
+        _checkpointer(work, 4).restore()
+
+
 # ---------------------------------------------------------------------------------------------
 # the same through `kdcore train` (the cases, as a user meets them)
 
@@ -479,6 +522,7 @@ def _crash_logs(out: Path) -> list[Path]:
     return list(out.glob("kdcore-crash-*.log"))
 
 
+@pytest.mark.long  # five runs; the parts are covered fast above
 def test_resume_from_the_cli_falls_back_and_logs_the_final_eval_once(tmp_path, tiny_teacher):
     from test_train import evals, run_train, train_steps, write_recipe
 
