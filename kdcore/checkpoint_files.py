@@ -232,11 +232,9 @@ def read_checked(path: str | os.PathLike) -> CheckedFiles:
         _count(ts.get("step"), "step", 0, MAX_STEP)
         if ts["step"] != step or (folder_step is not None and step != folder_step):
             raise ValueError(f"step is {ts['step']}, but {META} says {step} and the folder {p.name}")
-        for key in ("data_state", "trainer_state"):
-            if not isinstance(ts.get(key) or {}, dict):
+        for key in ("data_state", "trainer_state", "scheduler"):  # None: not saved
+            if ts.get(key) is not None and not isinstance(ts[key], dict):
                 raise ValueError(f"{key} is not a mapping")
-        if not isinstance(ts.get("scheduler") or {}, dict):
-            raise ValueError("scheduler is not a mapping")
         where = p / RECIPE
         if recipe is not None:
             if not isinstance(recipe, dict) or not isinstance(recipe.get("train", {}), dict):

@@ -186,6 +186,10 @@ def metadata_to_json(md: Metadata) -> dict:
             "planner": {k: list(v) for k, v in planner.items()} if planner is not None else None}
 
 
+def _lookup(table: dict, name: Any) -> Any:
+    return table.get(name) if type(name) is str else None
+
+
 def metadata_from_json(obj: Any) -> Metadata:
     """:class:`Metadata` from :func:`metadata_to_json`'s data; every value's type is checked
     and every name is looked up in a fixed table."""
@@ -201,7 +205,7 @@ def metadata_from_json(obj: Any) -> Metadata:
         if e.get("bytes") is True:
             state[fqn] = BytesStorageMetadata()
             continue
-        dtype, fmt = _DTYPES.get(e.get("dtype")), _MEMORY_FORMATS.get(e.get("memory_format"))
+        dtype, fmt = _lookup(_DTYPES, e.get("dtype")), _lookup(_MEMORY_FORMATS, e.get("memory_format"))
         if dtype is None or fmt is None or type(e.get("requires_grad")) is not bool:
             raise MetadataError(f"entry '{_clip(fqn)}' has an unknown dtype or memory format")
         chunks = e.get("chunks")

@@ -115,19 +115,22 @@ def _dotted_path_to(module_name: str) -> str:
     it imports (e.g. ``torch.utils.collect_env.subprocess``): what the issue's payload walked."""
     import importlib
     import types
+    import warnings
 
-    importlib.import_module("torch.utils.collect_env")  # imported by torch itself in a trainer; made sure of here
+    importlib.import_module("torch.utils.collect_env")  # one path at least, whatever torch imported so far
     start = importlib.import_module(_DCP_META)
     queue, seen = [("", start)], {id(start)}
-    while queue:
-        path, mod = queue.pop(0)
-        for key, value in list(vars(mod).items()):
-            if isinstance(value, types.ModuleType) and id(value) not in seen:
-                seen.add(id(value))
-                dotted = f"{path}.{key}" if path else key
-                if value.__name__ == module_name:
-                    return dotted
-                queue.append((dotted, value))
+    with warnings.catch_warnings():  # some torch attributes warn when they are looked at
+        warnings.simplefilter("ignore")
+        while queue:
+            path, mod = queue.pop(0)
+            for key, value in list(vars(mod).items()):
+                if isinstance(value, types.ModuleType) and id(value) not in seen:
+                    seen.add(id(value))
+                    dotted = f"{path}.{key}" if path else key
+                    if value.__name__ == module_name:
+                        return dotted
+                    queue.append((dotted, value))
     raise AssertionError(f"no path to {module_name}")
 
 
@@ -199,6 +202,35 @@ def test_a_pickle_planted_beside_the_json_metadata_is_refused_or_never_read(work
     _rewrite_manifest(newest)  # listed: still never read, the JSON metadata is
     assert _load_latest(work).step == 2
     assert not marker.exists()
+
+
+def _first_tensor(obj):
+    return next(v for v in obj["state"].values() if "dtype" in v)
+
+
+_JSON_EDITS = {
+    "dtype_list": lambda o: _first_tensor(o).update(dtype=["float32"]),
+    "dtype_unknown": lambda o: _first_tensor(o).update(dtype="subprocess"),
+    "size_text": lambda o: _first_tensor(o).update(size=["32"]),
+    "file_in_subfolder": lambda o: o["storage"][0].update(file="sub/__0_0.distcp"),
+    "file_absolute": lambda o: o["storage"][0].update(file="/etc/passwd"),
+    "pos_negative": lambda o: o["storage"][0].update(pos=-1),
+    "length_text": lambda o: o["storage"][0].update(length="10"),
+    "format_other": lambda o: o.update(format=2),
+    "entry_a_list": lambda o: o["state"].update(x=[1]),
+    "planner_object": lambda o: o.update(planner={"x": [{"a": 1}]}),
+}
+
+
+@pytest.mark.parametrize("edit", sorted(_JSON_EDITS))
+def test_json_metadata_with_a_wrong_type_or_name_is_refused(work, edit):
+    from kdcore.safe_dcp import MetadataError, metadata_from_json
+
+    obj = json.loads((_save(work, 1) / "dcp.json").read_text())
+    metadata_from_json(json.loads(json.dumps(obj)))  # as written: accepted
+    _JSON_EDITS[edit](obj)
+    with pytest.raises(MetadataError):
+        metadata_from_json(obj)
 
 
 def _repoint_storage(path: Path, target: str, legacy: bool) -> None:
