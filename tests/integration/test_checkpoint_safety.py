@@ -144,7 +144,13 @@ def _payloads(marker: Path) -> dict[str, bytes]:
         "cdll_via_torch": _global_call("torch", "ctypes.CDLL", None),
         "os_system": _global_call(_DCP_META, "os.system", f"touch {marker}"),
         "allowed_module_dotted": _global_call("torch.serialization", "_get_layout.__globals__", ()),
+        # an allowed callable with a hostile argument, and an allowed class that is not DCP metadata
+        "allowed_call_bad_arg": _global_call("torch.serialization", "_get_layout", "no_such_layout"),
+        "allowed_class_not_metadata": _global_call("pathlib", "PosixPath", "/etc/passwd"),
     }
+
+
+_REFUSAL = {"allowed_call_bad_arg": "KeyError", "allowed_class_not_metadata": "not DCP metadata: PosixPath"}
 
 
 def test_the_issue_payloads_are_real(work):
@@ -158,7 +164,7 @@ def test_the_issue_payloads_are_real(work):
 
 
 @pytest.mark.parametrize("name", ["popen", "cdll_via_metadata", "cdll_via_torch", "os_system",
-                                  "allowed_module_dotted"])
+                                  "allowed_module_dotted", "allowed_call_bad_arg", "allowed_class_not_metadata"])
 def test_a_planted_pickled_metadata_never_runs_and_an_older_checkpoint_is_used(work, name):
     _save(work, 1)
     newest = _save(work, 2)
@@ -171,9 +177,10 @@ def test_a_planted_pickled_metadata_never_runs_and_an_older_checkpoint_is_used(w
     assert not marker.exists()
     assert state.step == 1 and state.path == work / "step_1"
     assert len(warnings) == 1 and "\n" not in warnings[0]
-    assert f"{newest / '.metadata'}' is refused" in warnings[0] and "refusing to load" in warnings[0]
+    refusal = _REFUSAL.get(name, "refusing to load")
+    assert f"{newest / '.metadata'}' is refused" in warnings[0] and refusal in warnings[0]
     m, p, o, s = _fresh()
-    with pytest.raises(ck.CorruptCheckpointError, match="refusing to load"):
+    with pytest.raises(ck.CorruptCheckpointError, match=refusal):
         ck.load_checkpoint(newest, model=m, optimizer=o, scheduler=s, extra_modules=[p])
     assert not marker.exists()
 
