@@ -3,25 +3,28 @@
 Layout of a checkpoint directory::
 
     <dir>/step_<n>/          one resumable state, complete once it has this name
-        .metadata, __<r>_0.distcp   DCP: student model + optimizer + extra modules (sharded)
+        dcp.json, __<r>_0.distcp    DCP: student model + optimizer + extra modules (sharded);
+                                    DCP's metadata as JSON, its pickled .metadata deleted
         rank_<r>.safetensors        this rank's RNG states (torch, cuda, numpy; python's as JSON)
         trainer_state.json          step, scheduler, data position, trainer extras (rank 0)
         recipe.json                 the resolved recipe of the run that wrote it
-        manifest.json               size and sha256 of every file above
-        meta.json                   step, world size, versions; written last
+        meta.json                   step, world size, versions
+        manifest.json               size and sha256 of every file above; written last
     <dir>/step_<n>.tmp/      a save in progress (or killed); never read, removed by the next save
     <dir>/latest             "step_<n>", replaced atomically after the rename
 
 A save writes everything into ``step_<n>.tmp`` (files fsynced), renames it to ``step_<n>``, then
 replaces ``latest`` with ``os.replace``: a kill at any point leaves the previous good checkpoint
 and a ``latest`` that names a complete one. :func:`find_latest` trusts ``latest`` when it names a
-complete checkpoint and otherwise falls back to the highest complete ``step_<n>``. A save that
-fails with an OS error (disk full) removes its ``.tmp`` folder and raises one line.
+complete checkpoint and otherwise falls back to the highest complete ``step_<n>``. A save or
+export that fails for an OS reason (disk full), however a library wrapped it, removes its
+``.tmp`` folder, leaves ``latest`` alone and raises one line with the reason.
 
 Loading never runs code from the folder: no pickles are written or read (JSON and
-safetensors; DCP's own pickled ``.metadata`` goes through a restricted unpickler, see
-:mod:`kdcore.safe_dcp`). Each checkpoint is verified against its manifest before anything is
-restored, and :func:`load_latest` falls back to the newest one that verifies.
+safetensors; DCP's metadata is JSON, an older checkpoint's pickled ``.metadata`` goes through an
+exact allow-list, see :mod:`kdcore.safe_dcp`). What a folder may hold and the checks it passes
+before any of it is read (manifest, then values) are :mod:`kdcore.checkpoint_files`';
+:func:`load_latest` falls back to the newest checkpoint that passes.
 
 Resuming restores parameters, optimizer moments, schedule, RNG streams and the data position
 exactly, so a resumed run continues bit for bit (CPU, same world size). Model and optimizer go
@@ -32,7 +35,7 @@ rank ``r mod old_world_size``.
 from __future__ import annotations
 
 import copy
-import hashlib
+import errno
 import json
 import os
 import random
@@ -48,28 +51,12 @@ import torch
 from torch import nn
 
 from kdcore import distributed as kdist
+from kdcore.checkpoint_files import (  # noqa: F401  (re-exported: kdcore.checkpoint is the API)
+    LATEST, LEGACY_REASON, LEGACY_TRAINER_STATE, MANIFEST, META, RECIPE, RNG_SUFFIX, STEP_PREFIX, TMP_SUFFIX,
+    TRAINER_STATE, CheckpointError, CorruptCheckpointError, check, file_record as _file_record, find_latest,
+    is_complete as _is_complete, list_checkpoints, read_checked, step_dir_name, verify_checkpoint, write_manifest,
+)
 from kdcore.exceptions import find_in_chain
-
-STEP_PREFIX = "step_"
-TMP_SUFFIX = ".tmp"
-LATEST = "latest"
-META = "meta.json"
-TRAINER_STATE = "trainer_state.json"
-RECIPE = "recipe.json"
-MANIFEST = "manifest.json"
-RNG_SUFFIX = ".safetensors"
-LEGACY_TRAINER_STATE = "trainer_state.pt"  # pickles, written before kdflow stopped using them
-LEGACY_REASON = ("written by an older kdflow as pickles (trainer_state.pt, rank_*.pt), which can run code when "
-                 "loaded; kdflow does not load them: start a fresh run (--overwrite)")
-_STEP_RE = re.compile(rf"^{STEP_PREFIX}(\d+)$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read or does not fit the run, named in the message."""
-
-
-class CorruptCheckpointError(CheckpointError):
-    """A checkpoint whose files are damaged (truncated, altered, unreadable): an older one may do."""
 
 
 @dataclass
@@ -102,48 +89,51 @@ def _fsync_dir(path: Path) -> None:
 
 def _write_atomic_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + TMP_SUFFIX)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(path.parent)
 
 
-def step_dir_name(step: int) -> str:
-    return f"{STEP_PREFIX}{step}"
+_OS_ERRNO_RE = re.compile(r"os error (\d+)")
+NEARLY_FULL = 64 << 20  # free bytes under which a failed write is put down to a full filesystem
 
 
-def _is_complete(path: Path) -> bool:
-    return (path / META).is_file() and (path / ".metadata").is_file()
-
-
-def list_checkpoints(ckpt_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """Complete checkpoints under ``ckpt_dir`` as ``(step, path)``, oldest first
-    (``.tmp`` leftovers and incomplete folders are ignored)."""
-    d = Path(ckpt_dir)
-    if not d.is_dir():
-        return []
-    out = []
-    for p in d.iterdir():
-        m = _STEP_RE.match(p.name)
-        if m and p.is_dir() and _is_complete(p):
-            out.append((int(m.group(1)), p))
-    return sorted(out)
-
-
-def find_latest(ckpt_dir: str | os.PathLike) -> Path | None:
-    """The checkpoint to resume from: the one ``latest`` names if complete, else the highest
-    complete ``step_<n>``, else None."""
-    d = Path(ckpt_dir)
-    pointer = d / LATEST
-    if pointer.is_file():
-        name = pointer.read_text().strip()
-        cand = d / name
-        if _STEP_RE.match(name) and cand.is_dir() and _is_complete(cand):
-            return cand
-    ckpts = list_checkpoints(d)
-    return ckpts[-1][1] if ckpts else None
+def os_reason(exc: BaseException, folder: Path | None = None) -> str | None:
+    """The operating system's reason behind a failed write, however a library wrapped it: an
+    ``OSError`` in the chain (DCP's CheckpointException included), safetensors' "os error 28";
+    torch's own writer drops the errno ("unexpected pos 704 vs 598"), so a failure while
+    ``folder``'s filesystem is nearly full is called what it is. None otherwise."""
+    found = find_in_chain(exc, OSError)
+    if found is not None:
+        return found.strerror or str(found)
+    todo, seen = [exc], set()
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        m = _OS_ERRNO_RE.search(str(e))
+        if m:
+            return os.strerror(int(m.group(1)))
+        todo += [e.__cause__, e.__context__]
+        for failure in (getattr(e, "failures", None) or {}).values():
+            todo.append(failure[0] if isinstance(failure, tuple) else failure)
+    if folder is not None:
+        try:
+            st = os.statvfs(folder)
+        except OSError:
+            return None
+        free = st.f_bavail * st.f_frsize
+        if free < NEARLY_FULL:
+            return f"{os.strerror(errno.ENOSPC)} ({free >> 10} KiB free)"
+    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,52 +233,6 @@ def _write_json_synced(obj: Any, path: Path, what: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# manifest: what a checkpoint must contain, checked before anything is read
-
-
-def _file_record(path: Path) -> dict:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return {"size": path.stat().st_size, "sha256": h.hexdigest()}
-
-
-def _write_manifest(folder: Path) -> None:
-    # sha256 of every file: catches bit rot and truncation alike; costs one read of the
-    # checkpoint per save and per resume (about a second per GB), small next to training
-    files = {p.name: _file_record(p) for p in sorted(folder.iterdir())
-             if p.is_file() and p.name not in (MANIFEST, META)}
-    _write_json_synced({"files": files}, folder / MANIFEST, "manifest")
-
-
-def verify_checkpoint(path: str | os.PathLike) -> str | None:
-    """What is wrong with a checkpoint folder (one phrase), or None when every file the
-    manifest lists is present with its recorded size and sha256."""
-    p = Path(path)
-    if not _is_complete(p):
-        return "incomplete (no meta.json or .metadata)"
-    if not (p / MANIFEST).is_file():
-        if (p / LEGACY_TRAINER_STATE).exists():
-            return LEGACY_REASON
-        return f"no {MANIFEST}"
-    try:
-        files = json.loads((p / MANIFEST).read_text())["files"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        return f"unreadable {MANIFEST} ({type(exc).__name__})"
-    for name, rec in files.items():
-        f = p / name
-        if not f.is_file():
-            return f"{name} is missing"
-        size = f.stat().st_size
-        if size != rec["size"]:
-            return f"{name} is {size} bytes, {rec['size']} were written (truncated or damaged)"
-        if _file_record(f)["sha256"] != rec["sha256"]:
-            return f"{name} does not match the sha256 recorded when it was written"
-    return None
-
-
-# --------------------------------------------------------------------------------------------
 # save / load
 
 
@@ -296,16 +240,17 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, *, model: nn.Module,
                     optimizer: torch.optim.Optimizer, scheduler=None,
                     extra_modules: Sequence[nn.Module] = (), data_state: dict | None = None,
                     trainer_state: dict | None = None, recipe: dict | None = None,
-                    keep: int = 2) -> Path:
+                    keep: int = 2, write_extra=None) -> Path:
     """Write ``<ckpt_dir>/step_<step>`` atomically and point ``latest`` at it; keep the newest
     ``keep`` checkpoints. Collective: every rank calls it with its own shards.
 
     ``data_state``/``trainer_state``/``recipe``: JSON-able dicts, identical on every rank
-    (rank 0's are saved). Checkpoints of a later step than ``step`` (an abandoned branch of a
-    run that was resumed from an older checkpoint) are removed. A save that fails with an
-    OS error (disk full, read-only folder) removes its partial ``.tmp`` folder, keeps the
-    previous checkpoints and raises :class:`CheckpointError` with the OS's reason. Returns the
-    final path.
+    (rank 0's are saved). ``write_extra(folder)``: rank 0 writes more files into the folder
+    before it is sealed (so the manifest lists them). Checkpoints of a later step than ``step``
+    (an abandoned branch of a run that was resumed from an older checkpoint) are removed. A save
+    that fails for an OS reason (disk full, read-only folder; however DCP or safetensors wrapped
+    it) removes its partial ``.tmp`` folder, keeps ``latest`` and the previous checkpoints and
+    raises :class:`CheckpointError` with the OS's reason. Returns the final path.
     """
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
@@ -315,18 +260,18 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, *, model: nn.Module,
     try:
         _save_into(tmp, final, step, model=model, optimizer=optimizer, scheduler=scheduler,
                    extra_modules=extra_modules, data_state=data_state, trainer_state=trainer_state,
-                   recipe=recipe, keep=keep)
+                   recipe=recipe, keep=keep, write_extra=write_extra)
     except (Exception, _dcp_exception()) as exc:
         if find_in_chain(exc, KeyboardInterrupt) is not None:  # Ctrl-C inside DCP's writer comes back wrapped
             raise KeyboardInterrupt(f"interrupted while saving {final.name}") from exc
-        reason = find_in_chain(exc, OSError)
+        reason = os_reason(exc, d)
         if reason is None:
             raise
         shutil.rmtree(tmp, ignore_errors=True)
         kept = find_latest(d)
         kept_text = f"the last good checkpoint '{kept}' is kept" if kept else "no earlier checkpoint exists"
         raise CheckpointError(f"saving checkpoint {final.name} in '{d}' failed: "
-                              f"{reason.strerror or reason}; removed the partial {tmp.name}, {kept_text}") from exc
+                              f"{reason}; removed the partial {tmp.name}, {kept_text}") from None
     return final
 
 
@@ -337,8 +282,10 @@ def _dcp_exception() -> type:
 
 
 def _save_into(tmp: Path, final: Path, step: int, *, model, optimizer, scheduler, extra_modules,
-               data_state, trainer_state, recipe, keep) -> None:
+               data_state, trainer_state, recipe, keep, write_extra=None) -> None:
     import torch.distributed.checkpoint as dcp
+
+    from kdcore.safe_dcp import write_json_metadata
 
     d = final.parent
     rank, world = kdist.get_rank(), kdist.get_world_size()
@@ -350,20 +297,23 @@ def _save_into(tmp: Path, final: Path, step: int, *, model, optimizer, scheduler
     kdist.barrier()
 
     _, state, _ = _app_state(model, optimizer, extra_modules)
-    dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True))
+    metadata = dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True))
     _write_rng_file(tmp / f"rank_{rank}{RNG_SUFFIX}", world)
     kdist.barrier()  # every shard and RNG file is on disk before rank 0 seals the folder
 
     if rank == 0:
+        write_json_metadata(tmp, metadata)  # JSON instead of DCP's pickle: nothing to unpickle on load
         _write_json_synced({"step": step, "data_state": dict(data_state or {}),
                             "trainer_state": dict(trainer_state or {}),
                             "scheduler": scheduler.state_dict() if scheduler is not None else None},
                            tmp / TRAINER_STATE, "the trainer state")
         if recipe is not None:
             _write_json_synced(recipe, tmp / RECIPE, "the recipe")
-        _write_manifest(tmp)
+        if write_extra is not None:
+            write_extra(tmp)
         _write_json_synced({"step": step, "world_size": world, "time": time.time(), "torch": torch.__version__},
                            tmp / META, "meta")
+        write_manifest(tmp, _write_json_synced)
         _fsync_dir(tmp)
         if final.exists():  # re-saving a step: move the old one aside, never leave neither
             old = d / (final.name + ".old" + TMP_SUFFIX)
@@ -388,22 +338,17 @@ def _prune(d: Path, current: int, keep: int) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise CorruptCheckpointError(f"'{path}' is unreadable: {type(exc).__name__}: {exc}") from exc
-
-
 def _check_model_keys(p: Path, model_state: dict) -> None:
     """DCP loads only the keys the new model asks for and ignores the rest: a 4-layer
-    checkpoint would load into a 2-layer student without a word. Both sides must match."""
-    from kdcore.safe_dcp import SafeFileSystemReader
+    checkpoint would load into a 2-layer student without a word. Both sides must match.
+    Reading the metadata also checks it (:func:`kdcore.safe_dcp.read_metadata`)."""
+    from kdcore.safe_dcp import JSON_NAME, PICKLED_NAME, read_metadata
 
     try:
-        saved_meta = SafeFileSystemReader(str(p)).read_metadata().state_dict_metadata
-    except Exception as exc:
-        raise CorruptCheckpointError(f"'{p}/.metadata' is unreadable: {type(exc).__name__}: {exc}") from exc
+        saved_meta = read_metadata(p).state_dict_metadata
+    except Exception as exc:  # nothing in the reader runs code from the file: whatever fails, the file is bad
+        name = JSON_NAME if (p / JSON_NAME).is_file() else PICKLED_NAME
+        raise CorruptCheckpointError(f"'{p / name}' is refused: {type(exc).__name__}: {exc}") from exc
     saved = {k[len("model."):] for k in saved_meta if k.startswith("model.")}
     wanted = set(model_state)
     missing, unexpected = sorted(wanted - saved), sorted(saved - wanted)
@@ -422,9 +367,10 @@ def load_checkpoint(path: str | os.PathLike, *, model: nn.Module, optimizer: tor
     checkpoint folder in place; return the step and the trainer's saved states. Collective.
 
     Nothing read can run code: JSON, safetensors, and DCP read through
-    :mod:`kdcore.safe_dcp`. The folder is checked against its manifest first (``verify``):
-    a damaged one raises :class:`CorruptCheckpointError` before anything is restored. The
-    model's parameter names must equal the checkpoint's (strict).
+    :mod:`kdcore.safe_dcp`. Every file is checked against the manifest first (``verify``;
+    :func:`kdcore.checkpoint_files.check`) and the JSON files' values after: a damaged one
+    raises :class:`CorruptCheckpointError` before anything is restored. The model's parameter
+    names must equal the checkpoint's (strict).
 
     The objects must be built as for the saved run (same model, optimizer parameter groups,
     extra modules); call it before any gradients exist (a fresh optimizer's state is created by
@@ -440,14 +386,10 @@ def load_checkpoint(path: str | os.PathLike, *, model: nn.Module, optimizer: tor
         raise CheckpointError(f"not a complete checkpoint: '{p}'")
     if (p / LEGACY_TRAINER_STATE).exists() and not (p / TRAINER_STATE).exists():
         raise CheckpointError(f"'{p}': {LEGACY_REASON}")
-    problem = verify_checkpoint(p) if verify else None
-    if problem:
-        raise CorruptCheckpointError(f"'{p}' is damaged: {problem}")
-    meta = _read_json(p / META)
-    ts = _read_json(p / TRAINER_STATE)
-    saved_world = int(meta.get("world_size", 1))
+    files = check(p) if verify else read_checked(p)
+    ts = files.trainer_state
     # own stream when the world size is unchanged; otherwise borrow one so ranks still differ
-    rng = _read_rng_file(p / f"rank_{kdist.get_rank() % saved_world}{RNG_SUFFIX}")
+    rng = _read_rng_file(p / f"rank_{kdist.get_rank() % files.world_size}{RNG_SUFFIX}")
     holder, state, options = _app_state(model, optimizer, extra_modules)
     _check_model_keys(p, state["model"])
     try:
@@ -462,9 +404,8 @@ def load_checkpoint(path: str | os.PathLike, *, model: nn.Module, optimizer: tor
             raise CheckpointError(f"'{p}' holds no scheduler state")
         scheduler.load_state_dict(ts["scheduler"])
     _set_rng_state(*rng)
-    recipe = _read_json(p / RECIPE) if (p / RECIPE).is_file() else None
-    return ResumeState(step=int(ts["step"]), data_state=ts.get("data_state") or {},
-                       trainer_state=ts.get("trainer_state") or {}, path=p, recipe=recipe)
+    return ResumeState(step=files.step, data_state=ts.get("data_state") or {},
+                       trainer_state=ts.get("trainer_state") or {}, path=p, recipe=files.recipe)
 
 
 def _short(exc: BaseException) -> str:
@@ -488,17 +429,34 @@ def _warn(line: str) -> None:
     print(line, file=sys.stderr)
 
 
+def _problem(cand: Path, validate=None) -> str | None:
+    """What keeps a checkpoint from being used (rank 0's view), or None."""
+    try:
+        files = check(cand)
+        if validate is not None:
+            try:
+                validate(files.trainer_state)
+            except (ValueError, TypeError) as exc:
+                raise CorruptCheckpointError(f"'{cand / TRAINER_STATE}': {exc}") from exc
+    except CorruptCheckpointError as exc:
+        return str(exc)
+    except CheckpointError as exc:  # an older kdflow's pickles: no checkpoint of the folder is used
+        raise CheckpointError(str(exc)) from None
+    return None
+
+
 def load_latest(ckpt_dir: str | os.PathLike, *, model: nn.Module, optimizer: torch.optim.Optimizer,
-                scheduler=None, extra_modules: Sequence[nn.Module] = (), warn=_warn) -> ResumeState | None:
+                scheduler=None, extra_modules: Sequence[nn.Module] = (), warn=_warn,
+                validate=None) -> ResumeState | None:
     """:func:`load_checkpoint` of the newest checkpoint that verifies (``None`` when there is
-    none at all). Damaged ones are skipped with one ``warn`` line each; when every one is
-    damaged, :class:`CheckpointError` says so."""
+    none at all). Damaged ones are skipped with one ``warn`` line each naming the folder and
+    what is wrong; when every one is damaged, :class:`CheckpointError` says so.
+    ``validate(trainer_state_json)``: the caller's check of its own saved values, raising
+    ``ValueError`` for one it cannot use (that checkpoint is then skipped too)."""
     # rank 0 decides, so every rank loads the same checkpoint even if the folder changes meanwhile
     candidates = kdist.broadcast_object(_candidates(ckpt_dir) if kdist.is_main() else None)
     for cand in candidates:
-        problem = kdist.broadcast_object(verify_checkpoint(cand) if kdist.is_main() else None)
-        if problem == LEGACY_REASON:
-            raise CheckpointError(f"'{cand}': {LEGACY_REASON}")
+        problem = kdist.broadcast_object(_problem(cand, validate) if kdist.is_main() else None)
         if problem is None:
             try:
                 return load_checkpoint(cand, model=model, optimizer=optimizer, scheduler=scheduler,
@@ -510,6 +468,19 @@ def load_latest(ckpt_dir: str | os.PathLike, *, model: nn.Module, optimizer: tor
     if candidates:
         raise CheckpointError(f"no usable checkpoint in '{ckpt_dir}': all {len(candidates)} are damaged")
     return None
+
+
+def latest_recipe(ckpt_dir: str | os.PathLike) -> tuple[dict | None, Path | None]:
+    """The recipe saved in the checkpoint :func:`load_latest` will resume from (the newest
+    that passes every check; damaged ones are skipped silently here, :func:`load_latest` names
+    them), with its folder; ``(None, None)`` when none passes."""
+    for cand in _candidates(ckpt_dir):
+        try:
+            files = check(cand)
+        except CheckpointError:  # damaged, or an older kdflow's pickles: load_latest says which
+            continue
+        return files.recipe, cand
+    return None, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -534,11 +505,21 @@ def _clean_config(config):
 
 def write_folder(out: Path, save) -> None:
     """Write a folder through ``save(tmp)`` beside it, then swap it in, so a reader of ``out``
-    never sees half an export (the old folder stays whole until the swap)."""
+    never sees half an export (the old folder stays whole until the swap). A write that fails
+    for an OS reason (disk full) removes ``<out>.tmp`` and raises :class:`CheckpointError` with
+    the reason; ``out`` is left as it was."""
     tmp = out.with_name(out.name + TMP_SUFFIX)
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    save(tmp)
+    try:
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        save(tmp)
+    except Exception as exc:
+        reason = os_reason(exc, tmp.parent)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if reason is None:
+            raise
+        kept = f"the previous '{out.name}' is kept" if out.exists() else f"no '{out.name}' was written"
+        raise CheckpointError(f"writing '{out}' failed: {reason}; removed the partial {tmp.name}, {kept}") from None
     if out.exists():
         old = out.with_name(out.name + ".old" + TMP_SUFFIX)
         shutil.rmtree(old, ignore_errors=True)

@@ -116,7 +116,11 @@ def write_traceback(exc: BaseException, folder: str | os.PathLike | None) -> Pat
             path = d / name
             path.write_text(text)
             return path
-        except OSError:
+        except OSError:  # a full disk: leave no empty log behind, try the next folder
+            try:
+                (d / name).unlink(missing_ok=True)
+            except OSError:
+                pass
             continue
     raise RuntimeError("no writable folder for the traceback")  # pragma: no cover
 

@@ -290,11 +290,11 @@ def _write_atomic(path: Path, text: str) -> None:
 def saved_run_recipe(out_dir: str | os.PathLike) -> tuple[dict | None, str]:
     """The recipe a resumed run continues: the newest checkpoint's, else the folder's
     ``recipe.yaml``; with where it was found."""
-    from kdcore.checkpoint import RECIPE as CKPT_RECIPE, find_latest
+    from kdcore.checkpoint import latest_recipe
 
-    ckpt = find_latest(Path(out_dir) / "checkpoints")
-    if ckpt is not None and (ckpt / CKPT_RECIPE).is_file():
-        return json.loads((ckpt / CKPT_RECIPE).read_text()), str(ckpt)
+    saved, ckpt = latest_recipe(Path(out_dir) / "checkpoints")  # verified first: the one --resume loads
+    if saved is not None:
+        return saved, str(ckpt)
     return load_saved_recipe(out_dir), str(Path(out_dir) / RECIPE)
 
 

@@ -111,8 +111,8 @@ class Trainer:
                     self.train_micro_batch(pmb, prepared)
                     if pmb.last:
                         step = self.finish_step(prepared)
-            if step > start or start == max_steps:
-                self.evaluate(step)
+            if step > start or (start == max_steps and self.checkpointer.evaluated_step != start):
+                self.evaluate(step)  # a resumed finished run logged its final evaluation already
             if step > start:
                 self.checkpointer.save(step, self.position)
             return TrainResult(self.out_dir, step, self.log.path, self.export(), self.evals)
