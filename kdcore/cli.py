@@ -20,6 +20,7 @@ examples:
   kdcore cache-teacher quickstart --out cache/qs   store the teacher's states once
   kdcore train quickstart teacher.engine=cache teacher.cache=cache/qs
   kdcore validate recipes/my.yaml distill.loss=js distill.loss_options.beta=0.3
+  kdcore config quickstart train.lr=3e-4       the recipe with every default filled in
   kdcore list-algorithms --kind loss
   kdcore list-algorithms --json
   kdcore plugins
@@ -105,7 +106,7 @@ def cmd_plugins(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from kdcore.config import load_raw, recipe_warnings, validate_raw
+    from kdcore.config import blame_overrides, load_raw, recipe_warnings, validate_raw
 
     registry = _registry_with_warnings()
     path, raw = load_raw(args.recipe, args.overrides)
@@ -113,11 +114,22 @@ def cmd_validate(args) -> int:
     for w in recipe_warnings(raw):
         print(f"kdcore: warning: {w}", file=sys.stderr)
     if errors:
-        print(f"{path}: {len(errors)} error(s)", file=sys.stderr)
+        source, errors = blame_overrides(str(path), errors, args.overrides)
+        print(f"{source}: {len(errors)} error(s)", file=sys.stderr)
         for e in errors:
             print(f"  - {e}", file=sys.stderr)
         return 2
     print(f"{path}: ok")
+    return 0
+
+
+def cmd_config(args) -> int:
+    """The recipe as a run would see it: overrides applied, every default filled in, checked."""
+    from kdcore.config import load_recipe
+    from kdcore.recipe_doc import resolved_yaml
+
+    cfg = load_recipe(args.recipe, args.overrides, registry=_registry_with_warnings())
+    sys.stdout.write(resolved_yaml(cfg))
     return 0
 
 
@@ -271,6 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=cmd_validate)
 
+    p = sub.add_parser("config", help="print a recipe resolved with every default (reference: docs/recipes.md)")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=cmd_config)
+
     p = sub.add_parser("list-algorithms", help="installed algorithms, engines and evaluators, by kind")
     p.add_argument("--kind", choices=list(KINDS))
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -289,11 +306,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Like ``parse_args``, but flags may sit anywhere among the overrides (``train quickstart
+    --resume train.max_steps=10``): argparse ends a ``nargs="*"`` positional at the first flag and
+    calls what follows unrecognized, so those ``key=value`` words are put back with the others."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     from kdcore.runtime import passive_threads_default
 
     passive_threads_default()  # before anything imports torch (see kdcore.runtime)
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     from kdcore.errors import watch_sigint
 
     watch_sigint()
