@@ -214,7 +214,9 @@ def recipe_warnings(raw: dict) -> list[str]:
         v = get_dotted(raw, key)
         if isinstance(v, (int, float)) and not isinstance(v, bool) and absurd(v):
             out.append(f"{key}={v!r}: {why}")
-    return out
+    from kdcore.switches import switched_off_warnings
+
+    return out + switched_off_warnings(raw)
 
 
 # ------------------------------------------------------------------ several teachers
