@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from kdcore.registry import KINDS
 
@@ -24,7 +25,7 @@ examples:
   kdcore list-algorithms --kind loss
   kdcore list-algorithms --json
   kdcore plugins
-  kdcore plot outputs/kd outputs/ce --labels KD,CE --out compare.png
+  kdcore plot outputs/kd outputs/ce --labels KD,CE -o compare.png   (default: outputs/kd/metrics.png)
   kdcore serve-teacher quickstart --listen 0.0.0.0:5555 --token $SECRET   teacher for remote students
 """
 
@@ -163,7 +164,9 @@ def cmd_plot(args) -> int:
     labels = args.labels.split(",") if args.labels is not None else None
     if labels is not None and not all(x.strip() for x in labels):
         raise PlotError(f"--labels: an empty label in '{args.labels}'")
-    print(f"wrote {plot_runs(load_runs(args.runs, labels), args.out)}")
+    # default: beside the first run's metrics, not into whatever folder the shell is in
+    out = args.out if args.out is not None else Path(args.runs[0]) / "metrics.png"
+    print(f"wrote {plot_runs(load_runs(args.runs, labels), out)}")
     return 0
 
 
@@ -299,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plot", help="loss, teacher KL and perplexity of runs, overlaid, as a PNG")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="train.output_dir folders (each has metrics.jsonl)")
-    p.add_argument("--out", default="metrics.png", help="the PNG to write (default: metrics.png)")
+    p.add_argument("-o", "--out", default=None, help="the PNG to write (default: metrics.png in the first RUN_DIR)")
     p.add_argument("--labels", help="comma-separated legend names, one per run (default: the folder names)")
     p.set_defaults(func=cmd_plot)
     _add_serve_teacher(sub)

@@ -47,7 +47,8 @@ class Trainer:
         self.kdist = kdist
         self.env = kdist.init_distributed(cfg.train.device)
         self.out_dir = Path(cfg.train.output_dir)
-        self.log = RunLog(self.out_dir / "metrics.jsonl", is_main=self.env.is_main, progress=cfg.logging.progress)
+        self.log = RunLog(self.out_dir / "metrics.jsonl", is_main=self.env.is_main, progress=cfg.logging.progress,
+                          print_every=cfg.logging.print_every)
         self.latest_eval = LatestEval()
         self.meter = StepMeter()
         self.evals: list[dict] = []
