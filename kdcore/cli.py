@@ -17,6 +17,7 @@ examples:
   kdcore train quickstart --resume            continue from the latest checkpoint
   kdcore eval outputs/run                     score a run's student against its teacher
   kdcore eval quickstart --student outputs/quickstart/hf --json eval.json
+  kdcore eval outputs/quickstart --against outputs/quickstart_ce   beside the CE-only twin
   kdcore train quickstart --overwrite         start over; the old run is moved to <dir>.old-<time>
   kdcore cache-teacher quickstart --out cache/qs   store the teacher's states once
   kdcore train quickstart teacher.engine=cache teacher.cache=cache/qs
@@ -183,9 +184,21 @@ def cmd_eval(args) -> int:
     # bad input and failures are reported by main's handler, one line each (kdcore/errors.py)
     target = resolve_target(args.recipe_or_run, student=args.student, json_out=args.json, overrides=overrides)
     cfg = load_recipe(target.recipe, overrides, registry=registry)
+    from kdcore.evaluate import EvalInputError
+    from kdcore.run_summary import print_summary, run_folder_of, summary
+
+    against = Path(args.against) if args.against else None
+    if against is not None and not (against / "metrics.jsonl").is_file():
+        raise EvalInputError(f"--against {against}: no metrics.jsonl there (give another run's train.output_dir)")
     report = evaluate(cfg, target.student, registry=registry, say=_console().print)
+    run_dir = run_folder_of(Path(target.student))
+    before_after = summary(run_dir, against) if run_dir is not None else None
+    if before_after is not None:
+        report["training"] = before_after  # in the JSON too: step 0 -> last evaluation
     write_report(report, target.json_path)
     print_report(report, _console())
+    if before_after is not None:
+        print_summary(before_after, _console())
     _console().print(f"wrote {target.json_path}")
     return 0
 
@@ -267,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="where the JSON report goes (default: eval.json beside the student folder)")
     p.add_argument("--max-new-tokens", type=int, help="greedy answer length (default: eval.max_new_tokens)")
     p.add_argument("--samples", type=int, help="side-by-side answers to print (default: eval.samples)")
+    p.add_argument("--against", metavar="OTHER_RUN", help="another run folder (e.g. the CE-only twin) whose last "
+                   "held-out figures are shown beside this run's step 0 -> last")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("cache-teacher", help="store a recipe's teacher hidden states once (teacher.engine: cache)")

@@ -284,19 +284,25 @@ def generate_answers(cfg, samples, model, teacher_rollout, student_tok, teacher_
     n = cfg.eval.max_new_tokens
     mbs = max(cfg.train.micro_batch_size, 1)
 
-    def answers(engine, tok, extra_eos) -> list[list[int]]:
+    def answers(engine, tok, extra_eos, who: str) -> list[list[int]]:
         eos = stop_ids(tok, extra_eos)
         out: list[list[int]] = []
-        for i in range(0, len(prompts), mbs):
-            ids = [render_prompt(p, tok).input_ids for p in prompts[i:i + mbs]]
-            out += [g.token_ids for g in engine.generate(ids, max_new_tokens=n, temperature=0.0, eos_ids=eos)]
+        # prompts done / total and tokens/s: generation is most of kdcore eval's time (issue 28)
+        with phase(f"{who}'s greedy answers (up to {n} tokens each)", total=len(prompts)) as advance:
+            for i in range(0, len(prompts), mbs):
+                ids = [render_prompt(p, tok).input_ids for p in prompts[i:i + mbs]]
+                new = [g.token_ids for g in engine.generate(ids, max_new_tokens=n, temperature=0.0, eos_ids=eos)]
+                out += new
+                advance(len(new), tokens=sum(len(x) for x in new))
         return out
 
+    from kdcore.phases import phase
+
     try:
-        s_ids = answers(student_engine, student_tok, _model_eos(model))
+        s_ids = answers(student_engine, student_tok, _model_eos(model), "student")
     finally:
         student_engine.close()
-    t_ids = answers(teacher_rollout, teacher_tok, [])  # its tokenizer's EOS and end-of-turn token
+    t_ids = answers(teacher_rollout, teacher_tok, [], "teacher")  # its tokenizer's EOS and end-of-turn token
     return Generations(
         prompts=[p.content for p in prompts], references=[r for _, r in pairs],
         student=[student_tok.decode(x, skip_special_tokens=True) for x in s_ids],

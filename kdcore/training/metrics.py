@@ -178,6 +178,11 @@ class RunLog:
                                                  loss=float("nan"), tps=0.0)
         return self
 
+    @property
+    def bar_live(self) -> bool:
+        """The live bar is on screen (no other live display may start until it ends)."""
+        return self._progress is not None
+
     def advance(self, step: int, *, loss: float, tps: float) -> None:
         if self._progress is not None:
             self._progress.update(self._task, completed=step, loss=loss, tps=tps)

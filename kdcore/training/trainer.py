@@ -217,6 +217,7 @@ class Trainer:
 
     def evaluate(self, step: int) -> None:
         self.schedule.drop_in_flight()  # evaluation uses the same channel slots
+        self.evaluator.show_progress = not self.log.bar_live  # its own line only where no bar runs
         with self.schedule.phase():
             rec = self.evaluator.evaluate(step)
         if rec:
