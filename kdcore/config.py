@@ -72,13 +72,19 @@ COMMAND_LINE = "the command line"
 def blame_overrides(source: str, errors: list[str], overrides: list[str] | None) -> tuple[str, list[str]]:
     """Say which problems the command line's overrides made, so a typo in ``train.lrr=3`` is not
     reported against the recipe file. Each such line gets ``[command line: <override>]``; when
-    every problem is the command line's, so is the source."""
+    every problem is the command line's, so is the source. A missing file also gets the setup
+    commands the recipe's header names (``bash scripts/get_gemma.sh``)."""
     keys = [(o, o.partition("=")[0].strip()) for o in overrides or [] if "=" in o]
+    from kdcore.hub_cache import setup_commands
+
+    setup = setup_commands(source)  # a shipped recipe's missing asset: name what makes it
     marked, from_cli = [], 0
     for e in errors:
         key = e.split(":", 1)[0]
         hit = next((o for o, k in reversed(keys)
                     if key == k or key.startswith(k + ".") or k.startswith(key + ".")), None)
+        if setup and hit is None and ("no such file or folder" in e or "no file or folder" in e):
+            e = f"{e}; the recipe's setup makes it: {' && '.join(setup)}"
         from_cli += hit is not None
         marked.append(f"{e} [command line: {hit}]" if hit else e)
     if errors and from_cli == len(errors):

@@ -181,6 +181,10 @@ def check_paths(raw: dict, recipe_dir: Path, errors: list[str]) -> None:
         except ModelNotFoundError as exc:
             errors.append(f"{section}.path: {exc}")
             continue
+        from kdcore.hub_cache import offline_hub_problem
+
+        if kind == "hub" and (problem := offline_hub_problem(where)):
+            errors.append(f"{section}.path: {problem}")
         if kind != "hub" and _unreadable(Path(where)):
             errors.append(f"{section}.path: '{where}' is not readable (permission denied)")
     for section in ("teacher", "student"):

@@ -134,3 +134,41 @@ def test_recipe_reference_page_names_every_key_and_format():
 def test_recipe_doc_check_mode():
     done = subprocess.run([sys.executable, "-m", "kdcore.recipe_doc", "--check"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_offline_hub_id_missing_from_the_cache_is_an_error(recipe, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    over = ["student.path=some-org/not-cached", "student.init=pretrained"]
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    load_recipe(str(recipe), over)  # online: reaching the hub is the loader's job
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(RecipeError) as err:
+        load_recipe(str(recipe), over)
+    assert "hub id 'some-org/not-cached' is not in the local Hugging Face cache" in str(err.value)
+
+
+def test_offline_hub_id_in_the_cache_is_fine(recipe, monkeypatch, tmp_path):
+    # the cache's own layout: models--org--name/{refs/main, snapshots/<rev>/config.json}
+    cache = tmp_path / "hub"
+    snap = cache / "models--some-org--cached" / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text("{}")
+    (cache / "models--some-org--cached" / "refs").mkdir()
+    (cache / "models--some-org--cached" / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr("huggingface_hub.file_download.constants.HF_HUB_CACHE", str(cache), raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    load_recipe(str(recipe), ["student.path=some-org/cached", "student.init=pretrained"])
+
+
+def test_missing_asset_of_a_shipped_recipe_names_its_setup_script(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("# a recipe whose teacher is made by a script\n#\n#   bash scripts/get_thing.sh\n"
+                      "teacher: {path: ./models/not-made-yet}\ndata: {train: x.jsonl}\n")
+    with pytest.raises(RecipeError) as err:
+        load_recipe(str(recipe))
+    assert "teacher.path:" in str(err.value) and "the recipe's setup makes it: bash scripts/get_thing.sh" in str(err.value)
+    with pytest.raises(RecipeError) as err:  # the command line's path: not the recipe's asset
+        load_recipe(str(recipe), ["teacher.path=./elsewhere/model"])
+    assert "setup makes it" not in str(err.value).split("teacher.path:")[1].split("\n")[0]
