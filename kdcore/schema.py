@@ -176,6 +176,9 @@ class TrainConfig:
     device: str = _choice("auto", "auto", "cpu", "cuda")  # auto = cuda when present
     eval_every: int = 0  # steps; 0 = evaluate only before and after training
     eval_batches: int = 8  # held-out micro-batches per evaluation (bounded cost)
+    # the step-0 evaluation: the baseline kdcore eval's ending compares the last one against;
+    # false starts step 1 sooner by one evaluation's time (40 s of the quickstart's first minute)
+    eval_at_start: bool = True  # on: "did it work" needs a before
 
 
 @dataclass
