@@ -168,7 +168,7 @@ def gguf_to_hf_folder(gguf_path: str | os.PathLike, cache_dir: str | os.PathLike
     after dropping ``config.quantization_config``.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     src = Path(resolve(str(gguf_path))).expanduser()
     if not src.is_file():
@@ -197,7 +197,11 @@ def gguf_to_hf_folder(gguf_path: str | os.PathLike, cache_dir: str | os.PathLike
             del gguf_model
         with phase(f"{src.name}: writing the converted model and tokenizer"):
             model.save_pretrained(tmp)
-            AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name).save_pretrained(tmp)
+            # the data preparation has usually parsed this GGUF's vocabulary already: its cached
+            # tokenizer (kdcore.tokenizers) saves seconds over parsing it again
+            from kdcore.tokenizers import load_gguf_tokenizer
+
+            load_gguf_tokenizer(src).save_pretrained(tmp)
         (tmp / "kdflow_source.json").write_text(json.dumps({"gguf": str(src), "key": final.name, "created": time.time()}))
         try:
             os.rename(tmp, final)
