@@ -131,7 +131,10 @@ def evaluate(cfg, student_dir: Path, *, registry, say=print) -> dict:
         raise EvalInputError("kdcore eval runs in one process: start it without torchrun")
     env = kdist.init_distributed(cfg.train.device)  # a one-rank group, so the evaluator's collectives are no-ops
     try:
-        parts = _EvalParts.build(cfg, student_dir, registry=registry, env=env)
+        from kdcore.phases import phase
+
+        with phase(f"loading {student_dir}, the teacher's tokenizer and head, and the held-out data"):
+            parts = _EvalParts.build(cfg, student_dir, registry=registry, env=env)
         return parts.run(say)
     finally:
         kdist.teardown()
@@ -204,6 +207,7 @@ class _EvalParts:
             evaluator = frozen_evaluator(cfg, model=self.model, samples=self.held_out, part=self.teacher,
                                          loss_fn=loss.fn, loss_options=loss_options,
                                          pad_id=pad_token_id(self.student_tok), env=self.env, kdist=kdist)
+            evaluator.progress_label = "held-out batches (teacher-KL, perplexity, top-1)"
             chosen = [self.held_out[i] for batch in evaluator.held_out_batches() for i in batch]
             say(f"scoring {self.student_dir} on {len(chosen)} held-out samples")
             metrics = {k: v for k, v in evaluator.evaluate(0).items() if k != "step"}
@@ -240,8 +244,10 @@ def load_student(student_dir: Path, device):
     import torch
     from transformers import AutoModelForCausalLM
 
+    from kdcore.models import _quiet_transformers
     from kdcore.student import _transformers_dtype_kw  # the one torch_dtype=/dtype= version shim
 
+    _quiet_transformers()  # no stray "Loading weights" bar between kdcore's own lines (issue 28)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(student_dir), **_transformers_dtype_kw(torch.float32))
     except Exception as exc:

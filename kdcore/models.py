@@ -197,11 +197,16 @@ def gguf_to_hf_folder(gguf_path: str | os.PathLike, cache_dir: str | os.PathLike
             del gguf_model
         with phase(f"{src.name}: writing the converted model and tokenizer"):
             model.save_pretrained(tmp)
-            # the data preparation has usually parsed this GGUF's vocabulary already: its cached
-            # tokenizer (kdcore.tokenizers) saves seconds over parsing it again
-            from kdcore.tokenizers import load_gguf_tokenizer
+            # the data preparation has usually parsed this GGUF's vocabulary already and cached the
+            # tokenizer (kdcore.tokenizers.load_gguf_tokenizer, same key): copying its files saves
+            # the seconds of parsing it again
+            cached_tok = default_cache_dir() / "gguf" / f"{final.name}.tokenizer"
+            if (cached_tok / "tokenizer.json").is_file():
+                shutil.copytree(cached_tok, tmp, dirs_exist_ok=True)
+            else:
+                from transformers import AutoTokenizer
 
-            load_gguf_tokenizer(src).save_pretrained(tmp)
+                AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name).save_pretrained(tmp)
         (tmp / "kdflow_source.json").write_text(json.dumps({"gguf": str(src), "key": final.name, "created": time.time()}))
         try:
             os.rename(tmp, final)

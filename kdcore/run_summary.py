@@ -11,7 +11,7 @@ from pathlib import Path
 
 # (metrics.jsonl key, label, True when lower is better)
 FIGURES = (("eval_teacher_kl", "held-out teacher-KL", True), ("eval_ppl", "held-out perplexity", True),
-           ("eval_top1_agreement", "top-1 agreement with the teacher", False))
+           ("eval_top1_agreement", "top-1 agreement", False))
 
 
 def run_folder_of(student_dir: Path) -> Path | None:
@@ -66,7 +66,7 @@ def summary(run_dir: Path, against: Path | None = None) -> dict | None:
 
 
 def budget_line(s: dict) -> str:
-    return (f"At this budget ({s['steps']} steps, {s['tokens']:,} training tokens) expect the student's greedy "
+    return (f"At this budget ({s['steps']} steps, {s['tokens']:,} tokens in the loss) expect the student's greedy "
             f"answers to be fragments or repetitions, not readable answers: distillation shows first in the "
             f"token-level figures above, long before whole answers read well.")
 
@@ -85,8 +85,8 @@ def print_summary(s: dict, console) -> None:
     if s["against"]:
         table.add_column(f"{s['against']} (last)", justify="right")
     for r in s["rows"]:
-        cells = [r["label"] + (" (lower is better)" if r["lower_is_better"] else " (higher is better)"),
-                 _fmt(r["before"]), _fmt(r["after"]), "yes" if r["improved"] else "no"]
+        cells = [r["label"], _fmt(r["before"]), _fmt(r["after"]),
+                 ("yes" if r["improved"] else "no") + (" (lower)" if r["lower_is_better"] else " (higher)")]
         if s["against"]:
             mark = "" if "against" not in r else (" (this run better)" if r["beats_against"] else " (that run better)")
             cells.append(_fmt(r["against"]) + mark if "against" in r else "-")

@@ -65,6 +65,7 @@ class Evaluator:
         # a progress line for the held-out batches (kdcore.phases); the trainer turns it off
         # while its own bar is live, since two live displays on one terminal garble each other
         self.show_progress = True
+        self.progress_label = ""  # "" = "held-out evaluation (step N), batches"
         self._advance = lambda n=1, tokens=0: None
 
     def due(self, step: int) -> bool:
@@ -86,7 +87,7 @@ class Evaluator:
         from kdcore.phases import phase
 
         rounds = math.ceil(len(self.held_out_batches()) / self.env.world_size)
-        with phase(f"held-out evaluation (step {step}), batches", total=rounds,
+        with phase(self.progress_label or f"held-out evaluation (step {step}), batches", total=rounds,
                    enabled=self.show_progress and self.env.is_main) as self._advance:
             sums, aligner_recs = self._held_out_sums(step)
         flat = torch.cat(list(sums.values()))

@@ -29,7 +29,7 @@ def test_before_and_after_from_metrics(tmp_path):
     assert (s["first_step"], s["last_step"], s["steps"], s["tokens"]) == (0, 60, 60, 60000)
     assert rows["eval_teacher_kl"]["before"] == 14.19 and rows["eval_teacher_kl"]["after"] == 3.07
     assert all(r["improved"] for r in s["rows"])
-    assert "60 steps, 60,000 training tokens" in budget_line(s)
+    assert "60 steps, 60,000 tokens in the loss" in budget_line(s)
 
 
 def test_against_the_ce_twin(tmp_path, capsys):
