@@ -2,12 +2,13 @@
 conversion, the step-0 evaluation and ``kdcore eval``'s generation printed nothing for minutes).
 
 ``phase(text, total=...)`` is a context manager yielding ``advance(n=1, tokens=0)``. On a
-terminal it is a rich line with a spinner, done/total and the elapsed time (tokens/s when tokens
-are counted); elsewhere (a file, CI) it prints one line when the phase starts and one when it
-ends, with its time, so a log shows where the minutes went. It writes to stderr, like the
+terminal it is a rich line with a spinner, done/total and the elapsed time (tokens/s when
+tokens are counted); elsewhere (a file, CI) it prints one line when the phase ends, with its
+time, so a log shows where the minutes went. A phase that fails prints nothing (the live line
+is transient), so an error stays the one line a failure prints. It writes to stderr, like the
 trainer's bar, and never opens a second live display while one is running (rich allows one per
-console, and two on one terminal garble each other): a nested or concurrent phase falls back to
-the plain lines.
+console, and two on one terminal garble each other): a nested or concurrent phase falls back
+to the plain line.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ def phase(text: str, *, total: int | None = None, enabled: bool = True, stream=N
         return f"{state['tokens'] / elapsed:.0f} tok/s" if state["tokens"] and elapsed > 0 else ""
 
     if not use_live:
-        console.print(f"{text} ..." + (f" ({total})" if total else ""), markup=False, highlight=False, soft_wrap=True)
+        # no line when the phase starts: a phase that fails at once (bad input) must leave its
+        # error as the only line (README, "One line per failure")
 
         def advance(n: int = 1, tokens: int = 0) -> None:
             state["done"] += n
