@@ -93,7 +93,11 @@ def test_resolved_recipe_has_the_same_warnings(recipe):
 
 def test_config_prints_every_default(recipe, capsys):
     assert main(["config", str(recipe), "train.lr=0.003"]) == 0
-    printed = yaml.safe_load(capsys.readouterr().out)
+    text = capsys.readouterr().out
+    printed = yaml.safe_load(text)
+    again = recipe.parent / "resolved.yaml"  # what config prints is itself a recipe, to the same effect
+    again.write_text(text)
+    assert load_recipe(str(again)) == load_recipe(str(recipe), ["train.lr=0.003"])
     assert printed["train"]["lr"] == 0.003 and printed["train"]["max_steps"] == 3
     assert printed["student"]["lora"]["r"] == 16  # a default the recipe never wrote
     assert printed["checkpoint"] and "teachers" not in printed
