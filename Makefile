@@ -1,7 +1,7 @@
 # The same commands as scripts/*.sh (which need only bash, for machines without make).
 #   make quickstart          set up .venv if needed, then run the quickstart
 #   make test                set up .venv if needed, then run the test suite (README's command)
-#   make test TESTS="-x tests/test_config.py"     a part of the suite
+#   make test TESTS="-x tests/unit/test_config.py"     a part of the suite
 #   VENV=.venv-ci make test  another environment (what .ci/run does)
 VENV ?= .venv
 STAMP := $(VENV)/.kdflow-setup-stamp

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from kdcore.registry import KINDS
 
@@ -16,14 +17,16 @@ examples:
   kdcore train quickstart --resume            continue from the latest checkpoint
   kdcore eval outputs/run                     score a run's student against its teacher
   kdcore eval quickstart --student outputs/quickstart/hf --json eval.json
+  kdcore eval outputs/quickstart --against outputs/quickstart_ce   beside the CE-only twin
   kdcore train quickstart --overwrite         start over; the old run is moved to <dir>.old-<time>
   kdcore cache-teacher quickstart --out cache/qs   store the teacher's states once
   kdcore train quickstart teacher.engine=cache teacher.cache=cache/qs
   kdcore validate recipes/my.yaml distill.loss=js distill.loss_options.beta=0.3
+  kdcore config quickstart train.lr=3e-4       the recipe with every default filled in
   kdcore list-algorithms --kind loss
   kdcore list-algorithms --json
   kdcore plugins
-  kdcore plot outputs/kd outputs/ce --labels KD,CE --out compare.png
+  kdcore plot outputs/kd outputs/ce --labels KD,CE -o compare.png   (default: outputs/kd/metrics.png)
   kdcore serve-teacher quickstart --listen 0.0.0.0:5555 --token $SECRET   teacher for remote students
 """
 
@@ -105,7 +108,7 @@ def cmd_plugins(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from kdcore.config import load_raw, recipe_warnings, validate_raw
+    from kdcore.config import blame_overrides, load_raw, recipe_warnings, validate_raw
 
     registry = _registry_with_warnings()
     path, raw = load_raw(args.recipe, args.overrides)
@@ -113,14 +116,25 @@ def cmd_validate(args) -> int:
     for w in recipe_warnings(raw):
         print(f"kdcore: warning: {w}", file=sys.stderr)
     if errors:
-        print(f"{path}: {len(errors)} error(s)", file=sys.stderr)
         from kdcore.config import ERROR_CHARS
         from kdcore.exceptions import clip
 
+        source, errors = blame_overrides(str(path), errors, args.overrides)
+        print(f"{source}: {len(errors)} error(s)", file=sys.stderr)
         for e in errors:
             print(f"  - {clip(e, ERROR_CHARS)}", file=sys.stderr)
         return 2
     print(f"{path}: ok")
+    return 0
+
+
+def cmd_config(args) -> int:
+    """The recipe as a run would see it: overrides applied, every default filled in, checked."""
+    from kdcore.config import load_recipe
+    from kdcore.recipe_doc import resolved_yaml
+
+    cfg = load_recipe(args.recipe, args.overrides, registry=_registry_with_warnings())
+    sys.stdout.write(resolved_yaml(cfg))
     return 0
 
 
@@ -157,7 +171,9 @@ def cmd_plot(args) -> int:
     labels = args.labels.split(",") if args.labels is not None else None
     if labels is not None and not all(x.strip() for x in labels):
         raise PlotError(f"--labels: an empty label in '{args.labels}'")
-    print(f"wrote {plot_runs(load_runs(args.runs, labels), args.out)}")
+    # default: beside the first run's metrics, not into whatever folder the shell is in
+    out = args.out if args.out is not None else Path(args.runs[0]) / "metrics.png"
+    print(f"wrote {plot_runs(load_runs(args.runs, labels), out)}")
     return 0
 
 
@@ -174,9 +190,21 @@ def cmd_eval(args) -> int:
     # bad input and failures are reported by main's handler, one line each (kdcore/errors.py)
     target = resolve_target(args.recipe_or_run, student=args.student, json_out=args.json, overrides=overrides)
     cfg = load_recipe(target.recipe, overrides, registry=registry)
+    from kdcore.evaluate import EvalInputError
+    from kdcore.run_summary import print_summary, run_folder_of, summary
+
+    against = Path(args.against) if args.against else None
+    if against is not None and not (against / "metrics.jsonl").is_file():
+        raise EvalInputError(f"--against {against}: no metrics.jsonl there (give another run's train.output_dir)")
     report = evaluate(cfg, target.student, registry=registry, say=_console().print)
+    run_dir = run_folder_of(Path(target.student))
+    before_after = summary(run_dir, against) if run_dir is not None else None
+    if before_after is not None:
+        report["training"] = before_after  # in the JSON too: step 0 -> last evaluation
     write_report(report, target.json_path)
     print_report(report, _console())
+    if before_after is not None:
+        print_summary(before_after, _console())
     _console().print(f"wrote {target.json_path}")
     return 0
 
@@ -270,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="where the JSON report goes (default: eval.json beside the student folder)")
     p.add_argument("--max-new-tokens", type=int, help="greedy answer length (default: eval.max_new_tokens)")
     p.add_argument("--samples", type=int, help="side-by-side answers to print (default: eval.samples)")
+    p.add_argument("--against", metavar="OTHER_RUN", help="another run folder (e.g. the CE-only twin) whose last "
+                   "held-out figures are shown beside this run's step 0 -> last")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("cache-teacher", help="store a recipe's teacher hidden states once (teacher.engine: cache)")
@@ -289,6 +319,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=cmd_validate)
 
+    p = sub.add_parser("config", help="print a recipe resolved with every default (reference: docs/recipes.md)")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=cmd_config)
+
     p = sub.add_parser("list-algorithms", help="installed algorithms, engines and evaluators, by kind")
     p.add_argument("--kind", choices=list(KINDS))
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -300,18 +335,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plot", help="loss, teacher KL and perplexity of runs, overlaid, as a PNG")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="train.output_dir folders (each has metrics.jsonl)")
-    p.add_argument("--out", default="metrics.png", help="the PNG to write (default: metrics.png)")
+    p.add_argument("-o", "--out", default=None, help="the PNG to write (default: metrics.png in the first RUN_DIR)")
     p.add_argument("--labels", help="comma-separated legend names, one per run (default: the folder names)")
     p.set_defaults(func=cmd_plot)
     _add_serve_teacher(sub)
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Like ``parse_args``, but flags may sit anywhere among the overrides (``train quickstart
+    --resume train.max_steps=10``): argparse ends a ``nargs="*"`` positional at the first flag and
+    calls what follows unrecognized, so those ``key=value`` words are put back with the others."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     from kdcore.runtime import passive_threads_default
 
     passive_threads_default()  # before anything imports torch (see kdcore.runtime)
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     from kdcore.errors import watch_sigint
 
     watch_sigint()

@@ -76,6 +76,32 @@ def _apply_override(cfg, override: str, source: str) -> None:
         raise RecipeError(source, [f"override '{override}': {type(exc).__name__}: {exc}".splitlines()[0]]) from exc
 
 
+COMMAND_LINE = "the command line"
+
+
+def blame_overrides(source: str, errors: list[str], overrides: list[str] | None) -> tuple[str, list[str]]:
+    """Say which problems the command line's overrides made, so a typo in ``train.lrr=3`` is not
+    reported against the recipe file. Each such line gets ``[command line: <override>]``; when
+    every problem is the command line's, so is the source. A missing file also gets the setup
+    commands the recipe's header names (``bash scripts/get_gemma.sh``)."""
+    keys = [(o, o.partition("=")[0].strip()) for o in overrides or [] if "=" in o]
+    from kdcore.hub_cache import setup_commands
+
+    setup = setup_commands(source)  # a shipped recipe's missing asset: name what makes it
+    marked, from_cli = [], 0
+    for e in errors:
+        key = e.split(":", 1)[0]
+        hit = next((o for o, k in reversed(keys)
+                    if key == k or key.startswith(k + ".") or k.startswith(key + ".")), None)
+        if setup and hit is None and ("no such file or folder" in e or "no file or folder" in e):
+            e = f"{e}; the recipe's setup makes it: {' && '.join(setup)}"
+        from_cli += hit is not None
+        marked.append(f"{e} [command line: {hit}]" if hit else e)
+    if errors and from_cli == len(errors):
+        source = f"{COMMAND_LINE} (recipe {source})"
+    return source, marked
+
+
 def load_raw(path_or_name: str, overrides: list[str] | None = None) -> tuple[Path, dict]:
     path = resolve_recipe(path_or_name)
     try:
@@ -83,9 +109,9 @@ def load_raw(path_or_name: str, overrides: list[str] | None = None) -> tuple[Pat
         if overrides:
             bad = [o for o in overrides if "=" not in o]
             if bad:
-                raise RecipeError(str(path), [f"override '{o}' must look like key=value" for o in bad])
+                raise RecipeError(COMMAND_LINE, [f"override '{o}' must look like key=value" for o in bad])
             for override in overrides:
-                _apply_override(cfg, override, str(path))
+                _apply_override(cfg, override, COMMAND_LINE)
         raw = OmegaConf.to_container(cfg, resolve=True)
     except RecipeError:
         raise
@@ -138,7 +164,8 @@ def load_recipe(path_or_name: str, overrides: list[str] | None = None, registry=
     path, raw = load_raw(path_or_name, overrides)
     errors = validate_raw(raw, registry, recipe_dir=path.parent)
     if errors:
-        raise RecipeError(str(path), errors)
+        source, errors = blame_overrides(str(path), errors, overrides)
+        raise RecipeError(source, errors)
     _resolve_data_paths(raw, path.parent)
     if raw.get("teachers"):  # cfg.teacher is the first entry, for the parts that read one teacher
         first = raw["teachers"][0]
@@ -195,7 +222,7 @@ def _resolve_data_paths(raw: dict, recipe_dir: Path) -> None:
 
 
 __all__ = [
-    "RecipeError", "load_recipe", "load_raw", "validate_raw", "resolve_recipe", "recipe_dirs",
+    "RecipeError", "load_recipe", "load_raw", "validate_raw", "blame_overrides", "resolve_recipe", "recipe_dirs",
     # re-exported from kdcore.schema and kdcore.recipe_checks
     "Recipe", "TeacherConfig", "TeacherEntry", "RemoteTeacherConfig", "SGLangConfig", "StudentConfig", "DataConfig",
     "DistillConfig", "LoraConfig", "RolloutConfig", "TrainConfig", "CheckpointConfig", "LoggingConfig", "EvalConfig",

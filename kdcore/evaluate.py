@@ -137,7 +137,10 @@ def evaluate(cfg, student_dir: Path, *, registry, say=print) -> dict:
         raise EvalInputError("kdcore eval runs in one process: start it without torchrun")
     env = kdist.init_distributed(cfg.train.device)  # a one-rank group, so the evaluator's collectives are no-ops
     try:
-        parts = _EvalParts.build(cfg, student_dir, registry=registry, env=env)
+        from kdcore.phases import phase
+
+        with phase(f"loading {student_dir}, the teacher's tokenizer and head, and the held-out data"):
+            parts = _EvalParts.build(cfg, student_dir, registry=registry, env=env)
         return parts.run(say)
     finally:
         kdist.teardown()
@@ -210,6 +213,7 @@ class _EvalParts:
             evaluator = frozen_evaluator(cfg, model=self.model, samples=self.held_out, part=self.teacher,
                                          loss_fn=loss.fn, loss_options=loss_options,
                                          pad_id=pad_token_id(self.student_tok), env=self.env, kdist=kdist)
+            evaluator.progress_label = "held-out batches (teacher-KL, perplexity, top-1)"
             chosen = [self.held_out[i] for batch in evaluator.held_out_batches() for i in batch]
             say(f"scoring {self.student_dir} on {len(chosen)} held-out samples")
             metrics = {k: v for k, v in evaluator.evaluate(0).items() if k != "step"}
@@ -246,8 +250,10 @@ def load_student(student_dir: Path, device):
     import torch
     from transformers import AutoModelForCausalLM
 
+    from kdcore.models import _quiet_transformers
     from kdcore.student import _transformers_dtype_kw  # the one torch_dtype=/dtype= version shim
 
+    _quiet_transformers()  # no stray "Loading weights" bar between kdcore's own lines (issue 28)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(student_dir), **_transformers_dtype_kw(torch.float32))
     except Exception as exc:
@@ -278,6 +284,7 @@ def reference_of(sample) -> Optional[str]:
 def generate_answers(cfg, samples, model, teacher_rollout, student_tok, teacher_tok, *, device) -> Optional[Generations]:
     """Greedy answers of both models to the samples' prompts (None when no sample has one)."""
     from kdcore.engines.hf_rollout import HFRolloutEngine
+    from kdcore.phases import phase
     from kdcore.sampling import full_weights, prompt_of, render_prompt, stop_ids
 
     pairs = [(p, reference_of(s)) for s in samples if (p := prompt_of(s)) is not None]
@@ -290,22 +297,26 @@ def generate_answers(cfg, samples, model, teacher_rollout, student_tok, teacher_
     n = cfg.eval.max_new_tokens
     mbs = max(cfg.train.micro_batch_size, 1)
 
-    def answers(engine, tok, extra_eos) -> list[list[int]]:
+    def answers(engine, tok, extra_eos, who: str) -> list[list[int]]:
         eos = stop_ids(tok, extra_eos)
         out: list[list[int]] = []
-        for i in range(0, len(prompts), mbs):
-            ids = [render_prompt(p, tok).input_ids for p in prompts[i:i + mbs]]
-            out += [g.token_ids for g in engine.generate(ids, max_new_tokens=n, temperature=0.0, eos_ids=eos)]
+        # prompts done / total and tokens/s: generation is most of kdcore eval's time (issue 28)
+        with phase(f"{who}'s greedy answers (up to {n} tokens each)", total=len(prompts)) as advance:
+            for i in range(0, len(prompts), mbs):
+                ids = [render_prompt(p, tok).input_ids for p in prompts[i:i + mbs]]
+                new = [g.token_ids for g in engine.generate(ids, max_new_tokens=n, temperature=0.0, eos_ids=eos)]
+                out += new
+                advance(len(new), tokens=sum(len(x) for x in new))
         return out
 
     def prompt_ids(tok) -> list[list[int]]:
-        return [list(render_prompt(p, tok).input_ids) for p in prompts]  # cached per tokenizer
+        return [list(render_prompt(p, tok).input_ids) for p in prompts]
 
     try:
-        s_ids = answers(student_engine, student_tok, _model_eos(model))
+        s_ids = answers(student_engine, student_tok, _model_eos(model), "student")
     finally:
         student_engine.close()
-    t_ids = answers(teacher_rollout, teacher_tok, [])  # its tokenizer's EOS and end-of-turn token
+    t_ids = answers(teacher_rollout, teacher_tok, [], "teacher")  # its tokenizer's EOS and end-of-turn token
     return Generations(
         prompts=[p.content for p in prompts], references=[r for _, r in pairs],
         student=[student_tok.decode(x, skip_special_tokens=True) for x in s_ids],

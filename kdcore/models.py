@@ -168,7 +168,7 @@ def gguf_to_hf_folder(gguf_path: str | os.PathLike, cache_dir: str | os.PathLike
     after dropping ``config.quantization_config``.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     src = Path(resolve(str(gguf_path))).expanduser()
     if not src.is_file():
@@ -180,18 +180,33 @@ def gguf_to_hf_folder(gguf_path: str | os.PathLike, cache_dir: str | os.PathLike
     final.parent.mkdir(parents=True, exist_ok=True)
     _quiet_transformers()
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    from kdcore.phases import phase
+
+    # tens of seconds once per GGUF (issue 28: it was a silent stretch before step 1); one line
+    # per part, so a log shows which part took the time
     try:
-        gguf_model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32)
-        config = gguf_model.config
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
-        if unexpected or [k for k in missing if not k.endswith("inv_freq")]:
-            raise RuntimeError(f"GGUF '{src}': weights do not fit the converted model (missing {missing}, unexpected {unexpected})")
-        del gguf_model
-        model.save_pretrained(tmp)
-        AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name).save_pretrained(tmp)
+        with phase(f"{src.name}: dequantizing once into the cache {final.parent} (later runs load it in about a second)"):
+            gguf_model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32)
+            config = gguf_model.config
+            if hasattr(config, "quantization_config"):
+                del config.quantization_config
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
+            if unexpected or [k for k in missing if not k.endswith("inv_freq")]:
+                raise RuntimeError(f"GGUF '{src}': weights do not fit the converted model (missing {missing}, unexpected {unexpected})")
+            del gguf_model
+        with phase(f"{src.name}: writing the converted model and tokenizer"):
+            model.save_pretrained(tmp)
+            # the data preparation has usually parsed this GGUF's vocabulary already and cached the
+            # tokenizer (kdcore.tokenizers.load_gguf_tokenizer, same key): copying its files saves
+            # the seconds of parsing it again
+            cached_tok = default_cache_dir() / "gguf" / f"{final.name}.tokenizer"
+            if (cached_tok / "tokenizer.json").is_file():
+                shutil.copytree(cached_tok, tmp, dirs_exist_ok=True)
+            else:
+                from transformers import AutoTokenizer
+
+                AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name).save_pretrained(tmp)
         (tmp / "kdflow_source.json").write_text(json.dumps({"gguf": str(src), "key": final.name, "created": time.time()}))
         try:
             os.rename(tmp, final)

@@ -188,6 +188,10 @@ def check_paths(raw: dict, recipe_dir: Path, errors: list[str]) -> None:
         except ModelNotFoundError as exc:
             errors.append(f"{section}.path: {exc}")
             continue
+        from kdcore.hub_cache import offline_hub_problem
+
+        if kind == "hub" and (problem := offline_hub_problem(where)):
+            errors.append(f"{section}.path: {problem}")
         if kind != "hub" and _unreadable(Path(where)):
             errors.append(f"{section}.path: '{where}' is not readable (permission denied)")
     for section in ("teacher", "student"):
@@ -221,7 +225,9 @@ def recipe_warnings(raw: dict) -> list[str]:
         v = get_dotted(raw, key)
         if isinstance(v, (int, float)) and not isinstance(v, bool) and absurd(v):
             out.append(f"{key}={v!r}: {why}")
-    return out
+    from kdcore.switches import switched_off_warnings
+
+    return out + switched_off_warnings(raw)
 
 
 # ------------------------------------------------------------------ several teachers

@@ -13,6 +13,13 @@ HOOK_OF_KIND = {"loss": "register_losses", "aligner": "register_aligners", "roll
                 "engine": "register_engines", "evaluator": "register_evaluators", "logger": "register_loggers"}
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 ENGINE_ROLES = ("teacher", "rollout")  # the recipe sections that name an engine: teacher.engine, rollout.engine
+# What people type for a registered name, when spelling alone would suggest another: "kl" is
+# closest to "skl" by edit distance, but someone typing "kl" means the plain forward KL. Used for
+# the did-you-mean only (a name is never silently replaced), and only when the target is installed.
+NAME_ALIASES = {
+    "loss": {"kl": "fkl", "forward_kl": "fkl", "kld": "fkl", "reverse_kl": "rkl", "jsd": "js",
+             "jensen_shannon": "js", "tv": "tvd"},
+}
 
 
 class PluginError(Exception):
@@ -117,7 +124,8 @@ class Registry:
             return self.entries[(kind, name)]
         except KeyError:
             valid = self.names(kind)
-            near = difflib.get_close_matches(name, valid, n=1)
+            alias = NAME_ALIASES.get(kind, {}).get(name.lower()) if isinstance(name, str) else None
+            near = [alias] if alias in valid else difflib.get_close_matches(name, valid, n=1)
             hint = f" (did you mean '{near[0]}'?)" if near else ""
             raise UnknownAlgorithmError(
                 f"unknown {kind} '{name}'{hint}; installed: {', '.join(valid) or 'none'}"

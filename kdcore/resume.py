@@ -27,7 +27,7 @@ from typing import Any
 
 CHANGEABLE = (
     "train.max_steps", "train.lr", "train.warmup_steps", "train.min_lr_ratio", "train.max_grad_norm",
-    "train.precision", "train.threads", "train.device", "train.eval_every", "train.eval_batches",
+    "train.precision", "train.threads", "train.device", "train.eval_every", "train.eval_batches", "train.eval_at_start",
     "checkpoint.", "logging.",
     "teacher.engine", "teacher.dtype", "teacher.device", "teacher.threads", "teacher.sglang.", "teacher.remote.",
     "rollout.engine", "rollout.dtype", "rollout.sglang.",

@@ -182,12 +182,17 @@ class TrainConfig:
     device: str = _choice("auto", "auto", "cpu", "cuda")  # auto = cuda when present
     eval_every: int = 0  # steps; 0 = evaluate only before and after training
     eval_batches: int = 8  # held-out micro-batches per evaluation (bounded cost)
+    # the step-0 evaluation: the baseline kdcore eval's ending compares the last one against;
+    # false starts step 1 sooner by one evaluation's time (40 s of the quickstart's first minute)
+    eval_at_start: bool = True  # on: "did it work" needs a before
 
 
 @dataclass
 class CheckpointConfig:
     every: int = 0  # steps between resumable checkpoints; 0 = only the final one
-    keep: int = 2  # newest resumable checkpoints kept on disk
+    # newest resumable checkpoints kept on disk; each holds the student's fp32 weights and both
+    # Adam moments, about 3x the fp32 model (595 MB for the quickstart's 4-layer student)
+    keep: int = 2  # 2: a damaged newest one still leaves one to resume from; older ones are deleted
     export_hf: bool = True  # write a from_pretrained-loadable model at the end
 
 
@@ -195,6 +200,9 @@ class CheckpointConfig:
 class LoggingConfig:
     log_every: int = 1  # steps between metrics.jsonl records
     progress: bool = True  # rich progress bar (off in CI logs if you prefer)
+    # steps between plain progress lines where no bar can redraw (output redirected to a file,
+    # CI, or progress off): the log then shows the run going, not only its last state
+    print_every: int = 10  # a line every 10 steps: readable for a 60-step run, not a flood for 10,000
     # experiment trackers besides metrics.jsonl (`kdcore list-algorithms --kind logger`), e.g.
     # [tensorboard, wandb]
     backends: List[str] = field(default_factory=list)  # none: jsonl is always on, trackers need extras
@@ -254,6 +262,7 @@ RANGES: list[tuple[str, Any, str]] = [
     ("rollout.n", lambda v: v > 0, "must be > 0"),
     ("rollout.sync_every", lambda v: v > 0, "must be > 0"),
     ("checkpoint.keep", lambda v: v >= 1, "must be >= 1"),
+    ("logging.print_every", lambda v: v >= 1, "must be >= 1"),
     ("checkpoint.every", lambda v: v >= 0, "must be >= 0"),
     ("eval.max_new_tokens", lambda v: v > 0, "must be > 0"),
     ("eval.samples", lambda v: v >= 0, "must be >= 0"),

@@ -62,6 +62,11 @@ class Evaluator:
         self.env = env
         self.kdist = kdist
         self.latest = latest
+        # a progress line for the held-out batches (kdcore.phases); the trainer turns it off
+        # while its own bar is live, since two live displays on one terminal garble each other
+        self.show_progress = True
+        self.progress_label = ""  # "" = "held-out evaluation (step N), batches"
+        self._advance = lambda n=1, tokens=0: None
 
     def due(self, step: int) -> bool:
         every = self.train_cfg.eval_every
@@ -79,7 +84,12 @@ class Evaluator:
         student = self.forward.student
         was_training = student.model.training
         student.train(False)
-        sums, aligner_recs = self._held_out_sums(step)
+        from kdcore.phases import phase
+
+        rounds = math.ceil(len(self.held_out_batches()) / self.env.world_size)
+        with phase(self.progress_label or f"held-out evaluation (step {step}), batches", total=rounds,
+                   enabled=self.show_progress and self.env.is_main) as self._advance:
+            sums, aligner_recs = self._held_out_sums(step)
         flat = torch.cat(list(sums.values()))
         self.kdist.all_reduce_sum(flat)
         student.train(was_training)
@@ -150,6 +160,7 @@ class Evaluator:
                                             dtype=torch.float64)
                 if r == len(mine) - 1:  # before the padding rounds, which repeat batch 0
                     aligner_recs = {n: dict(p.aligner.metrics()) for n, p in parts.items()}
+            self._advance(1)
         for part in parts.values():
             part.aligner.metrics()  # drop the padding rounds' counts
         return sums, {n: mean_over_ranks(aligner_recs[n], self.env, p.aligner) for n, p in parts.items()}

@@ -94,15 +94,19 @@ class RunLog:
     """The run's records (through its loggers, see :meth:`open_loggers`), the console and the
     progress bar. ``path`` is ``metrics.jsonl``, written by the always-on ``jsonl`` logger."""
 
-    def __init__(self, path: Path, *, is_main: bool, progress: bool):
+    def __init__(self, path: Path, *, is_main: bool, progress: bool, print_every: int = 0):
         self.path = path
         self.is_main = is_main
-        self.show_progress = progress and is_main
         self.console = None
         if is_main:
             from rich.console import Console
 
             self.console = Console(stderr=True)
+        # a live bar only where it can redraw: redirected to a file (or in CI) it shows only its
+        # last state, so plain lines every print_every steps take its place there
+        self.show_progress = progress and is_main and self.console.is_terminal
+        self.print_every = print_every if is_main and not self.show_progress else 0
+        self._plain: dict | None = None  # total steps and when the bar-less run started
         self._progress = None
         self._task = None
         self.loggers: list[tuple[str, Logger]] = [(ALWAYS_ON_LOGGER, JsonlLogger(path))] if is_main else []
@@ -157,6 +161,10 @@ class RunLog:
     # ------------------------------------------------------------------ progress bar
     def progress(self, *, total: int, completed: int) -> "RunLog":
         """Context manager showing the bar (a no-op on other ranks or with logging.progress false)."""
+        if self.print_every:
+            import time
+
+            self._plain = {"total": total, "start": completed, "t0": time.perf_counter()}
         if self.show_progress:
             from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                        TimeRemainingColumn)
@@ -170,9 +178,24 @@ class RunLog:
                                                  loss=float("nan"), tps=0.0)
         return self
 
+    @property
+    def bar_live(self) -> bool:
+        """The live bar is on screen (no other live display may start until it ends)."""
+        return self._progress is not None
+
     def advance(self, step: int, *, loss: float, tps: float) -> None:
         if self._progress is not None:
             self._progress.update(self._task, completed=step, loss=loss, tps=tps)
+        plain = self._plain
+        if plain is not None and (step % self.print_every == 0 or step == plain["total"]):
+            import time
+
+            elapsed = time.perf_counter() - plain["t0"]
+            done = step - plain["start"]
+            eta = elapsed / done * (plain["total"] - step) if done > 0 else float("nan")
+            self.console.print(f"step {step}/{plain['total']}  loss {loss:.4f}  {tps:.0f} tok/s  "
+                               f"elapsed {_clock(elapsed)}  eta {_clock(eta)}", markup=False, highlight=False,
+                               soft_wrap=True)
 
     def __enter__(self) -> "RunLog":
         if self._progress is not None:
@@ -180,6 +203,14 @@ class RunLog:
         return self
 
     def __exit__(self, *exc) -> None:
+        self._plain = None
         if self._progress is not None:
             self._progress.__exit__(*exc)
             self._progress = self._task = None
+
+
+def _clock(seconds: float) -> str:
+    if seconds != seconds:  # nan: no step timed yet
+        return "-:--"
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"

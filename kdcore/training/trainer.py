@@ -23,6 +23,7 @@ from kdcore.training import teachers
 from kdcore.training.checkpointing import Checkpointer
 from kdcore.training.evaluation import Evaluator, mean_over_ranks
 from kdcore.training.forward import DistillForward
+from kdcore.phases import phase
 from kdcore.training.metrics import RunLog, StepMeter
 from kdcore.training.steps import StepPreparer
 from kdcore.training.teacher_schedule import TeacherSchedule
@@ -49,7 +50,8 @@ class Trainer:
         self.kdist = kdist
         self.env = kdist.init_distributed(cfg.train.device)
         self.out_dir = Path(cfg.train.output_dir)
-        self.log = RunLog(self.out_dir / "metrics.jsonl", is_main=self.env.is_main, progress=cfg.logging.progress)
+        self.log = RunLog(self.out_dir / "metrics.jsonl", is_main=self.env.is_main, progress=cfg.logging.progress,
+                          print_every=cfg.logging.print_every)
         self.latest_eval = LatestEval()
         self.meter = StepMeter()
         self.evals: list[dict] = []
@@ -67,7 +69,9 @@ class Trainer:
             self.teacher_tok, self.aligner = self.parts[0].tokenizer, self.parts[0].aligner
             self.cross = bool(self.aligner.cross_tokenizer)
             self.train_samples, self.eval_samples = self._data()
-            self.student = self._student()
+            with phase(f"student: {cfg.student.init} from {cfg.student.path or cfg.teacher.path}",
+                       enabled=self.env.is_main):  # tens of seconds before step 1 (issue 28)
+                self.student = self._student()
             colocation = self._start_teachers()
             self.engine = self.parts[0].engine
             self.sampler = build_sampler(cfg, self.rollout, student_model=self.student.model,
@@ -101,7 +105,7 @@ class Trainer:
         max_steps = self.cfg.train.max_steps
         try:
             start, self.position = self._begin()
-            if start == 0:
+            if start == 0 and self.cfg.train.eval_at_start:
                 self.evaluate(0)
             step = start
             with self.log.progress(total=max_steps, completed=start):
@@ -114,7 +118,8 @@ class Trainer:
             if step > start or (start == max_steps and self.checkpointer.evaluated_step != start):
                 self.evaluate(step)  # a resumed finished run logged its final evaluation already
             if step > start:
-                self.checkpointer.save(step, self.position)
+                with phase(f"checkpoint at step {step}", enabled=self.env.is_main):
+                    self.checkpointer.save(step, self.position)
             return TrainResult(self.out_dir, step, self.log.path, self.export(), self.evals)
         finally:
             self.close()
@@ -218,6 +223,7 @@ class Trainer:
 
     def evaluate(self, step: int) -> None:
         self.schedule.drop_in_flight()  # evaluation uses the same channel slots
+        self.evaluator.show_progress = not self.log.bar_live  # its own line only where no bar runs
         with self.schedule.phase():
             rec = self.evaluator.evaluate(step)
         if rec:

@@ -293,3 +293,22 @@ def test_a_recipe_without_held_out_data(tmp_path, tiny_teacher):
     recipe = write_recipe(tmp_path, tiny_teacher, data={"eval": None, "eval_size": 0})
     line = one_line_error(run_eval(recipe, "--student", tiny_teacher))
     assert line == "kdcore: error: the recipe has no held-out data: set data.eval (a file) or data.eval_size > 0"
+
+
+def test_eval_of_a_run_ends_with_its_before_and_after(same_vocab_run):
+    """issue 28: the ending says whether distillation worked (step 0 -> last evaluation, from
+    the run's metrics.jsonl) and what the answers can be expected to look like; no silent
+    generation: prompts done / total and tokens/s."""
+    recipe, out, report, stdout = same_vocab_run
+    first, last = evals(out)[0], evals(out)[-1]
+    rows = {r["metric"]: r for r in report["training"]["rows"]}
+    assert report["training"]["first_step"] == 0 and report["training"]["last_step"] == last["step"] == 2
+    for key in ("eval_teacher_kl", "eval_ppl", "eval_top1_agreement"):
+        assert rows[key]["before"] == first[key] and rows[key]["after"] == last[key]
+    assert "did distillation work?" in stdout and "At this budget (2 steps" in stdout
+    res = run_eval(out, "--against", out)  # a run beside itself: every figure equal, never "better"
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "(last)" in res.stdout and "this run better" not in res.stdout
+    assert "student's greedy answers (up to 6 tokens each): done (" in res.stderr and "tok/s" in res.stderr
+    missing = run_eval(out, "--against", out / "nowhere")
+    assert "--against" in one_line_error(missing)
