@@ -119,7 +119,7 @@ def cmd_validate(args) -> int:
         from kdcore.config import ERROR_CHARS
         from kdcore.exceptions import clip
 
-        source, errors = blame_overrides(str(path), errors, args.overrides)
+        source, errors = blame_overrides(str(path), errors, args.overrides, raw.get("setup"))
         print(f"{source}: {len(errors)} error(s)", file=sys.stderr)
         for e in errors:
             print(f"  - {clip(e, ERROR_CHARS)}", file=sys.stderr)

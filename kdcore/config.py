@@ -79,22 +79,21 @@ def _apply_override(cfg, override: str, source: str) -> None:
 COMMAND_LINE = "the command line"
 
 
-def blame_overrides(source: str, errors: list[str], overrides: list[str] | None) -> tuple[str, list[str]]:
+def blame_overrides(source: str, errors: list[str], overrides: list[str] | None,
+                    setup: str | None = None) -> tuple[str, list[str]]:
     """Say which problems the command line's overrides made, so a typo in ``train.lrr=3`` is not
     reported against the recipe file. Each such line gets ``[command line: <override>]``; when
-    every problem is the command line's, so is the source. A missing file also gets the setup
-    commands the recipe's header names (``bash scripts/get_gemma.sh``)."""
+    every problem is the command line's, so is the source. A missing file the recipe itself names
+    also gets the recipe's ``setup`` command (``bash scripts/get_gemma.sh``): what makes it."""
     keys = [(o, o.partition("=")[0].strip()) for o in overrides or [] if "=" in o]
-    from kdcore.hub_cache import setup_commands
-
-    setup = setup_commands(source)  # a shipped recipe's missing asset: name what makes it
+    setup = setup if isinstance(setup, str) and setup else None
     marked, from_cli = [], 0
     for e in errors:
         key = e.split(":", 1)[0]
         hit = next((o for o, k in reversed(keys)
                     if key == k or key.startswith(k + ".") or k.startswith(key + ".")), None)
         if setup and hit is None and ("no such file or folder" in e or "no file or folder" in e):
-            e = f"{e}; the recipe's setup makes it: {' && '.join(setup)}"
+            e = f"{e} (made by: {setup})"
         from_cli += hit is not None
         marked.append(f"{e} [command line: {hit}]" if hit else e)
     if errors and from_cli == len(errors):
@@ -146,10 +145,7 @@ def validate_raw(raw: dict, registry=None, recipe_dir: Path | None = None) -> li
     check_algorithm_options(raw, registry, errors)
     check_evaluators(raw, registry, errors)
     if recipe_dir is not None:
-        path_errors: list[str] = []
-        check_paths(raw, recipe_dir, path_errors)
-        setup = raw.get("setup")
-        errors += [f"{e} (made by: {setup})" for e in path_errors] if isinstance(setup, str) and setup else path_errors
+        check_paths(raw, recipe_dir, errors)
     check_loggers(raw, registry, errors)
     check_teacher_entries(raw, registry, errors)
     check_secrets(raw, errors)
@@ -164,7 +160,7 @@ def load_recipe(path_or_name: str, overrides: list[str] | None = None, registry=
     path, raw = load_raw(path_or_name, overrides)
     errors = validate_raw(raw, registry, recipe_dir=path.parent)
     if errors:
-        source, errors = blame_overrides(str(path), errors, overrides)
+        source, errors = blame_overrides(str(path), errors, overrides, raw.get("setup"))
         raise RecipeError(source, errors)
     _resolve_data_paths(raw, path.parent)
     if raw.get("teachers"):  # cfg.teacher is the first entry, for the parts that read one teacher

@@ -31,24 +31,3 @@ def offline_hub_problem(repo_id: str) -> str | None:
 
     return (f"hub id '{repo_id}' is not in the local Hugging Face cache ({HF_HUB_CACHE}) and HF_HUB_OFFLINE "
             f"is set: download it where the hub is reachable (hf download {repo_id}), or give a local folder")
-
-
-def setup_commands(recipe_path) -> list[str]:
-    """The setup commands a recipe's header comment names (``bash scripts/get_gemma.sh``,
-    ``python scripts/make_vl_data.py``): what makes the files it needs. Read from the recipe
-    itself, so the hint cannot name a script the recipe does not."""
-    import re
-    from pathlib import Path
-
-    try:
-        lines = Path(recipe_path).read_text().splitlines()
-    except OSError:
-        return []
-    found: list[str] = []
-    for line in lines:
-        if not line.startswith("#"):
-            break  # the header ends at the first key
-        for cmd in re.findall(r"(?:bash|python3?) scripts/[\w./-]+", line):
-            if cmd not in found:
-                found.append(cmd)
-    return found

@@ -160,8 +160,18 @@ def render() -> str:
         "",
     ]
     nested: list = []
+    recipe_hints = typing.get_type_hints(Recipe)
+    scalars = [f for f in dataclasses.fields(Recipe) if typing.get_origin(recipe_hints[f.name]) is not list
+               and not dataclasses.is_dataclass(recipe_hints[f.name])]
+    if scalars:  # keys of the recipe itself, not of a section
+        out += ["## top-level keys", "", "| key | type | default | what it is, and why this default |", "|---|---|---|---|"]
+        out += [f"| `{f.name}` | {_cell(_type_text(recipe_hints[f.name]))} | {_cell(_show(_default(f)))} | "
+                f"{_cell(comments.get(('Recipe', f.name), ''))} |" for f in scalars]
+        out.append("")
     for f in dataclasses.fields(Recipe):
-        tp = typing.get_type_hints(Recipe)[f.name]
+        tp = recipe_hints[f.name]
+        if f in scalars:
+            continue
         if f.name == "teachers":
             out += ["## teachers", "",
                     "Several teachers: a list of `teacher` sections (every key of `teacher` above), each with "

@@ -232,8 +232,8 @@ class Recipe:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)  # read by `kdcore eval` only
-    # the command that makes the recipe's files that are not committed (models, data): named in every
-    setup: Optional[str] = None  # missing-path error, so the user learns how to get them; None = all committed
+    # the command that makes the recipe's uncommitted files (models, data), named in missing-path errors
+    setup: Optional[str] = None  # None: every file the recipe names is committed or the user's own
 
 
 # Value checks beyond types: (dotted key, predicate, message).

@@ -168,11 +168,11 @@ def test_offline_hub_id_in_the_cache_is_fine(recipe, monkeypatch, tmp_path):
 
 def test_missing_asset_of_a_shipped_recipe_names_its_setup_script(tmp_path):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("# a recipe whose teacher is made by a script\n#\n#   bash scripts/get_thing.sh\n"
+    recipe.write_text("# a recipe whose teacher is made by a script\nsetup: bash scripts/get_thing.sh\n"
                       "teacher: {path: ./models/not-made-yet}\ndata: {train: x.jsonl}\n")
     with pytest.raises(RecipeError) as err:
         load_recipe(str(recipe))
-    assert "teacher.path:" in str(err.value) and "the recipe's setup makes it: bash scripts/get_thing.sh" in str(err.value)
+    assert "teacher.path:" in str(err.value) and "(made by: bash scripts/get_thing.sh)" in str(err.value)
     with pytest.raises(RecipeError) as err:  # the command line's path: not the recipe's asset
         load_recipe(str(recipe), ["teacher.path=./elsewhere/model"])
-    assert "setup makes it" not in str(err.value).split("teacher.path:")[1].split("\n")[0]
+    assert "made by" not in str(err.value).split("teacher.path:")[1].split("\n")[0]
