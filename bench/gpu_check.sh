@@ -13,7 +13,7 @@
 #   bash bench/gpu_check.sh all
 #
 # Part (a) installs kdflow's small dependencies from wheels carried beside the tree in .whl/
-# (make them where pip works: bash bench/fetch_gpu_wheels.sh; about 19 MiB, --dry-run shows the
+# (make them where pip works: bash bench/fetch_gpu_wheels.sh; about 22 MiB, --dry-run shows the
 # list and size without filling .whl/) into a virtual environment that
 # sees the machine's own torch/transformers (outputs/gpu_venv); without the wheels it prints
 # exactly what is missing and stops. Part (b) needs SGLang's own environment (sglang pins its
