@@ -1,9 +1,11 @@
 """The ``sglang`` rollout engine: the student's copy served by SGLang for on-policy sampling.
 
-**Status: written against SGLang 0.5.23's source and never run.** No part that talks to SGLang
-has executed (no GPU on the development machines). Tested on CPU: the bucketed gather of an
-FSDP2-sharded student to one rank (gloo, two ranks under torchrun), name/shape checks,
-request building and output parsing. ``bench/gpu_check.sh`` part (b) is the first real run.
+**Status: never run.** No part that talks to a live SGLang server has executed (no GPU on the
+development machines). Tested on CPU: the bucketed gather of an FSDP2-sharded student to one
+rank (gloo, two ranks under torchrun), name/shape checks, request building and output parsing;
+against sglang 0.5.23's own code (tests/integration/test_sglang_contracts.py): the launch
+command, the request bodies, the payloads, and the sync's weight-update session order.
+``bench/gpu_check_sglang.py`` is the first real run.
 
 Design (same server plumbing as the teacher engine, :mod:`kdcore.engines.sglang.server`):
 
@@ -16,7 +18,10 @@ Design (same server plumbing as the teacher engine, :mod:`kdcore.engines.sglang.
   the other ranks never hold a full tensor) when one server serves all ranks, otherwise
   all-gathered one bucket at a time; cast to the student's compute dtype on the GPU; handed
   to SGLang's ``/update_weights_from_tensor`` as CUDA IPC handles (no copy through the host,
-  one payload per server TP rank), and freed before the next bucket. Peak extra memory: one
+  one payload per server TP rank), and freed before the next bucket. sglang 0.5.23 accepts
+  updates only inside a weight-update session: one ``/begin_weight_update`` ...
+  ``/end_weight_update`` around every bucket of a sync (closed even when a bucket fails),
+  then ``/flush_cache``. Peak extra memory: one
   bucket. :meth:`update_weights` takes full tensors (the :class:`kdcore.engines.protocol.RolloutEngine`
   contract) and sends them the same way.
 - **Sampling**: ``/generate`` with token ids, ``n`` copies of each prompt (prompt-major,

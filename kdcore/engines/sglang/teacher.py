@@ -1,7 +1,8 @@
 """The ``sglang`` teacher engine: an SGLang server prefills, the student reads hidden rows.
 
-**Status: written against SGLang 0.5.23's source and never run** (what is CPU-tested, with
-which stand-ins: ``README.md`` in this folder; the first real run: ``bench/gpu_check.sh`` part (b)).
+**Status: never run; its contracts are checked against sglang 0.5.23's own code on CPU**
+(tests/integration/test_sglang_contracts.py; what that covers: ``README.md`` in this folder; the
+first real run: ``bench/gpu_check_sglang.py``).
 
 How it works (all facts below were read from the sglang 0.5.23 wheel; line references are to
 that source):
@@ -28,7 +29,7 @@ that source):
 - **Transport ``hook`` (fast; the default when available).** SGLang's own return path turns
   every hidden state into Python floats (``.cpu().clone().tolist()`` per request), pickles
   them through two processes and JSON-encodes them: ~100x the cost of the prefill itself. So
-  kdflow registers a *SGLang plugin* (:mod:`kdcore.engines.sglang.hook`; entry point group
+  kdflow registers a *SGLang plugin* (``kdflow_sglang_plugin`` = :mod:`kdcore.engines.sglang.hook`; entry point group
   ``sglang.srt.plugins``, SGLang's own mechanism, loaded by every server process; inert unless ``KDFLOW_SGLANG_HOOK=1`` is set in
   the server's environment and the installed version is the pinned one). It wraps exactly one
   method, ``SchedulerBatchResultProcessor._append_prefill_hidden_states``: for requests that
