@@ -402,6 +402,13 @@ def _hook():
     assert all(not r.hidden_states for r in reqs[:-1]), "kdflow requests must not store states in sglang"
     assert len(plain.hidden_states) == 1 and torch.tensor(plain.hidden_states[0]).allclose(plain_states), (
         "a request without kdflow's params must go through sglang's original method")
+    # only attention-TP rank 0 writes: the name kdflow reads exists in sglang's parallel context
+    from sglang.srt.runtime_context import get_parallel
+
+    with get_parallel().override(attn_tp_rank=1, attn_tp_size=2):
+        assert sg_hook._writes_output() is False, "a TP rank other than 0 would write rows too"
+    with get_parallel().override(attn_tp_rank=0, attn_tp_size=2):
+        assert sg_hook._writes_output() is True
     HookRegistry.reset()
     return f"{batch.rows} rows of {len(batch.prompts)} prompts; log: {sg_hook.ACTIVE_LINE!r}, 'Applied 1 hook(s)'"
 
