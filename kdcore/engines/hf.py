@@ -471,6 +471,10 @@ def _serve(options: dict, channel: Channel, requests, responses, parent_pid: int
     from kdcore import models
 
     device = options["device"]
+    if device.startswith("cuda"):
+        # the parent's index (cuda:LOCAL_RANK): kernels, the allocator and empty_cache() act there,
+        # and no CUDA context is opened on GPU 0 by every rank's child
+        torch.cuda.set_device(torch.device(device))
     spec = options["spec"]
     path, converted = models.loadable_path(spec, options["cache_dir"])
     folder = path if converted else None
