@@ -255,3 +255,42 @@ def test_gpu_check_sglang_dry_run_builds_every_input_and_names_what_it_cannot_ru
     assert "--enable-return-hidden-states" in plan["dry_run"]["launch"]["teacher"]
     assert set(plan["not_run"]) == {"teacher, weights, sleep_wake, rollout", "hf_cuda, device_index"} or \
         torch.cuda.is_available()
+
+
+def _probing_teacher(monkeypatch, transport, log_text):
+    """An SGLangTeacher whose server is a stand-in (NOT SGLang) that never runs the hook and
+    answers the lists transport; the probe itself is kdflow's."""
+    from types import SimpleNamespace
+
+    from kdcore.engines.sglang.hook import ST_PENDING
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    eng = object.__new__(sg_teacher.SGLangTeacher)
+    eng.transport, eng.vocab_size, eng.max_rows, eng.folder, eng.owns_server = transport, 61, 64, None, True
+    eng.info = {}
+    eng.channel = SimpleNamespace(slot_of=lambda seq: 0)
+    eng._status = torch.full((2, 64), ST_PENDING, dtype=torch.int64)
+    eng._dest = torch.zeros(2, 64, 4)
+    eng.server = SimpleNamespace(url="http://stand-in", log_path="/tmp/sglang-stand-in.log",
+                                 log_tail=lambda n=40: log_text)
+
+    def post(batch, how, slot):
+        if how == "hook":
+            return [{} for _ in batch.prompts]  # the hook did not run: status words stay pending
+        return [{"meta_info": {"hidden_states": [[[0.5] * 4 for _ in p]]}} for p in batch.prompts]
+
+    eng._post_hidden = post
+    return eng
+
+
+def test_teacher_says_loudly_why_the_hook_did_not_run(monkeypatch, caplog):
+    log = ("Failed to load plugin kdflow_hidden_states from group sglang.srt.plugins\nTraceback (most recent call "
+           "last):\n  File \"x\", line 1\nModuleNotFoundError: No module named 'omegaconf'\n")
+    eng = _probing_teacher(monkeypatch, "auto", log)
+    with caplog.at_level("WARNING"):
+        eng._probe("LlamaForCausalLM")
+    assert eng.transport == "lists" and "No module named 'omegaconf'" in eng.info["hook_error"]
+    assert any("KDFLOW HOOK NOT LOADED" in r.getMessage() and "Failed to load plugin" in r.getMessage()
+               for r in caplog.records)
+    with pytest.raises(TeacherError, match=r"transport=hook, but .*No module named 'omegaconf'"):
+        _probing_teacher(monkeypatch, "hook", log)._probe("LlamaForCausalLM")
