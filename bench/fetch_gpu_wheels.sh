@@ -51,6 +51,34 @@ for d in tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]:
         print(name)
 EOF
 )
+# Dependencies published as source only (no wheel: --only-binary=:all: cannot resolve them):
+# built here into a wheel (pure Python), carried as it is; their own dependencies join the
+# resolution below instead of them.
+SDIST_ONLY=${SDIST_ONLY:-"rouge-score"}
+BUILT=()
+mkdir -p "$tmp/built"
+for pkg in $SDIST_ONLY; do
+    for i in "${!DEPS[@]}"; do
+        name=$(echo "${DEPS[$i]}" | sed -E 's/[<>=!~ ;\[].*//' | tr 'A-Z_' 'a-z-')
+        [ "$name" = "$pkg" ] || continue
+        "$PY" -m pip wheel --no-deps --quiet -w "$tmp/built" "${DEPS[$i]}"
+        unset 'DEPS[i]'
+    done
+done
+DEPS=("${DEPS[@]}")  # re-indexed: the appends below go after the last element
+for whl in "$tmp"/built/*.whl; do
+    [ -e "$whl" ] || continue
+    BUILT+=("$whl")
+    mapfile -t -O "${#DEPS[@]}" DEPS < <("$PY" - "$whl" <<'EOF2'
+import sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as z:
+    meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
+    for line in z.read(meta).decode().splitlines():
+        if line.startswith("Requires-Dist:") and "extra ==" not in line:
+            print(line.split(":", 1)[1].split(";")[0].strip())
+EOF2
+)
+done
 echo "kdflow dependencies: ${DEPS[*]}"
 echo "on the machine already: torch==$TORCH transformers==$TRANSFORMERS ${HAVE[*]}"
 
@@ -81,7 +109,12 @@ where="$DEST"
 mkdir -p "$where"
 "$PY" -m pip download --no-deps --quiet -d "$where" "${TARGET[@]}" "${MISSING[@]}"
 "$PY" -m pip download --no-deps --quiet -d "$where" "$ASSET"
-printf '%s\n' "${MISSING[@]}" "$ASSET" > "$where/requirements.txt"  # what gpu_check.sh installs
+BUILT_REQS=()
+for whl in "${BUILT[@]}"; do
+    cp "$whl" "$where/"
+    b=$(basename "$whl"); BUILT_REQS+=("$(echo "${b%%-py*}" | sed -E 's/-([^-]+)$/==\1/')")
+done
+printf '%s\n' "${MISSING[@]}" "${BUILT_REQS[@]}" "$ASSET" > "$where/requirements.txt"  # what gpu_check.sh installs
 "$PY" - "$where" "$DEST" "$DRY_RUN" "$CARRY_LIMIT_MIB" <<'EOF'
 import sys
 from pathlib import Path

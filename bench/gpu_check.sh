@@ -10,10 +10,13 @@
 #                                 # the default); GPU_CHECK_TEACHER=quickstart uses the real SmolLM2 GGUF
 #   bash bench/gpu_check.sh b     # where sglang==0.5.23 is installed: sglang vs hf hidden states,
 #                                 # prefill tokens/s, the sglang rollout engine, an on-policy run
+#   bash bench/gpu_check.sh s     # the SGLang path in one script under 10 minutes (bench/gpu_check_sglang.py):
+#                                 # teacher + hook vs transformers, weight session, sleep/wake, rollout,
+#                                 # hf on CUDA, device index; one line naming what it could not run and why
 #   bash bench/gpu_check.sh all
 #
 # Part (a) installs kdflow's small dependencies from wheels carried beside the tree in .whl/
-# (make them where pip works: bash bench/fetch_gpu_wheels.sh; about 19 MiB, --dry-run shows the
+# (make them where pip works: bash bench/fetch_gpu_wheels.sh; about 22 MiB, --dry-run shows the
 # list and size without filling .whl/) into a virtual environment that
 # sees the machine's own torch/transformers (outputs/gpu_venv); without the wheels it prints
 # exactly what is missing and stops. Part (b) needs SGLang's own environment (sglang pins its
@@ -90,12 +93,21 @@ part_b() {
     timeout "$PART_TIMEOUT" "$PY" bench/gpu_check.py sglang --out "$OUT"
 }
 
+part_s() {
+    echo "== part (s): the SGLang path in one script =="
+    if "$PY" -c "import sglang" 2>/dev/null; then  # registers kdflow's plugin in SGLang's environment
+        "$PY" -m pip install --quiet --no-deps --no-build-isolation -e . || return 2
+    fi
+    timeout 590 "$PY" bench/gpu_check_sglang.py --out "$OUT"  # says itself what it could not run
+}
+
 rc=0
 case "$PART" in
     a) part_a; rc=$? ;;
     b) part_b; rc=$? ;;
+    s) part_s; rc=$? ;;
     all) part_a; ra=$?; part_b; rb=$?; rc=$(( ra > rb ? ra : rb )) ;;
-    *) echo "usage: bash bench/gpu_check.sh a|b|all"; exit 64 ;;
+    *) echo "usage: bash bench/gpu_check.sh a|b|s|all"; exit 64 ;;
 esac
 [ "$rc" = 124 ] && echo "TIMEOUT: part $PART exceeded ${PART_TIMEOUT} s"
 echo "results: $OUT (exit $rc)"

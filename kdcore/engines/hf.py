@@ -99,10 +99,16 @@ def _environment(env: dict[str, str]) -> Iterator[None]:
 
 
 def _resolve_device(device: str) -> str:
+    """``cpu`` or ``cuda:<index>``. A bare ``cuda`` (or ``auto``) gets this process's current
+    device index (LOCAL_RANK's, which :func:`kdcore.distributed.init_distributed` sets): the
+    channel is allocated here and the spawned child, whose own current device is 0, must put
+    the model on the same GPU."""
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise TeacherError(f"teacher device '{device}' asked for, but CUDA is not available here")
+    if device == "cuda":
+        device = f"cuda:{torch.cuda.current_device()}"
     return device
 
 
@@ -465,6 +471,10 @@ def _serve(options: dict, channel: Channel, requests, responses, parent_pid: int
     from kdcore import models
 
     device = options["device"]
+    if device.startswith("cuda"):
+        # the parent's index (cuda:LOCAL_RANK): kernels, the allocator and empty_cache() act there,
+        # and no CUDA context is opened on GPU 0 by every rank's child
+        torch.cuda.set_device(torch.device(device))
     spec = options["spec"]
     path, converted = models.loadable_path(spec, options["cache_dir"])
     folder = path if converted else None

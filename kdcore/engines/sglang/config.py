@@ -66,6 +66,16 @@ TEACHER_FIXED_ARGS: dict[str, Any] = {
 # graphs costs start-up time and memory for nothing (the prefill graph is off as well: its
 # interaction with full hidden-state capture is unverified).
 TEACHER_DEFAULT_ARGS: dict[str, Any] = {"disable_decode_cuda_graph": True, "disable_prefill_cuda_graph": True}
+# sglang 0.5.23 ServerArgs flags declared with argparse.BooleanOptionalAction: False is
+# ``--no-<flag>`` (their default may be None or True, so leaving the flag out is not False).
+# Every other boolean is store_true with default False: False is the flag left out.
+# tests/integration/test_sglang_contracts.py re-derives this set from SGLang's own parser.
+SGLANG_NEGATABLE_FLAGS = frozenset({
+    "enable_tf32_matmul", "dcp_replicate_q_proj", "enable_tp_lm_head_all_to_all", "enable_fused_qk_norm_rope",
+    "speculative_enable_w4a4_mxfp4_megamoe", "mm_enable_dp_encoder", "experts_shared_outer_loras",
+    "lora_strict_loading", "dllm_fdfo", "ple_offload_embedding", "enable_decoder_swa_bounded_replay",
+    "enable_dsa_fused_indexer",
+})
 MIN_PREFILL_TOKENS = 16384  # sglang's own default max_prefill_tokens; raised to a whole micro-batch
 
 

@@ -6,12 +6,13 @@ import base64
 import io
 import pickle
 import threading
+from contextlib import nullcontext
 from typing import Any, Callable, Mapping, Optional
 
 import torch
 
 from kdcore.engines.protocol import TeacherError
-from kdcore.engines.sglang.server import SGLangServer, ServerError
+from kdcore.engines.sglang.server import SGLangServer, check_reply, weight_update_session
 
 
 def _device_uuid(index: int) -> str:
@@ -55,10 +56,14 @@ def cuda_ipc_payload(obj: Any) -> str:
 
 def push_weights(server: SGLangServer, state_dict: Mapping[str, torch.Tensor], *, tp_size: int,
                  device: torch.device, dtype: torch.dtype, lock: Optional[threading.Lock] = None,
-                 flush_cache: bool = True) -> int:
+                 flush_cache: bool = True, session: bool = True) -> int:
     """Send full tensors to ``/update_weights_from_tensor`` by CUDA IPC handle (one payload per
     server TP rank: sglang deserialises only its own, so the producer's IPC ref counts stay
-    right). Tensors are cast to ``dtype`` on ``device`` when they are not already there."""
+    right). Tensors are cast to ``dtype`` on ``device`` when they are not already there.
+
+    ``session`` True: inside a weight-update session of its own (sglang 0.5.23 refuses the
+    update outside one), holding ``lock``; False: the caller has opened the session
+    (:func:`weight_update_session`, several pushes in one) and holds the lock."""
     named = []
     for name, t in state_dict.items():
         t = t.detach()
@@ -67,9 +72,12 @@ def push_weights(server: SGLangServer, state_dict: Mapping[str, torch.Tensor], *
         named.append((name, t.contiguous()))
     payloads = [cuda_ipc_payload(named) for _ in range(max(1, tp_size))]
     torch.cuda.synchronize(device)  # the values exist before the server reads them
-    body = {"serialized_named_tensors": payloads, "flush_cache": flush_cache}
-    with (lock or threading.Lock()):
-        reply = server.call("/update_weights_from_tensor", body)
-    if isinstance(reply, dict) and reply.get("success") is False:
-        raise ServerError(f"sglang rejected the weight update: {reply.get('message')}")
+    body = update_weights_body(payloads, flush_cache=flush_cache)
+    with (weight_update_session(server, lock) if session else nullcontext()):
+        check_reply(server.call("/update_weights_from_tensor", body), "the weight update")
     return len(named)
+
+
+def update_weights_body(payloads: list[str], *, flush_cache: bool) -> dict:
+    """The ``/update_weights_from_tensor`` JSON body (sglang's ``UpdateWeightsFromTensorReqInput``)."""
+    return {"serialized_named_tensors": list(payloads), "flush_cache": bool(flush_cache)}

@@ -1,9 +1,11 @@
 """The ``sglang`` rollout engine: the student's copy served by SGLang for on-policy sampling.
 
-**Status: written against SGLang 0.5.23's source and never run.** No part that talks to SGLang
-has executed (no GPU on the development machines). Tested on CPU: the bucketed gather of an
-FSDP2-sharded student to one rank (gloo, two ranks under torchrun), name/shape checks,
-request building and output parsing. ``bench/gpu_check.sh`` part (b) is the first real run.
+**Status: never run.** No part that talks to a live SGLang server has executed (no GPU on the
+development machines). Tested on CPU: the bucketed gather of an FSDP2-sharded student to one
+rank (gloo, two ranks under torchrun), name/shape checks, request building and output parsing;
+against sglang 0.5.23's own code (tests/integration/test_sglang_contracts.py): the launch
+command, the request bodies, the payloads, and the sync's weight-update session order.
+``bench/gpu_check_sglang.py`` is the first real run.
 
 Design (same server plumbing as the teacher engine, :mod:`kdcore.engines.sglang.server`):
 
@@ -16,7 +18,10 @@ Design (same server plumbing as the teacher engine, :mod:`kdcore.engines.sglang.
   the other ranks never hold a full tensor) when one server serves all ranks, otherwise
   all-gathered one bucket at a time; cast to the student's compute dtype on the GPU; handed
   to SGLang's ``/update_weights_from_tensor`` as CUDA IPC handles (no copy through the host,
-  one payload per server TP rank), and freed before the next bucket. Peak extra memory: one
+  one payload per server TP rank), and freed before the next bucket. sglang 0.5.23 accepts
+  updates only inside a weight-update session: one ``/begin_weight_update`` ...
+  ``/end_weight_update`` around every bucket of a sync (closed even when a bucket fails),
+  then ``/flush_cache``. Peak extra memory: one
   bucket. :meth:`update_weights` takes full tensors (the :class:`kdcore.engines.protocol.RolloutEngine`
   contract) and sends them the same way.
 - **Sampling**: ``/generate`` with token ids, ``n`` copies of each prompt (prompt-major,
@@ -38,6 +43,7 @@ import os
 import shutil
 import tempfile
 import threading
+from contextlib import contextmanager
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import torch
@@ -45,8 +51,9 @@ import torch
 from kdcore.engines.protocol import Generation, RolloutEngine, RolloutError, TeacherError, check_generate, finish_generations
 from kdcore.engines.sglang.config import SGLangConfig, check_cuda, check_version, installed_version
 from kdcore.engines.sglang.ipc import push_weights
-from kdcore.engines.sglang.server import (START_TIMEOUT_S, SGLangServer, free_port, local_rank_and_world,
-                                          sampling_params, server_kwargs)
+from kdcore.engines.sglang.server import (START_TIMEOUT_S, SGLangServer, flush_cache, free_port,
+                                          local_rank_and_world, sampling_params, server_kwargs,
+                                          weight_update_session)
 
 BUCKET_MB = 512  # bucket of full tensors in flight per sync step: bounds the sync's extra memory
 ROLLOUT_DEFAULT_ARGS = {
@@ -137,6 +144,24 @@ def expected_tensors(config) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def served_config(config):
+    """A copy of the student's config for the server's folder: no quantization block, and
+    ``architectures`` named (a student built ``from_config`` has None, and sglang's model config
+    reads ``architectures[0]`` to pick its model class)."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = type(config).from_dict(config.to_dict())
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    if not getattr(cfg, "architectures", None):
+        model_class = AutoModelForCausalLM._model_mapping.get(type(cfg), None)
+        if model_class is None:
+            raise RolloutError(f"rollout engine: no causal-LM class for a {type(cfg).__name__}; set the student "
+                               f"config's 'architectures'")
+        cfg.architectures = [model_class.__name__]
+    return cfg
 
 
 def check_names(state: Mapping[str, Sequence[int]], expected: Mapping[str, tuple[int, ...]], *, complete: bool) -> None:
@@ -236,10 +261,7 @@ class SGLangRolloutEngine(RolloutEngine):
         if self.owns_server:
             check_version(installed_version())
             self._folder = tempfile.mkdtemp(prefix="kdflow-rollout-model-")
-            cfg = type(config).from_dict(config.to_dict())
-            if hasattr(cfg, "quantization_config"):
-                del cfg.quantization_config
-            cfg.save_pretrained(self._folder)
+            served_config(config).save_pretrained(self._folder)
             name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
             kw = server_kwargs(self.scfg, model_path=self._folder, dtype=name, max_rows=0, port=port, seed=seed,
                                   role="rollout")
@@ -252,32 +274,46 @@ class SGLangRolloutEngine(RolloutEngine):
     # ------------------------------------------------------------------ weights
 
     def _push(self, named: Mapping[str, torch.Tensor]) -> None:
+        """One bucket, inside the session :meth:`_session` opened (which holds the lock)."""
         try:
             push_weights(self.server, named, tp_size=int(self.scfg.tp_size), device=self.device, dtype=self.dtype,
-                            lock=self._lock, flush_cache=False)
+                         flush_cache=False, session=False)
+        except TeacherError as exc:
+            raise RolloutError(f"sglang rollout weight update failed: {exc}") from exc
+
+    @contextmanager
+    def _session(self) -> Iterator[None]:
+        """The leader's weight-update session around every bucket of one sync (sglang 0.5.23
+        refuses updates outside one); other ranks only take part in the gathers."""
+        if not self.leader:
+            yield
+            return
+        try:
+            with weight_update_session(self.server, self._lock):
+                yield
+            self._flush()
         except TeacherError as exc:
             raise RolloutError(f"sglang rollout weight update failed: {exc}") from exc
 
     def _flush(self) -> None:
-        with self._lock:
-            self.server.call("/flush_cache", {})  # cached prefixes were computed with the old weights
+        flush_cache(self.server, self._lock)  # cached prefixes were computed with the old weights
 
     def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> int:
         """Full tensors by name (every name of the model): sent in buckets by the leader rank;
         other ranks only check them. Returns the number of tensors."""
         check_names({k: tuple(v.shape) for k, v in state_dict.items()}, self.expected, complete=True)
         if self.leader:
-            bucket: dict[str, torch.Tensor] = {}
-            size = 0
-            for k, v in state_dict.items():
-                bucket[k] = v
-                size += v.numel() * (_itemsize(self.dtype) if v.is_floating_point() else v.element_size())
-                if size >= self.bucket_bytes:
+            with self._session():
+                bucket: dict[str, torch.Tensor] = {}
+                size = 0
+                for k, v in state_dict.items():
+                    bucket[k] = v
+                    size += v.numel() * (_itemsize(self.dtype) if v.is_floating_point() else v.element_size())
+                    if size >= self.bucket_bytes:
+                        self._push(bucket)
+                        bucket, size = {}, 0
+                if bucket:
                     self._push(bucket)
-                    bucket, size = {}, 0
-            if bucket:
-                self._push(bucket)
-            self._flush()
         _barrier()  # no rank of the node samples before its server holds the new weights
         return len(state_dict)
 
@@ -293,14 +329,13 @@ class SGLangRolloutEngine(RolloutEngine):
         multi = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         one_server = multi and int(os.environ.get("LOCAL_WORLD_SIZE", 1)) == dist.get_world_size()
         count = 0
-        for bucket in iter_full_buckets(model, dst=0 if one_server else None, dtype=self.dtype,
-                                        bucket_bytes=self.bucket_bytes):
-            if self.leader:
-                self._push({k: v for k, v in bucket if v is not None})
-            count += len(bucket)
-            del bucket
-        if self.leader:
-            self._flush()
+        with self._session():
+            for bucket in iter_full_buckets(model, dst=0 if one_server else None, dtype=self.dtype,
+                                            bucket_bytes=self.bucket_bytes):
+                if self.leader:
+                    self._push({k: v for k, v in bucket if v is not None})
+                count += len(bucket)
+                del bucket
         _barrier()
         return count
 
@@ -344,4 +379,4 @@ class SGLangRolloutEngine(RolloutEngine):
 
 
 __all__ = ["SGLangRolloutEngine", "gather_full", "iter_full_buckets", "expected_tensors", "check_names",
-           "generate_body", "parse_generations", "BUCKET_MB"]
+           "generate_body", "parse_generations", "served_config", "BUCKET_MB"]

@@ -16,15 +16,18 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
 import weakref
-from typing import Any, Mapping, Optional, Sequence
+from contextlib import contextmanager, nullcontext
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 from kdcore.channel import ChannelTimeout, TeacherDiedError
 from kdcore.engines.protocol import TeacherError
-from kdcore.engines.sglang.config import HOOK_ENV, MIN_PREFILL_TOKENS, TEACHER_DEFAULT_ARGS, TEACHER_FIXED_ARGS
+from kdcore.engines.sglang.config import (HOOK_ENV, MIN_PREFILL_TOKENS, SGLANG_NEGATABLE_FLAGS, TEACHER_DEFAULT_ARGS,
+                                          TEACHER_FIXED_ARGS)
 
 START_TIMEOUT_S = 1800.0  # first start downloads/compiles kernels and loads a large model
 REQUEST_TIMEOUT_S = 600.0  # one micro-batch, including first-request JIT compilation
@@ -74,12 +77,18 @@ def server_kwargs(scfg: Any, *, model_path: str, dtype: str, max_rows: int, port
 
 
 def launch_command(kwargs: Mapping[str, Any], python: str = sys.executable) -> list[str]:
-    """``python -m sglang.launch_server`` argv for ``ServerArgs`` keywords (bools as flags)."""
+    """``python -m sglang.launch_server`` argv for ``ServerArgs`` keywords (bools as flags:
+    True ``--flag``; False ``--no-flag`` for sglang's negatable flags, else left out, which is
+    False for its store_true flags; None left out)."""
     argv = [python, "-m", "sglang.launch_server"]
     for k, v in kwargs.items():
         flag = "--" + k.replace("_", "-")
-        if v is None or v is False:
-            continue  # sglang's defaults for absent flags are None/False
+        if v is None:
+            continue
+        if v is False:
+            if k in SGLANG_NEGATABLE_FLAGS:
+                argv.append("--no-" + k.replace("_", "-"))
+            continue
         if v is True:
             argv.append(flag)
         elif isinstance(v, (dict, list)) and not (isinstance(v, list) and all(isinstance(x, (str, int, float)) for x in v)):
@@ -109,17 +118,60 @@ class ServerError(TeacherError):
 
 
 def http_json(url: str, path: str, body: Optional[dict] = None, timeout: float = REQUEST_TIMEOUT_S) -> Any:
-    """POST ``body`` as JSON (GET when None) and return the decoded reply (None when empty)."""
+    """POST ``body`` as JSON (GET when None) and return the reply: decoded when the server
+    says it is JSON, else its text (sglang 0.5.23's ``/flush_cache`` answers plain text), None
+    when empty."""
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(url.rstrip("/") + path, data=data, method="GET" if body is None else "POST",
                                  headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             raw = resp.read()
+            kind = resp.headers.get_content_type()
     except urllib.error.HTTPError as exc:
         detail = exc.read().decode(errors="replace")[:2000]
         raise ServerError(f"sglang server {url}{path}: HTTP {exc.code}: {detail}") from exc
-    return json.loads(raw) if raw else None
+    if not raw:
+        return None
+    if kind == "application/json" or kind.endswith("+json"):
+        try:
+            return json.loads(raw)
+        except ValueError as exc:
+            raise ServerError(f"sglang server {url}{path}: a reply labelled JSON does not parse: {exc}") from exc
+    return raw.decode(errors="replace")
+
+
+def check_reply(reply: Any, what: str) -> Any:
+    """``reply`` unless it is sglang's ``{"success": false, "message": ...}`` (then ServerError)."""
+    if isinstance(reply, dict) and reply.get("success") is False:
+        raise ServerError(f"sglang refused {what}: {reply.get('message')}")
+    return reply
+
+
+@contextmanager
+def weight_update_session(server: "SGLangServer", lock: Optional[threading.Lock] = None) -> Iterator[None]:
+    """sglang 0.5.23's weight-update session: ``/update_weights_from_tensor`` is refused (HTTP
+    400) outside ``POST /begin_weight_update`` ... ``POST /end_weight_update``
+    (``SchedulerWeightUpdaterManager``). Holds ``lock`` throughout (no other request of this
+    process reaches the server mid-update) and always closes the session: a session left
+    open makes the next ``begin`` fail."""
+    with (lock if lock is not None else nullcontext()):
+        check_reply(server.call("/begin_weight_update", {}), "to open a weight-update session")
+        try:
+            yield
+        except BaseException:
+            try:
+                server.call("/end_weight_update", {})
+            except Exception:  # noqa: BLE001 - the update's own error is the one to report
+                pass
+            raise
+        check_reply(server.call("/end_weight_update", {}), "to close the weight-update session")
+
+
+def flush_cache(server: "SGLangServer", lock: Optional[threading.Lock] = None) -> str:
+    """``/flush_cache`` (plain text reply; HTTP 400 while requests are running)."""
+    with (lock if lock is not None else nullcontext()):
+        return str(server.call("/flush_cache", {}) or "")
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -1,7 +1,8 @@
 """The ``sglang`` teacher engine: an SGLang server prefills, the student reads hidden rows.
 
-**Status: written against SGLang 0.5.23's source and never run** (what is CPU-tested, with
-which stand-ins: ``README.md`` in this folder; the first real run: ``bench/gpu_check.sh`` part (b)).
+**Status: never run; its contracts are checked against sglang 0.5.23's own code on CPU**
+(tests/integration/test_sglang_contracts.py; what that covers: ``README.md`` in this folder; the
+first real run: ``bench/gpu_check_sglang.py``).
 
 How it works (all facts below were read from the sglang 0.5.23 wheel; line references are to
 that source):
@@ -28,7 +29,7 @@ that source):
 - **Transport ``hook`` (fast; the default when available).** SGLang's own return path turns
   every hidden state into Python floats (``.cpu().clone().tolist()`` per request), pickles
   them through two processes and JSON-encodes them: ~100x the cost of the prefill itself. So
-  kdflow registers a *SGLang plugin* (:mod:`kdcore.engines.sglang.hook`; entry point group
+  kdflow registers a *SGLang plugin* (``kdflow_sglang_plugin`` = :mod:`kdcore.engines.sglang.hook`; entry point group
   ``sglang.srt.plugins``, SGLang's own mechanism, loaded by every server process; inert unless ``KDFLOW_SGLANG_HOOK=1`` is set in
   the server's environment and the installed version is the pinned one). It wraps exactly one
   method, ``SchedulerBatchResultProcessor._append_prefill_hidden_states``: for requests that
@@ -70,8 +71,8 @@ from kdcore.engines.colocation import Colocation
 from kdcore.engines.protocol import HiddenRequest, TeacherEngine, TeacherError, Ticket
 from kdcore.engines.sglang.config import (HOOK_ENV, SGLANG_VERSION, SGLangConfig, check_architecture, check_cuda,
                                           check_version, installed_version)
-from kdcore.engines.sglang.hook import (K_DEST, K_LEN, K_POS, K_ROW, K_SAMPLE, K_SLOT, ST_BAD_POSITION, ST_FAILED,
-                                        ST_NOT_FULL, ST_PARTIAL, ST_PENDING)
+from kdcore.engines.sglang.hook import (ACTIVE_LINE, K_DEST, K_LEN, K_POS, K_ROW, K_SAMPLE, K_SLOT,
+                                        ST_BAD_POSITION, ST_FAILED, ST_NOT_FULL, ST_PARTIAL, ST_PENDING)
 from kdcore.engines.sglang.ipc import cuda_ipc_payload, push_weights
 from kdcore.engines.sglang.server import (REQUEST_TIMEOUT_S, START_TIMEOUT_S, SGLangServer, cut_at_eos, free_port,
                                           local_rank_and_world, read_config, sampling_params,
@@ -201,6 +202,32 @@ def check_status(codes: Sequence[int], batch: PromptBatch) -> None:
         if code == ST_FAILED:
             raise TeacherError(f"sample {sample}: kdflow's hook failed inside the SGLang server (see the server log)")
         raise TeacherError(f"sample {sample}: the hook wrote {code} rows, {len(pos)} were asked for")
+
+
+def hook_diagnosis(log_text: str, log_path: Optional[str] = None) -> str:
+    """Why the server did not run kdflow's hook, from its log: SGLang's own plugin-loader
+    errors ("Failed to load plugin ...", with the traceback's last line), the plugin's own
+    warnings, or the absence of its :data:`ACTIVE_LINE`. One line."""
+    lines = log_text.splitlines()
+    found = []
+    for i, line in enumerate(lines):
+        if "kdflow" in line or "Failed to load plugin" in line or "Failed to execute general plugin" in line \
+                or "Failed to apply hooks" in line:
+            if ACTIVE_LINE in line:
+                continue
+            found.append(line.strip())
+            tail = next((x.strip() for x in lines[i + 1:i + 60] if x and not x.startswith((" ", "Traceback"))), None)
+            if tail and "Error" in tail:
+                found.append(tail)
+    where = f" (server log {log_path})" if log_path else ""
+    if found:
+        return "the sglang server did not run kdflow's hidden-state hook; its log says: " + " | ".join(found[:4]) + where
+    if ACTIVE_LINE in log_text:
+        return ("the sglang server registered kdflow's hidden-state hook but did not run it for the probe request "
+                f"(--enable-return-hidden-states missing?){where}")
+    return (f"the sglang server did not run kdflow's hidden-state hook: no '{ACTIVE_LINE}' line in its log{where}: "
+            f"install kdflow in the server's environment and start it with {HOOK_ENV}=1 "
+            f"(`python -m kdcore.engines.sglang.cli serve ...` does both)")
 
 
 def check_post_norm(rows: torch.Tensor, norm_weight: torch.Tensor, tol: float = POST_NORM_TOL) -> float:
@@ -367,9 +394,13 @@ class SGLangTeacher(TeacherEngine):
             torch.cuda.synchronize(self._status.device)
             self._post_hidden(batch, "hook", slot)
             codes = self._status[slot, :len(batch.prompts)].tolist()
-            if codes[0] == ST_PENDING and self.transport == "auto":
-                log.warning("the sglang server does not run kdflow's hidden-state hook: falling back to the slow "
-                            "'lists' transport (install kdflow in the server's environment and set %s=1)", HOOK_ENV)
+            if codes[0] == ST_PENDING:
+                why = hook_diagnosis(self.server.log_tail(2000), self.server.log_path)
+                if self.transport == "hook":
+                    raise TeacherError(f"teacher.sglang.transport=hook, but {why}")
+                log.warning("KDFLOW HOOK NOT LOADED: %s. Falling back to the 'lists' transport (exact, ~100x "
+                            "slower); set teacher.sglang.transport=hook to make this an error", why)
+                self.info["hook_error"] = why
                 self.transport = "lists"
             else:
                 check_status(codes, batch)
@@ -379,7 +410,7 @@ class SGLangTeacher(TeacherEngine):
             rows = reference_rows(parse_lists(self._post_hidden(batch, "lists", 0), batch), batch)
         norm = load_norm_weight(self.folder) if os.path.isdir(self.folder or "") else None
         dev = check_post_norm(rows, norm) if norm is not None else None
-        self.info = {"architecture": arch, "transport": self.transport, "url": self.server.url,
+        self.info = {**self.info, "architecture": arch, "transport": self.transport, "url": self.server.url,
                      "owns_server": self.owns_server, "post_norm_deviation": dev, "folder": self.folder,
                      "log": self.server.log_path}
 
