@@ -6,7 +6,7 @@ scored on the completion's tokens; the summed negative log-likelihood is divided
 completion's characters. Used for the xtok section of bench/quality.md (which teacher is
 stronger on the data). Needs Gemma: ``bash scripts/get_gemma.sh``.
 
-    python bench/bits_per_char.py [MODEL ...]
+    python -m bench bits_per_char [MODEL ...]
 """
 
 import json

@@ -1,8 +1,8 @@
 """Peak memory and time of the chunked KD loss driver vs the dense torch computation (not a test).
 
-    .venv/bin/python bench/loss_memory.py                  # V=152064, H=1024, N in {1024, 4096}, fkl
-    .venv/bin/python bench/loss_memory.py --loss js --ce   # another loss, with the CE mix
-    .venv/bin/python bench/loss_memory.py --chunks 256,512,1024 --strategies fused,recompute
+    .venv/bin/python -m bench loss_memory                  # V=152064, H=1024, N in {1024, 4096}, fkl
+    .venv/bin/python -m bench loss_memory --loss js --ce   # another loss, with the CE mix
+    .venv/bin/python -m bench loss_memory --chunks 256,512,1024 --strategies fused,recompute
 
 One step = student logits + teacher logits + loss, forward and backward (grads w.r.t. the
 student hidden states and the student head), fp32 on CPU. "dense" is the plain torch code

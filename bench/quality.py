@@ -1,6 +1,6 @@
 """Distillation quality at equal work: does KD beat plain fine-tuning on held-out data?
 
-``python bench/quality.py`` → ``bench/quality.md``. Every row is one recipe plus dotlist
+``python -m bench quality`` → ``bench/quality.md``. Every row is one recipe plus dotlist
 overrides, trained through the command line a user runs (``python -m kdcore train RECIPE
 key=value ...``) in a fresh process per run and seed, and read from the final evaluation record
 of that run's ``metrics.jsonl``. Each section compares its rows with a **CE-only twin**
@@ -528,7 +528,7 @@ def render_section(section: Section, runs: dict[str, list[Run]]) -> str:
 def header(args, started: str, load0, minutes: float, n_runs: int, progress: str = "") -> str:
     info = common.machine_info()
     load1 = common.load_average()
-    cmd = "python bench/quality.py" + (" " + shlex.join(args.argv) if args.argv else "")
+    cmd = "python -m bench quality" + (" " + shlex.join(args.argv) if args.argv else "")
     lines = [
         "# kdflow distillation quality",
         "",

@@ -20,8 +20,8 @@ and the peak PSS of every process involved (jobs, their teacher processes, the s
 as :mod:`bench.common` does. On one machine both jobs contend for the same cores either way;
 what sharing saves is one teacher's memory and one model load.
 
-    nice -n 10 python -m bench.remote_teacher [--skip-train]   # writes bench/remote_teacher.md
-    nice -n 10 python -m bench.remote_teacher --two-jobs-only   # (re)writes only that section
+    nice -n 10 python -m bench remote_teacher [--skip-train]   # writes bench/remote_teacher.md
+    nice -n 10 python -m bench remote_teacher --two-jobs-only   # (re)writes only that section
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ def tokens_per_s(steps: int = 8, warmup: int = 2, batch: int = 2, seq_len: int =
     """Median tokens/s of the bench pair, local hf engine vs a serve-teacher on loopback."""
     import yaml
 
-    from bench.kdflow_side import recipe_dict
+    from bench.sides.kdflow import recipe_dict
     from bench.models import ensure_data, ensure_model, tokenizer_folder
 
     student, teacher = str(ensure_model("student")), str(ensure_model("teacher"))
@@ -174,7 +174,7 @@ def two_jobs(steps: int = 8, warmup: int = 2, batch: int = 2, seq_len: int = 128
     """Two jobs started together: each with its own hf teacher vs both on one serve-teacher."""
     import yaml
 
-    from bench.kdflow_side import recipe_dict
+    from bench.sides.kdflow import recipe_dict
     from bench.models import ensure_data, ensure_model, tokenizer_folder
 
     student, teacher = str(ensure_model("student")), str(ensure_model("teacher"))
@@ -275,7 +275,7 @@ def main() -> None:
     info = machine_info()
     lines = ["# Remote teacher: loopback vs shared memory", "",
              f"Machine: {info.get('cpu', '?')}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f} at start "
-             f"(shared machine: figures are indicative). `python -m bench.remote_teacher`.", "",
+             f"(shared machine: figures are indicative). `python -m bench remote_teacher`.", "",
              f"## One step's hidden states, N = {N_ROWS} rows (median of {args.repeats})", "",
              md_table(["case", "H", "dtype", "MB/step", "shared memory ms", "zmq loopback ms", "loopback GB/s"],
                       transfer_rows(args.repeats)), ""]

@@ -1,4 +1,4 @@
-"""Every benchmark table in one command: ``python bench/run_all.py`` → ``bench/results.md``.
+"""Every benchmark table in one command: ``python -m bench run_all`` → ``bench/results.md``.
 
 Tables (``--tables``, comma-separated; default all):
 
@@ -44,16 +44,16 @@ from bench.common import GB, fmt_range, md_table  # noqa: E402
 ALL_TABLES = ("limit", "channel", "offpolicy", "real", "bf16", "scaling", "onpolicy", "xtok")
 ONPOLICY_SIDES = {"TRL GKDTrainer λ=1": "bench.peers.trl_onpolicy:run_gkd",
                   "TRL DistillationTrainer": "bench.peers.trl_onpolicy:run_distillation",
-                  "kdflow on_policy": "bench.kdflow_side:run_onpolicy"}
-SIDES = {"trl": "bench.peers.trl_gkd:run", "kdflow": "bench.kdflow_side:run"}
+                  "kdflow on_policy": "bench.sides.kdflow:run_onpolicy"}
+SIDES = {"trl": "bench.peers.trl_gkd:run", "kdflow": "bench.sides.kdflow:run"}
 SIDE_NAMES = {"trl": "TRL GKDTrainer", "kdflow": "kdflow"}
-XTOK_SIDES = {"trl": "bench.peers.trl_gold:run", "kdflow": "bench.kdflow_xtok:run_uld"}
+XTOK_SIDES = {"trl": "bench.peers.trl_gold:run", "kdflow": "bench.sides.kdflow_xtok:run_uld"}
 XTOK_NAMES = {"trl": "TRL GOLDTrainer (ULD)", "kdflow": "kdflow uld"}
 # side -> (module:function, its own keyword arguments); pairs compared: (kdflow side, TRL side)
 BF16_SIDES = {"trl": ("bench.peers.trl_gkd:run", {"precision": "bf16"}),
-              "kdflow": ("bench.kdflow_side:run", {"precision": "bf16"}),
+              "kdflow": ("bench.sides.kdflow:run", {"precision": "bf16"}),
               "trl_tbf16": ("bench.peers.trl_gkd:run", {"teacher_dtype": "bfloat16"}),
-              "kdflow_tbf16": ("bench.kdflow_side:run", {"overrides": ["teacher.dtype=bfloat16"]})}
+              "kdflow_tbf16": ("bench.sides.kdflow:run", {"overrides": ["teacher.dtype=bfloat16"]})}
 BF16_NAMES = {"trl": "TRL GKDTrainer bf16=True", "kdflow": "kdflow train.precision=bf16",
               "trl_tbf16": "TRL GKDTrainer, teacher bf16", "kdflow_tbf16": "kdflow teacher.dtype=bfloat16"}
 BF16_PAIRS = (("kdflow", "trl"), ("kdflow_tbf16", "trl_tbf16"))
@@ -374,7 +374,7 @@ def xtok_table(args, kdflow_ok: bool, why: str) -> str:
     return (text + "\n\n" + ratio + " Off-policy, pure ULD (sorted-probability L1, whole vocabularies, T = 1), "
             "the same prompt/completion rows on both sides. The two ULDs pair positions differently (kdflow: "
             "positions that have read the same characters; GOLD, with a SentencePiece student, must pair by "
-            "index), so the loss values are on the same scale but not the same average; see bench/kdflow_xtok.py.")
+            "index), so the loss values are on the same scale but not the same average; see bench/sides/kdflow_xtok.py.")
 
 
 # ----------------------------------------------------------------------------- configurations
@@ -458,7 +458,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     t0 = time.perf_counter()
-    from bench.kdflow_side import trainer_available
+    from bench.sides.kdflow import trainer_available
 
     kdflow_ok, why = trainer_available()
     if not kdflow_ok:
@@ -517,7 +517,7 @@ def main(argv=None) -> int:
 
 def _header(args, info: dict, started: str, load0, minutes: float, kdflow_ok: bool, why: str) -> str:
     load1 = common.load_average()
-    cmd = "python bench/run_all.py" + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else "")
+    cmd = "python -m bench run_all" + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else "")
     lines = [
         "# kdflow benchmarks",
         "",

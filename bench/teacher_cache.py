@@ -1,6 +1,6 @@
 """The exact teacher cache (``teacher.engine: cache``): bytes per token, exactness, speed.
 
-    nice -n 10 python -m bench.teacher_cache        # writes bench/teacher_cache.md
+    nice -n 10 python -m bench teacher_cache        # writes bench/teacher_cache.md
 
 1. Bytes per token of the exact cache (hidden states, ``H`` values per token) against top-k
    logit caches (k ids as int32 + k values as bf16) and full logits, for SmolLM2-135M and a

@@ -1,5 +1,5 @@
 """TRL's GOLDTrainer (trl 1.16: ``trl.experimental.gold``) with the ULD loss, off-policy, as a
-benchmark child: the cross-tokenizer peer of :func:`bench.kdflow_xtok.run_uld`.
+benchmark child: the cross-tokenizer peer of :func:`bench.sides.kdflow_xtok.run_uld`.
 
 What runs: ``GOLDTrainer`` with ``use_uld_loss=True``, ``teacher_tokenizer_name_or_path`` = the
 teacher's folder (SmolLM2 byte-level BPE) and the student's own tokenizer (Mistral v1
@@ -17,7 +17,7 @@ Settings chosen to match kdflow's run, not GOLD's defaults:
   (``encode_with_byte_offsets``) raises ``NotImplementedError`` for a non-ByteLevel tokenizer,
   and the student's is SentencePiece; GOLD then pairs completion positions by index, truncated
   to the shorter side (the original ULD paper). kdflow pairs positions that have read the same
-  characters, see :mod:`bench.kdflow_xtok` for every definitional difference.
+  characters, see :mod:`bench.sides.kdflow_xtok` for every definitional difference.
 - ``uld_token_merge_strategy="observed"`` (GOLD's default; with positional pairing it only
   decides whether the compared logits are shifted by one).
 - fp32 (``bf16=False``), no gradient checkpointing, constant learning rate, no warm-up, no
@@ -26,7 +26,7 @@ Settings chosen to match kdflow's run, not GOLD's defaults:
   ``train_sampling_strategy``; :class:`_SequentialGOLD` overrides ``_get_train_sampler`` with
   the same sampler unshuffled, so step k trains on rows ``k·batch … k·batch + batch − 1`` of
   the file, as kdflow (``data.shuffle=false``) does.
-- data: the same ``{"prompt", "completion"}`` rows as kdflow (:func:`bench.kdflow_xtok.xtok_rows`:
+- data: the same ``{"prompt", "completion"}`` rows as kdflow (:func:`bench.sides.kdflow_xtok.xtok_rows`:
   one student token of prompt, ``seq_len − 3`` of completion, both plain text). GOLD tokenizes
   the student text without specials and appends EOS (``seq_len − 1`` student tokens, kdflow has a
   BOS more); ``max_length=seq_len`` so nothing is cut. A one-token prompt because GOLD's collator
@@ -62,7 +62,7 @@ def run(student: str, teacher: str, data: str, seq_len: int, batch: int = 4, ste
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from bench.kdflow_xtok import xtok_rows
+    from bench.sides.kdflow_xtok import xtok_rows
     from trl.experimental.gold import GOLDConfig, GOLDTrainer
     from trl.trainer.utils import RepeatSampler
 

@@ -1,4 +1,4 @@
-"""The hf teacher engine on CUDA (needs a GPU; skipped without one; run by bench/gpu_check.sh there)."""
+"""The hf teacher engine on CUDA (needs a GPU; skipped without one; run by checks/gpu/gpu_check.sh there)."""
 
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ reply, or the ``req`` / ``logits_output`` / capture-mode objects its scheduler p
 from sglang 0.5.23's source. **Those stand-ins are not SGLang**: they only check kdflow's own
 bookkeeping against those formats. Hidden states themselves come from real (tiny) transformers
 models. The GPU tests at the end run the real thing and are skipped without CUDA + sglang;
-bench/gpu_check.sh part (b) runs the same checks at scale.
+checks/gpu/gpu_check.sh part (b) runs the same checks at scale.
 """
 
 from __future__ import annotations

@@ -243,7 +243,7 @@ def test_colocation_returns_cached_blocks_before_the_teacher_wakes(monkeypatch):
 
 
 def test_gpu_check_sglang_dry_run_builds_every_input_and_names_what_it_cannot_run(tmp_path):
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check_sglang.py"), "--dry-run", "--out",
+    proc = subprocess.run([sys.executable, str(REPO / "checks" / "gpu" / "gpu_check_sglang.py"), "--dry-run", "--out",
                            str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     last = proc.stdout.strip().splitlines()[-1]

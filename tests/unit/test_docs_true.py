@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-DOCS = ("README.md", "CONTRIBUTING.md", "Makefile")
+DOCS = ("README.md", "CONTRIBUTING.md", "Makefile", "bench/README.md")
 # a repository path as the documents write it (not part of a longer path such as <dir>/tests/x)
-REPO_PATH = re.compile(r"(?<![\w./<>-])((?:kdcore|algorithms|tests|bench|recipes|scripts|docs|plugins|\.ci)/[\w./-]*[\w/])")
+REPO_PATH = re.compile(r"(?<![\w./<>-])((?:kdcore|algorithms|tests|bench|checks|recipes|scripts|docs|plugins|\.ci)/[\w./-]*[\w/])")
 
 
 def _named_paths(text: str) -> list[str]:

@@ -14,7 +14,7 @@ GOLD's collator refuses rows whose prompt is empty; one token is the least it ac
 the same rows on both sides keeps the trained region the same (the completion).
 
 :func:`run_uld` runs kdflow as a user would (``recipe_dict`` + ``_timed_train`` from
-:mod:`bench.kdflow_side`: ``python -m kdcore train``) with ``distill.aligner: uld`` (``top_k: 0``: whole vocabularies
+:mod:`bench.sides.kdflow`: ``python -m kdcore train``) with ``distill.aligner: uld`` (``top_k: 0``: whole vocabularies
 sorted, the exact distance, as GOLD computes it), ``off_policy``, ``kd_ratio: 1`` (pure
 distillation: the CE term has weight 0, as GOLD's ``uld_crossentropy_weight=0``),
 temperature 1 (GOLD's ``uld_student_temperature = uld_teacher_temperature = 1``), fp32,
@@ -59,7 +59,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.kdflow_side import _timed_train, prepare_in_subprocess, recipe_dict
+from bench.sides.kdflow import _timed_train, prepare_in_subprocess, recipe_dict
 
 
 def xtok_rows(student: str, data: str, seq_len: int, rows: int, out: str | Path) -> Path:
@@ -99,7 +99,7 @@ def xtok_rows(student: str, data: str, seq_len: int, rows: int, out: str | Path)
 def run_uld(student: str, teacher: str, data: str, seq_len: int, batch: int = 4, steps: int = 5, warmup: int = 1,
             lr: float = 1e-4, seed: int = 0, overrides: list[str] | None = None) -> dict:
     """kdflow ``uld`` off-policy, pure distillation; ``warmup + steps`` steps (``overrides``: dotlist). Returns the keys of
-    :func:`bench.kdflow_side.run` (``side``, ``step_times``, ``warmup_times``, ``losses``,
+    :func:`bench.sides.kdflow.run` (``side``, ``step_times``, ``warmup_times``, ``losses``,
     ``final_loss``, ``kd_loss``, ``ce_loss``, ``kdflow_*``, ``teacher_wait_s``, ``timing``,
     ``train_wall_s``, ``child_maxrss``, ``tokens_per_step``, ``loss_tokens_per_step``,
     ``setup_s``) plus ``align_ratio`` (per step: aligned student rows / student loss rows)
@@ -108,7 +108,7 @@ def run_uld(student: str, teacher: str, data: str, seq_len: int, batch: int = 4,
     total = warmup + steps
     with tempfile.TemporaryDirectory(prefix="kdflow-xtok-") as tmp:
         rows_file = str(Path(tmp) / "rows.jsonl")
-        prepare_in_subprocess("bench.kdflow_xtok:xtok_rows", student=student, data=data, seq_len=seq_len,
+        prepare_in_subprocess("bench.sides.kdflow_xtok:xtok_rows", student=student, data=data, seq_len=seq_len,
                               rows=batch * total, out=rows_file)
         recipe = recipe_dict(student, teacher, rows_file, seq_len, batch, total, "", lr=lr, precision="fp32",
                              seed=seed)

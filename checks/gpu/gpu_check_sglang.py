@@ -1,8 +1,8 @@
 """The SGLang path on one GPU, in one script of under 10 minutes (issue 27): what CPU contract
 tests (tests/integration/test_sglang_contracts.py) cannot show.
 
-    python bench/gpu_check_sglang.py [--out DIR]      # on a CUDA machine with sglang==0.5.23 installed
-    python bench/gpu_check_sglang.py --dry-run        # anywhere: builds every input, runs nothing on a GPU
+    python checks/gpu/gpu_check_sglang.py [--out DIR]      # on a CUDA machine with sglang==0.5.23 installed
+    python checks/gpu/gpu_check_sglang.py --dry-run        # anywhere: builds every input, runs nothing on a GPU
 
 Parts, in order (each under its own time cap; the whole under ``--budget`` seconds, 540 by default):
 
@@ -33,9 +33,9 @@ import traceback
 from pathlib import Path
 from types import SimpleNamespace
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]  # checks/gpu/ -> the repository
 sys.path.insert(0, str(REPO))
-HS_COS_MIN, HS_REL_L2_MAX = 0.99, 0.05  # sglang vs transformers rows, bf16 (as bench/gpu_check.py part (b))
+HS_COS_MIN, HS_REL_L2_MAX = 0.99, 0.05  # sglang vs transformers rows, bf16 (as checks/gpu/gpu_check.py part (b))
 PARTS = ("env", "teacher", "weights", "sleep_wake", "rollout", "hf_cuda", "device_index")
 NEEDS_SGLANG = {"teacher", "weights", "sleep_wake", "rollout"}
 NEEDS_CUDA = {"teacher", "weights", "sleep_wake", "rollout", "hf_cuda", "device_index"}
@@ -144,7 +144,7 @@ def compare(a, b) -> dict:
 
 
 def part_env(ctx) -> dict:
-    sys.path.insert(0, str(REPO / "bench"))
+    sys.path.insert(0, str(REPO / "checks" / "gpu"))
     from gpu_check import env_report
 
     info, problems = env_report("b")
@@ -207,7 +207,7 @@ def part_sleep_wake(ctx) -> dict:
 
 
 def part_rollout(ctx) -> dict:
-    sys.path.insert(0, str(REPO / "bench"))
+    sys.path.insert(0, str(REPO / "checks" / "gpu"))
     from gpu_check import rollout_check
 
     return rollout_check(str(ctx.folder), real=False)  # random weights: greedy near-ties reported, not failed
@@ -267,7 +267,7 @@ def dry_run(ctx) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="bench/gpu_check_sglang.py")
+    ap = argparse.ArgumentParser(prog="checks/gpu/gpu_check_sglang.py")
     ap.add_argument("--out", default=str(REPO / "outputs" / "gpu_check"))
     ap.add_argument("--dry-run", action="store_true", help="build every input, run no part (works without a GPU)")
     ap.add_argument("--budget", type=float, default=540.0, help="seconds for all parts (they stop starting after it)")

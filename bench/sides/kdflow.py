@@ -211,7 +211,7 @@ def run_onpolicy(student: str, teacher: str, data: str, prompt_len: int = 64, ma
     total = warmup + steps
     with tempfile.TemporaryDirectory(prefix="kdflow-bench-prompts-") as tmp:
         pdata = str(Path(tmp) / "prompts.jsonl")
-        prepare_in_subprocess("bench.kdflow_side:prompt_data", student=student, data=data, prompt_len=prompt_len,
+        prepare_in_subprocess("bench.sides.kdflow:prompt_data", student=student, data=data, prompt_len=prompt_len,
                               completion_len=max_new_tokens, rows=batch * total, out=pdata)
         recipe = recipe_dict(student, teacher, pdata, prompt_len + max_new_tokens, batch, total, "", lr=lr,
                              precision=precision, seed=seed, beta=beta)
