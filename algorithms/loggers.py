@@ -1,15 +1,16 @@
 """Built-in loggers: where a run's records go besides the console.
 
 ============  ================================================================================
-jsonl         ``<run>/metrics.jsonl``, one JSON record per line; always on (``kdcore plot`` reads it)
 tensorboard   ``<run>/tensorboard/`` event files: every number as a scalar at its ``step``, the
               recipe as text (``pip install 'kdflow[tensorboard]'``)
 wandb         Weights & Biases, offline by default, under ``<run>/wandb/``: every record as history
               at its ``step``, the recipe as the run's config (``pip install 'kdflow[wandb]'``)
 ============  ================================================================================
 
-Turn trackers on with ``logging.backends: [tensorboard, wandb]``. The trackers' packages are
-imported when a run builds the logger, never at registration (that runs for every command).
+Turn trackers on with ``logging.backends: [tensorboard, wandb]``. ``<run>/metrics.jsonl`` (one
+JSON record per line, what ``kdcore plot`` reads) is not a plugin: the run writes it itself,
+always and first, and its name ``jsonl`` is reserved. The trackers' packages are imported when a
+run builds the logger, never at registration (that runs for every command).
 """
 
 from __future__ import annotations
@@ -25,13 +26,6 @@ def _scalars(record: dict) -> dict:
     """The record's numbers except the step itself (bools are flags, not curves)."""
     return {k: v for k, v in record.items()
             if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
-
-
-def jsonl(*, run_dir: Path, config: dict):
-    """metrics.jsonl in the run folder, one JSON record per line (always on)."""
-    from kdcore.training.metrics import JsonlLogger
-
-    return JsonlLogger(Path(run_dir) / "metrics.jsonl")
 
 
 class TensorBoardLogger:
@@ -85,6 +79,5 @@ def wandb(*, run_dir: Path, config: dict):
 
 @hookimpl
 def register_loggers(register):
-    register("jsonl", jsonl)
     register("tensorboard", tensorboard)
     register("wandb", wandb)

@@ -116,7 +116,7 @@ def check_evaluators(raw: dict, registry, errors: list[str]) -> None:
 
 def check_loggers(raw: dict, registry, errors: list[str]) -> None:
     """Check logging.backends names against the registry's loggers."""
-    from kdcore.registry import UnknownAlgorithmError
+    from kdcore.registry import ALWAYS_ON_LOGGER, UnknownAlgorithmError
 
     section = raw.get("logging")
     backends = section.get("backends") if isinstance(section, dict) else None
@@ -124,6 +124,8 @@ def check_loggers(raw: dict, registry, errors: list[str]) -> None:
         if not isinstance(name, str):
             errors.append(f"logging.backends[{i}]: expected a logger name, got {type(name).__name__} {name!r}")
             continue
+        if name == ALWAYS_ON_LOGGER:
+            continue  # metrics.jsonl is written whatever the list says; naming it is harmless
         try:
             registry.get("logger", name)
         except UnknownAlgorithmError as exc:

@@ -12,6 +12,11 @@ KINDS = ("loss", "aligner", "rollout", "engine", "evaluator", "logger")
 HOOK_OF_KIND = {"loss": "register_losses", "aligner": "register_aligners", "rollout": "register_rollouts",
                 "engine": "register_engines", "evaluator": "register_evaluators", "logger": "register_loggers"}
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+# metrics.jsonl is the run's own record (kdcore plot and every test read it), written by the run
+# itself before any plugin logger, on whatever the recipe says, and unlike the trackers a failure
+# in it stops the run. Its name is reserved: `logging.backends` may list it (a no-op), a plugin
+# may not register it (build_loggers would skip that logger without a word).
+ALWAYS_ON_LOGGER = "jsonl"
 ENGINE_ROLES = ("teacher", "rollout")  # the recipe sections that name an engine: teacher.engine, rollout.engine
 # What people type for a registered name, when spelling alone would suggest another: "kl" is
 # closest to "skl" by edit distance, but someone typing "kl" means the plain forward KL. Used for
@@ -175,6 +180,9 @@ def make_register(registry: Registry, kind: str, plugin: PluginInfo) -> Callable
                                   f"recipe section, see EngineSpec.check_recipe)")
         elif not callable(fn):
             raise PluginError(f"{where}: {kind} '{name}' is not callable: {fn!r}")
+        if kind == "logger" and name == ALWAYS_ON_LOGGER:
+            raise PluginError(f"{where}: logger name '{name}' is reserved for the run's own metrics.jsonl "
+                              f"(always written); register the logger under another name")
         if kind == "logger" and options is not None:
             raise PluginError(f"{where}: logger '{name}' takes no options dataclass (a logger reads the run's "
                               f"config it is given)")

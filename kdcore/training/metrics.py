@@ -15,9 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-# metrics.jsonl is the run's own record (kdcore plot and every test read it): its logger is on
-# whatever the recipe says, comes first, and unlike the trackers a failure in it stops the run
-ALWAYS_ON_LOGGER = "jsonl"
+from kdcore.registry import ALWAYS_ON_LOGGER  # metrics.jsonl's reserved name: why it is always on, there
 
 
 class Logger(Protocol):

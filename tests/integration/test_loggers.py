@@ -181,12 +181,30 @@ def test_a_misspelled_backend_gets_a_did_you_mean_at_validation(tmp_path, tiny_t
     assert "logging.backends[1]: expected a logger name, got int 3" in text
 
 
-def test_the_default_recipe_has_no_trackers_and_jsonl_is_listed(tmp_path, tiny_teacher):
+def test_the_default_recipe_has_no_trackers_and_jsonl_is_the_run_s_own(tmp_path, tiny_teacher):
     cfg = kdcore.load_recipe(str(write_recipe(tmp_path, tiny_teacher)))
     assert list(cfg.logging.backends) == []
     reg = kdcore.load_registry()
-    assert {"jsonl", "tensorboard", "wandb"} <= set(reg.names("logger"))
-    assert all(reg.get("logger", n).plugin == "kdflow" for n in ("jsonl", "tensorboard", "wandb"))
+    assert {"tensorboard", "wandb"} <= set(reg.names("logger"))
+    assert all(reg.get("logger", n).plugin == "kdflow" for n in ("tensorboard", "wandb"))
+    # metrics.jsonl is written by RunLog itself, not by a registered factory nobody calls
+    assert "jsonl" not in reg.names("logger")
+    listed = kdcore.load_recipe(str(write_recipe(tmp_path / "listed", tiny_teacher, logging={"backends": ["jsonl"]})))
+    assert list(listed.logging.backends) == ["jsonl"]  # naming it stays valid (and changes nothing)
+
+
+def test_a_plugin_logger_named_jsonl_is_refused():
+    # build_loggers skips the name (RunLog writes metrics.jsonl itself): such a logger would be
+    # registered, listed and never called
+    def register_loggers(register):
+        register("jsonl", Collector)
+
+    kdcore.register_plugin(make_plugin(register_loggers=register_loggers), "test-logger-jsonl")
+    try:
+        with pytest.raises(PluginError, match="logger name 'jsonl' is reserved for the run's own metrics.jsonl"):
+            kdcore.load_registry()
+    finally:
+        kdcore.unregister_plugin("test-logger-jsonl")
 
 
 def test_trackers_fail_at_start_or_close_with_one_line_and_jsonl_stays(tmp_path, capsys):
