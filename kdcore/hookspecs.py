@@ -4,15 +4,17 @@ A plugin is any module (usually exposed through the ``kdcore`` entry-point group
 installed distribution) that defines functions decorated with :data:`kdcore.hookimpl` whose
 names match the hooks below. Each hook receives a single ``register`` callback; call it once per
 algorithm the plugin provides. The core validates every item as it arrives and fails at startup
-on a bad item, a duplicate name, or a hookimpl whose name matches no hook here.
+on a bad item or a hookimpl whose name matches no hook here. A name registered twice does not
+stop the start: the registry loads, ``kdcore plugins`` lists both providers, and the name is
+refused (naming both) wherever a recipe or command uses it.
 
 The common shape of ``register`` for every hook::
 
     register(name, fn, options=None, summary=None)
 
 ``name``
-    Registry name, lowercase ``[a-z][a-z0-9_]*``. Unique per kind across all installed plugins;
-    two plugins registering one name is a startup error naming both.
+    Registry name, lowercase ``[a-z][a-z0-9_]*``. Unique per kind across all installed plugins:
+    when two plugins register one name, using it is an error naming both (the others still work).
 ``fn``
     The callable (contract per hook below); for ``register_engines``, an engine spec object.
 ``options``
@@ -166,8 +168,9 @@ def register_loggers(register):
 
     ``register(name, factory)`` (no ``options``: a logger reads what it needs from the config).
     Recipes turn loggers on with ``logging.backends: [<name>, ...]``; ``kdcore validate``
-    checks each name against the installed loggers (with a did-you-mean). The built-in
-    ``jsonl`` logger (``metrics.jsonl``) is always on and comes first.
+    checks each name against the installed loggers (with a did-you-mean). ``metrics.jsonl`` is
+    not a plugin: the run writes it itself, always and before every logger; its name ``jsonl``
+    is reserved (a recipe may list it, to no effect; a plugin may not register it).
 
     ``factory(*, run_dir: Path, config: dict) -> Logger``
 
