@@ -429,25 +429,7 @@ def _hub_fetcher(repo_id: str):
     return fetch
 
 
-def count_parameters(spec: str) -> int:
-    """Parameter count from the config alone (meta device), e.g. to split CPU threads."""
-    import torch
-    from transformers import AutoConfig
-
-    from kdcore.vision import model_class
-
-    kind, where = locate(spec)
-    if kind == "gguf":
-        import math
-
-        return sum(math.prod(shape) for shape, _, _ in gguf_index(where)[1].values())
-    config = AutoConfig.from_pretrained(where)
-    with torch.device("meta"):
-        model = model_class(config).from_config(config)
-    return sum(p.numel() for p in model.parameters())
-
-
 __all__: list[Any] = [
     "DTYPES", "torch_dtype", "default_cache_dir", "locate", "load_causal_lm",
-    "gguf_cache_key", "gguf_to_hf_folder", "gguf_index", "load_lm_head", "model_dims", "count_parameters",
+    "gguf_cache_key", "gguf_to_hf_folder", "gguf_index", "load_lm_head", "model_dims",
 ]
