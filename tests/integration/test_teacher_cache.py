@@ -162,7 +162,8 @@ def test_sampling_rollouts_are_refused(fp32_cache, rollout):
                                    f"distill.rollout={rollout}"], capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 2
     assert f"  - teacher.engine: 'cache' serves stored teacher states, but distill.rollout '{rollout}' samples " \
-           f"new sequences, which need a live teacher (use teacher.engine hf or sglang)" in res.stderr.splitlines()
+           f"new sequences, which need a live teacher (use teacher.engine hf or sglang)" in res.stderr
+    # (the line ends by naming the override that chose the engine: [command line: teacher.engine=cache])
 
 
 def test_self_distillation_missing_folder_and_no_manifest_are_refused(fp32_cache, tmp_path):
