@@ -4,7 +4,7 @@ and one student job's tokens/s with a local vs a remote (loopback) teacher.
 Transfer: a step with ``N`` loss positions moves ``[N, H]`` hidden states. *Shared memory* is
 :func:`bench.channel_bytes.transfer` (producer copy in, consumer copy out: the ``hf`` engine's
 path). *Loopback* is the remote path end to end without a model: a server process answers a
-small request with :func:`kdcore.engines.remote_wire.pack_hidden` of a ready tensor (the copy
+small request with :func:`kdcore.engines.remote.wire.pack_hidden` of a ready tensor (the copy
 the real server makes before releasing its slot) over a ROUTER socket, and the client copies
 the reply into its slot with ``unpack_hidden_into`` — request to copied reply.
 
@@ -47,7 +47,7 @@ def _echo_server(endpoint_q, rows: int, cols: int, dtype: str) -> None:
     import torch
     import zmq
 
-    from kdcore.engines import remote_wire as wire
+    from kdcore.engines.remote import wire
 
     torch.set_num_threads(1)
     hidden = torch.randn(rows, cols).to(getattr(torch, dtype))
@@ -71,7 +71,7 @@ def loopback_transfer(rows: int, cols: int, dtype: str, repeats: int = 5) -> dic
     import torch.multiprocessing as mp
     import zmq
 
-    from kdcore.engines import remote_wire as wire
+    from kdcore.engines.remote import wire
 
     ctx_mp = mp.get_context("spawn")
     q = ctx_mp.Queue()

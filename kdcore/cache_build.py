@@ -25,7 +25,7 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from kdcore.engines.cache import (FORMAT_VERSION, MANIFEST, SPLITS, CacheError, check_shard_files, recipe_identity,
+from kdcore.engines.cache.format import (FORMAT_VERSION, MANIFEST, SPLITS, CacheError, check_shard_files, recipe_identity,
                                   sample_keys, sha256_file)
 
 CACHE_DTYPES = ("bfloat16", "float32", "float16")
@@ -325,7 +325,7 @@ def live_engine_overrides(recipe: str, overrides, registry, engine: Optional[str
     """Overrides that make the recipe's teacher a live one: ``engine`` when given, else ``hf``
     when the recipe names the cache engine itself (a recipe may be built and trained as one file)."""
     from kdcore.config import load_raw
-    from kdcore.engines.builtin import CacheEngine
+    from kdcore.engines.cache.spec import CacheEngine
 
     _, raw = load_raw(recipe, list(overrides))
     name = (raw.get("teacher") or {}).get("engine") or "hf"

@@ -210,7 +210,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_serve_teacher(args) -> int:
-    from kdcore.engines.remote_server import serve_recipe
+    from kdcore.engines.remote.server import serve_recipe
 
     return serve_recipe(args.recipe, args.overrides, listen=args.listen, token=args.token, max_rows=args.max_rows,
                         max_request_mb=args.max_request_mb, max_tokens=args.max_tokens,

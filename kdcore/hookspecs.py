@@ -96,10 +96,12 @@ def register_rollouts(register):
 def register_engines(register):
     """Register engines: what computes the teacher's hidden states and what samples rollouts.
 
-    ``register(name, spec)`` where ``spec`` is an instance of a :class:`kdcore.engines.EngineSpec`
-    subclass (no ``options``: an engine reads its own recipe section). Recipes pick engines by
-    name: ``teacher.engine: <name>`` and ``rollout.engine: <name>``; ``kdcore validate`` checks
-    the name against the installed engines (with a did-you-mean). The spec provides:
+    ``register(name, spec, options=None)`` where ``spec`` is an instance of a
+    :class:`kdcore.engines.EngineSpec` subclass and ``options`` an optional dataclass (defaults
+    for every field): the engine's section ``teacher.engine_options`` / ``rollout.engine_options``,
+    checked like ``distill.loss_options`` and handed to ``create_*`` as ``options=``. Recipes pick
+    engines by name: ``teacher.engine: <name>`` and ``rollout.engine: <name>``; ``kdcore
+    validate`` checks the name against the installed engines (with a did-you-mean). The spec provides:
 
     - ``roles``: a tuple of ``"teacher"`` and/or ``"rollout"``, the sections it can serve.
     - ``create_teacher(teacher_cfg, *, max_rows, threads, micro_batches_per_step, **kwargs)``

@@ -57,20 +57,40 @@ def check_engines(raw: dict, registry, errors: list[str]) -> None:
         if not isinstance(name, str):
             continue  # type error already reported
         try:
-            spec = registry.get("engine", name).fn
+            entry = registry.get("engine", name)
         except UnknownAlgorithmError as exc:
             errors.append(f"{role}.engine: {exc}")
             continue
+        spec = entry.fn
         if role not in spec.roles:
             errors.append(f"{role}.engine: engine '{name}' cannot serve as a {role} engine "
                           f"(it serves: {', '.join(spec.roles)})")
             continue
+        check_engine_options(entry, section.get("engine_options"), f"{role}.engine_options", errors)
         check = getattr(spec, "check_recipe", None)
         if check is not None:
             errors.extend(check(section, role))
         check_run = getattr(spec, "check_run", None)  # an engine's checks across sections
         if check_run is not None:
             errors.extend(check_run(raw, registry, role))
+
+
+def check_engine_options(entry, opts, key: str, errors: list[str]) -> None:
+    """Check an engine's ``engine_options`` against the options dataclass its plugin registered,
+    as loss options are checked: a built-in engine and a plugin's are checked the same way."""
+    if opts is None or not isinstance(opts, dict):
+        return  # absent, or a type error already reported
+    if entry.options is None:
+        if opts:
+            errors.append(f"{key}: engine '{entry.name}' takes no options, got {', '.join(map(str, opts))}")
+        return
+    before = len(errors)
+    check_section(opts, entry.options, key, errors)
+    if len(errors) == before:
+        try:  # the dataclass may check value ranges itself (__post_init__)
+            entry.options(**opts)
+        except Exception as exc:
+            errors.append(f"{key}: engine '{entry.name}' rejects {opts}: {exc}")
 
 
 def check_evaluators(raw: dict, registry, errors: list[str]) -> None:
@@ -284,10 +304,12 @@ def check_teacher_entries(raw: dict, registry, errors: list[str]) -> None:
         engine = entry.get("engine", "hf")
         if isinstance(engine, str):
             try:
-                spec = registry.get("engine", engine).fn
+                entry_of_engine = registry.get("engine", engine)
             except UnknownAlgorithmError as exc:
                 errors.append(f"{where}.engine: {exc}")
             else:
+                spec = entry_of_engine.fn
+                check_engine_options(entry_of_engine, entry.get("engine_options"), f"{where}.engine_options", errors)
                 check = getattr(spec, "check_recipe", None)
                 if check is not None:
                     errors.extend(e.replace("teacher.", f"{where}.", 1) for e in check(entry, "teacher"))

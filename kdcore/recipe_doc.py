@@ -53,10 +53,12 @@ def _field_comments(path: Path) -> dict[tuple[str, str], str]:
 
 
 def _comments() -> dict[tuple[str, str], str]:
-    from kdcore.engines.sglang import config as sglang_config
     from kdcore import schema
+    from kdcore.engines.remote import config as remote_config
+    from kdcore.engines.sglang import config as sglang_config
 
-    return {**_field_comments(Path(schema.__file__)), **_field_comments(Path(sglang_config.__file__))}
+    return {**_field_comments(Path(schema.__file__)), **_field_comments(Path(sglang_config.__file__)),
+            **_field_comments(Path(remote_config.__file__))}
 
 
 # ------------------------------------------------------------------ defaults and types

@@ -56,7 +56,8 @@ class PluginInfo:
 
 @dataclass(frozen=True)
 class Entry:
-    """One registered algorithm (or engine: ``fn`` is then its :class:`kdcore.engines.EngineSpec`)."""
+    """One registered algorithm (or engine: ``fn`` is then its :class:`kdcore.engines.EngineSpec`,
+    ``options`` the dataclass of its recipe's ``engine_options``)."""
 
     name: str
     kind: str
@@ -175,9 +176,6 @@ def make_register(registry: Registry, kind: str, plugin: PluginInfo) -> Callable
             problem = engine_spec_problem(fn)
             if problem:
                 raise PluginError(f"{where}: engine '{name}' {problem}")
-            if options is not None:
-                raise PluginError(f"{where}: engine '{name}' takes no options dataclass (engines read their "
-                                  f"recipe section, see EngineSpec.check_recipe)")
         elif not callable(fn):
             raise PluginError(f"{where}: {kind} '{name}' is not callable: {fn!r}")
         if kind == "logger" and name == ALWAYS_ON_LOGGER:

@@ -30,6 +30,7 @@ CHANGEABLE = (
     "train.precision", "train.threads", "train.device", "train.eval_every", "train.eval_batches", "train.eval_at_start",
     "checkpoint.", "logging.",
     "teacher.engine", "teacher.dtype", "teacher.device", "teacher.threads", "teacher.sglang.", "teacher.remote.",
+    "teacher.engine_options.", "rollout.engine_options.",  # how the engine runs, like its sglang section
     "rollout.engine", "rollout.dtype", "rollout.sglang.",
     "distill.chunk_size",
 )

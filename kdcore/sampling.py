@@ -317,11 +317,11 @@ class SamplingSettings:
     sync_every: int = 1
     dtype: str = "float32"
     sglang: Any = None  # the rollout server's settings (kdcore.config.SGLangConfig) for engine sglang
+    engine_options: Any = None  # a plugin engine's own options (rollout.engine_options), checked at validation
 
     @classmethod
     def from_config(cls, cfg: Any) -> "SamplingSettings":
-        names = [f for f in cls.__dataclass_fields__]
-        return cls(**{k: getattr(cfg, k) for k in names if getattr(cfg, k, None) is not None})
+        return cls(**{k: getattr(cfg, k) for k in cls.__dataclass_fields__ if getattr(cfg, k, None) is not None})
 
 
 @dataclass

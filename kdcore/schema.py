@@ -18,26 +18,14 @@ from omegaconf import MISSING
 
 from kdcore.exceptions import clip
 
-# one-way: the sglang section lives with its engine; that module imports neither torch nor sglang
-from kdcore.engines.sglang.config import SGLangConfig
+# one-way: the built-in engines' sections live in their packages; those modules import neither
+# torch nor sglang nor zmq
+from kdcore.engines.remote.config import RemoteTeacherConfig
+from kdcore.engines.sglang.config import RANGES as SGLANG_RANGES, SGLangConfig
 
 
 def _choice(default: Any, *choices: Any) -> Any:
     return field(default=default, metadata={"choices": choices})
-
-
-@dataclass
-class RemoteTeacherConfig:
-    """teacher.engine 'remote': where the `kdcore serve-teacher` runs and how long to wait for it."""
-
-    address: Optional[str] = None  # HOST:PORT; required with engine remote (no sensible default host)
-    # the server's shared secret, one of: token_file (a file holding it), token_env (a variable's
-    # name), token (the value; masked in every file a run writes). None of them: $KDFLOW_TEACHER_TOKEN.
-    token: Optional[str] = None  # None: from token_file/token_env/$KDFLOW_TEACHER_TOKEN, never stored
-    token_env: Optional[str] = None  # None: KDFLOW_TEACHER_TOKEN, read if set
-    token_file: Optional[str] = None  # None: no file; a path is read at start (kdcore/secret.py)
-    timeout_s: float = 20.0  # silence before the server counts as lost: inside the 30 s stop budget
-    retries: int = 0  # reconnects (with resends) after a loss; 0: a dead server stops the run at once
 
 
 @dataclass
@@ -65,6 +53,10 @@ class TeacherConfig:
     cache: Optional[str] = None  # None: engines compute the teacher live
     sglang: SGLangConfig = field(default_factory=SGLangConfig)
     remote: RemoteTeacherConfig = field(default_factory=RemoteTeacherConfig)  # with engine remote
+    # the engine's own options, checked against the options dataclass its plugin registered
+    # (`kdcore list-algorithms --kind engine`), like distill.loss_options; the built-in engines
+    # take none here (their sections: cache, sglang, remote)
+    engine_options: Dict[str, Any] = field(default_factory=dict)  # empty: the engine's defaults
 
 
 @dataclass
@@ -162,6 +154,8 @@ class RolloutConfig:
     # the student copy's server with engine sglang (its own server, beside the teacher's:
     # give the two different base_gpu_id/port or mem_fraction_static that fit together)
     sglang: SGLangConfig = field(default_factory=SGLangConfig)
+    # the rollout engine's own options, checked against its plugin's options dataclass (as teacher.engine_options)
+    engine_options: Dict[str, Any] = field(default_factory=dict)  # empty: the engine's defaults
 
 
 @dataclass
@@ -269,13 +263,7 @@ RANGES: list[tuple[str, Any, str]] = [
     ("student.lora.r", lambda v: v >= 1, "must be >= 1"),
     ("student.lora.alpha", lambda v: v > 0, "must be > 0"),
     ("student.lora.dropout", lambda v: 0.0 <= v < 1.0, "must be within [0, 1)"),
-] + [(f"{side}.sglang.{key}", check, msg) for side in ("teacher", "rollout") for key, check, msg in (
-    ("tp_size", lambda v: v >= 1, "must be >= 1"),
-    ("dp_size", lambda v: v >= 1, "must be >= 1"),
-    ("mem_fraction_static", lambda v: 0.0 < v < 1.0, "must be within (0, 1)"),
-    ("port", lambda v: 0 <= v <= 65535, "must be a port number (0 = any free one)"),
-    ("base_gpu_id", lambda v: v >= 0, "must be >= 0"),
-)]
+] + [(f"{side}.sglang.{key}", check, msg) for side in ("teacher", "rollout") for key, check, msg in SGLANG_RANGES]
 
 
 def type_name(tp: Any) -> str:

@@ -1,9 +1,10 @@
 """Teacher and rollout engines: one protocol module, the built-in engines, and the factories.
 
 Engines are chosen by name through the registry (kind ``engine``, filled by the
-``register_engines`` hook, see :mod:`kdcore.hookspecs`); the built-in ``hf`` and ``sglang``
-register from :mod:`kdcore.engines.builtin` through the ``kdcore`` entry-point group like any
-third-party plugin. Importing this package loads neither torch nor sglang.
+``register_engines`` hook, see :mod:`kdcore.hookspecs`); the built-in ``hf``, ``sglang``,
+``remote`` and ``cache``, one package each (spec, recipe section, checks, engine), register from
+:mod:`kdcore.engines.builtin` through the ``kdcore`` entry-point group like any third-party
+plugin. Importing this package loads neither torch nor sglang.
 
     kdcore.engines.create_teacher_engine(recipe.teacher, registry=..., max_rows=...)
     kdcore.engines.create_rollout_engine(recipe.rollout.engine, registry=..., config=..., device=...)

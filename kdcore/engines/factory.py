@@ -14,7 +14,7 @@ from kdcore.registry import ENGINE_ROLES as ROLES  # light; the registry checks 
 
 if TYPE_CHECKING:  # pragma: no cover
     from kdcore.engines.protocol import RolloutEngine, TeacherEngine
-    from kdcore.registry import Registry
+    from kdcore.registry import Entry, Registry
 
 
 class EngineSpec:
@@ -24,6 +24,13 @@ class EngineSpec:
     hidden states for the loss; ``"rollout"``: sampling from the student's weights), then
     implement the matching factory. Factories import the engine's heavy modules inside the
     method, never at module level: registering runs for every ``kdcore`` command.
+
+    Settings: ``register("name", MySpec(), options=MyOptions)`` with a dataclass (every field
+    with a default) makes ``<teacher|rollout>.engine_options`` the engine's section: recipe
+    validation checks it against the dataclass (unknown keys with the nearest valid one, types,
+    choices, ``__post_init__``), as it checks ``distill.loss_options``, and the factory gets
+    the instance as ``options=``. An engine without an options dataclass gets no ``options``
+    argument, and a recipe giving it ``engine_options`` is refused.
     """
 
     roles: tuple[str, ...] = ()
@@ -53,18 +60,40 @@ class EngineSpec:
 
 def engine_spec(name: str, role: str, registry: "Optional[Registry]" = None) -> EngineSpec:
     """The registered spec of engine ``name`` for ``role``; a one-line error otherwise."""
+    return engine_entry(name, role, registry).fn
+
+
+def engine_entry(name: str, role: str, registry: "Optional[Registry]" = None) -> "Entry":
+    """The registry entry of engine ``name`` for ``role`` (its spec and options dataclass)."""
     error = TeacherError if role == "teacher" else RolloutError
     if registry is None:
         from kdcore.plugins import load_registry
 
         registry = load_registry()
     try:
-        spec = registry.get("engine", name).fn
+        entry = registry.get("engine", name)
     except KeyError as exc:  # UnknownAlgorithmError: its message names the installed engines
         raise error(f"{role}.engine: {exc}") from None
-    if role not in spec.roles:
-        raise error(f"{role}.engine: engine '{name}' cannot serve as a {role} engine (it serves: {', '.join(spec.roles)})")
-    return spec
+    if role not in entry.fn.roles:
+        raise error(f"{role}.engine: engine '{name}' cannot serve as a {role} engine "
+                    f"(it serves: {', '.join(entry.fn.roles)})")
+    return entry
+
+
+def engine_options(entry: "Entry", section: Any, role: str) -> dict[str, Any]:
+    """``{"options": <the engine's options dataclass>}`` from ``section.engine_options`` when the
+    engine registered one, else ``{}`` (the factory's keyword arguments)."""
+    raw = getattr(section, "engine_options", None) or {}
+    if not isinstance(raw, Mapping):  # an OmegaConf node from a loaded recipe
+        from omegaconf import OmegaConf
+
+        raw = OmegaConf.to_container(raw, resolve=True)
+    if entry.options is None:
+        if raw:
+            error = TeacherError if role == "teacher" else RolloutError
+            raise error(f"{role}.engine_options: engine '{entry.name}' takes no options, got {', '.join(map(str, raw))}")
+        return {}
+    return {"options": entry.make_options(dict(raw))}
 
 
 def create_teacher_engine(teacher_cfg: Any, *, registry: "Optional[Registry]" = None, max_rows: int,
@@ -73,17 +102,20 @@ def create_teacher_engine(teacher_cfg: Any, *, registry: "Optional[Registry]" = 
     """Build (not start) the teacher engine a recipe's ``teacher`` section names (``engine``,
     default ``hf``). ``registry``: the run's registry (None: load the installed one)."""
     name = getattr(teacher_cfg, "engine", None) or "hf"
-    spec = engine_spec(name, "teacher", registry)
-    return spec.create_teacher(teacher_cfg, max_rows=max_rows, threads=threads,
-                               micro_batches_per_step=max(1, int(micro_batches_per_step)), **kwargs)
+    entry = engine_entry(name, "teacher", registry)
+    return entry.fn.create_teacher(teacher_cfg, max_rows=max_rows, threads=threads,
+                                   micro_batches_per_step=max(1, int(micro_batches_per_step)),
+                                   **engine_options(entry, teacher_cfg, "teacher"), **kwargs)
 
 
 def create_rollout_engine(kind: str, *, registry: "Optional[Registry]" = None, config: Any = None,
                           device: Any = "cpu", dtype: Any = None, threads: Optional[int] = None,
                           settings: Any = None, **kwargs: Any) -> "RolloutEngine":
     """The student rollout engine a recipe's ``rollout.engine`` names (``settings``: that section)."""
-    spec = engine_spec(kind, "rollout", registry)
-    return spec.create_rollout(config=config, device=device, dtype=dtype, threads=threads, settings=settings, **kwargs)
+    entry = engine_entry(kind, "rollout", registry)
+    return entry.fn.create_rollout(config=config, device=device, dtype=dtype, threads=threads, settings=settings,
+                                   **engine_options(entry, settings, "rollout"), **kwargs)
 
 
-__all__ = ["ROLES", "EngineSpec", "engine_spec", "create_teacher_engine", "create_rollout_engine"]
+__all__ = ["ROLES", "EngineSpec", "engine_spec", "engine_entry", "engine_options", "create_teacher_engine",
+           "create_rollout_engine"]

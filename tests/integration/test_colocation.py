@@ -22,7 +22,7 @@ SCRIPT = textwrap.dedent('''
     import json, sys, types
     import kdcore
     from kdcore.training import trainer as T
-    from kdcore.engines.builtin import HFEngine
+    from kdcore.engines.hf.spec import HFEngine
 
 
     class ColocatedHF(HFEngine):

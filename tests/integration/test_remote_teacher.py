@@ -21,10 +21,10 @@ from test_train import run_train, train_steps, write_recipe
 zmq = pytest.importorskip("zmq")
 
 from kdcore.channel import ChannelTimeout, TeacherDiedError  # noqa: E402
-from kdcore.engines import remote_wire as wire  # noqa: E402
+from kdcore.engines.remote import wire  # noqa: E402
 from kdcore.engines.protocol import HiddenRequest  # noqa: E402
-from kdcore.engines.remote import RemoteTeacher, RemoteTeacherError  # noqa: E402
-from kdcore.engines.remote_server import FairQueue  # noqa: E402
+from kdcore.engines.remote.client import RemoteTeacher, RemoteTeacherError  # noqa: E402
+from kdcore.engines.remote.server import FairQueue  # noqa: E402
 
 TOKEN = "test-secret"
 KDCORE = [sys.executable, "-m", "kdcore"]

@@ -204,7 +204,7 @@ def test_served_config_names_its_architecture(tmp_path):
 
 
 def test_hf_child_gets_the_parents_gpu_index(monkeypatch):
-    from kdcore.engines import hf
+    from kdcore.engines.hf import teacher as hf
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)  # LOCAL_RANK 1, as init_distributed sets

@@ -162,7 +162,8 @@ def test_sampling_rollouts_are_refused(fp32_cache, rollout):
                                    f"distill.rollout={rollout}"], capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 2
     assert f"  - teacher.engine: 'cache' serves stored teacher states, but distill.rollout '{rollout}' samples " \
-           f"new sequences, which need a live teacher (use teacher.engine hf or sglang)" in res.stderr.splitlines()
+           f"new sequences, which need a live teacher (use teacher.engine hf or sglang)" in res.stderr
+    # (the line ends by naming the override that chose the engine: [command line: teacher.engine=cache])
 
 
 def test_self_distillation_missing_folder_and_no_manifest_are_refused(fp32_cache, tmp_path):
@@ -212,7 +213,7 @@ def test_the_engine_answers_by_content_and_names_a_sample_it_lacks(fp32_cache):
     from kdcore.config import load_recipe
     from kdcore.data import prepare_data
     from kdcore.engines import HiddenRequest
-    from kdcore.engines.cache_teacher import CacheRunError, CacheTeacher
+    from kdcore.engines.cache.teacher import CacheRunError, CacheTeacher
     from kdcore.tokenizers import load_tokenizer
 
     recipe, cache, _ = fp32_cache

@@ -389,6 +389,93 @@ def test_plugin_engine_is_chosen_by_the_recipe_and_built_by_the_registry():
     assert "fake" not in kdcore.load_registry().names("engine")
 
 
+@dataclasses.dataclass
+class EchoOptions:
+    scale: float = 1.0  # multiplies every hidden row
+    mode: str = dataclasses.field(default="ids", metadata={"choices": ("ids", "zeros")})
+
+    def __post_init__(self):
+        if self.scale <= 0:
+            raise ValueError(f"scale must be > 0, got {self.scale}")
+
+
+def options_engine_plugin():
+    """A third-party engine that takes options: its own dataclass, registered like a loss's."""
+    from kdcore.engines import EngineSpec
+
+    class EchoSpec(EngineSpec):
+        """A teacher and rollout engine with options, for tests."""
+
+        roles = ("teacher", "rollout")
+
+        def create_teacher(self, teacher_cfg, *, max_rows, threads=None, micro_batches_per_step=1, options=None):
+            engine = FakeTeacher.build(teacher_cfg, max_rows=max_rows, threads=threads,
+                                       micro_batches_per_step=micro_batches_per_step)
+            engine.options = options  # what the recipe's teacher.engine_options became
+            return engine
+
+        def create_rollout(self, *, config, device, dtype=None, threads=None, settings=None, options=None):
+            return options  # stands in for an engine: the test only asks what reached the factory
+
+    def register_engines(register):
+        register("echo", EchoSpec(), options=EchoOptions)
+
+    return make_plugin(register_engines=register_engines)
+
+
+def test_plugin_engine_options_are_validated_like_loss_options_and_reach_the_factory():
+    """A plugin engine is a peer of the built-ins: its settings go in <section>.engine_options,
+    checked against the dataclass it registered (nearest key, types, choices, __post_init__)."""
+    from omegaconf import OmegaConf
+
+    from kdcore.config import TeacherConfig, validate_raw
+    from kdcore.engines import TeacherError, create_rollout_engine, create_teacher_engine
+    from kdcore.sampling import SamplingSettings
+
+    kdcore.register_plugin(options_engine_plugin(), "test-options-engine")
+    try:
+        reg = kdcore.load_registry()
+        assert reg.get("engine", "echo").option_fields() == {"scale": 1.0, "mode": "ids"}
+        base = {"data": {"train": "x.jsonl"}}
+
+        def teacher(**options):
+            return {**base, "teacher": {"path": "fake://t", "engine": "echo", "engine_options": options}}
+
+        assert validate_raw(teacher(scale=2.0, mode="zeros"), reg) == []
+        assert validate_raw(teacher(scael=2.0), reg) == [
+            "teacher.engine_options.scael: unknown key; did you mean 'teacher.engine_options.scale'? (valid: scale, mode)"]
+        assert validate_raw(teacher(scale="big"), reg) == ["teacher.engine_options.scale: expected float, got str 'big'"]
+        assert validate_raw(teacher(mode="zero"), reg) == [
+            "teacher.engine_options.mode: 'zero' is not one of ids, zeros; did you mean 'zeros'?"]
+        assert validate_raw(teacher(scale=-1.0), reg) == [
+            "teacher.engine_options: engine 'echo' rejects {'scale': -1.0}: scale must be > 0, got -1.0"]
+        # the same checks for each of several teachers and for the rollout section
+        several = {**base, "teachers": [{"name": "a", "path": "fake://a", "engine": "echo",
+                                         "engine_options": {"scael": 1.0}}]}
+        assert validate_raw(several, reg) == [
+            "teachers[0].engine_options.scael: unknown key; did you mean 'teachers[0].engine_options.scale'? "
+            "(valid: scale, mode)"]
+        assert validate_raw({**teacher(), "rollout": {"engine": "echo", "engine_options": {"mood": "ids"}}}, reg) == [
+            "rollout.engine_options.mood: unknown key; did you mean 'rollout.engine_options.mode'? (valid: scale, mode)"]
+        # a built-in without an options dataclass refuses engine_options, as a loss without options does
+        assert validate_raw({**base, "teacher": {"path": "t", "engine": "hf", "engine_options": {"scale": 2}}}, reg) == [
+            "teacher.engine_options: engine 'hf' takes no options, got scale"]
+        # the loaded section (an OmegaConf node, as the trainer has it) reaches the factory as the dataclass
+        section = OmegaConf.merge(OmegaConf.structured(TeacherConfig),
+                                  {"path": "fake://t", "engine": "echo", "engine_options": {"scale": 3}})
+        with create_teacher_engine(section, registry=reg, max_rows=8) as eng:
+            assert eng.options == EchoOptions(scale=3.0)
+        with create_teacher_engine(TeacherConfig(path="fake://t", engine="echo"), registry=reg, max_rows=8) as eng:
+            assert eng.options == EchoOptions()  # no engine_options: the dataclass defaults
+        settings = SamplingSettings.from_config(OmegaConf.create({"engine": "echo", "engine_options": {"mode": "zeros"}}))
+        assert create_rollout_engine("echo", registry=reg, config=None, settings=settings) == EchoOptions(mode="zeros")
+        with pytest.raises(TeacherError, match=r"^teacher.engine_options: engine 'hf' takes no options, got scale$"):
+            create_teacher_engine(TeacherConfig(path="t", engine="hf", engine_options={"scale": 2}), registry=reg,
+                                  max_rows=8)
+    finally:
+        kdcore.unregister_plugin("test-options-engine")
+
+
 def test_misspelled_engine_in_a_recipe_gets_did_you_mean():
     from kdcore.config import validate_raw
 

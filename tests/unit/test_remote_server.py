@@ -12,8 +12,8 @@ import torch
 
 zmq = pytest.importorskip("zmq")
 
-from kdcore.engines import remote_server as rs  # noqa: E402
-from kdcore.engines import remote_wire as wire  # noqa: E402
+from kdcore.engines.remote import server as rs  # noqa: E402
+from kdcore.engines.remote import wire  # noqa: E402
 from kdcore.engines.protocol import HiddenRequest  # noqa: E402
 
 TOKEN = "unit-secret"

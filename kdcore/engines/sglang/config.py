@@ -35,6 +35,16 @@ class SGLangConfig:
     server_args: Dict[str, Any] = field(default_factory=dict)  # more sglang ServerArgs, passed as is
 
 
+# value checks of the section beyond types: (key, predicate, message); the schema applies them to
+# teacher.sglang and rollout.sglang whatever the engine (kdcore.schema.RANGES)
+RANGES: tuple[tuple[str, Any, str], ...] = (
+    ("tp_size", lambda v: v >= 1, "must be >= 1"),
+    ("dp_size", lambda v: v >= 1, "must be >= 1"),
+    ("mem_fraction_static", lambda v: 0.0 < v < 1.0, "must be within (0, 1)"),
+    ("port", lambda v: 0 <= v <= 65535, "must be a port number (0 = any free one)"),
+    ("base_gpu_id", lambda v: v >= 0, "must be >= 0"),
+)
+
 SGLANG_VERSION = "0.5.23"  # the one version this module was written against (pyproject's extra pins it)
 HOOK_ENV = "KDFLOW_SGLANG_HOOK"  # "1" in a server's environment activates kdflow's plugin there
 ANY_VERSION_ENV = "KDFLOW_SGLANG_ANY_VERSION"  # "1": try another sglang version anyway (unsupported)

@@ -1,6 +1,6 @@
 """The ``cache`` teacher engine's format, manifest, fingerprints and recipe checks (light: no
-torch); its spec is :class:`kdcore.engines.builtin.CacheEngine`, the engine
-:mod:`kdcore.engines.cache_teacher`, the builder :mod:`kdcore.cache_build`.
+torch); its spec is :class:`kdcore.engines.cache.spec.CacheEngine`, the engine
+:mod:`kdcore.engines.cache.teacher`, the builder :mod:`kdcore.cache_build`.
 
 Off-policy distillation asks the teacher the same questions every epoch, trial and student.
 ``kdcore cache-teacher RECIPE --out DIR`` (:mod:`kdcore.cache_build`) asks them once

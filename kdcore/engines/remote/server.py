@@ -43,7 +43,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from kdcore.engines import remote_wire as wire
+from kdcore.engines.remote import wire
 
 POLL_MS = 200  # idle poll step: how late a stop request is noticed
 MAX_REQUEST_MB = 64  # ~16M tokens of int32 ids: any real micro-batch fits, a memory bomb does not

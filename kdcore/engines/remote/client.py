@@ -35,7 +35,7 @@ from typing import Any, Optional
 import torch
 
 from kdcore.channel import ChannelError, ChannelTimeout, TeacherDiedError
-from kdcore.engines import remote_wire as wire
+from kdcore.engines.remote import wire
 from kdcore.engines.protocol import HiddenRequest, TeacherEngine, TeacherError, Ticket
 
 POLL_MS = 200  # socket poll step: bounds how late a closed connection is noticed

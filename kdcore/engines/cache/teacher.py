@@ -1,5 +1,5 @@
 """The ``cache`` teacher engine: :class:`HiddenRequest` s answered from a ``kdcore cache-teacher``
-folder (format and checks: :mod:`kdcore.engines.cache`).
+folder (format and checks: :mod:`kdcore.engines.cache.format`).
 
 ``submit`` looks each sample's key up in the shards' indexes and copies its rows into the
 ticket's slot, converting to the head's dtype in that copy; the shards stay memory-mapped
@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from kdcore.channel import ChannelError
-from kdcore.engines.cache import CacheError, check_shard_files, read_manifest, sample_keys, weights_fingerprint
+from kdcore.engines.cache.format import CacheError, check_shard_files, read_manifest, sample_keys, weights_fingerprint
 from kdcore.engines.protocol import HiddenRequest, TeacherEngine, TeacherError, Ticket
 
 
