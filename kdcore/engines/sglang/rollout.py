@@ -5,7 +5,7 @@ development machines). Tested on CPU: the bucketed gather of an FSDP2-sharded st
 rank (gloo, two ranks under torchrun), name/shape checks, request building and output parsing;
 against sglang 0.5.23's own code (tests/integration/test_sglang_contracts.py): the launch
 command, the request bodies, the payloads, and the sync's weight-update session order.
-``bench/gpu_check_sglang.py`` is the first real run.
+``checks/gpu/gpu_check_sglang.py`` is the first real run.
 
 Design (same server plumbing as the teacher engine, :mod:`kdcore.engines.sglang.server`):
 

@@ -2,7 +2,7 @@
 
 **Status: never run; its contracts are checked against sglang 0.5.23's own code on CPU**
 (tests/integration/test_sglang_contracts.py; what that covers: ``README.md`` in this folder; the
-first real run: ``bench/gpu_check_sglang.py``).
+first real run: ``checks/gpu/gpu_check_sglang.py``).
 
 How it works (all facts below were read from the sglang 0.5.23 wheel; line references are to
 that source):
