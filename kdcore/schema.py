@@ -30,7 +30,8 @@ def _choice(default: Any, *choices: Any) -> Any:
 class RemoteTeacherConfig:
     """teacher.engine 'remote': where the `kdcore serve-teacher` runs and how long to wait for it."""
 
-    address: Optional[str] = None  # HOST:PORT; required with engine remote (no sensible default host)
+    # HOST:PORT, or several comma-separated (replicas of one teacher: a pool, kdcore/engines/remote_pool.py)
+    address: Optional[str] = None  # HOST:PORT[,HOST:PORT...]; required with engine remote (no sensible default host)
     # the server's shared secret, one of: token_file (a file holding it), token_env (a variable's
     # name), token (the value; masked in every file a run writes). None of them: $KDFLOW_TEACHER_TOKEN.
     token: Optional[str] = None  # None: from token_file/token_env/$KDFLOW_TEACHER_TOKEN, never stored

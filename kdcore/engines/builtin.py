@@ -89,25 +89,26 @@ class RemoteEngine(EngineSpec):
     def create_teacher(self, teacher_cfg: Any, *, max_rows: int, threads: Optional[int] = None,
                        micro_batches_per_step: int = 1, **kwargs: Any):
         from kdcore.engines.remote import RemoteTeacher
+        from kdcore.engines.remote_pool import RemotePool, parse_addresses
         from kdcore.secret import remote_token
 
         remote = teacher_cfg.remote  # its token is masked in the recipe (kdcore/secret.py)
-        return RemoteTeacher(teacher_cfg.path, address=remote.address, token=remote_token(remote),
-                             timeout_s=remote.timeout_s, retries=remote.retries, dtype=teacher_cfg.dtype,
-                             max_rows=max_rows, **kwargs)
+        addresses = parse_addresses(remote.address)  # several: a pool of replicas (remote_pool.py)
+        cls, where = (RemotePool, {"addresses": addresses}) if len(addresses) > 1 else (RemoteTeacher, {"address": remote.address})
+        return cls(teacher_cfg.path, **where, token=remote_token(remote), timeout_s=remote.timeout_s,
+                   retries=remote.retries, dtype=teacher_cfg.dtype, max_rows=max_rows, **kwargs)
 
     def check_recipe(self, section: Mapping[str, Any], prefix: str) -> list[str]:
         remote = section.get("remote") or {}
         if not isinstance(remote, Mapping):
             return []  # the schema check reports the type
         errors = []
-        address = remote.get("address")
-        host, sep, port = str(address or "").removeprefix("tcp://").rpartition(":")
-        if not address:
-            errors.append(f"{prefix}.remote.address: required with {prefix}.engine 'remote' (HOST:PORT of a "
-                          f"`kdcore serve-teacher`)")
-        elif not (sep and host and port.isdigit() and 0 < int(port) < 65536):
-            errors.append(f"{prefix}.remote.address: '{address}' must look like HOST:PORT (e.g. 10.0.0.5:5555)")
+        from kdcore.engines.remote_pool import parse_addresses
+
+        try:  # one HOST:PORT, or several comma-separated (a pool of replicas), each checked
+            parse_addresses(remote.get("address"), key=f"{prefix}.remote.address")
+        except TeacherError as exc:
+            errors.append(str(exc))
         timeout, retries = remote.get("timeout_s", 1.0), remote.get("retries", 0)
         if isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and timeout <= 0:
             errors.append(f"{prefix}.remote.timeout_s: must be > 0, got {timeout!r}")
