@@ -8,7 +8,8 @@ keeps using that class, unchanged).
 Decisions, and why:
 
 - **Least outstanding work**: a request goes to the live replica with the fewest unanswered
-  rows, so a slow or busy replica gets less. Requests are idempotent and the teacher is
+  rows, so a slow or busy replica gets less; ties rotate (each job sees only its own load).
+  Requests are idempotent and the teacher is
   deterministic, so *where* a request was computed never changes the hidden states (and so the
   losses): the test compares a run against two replicas with a run against one.
 - **A replica that dies or hangs is dropped, not fatal**: closed connections are noticed at
@@ -133,6 +134,7 @@ class RemotePool(TeacherEngine):
         self._started = self._closed = False
         self._head: Optional[torch.Tensor] = None
         self.drops = self.rejoins = 0
+        self._turn = 0  # where the next tie starts
 
     # ------------------------------------------------------------------ connections
 
@@ -313,7 +315,11 @@ class RemotePool(TeacherEngine):
         live = self._live()
         if not live:
             raise self._no_server_left()
-        r = min(live, key=lambda x: (x.rows, len(x.held)))
+        # ties (an idle pool: every job's usual case) rotate, so jobs that cannot see each other's
+        # load still spread over the replicas instead of all picking the first
+        n = len(self.replicas)
+        r = min(live, key=lambda x: (x.rows, len(x.held), (self.replicas.index(x) - self._turn) % n))
+        self._turn += 1
         if not r.held:
             r.heard = time.monotonic()  # silence counts from the first request it holds
         r.held.add(seq)
