@@ -264,14 +264,18 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, *, model: nn.Module,
     except (Exception, _dcp_exception()) as exc:
         if find_in_chain(exc, KeyboardInterrupt) is not None:  # Ctrl-C inside DCP's writer comes back wrapped
             raise KeyboardInterrupt(f"interrupted while saving {final.name}") from exc
-        reason = os_reason(exc, d)
+        reason = str(exc) if isinstance(exc, PeerSaveError) else os_reason(exc, d)
         if reason is None:
             raise
-        shutil.rmtree(tmp, ignore_errors=True)
+        where = ": "
+        if kdist.get_world_size() > 1:  # every rank's line names the rank that failed
+            where = " on " if isinstance(exc, PeerSaveError) else f" on rank {kdist.get_rank()}: "
+        if kdist.get_rank() == 0:  # the one writer of the folder's layout (and of `latest`, left untouched)
+            shutil.rmtree(tmp, ignore_errors=True)
         kept = find_latest(d)
         kept_text = f"the last good checkpoint '{kept}' is kept" if kept else "no earlier checkpoint exists"
-        raise CheckpointError(f"saving checkpoint {final.name} in '{d}' failed: "
-                              f"{reason}; removed the partial {tmp.name}, {kept_text}") from None
+        raise CheckpointError(f"saving checkpoint {final.name} in '{d}' failed{where}{reason}; removed the partial "
+                              f"{tmp.name}, {kept_text}") from None
     return final
 
 
@@ -289,19 +293,60 @@ def _save_into(tmp: Path, final: Path, step: int, *, model, optimizer, scheduler
 
     d = final.parent
     rank, world = kdist.get_rank(), kdist.get_world_size()
-    if rank == 0:
-        d.mkdir(parents=True, exist_ok=True)
-        for stale in d.glob(f"{STEP_PREFIX}*{TMP_SUFFIX}"):
-            shutil.rmtree(stale, ignore_errors=True)  # killed saves; only one writer per directory
-        tmp.mkdir()
-    kdist.barrier()
 
-    _, state, _ = _app_state(model, optimizer, extra_modules)
-    metadata = dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True))
-    _write_rng_file(tmp / f"rank_{rank}{RNG_SUFFIX}", world)
-    kdist.barrier()  # every shard and RNG file is on disk before rank 0 seals the folder
+    def prepare() -> None:
+        if rank == 0:
+            d.mkdir(parents=True, exist_ok=True)
+            for stale in d.glob(f"{STEP_PREFIX}*{TMP_SUFFIX}"):
+                shutil.rmtree(stale, ignore_errors=True)  # killed saves; only one writer per directory
+            tmp.mkdir()
 
-    if rank == 0:
+    _agreed(prepare, d)
+    metadata = {}
+
+    def write_shards() -> None:
+        _, state, _ = _app_state(model, optimizer, extra_modules)
+        metadata["dcp"] = dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True))
+        _write_rng_file(tmp / f"rank_{rank}{RNG_SUFFIX}", world)
+
+    _agreed(write_shards, d)  # every shard and RNG file is on disk before rank 0 seals the folder
+    _agreed(lambda: _seal(tmp, final, step, metadata["dcp"], data_state=data_state, trainer_state=trainer_state,
+                          scheduler=scheduler, recipe=recipe, keep=keep, write_extra=write_extra), d)
+
+
+class PeerSaveError(RuntimeError):
+    """Another rank's part of a save failed; the text names the rank and its cause."""
+
+
+def _agreed(part, d: Path) -> None:
+    """Run ``part`` on every rank, then agree: when it failed on any rank, every rank raises
+    (the failing one its own error, the others :class:`PeerSaveError` naming the first failing
+    rank and its cause), instead of waiting at a barrier until the process group times out."""
+    err = None
+    try:
+        part()
+    except (Exception, _dcp_exception()) as exc:
+        if find_in_chain(exc, KeyboardInterrupt) is not None or kdist.get_world_size() == 1:
+            raise
+        err = exc
+    if kdist.get_world_size() == 1:
+        return
+    why = "" if err is None else (os_reason(err, d) or f"{type(err).__name__}: {err}".splitlines()[0])
+    reasons = kdist.all_gather_text(why)
+    failed = [(r, text) for r, text in enumerate(reasons) if text]
+    if err is not None:
+        raise err
+    if failed:
+        raise PeerSaveError(f"rank {failed[0][0]}: {failed[0][1]}")
+
+
+def _seal(tmp: Path, final: Path, step: int, metadata, *, data_state, trainer_state, scheduler, recipe, keep,
+          write_extra) -> None:
+    """Rank 0: the JSON files, the manifest, the rename and ``latest`` (the last thing written)."""
+    from kdcore.safe_dcp import write_json_metadata
+
+    d, world = final.parent, kdist.get_world_size()
+    if kdist.get_rank() == 0:
         write_json_metadata(tmp, metadata)  # JSON instead of DCP's pickle: nothing to unpickle on load
         _write_json_synced({"step": step, "data_state": dict(data_state or {}),
                             "trainer_state": dict(trainer_state or {}),
@@ -325,7 +370,6 @@ def _save_into(tmp: Path, final: Path, step: int, *, model, optimizer, scheduler
         _fsync_dir(d)
         _write_atomic_bytes(d / LATEST, f"{final.name}\n".encode())
         _prune(d, step, keep)
-    kdist.barrier()
 
 
 def _prune(d: Path, current: int, keep: int) -> None:

@@ -162,6 +162,28 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def all_gather_text(text: str, limit: int = 480) -> list[str]:
+    """Every rank's ``text`` (UTF-8, cut to ``limit`` bytes), in rank order, on every rank.
+
+    A byte tensor each, not pickled objects: ranks may sit on other hosts, and a collective that
+    every rank enters is how one rank's failure reaches all the others at once."""
+    if get_world_size() == 1:
+        return [text]
+    raw = text.encode()[:limit]
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    mine = torch.zeros(limit + 1, dtype=torch.int32, device=device)
+    mine[0] = len(raw)
+    if raw:
+        mine[1:len(raw) + 1] = torch.tensor(list(raw), dtype=torch.int32)
+    out = [torch.empty_like(mine) for _ in range(get_world_size())]
+    dist.all_gather(out, mine)
+    texts = []
+    for t in out:
+        n = min(max(int(t[0]), 0), limit)
+        texts.append(bytes(t[1:n + 1].clamp(0, 255).to(torch.uint8).cpu().tolist()).decode(errors="replace"))
+    return texts
+
+
 def broadcast_tensors(tensors, src: int = 0) -> None:
     """Overwrite each tensor in place with rank ``src``'s values (same shapes on every rank)."""
     if get_world_size() == 1:

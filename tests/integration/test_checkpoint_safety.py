@@ -629,3 +629,27 @@ def test_disk_full_in_a_save_and_in_the_export_from_the_cli(tmp_path, tiny_teach
         assert not (mnt / "out" / "hf.tmp").exists() and not (mnt / "out" / "hf").exists()
         assert (mnt / "out" / "checkpoints" / "latest").read_text().strip() == "step_1"
         assert not _crash_logs(mnt / "out")
+
+
+def test_a_save_failing_on_one_rank_stops_every_rank_naming_it(tmp_path):
+    """Two ranks (torchrun, gloo): step 2's save fails on rank 1, step 3's on rank 0 (sealing);
+    every rank gets one line naming the failing rank and the cause, promptly, `latest` untouched."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import DIST_SCRIPTS, ROOT
+
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(DIST_SCRIPTS / "save_fails_on_one_rank.py"), str(tmp_path), str(tmp_path / "out.json")],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for rank in (0, 1):
+        res = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        for step, bad in (("2", 1), ("3", 0)):
+            msg = res[step]["error"]
+            assert msg is not None and "\n" not in msg, (rank, step, msg)
+            assert f"saving checkpoint step_{step}" in msg and f"failed on rank {bad}: " in msg, msg
+            assert "No space left on device" in msg and "step_1' is kept" in msg, msg
+            assert res[step]["latest"] == "step_1" and res[step]["folders"] == ["latest", "step_1"], res

@@ -1,8 +1,8 @@
 """The ``remote`` teacher engine: hidden states from a ``kdcore serve-teacher`` on another machine.
 
 ``teacher.engine: remote`` with ``teacher.remote.address: HOST:PORT`` sends each micro-batch's
-token ids to the server (:mod:`kdcore.engines.remote_server`) and receives the hidden states
-over ZeroMQ (wire format: :mod:`kdcore.engines.remote_wire`). The trainer keeps its pipelining:
+token ids to the server (:mod:`kdcore.engines.remote.server`) and receives the hidden states
+over ZeroMQ (wire format: :mod:`kdcore.engines.remote.wire`). The trainer keeps its pipelining:
 ``submit`` only queues the message (ZeroMQ's I/O thread sends it while the student trains) and
 ``result`` polls the socket, copying replies into a buffer preallocated per slot.
 

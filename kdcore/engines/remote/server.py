@@ -26,8 +26,8 @@ number of client engines (:mod:`kdcore.engines.remote`: trainers, and each rank 
   engine's ``max_rows``), requests waiting per connection and in all, connections tracked.
   Anything over a cap, malformed, with a wrong token or version is refused with a one-line
   error reply and a log line, never by crashing; every value from a peer is escaped and
-  shortened before it reaches the log (:func:`kdcore.engines.remote_wire.printable`).
-  Nothing on the wire is pickled (:mod:`kdcore.engines.remote_wire`).
+  shortened before it reaches the log (:func:`kdcore.engines.remote.wire.printable`).
+  Nothing on the wire is pickled (:mod:`kdcore.engines.remote.wire`).
 - **Observable**: rows/s per client every ``stats_every_s`` seconds and at exit.
 """
 
@@ -162,7 +162,7 @@ def _rid(value: Any) -> Optional[int]:
 class TeacherServer:
     """Serves a started :class:`~kdcore.engines.protocol.TeacherEngine` on a ROUTER socket.
 
-    ``fingerprint``: :func:`kdcore.engines.remote_wire.teacher_fingerprint` of the served model.
+    ``fingerprint``: :func:`kdcore.engines.remote.wire.teacher_fingerprint` of the served model.
     ``token``: the shared secret every message must carry (None: no check, loopback only).
     ``max_tokens``: tokens (``batch x length``) one request may carry (None: the engine's
     ``max_rows`` x :data:`MAX_TOKENS_FACTOR`). ``restart``: builds and starts a fresh engine

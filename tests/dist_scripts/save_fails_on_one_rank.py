@@ -1,0 +1,61 @@
+"""torchrun --nproc_per_node 2 save_fails_on_one_rank.py WORK OUT.json
+
+A save that fails on one rank must stop every rank promptly with one line naming that rank and
+the cause, leaving ``latest`` and the previous checkpoint alone: step 2 fails on rank 1 while
+writing its shards' RNG file (the disk is full there), step 3 on rank 0 while sealing the folder.
+Before, the healthy rank waited at the save's barrier until the process group timed out."""
+
+from __future__ import annotations
+
+import errno
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import tiny_llama  # noqa: E402
+
+
+def full_disk(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def main() -> None:
+    from kdcore import checkpoint as ckpt_mod
+    from kdcore import distributed as kdist
+    from kdcore.checkpoint import CheckpointError, save_checkpoint
+    from kdcore.student import shard_student
+
+    env = kdist.init_distributed("cpu", timeout_s=60.0)  # a hang shows as a timeout well inside the test's
+    kdist.setup_threads(1)
+    work = Path(sys.argv[1])
+    model = tiny_llama(seed=3)
+    shard_student(model, "fp32")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    d = work / "ckpt"
+    save_checkpoint(d, 1, model=model, optimizer=opt)
+    res = {}
+    for step, bad_rank, name in ((2, 1, "_write_rng_file"), (3, 0, "write_manifest")):
+        real = getattr(ckpt_mod, name)
+        if env.rank == bad_rank:
+            setattr(ckpt_mod, name, full_disk)
+        t0 = time.monotonic()
+        try:
+            save_checkpoint(d, step, model=model, optimizer=opt)
+            res[step] = {"error": None}
+        except CheckpointError as exc:
+            res[step] = {"error": str(exc), "seconds": time.monotonic() - t0}
+        setattr(ckpt_mod, name, real)
+        kdist.barrier()
+        res[step]["latest"] = (d / "latest").read_text().strip()
+        res[step]["folders"] = sorted(p.name for p in d.iterdir())
+    (Path(sys.argv[2]).parent / f"rank{env.rank}.json").write_text(json.dumps(res))
+    kdist.barrier()
+    kdist.teardown()
+
+
+if __name__ == "__main__":
+    main()
