@@ -170,7 +170,7 @@ def _preparer(parts, samples, student_tok):
 
     return StepPreparer(parts=parts, rollout=None, train_samples=samples, train_cfg=None, shuffle=False, env=None,
                         kdist=None, pad_id=pad_token_id(student_tok), teacher_pad_id=pad_token_id(student_tok),
-                        latest_eval=LatestEval(), several=True)
+                        latest_eval=LatestEval())
 
 
 def test_routing_by_column_sends_each_row_only_to_its_teachers(tmp_path, smollm2_tokenizer):
