@@ -55,11 +55,7 @@ class OnPolicy(RolloutPolicy):
     needs_sampling = True
     sample_sources = ("student",)
 
-    def __init__(self):
-        self.batches = 0
-
     def select(self, batch, ctx):
-        self.batches += 1
         return require(ctx.sample_student, "on_policy", "student sampling")(batch)
 
 

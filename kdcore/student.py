@@ -553,10 +553,6 @@ class Student:
         sched = build_scheduler(opt, t.warmup_steps, t.max_steps, t.min_lr_ratio)
         return cls(model, opt, sched, extras, t.max_grad_norm, t.precision)
 
-    @property
-    def compute_dtype(self) -> torch.dtype:
-        return _DTYPES[self.precision]
-
     def begin_micro_batch(self, is_last: bool) -> None:
         """Gradient accumulation: reduce-scatter only on the last micro-batch of a step."""
         set_grad_sync(self.model, is_last)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+
 
 from kdcore.data.common import Sample
 
@@ -54,11 +54,6 @@ class DataReport:
     eval_from: str = ""  # "file", "split" or "none"
     train: SplitReport = field(default_factory=SplitReport)
     eval: SplitReport = field(default_factory=SplitReport)
-
-    def as_dict(self) -> dict[str, Any]:
-        from dataclasses import asdict
-
-        return asdict(self)
 
     def lines(self) -> list[str]:
         out = [f"format {self.format}; max_length {self.max_length} ({self.overlong_policy}); "
