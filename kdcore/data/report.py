@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-
 from kdcore.data.common import Sample
 
 MAX_BAD_EXAMPLES = 5  # bad rows shown in the report; the rest are only counted
