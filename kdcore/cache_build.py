@@ -139,7 +139,13 @@ class CacheBuilder:
         import kdcore
 
         section = part.section
-        settings = {"format": FORMAT_VERSION, "identity": recipe_identity(self.raw),
+        raw = self.raw
+        if raw.get("teachers"):  # the identity of this teacher's cache: its entry as the recipe's teacher
+            i = [p.name for p in self.run.teachers].index(part.name)
+            raw = {**raw, "teacher": raw["teachers"][i],
+                   "distill": {**(raw.get("distill") or {}), "aligner": entry["aligner"],
+                               "aligner_options": dict(entry["aligner_options"])}}
+        settings = {"format": FORMAT_VERSION, "identity": recipe_identity(raw),
                     "fingerprints": self.fingerprints[part.name], "dtype": self.dtype, "batch_size": self.batch_size,
                     "shard_bytes": self.shard_bytes, "teacher_path": str(section.path),
                     "teacher_dtype": str(section.dtype),

@@ -437,6 +437,11 @@ def test_cache_teacher_writes_one_cache_per_teacher_and_trains_to_the_digit(tmp_
         res = run_train(r)
         assert res.returncode == 0, res.stderr[-3000:]
     keys = ("step", "loss", "kd_loss", "kd_loss/a", "kd_loss/b", "eval_teacher_kl/a", "eval_teacher_kl/b")
-    got = [[r.get(k) for k in keys] for r in records(tmp_path / "cached" / "out")]
-    assert got == [[r.get(k) for k in keys] for r in records(tmp_path / "live" / "out")]
-    assert len(train_steps(tmp_path / "cached" / "out")) == 2
+    got, want = ([[r.get(k) for k in keys] for r in records(tmp_path / n / "out")] for n in ("cached", "live"))
+    assert len(got) == len(want) == 4  # step-0 eval, steps 1 and 2, final eval
+    # to the digit: the step-0 evaluation and step 1 (as test_teacher_cache's cross-tokenizer
+    # check); later, the Mistral teacher's live rows come from other batch shapes than the
+    # cache's (its float sums differ in the last bits), so those are compared at 1e-6
+    assert got[:2] == want[:2]
+    for g, w in zip(got[2:], want[2:]):
+        assert g == pytest.approx(w, rel=1e-6, nan_ok=True)
