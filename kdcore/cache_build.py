@@ -76,14 +76,15 @@ def _write_json(path: Path, value: Any) -> None:
 
 
 def data_fingerprint(splits: Mapping[str, list]) -> str:
-    """The prepared samples' token ids and loss positions, both tokenizations, in order."""
+    """The prepared samples' token ids and loss positions, every tokenization, in order."""
     import hashlib
 
     h = hashlib.sha256()
     for name, samples in splits.items():
         h.update(f"{name}:{len(samples)};".encode())
         for s in samples:
-            for tok in (s.student, s.teacher):
+            # each teacher's own tokenization too (several teachers); none on the short form's path
+            for tok in (s.student, s.teacher, *(s.teachers[n] for n in sorted(s.teachers))):
                 if tok is not None:
                     h.update(torch.as_tensor(list(tok.input_ids), dtype=torch.int64).numpy().tobytes() + b"|")
                     h.update(torch.as_tensor(list(tok.loss_positions), dtype=torch.int64).numpy().tobytes() + b";")
@@ -108,28 +109,21 @@ class CacheBuilder:
 
     # ------------------------------------------------------------------ the parts the trainer uses too
     def _prepare(self):
-        from kdcore.data import prepare_data
-        from kdcore.tokenizers import load_tokenizer, pad_token_id, tokenizer_fingerprint
-        from kdcore.training.steps import StepPreparer
-        from kdcore.training.types import LatestEval
+        """The run's parts as training builds them (kdcore.training.run_parts); one cache per teacher."""
+        from kdcore.tokenizers import tokenizer_fingerprint
+        from kdcore.training.run_parts import RunParts
 
-        from kdcore.training.teachers import build_parts
-        from kdcore.training.trainer import student_tokenizer_spec
-
-        cfg = self.cfg
-        s_tok = load_tokenizer(student_tokenizer_spec(cfg))
-        # the short form's one teacher, built as the trainer builds it (tokenizer, aligner)
-        part = build_parts(cfg, self.registry, s_tok, student_tokenizer_spec(cfg))[0]
-        t_tok, aligner = part.tokenizer, part.aligner
-        self.cross = bool(aligner.cross_tokenizer)
-        data = prepare_data(cfg.data, s_tok, t_tok if self.cross else None, seed=cfg.train.seed)
+        self.run = RunParts.from_recipe(self.cfg, self.registry)
+        data = self.run.prepare_data()
         self.splits = {"train": list(data.train), "eval": list(data.eval)}
-        self.preparer = StepPreparer(parts=[part], rollout=None, train_samples=data.train, train_cfg=cfg.train,
-                                     shuffle=False, env=None, kdist=None, pad_id=pad_token_id(s_tok),
-                                     teacher_pad_id=pad_token_id(t_tok), latest_eval=LatestEval())
-        self.fingerprints = {"teacher tokenizer": tokenizer_fingerprint(t_tok),
-                             "student tokenizer": tokenizer_fingerprint(s_tok),
-                             "data": data_fingerprint(self.splits)}
+        data_print = data_fingerprint(self.splits)
+        self.fingerprints = {p.name: {"teacher tokenizer": tokenizer_fingerprint(p.tokenizer),
+                                      "student tokenizer": tokenizer_fingerprint(self.run.student_tok),
+                                      "data": data_print} for p in self.run.teachers}
+
+    def folder(self, part) -> Path:
+        """Where a teacher's cache goes: ``--out`` itself for one teacher, ``--out/<name>`` for each of several."""
+        return self.out if len(self.run.teachers) == 1 else self.out / part.name
 
     def _batches(self) -> list[tuple[int, int, list[int]]]:
         """(split code, batch number, sample indices) for every batch, in build order."""
@@ -140,56 +134,70 @@ class CacheBuilder:
                 out.append((code, k, list(range(lo, min(lo + self.batch_size, n)))))
         return out
 
-    def _settings(self) -> dict:
+    def _settings(self, part, entry: dict) -> dict:
         """What makes two builds the same build (an interrupted one is resumed only if equal)."""
         import kdcore
-        from omegaconf import OmegaConf
 
-        options = self.cfg.distill.aligner_options
-        options = OmegaConf.to_container(options) if OmegaConf.is_config(options) else dict(options or {})
-        settings = {"format": FORMAT_VERSION, "identity": recipe_identity(self.raw),
-                    "fingerprints": self.fingerprints, "dtype": self.dtype, "batch_size": self.batch_size,
-                    "shard_bytes": self.shard_bytes, "teacher_path": str(self.cfg.teacher.path),
-                    "teacher_dtype": str(self.cfg.teacher.dtype),
-                    "aligner": {"name": self.cfg.distill.aligner, "options": options},
+        section = part.section
+        raw = self.raw
+        if raw.get("teachers"):  # the identity of this teacher's cache: its entry as the recipe's teacher
+            i = [p.name for p in self.run.teachers].index(part.name)
+            raw = {**raw, "teacher": raw["teachers"][i],
+                   "distill": {**(raw.get("distill") or {}), "aligner": entry["aligner"],
+                               "aligner_options": dict(entry["aligner_options"])}}
+        settings = {"format": FORMAT_VERSION, "identity": recipe_identity(raw),
+                    "fingerprints": self.fingerprints[part.name], "dtype": self.dtype, "batch_size": self.batch_size,
+                    "shard_bytes": self.shard_bytes, "teacher_path": str(section.path),
+                    "teacher_dtype": str(section.dtype),
+                    "aligner": {"name": entry["aligner"], "options": dict(entry["aligner_options"])},
                     "kdflow_version": getattr(kdcore, "__version__", "unknown")}
         return json.loads(json.dumps(settings))  # as a manifest reads back (tuples are lists there)
 
     # ------------------------------------------------------------------ resume
-    def _earlier(self, settings: dict) -> tuple[dict, list[dict]]:
+    def _earlier(self, out: Path, settings: dict) -> tuple[dict, list[dict]]:
         """An earlier build's manifest with these settings (empty when none) and its shards
         that still verify, in order up to the first that does not."""
-        path = self.out / MANIFEST
+        path = out / MANIFEST
         if not path.is_file():
             return {}, []
         old = json.loads(path.read_text())
         if {k: old.get(k) for k in settings} != settings:
             differs = ", ".join(k for k in settings if old.get(k) != settings[k])
-            raise CacheError(f"--out {self.out}: holds a cache built with other settings ({differs}); "
+            raise CacheError(f"--out {out}: holds a cache built with other settings ({differs}); "
                              f"use another folder or remove it")
         kept = []
         for s in old.get("shards", []):
-            f = self.out / s["file"]
+            f = out / s["file"]
             if f.is_file() and f.stat().st_size == s["bytes"] and sha256_file(f) == s["sha256"]:
                 kept.append(s)
             else:
                 break
         return old, kept
 
-    def _clean(self, kept: list[dict]) -> None:
+    @staticmethod
+    def _clean(out: Path, kept: list[dict]) -> None:
         keep = {s["file"] for s in kept}
-        for f in self.out.glob("shard-*"):
+        for f in out.glob("shard-*"):
             if f.name not in keep:
                 f.unlink()
 
     # ------------------------------------------------------------------ the build
     def run(self) -> BuildSummary:
+        """Every teacher's cache in turn; the summary adds them up (``folder``: ``--out``)."""
+        from kdcore.config import teacher_entries
+
         t0 = time.perf_counter()
         self._prepare()
-        self.out.mkdir(parents=True, exist_ok=True)
-        settings = self._settings()
-        old, kept = self._earlier(settings)
-        self._clean(kept)
+        built = [self._build(part, entry) for part, entry in zip(self.run.teachers, teacher_entries(self.cfg))]
+        return BuildSummary(self.out, *(sum(b[k] for b in built) for k in range(5)), time.perf_counter() - t0)
+
+    def _build(self, part, entry: dict) -> tuple[int, int, int, int, int]:
+        """One teacher's cache: (samples, rows, bytes, shards, shards built now)."""
+        out = self.folder(part)
+        out.mkdir(parents=True, exist_ok=True)
+        settings = self._settings(part, entry)
+        old, kept = self._earlier(out, settings)
+        self._clean(out, kept)
         manifest = dict(settings, complete=False, shards=list(kept))
         for k in ("hidden_size", "vocab_size"):
             if k in old:
@@ -197,36 +205,37 @@ class CacheBuilder:
         batches = self._batches()
         start = kept[-1]["end_batch"] if kept else 0
         if start < len(batches):
-            self._compute(manifest, batches, start)
-        check_shard_files(self.out, manifest, checksums=True)
+            self._compute(part, out, manifest, batches, start)
+        check_shard_files(out, manifest, checksums=True)
         manifest["complete"] = True
-        _write_json(self.out / MANIFEST, manifest)
+        _write_json(out / MANIFEST, manifest)
         s = manifest["shards"]
-        return BuildSummary(self.out, sum(x["samples"] for x in s), sum(x["rows"] for x in s),
-                            sum(x["bytes"] for x in s), len(s), len(s) - len(kept), time.perf_counter() - t0)
+        return (sum(x["samples"] for x in s), sum(x["rows"] for x in s), sum(x["bytes"] for x in s), len(s),
+                len(s) - len(kept))
 
-    def _compute(self, manifest: dict, batches: list, start: int) -> None:
+    def _compute(self, part, out: Path, manifest: dict, batches: list, start: int) -> None:
         from kdcore.engines import create_teacher_engine
-        from kdcore.training.teacher_schedule import TeacherSchedule
 
-        cfg = self.cfg
         samples = self.splits["train"] + self.splits["eval"]
-        longest = max(len(s.teacher.input_ids if s.teacher is not None else s.student.input_ids) for s in samples)
-        engine = create_teacher_engine(cfg.teacher, registry=self.registry, max_rows=self.batch_size * longest,
-                                       threads=cfg.teacher.threads or None)
+        longest = self.run.longest_input(part, samples)
+        engine = create_teacher_engine(part.section, registry=self.registry, max_rows=self.batch_size * longest,
+                                       threads=part.section.threads or None)
+        preparer = self.run.preparer(parts=[part])  # this teacher's share of each batch, as training builds it
         with engine:
             recorder = _Recorder(engine)
             manifest["hidden_size"], manifest["vocab_size"] = int(engine.hidden_size), int(engine.vocab_size)
-            schedule = TeacherSchedule(recorder, cross=self.cross, looks_ahead=True, max_steps=0)
-            writer = _ShardWriter(self.out, manifest, self.shard_bytes, getattr(torch, self.dtype))
+            schedule = self.run.schedule({part.name: recorder})
+            writer = _ShardWriter(out, manifest, self.shard_bytes, getattr(torch, self.dtype))
             todo = batches[start:]
             tokens = sum(len(self.splits[SPLITS[c]][i].student.input_ids) for c, _, idx in todo for i in idx)
-            with _progress(self.progress, tokens) as advance:
+            label = "teacher cache" if out == self.out else f"teacher cache '{part.name}'"
+            with _progress(self.progress, tokens, label) as advance:
                 pending = None  # (batch number, split code, indices, pmb, request): two in flight
                 for number, (code, k, idx) in enumerate(todo, start):
-                    pmb = self.preparer.micro_batch(k, 0, True, [self.splits[SPLITS[code]][i] for i in idx])
+                    pmb = preparer.micro_batch(k, 0, True, [self.splits[SPLITS[code]][i] for i in idx])
+                    recorder.last = None
                     schedule.submit(pmb)
-                    current = (number, code, idx, pmb, recorder.last)
+                    current = (number, code, idx, pmb, part.name, recorder.last)
                     if pending is not None:
                         advance(self._store(schedule, writer, *pending))
                     pending = current
@@ -234,13 +243,18 @@ class CacheBuilder:
                     advance(self._store(schedule, writer, *pending))
             writer.flush()
 
-    def _store(self, schedule, writer: "_ShardWriter", number: int, code: int, idx: list, pmb, request) -> int:
-        rows = schedule.hidden(pmb, timed=False)
-        keys = sample_keys(request.input_ids, request.attention_mask, request.positions)
-        lo = 0
-        for i, key, pos in zip(idx, keys, request.positions):
-            writer.add(rows[lo:lo + len(pos)], key, code, i)
-            lo += len(pos)
+    def _store(self, schedule, writer: "_ShardWriter", number: int, code: int, idx: list, pmb, name: str,
+               request) -> int:
+        share = pmb.teachers.get(name)
+        if request is not None and share is not None:
+            rows = schedule.hidden(pmb, name, timed=False)
+            # the request's rows: the share's rows that asked for a position (the schedule sends no other)
+            sent = [r for r, p in zip(share.rows, share.teacher_positions) if p]
+            keys = sample_keys(request.input_ids, request.attention_mask, request.positions)
+            lo = 0
+            for r, key, pos in zip(sent, keys, request.positions):
+                writer.add(rows[lo:lo + len(pos)], key, code, idx[r])
+                lo += len(pos)
         schedule.release(pmb)
         writer.end_batch(number + 1)
         return sum(len(self.splits[SPLITS[code]][i].student.input_ids) for i in idx)
@@ -294,8 +308,8 @@ class _ShardWriter:
 class _progress:
     """A rich bar over tokens (tokens/s, ETA); a no-op without ``show``."""
 
-    def __init__(self, show: bool, total: int):
-        self.show, self.total = show, total
+    def __init__(self, show: bool, total: int, label: str = "teacher cache"):
+        self.show, self.total, self.label = show, total, label
 
     def __enter__(self):
         if not self.show:
@@ -303,7 +317,7 @@ class _progress:
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
                                    TimeRemainingColumn)
 
-        self.bar = Progress(TextColumn("teacher cache"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
+        self.bar = Progress(TextColumn(self.label), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
                             TextColumn("{task.fields[tps]} tok/s"), TimeRemainingColumn())
         self.bar.start()
         self.task = self.bar.add_task("tokens", total=self.total, tps="-")

@@ -119,17 +119,20 @@ def check_recipe_for_eval(cfg) -> None:
 
     if cfg.data.eval is None and not cfg.data.eval_size:
         raise EvalInputError("the recipe has no held-out data: set data.eval (a file) or data.eval_size > 0")
-    try:
-        locate(cfg.teacher.path)
-    except ModelNotFoundError as exc:
-        raise EvalInputError(f"teacher.path: {exc}") from None
+    for i, section in enumerate(list(cfg.teachers) or [cfg.teacher]):
+        try:
+            locate(section.path)
+        except ModelNotFoundError as exc:
+            raise EvalInputError(f"{f'teachers[{i}]' if cfg.teachers else 'teacher'}.path: {exc}") from None
 
 
 # ------------------------------------------------------------------------------ the run
 
 
 def evaluate(cfg, student_dir: Path, *, registry, say=print) -> dict:
-    """The report of ``kdcore eval``: ``{"student", "teacher", "aligner", "metrics", "samples"}``."""
+    """The report of ``kdcore eval``: ``{"student", "teacher", "teachers", "aligner", "metrics",
+    "samples"}``; with several teachers the token metrics have a column per teacher
+    (``eval_teacher_kl/<name>``, ...) beside the weighted totals, as in training."""
     from kdcore import distributed as kdist
 
     check_recipe_for_eval(cfg)
@@ -139,104 +142,92 @@ def evaluate(cfg, student_dir: Path, *, registry, say=print) -> dict:
     try:
         from kdcore.phases import phase
 
-        with phase(f"loading {student_dir}, the teacher's tokenizer and head, and the held-out data"):
+        with phase(f"loading {student_dir}, the teachers' tokenizers and heads, and the held-out data"):
             parts = _EvalParts.build(cfg, student_dir, registry=registry, env=env)
-        return parts.run(say)
+        return parts.run_eval(say)
     finally:
         kdist.teardown()
 
 
 @dataclass
 class _EvalParts:
-    """Everything one evaluation needs, built from the recipe and the export."""
+    """Everything one evaluation needs: the run's parts (as training builds them) and the export."""
 
     cfg: Any
     student_dir: Path
-    registry: Any
     env: Any
-    student_tok: Any
-    teacher: Any  # kdcore.training.teachers.TeacherPart: tokenizer, aligner, head (engine once started)
+    run: Any  # kdcore.training.run_parts.RunParts: tokenizers, aligners, heads (engines once started)
     held_out: list
     model: Any
-    teacher_head: Any
 
     @classmethod
     def build(cls, cfg, student_dir: Path, *, registry, env) -> "_EvalParts":
-        import torch
+        from kdcore.training.run_parts import RunParts
 
-        from kdcore.data import prepare_data
-        from kdcore.models import load_lm_head
-        from kdcore.tokenizers import load_tokenizer
-        from kdcore.training.teachers import build_parts
-        from kdcore.training.trainer import student_tokenizer_spec
-
-        student_tok = load_tokenizer(student_tokenizer_spec(cfg))
-        check_export_tokenizer(student_dir, student_tok, cfg)
-        teacher = build_parts(cfg, registry, student_tok, student_tokenizer_spec(cfg))[0]  # kdcore eval: one teacher
-        teacher_tok, aligner = teacher.tokenizer, teacher.aligner
-        cross = bool(aligner.cross_tokenizer)
-        data = prepare_data(cfg.data, student_tok, teacher_tok if cross else None, seed=cfg.train.seed)
+        run = RunParts.from_recipe(cfg, registry)
+        check_export_tokenizer(student_dir, run.student_tok, cfg)
+        data = run.prepare_data()
         if not data.eval:
             raise EvalInputError("the recipe's held-out split is empty after preparation (every row dropped?): "
                                  "check data.eval / data.eval_size")
         model = load_student(student_dir, env.device)
-        teacher_head = load_lm_head(cfg.teacher.path, dtype=getattr(torch, cfg.teacher.dtype)).to(env.device)
-        aligner.setup(student_hidden_size=int(model.config.get_text_config().hidden_size),
-                      teacher_hidden_size=int(teacher_head.shape[1]))
-        if any(p.requires_grad for p in aligner.parameters()):
-            raise EvalInputError(f"aligner '{cfg.distill.aligner}' trains its own parameters, which a Hugging Face "
-                                 f"export does not hold: kdcore eval cannot score it")
-        aligner.to(env.device)
-        aligner.check_heads(int(model.get_output_embeddings().weight.shape[0]), int(teacher_head.shape[0]))
-        teacher.head = teacher_head
-        return cls(cfg, student_dir, registry, env, student_tok, teacher, data.eval, model, teacher_head)
+        run.setup_heads(model, env.device)  # seeded as training sets them up
+        from kdcore.config import teacher_entries
 
-    def run(self, say) -> dict:
+        for part, entry in zip(run.teachers, teacher_entries(cfg)):
+            if any(p.requires_grad for p in part.aligner.parameters()):
+                raise EvalInputError(f"aligner '{entry['aligner']}' trains its own parameters, which a Hugging Face "
+                                     f"export does not hold: kdcore eval cannot score it")
+            part.aligner.to(env.device)
+            part.aligner.check_heads(int(model.get_output_embeddings().weight.shape[0]), int(part.head.shape[0]))
+        return cls(cfg, student_dir, env, run, data.eval, model)
+
+    def run_eval(self, say) -> dict:
         from kdcore import distributed as kdist
-        from kdcore.engines import create_teacher_engine
         from kdcore.engines.hf_rollout import TeacherRolloutEngine
-        from kdcore.tokenizers import pad_token_id
         from kdcore.training.evaluation import frozen_evaluator
 
-        cfg = self.cfg
-        loss = self.registry.get("loss", cfg.distill.loss)
+        cfg, run = self.cfg, self.run
+        loss = run.registry.get("loss", cfg.distill.loss)
         loss_options = dict(cfg.distill.loss_options or {})
         loss.make_options(loss_options)  # same checks as validate, in case cfg was built by hand
-        cross = self.teacher.cross
         cores = kdist.default_threads(1)
         kdist.setup_threads(cfg.train.threads or cores)
-        engine = create_teacher_engine(cfg.teacher, registry=self.registry, threads=cfg.teacher.threads or cores,
-                                       max_rows=max_rows(cfg, self.held_out, cross))
+        mbs = max(cfg.train.micro_batch_size, 1)  # the evaluator batches by micro_batch_size
         try:
-            engine.start()
-            self.teacher.engine = engine
-            evaluator = frozen_evaluator(cfg, model=self.model, samples=self.held_out, part=self.teacher,
+            run.start_engines(max_rows_for=lambda part: mbs * run.longest_input(part, self.held_out),
+                              threads_default=cores)
+            from kdcore.tokenizers import pad_token_id
+
+            evaluator = frozen_evaluator(cfg, model=self.model, samples=self.held_out, parts=run.teachers,
                                          loss_fn=loss.fn, loss_options=loss_options,
-                                         pad_id=pad_token_id(self.student_tok), env=self.env, kdist=kdist)
+                                         pad_id=pad_token_id(run.student_tok), env=self.env, kdist=kdist)
             evaluator.progress_label = "held-out batches (teacher-KL, perplexity, top-1)"
             chosen = [self.held_out[i] for batch in evaluator.held_out_batches() for i in batch]
             say(f"scoring {self.student_dir} on {len(chosen)} held-out samples")
             metrics = {k: v for k, v in evaluator.evaluate(0).items() if k != "step"}
             samples: list[dict] = []
+            first = run.teachers[0]  # the generation metrics compare with the first teacher's answers
             if list(cfg.eval.evaluators):
-                gens = generate_answers(cfg, chosen, self.model, TeacherRolloutEngine(engine), self.student_tok,
-                                        self.teacher.tokenizer, device=self.env.device)
+                gens = generate_answers(cfg, chosen, self.model, TeacherRolloutEngine(first.engine), run.student_tok,
+                                        first.tokenizer, device=self.env.device)
                 if gens is None:
                     say("no held-out sample has a prompt and an answer (plain text rows): generation metrics skipped")
                 else:
-                    metrics.update(run_evaluators(cfg, self.registry, gens))
+                    metrics.update(run_evaluators(cfg, run.registry, gens))
                     samples = [{"prompt": p, "teacher": t, "student": s, "reference": r} for p, t, s, r in
                                zip(gens.prompts, gens.teacher, gens.student, gens.references)][: cfg.eval.samples]
         finally:
-            engine.close()
-        return {"student": str(self.student_dir), "teacher": str(cfg.teacher.path), "aligner": cfg.distill.aligner,
-                "metrics": metrics, "samples": samples}
+            run.close()
+        return {"student": str(self.student_dir), "teacher": str(first.section.path),
+                "teachers": {p.name: str(p.section.path) for p in run.teachers},
+                "aligner": cfg.distill.aligner, "metrics": metrics, "samples": samples}
 
 
 def check_export_tokenizer(student_dir: Path, recipe_tok, cfg) -> None:
     """The export must speak the tokenizer the recipe's data is tokenized with."""
     from kdcore.tokenizers import load_tokenizer, same_tokenizer
-    from kdcore.training.trainer import student_tokenizer_spec
+    from kdcore.training.run_parts import student_tokenizer_spec
 
     if not any((student_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         return  # an export without a tokenizer is scored with the recipe's (export_hf always writes one)
@@ -262,13 +253,6 @@ def load_student(student_dir: Path, device):
     return model.to(device).eval()
 
 
-def max_rows(cfg, samples, cross: bool) -> int:
-    """Teacher rows of the largest held-out micro-batch: the evaluator batches by micro_batch_size."""
-    longest = max(len(s.teacher.input_ids if cross and s.teacher is not None else s.student.input_ids)
-                  for s in samples)
-    return max(cfg.train.micro_batch_size, 1) * longest
-
-
 # ------------------------------------------------------------------------------ generation
 
 
@@ -285,7 +269,8 @@ def generate_answers(cfg, samples, model, teacher_rollout, student_tok, teacher_
     """Greedy answers of both models to the samples' prompts (None when no sample has one)."""
     from kdcore.engines.hf_rollout import HFRolloutEngine
     from kdcore.phases import phase
-    from kdcore.sampling import full_weights, prompt_of, render_prompt, stop_ids
+    from kdcore.data.rollout_samples import prompt_of, render_prompt, stop_ids
+    from kdcore.training.weight_sync import full_weights
 
     pairs = [(p, reference_of(s)) for s in samples if (p := prompt_of(s)) is not None]
     pairs = [(p, r) for p, r in pairs if r is not None]

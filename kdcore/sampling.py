@@ -1,13 +1,16 @@
-"""Sampling for rollout policies: prompts, samples rebuilt around responses, and the sampler.
+"""The rollout sampler: what rollout policies sample with (:class:`RolloutSampler`), and how a
+run builds it (:func:`build_sampler`).
 
 Algorithm-free: *which* sequences a step learns on is a rollout policy's choice
-(``kdflow_algorithms.rollouts``); this module only provides the means to generate them.
+(``kdflow_algorithms.rollouts``); this module only provides the means to generate them. The
+samples themselves are built in :mod:`kdcore.data.rollout_samples`; the weights a student copy
+and a refreshed teacher load come from :mod:`kdcore.training.weight_sync`.
 
 **Rollout engines** live in :mod:`kdcore.engines` (protocol: :class:`kdcore.engines.protocol.RolloutEngine`);
 the recipe's ``rollout.engine`` names one registered through the ``register_engines`` hook
 (``hf``: a student copy in the trainer process; ``sglang``: GPU). Under FSDP2 every rank keeps
-its own copy and samples its own prompts: :func:`full_weights` gathers the full weights on
-*every* rank.
+its own copy and samples its own prompts: :func:`kdcore.training.weight_sync.full_weights`
+gathers the full weights on *every* rank.
 
 **Weight sync.** The copy holds the weights of some optimizer step; :class:`RolloutSampler`
 re-syncs it before sampling whenever it is ``rollout.sync_every`` or more updates behind, so
@@ -16,290 +19,27 @@ strictly on-policy). With one rank the sync is lazy (steps that do not sample sk
 several it runs on every rank at the start of each step's rollout, since the gather is a
 collective.
 
-**Prompts** (:func:`prompt_of`): a chat row's messages up to (without) its final trained
-assistant turn, rendered with each tokenizer's chat template *and its generation prompt*; a
-``prompt``/``completion`` row's prompt string (plain text, the tokenizer's own BOS when it
-adds one). Plain ``text`` rows have no prompt.
-
-**Rollout samples** (:func:`build_rollout_sample`): the sampled side's ids are used as they
-are — ``prompt ids + generated ids``, never re-tokenized — with character offsets recovered by
-incremental decoding (in the canonical content coordinates of :mod:`kdcore.data`: prompt
-contents, then the response text). Its loss positions are exactly the response: position
-``p`` is trained iff ``input_ids[p + 1]`` was generated. When the other side uses another
-tokenizer, it is re-expressed through the text: the response is decoded and that side is
-tokenized the way :mod:`kdcore.data` tokenizes a row, so the aligners pair the two through
-their offsets. A response that stopped on EOS is rendered as a finished turn (the template's
-end-of-turn token, trained); one cut by ``max_new_tokens`` or the length limit is rendered
-open, **with no end-of-turn or EOS token on either side**.
+**Several teachers**: ``sample_teacher`` generates with the first teacher; every rollout
+sample carries each teacher's tokenization and its data row's route
+(:func:`kdcore.data.rollout_samples.with_teacher_views`).
 """
-
 from __future__ import annotations
 
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import torch
 
-from kdcore import lora
-from kdcore.aligner import Tokenized
 from kdcore.data import BadRow, DataError, Sample
+from kdcore.data.rollout_samples import (Prompt, build_rollout_sample, prompt_of, render_prompt, stop_ids,
+                                         with_teacher_views)
 from kdcore.engines import create_rollout_engine
-from kdcore.engines.hf_rollout import HFRolloutEngine, TeacherRolloutEngine
-from kdcore.engines.protocol import Generation, RolloutEngine, RolloutError, check_sampling
-
-
-def full_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The full (unsharded) weights of a possibly FSDP2-sharded model, on **every** rank.
-
-    Collective under FSDP2 (every rank calls it at the same point). Tensors are detached and
-    may alias the model's own storage when nothing had to be gathered: copy them before the
-    next optimizer step if they must outlive it. Tied weights are gathered once and appear
-    under each of their names. Non-persistent buffers (rotary ``inv_freq``) are not included.
-    """
-    from torch.distributed.tensor import DTensor
-
-    out: dict[str, torch.Tensor] = {}
-    gathered: dict[int, torch.Tensor] = {}
-    with torch.no_grad():
-        for name, t in model.state_dict(keep_vars=True).items():
-            key = id(t)
-            if key not in gathered:
-                gathered[key] = (t.full_tensor() if isinstance(t, DTensor) else t).detach()
-            out[name] = gathered[key]
-    # a LoRA student hands out merged weights under the base model's names (what engines load)
-    return lora.merge_lora_weights(model, out) if lora.is_lora_model(model) else out
-
-
-# ------------------------------------------------------------------------------ prompts
-
-
-@dataclass
-class Prompt:
-    """What a data row asks: chat ``messages`` (without the final assistant turn) or a plain
-    ``text`` prompt. ``content`` is its canonical text (message contents concatenated, as in
-    :func:`kdcore.data.canonical_text`). Tokenizations with the generation prompt are cached
-    per tokenizer fingerprint."""
-
-    row: int
-    content: str
-    messages: Optional[list[dict[str, str]]] = None
-    text: Optional[str] = None
-    rendered: dict[str, Tokenized] = field(default_factory=dict, repr=False)
-
-
-def prompt_of(sample: Sample) -> Optional[Prompt]:
-    """The prompt of a data sample, or None when its row has none (plain ``text`` rows)."""
-    norm = sample.source
-    if not norm:
-        return None
-    if "messages" in norm:
-        msgs, train = norm["messages"], norm["train"]
-        last = max((i for i, (m, t) in enumerate(zip(msgs, train)) if t and m["role"] == "assistant"), default=None)
-        if last is None or last == 0:
-            return None  # nothing before the response to condition on
-        prompt = [dict(m) for m in msgs[:last]]
-        return Prompt(row=sample.row, content="".join(m["content"] for m in prompt), messages=prompt)
-    if "prompt" in norm:
-        return Prompt(row=sample.row, content=norm["prompt"], text=norm["prompt"])
-    return None
-
-
-def _prompt_rendered(prompt: Prompt, tok):
-    """The prompt as kdcore.data renders rows, plus the template's generation prompt."""
-    from kdcore.data import BadRow, _render_chat, _Rendered, _tok_name
-    from kdcore.tokenizers import special_affixes
-
-    if prompt.messages is not None:
-        base = _render_chat({"messages": prompt.messages, "train": [False] * len(prompt.messages)}, tok)
-        try:
-            with_gen = tok.apply_chat_template(prompt.messages, tokenize=False, add_generation_prompt=True)
-        except Exception as exc:  # jinja raise_exception()
-            raise BadRow(f"chat template of '{_tok_name(tok)}' rejects the prompt: {type(exc).__name__}: {exc}") from exc
-        if not with_gen.startswith(base.string):
-            raise BadRow(f"chat template of '{_tok_name(tok)}' renders the generation prompt inconsistently")
-        return _Rendered(with_gen, base.regions, [], [], False, False)
-    prefix, _ = special_affixes(tok)
-    n = len(prompt.text or "")
-    return _Rendered(prompt.text or "", [(0, n, 0, False)] if n else [], list(prefix), [], False, False)
-
-
-def _tokenize(r, tok) -> Tokenized:
-    from kdcore.data import _tokenize_rendered
-    from kdcore.tokenizers import special_ids
-
-    enc = tok([r.string], add_special_tokens=False, return_offsets_mapping=True)
-    return _tokenize_rendered(r, enc["input_ids"][0], enc["offset_mapping"][0], special_ids(tok))
-
-
-def render_prompt(prompt: Prompt, tok) -> Tokenized:
-    """The prompt's tokens with the generation prompt (canonical offsets, no loss positions):
-    exactly the ids a model is asked to continue. Raises :class:`kdcore.data.BadRow` when the
-    chat template cannot render it."""
-    from kdcore.tokenizers import tokenizer_fingerprint
-
-    key = tokenizer_fingerprint(tok)
-    if key not in prompt.rendered:
-        prompt.rendered[key] = _tokenize(_prompt_rendered(prompt, tok), tok)
-    return prompt.rendered[key]
-
-
-def stop_ids(tok, extra: Sequence[Optional[int]] = ()) -> list[int]:
-    """Ids that end a response: the tokenizer's EOS, the end-of-turn token its chat template
-    puts after an assistant turn (what :mod:`kdcore.data` trains the model to emit), and
-    ``extra`` (e.g. the model's ``generation_config.eos_token_id``)."""
-    from kdcore.data import BadRow, tokenize_rows
-    from kdcore.tokenizers import special_ids
-
-    ids = {int(e) for e in extra if e is not None}
-    if tok.eos_token_id is not None:
-        ids.add(int(tok.eos_token_id))
-    if getattr(tok, "chat_template", None):
-        probe = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
-                 "train": [False, True]}
-        t = tokenize_rows([probe], tok)[0]
-        if not isinstance(t, BadRow) and t.loss_positions:
-            end = t.input_ids[t.loss_positions[-1] + 1]
-            if end in special_ids(tok):
-                ids.add(int(end))
-    return sorted(ids)
-
-
-# ------------------------------------------------------------------------ rollout samples
-
-
-@dataclass
-class RolloutSample(Sample):
-    """A :class:`kdcore.data.Sample` whose response was generated.
-
-    ``origin``: ``student`` or ``teacher`` (who generated it); ``response_ids``: the generated
-    ids, in the generator's vocabulary, exactly as sampled (after any length cut);
-    ``finished_by_eos``: it ended on a stop token (else it was cut by a length limit and
-    carries no EOS/end-of-turn token on either side).
-    """
-
-    origin: str = "data"
-    response_ids: list[int] = field(default_factory=list)
-    finished_by_eos: bool = False
-
-
-def _common_prefix(a: str, b: str) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
-def response_offsets(tok, ids: Sequence[int], start: int = 0) -> tuple[str, list[tuple[int, int]]]:
-    """The text of generated ``ids`` and each token's character span in it (shifted by
-    ``start``), by incremental decoding; special tokens (EOS) are not text and get an empty
-    span. A character whose bytes are split over several tokens is in the span of each of
-    them (the convention of :mod:`kdcore.data`)."""
-    from kdcore.tokenizers import special_ids
-
-    ids = [int(i) for i in ids]
-    if not ids:
-        return "", []
-    specials = special_ids(tok)
-    kw = dict(skip_special_tokens=True, clean_up_tokenization_spaces=False)
-    prefixes = [""] + tok.batch_decode([ids[: k + 1] for k in range(len(ids))], **kw)
-    text = prefixes[-1]
-    stable = [_common_prefix(p, text) for p in prefixes]
-    # a prefix ending inside a character decodes to a replacement char past the stable part
-    reach = [min(len(p), s + 1) if len(p) > s else s for p, s in zip(prefixes, stable)]
-    offsets = []
-    lo = 0
-    for k, tid in enumerate(ids):
-        a = max(stable[k], lo)
-        b = max(reach[k + 1], a)
-        if tid in specials:
-            b = a = max(stable[k + 1], a)
-        offsets.append((start + a, start + b))
-        lo = a
-    return text, offsets
-
-
-def _response_rendered(prompt: Prompt, text: str, finished: bool, tok):
-    """The row (prompt + this response) as kdcore.data renders it for ``tok``; open (no
-    end-of-turn, no EOS) when the response was cut."""
-    from kdcore.data import _render, _render_chat, _Rendered
-
-    if prompt.messages is not None:
-        msgs = prompt.messages + [{"role": "assistant", "content": text}]
-        if finished:
-            return _render_chat({"messages": msgs, "train": [False] * len(prompt.messages) + [True]}, tok)
-        head = _prompt_rendered(prompt, tok)
-        regions = list(head.regions)
-        if text:
-            regions.append((len(head.string), len(head.string) + len(text), len(prompt.content), True))
-        return _Rendered(head.string + text, regions, [], [], False, False)
-    full = _render({"prompt": prompt.text or "", "completion": text}, tok)
-    if not finished:
-        full.suffix = []  # the EOS kdcore.data appends would be a false stop
-    return full
-
-
-def build_rollout_sample(prompt: Prompt, generation: Generation, *, sampled_by: str, student_tok, teacher_tok=None,
-                         max_length: Optional[int] = None, teacher_max_length: Optional[int] = None) -> Optional[RolloutSample]:
-    """A training sample for ``prompt`` + a generated response.
-
-    ``sampled_by``: ``student`` or ``teacher``; ``generation.token_ids`` are in that side's
-    vocabulary and are kept as they are. ``teacher_tok``: None when both sides share the
-    student's tokenizer (then ``sample.teacher`` is None and the teacher reads the student's
-    ids); otherwise the other side is rebuilt from the decoded text. ``max_length`` caps the
-    student side, ``teacher_max_length`` the teacher side (the other side is cut at the same
-    character). Returns None when nothing of the response survives the caps.
-    """
-    from kdcore.data import _truncate, _truncate_at_char
-
-    if sampled_by not in ("student", "teacher"):
-        raise ValueError(f"sampled_by must be 'student' or 'teacher', got {sampled_by!r}")
-    cross = teacher_tok is not None
-    own_tok = student_tok if sampled_by == "student" or not cross else teacher_tok
-    head = render_prompt(prompt, own_tok)
-    ids = list(generation.token_ids)
-    text, offs = response_offsets(own_tok, ids, start=len(prompt.content))
-    p = len(head.input_ids)
-    own = Tokenized(input_ids=list(head.input_ids) + ids, offsets=list(head.offsets) + offs,
-                    loss_positions=list(range(p - 1, p - 1 + len(ids))))
-    if cross:
-        other_tok = teacher_tok if sampled_by == "student" else student_tok
-        other = _tokenize(_response_rendered(prompt, text, generation.finished_by_eos, other_tok), other_tok)
-        s, t = (own, other) if sampled_by == "student" else (other, own)
-    else:
-        s, t = own, None  # one tokenizer: the teacher reads the student's ids
-    if max_length is not None and len(s.input_ids) > max_length:
-        s = _truncate(s, max_length)
-        if t is not None:
-            t = _truncate_at_char(t, max((b for _, b in s.offsets), default=0))
-    if t is not None and teacher_max_length is not None and len(t.input_ids) > teacher_max_length:
-        t = _truncate(t, teacher_max_length)
-        s = _truncate_at_char(s, max((b for _, b in t.offsets), default=0))
-    gen_side = s if sampled_by == "student" or not cross else t
-    kept = max(0, len(gen_side.input_ids) - p)
-    finished = generation.finished_by_eos and kept == len(ids)
-    if cross and not finished:
-        # The response is open on the generated side (cut by a limit, or its stop token cut
-        # away): the rebuilt side ends at the same character, without an end-of-turn of its own.
-        x = max((b for _, b in gen_side.offsets), default=0)
-        if sampled_by == "student":
-            t = _truncate_at_char(t, x)
-        else:
-            s = _truncate_at_char(s, x)
-    if not s.loss_positions or (t is not None and not t.loss_positions):
-        return None
-    content = prompt.content + text
-    if prompt.messages is not None:
-        source = {"messages": prompt.messages + [{"role": "assistant", "content": text}],
-                  "train": [False] * len(prompt.messages) + [True]}
-    else:
-        source = {"prompt": prompt.text, "completion": text}
-    return RolloutSample(text=content, student=s, teacher=t, row=prompt.row, source=source,
-                         response_spans=[(len(prompt.content), len(content))], origin=sampled_by,
-                         response_ids=ids[:kept], finished_by_eos=finished)
+from kdcore.engines.hf_rollout import TeacherRolloutEngine
+from kdcore.engines.protocol import RolloutEngine, RolloutError, check_sampling
+from kdcore.training.weight_sync import check_self_distill, full_weights, sync_teacher
 
 
 # ------------------------------------------------------------------------------ sampler
@@ -354,7 +94,8 @@ class RolloutSampler:
     def __init__(self, *, settings: SamplingSettings, student_model, student_tok, teacher_tok=None,
                  teacher_engine=None, max_length: Optional[int] = None, teacher_max_length: Optional[int] = None,
                  seed: int = 0, rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu",
-                 threads: Optional[int] = None, sources: Sequence[str] = ("student", "teacher")):
+                 threads: Optional[int] = None, sources: Sequence[str] = ("student", "teacher"),
+                 views: Optional[dict] = None, generator: Optional[str] = None):
         from kdcore.models import torch_dtype
 
         if settings.sync_every < 1:
@@ -365,6 +106,10 @@ class RolloutSampler:
         self.student_tok = student_tok
         self.teacher_tok = teacher_tok  # None: shared tokenizer
         self.teacher_engine = teacher_engine
+        # several teachers (or routes): name -> tokenizer of every teacher that reads its own
+        # tokens, and the teacher whose engine sample_teacher uses; None: the short form
+        self.views = views
+        self.generator = generator
         self.max_length = max_length
         self.teacher_max_length = teacher_max_length
         self.world_size = world_size
@@ -495,6 +240,10 @@ class RolloutSampler:
                 rs = build_rollout_sample(prompt, g, sampled_by=side, student_tok=self.student_tok,
                                           teacher_tok=self.teacher_tok, max_length=self.max_length,
                                           teacher_max_length=self.teacher_max_length)
+                if rs is not None and self.views is not None:
+                    rs = with_teacher_views(rs, prompt, self.views, route=samples[i].route,
+                                            generator=self.generator,
+                                            max_length=self.teacher_max_length)
                 if rs is not None:
                     built.setdefault(i, []).append(rs)
                     self.stats.samples += 1
@@ -536,45 +285,6 @@ class RolloutSampler:
             self.engine = None
 
 
-# ------------------------------------------------------------------------- self-distillation
-
-
-def head_name(model: torch.nn.Module) -> str:
-    """The state-dict name of the model's output projection weight (lm_head, or the tied embedding)."""
-    model = lora.unwrap(model)  # a LoRA student's names as in its merged weights (full_weights)
-    head = model.get_output_embeddings().weight
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if p is head:
-            return name
-    raise RolloutError(f"{type(model).__name__}: cannot find the lm_head weight among its parameters")
-
-
-def sync_teacher(engine, model: torch.nn.Module, *, dtype: torch.dtype, device) -> torch.Tensor:
-    """Self-distillation: copy the student's full weights into the teacher engine (every rank
-    into its own engine; collective under FSDP) and return the new teacher head ``[V, H]``
-    (a copy in ``dtype`` on ``device``) for the student side of the loss."""
-    return push_teacher_weights(engine, full_weights(model), head_name(model), dtype=dtype, device=device)
-
-
-def push_teacher_weights(engine, weights: dict[str, torch.Tensor], head_key: str, *, dtype: torch.dtype,
-                         device) -> torch.Tensor:
-    """Load full ``weights`` into the teacher engine (self-distillation, an EMA teacher) and
-    return the teacher head they hold, a copy in ``dtype`` on ``device``."""
-    engine.update_weights(weights)
-    return weights[head_key].to(device=device, dtype=dtype, copy=True)
-
-
-def check_self_distill(student_config, teacher_config) -> None:
-    """Self-distillation copies the student into the teacher by name: same architecture required."""
-    keys = ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
-            "num_key_value_heads", "vocab_size", "tie_word_embeddings")
-    diff = [f"{k} {getattr(student_config, k, None)} vs {getattr(teacher_config, k, None)}" for k in keys
-            if getattr(student_config, k, None) != getattr(teacher_config, k, None)]
-    if diff:
-        raise RolloutError("teacher.self_distill_every needs the student to have the teacher's architecture "
-                           f"(student.init: pretrained from the teacher); student vs teacher: {', '.join(diff)}")
-
-
 def length_caps(max_length: int, samples: Sequence[Sample], *, cross: bool) -> Optional[int]:
     """Teacher-side token cap for rollout samples (None with a shared tokenizer, where the
     student's ``max_length`` bounds both). Cross-tokenizer: the data's worst teacher/student
@@ -582,8 +292,8 @@ def length_caps(max_length: int, samples: Sequence[Sample], *, cross: bool) -> O
     into more teacher tokens than the data ever did."""
     if not cross:
         return None
-    ratio = max((len(s.teacher.input_ids) / max(1, len(s.student.input_ids)) for s in samples if s.teacher is not None),
-                default=1.0)
+    ratio = max((len(t.input_ids) / max(1, len(s.student.input_ids)) for s in samples
+                 for t in ([s.teacher] if s.teacher is not None else []) + list(s.teachers.values())), default=1.0)
     return int(math.ceil(max_length * max(1.0, ratio) * 1.5))
 
 
@@ -596,14 +306,6 @@ def rows_bound(*, max_length: int, teacher_cap: Optional[int], micro_batch_size:
         shortest = min((len(s.student.input_ids) for s in samples), default=1)
         per_mb = max(1, token_budget // max(1, shortest))
     return per_mb * n * (teacher_cap or max_length)
-
-
-__all__ = [
-    "Generation", "RolloutEngine", "HFRolloutEngine", "TeacherRolloutEngine", "create_rollout_engine",
-    "full_weights", "Prompt", "prompt_of", "render_prompt", "stop_ids", "RolloutSample", "response_offsets",
-    "build_rollout_sample", "SamplingSettings", "RolloutSampler", "RolloutError", "sync_teacher",
-    "check_self_distill", "head_name", "length_caps", "rows_bound",
-]
 
 
 # ------------------------------------------------------------------------ trainer wiring
@@ -619,10 +321,23 @@ def rollout_rows(cfg, policy, train_samples: Sequence[Sample], *, cross: bool) -
                       token_budget=cfg.train.max_tokens_per_micro_batch, samples=train_samples, n=cfg.rollout.n)
 
 
-def build_sampler(cfg, policy, *, student_model, student_tok, teacher_tok, cross: bool, teacher_engine, env,
+def sampler_sides(parts, views: bool) -> tuple[Any, Optional[dict], bool]:
+    """From the run's teacher parts (:mod:`kdcore.training.teachers`): the tokenizer the
+    generating (first) teacher renders prompts with when it is not the student's (None: the
+    student's), the several-teacher views (None: the short form) and whether any teacher reads
+    a tokenization of its own (the rows of a rollout sample can grow on its side)."""
+    first = parts[0]
+    if not views:
+        return (first.tokenizer if first.cross else None), None, first.cross
+    own = {p.name: p.tokenizer for p in parts if p.own_tokens}
+    return (first.tokenizer if first.own_tokens else None), own, bool(own)
+
+
+def build_sampler(cfg, policy, *, student_model, student_tok, parts, views: bool, env,
                   train_samples: Sequence[Sample]) -> Optional[RolloutSampler]:
     """The sampler a run needs: for a sampling policy, or for self-distillation (teacher
-    refreshes); None otherwise. Checks prompts and architectures up front (one-line errors)."""
+    refreshes); None otherwise. Checks prompts and architectures up front (one-line errors).
+    ``parts``: every teacher's part; ``sample_teacher`` generates with the first."""
     sampling = bool(getattr(policy, "needs_sampling", False))
     every = int(getattr(cfg.teacher, "self_distill_every", 0) or 0)
     if not sampling and not every:
@@ -632,10 +347,11 @@ def build_sampler(cfg, policy, *, student_model, student_tok, teacher_tok, cross
 
         check_self_distill(student_model.config, load_config(cfg.teacher.path))
     sources = tuple(getattr(policy, "sample_sources", ()) or ("student", "teacher")) if sampling else ()
+    teacher_tok, own, cross = sampler_sides(parts, views)
     sampler = RolloutSampler(
         settings=SamplingSettings.from_config(cfg.rollout), student_model=student_model,
-        student_tok=student_tok, teacher_tok=teacher_tok if cross else None,
-        teacher_engine=teacher_engine, max_length=cfg.data.max_length,
+        student_tok=student_tok, teacher_tok=teacher_tok, views=own, generator=parts[0].name,
+        teacher_engine=parts[0].engine, max_length=cfg.data.max_length,
         teacher_max_length=length_caps(cfg.data.max_length, train_samples, cross=cross),
         seed=cfg.train.seed, rank=env.rank, world_size=env.world_size, device=env.device,
         # CPU: one thread. Decoding is a stream of tiny ops, and with kdflow's passive OpenMP
@@ -648,3 +364,7 @@ def build_sampler(cfg, policy, *, student_model, student_tok, teacher_tok, cross
     if sampling:
         sampler.check_prompts(train_samples, f"distill.rollout '{cfg.distill.rollout}'")
     return sampler
+
+
+__all__ = ["SamplingSettings", "RolloutSampler", "RolloutError", "length_caps", "rows_bound", "rollout_rows",
+           "sampler_sides", "build_sampler"]

@@ -50,8 +50,8 @@ across tokenizers whose templates differ:
 
 from __future__ import annotations
 
-# Re-exports: the rest of kdflow (and plugins) import these from ``kdcore.data``; the private
-# rendering helpers are part of that surface because kdcore.sampling renders rollouts the same way.
+# Re-exports: the rest of kdflow (and plugins) import these from ``kdcore.data``. Rollout samples
+# (kdcore.data.rollout_samples) render with this package's own helpers, imported there directly.
 from kdcore.data.batching import (
     BatchPlanner,
     DataPosition,
@@ -66,18 +66,7 @@ from kdcore.data.common import BadRow, DataError, OverlongRow, Sample
 from kdcore.data.formats import FORMATS, ROLES, canonical_text, detect_format, normalize_row
 from kdcore.data.preparation import PreparedData, prepare_data, split_eval
 from kdcore.data.reading import RowSource, read_rows, resolve_data_path
-from kdcore.data.rendering import (  # noqa: F401  (private helpers: see above)
-    _finish,
-    _render,
-    _render_chat,
-    _Rendered,
-    _tok_name,
-    _tokenize_rendered,
-    _truncate,
-    _truncate_at_char,
-    build_sample,
-    tokenize_rows,
-)
+from kdcore.data.rendering import build_sample, tokenize_rows
 from kdcore.data.report import MAX_BAD_EXAMPLES, DataReport, SplitReport
 from kdcore.data.teacher_views import TeacherView, shift_past_context, with_context
 

@@ -4,7 +4,7 @@ The teacher's weights are an exponential moving average of the student's: they s
 student's initial weights (pushed into the teacher engine before the first step, so
 ``teacher.path`` gives the engine and the architecture) and every ``teacher.ema_every``
 optimizer steps become ``decay · teacher + (1 − decay) · student``, pushed into the engine with
-``update_weights`` as ``teacher.self_distill_every`` does (:func:`kdcore.sampling.push_teacher_weights`).
+``update_weights`` as ``teacher.self_distill_every`` does (:func:`kdcore.training.weight_sync.push_teacher_weights`).
 The average is kept in float32 on the student's side (every rank holds the same full copy) and
 saved with each checkpoint as ``ema_teacher.safetensors`` beside the DCP shards (tensors only,
 never pickle), so a resumed run continues the same average.
@@ -37,7 +37,7 @@ class EMATeacher:
 
     def reset(self) -> None:
         """The average starts as the student's current weights (collective under FSDP)."""
-        from kdcore.sampling import full_weights
+        from kdcore.training.weight_sync import full_weights
 
         # one float32 copy per name (tied weights too): safetensors stores no shared storage
         self.state = {k: v.detach().to(torch.float32, copy=True).cpu() for k, v in full_weights(self.model).items()}
@@ -45,7 +45,7 @@ class EMATeacher:
     @torch.no_grad()
     def update(self) -> None:
         """``teacher ← decay · teacher + (1 − decay) · student`` (collective under FSDP)."""
-        from kdcore.sampling import full_weights
+        from kdcore.training.weight_sync import full_weights
 
         for k, v in full_weights(self.model).items():
             self.state[k].mul_(self.decay).add_(v.detach().to(device="cpu", dtype=torch.float32),
@@ -53,7 +53,7 @@ class EMATeacher:
 
     def push(self, engine, *, dtype: torch.dtype, device) -> torch.Tensor:
         """Load the average into the teacher engine; returns the new teacher head."""
-        from kdcore.sampling import head_name, push_teacher_weights
+        from kdcore.training.weight_sync import head_name, push_teacher_weights
 
         return push_teacher_weights(engine, self.state, head_name(self.model), dtype=dtype, device=device)
 
@@ -77,10 +77,7 @@ class EMATeacher:
 
 def check_ema_architecture(student_model, teacher_path: str) -> None:
     """The average is pushed into the teacher by name: the student needs the teacher's architecture."""
-    from kdcore.sampling import RolloutError, check_self_distill
     from kdcore.student import load_config
+    from kdcore.training.weight_sync import check_self_distill
 
-    try:
-        check_self_distill(student_model.config, load_config(teacher_path))
-    except RolloutError as exc:
-        raise TrainingError(str(exc).replace("teacher.self_distill_every", "teacher.ema", 1)) from exc
+    check_self_distill(student_model.config, load_config(teacher_path), setting="teacher.ema", error=TrainingError)

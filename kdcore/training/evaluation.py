@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from kdcore.training.types import LatestEval, PreparedMicroBatch
+from kdcore.training.types import LatestEval, TeacherShare
 
 
 def fkl_reference(student_logits, teacher_logits, *, temperature):
@@ -50,15 +50,14 @@ def mean_over_ranks(values: dict[str, float], env, aligner) -> dict[str, float]:
 class Evaluator:
     """Scores the student against the teacher on the held-out samples."""
 
-    def __init__(self, *, samples, preparer, forward, schedule, train_cfg, chunk_size: int, cross: bool, env,
-                 kdist, latest: LatestEval):
+    def __init__(self, *, samples, preparer, forward, schedule, train_cfg, chunk_size: int, env, kdist,
+                 latest: LatestEval):
         self.samples = samples
         self.preparer = preparer  # kdcore.training.steps.StepPreparer: collate + align
         self.forward = forward  # kdcore.training.forward.DistillForward
         self.schedule = schedule  # kdcore.training.teacher_schedule.TeacherSchedule
         self.train_cfg = train_cfg
         self.chunk_size = chunk_size
-        self.cross = cross
         self.env = env
         self.kdist = kdist
         self.latest = latest
@@ -76,7 +75,8 @@ class Evaluator:
     def evaluate(self, step: int) -> dict | None:
         """One record (also kept as ``latest``), or None without held-out samples.
 
-        Several teachers: ``eval_teacher_kl/<name>``, ``eval_kd/<name>`` (and
+        One teacher: ``eval_teacher_kl``, ``eval_kd``, ... as they are. Several teachers:
+        ``eval_teacher_kl/<name>``, ``eval_kd/<name>`` (and
         ``eval_top1_agreement/<name>``, ``eval_<aligner metric>/<name>``) per teacher, plus the
         totals ``eval_teacher_kl`` and ``eval_kd`` weighted as the loss is."""
         if not self.samples:
@@ -144,11 +144,11 @@ class Evaluator:
             pmb = self.preparer.micro_batch(step, r, True, [self.samples[j] for j in chosen])
             self.schedule.submit(pmb)
             try:
-                shares = pmb.shares(self.forward.default)
+                shares = pmb.teachers
                 outs, hidden = self.forward.losses_by_teacher(
-                    pmb, lambda n: self.schedule.hidden(pmb, timed=False, name=n), {n: specs[n] for n in shares})
+                    pmb, lambda n: self.schedule.hidden(pmb, n, timed=False), {n: specs[n] for n in shares})
                 agree = {n: (0, 0) if parts[n].cross else
-                         self.top1_agreement(shares[n], hidden, self.schedule.hidden(pmb, timed=False, name=n), n)
+                         self.top1_agreement(shares[n], hidden, self.schedule.hidden(pmb, n, timed=False), n)
                          for n in shares}
             finally:
                 self.schedule.release(pmb)
@@ -165,16 +165,16 @@ class Evaluator:
             part.aligner.metrics()  # drop the padding rounds' counts
         return sums, {n: mean_over_ranks(aligner_recs[n], self.env, p.aligner) for n, p in parts.items()}
 
-    def top1_agreement(self, pmb: PreparedMicroBatch, hidden: torch.Tensor, h_t: torch.Tensor,
-                       teacher: str | None = None) -> tuple[int, int]:
+    def top1_agreement(self, share: TeacherShare, hidden: torch.Tensor, h_t: torch.Tensor,
+                       teacher: str) -> tuple[int, int]:
         """How often the student's most likely next token is the teacher's (paired rows only)."""
         if h_t is None:  # the teacher was asked for no position
             return 0, 0
-        b = pmb.batch
+        b = share.batch
         dev = self.env.device
-        part = self.forward.parts[teacher or self.forward.default]
-        h_s = hidden.reshape(-1, hidden.shape[-1])[b.loss_index.to(dev)][pmb.student_index.to(dev)]
-        h_tt = h_t.to(dev)[pmb.teacher_index.to(dev)]
+        part = self.forward.parts[teacher]
+        h_s = hidden.reshape(-1, hidden.shape[-1])[b.loss_index.to(dev)][share.student_index.to(dev)]
+        h_tt = h_t.to(dev)[share.teacher_index.to(dev)]
         w_s = self.forward.student_head()
         w_t = part.head
         v = min(w_s.shape[0], w_t.shape[0], part.aligner.vocab_size or w_s.shape[0])
@@ -197,22 +197,21 @@ class FrozenStudent:
         self.model.train(mode)
 
 
-def frozen_evaluator(cfg, *, model, samples, part, loss_fn, loss_options: dict, pad_id: int, env,
+def frozen_evaluator(cfg, *, model, samples, parts, loss_fn, loss_options: dict, pad_id: int, env,
                      kdist) -> Evaluator:
-    """An :class:`Evaluator` scoring ``model`` (no optimizer, one process) against a teacher
-    ``part`` (:class:`kdcore.training.teachers.TeacherPart` with its started ``engine`` and its
-    ``head``) on ``samples``, with the recipe's loss and batching."""
+    """An :class:`Evaluator` scoring ``model`` (no optimizer, one process) against the teacher
+    ``parts`` (:class:`kdcore.training.teachers.TeacherPart` each with its started ``engine`` and
+    its ``head``) on ``samples``, with the recipe's loss and batching."""
     from kdcore.training.forward import DistillForward
     from kdcore.training.steps import StepPreparer
     from kdcore.training.teacher_schedule import TeacherSchedule
 
-    cross = part.cross
     latest = LatestEval()
     # the preparer only aligns and collates here (micro_batch); no rollout, no training data
-    preparer = StepPreparer(parts=[part], rollout=None, train_samples=[], train_cfg=cfg.train, shuffle=False,
-                            env=env, kdist=kdist, pad_id=pad_id, teacher_pad_id=part.pad_id, latest_eval=latest)
-    forward = DistillForward(student=FrozenStudent(model), parts=[part], distill_cfg=cfg.distill, loss_fn=loss_fn,
+    preparer = StepPreparer(parts=parts, rollout=None, train_samples=[], train_cfg=cfg.train, shuffle=False,
+                            env=env, kdist=kdist, pad_id=pad_id, teacher_pad_id=parts[0].pad_id, latest_eval=latest)
+    forward = DistillForward(student=FrozenStudent(model), parts=parts, distill_cfg=cfg.distill, loss_fn=loss_fn,
                              loss_options=loss_options, device=env.device, world_size=env.world_size)
-    schedule = TeacherSchedule(engines={part.name: (part.engine, cross)}, looks_ahead=True, max_steps=0)
+    schedule = TeacherSchedule({p.name: p.engine for p in parts}, looks_ahead=True, max_steps=0)
     return Evaluator(samples=samples, preparer=preparer, forward=forward, schedule=schedule, train_cfg=cfg.train,
-                     chunk_size=cfg.distill.chunk_size, cross=cross, env=env, kdist=kdist, latest=latest)
+                     chunk_size=cfg.distill.chunk_size, env=env, kdist=kdist, latest=latest)

@@ -4,8 +4,8 @@ Token counts of a step are all-reduced before its first backward (:mod:`kdcore.t
 so each micro-batch's sums are scaled by ``world_size / global_count``: with FSDP averaging
 gradients over ranks, the step's gradient is exactly that of the token mean over the global
 batch, whatever the split into micro-batches and ranks. The loss is
-``(1 - kd_ratio) * CE + kd_ratio * KD``; with several teachers KD is
-``Σ_teachers weight · KD_teacher`` (weights as the recipe gives them, not normalised).
+``(1 - kd_ratio) * CE + kd_ratio * KD`` with KD ``Σ_teachers weight · KD_teacher`` (weights as
+the recipe gives them, not normalised; one teacher has weight 1).
 """
 
 from __future__ import annotations
@@ -21,9 +21,8 @@ from kdcore.training.types import PreparedMicroBatch
 class DistillForward:
     """Student forward and the registered loss through each teacher's aligner (chunked, no ``[N, V]``).
 
-    Several teachers: one student forward, then one aligner loss per teacher present in the
-    micro-batch, scaled ``weight · kd_ratio · world / that teacher's global KD count``; CE is
-    counted once, by the first teacher present (its aligner computes CE over every labelled
+    One student forward, then one aligner loss per teacher present in the micro-batch, scaled
+    ``weight · kd_ratio · world / that teacher's global KD count``; CE is counted once, by the first teacher present (its aligner computes CE over every labelled
     student row, whichever rows it pairs)."""
 
     def __init__(self, *, student, parts, distill_cfg, loss_fn, loss_options: dict, device, world_size: int):
@@ -31,7 +30,6 @@ class DistillForward:
 
         self.student = student
         self.parts = {p.name: p for p in parts}  # kdcore.training.teachers.TeacherPart by name
-        self.default = parts[0].name
         self.distill_cfg = distill_cfg
         self.loss_fn = loss_fn
         self.loss_options = loss_options
@@ -39,55 +37,31 @@ class DistillForward:
         self.world_size = world_size
         self._kstudent = kstudent
 
-    @property
-    def aligner(self):
-        """The (first) teacher's aligner."""
-        return self.parts[self.default].aligner
-
-    @property
-    def teacher_head(self) -> torch.Tensor:
-        """The (first) teacher's head ``[V_t, H_t]``; replaced when self-distillation refreshes it."""
-        return self.parts[self.default].head
-
-    @teacher_head.setter
-    def teacher_head(self, head: torch.Tensor) -> None:
-        self.parts[self.default].head = head
-
-    def spec(self, kd_global: int, ce_global: int, *, loss_fn=None, options: dict | None = None,
-             eval_mode: bool = False, teacher: str | None = None, with_ce: bool = True) -> LossSpec:
+    def spec(self, kd_count: int, ce_count: int, *, teacher: str, loss_fn=None, options: dict | None = None,
+             eval_mode: bool = False, with_ce: bool = True) -> LossSpec:
         """Training: scales that turn this rank's sums into its share of the global token mean
-        (``teacher``: that teacher's weight and temperature; ``with_ce`` False: CE is another
-        teacher's to count). Evaluation: unit scales, only the sums are read."""
+        (``teacher``'s weight and temperature over its global KD count; ``with_ce`` False: CE is
+        another teacher's to count). Evaluation: unit scales, only the sums are read."""
         d = self.distill_cfg
         r = d.kd_ratio
-        part = self.parts[teacher] if teacher is not None else None
+        part = self.parts[teacher]
         if eval_mode:
             kd_scale = ce_scale = 1.0
         else:
-            kd_scale = (part.weight * r if part else r) * self.world_size / kd_global if kd_global else 0.0
-            ce_scale = (1 - r) * self.world_size / ce_global if ce_global and with_ce else 0.0
+            kd_scale = part.weight * r * self.world_size / kd_count if kd_count else 0.0
+            ce_scale = (1 - r) * self.world_size / ce_count if ce_count and with_ce else 0.0
         return LossSpec(
             fn=loss_fn or self.loss_fn, options=self.loss_options if options is None else options,
-            temperature=part.temperature if part else d.temperature, kd_ratio=r, chunk_size=d.chunk_size,
-            kd_scale=kd_scale, ce_scale=ce_scale,
+            temperature=part.temperature, kd_ratio=r, chunk_size=d.chunk_size, kd_scale=kd_scale, ce_scale=ce_scale,
         )
 
     def training_specs(self, pmb: PreparedMicroBatch, prepared) -> dict[str, list[LossSpec]]:
-        """Per teacher present in the micro-batch, its one training spec."""
-        names = list(pmb.shares(self.default))
-        if not pmb.teachers:
-            return {names[0]: [self.spec(prepared.kd_global, prepared.ce_global)]}
+        """Per teacher present in the micro-batch, its one training spec (CE counted by the first)."""
         return {n: [self.spec(prepared.kd_by_teacher[n], prepared.ce_global, teacher=n, with_ce=k == 0)]
-                for k, n in enumerate(names)}
+                for k, n in enumerate(pmb.teachers)}
 
     def student_head(self) -> torch.Tensor:
         return self._kstudent.student_head_weight(self.student.model)
-
-    def losses(self, pmb: PreparedMicroBatch, teacher_rows: Callable[[], torch.Tensor],
-               specs: list[LossSpec]) -> tuple[list[Any], torch.Tensor]:
-        """The one teacher's :meth:`losses_by_teacher`."""
-        outs, hidden = self.losses_by_teacher(pmb, lambda name: teacher_rows(), {self.default: specs})
-        return outs[self.default], hidden
 
     def losses_by_teacher(self, pmb: PreparedMicroBatch, teacher_rows: Callable[[str], torch.Tensor],
                           specs: dict[str, list[LossSpec]]) -> tuple[dict[str, list[Any]], torch.Tensor]:
@@ -105,7 +79,7 @@ class DistillForward:
         h_s = hidden.reshape(-1, hidden.shape[-1])[b.loss_index.to(dev)]
         w_s = self.student_head()
         labels = b.labels.to(dev)
-        shares = pmb.shares(self.default)
+        shares = pmb.teachers
         outs = {}
         for name, share_specs in specs.items():
             share, part = shares[name], self.parts[name]

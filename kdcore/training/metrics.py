@@ -67,22 +67,20 @@ def logger_failure(name: str, exc: Exception, *, closing: bool = False) -> str:
 class StepMeter:
     """Sums of one optimizer step's micro-batches on this rank (reset by :meth:`take`)."""
 
-    kd_sum: float = 0.0
     ce_sum: float = 0.0
     tokens: int = 0
-    kd_by_teacher: dict[str, float] = field(default_factory=dict)  # several teachers: each one's KD sum
+    kd_by_teacher: dict[str, float] = field(default_factory=dict)  # each teacher's KD sum
 
-    def add(self, kd_sum: float, ce_sum: float, tokens: int, kd_by_teacher: dict[str, float] | None = None) -> None:
-        self.kd_sum += kd_sum
+    def add(self, ce_sum: float, tokens: int, kd_by_teacher: dict[str, float]) -> None:
         self.ce_sum += ce_sum
         self.tokens += tokens
-        for name, v in (kd_by_teacher or {}).items():
+        for name, v in kd_by_teacher.items():
             self.kd_by_teacher[name] = self.kd_by_teacher.get(name, 0.0) + v
 
     def take(self) -> "StepMeter":
         """This step's sums; the meter starts the next step from zero."""
-        done = StepMeter(self.kd_sum, self.ce_sum, self.tokens, self.kd_by_teacher)
-        self.kd_sum = self.ce_sum = 0.0
+        done = StepMeter(self.ce_sum, self.tokens, self.kd_by_teacher)
+        self.ce_sum = 0.0
         self.tokens = 0
         self.kd_by_teacher = {}
         return done

@@ -2,8 +2,8 @@
 
 Per optimizer step and rank: the batch planner gives ``grad_accum`` micro-batches (sample
 indices); the rollout policy picks the sequences to learn on; the aligner pairs student loss
-positions with teacher positions per sample (with several teachers, once per teacher, over the
-rows ``data.teacher_column`` routes to it: :mod:`kdcore.training.teachers`); the step's KD and CE row counts are summed over
+positions with teacher positions per sample, once per teacher, over the rows
+``data.teacher_column`` routes to it (:mod:`kdcore.training.teachers`); the step's KD and CE row counts are summed over
 micro-batches and ranks before any backward, so each micro-batch's loss can be scaled to its
 share of the global token mean (see :mod:`kdcore.training.forward`).
 
@@ -25,7 +25,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from kdcore.training.types import LatestEval, PreparedMicroBatch, PreparedStep
+from kdcore.training.types import LatestEval, PreparedMicroBatch, PreparedStep, TeacherShare
 
 
 def _pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,10 +43,9 @@ class StepPreparer:
     """Builds :class:`PreparedStep` s for one rank, in step order."""
 
     def __init__(self, *, parts, rollout, train_samples: Sequence, train_cfg, shuffle: bool, env, kdist,
-                 pad_id: int, teacher_pad_id: int, latest_eval: LatestEval, sampler=None, several: bool = False,
+                 pad_id: int, teacher_pad_id: int, latest_eval: LatestEval, sampler=None,
                  kd: bool = True, ce_on_data: bool = False):
-        self.parts = parts  # kdcore.training.teachers.TeacherPart per teacher
-        self.several = several  # each teacher gets a share of its own (PreparedMicroBatch.teachers)
+        self.parts = parts  # kdcore.training.teachers.TeacherPart per teacher (one teacher: a list of one)
         self.rollout = rollout
         self.train_samples = train_samples
         self.train_cfg = train_cfg
@@ -82,7 +81,7 @@ class StepPreparer:
     def micro_batch(self, step: int, index: int, last: bool, samples: list, *, kd_rows: list[int] | None = None,
                     no_ce: Sequence[int] = ()) -> PreparedMicroBatch:
         """``samples`` collated and aligned: rows ``kd_rows`` (default all) paired with the
-        teacher, rows ``no_ce`` without CE labels."""
+        teachers that teach them, rows ``no_ce`` without CE labels."""
         from kdcore.data import collate
         from kdcore.kdloss import IGNORE_INDEX
 
@@ -95,29 +94,24 @@ class StepPreparer:
                 mb.labels[starts[b]:starts[b + 1]] = IGNORE_INDEX
         ce_rows = int((mb.labels != IGNORE_INDEX).sum())
         paired = list(range(len(samples))) if kd_rows is None else list(kd_rows)
-        if not self.several:
-            return self._share(self.parts[0], step, index, last, mb, samples, ce_rows, paired, every_row=True)
         shares = {}
         for part in self.parts:
-            rows = [b for b, s in enumerate(samples) if part.teaches(s) and b in paired]
+            rows = [b for b in paired if part.teaches(samples[b])]
             if rows:
-                share = self._share(part, step, index, last, mb, samples, ce_rows, rows)
-                # the rows this teacher reads: its own tokens, or the student's ids
-                share.batch = replace(mb, **dict(zip(("teacher_input_ids", "teacher_attention_mask"),
-                                                     _pad([part.view(samples[b]).input_ids for b in rows],
-                                                          part.pad_id))))
-                shares[part.name] = share
-        return PreparedMicroBatch(step=step, index=index, last=last, batch=mb, alignments=[], teacher_positions=[],
-                                  student_index=torch.zeros(0, dtype=torch.long),
-                                  teacher_index=torch.zeros(0, dtype=torch.long), extra={},
-                                  kd_rows=sum(m.kd_rows for m in shares.values()), ce_rows=ce_rows, teachers=shares)
+                shares[part.name] = self._share(part, mb, samples, rows)
+        if not shares:  # no row paired (kd_ratio 0): the first teacher's empty share still counts CE
+            shares[self.parts[0].name] = self._share(self.parts[0], mb, samples, [])
+        return PreparedMicroBatch(step=step, index=index, last=last, batch=mb, ce_rows=ce_rows, teachers=shares)
 
-    def _share(self, part, step: int, index: int, last: bool, mb, samples: list, ce_rows: int,
-               rows: list[int], every_row: bool = False) -> PreparedMicroBatch:
+    def _share(self, part, mb, samples: list, rows: list[int]) -> TeacherShare:
         """One teacher's share: its pairs over the micro-batch's student rows (sample ``b``'s
-        loss rows start after those of samples ``< b``) and its teacher rows (``rows`` only;
-        ``every_row``: the teacher reads every row of ``mb``, those outside ``rows`` asking for
-        no position, which the schedule does not send)."""
+        loss rows start after those of samples ``< b``) and the teacher rows it reads.
+
+        A teacher that reads the collated ids (the student's, or ``Sample.teacher``) and
+        teaches every paired row reads ``mb`` itself, rows outside ``rows`` asking for no
+        position (the schedule does not send them); one that reads its own tokenization
+        (``own_tokens``) or only some rows (``data.teacher_column``) gets ``rows`` padded
+        alone."""
         student_starts, base = [], 0
         for s in samples:
             student_starts.append(base)
@@ -135,15 +129,18 @@ class StepPreparer:
         extra = part.aligner.collate([a.extra for a in alignments], s_off, t_off)
         student_index = torch.tensor(s_idx, dtype=torch.long)
         positions = [list(a.teacher_positions) for a in alignments]
-        if every_row and len(rows) < len(samples):
+        batch, batch_rows = mb, rows
+        if rows and (part.own_tokens or any(not part.teaches(s) for s in samples)):
+            # the rows this teacher reads: its own tokens, or the student's ids
+            batch = replace(mb, **dict(zip(("teacher_input_ids", "teacher_attention_mask"),
+                                           _pad([part.view(samples[b]).input_ids for b in rows], part.pad_id))))
+        else:
+            batch_rows = list(range(len(samples)))
             by_row = dict(zip(rows, positions))
-            positions = [by_row.get(b, []) for b in range(len(samples))]
-        return PreparedMicroBatch(
-            step=step, index=index, last=last, batch=mb, alignments=alignments,
-            teacher_positions=positions,
-            student_index=student_index, teacher_index=torch.tensor(t_idx, dtype=torch.long), extra=extra,
-            kd_rows=int(torch.unique(student_index).numel()), ce_rows=ce_rows,
-        )
+            positions = [by_row.get(b, []) for b in batch_rows]
+        return TeacherShare(batch=batch, rows=batch_rows, alignments=alignments, teacher_positions=positions,
+                            student_index=student_index, teacher_index=torch.tensor(t_idx, dtype=torch.long),
+                            extra=extra, kd_rows=int(torch.unique(student_index).numel()))
 
     def steps(self, start_step: int, position: Any) -> Iterator[PreparedStep]:
         """Prepared steps from ``start_step`` (at data ``position``) to ``train.max_steps``."""
@@ -168,12 +165,11 @@ class StepPreparer:
                 ctx.micro_batch = i
                 data = [self.train_samples[j] for j in idx]
                 mbs.append(self.training_micro_batch(step, i, i == n - 1, data, self.rollout.select(data, ctx)))
-            names = [p.name for p in self.parts] if self.several else []
-            counts = torch.tensor([sum(m.kd_rows for m in mbs), sum(m.ce_rows for m in mbs)]
+            names = [p.name for p in self.parts]
+            counts = torch.tensor([sum(m.ce_rows for m in mbs)]
                                   + [sum(m.teachers[n].kd_rows for m in mbs if n in m.teachers) for n in names],
                                   dtype=torch.float64)
             self.kdist.all_reduce_sum(counts)
-            yield PreparedStep(step=step, micro_batches=mbs, data_next=planned.next,
-                               kd_global=int(counts[0]), ce_global=int(counts[1]),
-                               kd_by_teacher={n: int(c) for n, c in zip(names, counts[2:].tolist())})
+            yield PreparedStep(step=step, micro_batches=mbs, data_next=planned.next, ce_global=int(counts[0]),
+                               kd_by_teacher={n: int(c) for n, c in zip(names, counts[1:].tolist())})
             step += 1

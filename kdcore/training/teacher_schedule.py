@@ -10,9 +10,9 @@ Colocated (an engine whose ``colocated`` is true, e.g. SGLang sharing the GPUs w
 student): the teacher is woken once per step, prepares the step (a rollout may sample from
 it), computes all of its micro-batches, and sleeps while the student trains on them.
 
-Several teachers (:mod:`kdcore.training.teachers`): every teacher has its own engine and slots;
-a micro-batch is submitted to all of its teachers at once (each its own share), so every
-teacher computes micro-batch k+1 while the student trains on k.
+Every teacher (:mod:`kdcore.training.teachers`; one teacher is a list of one) has its own engine
+and slots; a micro-batch is submitted to all of its teachers at once (each its own share), so
+every teacher computes micro-batch k+1 while the student trains on k.
 """
 
 from __future__ import annotations
@@ -30,13 +30,8 @@ from kdcore.training.types import PreparedMicroBatch, PreparedStep, TrainingErro
 class TeacherSchedule:
     """Feeds prepared micro-batches to the trainer with their teacher rows on the way."""
 
-    def __init__(self, engine=None, *, cross: bool = False, looks_ahead: bool, max_steps: int, colocation=None,
-                 engines: dict | None = None):
-        # name -> (engine, whether it reads batch.teacher_input_ids rather than the student's ids);
-        # ``engine``/``cross`` is the one teacher of the short form
-        self.engines = engines if engines is not None else {"teacher": (engine, cross)}
-        self.default = next(iter(self.engines))
-        self.engine, self.cross = self.engines[self.default]
+    def __init__(self, engines: dict, *, looks_ahead: bool, max_steps: int, colocation=None):
+        self.engines = dict(engines)  # teacher name -> its engine (one teacher: a dict of one)
         self.looks_ahead = looks_ahead
         self.max_steps = max_steps
         self.colocation = colocation  # kdcore engines' Colocation when the engine is colocated
@@ -50,9 +45,11 @@ class TeacherSchedule:
         from kdcore.channel import ChannelError
         from kdcore.engines import HiddenRequest
 
-        for name, share in pmb.shares(self.default).items():
-            engine, cross = self.engines[name]
+        for name, share in pmb.teachers.items():
+            engine = self.engines[name]
             b = share.batch
+            # a batch without teacher ids is read as the student's (one tokenizer)
+            cross = getattr(b, "teacher_input_ids", None) is not None
             ids = b.teacher_input_ids if cross else b.input_ids
             mask = b.teacher_attention_mask if cross else b.attention_mask
             # getattr: schedules also feed batches and engines that predate images (test doubles, plugins)
@@ -74,18 +71,17 @@ class TeacherSchedule:
                 raise TrainingError(f"{self._who(name)} failed at step {pmb.step}: {exc}") from exc
         pmb.submitted = True
 
-    def hidden(self, pmb: PreparedMicroBatch, *, timed: bool = True, name: str | None = None) -> torch.Tensor | None:
-        """The rows teacher ``name`` (default: the one teacher) computed for a submitted
-        micro-batch: a view of its channel slot; None when it asked for no position."""
+    def hidden(self, pmb: PreparedMicroBatch, name: str, *, timed: bool = True) -> torch.Tensor | None:
+        """The rows teacher ``name`` computed for a submitted micro-batch: a view of its channel
+        slot; None when it asked for no position."""
         from kdcore.channel import ChannelError
 
-        name = name or self.default
-        ticket = pmb.shares(self.default)[name].ticket
+        ticket = pmb.teachers[name].ticket
         if ticket is None:
             return None
         t0 = time.perf_counter()
         try:
-            h_t = self.engines[name][0].result(ticket)
+            h_t = self.engines[name].result(ticket)
         except ChannelError as exc:
             raise TrainingError(f"{self._who(name)} failed at step {pmb.step}: {exc}") from exc
         if timed:
@@ -96,9 +92,9 @@ class TeacherSchedule:
         return "teacher engine" if len(self.engines) == 1 else f"teacher '{name}' (its engine)"
 
     def release(self, pmb: PreparedMicroBatch) -> None:
-        for name, share in pmb.shares(self.default).items():
+        for name, share in pmb.teachers.items():
             if share.ticket is not None:
-                self.engines[name][0].release(share.ticket)
+                self.engines[name].release(share.ticket)
                 share.ticket = None
         pmb.submitted = False
 
@@ -153,14 +149,15 @@ class TeacherSchedule:
             if not self._take_step(steps):
                 return
             nxt = self._pending[-1]
-            if len(nxt.micro_batches) > self.engine.n_slots:
+            (engine,) = self.engines.values()  # one teacher: start_engines refuses several colocated
+            if len(nxt.micro_batches) > engine.n_slots:
                 raise TrainingError(f"step {nxt.step + 1} has {len(nxt.micro_batches)} micro-batches but the "
-                                    f"colocated teacher holds {self.engine.n_slots}; lower train.grad_accum")
+                                    f"colocated teacher holds {engine.n_slots}; lower train.grad_accum")
             for m in nxt.micro_batches:
                 self.submit(m)
             for m in nxt.micro_batches:
-                for name in m.shares(self.default):
-                    self.hidden(m, name=name)
+                for name in m.teachers:
+                    self.hidden(m, name)
 
     def _take_step(self, steps: Iterator[PreparedStep]) -> bool:
         nxt = next(steps, None)

@@ -63,6 +63,22 @@ def uses_views(cfg) -> bool:
     return bool(cfg.teachers) or bool(d.teacher_context) or bool(d.teacher_column)
 
 
+def prepare_run_data(cfg, parts: list[TeacherPart], student_tok):
+    """The recipe's prepared data (:func:`kdcore.data.prepare_data`) as every teacher reads it:
+    without views (one teacher, no route, no context) ``Sample.teacher`` holds the teacher's
+    tokenization when its aligner pairs by offsets; with them each teacher that reads its own
+    tokens has ``Sample.teachers[name]``."""
+    from kdcore.data import TeacherView, prepare_data
+
+    if not uses_views(cfg):
+        (part,) = parts
+        return prepare_data(cfg.data, student_tok, part.tokenizer if part.cross else None, seed=cfg.train.seed)
+    context = bool(cfg.data.teacher_context)
+    views = {p.name: TeacherView(p.tokenizer, context=context) for p in parts if p.own_tokens}
+    return prepare_data(cfg.data, student_tok, None, seed=cfg.train.seed, views=views,
+                        teacher_names=tuple(p.name for p in parts))
+
+
 def build_parts(cfg, registry, student_tok, student_spec: str) -> list[TeacherPart]:
     """Every teacher's part (tokenizer and aligner; engines and heads come later)."""
     from kdcore.config import teacher_entries

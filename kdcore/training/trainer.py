@@ -25,8 +25,7 @@ from kdcore.training.evaluation import Evaluator, mean_over_ranks
 from kdcore.training.forward import DistillForward
 from kdcore.phases import phase
 from kdcore.training.metrics import RunLog, StepMeter
-from kdcore.training.steps import StepPreparer
-from kdcore.training.teacher_schedule import TeacherSchedule
+from kdcore.training.run_parts import RunParts
 from kdcore.training.types import LatestEval, PreparedMicroBatch, PreparedStep, TrainingError, TrainResult
 
 
@@ -39,7 +38,6 @@ class Trainer:
         from kdcore.plugins import load_registry
         from kdcore.runtime import tune_allocator
         from kdcore.sampling import build_sampler
-        from kdcore.tokenizers import pad_token_id
 
         self.cfg = cfg
         self.registry = registry or load_registry()
@@ -63,36 +61,31 @@ class Trainer:
             self.loss_fn, self.loss_options, self.rollout = self._algorithms()
             self._prepare_output()
             self.log.open_loggers(self.registry, cfg.logging.backends, config=OmegaConf.to_container(cfg, resolve=True))
-            self.student_tok = self._student_tokenizer()
-            self.parts = teachers.build_parts(cfg, self.registry, self.student_tok, student_tokenizer_spec(cfg))
-            self.several = teachers.uses_views(cfg)
-            self.teacher_tok, self.aligner = self.parts[0].tokenizer, self.parts[0].aligner
-            self.cross = bool(self.aligner.cross_tokenizer)
+            self.run_parts = RunParts.from_recipe(cfg, self.registry)
+            self.student_tok, self.parts = self.run_parts.student_tok, self.run_parts.teachers
             self.train_samples, self.eval_samples = self._data()
             with phase(f"student: {cfg.student.init} from {cfg.student.path or cfg.teacher.path}",
                        enabled=self.env.is_main):  # tens of seconds before step 1 (issue 28)
                 self.student = self._student()
             colocation = self._start_teachers()
-            self.engine = self.parts[0].engine
             self.sampler = build_sampler(cfg, self.rollout, student_model=self.student.model,
-                                         student_tok=self.student_tok, teacher_tok=self.teacher_tok,
-                                         cross=self.cross, teacher_engine=self.engine, env=self.env,
+                                         student_tok=self.student_tok, parts=self.parts,
+                                         views=self.run_parts.views, env=self.env,
                                          train_samples=self.train_samples)
             self.ema = self._ema()
-            self.preparer = StepPreparer(
-                parts=self.parts, rollout=self.rollout, train_samples=self.train_samples, train_cfg=cfg.train,
-                shuffle=cfg.data.shuffle, env=self.env, kdist=kdist, pad_id=pad_token_id(self.student_tok),
-                teacher_pad_id=pad_token_id(self.teacher_tok), latest_eval=self.latest_eval, sampler=self.sampler,
-                several=self.several, kd=cfg.distill.kd_ratio > 0, ce_on_data=cfg.distill.kd_ratio < 1)
+            self.preparer = self.run_parts.preparer(
+                rollout=self.rollout, train_samples=self.train_samples, shuffle=cfg.data.shuffle, env=self.env,
+                kdist=kdist, latest_eval=self.latest_eval, sampler=self.sampler, kd=cfg.distill.kd_ratio > 0,
+                ce_on_data=cfg.distill.kd_ratio < 1)
             self.forward = DistillForward(student=self.student, parts=self.parts, distill_cfg=cfg.distill,
                                           loss_fn=self.loss_fn, loss_options=self.loss_options,
                                           device=self.env.device, world_size=self.env.world_size)
-            engines = {p.name: (p.engine, self.cross if not self.several else True) for p in self.parts}
-            self.schedule = TeacherSchedule(engines=engines, looks_ahead=self.preparer.looks_ahead,
-                                            max_steps=cfg.train.max_steps, colocation=colocation)
+            self.schedule = self.run_parts.schedule({p.name: p.engine for p in self.parts},
+                                                    looks_ahead=self.preparer.looks_ahead,
+                                                    max_steps=cfg.train.max_steps, colocation=colocation)
             self.evaluator = Evaluator(samples=self.eval_samples, preparer=self.preparer, forward=self.forward,
                                        schedule=self.schedule, train_cfg=cfg.train, chunk_size=cfg.distill.chunk_size,
-                                       cross=self.cross, env=self.env, kdist=kdist, latest=self.latest_eval)
+                                       env=self.env, kdist=kdist, latest=self.latest_eval)
             self.checkpointer = Checkpointer(self.out_dir, cfg=cfg, student=self.student, rollout=self.rollout,
                                              latest_eval=self.latest_eval, log=self.log,
                                              ema=self.ema)
@@ -138,16 +131,14 @@ class Trainer:
     def train_micro_batch(self, pmb: PreparedMicroBatch, prepared: PreparedStep) -> None:
         specs = self.forward.training_specs(pmb, prepared)
         self.student.begin_micro_batch(pmb.last)
-        outs, _ = self.forward.losses_by_teacher(pmb, lambda name: self.schedule.hidden(pmb, name=name), specs)
+        outs, _ = self.forward.losses_by_teacher(pmb, lambda name: self.schedule.hidden(pmb, name), specs)
         firsts = [o[0] for o in outs.values()]
         loss = firsts[0].loss
         for out in firsts[1:]:
             loss = loss + out.loss
         loss.backward()
         self.schedule.release(pmb)
-        per_teacher = {n: float(o[0].kd_sum) for n, o in outs.items()} if pmb.teachers else None
-        self.meter.add(sum(float(o.kd_sum) for o in firsts), float(firsts[0].ce_sum), pmb.batch.num_tokens,
-                       per_teacher)
+        self.meter.add(float(firsts[0].ce_sum), pmb.batch.num_tokens, {n: float(o[0].kd_sum) for n, o in outs.items()})
 
     def finish_step(self, prepared: PreparedStep) -> int:
         """Optimizer step, then what follows it: record, teacher refresh, checkpoint, evaluation."""
@@ -155,26 +146,23 @@ class Trainer:
         stats = self.student.step()
         done = self.meter.take()
         names = list(prepared.kd_by_teacher)
-        sums = torch.tensor([done.kd_sum, done.ce_sum, done.tokens] + [done.kd_by_teacher.get(n, 0.0) for n in names],
+        sums = torch.tensor([done.ce_sum, done.tokens] + [done.kd_by_teacher.get(n, 0.0) for n in names],
                             dtype=torch.float64)
         self.kdist.all_reduce_sum(sums)
-        per_teacher = {n: float(v) / max(prepared.kd_by_teacher[n], 1) for n, v in zip(names, sums[3:].tolist())}
-        if per_teacher:  # the weighted sum the loss optimises
-            kd_mean = sum(self.forward.parts[n].weight * v for n, v in per_teacher.items())
-        else:
-            kd_mean = float(sums[0]) / max(prepared.kd_global, 1)
-        ce_mean = float(sums[1]) / max(prepared.ce_global, 1)
+        per_teacher = {n: float(v) / max(prepared.kd_by_teacher[n], 1) for n, v in zip(names, sums[2:].tolist())}
+        kd_mean = sum(self.forward.parts[n].weight * v for n, v in per_teacher.items())  # what the loss optimises
+        ce_mean = float(sums[0]) / max(prepared.ce_global, 1)
         loss = cfg.distill.kd_ratio * kd_mean + (1 - cfg.distill.kd_ratio) * ce_mean
         dt = time.perf_counter() - self.step_started
-        tps = float(sums[2]) / dt if dt > 0 else 0.0
+        tps = float(sums[1]) / dt if dt > 0 else 0.0
         step = prepared.step + 1
         if not (math.isfinite(loss) and stats.stepped):
             raise TrainingError(f"non-finite loss or gradients at step {step} (loss {loss}, grad norm "
                                 f"{stats.grad_norm}); stopped without updating; {self.checkpointer.where()}")
         rec = {"step": step, "loss": loss, "kd_loss": kd_mean, "ce_loss": ce_mean, "lr": stats.lr,
-               "grad_norm": stats.grad_norm, "tokens_per_s": tps, "step_time_s": dt, "tokens": int(sums[2]),
+               "grad_norm": stats.grad_norm, "tokens_per_s": tps, "step_time_s": dt, "tokens": int(sums[1]),
                "teacher_wait_s": self.schedule.wait_s, **self.rollout.metrics(),
-               **{f"kd_loss/{n}": v for n, v in per_teacher.items()}}
+               **({f"kd_loss/{n}": v for n, v in per_teacher.items()} if len(self.parts) > 1 else {})}
         self.schedule.wait_s = 0.0
         logged = step % cfg.logging.log_every == 0 or step == cfg.train.max_steps
         if logged:  # the aligners' windows cover the training forwards since the last record
@@ -197,25 +185,26 @@ class Trainer:
 
     def _aligner_metrics(self) -> dict:
         if len(self.parts) == 1:
-            return mean_over_ranks(dict(self.aligner.metrics()), self.env, self.aligner)
+            aligner = self.parts[0].aligner
+            return mean_over_ranks(dict(aligner.metrics()), self.env, aligner)
         return {f"{k}/{p.name}": v for p in self.parts
                 for k, v in mean_over_ranks(dict(p.aligner.metrics()), self.env, p.aligner).items()}
 
     def _push_ema(self) -> None:
         """The teacher takes the EMA weights (no request may be outstanding: stale rows are dropped)."""
         self.schedule.drop_in_flight()
+        (part,) = self.parts  # self-distillation teaches with one teacher (recipe checks)
         with self.schedule.phase():
-            self.forward.teacher_head = self.ema.push(self.engine, dtype=self.forward.teacher_head.dtype,
-                                                      device=self.env.device)
+            part.head = self.ema.push(part.engine, dtype=part.head.dtype, device=self.env.device)
 
     def _after_update(self, step: int, step_s: float) -> dict:
         """Sampler bookkeeping after an optimizer step; self-distillation refreshes the teacher."""
         self.sampler.after_update()
         if self.sampler.teacher_sync_due(step):
             self.schedule.drop_in_flight()  # computed by the old teacher: recomputed after the refresh
+            (part,) = self.parts  # self-distillation teaches with one teacher (recipe checks)
             with self.schedule.phase():
-                self.forward.teacher_head = self.sampler.refresh_teacher(
-                    self.engine, dtype=self.forward.teacher_head.dtype, device=self.env.device)
+                part.head = self.sampler.refresh_teacher(part.engine, dtype=part.head.dtype, device=self.env.device)
         rec = self.sampler.pop_metrics()
         # sampling ran inside this step's time; the rest is teacher wait + student
         rec["train_s"] = step_s - rec["sample_s"] - rec["sync_s"]
@@ -247,8 +236,7 @@ class Trainer:
         if self.sampler is not None:
             self.sampler.close()
             self.sampler = None
-        teachers.close_engines(self.parts)
-        self.engine = None
+        teachers.close_engines(self.parts)  # self.parts: the run's teachers, also when building failed half-way
         run_folder.unlock(self.out_dir)  # last: the run folder is ours until everything is closed
 
     # ------------------------------------------------------------------------------ building
@@ -268,31 +256,18 @@ class Trainer:
         run_folder.prepare_collective(self.out_dir, self.cfg, resume=self.resume, overwrite=self.overwrite,
                                       allow_data_change=self.allow_data_change)
 
-    def _student_tokenizer(self):
-        from kdcore.tokenizers import load_tokenizer
-
-        return load_tokenizer(student_tokenizer_spec(self.cfg))
-
     def _data(self):
-        """Train and eval samples: the single-teacher path as it always was, or with each
-        teacher's own tokenization and route (several teachers, a context)."""
-        from kdcore.data import TeacherView, prepare_data
-
+        """Train and eval samples, each with every teacher's tokenization (teachers.prepare_run_data)."""
         cfg = self.cfg
-        if self.several and getattr(self.rollout, "needs_sampling", False):
+        views = self.run_parts.views
+        if cfg.data.teacher_context and getattr(self.rollout, "needs_sampling", False):
+            # a rollout sample would have to re-render the context around each new response
             raise TrainingError(f"distill.rollout '{cfg.distill.rollout}' samples new responses, which is not "
-                                "supported with teachers:, data.teacher_column or data.teacher_context yet")
-        if self.several:
-            context = bool(cfg.data.teacher_context)
-            views = {p.name: TeacherView(p.tokenizer, context=context) for p in self.parts if p.own_tokens}
-            data = prepare_data(cfg.data, self.student_tok, None, seed=cfg.train.seed, views=views,
-                                teacher_names=tuple(p.name for p in self.parts))
-        else:
-            data = prepare_data(cfg.data, self.student_tok, self.teacher_tok if self.cross else None,
-                                seed=cfg.train.seed)
+                                "supported with data.teacher_context yet")
+        data = self.run_parts.prepare_data()
         self.log.say(data.report.rich_table())
         with_images = any(t is not None and t.vision is not None for s in data.train for t in (s.student, s.teacher))
-        if with_images and (self.several or getattr(self.rollout, "needs_sampling", False)):
+        if with_images and (views or getattr(self.rollout, "needs_sampling", False)):
             # prompts would be re-rendered as text and views built without the images (README, Vision-language)
             raise TrainingError(f"rows with images are not supported with distill.rollout '{cfg.distill.rollout}' "
                                 "(it samples) or several teachers yet; use off_policy with one teacher")
@@ -308,7 +283,7 @@ class Trainer:
         if limit and cfg.data.max_length > limit:
             raise TrainingError(f"data.max_length={cfg.data.max_length} exceeds the student's "
                                 f"max_position_embeddings={limit}")
-        teachers.setup_heads(self.parts, model, seed=cfg.train.seed, device=self.env.device)
+        self.run_parts.setup_heads(model, self.env.device)
         trained, lr_scale = teachers.trained_aligners(self.parts)
         student = kstudent.Student.from_recipe(cfg, extra_modules=trained, model=model,
                                                extra_lr=cfg.train.lr * float(lr_scale))
@@ -326,22 +301,23 @@ class Trainer:
         (kdcore.runtime), so the overlap costs little. Measured on 2 cores, s/step, teacher +
         student threads: bench pair 4×128 (student side larger) 2+2 0.95–0.98, 1+2 0.97–0.98,
         1+1 1.28; quickstart (teacher side larger) 2+2 1.23, 1+2 1.46, 1+1 1.39."""
-        from kdcore.sampling import rollout_rows
+        from kdcore.sampling import rollout_rows, sampler_sides
 
         cfg = self.cfg
         samples = self.train_samples + self.eval_samples
         # generated responses can outgrow the data's
-        rollout = rollout_rows(cfg, self.rollout, self.train_samples, cross=self.cross)
+        rollout = rollout_rows(cfg, self.rollout, self.train_samples,
+                               cross=sampler_sides(self.parts, self.run_parts.views)[2])
 
         def max_rows_for(part) -> int:
-            longest = teachers.longest_input(part, samples)
+            longest = self.run_parts.longest_input(part, samples)
             return max(cfg.train.max_tokens_per_micro_batch or max(cfg.train.micro_batch_size, 1) * longest, rollout)
 
         cores = self.kdist.default_threads(self.env.local_world_size)
         student_threads = cfg.train.threads or cores
         self.kdist.setup_threads(student_threads)
-        teachers.start_engines(self.parts, registry=self.registry, max_rows_for=max_rows_for, threads_default=cores,
-                               micro_batches_per_step=cfg.train.grad_accum)
+        self.run_parts.start_engines(max_rows_for=max_rows_for, threads_default=cores,
+                                     micro_batches_per_step=cfg.train.grad_accum)
         self.log.say(f"[dim]threads: student {student_threads}, teacher {cfg.teacher.threads or cores}[/dim]")
         engine = self.parts[0].engine
         if not engine.colocated:
@@ -362,11 +338,6 @@ class Trainer:
         return EMATeacher(decay=t.ema, every=t.ema_every, model=self.student.model)
 
 
-def student_tokenizer_spec(cfg) -> str:
-    """Which tokenizer the recipe's student speaks: its own, else its model's, else the teacher's."""
-    return cfg.student.tokenizer or cfg.student.path or cfg.teacher.tokenizer or cfg.teacher.path
-
-
 def train(cfg, *, registry=None, resume: bool = False, overwrite: bool = False,
           allow_data_change: bool = False) -> TrainResult:
     """Run a validated recipe (``kdcore.load_recipe``); returns where everything was written."""
@@ -374,7 +345,7 @@ def train(cfg, *, registry=None, resume: bool = False, overwrite: bool = False,
     from kdcore.data import DataError
     from kdcore.paths import ModelNotFoundError
     from kdcore.registry import UnknownAlgorithmError
-    from kdcore.sampling import RolloutError
+    from kdcore.engines.protocol import RolloutError
     from kdcore.vocab import VocabMismatchError
 
     try:

@@ -16,32 +16,39 @@ class TrainingError(RuntimeError):
 
 
 @dataclass
+class TeacherShare:
+    """One teacher's share of a micro-batch: the rows it reads, the aligner's pairs flattened
+    over the batch, and its ticket once submitted. ``batch.teacher_input_ids`` are what the
+    teacher reads (the student's ``input_ids`` when the batch has none)."""
+
+    batch: Any  # kdcore.data.MicroBatch
+    rows: list[int]  # the micro-batch sample of each row of ``batch``
+    alignments: list[Alignment]
+    teacher_positions: list[list[int]]  # per row of ``batch``; an empty row is not sent
+    student_index: torch.Tensor
+    teacher_index: torch.Tensor
+    extra: dict
+    kd_rows: int  # student rows paired with one of this teacher's rows
+    ticket: Any = None
+
+
+@dataclass
 class PreparedMicroBatch:
-    """One micro-batch ready for the teacher and the student: padded tensors, the aligner's
-    pairs flattened over the batch, and the teacher ticket once submitted."""
+    """One micro-batch ready for the teachers and the student: the student's padded tensors
+    and one :class:`TeacherShare` per teacher (one teacher: a dict of one), in the run's
+    teacher order, for the teachers that teach at least one of its rows."""
 
     step: int
     index: int  # within the step
     last: bool  # last micro-batch of the step
     batch: Any  # kdcore.data.MicroBatch
-    alignments: list[Alignment]
-    teacher_positions: list[list[int]]
-    student_index: torch.Tensor
-    teacher_index: torch.Tensor
-    extra: dict
-    kd_rows: int  # student rows paired with a teacher row
     ce_rows: int  # student rows with a label
-    ticket: Any = None
-    # several teachers (kdcore.training.teachers): each teacher's share of this micro-batch, a
-    # PreparedMicroBatch of its own (its rows, pairs and ticket; ``batch.teacher_input_ids`` are
-    # what it reads), for the teachers that teach at least one of its rows. Empty: this
-    # micro-batch is the one teacher's share itself.
-    teachers: dict[str, "PreparedMicroBatch"] = field(default_factory=dict)
+    teachers: dict[str, TeacherShare] = field(default_factory=dict)
     submitted: bool = False  # its teacher requests are in flight (released by the schedule)
 
-    def shares(self, default: str) -> dict[str, "PreparedMicroBatch"]:
-        """Teacher name → that teacher's share (``default`` names the one teacher's)."""
-        return self.teachers or {default: self}
+    @property
+    def kd_rows(self) -> int:
+        return sum(s.kd_rows for s in self.teachers.values())
 
 
 @dataclass
@@ -51,9 +58,8 @@ class PreparedStep:
     step: int
     micro_batches: list[PreparedMicroBatch]
     data_next: Any  # kdcore.data.DataPosition after this step
-    kd_global: int = 0
     ce_global: int = 0
-    kd_by_teacher: dict[str, int] = field(default_factory=dict)  # several teachers: each one's KD rows
+    kd_by_teacher: dict[str, int] = field(default_factory=dict)  # each teacher's KD rows over every rank
 
 
 @dataclass

@@ -92,7 +92,8 @@ def answers_of(student, teacher, held_out, tok, max_new: int):
     from omegaconf import OmegaConf
 
     from kdcore.evaluate import generate_answers
-    from kdcore.sampling import HFRolloutEngine, full_weights
+    from kdcore.engines.hf_rollout import HFRolloutEngine
+    from kdcore.training.weight_sync import full_weights
 
     teacher_rollout = HFRolloutEngine(teacher.config, threads=1)
     teacher_rollout.update_weights(full_weights(teacher))

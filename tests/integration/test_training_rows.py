@@ -31,7 +31,8 @@ def trainer_for(tmp_path, tiny_teacher, **sections):
 
 def record_requests(trainer) -> list:
     """Every HiddenRequest the teacher engine receives from now on, tagged train/eval."""
-    engine = trainer.engine
+    (part,) = trainer.parts
+    engine = part.engine
     seen: list = []
     submit = engine.submit
     evaluate = trainer.evaluator.evaluate
@@ -78,6 +79,7 @@ def test_student_samples_get_kd_and_the_references_of_their_prompts_get_ce(tmp_p
     try:
         step = next(trainer.preparer.steps(0, DataPosition()))
         pmb = step.micro_batches[0]
+        (share,) = pmb.teachers.values()
         samples = pmb.batch.samples
         sampled = [s for s in samples if getattr(s, "origin", "data") == "student"]
         data = samples[len(sampled):]
@@ -91,12 +93,12 @@ def test_student_samples_get_kd_and_the_references_of_their_prompts_get_ce(tmp_p
             mine = labels[starts[b]:starts[b + 1]]
             if b < 3:  # a student sample: KD only
                 assert set(mine) == {IGNORE_INDEX}
-                assert pmb.teacher_positions[b]
+                assert share.teacher_positions[b]
             else:  # a reference: CE on its tokens, no teacher position
                 assert mine == [s.student.input_ids[p + 1] for p in s.student.loss_positions]
-                assert pmb.teacher_positions[b] == []
+                assert share.teacher_positions[b] == []
         assert pmb.ce_rows == starts[6] - starts[3]
-        assert set(pmb.student_index.tolist()) == set(range(starts[3]))  # KD rows: the samples' own
+        assert set(share.student_index.tolist()) == set(range(starts[3]))  # KD rows: the samples' own
     finally:
         trainer.close()
 

@@ -13,7 +13,7 @@ from kdcore.training.checkpointing import Checkpointer
 from kdcore.training.evaluation import Evaluator, fkl_reference, mean_over_ranks
 from kdcore.training.metrics import RunLog, StepMeter
 from kdcore.training.teacher_schedule import TeacherSchedule
-from kdcore.training.types import LatestEval, PreparedMicroBatch, PreparedStep, TrainingError
+from kdcore.training.types import LatestEval, PreparedMicroBatch, PreparedStep, TeacherShare, TrainingError
 
 
 class FakeEngine:
@@ -46,9 +46,9 @@ class FakeEngine:
 
 def _mb(step: int, index: int, last: bool) -> PreparedMicroBatch:
     batch = SimpleNamespace(input_ids=torch.zeros(1, 2, dtype=torch.long), attention_mask=torch.ones(1, 2))
-    return PreparedMicroBatch(step=step, index=index, last=last, batch=batch, alignments=[],
-                              teacher_positions=[[0]], student_index=torch.zeros(1, dtype=torch.long),
-                              teacher_index=torch.zeros(1, dtype=torch.long), extra={}, kd_rows=1, ce_rows=1)
+    share = TeacherShare(batch=batch, rows=[0], alignments=[], teacher_positions=[[0]], student_index=torch.zeros(1, dtype=torch.long),
+                         teacher_index=torch.zeros(1, dtype=torch.long), extra={}, kd_rows=1)
+    return PreparedMicroBatch(step=step, index=index, last=last, batch=batch, ce_rows=1, teachers={"teacher": share})
 
 
 def _steps(n_steps: int, accum: int, taken: list[int] | None = None):
@@ -63,7 +63,7 @@ def _consume(schedule: TeacherSchedule, steps, engine: FakeEngine, taken=None, s
     for pmb, prepared in schedule.micro_batches(steps, start):
         assert pmb.step == prepared.step
         in_flight = sorted(engine.outstanding)
-        rows = schedule.hidden(pmb)
+        rows = schedule.hidden(pmb, "teacher")
         seen.append((pmb.step, pmb.index, int(rows[0, 0]), in_flight, list(taken) if taken is not None else None))
         schedule.release(pmb)
     return seen
@@ -71,7 +71,7 @@ def _consume(schedule: TeacherSchedule, steps, engine: FakeEngine, taken=None, s
 
 def test_pipelined_the_next_micro_batch_is_in_flight_while_the_student_trains():
     engine = FakeEngine()
-    schedule = TeacherSchedule(engine, cross=False, looks_ahead=True, max_steps=3)
+    schedule = TeacherSchedule({"teacher": engine}, looks_ahead=True, max_steps=3)
     seen = _consume(schedule, _steps(3, 2), engine)
     assert [(s, i) for s, i, *_ in seen] == [(s, i) for s in range(3) for i in range(2)]
     # while micro-batch k is read, k + 1 (also across a step boundary) is already submitted
@@ -83,7 +83,7 @@ def test_pipelined_the_next_micro_batch_is_in_flight_while_the_student_trains():
 def test_a_policy_that_samples_from_the_student_waits_for_the_update():
     engine = FakeEngine()
     taken: list[int] = []
-    schedule = TeacherSchedule(engine, cross=False, looks_ahead=False, max_steps=2)
+    schedule = TeacherSchedule({"teacher": engine}, looks_ahead=False, max_steps=2)
     seen = _consume(schedule, _steps(2, 2, taken), engine, taken)
     # the last micro-batch of step 0 is trained before step 1 is even prepared
     last_of_step0 = seen[1]
@@ -103,7 +103,7 @@ def test_colocated_one_teacher_phase_computes_a_whole_step():
             yield
             phases.append(engine.events[start:])
 
-    schedule = TeacherSchedule(engine, cross=False, looks_ahead=True, max_steps=2, colocation=Colocation())
+    schedule = TeacherSchedule({"teacher": engine}, looks_ahead=True, max_steps=2, colocation=Colocation())
     seen = _consume(schedule, _steps(2, 3), engine)
     assert len(seen) == 6
     # each phase: submit the step's three micro-batches, then read all three
@@ -113,14 +113,14 @@ def test_colocated_one_teacher_phase_computes_a_whole_step():
 def test_colocated_refuses_a_step_larger_than_the_teacher_slots():
     engine = FakeEngine(n_slots=2)
     colocation = SimpleNamespace(teacher_phase=contextlib.nullcontext)
-    schedule = TeacherSchedule(engine, cross=False, looks_ahead=True, max_steps=1, colocation=colocation)
+    schedule = TeacherSchedule({"teacher": engine}, looks_ahead=True, max_steps=1, colocation=colocation)
     with pytest.raises(TrainingError, match="lower train.grad_accum"):
         _consume(schedule, _steps(1, 3), engine)
 
 
 def test_drop_in_flight_hands_back_computed_slots_and_they_are_sent_again():
     engine = FakeEngine()
-    schedule = TeacherSchedule(engine, cross=False, looks_ahead=True, max_steps=2)
+    schedule = TeacherSchedule({"teacher": engine}, looks_ahead=True, max_steps=2)
     stream = schedule.micro_batches(_steps(2, 1), 0)
     first, _ = next(stream)
     assert engine.outstanding == {0, 1}  # step 1's micro-batch computed ahead
@@ -128,29 +128,29 @@ def test_drop_in_flight_hands_back_computed_slots_and_they_are_sent_again():
     schedule.drop_in_flight()
     assert engine.outstanding == set()
     second, _ = next(stream)
-    assert second.step == 1 and second.ticket == 2  # submitted again, after the drop
+    assert second.step == 1 and second.teachers["teacher"].ticket == 2  # submitted again, after the drop
     schedule.release(second)
     assert next(stream, None) is None
 
 
 def test_teacher_wait_is_counted_for_training_reads_only():
     engine = FakeEngine()
-    schedule = TeacherSchedule(engine, cross=False, looks_ahead=True, max_steps=1)
+    schedule = TeacherSchedule({"teacher": engine}, looks_ahead=True, max_steps=1)
     pmb = _mb(0, 0, True)
     schedule.submit(pmb)
-    schedule.hidden(pmb, timed=False)
+    schedule.hidden(pmb, "teacher", timed=False)
     assert schedule.wait_s == 0.0
-    schedule.hidden(pmb)
+    schedule.hidden(pmb, "teacher")
     assert schedule.wait_s > 0.0
 
 
 def test_step_meter_takes_a_step_and_restarts():
     meter = StepMeter()
-    meter.add(1.5, 2.0, 10)
-    meter.add(0.5, 1.0, 5)
+    meter.add(2.0, 10, {"a": 1.5})
+    meter.add(1.0, 5, {"a": 0.5, "b": 0.25})
     done = meter.take()
-    assert (done.kd_sum, done.ce_sum, done.tokens) == (2.0, 3.0, 15)
-    assert (meter.kd_sum, meter.ce_sum, meter.tokens) == (0.0, 0.0, 0)
+    assert (done.ce_sum, done.tokens, done.kd_by_teacher) == (3.0, 15, {"a": 2.0, "b": 0.25})
+    assert (meter.ce_sum, meter.tokens, meter.kd_by_teacher) == (0.0, 0, {})
 
 
 def test_run_log_appends_records_on_the_main_rank_only(tmp_path):
@@ -168,7 +168,7 @@ def test_run_log_appends_records_on_the_main_rank_only(tmp_path):
 
 @pytest.mark.parametrize("every, max_steps, due", [(2, 6, [2, 4]), (0, 6, []), (5, 5, [])])
 def test_evaluation_and_checkpoint_intervals_skip_the_final_step(tmp_path, every, max_steps, due):
-    ev = Evaluator(samples=[], preparer=None, forward=None, schedule=None, chunk_size=8, cross=False, env=None,
+    ev = Evaluator(samples=[], preparer=None, forward=None, schedule=None, chunk_size=8, env=None,
                    kdist=None, latest=LatestEval(),
                    train_cfg=SimpleNamespace(eval_every=every, max_steps=max_steps))
     recipe = SimpleNamespace(checkpoint=SimpleNamespace(every=every, keep=1), train=SimpleNamespace(max_steps=max_steps))
@@ -200,8 +200,8 @@ def test_an_engine_without_vision_refuses_a_step_with_images_by_name():
     pmb.batch.vision = {"pixel_values": torch.zeros(1, 3, 4, 4)}
     with pytest.raises(TrainingError, match=r"teacher engine \(FakeEngine\) does not take image inputs, and step 0 "
                                             r"has images; use teacher.engine: hf"):
-        TeacherSchedule(FakeEngine(), cross=False, looks_ahead=True, max_steps=1).submit(pmb)
+        TeacherSchedule({"teacher": FakeEngine()}, looks_ahead=True, max_steps=1).submit(pmb)
     engine = FakeEngine()
     engine.accepts_vision = True
-    TeacherSchedule(engine, cross=False, looks_ahead=True, max_steps=1).submit(pmb)
+    TeacherSchedule({"teacher": engine}, looks_ahead=True, max_steps=1).submit(pmb)
     assert engine.events == [("submit", 0)]
