@@ -364,7 +364,10 @@ def warm_start(section: Section, seed: int, args, store: "RunStore | None" = Non
         train = [r for r in records if "loss" in r and "step" in r]
         run = Run(row="warm start", seed=seed, ok=True, final=evals[-1], initial=evals[0], curve=evals,
                   steps=max((r["step"] for r in train), default=0), tokens=sum(int(r.get("tokens", 0)) for r in train),
-                  wall_s=time.perf_counter() - t0)
+                  # the run folder's own span (its recipe written at the start, the export at the end):
+                  # right also when an earlier invocation trained it into the warm dir
+                  wall_s=max((export / "config.json").stat().st_mtime - (out / "recipe.yaml").stat().st_mtime, 0.0)
+                  if (out / "recipe.yaml").is_file() else time.perf_counter() - t0)
         store.put(warm_key(section, seed), run)
     if run is not None:
         WARM_RESULTS[(section.name, seed)] = run
