@@ -616,6 +616,8 @@ def parse_args(argv=None):
     p.add_argument("--no-write", action="store_true", help="print only; leave --out untouched")
     p.add_argument("--warm-dir", default=str(Path(tempfile.gettempdir()) / "kdflow-quality-warm"),
                    help="where warm starts are trained and exported (reused while the same command finished there)")
+    p.add_argument("--render-only", action="store_true", help="train nothing: render every section from the "
+                   "runs --store holds (a partial section shows the rows it has)")
     p.add_argument("--store", default="", help="JSONL of finished runs: reused when the same command runs again "
                    "(resume an interrupted benchmark; run sections separately into one report)")
     raw = sys.argv[1:] if argv is None else list(argv)
@@ -640,6 +642,8 @@ def parse_args(argv=None):
         p.error("--seeds/--other-seeds: at least one seed each")
     if args.steps is not None and args.steps < 1:
         p.error(f"--steps must be >= 1, got {args.steps}")
+    if args.render_only and not args.store:
+        p.error("--render-only needs --store (the runs to render)")
     if args.quick:
         args.seeds, args.other_seeds = args.seeds[:1], args.seeds[:1]
     return args
@@ -656,8 +660,8 @@ def main(argv=None) -> int:
     store = RunStore(args.store or None)
     # the sections not run now but held by the store: rendered too, so that running one section
     # into the committed report does not discard the others
-    kept = {name: runs for name in SECTIONS if name not in args.sections
-            for runs in [stored_runs(SECTIONS[name](), store)] if runs}
+    kept = {name: runs for name in SECTIONS if name not in args.sections or args.render_only
+            for runs in [stored_runs(SECTIONS[name](), store)] if runs or (args.render_only and name in args.sections)}
     n_kept = sum(len(v) for runs in kept.values() for v in runs.values())
 
     def report(final: bool) -> str:
@@ -672,7 +676,7 @@ def main(argv=None) -> int:
         if kept:
             names = ", ".join(f"`{name}`" for name in kept)
             progress = (progress + " " if progress else "") + (
-                f"Sections {names} were not run by this invocation: they are rendered from the {n_kept} runs "
+                f"Sections {names} were not trained by this invocation: they are rendered from the {n_kept} runs "
                 f"`{store.path.name}` holds for them (their seeds, steps and times are those runs' own).")
         # every section in SECTIONS order, the ones this invocation ran and the ones kept from the store
         bodies = [render_section(SECTIONS[name](), done.get(name) or kept[name]) for name in SECTIONS
@@ -684,7 +688,7 @@ def main(argv=None) -> int:
         if not args.no_write:  # an interrupted benchmark still leaves what it measured
             Path(args.out).write_text(report(final=False))
 
-    for section in sections:
+    for section in [] if args.render_only else sections:
         done[section.name] = run_section(section, args, on_run=lambda runs, s=section: save_partial(s, runs),
                                          store=store)
     text = report(final=True)

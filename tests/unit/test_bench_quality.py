@@ -51,7 +51,7 @@ def test_running_one_section_keeps_the_stored_sections_and_renders_the_warm_curv
     assert f"## {losses.title}" in text and f"## {warm.title}" in text
     assert text.index(losses.title) < text.index(warm.title)
     assert "224.0" in text and "216.0" in text
-    assert "Sections `losses` were not run by this invocation" in text
+    assert "Sections `losses` were not trained by this invocation" in text
     # the warm start's curve, read from its run folder and kept in the store for later renders
     assert "| 25 | 5.000 | 400.0 |" in text
     assert any(json.loads(ln)["key"] == q.warm_key(warm, 0) for ln in store.read_text().splitlines())
@@ -65,4 +65,21 @@ def test_the_warm_curve_renders_from_the_store_alone(tmp_path):
     q.WARM_RESULTS.clear()
     assert q.stored_runs(warm, store) == {}  # no rows yet: the warm start is not a row
     assert "| 200 | 3.500 | 90.0 |" in q.warm_text(warm)
+    q.WARM_RESULTS.clear()
+
+
+def test_render_only_trains_nothing_and_shows_a_warm_section_with_only_its_curve(tmp_path):
+    losses, warm = q.losses_section(), q.warm_section()
+    curve = [{"step": 0, "eval_teacher_kl": 14.0, "eval_ppl": 1.6e7}, {"step": 200, "eval_teacher_kl": 3.5, "eval_ppl": 90.0}]
+    store = tmp_path / "runs.jsonl"
+    store.write_text(_line(q.RunStore.key(losses, losses.baseline, 0, None), _run("CE only", 0, 4.1, 224.0))
+                     + _line(q.warm_key(warm, 0), q.Run(row="warm start", seed=0, ok=True, final=curve[-1],
+                                                        curve=curve, wall_s=600).__dict__))
+    out = tmp_path / "quality.md"
+    # no warm dir, no export: a run attempt would fail or train; --render-only must not try
+    assert q.main(["--sections", "warm", "--render-only", "--store", str(store), "--warm-dir", str(tmp_path / "none"),
+                   "--out", str(out)]) == 0
+    text = out.read_text()
+    assert f"## {losses.title}" in text and f"## {warm.title}" in text and "| 200 | 3.500 | 90.0 |" in text
+    assert not (tmp_path / "none").exists()
     q.WARM_RESULTS.clear()
