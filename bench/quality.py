@@ -238,11 +238,11 @@ def warm_section() -> Section:
         metrics=(ROUGE_REF, ROUGE_TEACHER, REPEATS, DRAFT, EMPTY, WORDS, TEACHER_KL, PPL, TOP1),
         quick_rows=("quickstart (fkl + CE 0.5)", "on_policy"),
         generation=True,
-        # 150 CE steps at the quickstart's lr 1e-3: where the issue's first look found the CE
-        # curve flattening (held-out ppl 104); the next session should confirm it by measurement
-        warm=WarmStart(("distill.kd_ratio=0", "train.max_steps=150", "train.eval_every=50", "train.eval_batches=8")),
+        # 200 CE steps at the quickstart's lr 1e-3, evaluated every 25 so that the report shows the
+        # curve and where it flattens (the issue's first look stopped at 150, held-out ppl 104)
+        warm=WarmStart(("distill.kd_ratio=0", "train.max_steps=200", "train.eval_every=25", "train.eval_batches=8")),
         about=("The quickstart pair. Warm start: the quickstart recipe trained with CE only (`distill.kd_ratio=0`) "
-               "for 150 steps and exported by `kdcore train`, once per seed; every row, the CE continuation twin "
+               "for 200 steps and exported by `kdcore train`, once per seed; every row, the CE continuation twin "
                "included, then runs 40 more steps from that export (`student.path=<warm>/hf "
                "student.init=pretrained`) at lr 1e-4, and `kdcore eval` answers 64 held-out prompts greedily (at "
                "most 32 tokens). `repeated 4-grams` is the share of word 4-grams of a student answer that repeat an "
@@ -270,6 +270,7 @@ class Run:
     tokens: int = 0  # training loss tokens summed over the steps (equal work: the same for every row)
     wall_s: float = 0.0
     error: str = ""
+    curve: list = field(default_factory=list)  # every evaluation record (kept for the warm start only)
 
 
 def log(msg: str) -> None:
@@ -325,18 +326,25 @@ def run_one(section: Section, row: Row, seed: int, steps: int | None, timeout: f
     return res
 
 
-WARM_RESULTS: dict[tuple[str, int], dict] = {}  # (section, seed) -> the warm start's final evaluation
+WARM_RESULTS: dict[tuple[str, int], "Run"] = {}  # (section, seed) -> the warm start (its evaluations in .curve)
 
 
-def warm_start(section: Section, seed: int, args) -> tuple[list[str], str]:
+def warm_key(section: Section, seed: int) -> str:
+    """The store's key of a section's warm start (never a row's key: a row's key starts with its recipe)."""
+    return json.dumps(["warm start", section.recipe, list(section.warm.overrides), seed])
+
+
+def warm_start(section: Section, seed: int, args, store: "RunStore | None" = None) -> tuple[list[str], str]:
     """Train and export the section's warm start for ``seed`` (kept in ``--warm-dir``, reused
-    while the same command finished there); the overrides that load it, or an error."""
+    while the same command finished there); the overrides that load it, or an error. Its
+    evaluation curve goes to ``store`` so that the report renders it without the warm dir."""
     import hashlib
 
     warm = section.warm
     cmd_key = json.dumps([section.recipe, list(warm.overrides), seed])
     out = Path(args.warm_dir) / f"{section.name}-seed{seed}-{hashlib.sha1(cmd_key.encode()).hexdigest()[:10]}"
     export = out / "hf"
+    t0 = time.perf_counter()
     if not (export / "config.json").is_file():
         log(f"{section.name} | warm start | seed {seed}: training {' '.join(warm.overrides)}")
         env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
@@ -351,8 +359,18 @@ def warm_start(section: Section, seed: int, args) -> tuple[list[str], str]:
             return [], f"warm start exited {proc.returncode}: {tail[-1][:300] if tail else '(no output)'}"
     records = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
     evals = [r for r in records if "eval_teacher_kl" in r]
-    if evals:
-        WARM_RESULTS[(section.name, seed)] = evals[-1]
+    store = store or RunStore(None)
+    if (run := store.done.get(warm_key(section, seed))) is None and evals:
+        train = [r for r in records if "loss" in r and "step" in r]
+        run = Run(row="warm start", seed=seed, ok=True, final=evals[-1], initial=evals[0], curve=evals,
+                  steps=max((r["step"] for r in train), default=0), tokens=sum(int(r.get("tokens", 0)) for r in train),
+                  # the run folder's own span (its recipe written at the start, the export at the end):
+                  # right also when an earlier invocation trained it into the warm dir
+                  wall_s=max((export / "config.json").stat().st_mtime - (out / "recipe.yaml").stat().st_mtime, 0.0)
+                  if (out / "recipe.yaml").is_file() else time.perf_counter() - t0)
+        store.put(warm_key(section, seed), run)
+    if run is not None:
+        WARM_RESULTS[(section.name, seed)] = run
     return [f"student.path={export}", "student.init=pretrained"], ""
 
 
@@ -406,7 +424,7 @@ def run_section(section: Section, args, on_run: Callable[[dict[str, list[Run]]],
     planned = plan(section, args)
     seeds_in_order = list(dict.fromkeys(s for _, seeds in planned for s in seeds))
     for seed in seeds_in_order:
-        extra, failed = warm_start(section, seed, args) if section.warm is not None else ([], "")
+        extra, failed = warm_start(section, seed, args, store) if section.warm is not None else ([], "")
         for row in [row for row, seeds in planned if seed in seeds]:
             key = store.key(section, row, seed, args.steps, extra)
             if failed:
@@ -513,16 +531,48 @@ def render_section(section: Section, runs: dict[str, list[Run]]) -> str:
              "`beats CE-only on` names the metrics whose mean is better than the twin's, `(every seed)` when each "
              "seed also beats the twin of the same seed.", "", section_table(section, runs)]
     if section.warm is not None:
-        done = {seed: rec for (name, seed), rec in WARM_RESULTS.items() if name == section.name}
-        figures = "; ".join(f"seed {seed}: " + ", ".join(f"{m.label.split(' ')[0]} {m.fmt.format(v)}"
-                                                          for m in section.metrics if (v := m.read(rec)) is not None)
-                            for seed, rec in sorted(done.items()))
-        parts += ["", f"Warm start: `{' '.join(section.warm.overrides)}` on recipe `{section.recipe}`, exported "
-                      f"once per seed" + (f"; its final held-out evaluation: {figures}." if figures else ".")]
+        parts += ["", warm_text(section)]
     if line := initial_line(section, runs):
         parts += ["", line]
     parts += ["", "<details><summary>Every run</summary>", "", runs_table(section, runs), "", "</details>"]
     return "\n".join(parts)
+
+
+def warm_text(section: Section) -> str:
+    """The warm start's command, its final held-out figures and its curve (where it flattens)."""
+    done = {seed: run for (name, seed), run in WARM_RESULTS.items() if name == section.name}
+    curve_metrics = [m for m in section.metrics if m in (TEACHER_KL, PPL, TOP1)]
+    figures = "; ".join(f"seed {seed}: " + ", ".join(f"{m.label.split(' ')[0]} {m.fmt.format(v)}"
+                                                      for m in curve_metrics if (v := m.read(run.final)) is not None)
+                        for seed, run in sorted(done.items()))
+    text = (f"Warm start: `{' '.join(section.warm.overrides)}` on recipe `{section.recipe}`, exported once per seed"
+            + (f"; its final held-out evaluation: {figures}." if figures else "."))
+    for seed, run in sorted(done.items()):
+        rows = [[r["step"]] + [m.fmt.format(v) if (v := m.read(r)) is not None else "—" for m in curve_metrics]
+                for r in run.curve]
+        text += (f"\n\nWarm start, seed {seed}, held-out curve ({run.wall_s / 60:.1f} min):\n\n"
+                 + md_table(["step"] + [m.label for m in curve_metrics], rows, "r" * (1 + len(curve_metrics))))
+    return text
+
+
+def stored_runs(section: Section, store: "RunStore") -> dict[str, list[Run]]:
+    """A section's runs as the store holds them, every seed, without training (a section this
+    invocation does not run still renders from the runs earlier invocations left); the warm
+    start's record goes to WARM_RESULTS."""
+    runs: dict[str, list[Run]] = {}
+    for key, run in store.done.items():
+        k = json.loads(key)
+        if section.warm is not None and k[0] == "warm start" and k[1:3] == [section.recipe, list(section.warm.overrides)]:
+            WARM_RESULTS[(section.name, k[3])] = run
+            continue
+        for row in (section.baseline, *section.rows):
+            # a warm section's rows carry the warm start's overrides (extra); the others carry none
+            if k[0] == section.recipe and k[1] == list(row.overrides) and (len(k) == 5) == (section.warm is not None):
+                runs.setdefault(row.name, []).append(Run(**{**run.__dict__, "row": row.name}))
+    for rr in runs.values():
+        rr.sort(key=lambda r: r.seed)
+    order = [r.name for r in (section.baseline, *section.rows)]
+    return {name: runs[name] for name in order if name in runs}
 
 
 def header(args, started: str, load0, minutes: float, n_runs: int, progress: str = "") -> str:
@@ -566,6 +616,8 @@ def parse_args(argv=None):
     p.add_argument("--no-write", action="store_true", help="print only; leave --out untouched")
     p.add_argument("--warm-dir", default=str(Path(tempfile.gettempdir()) / "kdflow-quality-warm"),
                    help="where warm starts are trained and exported (reused while the same command finished there)")
+    p.add_argument("--render-only", action="store_true", help="train nothing: render every section from the "
+                   "runs --store holds (a partial section shows the rows it has)")
     p.add_argument("--store", default="", help="JSONL of finished runs: reused when the same command runs again "
                    "(resume an interrupted benchmark; run sections separately into one report)")
     raw = sys.argv[1:] if argv is None else list(argv)
@@ -590,6 +642,8 @@ def parse_args(argv=None):
         p.error("--seeds/--other-seeds: at least one seed each")
     if args.steps is not None and args.steps < 1:
         p.error(f"--steps must be >= 1, got {args.steps}")
+    if args.render_only and not args.store:
+        p.error("--render-only needs --store (the runs to render)")
     if args.quick:
         args.seeds, args.other_seeds = args.seeds[:1], args.seeds[:1]
     return args
@@ -604,6 +658,11 @@ def main(argv=None) -> int:
     total = sum(len(seeds) for s in sections for _, seeds in plan(s, args))
     done: dict[str, dict[str, list[Run]]] = {}
     store = RunStore(args.store or None)
+    # the sections not run now but held by the store: rendered too, so that running one section
+    # into the committed report does not discard the others
+    kept = {name: runs for name in SECTIONS if name not in args.sections or args.render_only
+            for runs in [stored_runs(SECTIONS[name](), store)] if runs or (args.render_only and name in args.sections)}
+    n_kept = sum(len(v) for runs in kept.values() for v in runs.values())
 
     def report(final: bool) -> str:
         n_runs = sum(len(v) for runs in done.values() for v in runs.values())
@@ -614,7 +673,14 @@ def main(argv=None) -> int:
             progress = (progress + " " if progress else "") + (
                 f"{store.reused} of the {n_runs} runs were read from `{store.path.name}` (trained by earlier "
                 f"invocations with the same commands); the {n_runs} runs' own times add up to {trained:.1f} min.")
-        bodies = [render_section(s, done[s.name]) for s in sections if s.name in done]
+        if kept:
+            names = ", ".join(f"`{name}`" for name in kept)
+            progress = (progress + " " if progress else "") + (
+                f"Sections {names} were not trained by this invocation: they are rendered from the {n_kept} runs "
+                f"`{store.path.name}` holds for them (their seeds, steps and times are those runs' own).")
+        # every section in SECTIONS order, the ones this invocation ran and the ones kept from the store
+        bodies = [render_section(SECTIONS[name](), done.get(name) or kept[name]) for name in SECTIONS
+                  if name in done or name in kept]
         return header(args, started, load0, minutes, n_runs, progress) + "\n\n" + "\n\n".join(bodies) + "\n"
 
     def save_partial(section: Section, runs: dict[str, list[Run]]) -> None:
@@ -622,7 +688,7 @@ def main(argv=None) -> int:
         if not args.no_write:  # an interrupted benchmark still leaves what it measured
             Path(args.out).write_text(report(final=False))
 
-    for section in sections:
+    for section in [] if args.render_only else sections:
         done[section.name] = run_section(section, args, on_run=lambda runs, s=section: save_partial(s, runs),
                                          store=store)
     text = report(final=True)

@@ -1,0 +1,85 @@
+"""bench/quality.py's store of finished runs: a section run into the report keeps the others.
+
+No training here: every run the invocation plans is already in the store, and the warm start's
+export is a folder with a config.json (what ``warm_start`` checks before training one)."""
+
+import hashlib
+import json
+
+from bench import quality as q
+
+
+def _run(row, seed, kl, ppl, **extra):
+    final = {"step": 40, "eval_teacher_kl": kl, "eval_ppl": ppl, "eval_top1_agreement": 0.3, **extra}
+    return q.Run(row=row, seed=seed, ok=True, final=final, initial={"step": 0, "eval_teacher_kl": 9.0},
+                 steps=40, tokens=100, wall_s=60.0).__dict__
+
+
+def _line(key, run):
+    return json.dumps({"key": key, **run}) + "\n"
+
+
+def _warm_dir(tmp_path, section, seed=0):
+    cmd_key = json.dumps([section.recipe, list(section.warm.overrides), seed])
+    out = tmp_path / "warm" / f"{section.name}-seed{seed}-{hashlib.sha1(cmd_key.encode()).hexdigest()[:10]}"
+    (out / "hf").mkdir(parents=True)
+    (out / "hf" / "config.json").write_text("{}")
+    curve = [{"step": s, "eval_teacher_kl": kl, "eval_ppl": ppl, "eval_top1_agreement": 0.2}
+             for s, kl, ppl in ((0, 14.0, 1.6e7), (25, 5.0, 400.0), (50, 4.0, 120.0))]
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in curve))
+    return out
+
+
+def test_running_one_section_keeps_the_stored_sections_and_renders_the_warm_curve(tmp_path):
+    losses, warm = q.losses_section(), q.warm_section()
+    export = _warm_dir(tmp_path, warm) / "hf"
+    extra = [f"student.path={export}", "student.init=pretrained"]
+    store = tmp_path / "runs.jsonl"
+    store.write_text(
+        # a committed losses section, trained by an earlier invocation
+        _line(q.RunStore.key(losses, losses.baseline, 0, None), _run("CE only", 0, 4.1, 224.0))
+        + _line(q.RunStore.key(losses, losses.rows[0], 0, None), _run("quickstart", 0, 3.1, 216.0))
+        # the warm section's twin and one row, already trained from the warm start above
+        + _line(q.RunStore.key(warm, warm.baseline, 0, None, extra), _run("CE continuation", 0, 3.9, 115.0))
+        + _line(q.RunStore.key(warm, warm.rows[0], 0, None, extra), _run("qs", 0, 2.9, 110.0)))
+    out = tmp_path / "quality.md"
+    rc = q.main(["--sections", "warm", "--seeds", "0", "--other-seeds", "0", "--rows", warm.rows[0].name,
+                 "--store", str(store), "--warm-dir", str(tmp_path / "warm"), "--out", str(out)])
+    assert rc == 0
+    text = out.read_text()
+    # the section this invocation did not run is still in the report, before the warm one
+    assert f"## {losses.title}" in text and f"## {warm.title}" in text
+    assert text.index(losses.title) < text.index(warm.title)
+    assert "224.0" in text and "216.0" in text
+    assert "Sections `losses` were not trained by this invocation" in text
+    # the warm start's curve, read from its run folder and kept in the store for later renders
+    assert "| 25 | 5.000 | 400.0 |" in text
+    assert any(json.loads(ln)["key"] == q.warm_key(warm, 0) for ln in store.read_text().splitlines())
+
+
+def test_the_warm_curve_renders_from_the_store_alone(tmp_path):
+    warm = q.warm_section()
+    store = q.RunStore(None)
+    curve = [{"step": 0, "eval_teacher_kl": 14.0, "eval_ppl": 1.6e7}, {"step": 200, "eval_teacher_kl": 3.5, "eval_ppl": 90.0}]
+    store.done[q.warm_key(warm, 0)] = q.Run(row="warm start", seed=0, ok=True, final=curve[-1], curve=curve, wall_s=300)
+    q.WARM_RESULTS.clear()
+    assert q.stored_runs(warm, store) == {}  # no rows yet: the warm start is not a row
+    assert "| 200 | 3.500 | 90.0 |" in q.warm_text(warm)
+    q.WARM_RESULTS.clear()
+
+
+def test_render_only_trains_nothing_and_shows_a_warm_section_with_only_its_curve(tmp_path):
+    losses, warm = q.losses_section(), q.warm_section()
+    curve = [{"step": 0, "eval_teacher_kl": 14.0, "eval_ppl": 1.6e7}, {"step": 200, "eval_teacher_kl": 3.5, "eval_ppl": 90.0}]
+    store = tmp_path / "runs.jsonl"
+    store.write_text(_line(q.RunStore.key(losses, losses.baseline, 0, None), _run("CE only", 0, 4.1, 224.0))
+                     + _line(q.warm_key(warm, 0), q.Run(row="warm start", seed=0, ok=True, final=curve[-1],
+                                                        curve=curve, wall_s=600).__dict__))
+    out = tmp_path / "quality.md"
+    # no warm dir, no export: a run attempt would fail or train; --render-only must not try
+    assert q.main(["--sections", "warm", "--render-only", "--store", str(store), "--warm-dir", str(tmp_path / "none"),
+                   "--out", str(out)]) == 0
+    text = out.read_text()
+    assert f"## {losses.title}" in text and f"## {warm.title}" in text and "| 200 | 3.500 | 90.0 |" in text
+    assert not (tmp_path / "none").exists()
+    q.WARM_RESULTS.clear()
