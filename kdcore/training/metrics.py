@@ -1,8 +1,8 @@
 """What a run reports: its records (to every logger), the progress bar and the console lines.
 
 Records go to ``metrics.jsonl`` first and always (the reserved name ``jsonl``, not a registered
-logger), then to the recipe's ``logging.backends`` (``register_loggers`` plugins). Only the main rank writes; other
-ranks get the same object and it stays silent, so callers never test the rank. A step
+logger), then to the recipe's ``logging.backends`` (``register_loggers`` plugins). Only the main
+rank writes; other ranks get the same object and it stays silent, so callers never test the rank. A step
 record's figures are summed over micro-batches here (:class:`StepMeter`) and over ranks by the
 caller (one all-reduce per step).
 """
