@@ -20,6 +20,7 @@ BENCHMARKS = {
     "loss_memory": "peak memory and time of the chunked KD loss vs the dense computation",
     "channel_bytes": "bytes and shared-memory time per step: hidden states at loss positions vs full logits",
     "remote_teacher": "one step's hidden states over ZeroMQ loopback vs shared memory -> bench/remote_teacher.md",
+    "remote_pool": "two jobs served by 1, 2 and 3 teacher replicas: tokens/s and the spread -> bench/remote_teacher.md",
     "teacher_cache": "the exact teacher cache: bytes per token, exactness, speed -> bench/teacher_cache.md",
     "teachers": "one teacher vs two: tokens/s and peak memory -> bench/teachers.md",
     "lora": "LoRA vs full fine-tuning: trainable parameters, peak memory, tokens/s -> bench/lora.md",

@@ -11,7 +11,7 @@ On one machine every replica and both students share the same cores: the figures
 pool costs and how it spreads, not what separate teacher machines would give. The machine load
 at start is written with the table (the machine is shared).
 
-    nice -n 10 python -m bench.remote_pool     # (re)writes its section of bench/remote_teacher.md
+    nice -n 10 python -m bench remote_pool     # (re)writes its section of bench/remote_teacher.md
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def main() -> None:
         rows.append([n, f"{a:.0f}", f"{b:.0f}", f"{a + b:.0f}", f"{r['wall_s']:.0f}", " / ".join(map(str, r["served"]))])
         print(rows[-1], flush=True)
     section = [HEADING, "",
-               f"Machine: {os.cpu_count()} CPUs, shared, load average {load[0]:.1f} at start. `python -m bench.remote_pool`. "
+               f"Machine: {os.cpu_count()} CPUs, shared, load average {load[0]:.1f} at start. `python -m bench remote_pool`. "
                "Bench pair, 2 x 128 tokens, 10 steps per job, both jobs started together against every replica "
                "(`teacher.remote.address` lists them; each server `teacher.threads: 1`, loaded before the jobs). "
                "tokens/s: each job's median after 2 steps; wall: jobs' start to both ended; requests: answered "
