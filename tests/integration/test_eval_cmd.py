@@ -295,6 +295,7 @@ def test_a_recipe_without_held_out_data(tmp_path, tiny_teacher):
     assert line == "kdcore: error: the recipe has no held-out data: set data.eval (a file) or data.eval_size > 0"
 
 
+@pytest.mark.long  # ~13 s; tests/unit/test_run_summary.py checks the table fast
 def test_eval_of_a_run_ends_with_its_before_and_after(same_vocab_run):
     """issue 28: the ending says whether distillation worked (step 0 -> last evaluation, from
     the run's metrics.jsonl) and what the answers can be expected to look like; no silent

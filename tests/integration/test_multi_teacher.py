@@ -420,6 +420,7 @@ def test_eval_reports_a_teacher_kl_column_per_teacher(tmp_path, tiny_teacher, mi
     assert m["eval_teacher_kl/a"] > 0 and "eval_top1_agreement/a" in m and "eval_top1_agreement/b" not in m
 
 
+@pytest.mark.long  # ~40 s; the one-teacher cache runs of test_teacher_cache.py stay in the default suite
 def test_cache_teacher_writes_one_cache_per_teacher_and_trains_to_the_digit(tmp_path, tiny_teacher, mistral_teacher,
                                                                            tiny_student):
     teachers = two_teachers(tiny_teacher, mistral_teacher)

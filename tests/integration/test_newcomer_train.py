@@ -4,9 +4,12 @@ phase with its time, and train.eval_at_start=false starting step 1 without the b
 
 from __future__ import annotations
 
+import pytest
+
 from test_train import evals, run_train, write_recipe
 
 
+@pytest.mark.long  # ~11 s; tests/unit/test_newcomer_output.py checks the plain lines fast
 def test_plain_progress_lines_and_no_step0_evaluation(tmp_path, tiny_teacher):
     recipe = write_recipe(tmp_path, tiny_teacher, train={"max_steps": 4, "eval_at_start": False},
                           logging={"progress": True, "print_every": 2})

@@ -80,6 +80,7 @@ def test_requests_spread_and_states_equal_one_server(replicas, tiny_teacher):
             assert torch.equal(a, b)
 
 
+@pytest.mark.long  # ~13 s; test_requests_spread_and_states_equal_one_server checks the states fast
 def test_a_run_against_two_replicas_equals_a_run_against_one(replicas, tiny_teacher, tmp_path):
     (_, ep1), (_, ep2) = replicas[0]
     kw = dict(train={"max_steps": 3, "threads": 1}, teacher={"threads": 1}, checkpoint={"export_hf": False})

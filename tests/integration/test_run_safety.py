@@ -85,6 +85,7 @@ def _assert_sigterm_line(winner: subprocess.Popen, err: str) -> None:
     assert last.startswith("kdcore: terminated (SIGTERM); the last good checkpoint is '") and "step_" in last, last
 
 
+@pytest.mark.long  # ~11 s; tests/unit/test_run_folder.py holds the lock against a live holder process fast
 def test_two_fresh_runs_into_one_folder_one_trains_the_other_is_refused(tmp_path, tiny_teacher):
     recipe = _long_recipe(tmp_path, tiny_teacher)
     (winner, werr), (loser, lerr) = _race(recipe)
@@ -121,6 +122,7 @@ def test_the_lock_of_a_killed_run_does_not_block_the_next(tmp_path, tiny_teacher
     assert res.returncode == 0, res.stderr[-3000:]
 
 
+@pytest.mark.long  # ~11 s; tests/unit/test_run_folder.py checks the masking of every written recipe fast
 def test_a_token_given_as_an_override_is_in_no_file_of_the_run(tmp_path, tiny_teacher):
     _train_with_token(tmp_path, tiny_teacher)
 
