@@ -38,7 +38,7 @@ import torch
 from kdcore.channel import ChannelTimeout, TeacherDiedError
 from kdcore.engines.remote import wire
 from kdcore.engines.protocol import HiddenRequest, TeacherEngine, TeacherError, Ticket
-from kdcore.engines.remote.client import RemoteTeacherError
+from kdcore.engines.remote.client import RemoteTeacherError, _Slots  # the client's slot ring, shared
 from kdcore.engines.remote.config import parse_addresses  # noqa: F401  (the pool's address list)
 
 POLL_MS = 200  # poll step: bounds how late a closed connection is noticed
@@ -63,27 +63,6 @@ class _Replica:
         self.next_try = 0.0
         self.why = "not connected yet"
         self.served = 0  # requests answered (for tests and the bench)
-
-
-class _Slots:
-    """``n_slots`` preallocated ``[max_rows, H]`` buffers; each outstanding ticket owns one."""
-
-    def __init__(self, n_slots: int, max_rows: int, hidden: int, dtype: torch.dtype):
-        self.data = torch.empty(n_slots, max_rows, hidden, dtype=dtype)
-        self._free = list(range(n_slots))[::-1]
-        self._held: dict[int, tuple[int, int]] = {}
-
-    def take(self, seq: int, rows: int) -> torch.Tensor:
-        slot = self._free.pop()
-        self._held[seq] = (slot, rows)
-        return self.data[slot, :rows]
-
-    def view(self, seq: int) -> torch.Tensor:
-        slot, rows = self._held[seq]
-        return self.data[slot, :rows]
-
-    def release(self, seq: int) -> None:
-        self._free.append(self._held.pop(seq)[0])
 
 
 class RemotePool(TeacherEngine):
