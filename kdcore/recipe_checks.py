@@ -80,9 +80,15 @@ def check_engine_options(entry, opts, key: str, errors: list[str]) -> None:
     as loss options are checked: a built-in engine and a plugin's are checked the same way."""
     if opts is None or not isinstance(opts, dict):
         return  # absent, or a type error already reported
+    check_registered_options(entry, opts, key, "engine", errors)
+
+
+def check_registered_options(entry, opts: dict, key: str, kind: str, errors: list[str]) -> None:
+    """``opts`` against the options dataclass ``entry`` was registered with (none: no option
+    allowed), then the dataclass's own range checks (``__post_init__``)."""
     if entry.options is None:
         if opts:
-            errors.append(f"{key}: engine '{entry.name}' takes no options, got {', '.join(map(str, opts))}")
+            errors.append(f"{key}: {kind} '{entry.name}' takes no options, got {', '.join(map(str, opts))}")
         return
     before = len(errors)
     check_section(opts, entry.options, key, errors)
@@ -90,7 +96,7 @@ def check_engine_options(entry, opts, key: str, errors: list[str]) -> None:
         try:  # the dataclass may check value ranges itself (__post_init__)
             entry.options(**opts)
         except Exception as exc:
-            errors.append(f"{key}: engine '{entry.name}' rejects {opts}: {exc}")
+            errors.append(f"{key}: {kind} '{entry.name}' rejects {opts}: {exc}")
 
 
 def check_evaluators(raw: dict, registry, errors: list[str]) -> None:
@@ -120,18 +126,7 @@ def check_evaluators(raw: dict, registry, errors: list[str]) -> None:
             if not isinstance(opts, dict):
                 errors.append(f"{key}: expected a mapping, got {type(opts).__name__} {opts!r}")
             continue
-        entry = registry.get("evaluator", name)
-        if entry.options is None:
-            if opts:
-                errors.append(f"{key}: evaluator '{name}' takes no options, got {', '.join(map(str, opts))}")
-            continue
-        before = len(errors)
-        check_section(opts, entry.options, key, errors)
-        if len(errors) == before:
-            try:  # the dataclass may check value ranges itself (__post_init__)
-                entry.options(**opts)
-            except Exception as exc:
-                errors.append(f"{key}: evaluator '{name}' rejects {opts}: {exc}")
+        check_registered_options(registry.get("evaluator", name), opts, key, "evaluator", errors)
 
 
 def check_loggers(raw: dict, registry, errors: list[str]) -> None:
