@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-# glibc knobs that keep freed large blocks in the heap; the same values kdcore.runtime applies.
+# glibc knobs that keep freed large blocks in the heap; the same values kdcore.infra.process_env applies.
 TUNED_MALLOC = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
 ALLOCATORS: dict[str, dict[str, str]] = {"default": {}, "tuned": dict(TUNED_MALLOC)}
 _ALLOCATOR_VARS = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_THRESHOLD_",

@@ -353,7 +353,7 @@ def live_engine_overrides(recipe: str, overrides, registry, engine: Optional[str
 
 
 def _build_errors() -> tuple:
-    from kdcore.channel import ChannelError
+    from kdcore.infra.channel import ChannelError
     from kdcore.data import DataError
     from kdcore.engines.protocol import TeacherError
     from kdcore.paths import ModelNotFoundError

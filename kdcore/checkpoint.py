@@ -50,13 +50,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from kdcore import distributed as kdist
+from kdcore.infra import distributed as kdist
 from kdcore.checkpoint_files import (  # noqa: F401  (re-exported: kdcore.checkpoint is the API)
     LATEST, LEGACY_REASON, LEGACY_TRAINER_STATE, MANIFEST, META, RECIPE, RNG_SUFFIX, STEP_PREFIX, TMP_SUFFIX,
     TRAINER_STATE, CheckpointError, CorruptCheckpointError, check, file_record as _file_record, find_latest,
     is_complete as _is_complete, list_checkpoints, read_checked, step_dir_name, verify_checkpoint, write_manifest,
 )
-from kdcore.exceptions import find_in_chain
+from kdcore.infra.exceptions import find_in_chain
 
 
 @dataclass

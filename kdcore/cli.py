@@ -117,7 +117,7 @@ def cmd_validate(args) -> int:
         print(f"kdcore: warning: {w}", file=sys.stderr)
     if errors:
         from kdcore.config import ERROR_CHARS
-        from kdcore.exceptions import clip
+        from kdcore.infra.exceptions import clip
 
         source, errors = blame_overrides(str(path), errors, args.overrides, raw.get("setup"))
         print(f"{source}: {len(errors)} error(s)", file=sys.stderr)
@@ -159,7 +159,7 @@ def cmd_train(args) -> int:
 
     train(cfg, registry=registry, resume=args.resume, overwrite=args.overwrite,
           allow_data_change=args.allow_data_change)
-    from kdcore import distributed as kdist
+    from kdcore.infra import distributed as kdist
 
     kdist.teardown()  # only after success: on an error the peers may never reach its barrier
     return 0
@@ -357,9 +357,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from kdcore.runtime import passive_threads_default
+    from kdcore.infra.process_env import passive_threads_default
 
-    passive_threads_default()  # before anything imports torch (see kdcore.runtime)
+    passive_threads_default()  # before anything imports torch (see kdcore.infra.process_env)
     args = parse_args(argv)
     from kdcore.errors import watch_sigint
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from kdcore.exceptions import clip
+from kdcore.infra.exceptions import clip
 from kdcore.secret import check_secrets, hold_secrets
 
 # The schema and the checks live in their own modules; their public names are importable from
@@ -38,7 +38,7 @@ class RecipeError(ValueError):
 
     def __init__(self, source: str, errors: list[str]):
         self.source = source
-        # each problem cut to a readable length: one may quote a value of any size (kdcore.exceptions.clip)
+        # each problem cut to a readable length: one may quote a value of any size (kdcore.infra.exceptions.clip)
         self.errors = [clip(e, ERROR_CHARS) for e in errors]
         errors = self.errors
         super().__init__(f"{source}: {len(errors)} error(s)\n" + "\n".join(f"  - {e}" for e in errors))

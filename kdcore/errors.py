@@ -17,7 +17,7 @@ import time
 import traceback
 from pathlib import Path
 
-from kdcore.exceptions import clip, find_in_chain
+from kdcore.infra.exceptions import clip, find_in_chain
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
@@ -42,7 +42,7 @@ KNOWN_ERRORS: tuple[tuple[str, str, int], ...] = (
     ("kdcore.evaluate", "EvaluatorError", EXIT_FAILED),
     ("kdcore.training.types", "TrainingError", EXIT_FAILED),
     ("kdcore.checkpoint", "CheckpointError", EXIT_FAILED),
-    ("kdcore.channel", "ChannelError", EXIT_FAILED),
+    ("kdcore.infra.channel", "ChannelError", EXIT_FAILED),
     ("kdcore.engines.protocol", "RolloutError", EXIT_FAILED),
     ("kdcore.engines.protocol", "TeacherError", EXIT_FAILED),
     ("builtins", "PermissionError", EXIT_BAD_INPUT),  # a read-only or foreign output folder

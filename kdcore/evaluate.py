@@ -133,14 +133,14 @@ def evaluate(cfg, student_dir: Path, *, registry, say=print) -> dict:
     """The report of ``kdcore eval``: ``{"student", "teacher", "teachers", "aligner", "metrics",
     "samples"}``; with several teachers the token metrics have a column per teacher
     (``eval_teacher_kl/<name>``, ...) beside the weighted totals, as in training."""
-    from kdcore import distributed as kdist
+    from kdcore.infra import distributed as kdist
 
     check_recipe_for_eval(cfg)
     if kdist.under_torchrun():
         raise EvalInputError("kdcore eval runs in one process: start it without torchrun")
     env = kdist.init_distributed(cfg.train.device)  # a one-rank group, so the evaluator's collectives are no-ops
     try:
-        from kdcore.phases import phase
+        from kdcore.infra.phases import phase
 
         with phase(f"loading {student_dir}, the teachers' tokenizers and heads, and the held-out data"):
             parts = _EvalParts.build(cfg, student_dir, registry=registry, env=env)
@@ -183,7 +183,7 @@ class _EvalParts:
         return cls(cfg, student_dir, env, run, data.eval, model)
 
     def run_eval(self, say) -> dict:
-        from kdcore import distributed as kdist
+        from kdcore.infra import distributed as kdist
         from kdcore.engines.hf_rollout import TeacherRolloutEngine
         from kdcore.training.evaluation import frozen_evaluator
 
@@ -268,7 +268,7 @@ def reference_of(sample) -> Optional[str]:
 def generate_answers(cfg, samples, model, teacher_rollout, student_tok, teacher_tok, *, device) -> Optional[Generations]:
     """Greedy answers of both models to the samples' prompts (None when no sample has one)."""
     from kdcore.engines.hf_rollout import HFRolloutEngine
-    from kdcore.phases import phase
+    from kdcore.infra.phases import phase
     from kdcore.data.rollout_samples import prompt_of, render_prompt, stop_ids
     from kdcore.training.weight_sync import full_weights
 

@@ -180,7 +180,7 @@ def gguf_to_hf_folder(gguf_path: str | os.PathLike, cache_dir: str | os.PathLike
     final.parent.mkdir(parents=True, exist_ok=True)
     _quiet_transformers()
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    from kdcore.phases import phase
+    from kdcore.infra.phases import phase
 
     # tens of seconds once per GGUF (issue 28: it was a silent stretch before step 1); one line
     # per part, so a log shows which part took the time

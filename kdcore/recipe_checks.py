@@ -11,7 +11,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from kdcore.exceptions import clip
+from kdcore.infra.exceptions import clip
 from kdcore.schema import (DistillConfig, EvalConfig, RolloutConfig, TeacherConfig, TeacherEntry, check_section,
                            get_dotted)
 def check_algorithm_options(raw: dict, registry, errors: list[str]) -> None:

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kdcore.exceptions import clip
+from kdcore.infra.exceptions import clip
 
 METRICS = "metrics.jsonl"
 RECIPE = "recipe.yaml"
@@ -307,7 +307,7 @@ def prepare_collective(out_dir: str | os.PathLike, recipe: Any, *, resume: bool,
     ranks raise the same one-line error, and none waits for a rank that stopped)."""
     import sys
 
-    from kdcore import distributed as kdist
+    from kdcore.infra import distributed as kdist
     from kdcore.resume import ResumeMismatchError, check_resume
 
     problem = None

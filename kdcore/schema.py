@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
 
-from kdcore.exceptions import clip
+from kdcore.infra.exceptions import clip
 
 # one-way: the built-in engines' sections live in their packages; those modules import neither
 # torch nor sglang nor zmq

@@ -36,7 +36,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
-from kdcore import distributed as kdist
+from kdcore.infra import distributed as kdist
 from kdcore import lora as kdlora
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -245,7 +245,7 @@ def shard_student(model: nn.Module, precision: str = "fp32", device: torch.devic
                   mesh=None) -> nn.Module:
     """Apply FSDP2 ``fully_shard`` to each decoder layer and to the root (in place; returns it).
 
-    Needs a process group (:func:`kdcore.distributed.init_distributed`). The mesh defaults to a
+    Needs a process group (:func:`kdcore.infra.distributed.init_distributed`). The mesh defaults to a
     1-D mesh over all ranks on ``device`` (default: the one from ``init_distributed``). Layers
     reshard after forward (memory); the root keeps its parameters gathered from forward to
     backward, which :func:`student_head_weight` relies on.
@@ -254,7 +254,7 @@ def shard_student(model: nn.Module, precision: str = "fp32", device: torch.devic
     from torch.distributed.fsdp import fully_shard
 
     if not kdist.is_initialized():
-        raise RuntimeError("shard_student needs a process group: call kdcore.distributed.init_distributed() first")
+        raise RuntimeError("shard_student needs a process group: call kdcore.infra.distributed.init_distributed() first")
     head = model.get_output_embeddings()
     if head is None or getattr(head, "bias", None) is not None:
         raise TypeError(f"{type(model).__name__}: the loss driver needs a bias-free lm_head (got {head!r})")
@@ -540,7 +540,7 @@ class Student:
                     model: nn.Module | None = None) -> "Student":
         """Build (unless ``model`` is given), shard, and set up optimization from ``recipe.train``.
 
-        Needs :func:`kdcore.distributed.init_distributed` first. Extra modules are moved to the
+        Needs :func:`kdcore.infra.distributed.init_distributed` first. Extra modules are moved to the
         training device and made identical across ranks.
         """
         t = recipe.train

@@ -56,7 +56,7 @@ DIST_SCRIPTS = ROOT / "tests" / "dist_scripts"  # multi-rank entry points the te
 def cpu_process_group():
     """A one-rank gloo process group for the module (``pytestmark = pytest.mark.usefixtures(...)``);
     torn down afterwards only when this fixture created it."""
-    from kdcore import distributed as kdist
+    from kdcore.infra import distributed as kdist
 
     owned = not kdist.is_initialized()
     kdist.init_distributed("cpu")

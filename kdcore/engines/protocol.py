@@ -2,7 +2,7 @@
 
 **Teacher engines** receive **token ids** (never text) and return the teacher's last hidden
 states (after the final norm, before ``lm_head``) at the requested positions only, written
-straight into a :class:`kdcore.channel.Channel` slot that the student reads as a view. The
+straight into a :class:`kdcore.infra.channel.Channel` slot that the student reads as a view. The
 student rebuilds teacher logits itself from :meth:`TeacherEngine.lm_head`, chunk by chunk.
 
 Pipelining (see docs/architecture.md): ``submit`` returns at once, so the student submits
@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from kdcore.channel import Channel
+    from kdcore.infra.channel import Channel
 
 
 class TeacherError(RuntimeError):
@@ -236,7 +236,7 @@ class TeacherEngine(abc.ABC):
     def _check_capacity(self) -> None:
         """Raise :class:`ChannelError` when ``n_slots`` tickets are outstanding already."""
         if len(self._outstanding) >= self.n_slots:
-            from kdcore.channel import ChannelError
+            from kdcore.infra.channel import ChannelError
 
             held = ", ".join(str(s) for s in sorted(self._outstanding))
             raise ChannelError(f"{self.n_slots} requests already in flight (tickets {held}): release one first")
@@ -253,7 +253,7 @@ class TeacherEngine(abc.ABC):
 
     def _check_outstanding(self, ticket: Ticket, hint: str) -> None:
         if ticket.seq not in self._outstanding:
-            from kdcore.channel import ChannelError
+            from kdcore.infra.channel import ChannelError
 
             raise ChannelError(f"ticket {ticket.seq} is not outstanding ({hint})")
 

@@ -61,7 +61,7 @@ class Evaluator:
         self.env = env
         self.kdist = kdist
         self.latest = latest
-        # a progress line for the held-out batches (kdcore.phases); the trainer turns it off
+        # a progress line for the held-out batches (kdcore.infra.phases); the trainer turns it off
         # while its own bar is live, since two live displays on one terminal garble each other
         self.show_progress = True
         self.progress_label = ""  # "" = "held-out evaluation (step N), batches"
@@ -84,7 +84,7 @@ class Evaluator:
         student = self.forward.student
         was_training = student.model.training
         student.train(False)
-        from kdcore.phases import phase
+        from kdcore.infra.phases import phase
 
         rounds = math.ceil(len(self.held_out_batches()) / self.env.world_size)
         with phase(self.progress_label or f"held-out evaluation (step {step}), batches", total=rounds,

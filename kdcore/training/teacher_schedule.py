@@ -42,7 +42,7 @@ class TeacherSchedule:
 
     # ------------------------------------------------------------------ one micro-batch
     def submit(self, pmb: PreparedMicroBatch) -> None:
-        from kdcore.channel import ChannelError
+        from kdcore.infra.channel import ChannelError
         from kdcore.engines import HiddenRequest
 
         for name, share in pmb.teachers.items():
@@ -74,7 +74,7 @@ class TeacherSchedule:
     def hidden(self, pmb: PreparedMicroBatch, name: str, *, timed: bool = True) -> torch.Tensor | None:
         """The rows teacher ``name`` computed for a submitted micro-batch: a view of its channel
         slot; None when it asked for no position."""
-        from kdcore.channel import ChannelError
+        from kdcore.infra.channel import ChannelError
 
         ticket = pmb.teachers[name].ticket
         if ticket is None:

@@ -23,7 +23,7 @@ from kdcore.training import teachers
 from kdcore.training.checkpointing import Checkpointer
 from kdcore.training.evaluation import Evaluator, mean_over_ranks
 from kdcore.training.forward import DistillForward
-from kdcore.phases import phase
+from kdcore.infra.phases import phase
 from kdcore.training.metrics import RunLog, StepMeter
 from kdcore.training.run_parts import RunParts
 from kdcore.training.types import LatestEval, PreparedMicroBatch, PreparedStep, TrainingError, TrainResult
@@ -34,9 +34,9 @@ class Trainer:
 
     def __init__(self, cfg, *, registry=None, resume: bool = False, overwrite: bool = False,
                  allow_data_change: bool = False):
-        from kdcore import distributed as kdist
+        from kdcore.infra import distributed as kdist
         from kdcore.plugins import load_registry
-        from kdcore.runtime import tune_allocator
+        from kdcore.infra.process_env import tune_allocator
         from kdcore.sampling import build_sampler
 
         self.cfg = cfg
@@ -298,7 +298,7 @@ class Trainer:
         Threads: by default the teacher and the student both get all of this rank's cores.
         They overlap (pipelined) and which side is larger depends on the pair and the data, so
         each may use every core while the other waits; workers wait passively
-        (kdcore.runtime), so the overlap costs little. Measured on 2 cores, s/step, teacher +
+        (kdcore.infra.process_env), so the overlap costs little. Measured on 2 cores, s/step, teacher +
         student threads: bench pair 4×128 (student side larger) 2+2 0.95–0.98, 1+2 0.97–0.98,
         1+1 1.28; quickstart (teacher side larger) 2+2 1.23, 1+2 1.46, 1+1 1.39."""
         from kdcore.sampling import rollout_rows, sampler_sides
@@ -341,7 +341,7 @@ class Trainer:
 def train(cfg, *, registry=None, resume: bool = False, overwrite: bool = False,
           allow_data_change: bool = False) -> TrainResult:
     """Run a validated recipe (``kdcore.load_recipe``); returns where everything was written."""
-    from kdcore.channel import ChannelError
+    from kdcore.infra.channel import ChannelError
     from kdcore.data import DataError
     from kdcore.paths import ModelNotFoundError
     from kdcore.registry import UnknownAlgorithmError

@@ -25,7 +25,7 @@ def full_disk(*args, **kwargs):
 
 def main() -> None:
     from kdcore import checkpoint as ckpt_mod
-    from kdcore import distributed as kdist
+    from kdcore.infra import distributed as kdist
     from kdcore.checkpoint import CheckpointError, save_checkpoint
     from kdcore.student import shard_student
 

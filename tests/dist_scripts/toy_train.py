@@ -59,7 +59,7 @@ def params_digest(model, extras) -> str:
 
 def run(model_dir: str, ckpt_dir: str, steps: int, stop_after: int | None = None, resume: bool = False,
         precision: str = "fp32", grad_accum: int = 2) -> dict:
-    from kdcore import distributed as kdist
+    from kdcore.infra import distributed as kdist
     from kdcore.checkpoint import load_latest, save_checkpoint
     from kdcore.student import Student, loss_scale, student_head_weight, student_hidden
 

@@ -49,7 +49,7 @@ def test_an_unexpected_error_is_one_line_and_a_traceback_file(tmp_path, capsys):
 
 
 def test_a_multi_line_known_message_keeps_one_line_and_files_the_rest(tmp_path, capsys):
-    from kdcore.channel import TeacherDiedError
+    from kdcore.infra.channel import TeacherDiedError
 
     code = errors.report(TeacherDiedError("teacher process died:\nTraceback...\nValueError: x"), output_dir=tmp_path)
     err = capsys.readouterr().err
@@ -70,7 +70,7 @@ def test_ctrl_c_names_the_last_good_checkpoint(tmp_path, capsys):
 def test_bad_input_wrapped_by_training_keeps_exit_2(capsys):
     """train() turns a DataError (and a missing model, an unknown algorithm) into a TrainingError;
     the exit code stays the documented one for bad input."""
-    from kdcore.channel import ChannelError
+    from kdcore.infra.channel import ChannelError
     from kdcore.data import DataError
     from kdcore.paths import ModelNotFoundError
     from kdcore.training import TrainingError
@@ -87,7 +87,7 @@ def test_bad_input_wrapped_by_training_keeps_exit_2(capsys):
 
 def test_a_huge_value_is_clipped_in_the_error_line(capsys, tmp_path):
     from kdcore.config import RecipeError, load_raw, validate_raw
-    from kdcore.exceptions import clip
+    from kdcore.infra.exceptions import clip
 
     huge = "v" * (10 << 20)
     assert len(clip(huge)) < 300 and clip(huge).startswith("vvv") and "characters left out" in clip(huge)
@@ -103,7 +103,7 @@ def test_a_huge_value_is_clipped_in_the_error_line(capsys, tmp_path):
 
 
 def test_a_dead_childs_exit_is_named_as_received():
-    from kdcore.channel import describe_exit
+    from kdcore.infra.channel import describe_exit
 
     assert describe_exit(-signal.SIGKILL) == ("was killed by SIGKILL (signal 9); the kernel's OOM killer sends "
                                               "this when memory runs out, as does kill -9")

@@ -57,7 +57,7 @@ def tracked_run(tmp_path_factory, tiny_teacher):
     installed built-in trackers (the teacher runs in a spawned process, as in `kdcore train`)."""
     import torch
 
-    from kdcore import distributed as kdist
+    from kdcore.infra import distributed as kdist
     from kdcore.training import train
 
     made: dict[str, Collector] = {}

@@ -16,7 +16,7 @@ from test_train import train_steps, write_recipe
 
 zmq = pytest.importorskip("zmq")
 
-from kdcore.channel import TeacherDiedError  # noqa: E402
+from kdcore.infra.channel import TeacherDiedError  # noqa: E402
 from kdcore.engines.protocol import TeacherError  # noqa: E402
 from kdcore.engines.remote.pool import RemotePool, parse_addresses  # noqa: E402
 

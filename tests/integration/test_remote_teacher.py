@@ -20,7 +20,7 @@ from test_train import run_train, train_steps, write_recipe
 
 zmq = pytest.importorskip("zmq")
 
-from kdcore.channel import ChannelTimeout, TeacherDiedError  # noqa: E402
+from kdcore.infra.channel import ChannelTimeout, TeacherDiedError  # noqa: E402
 from kdcore.engines.remote import wire  # noqa: E402
 from kdcore.engines.protocol import HiddenRequest  # noqa: E402
 from kdcore.engines.remote.client import RemoteTeacher, RemoteTeacherError  # noqa: E402

@@ -633,7 +633,7 @@ def test_colocation_phase_orders_sleep_wake_and_offload():
 GATHER_SCRIPT = textwrap.dedent('''
     import json, sys, copy
     import torch
-    from kdcore import distributed as kdist
+    from kdcore.infra import distributed as kdist
     from kdcore.student import shard_student
     from kdcore.engines.sglang.rollout import iter_full_buckets, gather_full
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -211,7 +211,7 @@ def test_the_engine_answers_by_content_and_names_a_sample_it_lacks(fp32_cache):
     import torch
     from safetensors import safe_open
 
-    from kdcore.channel import ChannelError
+    from kdcore.infra.channel import ChannelError
     from kdcore.config import load_recipe
     from kdcore.data import prepare_data
     from kdcore.engines import HiddenRequest

@@ -13,8 +13,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from kdcore.channel import ChannelError, ChannelTimeout, TeacherDiedError, pid_alive
-from kdcore.distributed import default_threads
+from kdcore.infra.channel import ChannelError, ChannelTimeout, TeacherDiedError, pid_alive
+from kdcore.infra.distributed import default_threads
 from kdcore.engines import HiddenRequest, TeacherError
 from kdcore.engines.hf import HFTeacher
 

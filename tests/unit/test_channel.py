@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.multiprocessing as tmp
 
-from kdcore.channel import (Channel, ChannelClosed, ChannelError, ChannelTimeout, PeerDiedError,
+from kdcore.infra.channel import (Channel, ChannelClosed, ChannelError, ChannelTimeout, PeerDiedError,
                             TeacherDiedError, pid_alive)
 
 CTX = tmp.get_context("spawn")

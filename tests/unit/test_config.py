@@ -153,10 +153,10 @@ def test_config_imports_no_engine_runtime():
     # validation loads the registry, so every built-in engine's spec and checks: none may pull its
     # engine in (torch may come with the algorithm plugins, not with an engine)
     code = ("import sys, kdcore.config\n"
-            "print(sorted(m for m in ('torch', 'sglang', 'kdcore.channel', 'kdcore.engines.hf.teacher') if m in sys.modules))\n"
+            "print(sorted(m for m in ('torch', 'sglang', 'kdcore.infra.channel', 'kdcore.engines.hf.teacher') if m in sys.modules))\n"
             "for engine in ('hf', 'sglang', 'remote', 'cache'):\n"
             "    kdcore.config.validate_raw({'teacher': {'path': 'm', 'engine': engine}, 'data': {'train': 'x'}})\n"
-            "print(sorted(m for m in ('sglang', 'zmq', 'kdcore.channel', 'kdcore.engines.hf.teacher', "
+            "print(sorted(m for m in ('sglang', 'zmq', 'kdcore.infra.channel', 'kdcore.engines.hf.teacher', "
             "'kdcore.engines.hf.child', 'kdcore.engines.sglang.teacher', 'kdcore.engines.remote.client', "
             "'kdcore.engines.cache.teacher') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -292,7 +292,7 @@ class FakeTeacher:
     def build(teacher_cfg, *, max_rows, threads, micro_batches_per_step):
         import torch
 
-        from kdcore.channel import Channel
+        from kdcore.infra.channel import Channel
         from kdcore.engines.protocol import TeacherEngine
 
         class Engine(TeacherEngine):

@@ -156,7 +156,7 @@ class StandInEngine:
     dead = False  # True: its process is gone, as a real engine's submit finds out
 
     def submit(self, request):
-        from kdcore.channel import TeacherDiedError
+        from kdcore.infra.channel import TeacherDiedError
         from kdcore.engines.protocol import Ticket
 
         if self.dead:
@@ -166,7 +166,7 @@ class StandInEngine:
         return ticket
 
     def result(self, ticket, timeout=None):
-        from kdcore.channel import ChannelTimeout
+        from kdcore.infra.channel import ChannelTimeout
 
         first = int(self.requests[ticket.seq].input_ids[0, 0])
         if first == HANG:

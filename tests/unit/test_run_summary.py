@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from kdcore.phases import phase
+from kdcore.infra.phases import phase
 from kdcore.run_summary import budget_line, print_summary, run_folder_of, summary
 
 

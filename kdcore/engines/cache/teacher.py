@@ -6,7 +6,7 @@ ticket's slot, converting to the head's dtype in that copy; the shards stay memo
 (``safe_open`` tensors are views of a private, never-written file mapping: measured, opening a
 230 MB shard and taking its tensor adds ~1 MB of resident memory), so many runs share one
 cache through the page cache. Errors during a run are :class:`CacheRunError`, a
-:class:`kdcore.channel.ChannelError`: the trainer reports them as one line.
+:class:`kdcore.infra.channel.ChannelError`: the trainer reports them as one line.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from kdcore.channel import ChannelError
+from kdcore.infra.channel import ChannelError
 from kdcore.engines.cache.format import CacheError, check_shard_files, read_manifest, sample_keys, weights_fingerprint
 from kdcore.engines.protocol import HiddenRequest, TeacherEngine, TeacherError, Ticket
 

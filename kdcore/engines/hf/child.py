@@ -15,7 +15,7 @@ import traceback
 
 import torch
 
-from kdcore.channel import Channel, ChannelClosed
+from kdcore.infra.channel import Channel, ChannelClosed
 
 
 

@@ -1,6 +1,6 @@
 """The embedded ``hf`` teacher engine: transformers in a spawned process, CPU or CUDA.
 
-The parent (student process) owns a :class:`kdcore.channel.Channel`, spawns the child with
+The parent (student process) owns a :class:`kdcore.infra.channel.Channel`, spawns the child with
 ``torch.multiprocessing``'s *spawn* context (a fresh interpreter: no forked torch thread pools
 or CUDA state) and talks to it through two queues: requests go down with token ids (small
 numpy arrays, pickled), hidden states come back through the channel (shared memory, no
@@ -14,16 +14,16 @@ Child process setup, and why:
   (keep freed activation buffers in the heap instead of page-faulting fresh ones every batch),
   ``OMP_NUM_THREADS=threads``, progress bars and info logs off.
 - ``torch.set_num_threads(threads)``: by default all of the rank's cores
-  (:func:`kdcore.distributed.default_threads`), like the student: the two overlap and wait
+  (:func:`kdcore.infra.distributed.default_threads`), like the student: the two overlap and wait
   passively, so each may use every core while the other waits (README, performance).
 - A watchdog thread exits the child within 0.5 s when its parent is gone (even SIGKILLed), so
   a crashed trainer leaves no orphan teacher; the ``daemon`` flag and an ``atexit`` hook stop
   it on a normal or exceptional parent exit.
 - A forward hook on each leaf module of the decoder bumps the channel's progress beat, so a
-  hung teacher is told apart from a slow one (:class:`kdcore.channel.ChannelTimeout` after
+  hung teacher is told apart from a slow one (:class:`kdcore.infra.channel.ChannelTimeout` after
   ``progress_timeout`` seconds without a finished linear/norm/... module).
 - Any exception in the child is fatal: its traceback is sent up, the child exits, and the
-  parent's next wait raises :class:`kdcore.channel.TeacherDiedError` carrying it.
+  parent's next wait raises :class:`kdcore.infra.channel.TeacherDiedError` carrying it.
 
 The child computes the decoder (``model.get_decoder()``: its ``last_hidden_state`` is after
 the final norm; no logits, no per-layer hidden states kept, no KV cache) and gathers the
@@ -47,7 +47,7 @@ from typing import Any, Iterator, Mapping, Optional
 
 import torch
 
-from kdcore.channel import (POLL_S, PROGRESS_TIMEOUT_S, Channel, ChannelTimeout,
+from kdcore.infra.channel import (POLL_S, PROGRESS_TIMEOUT_S, Channel, ChannelTimeout,
                             TeacherDiedError, describe_exit)
 from kdcore.engines.hf.child import child_main
 from kdcore.engines.protocol import HiddenRequest, TeacherEngine, TeacherError, Ticket
@@ -69,7 +69,7 @@ def _close_all() -> None:  # runs before multiprocessing's own exit hook (regist
 
 def child_env(threads: int) -> dict[str, str]:
     """Environment the teacher process starts with (see the module docstring)."""
-    from kdcore.runtime import ALLOCATOR_ENV, THREAD_ENV
+    from kdcore.infra.process_env import ALLOCATOR_ENV, THREAD_ENV
 
     # a user's own choice wins
     env = {k: os.environ.get(k, v) for k, v in {**ALLOCATOR_ENV, **THREAD_ENV}.items()}
@@ -100,7 +100,7 @@ def _environment(env: dict[str, str]) -> Iterator[None]:
 
 def _resolve_device(device: str) -> str:
     """``cpu`` or ``cuda:<index>``. A bare ``cuda`` (or ``auto``) gets this process's current
-    device index (LOCAL_RANK's, which :func:`kdcore.distributed.init_distributed` sets): the
+    device index (LOCAL_RANK's, which :func:`kdcore.infra.distributed.init_distributed` sets): the
     channel is allocated here and the spawned child, whose own current device is 0, must put
     the model on the same GPU."""
     if device == "auto":
@@ -123,7 +123,7 @@ class HFTeacher(TeacherEngine):
             into a cached HF folder, see :func:`kdcore.models.gguf_to_hf_folder`).
         dtype: compute dtype of the teacher, and of the hidden states in the channel.
         device: ``cpu``, ``cuda[:i]`` or ``auto`` (cuda when available).
-        threads: torch threads in the child; None = :func:`kdcore.distributed.default_threads`
+        threads: torch threads in the child; None = :func:`kdcore.infra.distributed.default_threads`
             (all of this rank's cores).
         max_rows: rows per channel slot = the most hidden states one request may ask for.
         n_slots: channel depth; 2 lets the teacher fill batch k+1 while the student uses k.
@@ -147,7 +147,7 @@ class HFTeacher(TeacherEngine):
         self.dtype = torch_dtype(dtype)
         self.device = device
         if not threads:
-            from kdcore.distributed import default_threads
+            from kdcore.infra.distributed import default_threads
 
             threads = default_threads(int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
         self.threads = int(threads)

@@ -34,7 +34,7 @@ from typing import Any, Optional
 
 import torch
 
-from kdcore.channel import ChannelError, ChannelTimeout, TeacherDiedError
+from kdcore.infra.channel import ChannelError, ChannelTimeout, TeacherDiedError
 from kdcore.engines.remote import wire
 from kdcore.engines.protocol import HiddenRequest, TeacherEngine, TeacherError, Ticket
 

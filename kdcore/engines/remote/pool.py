@@ -35,7 +35,7 @@ from typing import Any, Optional
 
 import torch
 
-from kdcore.channel import ChannelTimeout, TeacherDiedError
+from kdcore.infra.channel import ChannelTimeout, TeacherDiedError
 from kdcore.engines.remote import wire
 from kdcore.engines.protocol import HiddenRequest, TeacherEngine, TeacherError, Ticket
 from kdcore.engines.remote.client import RemoteTeacherError, _Slots  # the client's slot ring, shared

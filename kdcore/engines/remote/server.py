@@ -397,7 +397,7 @@ class TeacherServer:
                 pass
 
     def _feed_engine(self, pipe: Any) -> None:
-        from kdcore.channel import ChannelError
+        from kdcore.infra.channel import ChannelError
         from kdcore.engines.protocol import TeacherError
 
         while len(self.in_engine) < self.engine.n_slots and not self.stop.is_set():
@@ -537,7 +537,7 @@ def serve_recipe(recipe: str, overrides: list[str], *, listen: str, token: Optio
 
     import zmq
 
-    from kdcore.channel import ChannelError
+    from kdcore.infra.channel import ChannelError
     from kdcore.config import RecipeError, load_recipe
     from kdcore.engines import TeacherError, create_teacher_engine
     from kdcore.paths import ModelNotFoundError

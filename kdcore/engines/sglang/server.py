@@ -24,7 +24,7 @@ import weakref
 from contextlib import contextmanager, nullcontext
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
-from kdcore.channel import ChannelTimeout, TeacherDiedError
+from kdcore.infra.channel import ChannelTimeout, TeacherDiedError
 from kdcore.engines.protocol import TeacherError
 from kdcore.engines.sglang.config import (HOOK_ENV, MIN_PREFILL_TOKENS, SGLANG_NEGATABLE_FLAGS, TEACHER_DEFAULT_ARGS,
                                           TEACHER_FIXED_ARGS)

@@ -66,7 +66,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
-from kdcore.channel import Channel, ChannelClosed, TeacherDiedError
+from kdcore.infra.channel import Channel, ChannelClosed, TeacherDiedError
 from kdcore.engines.colocation import Colocation
 from kdcore.engines.protocol import HiddenRequest, TeacherEngine, TeacherError, Ticket
 from kdcore.engines.sglang.config import (HOOK_ENV, SGLANG_VERSION, SGLangConfig, check_architecture, check_cuda,
@@ -282,7 +282,7 @@ class SGLangTeacher(TeacherEngine):
         max_rows: rows per channel slot = the most hidden states one request may ask for.
         n_slots: channel depth (2: the server fills batch k+1 while the student uses k).
         device: where the channel lives = the student's device (default: the current CUDA
-            device, which :func:`kdcore.distributed.init_distributed` sets per rank).
+            device, which :func:`kdcore.infra.distributed.init_distributed` sets per rank).
         progress_timeout: seconds one request may take before it counts as hung.
         start_timeout: seconds for the server to come up.
 
