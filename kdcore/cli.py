@@ -140,7 +140,7 @@ def cmd_config(args) -> int:
 
 def cmd_train(args) -> int:
     from kdcore.config import load_recipe
-    from kdcore.run_folder import RunFolderError
+    from kdcore.storage.run_folder import RunFolderError
 
     if args.resume and args.overwrite:
         raise RunFolderError("--resume and --overwrite contradict each other: pick one")

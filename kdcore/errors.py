@@ -28,8 +28,8 @@ EXIT_TERMINATED = 143  # 128 + SIGTERM, what a killed command reports; scheduler
 # that was never imported cannot be raised), so this file imports nothing heavy
 KNOWN_ERRORS: tuple[tuple[str, str, int], ...] = (
     ("kdcore.config", "RecipeError", EXIT_BAD_INPUT),
-    ("kdcore.run_folder", "RunFolderError", EXIT_BAD_INPUT),
-    ("kdcore.resume", "ResumeMismatchError", EXIT_BAD_INPUT),
+    ("kdcore.storage.run_folder", "RunFolderError", EXIT_BAD_INPUT),
+    ("kdcore.storage.resume", "ResumeMismatchError", EXIT_BAD_INPUT),
     ("kdcore.registry", "PluginError", EXIT_BAD_INPUT),
     ("kdcore.registry", "UnknownAlgorithmError", EXIT_BAD_INPUT),
     ("kdcore.paths", "ModelNotFoundError", EXIT_BAD_INPUT),
@@ -41,7 +41,7 @@ KNOWN_ERRORS: tuple[tuple[str, str, int], ...] = (
     ("kdcore.plot", "PlotError", EXIT_BAD_INPUT),
     ("kdcore.evaluate", "EvaluatorError", EXIT_FAILED),
     ("kdcore.training.types", "TrainingError", EXIT_FAILED),
-    ("kdcore.checkpoint", "CheckpointError", EXIT_FAILED),
+    ("kdcore.storage.checkpoint", "CheckpointError", EXIT_FAILED),
     ("kdcore.infra.channel", "ChannelError", EXIT_FAILED),
     ("kdcore.engines.protocol", "RolloutError", EXIT_FAILED),
     ("kdcore.engines.protocol", "TeacherError", EXIT_FAILED),
@@ -128,7 +128,7 @@ def write_traceback(exc: BaseException, folder: str | os.PathLike | None) -> Pat
 def last_checkpoint_text(output_dir: str | os.PathLike | None) -> str:
     if output_dir:
         try:
-            from kdcore.checkpoint import find_latest
+            from kdcore.storage.checkpoint import find_latest
 
             found = find_latest(Path(output_dir) / "checkpoints")
         except Exception:

@@ -164,12 +164,12 @@ def _unreadable(path: Path) -> bool:
 
 def check_paths(raw: dict, recipe_dir: Path, errors: list[str]) -> None:
     """Everything train would open first, checked without loading it: the output folder
-    (:func:`kdcore.run_folder.output_dir_problem`), data files (beside the
+    (:func:`kdcore.storage.run_folder.output_dir_problem`), data files (beside the
     recipe or in the working directory; hub dataset names are left to the loader), model
     folders and ``.gguf`` files, ``pkg://`` specs, tokenizer paths, and read permission."""
     from kdcore.models import locate
     from kdcore.paths import ModelNotFoundError, resolve
-    from kdcore.run_folder import output_dir_problem
+    from kdcore.storage.run_folder import output_dir_problem
 
     out = get_dotted(raw, "train.output_dir")
     problem = output_dir_problem(out) if isinstance(out, str) else None

@@ -25,7 +25,7 @@ for arg in "$@"; do
         --overwrite|--resume) chosen=1 ;;
     esac
 done
-# what makes a folder hold a run (kdcore/run_folder.py RUN_MARKERS): kdcore train refuses it
+# what makes a folder hold a run (kdcore/storage/run_folder.py RUN_MARKERS): kdcore train refuses it
 holds_run() { [ -e "$1/metrics.jsonl" ] || [ -e "$1/checkpoints" ] || [ -e "$1/hf" ] || [ -e "$1/recipe.yaml" ]; }
 if [ "$chosen" = 0 ] && holds_run "$out"; then
     n=2

@@ -1,7 +1,7 @@
 """The run's checkpoints: where training resumes from, when to save, what a save holds.
 
 The files themselves (atomic DCP folders, ``latest``, pruning, export) are
-:mod:`kdcore.checkpoint`'s; this part owns the run's decisions: the save interval, the final
+:mod:`kdcore.storage.checkpoint`'s; this part owns the run's decisions: the save interval, the final
 save, which trainer state goes with a checkpoint (the rollout policy's state, the latest eval
 loss and the step it was logged at, and an EMA teacher's average as ``ema_teacher.safetensors``,
 written into the folder before it is sealed: :mod:`kdcore.training.ema`),
@@ -20,7 +20,7 @@ from kdcore.training.types import LatestEval, TrainingError
 class Checkpointer:
     def __init__(self, out_dir: Path, *, cfg, student, rollout, latest_eval: LatestEval, log, ema=None):
         self.dir = out_dir / "checkpoints"
-        self.recipe = cfg  # saved with every checkpoint, compared on --resume (kdcore/resume.py)
+        self.recipe = cfg  # saved with every checkpoint, compared on --resume (kdcore/storage/resume.py)
         self.cfg = cfg.checkpoint
         self.max_steps = cfg.train.max_steps
         self.student = student
@@ -37,9 +37,9 @@ class Checkpointer:
         """``(step, data position)`` of the latest checkpoint, restored into the student; the
         schedule follows the recipe's (possibly changed) ``train`` settings, and metrics.jsonl
         loses the records of steps after the checkpoint (they are about to be re-run)."""
-        from kdcore import checkpoint as ckpt
+        from kdcore.storage import checkpoint as ckpt
         from kdcore import student as kstudent
-        from kdcore.run_folder import trim_metrics
+        from kdcore.storage.run_folder import trim_metrics
 
         s = self.student
         state = ckpt.load_latest(self.dir, model=s.model, optimizer=s.optimizer, scheduler=s.scheduler,
@@ -69,8 +69,8 @@ class Checkpointer:
         return bool(every) and step % every == 0 and step < self.max_steps
 
     def save(self, step: int, position: Any) -> Path:
-        from kdcore import checkpoint as ckpt
-        from kdcore.run_folder import recipe_dict
+        from kdcore.storage import checkpoint as ckpt
+        from kdcore.storage.run_folder import recipe_dict
 
         s = self.student
         # rank 0 writes the average (the same on every rank) into the folder before it is sealed
@@ -91,7 +91,7 @@ class Checkpointer:
 def _check_trainer_state(saved: dict) -> None:
     """The trainer's own values in a checkpoint's trainer_state.json (the checkpoint is skipped
     when one is impossible): a data position of non-negative counts, an eval loss that is a number."""
-    from kdcore.checkpoint_files import MAX_STEP
+    from kdcore.storage.checkpoint_files import MAX_STEP
 
     pos = saved.get("data_state") or {}
     for key, value in pos.items():

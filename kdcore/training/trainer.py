@@ -222,7 +222,7 @@ class Trainer:
     def export(self) -> Path | None:
         if not self.cfg.checkpoint.export_hf:
             return None
-        from kdcore import checkpoint as ckpt
+        from kdcore.storage import checkpoint as ckpt
 
         export_dir = self.out_dir / "hf"
         ckpt.export_hf(self.student.model, self.student_tok, export_dir)
@@ -230,7 +230,7 @@ class Trainer:
         return export_dir
 
     def close(self) -> None:
-        from kdcore import run_folder
+        from kdcore.storage import run_folder
 
         self.log.close()
         if self.sampler is not None:
@@ -251,7 +251,7 @@ class Trainer:
 
     def _prepare_output(self) -> None:
         """Refuse to overwrite another run, compare recipes on resume, save this one's recipe."""
-        from kdcore import run_folder
+        from kdcore.storage import run_folder
 
         run_folder.prepare_collective(self.out_dir, self.cfg, resume=self.resume, overwrite=self.overwrite,
                                       allow_data_change=self.allow_data_change)

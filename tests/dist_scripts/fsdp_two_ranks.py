@@ -44,7 +44,7 @@ def micro_batches(rank: int):
 
 def check(tied: bool, work: Path, rank: int, world: int) -> dict:
     from kdcore.infra import distributed as kdist
-    from kdcore.checkpoint import export_hf, load_checkpoint, save_checkpoint
+    from kdcore.storage.checkpoint import export_hf, load_checkpoint, save_checkpoint
     from kdcore.student import (Student, build_optimizer, build_scheduler, clip_gradients, loss_scale,
                                 shard_student, student_head_weight, student_hidden, sync_extra_modules)
 

@@ -24,9 +24,9 @@ def full_disk(*args, **kwargs):
 
 
 def main() -> None:
-    from kdcore import checkpoint as ckpt_mod
+    from kdcore.storage import checkpoint as ckpt_mod
     from kdcore.infra import distributed as kdist
-    from kdcore.checkpoint import CheckpointError, save_checkpoint
+    from kdcore.storage.checkpoint import CheckpointError, save_checkpoint
     from kdcore.student import shard_student
 
     env = kdist.init_distributed("cpu", timeout_s=60.0)  # a hang shows as a timeout well inside the test's

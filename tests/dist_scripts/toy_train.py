@@ -45,7 +45,7 @@ def make_recipe(model_dir: str, precision: str = "fp32"):
 
 
 def params_digest(model, extras) -> str:
-    from kdcore.checkpoint import full_state_dict
+    from kdcore.storage.checkpoint import full_state_dict
 
     h = hashlib.sha256()
     for k, v in sorted(full_state_dict(model).items()):
@@ -60,7 +60,7 @@ def params_digest(model, extras) -> str:
 def run(model_dir: str, ckpt_dir: str, steps: int, stop_after: int | None = None, resume: bool = False,
         precision: str = "fp32", grad_accum: int = 2) -> dict:
     from kdcore.infra import distributed as kdist
-    from kdcore.checkpoint import load_latest, save_checkpoint
+    from kdcore.storage.checkpoint import load_latest, save_checkpoint
     from kdcore.student import Student, loss_scale, student_head_weight, student_hidden
 
     owns_group = not kdist.is_initialized()

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from dist_scripts.common import HIDDEN, tiny_llama
-from kdcore import checkpoint as ck
+from kdcore.storage import checkpoint as ck
 from kdcore.student import build_optimizer, build_scheduler, shard_student
 from test_checkpoint import assert_same, snapshot, trained_setup
 
@@ -89,7 +89,7 @@ def _rewrite_manifest(path: Path, legacy: bool = False) -> None:
 def _as_legacy(path: Path) -> None:
     """The checkpoint as kdflow wrote it before its DCP metadata was JSON: DCP's own pickled
     ``.metadata``, a manifest without a format."""
-    from kdcore.safe_dcp import read_metadata
+    from kdcore.storage.safe_dcp import read_metadata
 
     (path / ".metadata").write_bytes(pickle.dumps(read_metadata(path)))
     (path / "dcp.json").unlink()
@@ -231,7 +231,7 @@ _JSON_EDITS = {
 
 @pytest.mark.parametrize("edit", sorted(_JSON_EDITS))
 def test_json_metadata_with_a_wrong_type_or_name_is_refused(work, edit):
-    from kdcore.safe_dcp import MetadataError, metadata_from_json
+    from kdcore.storage.safe_dcp import MetadataError, metadata_from_json
 
     obj = json.loads((_save(work, 1) / "dcp.json").read_text())
     metadata_from_json(json.loads(json.dumps(obj)))  # as written: accepted
@@ -241,7 +241,7 @@ def test_json_metadata_with_a_wrong_type_or_name_is_refused(work, edit):
 
 
 def _repoint_storage(path: Path, target: str, legacy: bool) -> None:
-    from kdcore.safe_dcp import read_metadata
+    from kdcore.storage.safe_dcp import read_metadata
 
     if legacy:
         md = read_metadata(path)
@@ -406,7 +406,7 @@ def test_the_metadata_unpickler_builds_only_plain_data(work):
 
     import torch.distributed.checkpoint as dcp
 
-    from kdcore.safe_dcp import safe_load_metadata
+    from kdcore.storage.safe_dcp import safe_load_metadata
 
     for bait in (_Builds(dcp.FileSystemWriter, str(work / "made")), _Builds(os.system, "true"),
                  _Builds(getattr, "text", "upper"), _Builds(torch.serialization.load, "x")):
@@ -454,7 +454,7 @@ _DAMAGE = {
 @pytest.mark.parametrize("rewrite", [False, True], ids=["as_damaged", "manifest_rewritten"])
 @pytest.mark.parametrize("damage", sorted(_DAMAGE))
 def test_a_damaged_value_falls_back_to_the_newest_good_checkpoint(work, damage, rewrite):
-    from kdcore.run_folder import saved_run_recipe
+    from kdcore.storage.run_folder import saved_run_recipe
 
     ckpts = work / "checkpoints"
     _save(ckpts, 1, recipe=_RECIPE)

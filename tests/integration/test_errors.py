@@ -22,7 +22,7 @@ from kdcore.cli import main
 
 def test_known_errors_are_one_line_with_their_exit_code(capsys):
     from kdcore.config import RecipeError
-    from kdcore.run_folder import RunFolderError
+    from kdcore.storage.run_folder import RunFolderError
 
     assert errors.report(RecipeError("r.yaml", ["a: bad", "b: worse"])) == 2
     assert capsys.readouterr().err == "kdcore: error: r.yaml: a: bad; b: worse\n"
@@ -284,7 +284,7 @@ def test_ctrl_c_stops_cleanly_with_exit_130_naming_the_checkpoint(tmp_path, tiny
     last = [line for line in err.splitlines() if line.startswith("kdcore:")][-1]
     assert last.startswith("kdcore: interrupted; the last good checkpoint is '") and "step_" in last
     named = Path(last.split("'")[1])
-    from kdcore.checkpoint import verify_checkpoint
+    from kdcore.storage.checkpoint import verify_checkpoint
 
     assert verify_checkpoint(named) is None
     assert json.loads((named / "meta.json").read_text())["step"] >= 1

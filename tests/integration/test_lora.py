@@ -157,8 +157,8 @@ def test_world_size_two_under_torchrun_matches_reference(tiny_dir):
 
 
 def test_resume_is_bitwise_exact_and_holds_only_adapters(tiny_dir, tmp_path):
-    from kdcore.checkpoint import load_checkpoint, save_checkpoint
-    from kdcore.safe_dcp import SafeFileSystemReader
+    from kdcore.storage.checkpoint import load_checkpoint, save_checkpoint
+    from kdcore.storage.safe_dcp import SafeFileSystemReader
 
     r = lora_recipe(tiny_dir, dropout=0.1)  # dropout draws from the RNG the checkpoint restores
     st = Student.from_recipe(r)
@@ -185,7 +185,7 @@ def test_resume_is_bitwise_exact_and_holds_only_adapters(tiny_dir, tmp_path):
 
 
 def test_checkpoint_of_another_adapter_shape_is_refused(tiny_dir, tmp_path):
-    from kdcore.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+    from kdcore.storage.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
     st = Student.from_recipe(lora_recipe(tiny_dir))
     save_checkpoint(tmp_path / "ck", 1, model=st.model, optimizer=st.optimizer, scheduler=st.scheduler)
@@ -196,7 +196,7 @@ def test_checkpoint_of_another_adapter_shape_is_refused(tiny_dir, tmp_path):
 
 
 def test_resume_refuses_a_change_of_the_lora_section():
-    from kdcore.resume import ResumeMismatchError, check_resume
+    from kdcore.storage.resume import ResumeMismatchError, check_resume
 
     saved = {"student": {"lora": {"enabled": True, "r": 16, "target_modules": ["q_proj"]}}}
     for key, val in (("r", 8), ("enabled", False), ("target_modules", ["q_proj", "v_proj"])):
@@ -214,7 +214,7 @@ def test_export_writes_merged_model_and_adapter_folder(tiny_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from kdcore.checkpoint import export_hf
+    from kdcore.storage.checkpoint import export_hf
 
     st = Student.from_recipe(lora_recipe(tiny_dir))
     st.train()

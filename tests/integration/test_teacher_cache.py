@@ -199,7 +199,7 @@ def test_a_damaged_shard_stops_the_run_before_its_first_step(fp32_cache, tmp_pat
     assert last.startswith(f"kdcore: error: teacher.cache: shard {shard} ")
     assert ("truncated" in last) if damage == "truncated" else last.endswith("is missing")
     # a run folder holds its recipe, its lock and its data fingerprints from the start
-    # (kdcore/run_folder.py); nothing else is written
+    # (kdcore/storage/run_folder.py); nothing else is written
     assert not out.exists() or {p.name for p in out.iterdir()} <= {"recipe.yaml", ".kdcore.lock", "data_fingerprint.json"}, \
         "nothing written before step 1"
     assert {p.name: p.read_bytes() for p in bad.iterdir()} == before, "the cache is only read"

@@ -126,7 +126,7 @@ def _extra_state(step_dir: Path, scratch: Path) -> dict:
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-    from kdcore.safe_dcp import SafeFileSystemReader
+    from kdcore.storage.safe_dcp import SafeFileSystemReader
 
     state: dict = {}
     _load_state_dict(state, storage_reader=SafeFileSystemReader(str(step_dir)),

@@ -229,7 +229,7 @@ def test_override_past_the_end_of_a_list_is_one_error():
 @pytest.mark.parametrize("name", ["quickstart", "multi_teacher"])
 def test_a_run_folders_saved_recipe_loads_back(tmp_path, name):
     """``kdcore eval RUN`` and a new run read ``RUN/recipe.yaml``: the resolved recipe must validate."""
-    from kdcore.run_folder import save_recipe
+    from kdcore.storage.run_folder import save_recipe
 
     cfg = load_recipe(name)
     again = load_recipe(str(save_recipe(tmp_path, cfg)))

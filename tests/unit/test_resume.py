@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from kdcore.resume import ResumeMismatchError, check_resume, compare_recipes
+from kdcore.storage.resume import ResumeMismatchError, check_resume, compare_recipes
 from kdcore.student import build_optimizer, build_scheduler, lr_factor, reschedule, reschedule_for_recipe
 
 SAVED = {

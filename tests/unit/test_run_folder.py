@@ -9,7 +9,7 @@ import os
 import pytest
 from omegaconf import OmegaConf
 
-from kdcore import run_folder as rf
+from kdcore.storage import run_folder as rf
 
 
 @pytest.fixture(autouse=True)
@@ -132,7 +132,7 @@ def test_resume_refuses_a_changed_student_before_writing_the_recipe(tmp_path, cp
 
 _HOLD = """
 import sys, time
-from kdcore import run_folder as rf
+from kdcore.storage import run_folder as rf
 rf.lock(sys.argv[1])
 print("locked", flush=True)
 time.sleep(600)

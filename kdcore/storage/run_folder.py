@@ -290,7 +290,7 @@ def _write_atomic(path: Path, text: str) -> None:
 def saved_run_recipe(out_dir: str | os.PathLike) -> tuple[dict | None, str]:
     """The recipe a resumed run continues: the newest checkpoint's, else the folder's
     ``recipe.yaml``; with where it was found."""
-    from kdcore.checkpoint import latest_recipe
+    from kdcore.storage.checkpoint import latest_recipe
 
     saved, ckpt = latest_recipe(Path(out_dir) / "checkpoints")  # verified first: the one --resume loads
     if saved is not None:
@@ -302,13 +302,13 @@ def prepare_collective(out_dir: str | os.PathLike, recipe: Any, *, resume: bool,
                        allow_data_change: bool = False) -> None:
     """On rank 0, before any model is loaded: take the folder's lock (:func:`lock`, held until
     :func:`unlock`), :func:`prepare`, on ``--resume`` the recipe check against the saved run
-    (:func:`kdcore.resume.check_resume`) and the data check (:func:`check_data`), then
+    (:func:`kdcore.storage.resume.check_resume`) and the data check (:func:`check_data`), then
     :func:`save_recipe` and the data record. The outcome is shared with every rank (so all
     ranks raise the same one-line error, and none waits for a rank that stopped)."""
     import sys
 
     from kdcore.infra import distributed as kdist
-    from kdcore.resume import ResumeMismatchError, check_resume
+    from kdcore.storage.resume import ResumeMismatchError, check_resume
 
     problem = None
     if kdist.is_main():

@@ -22,8 +22,8 @@ export that fails for an OS reason (disk full), however a library wrapped it, re
 
 Loading never runs code from the folder: no pickles are written or read (JSON and
 safetensors; DCP's metadata is JSON, an older checkpoint's pickled ``.metadata`` goes through an
-exact allow-list, see :mod:`kdcore.safe_dcp`). What a folder may hold and the checks it passes
-before any of it is read (manifest, then values) are :mod:`kdcore.checkpoint_files`';
+exact allow-list, see :mod:`kdcore.storage.safe_dcp`). What a folder may hold and the checks it passes
+before any of it is read (manifest, then values) are :mod:`kdcore.storage.checkpoint_files`';
 :func:`load_latest` falls back to the newest checkpoint that passes.
 
 Resuming restores parameters, optimizer moments, schedule, RNG streams and the data position
@@ -51,7 +51,7 @@ import torch
 from torch import nn
 
 from kdcore.infra import distributed as kdist
-from kdcore.checkpoint_files import (  # noqa: F401  (re-exported: kdcore.checkpoint is the API)
+from kdcore.storage.checkpoint_files import (  # noqa: F401  (re-exported: kdcore.storage.checkpoint is the API)
     LATEST, LEGACY_REASON, LEGACY_TRAINER_STATE, MANIFEST, META, RECIPE, RNG_SUFFIX, STEP_PREFIX, TMP_SUFFIX,
     TRAINER_STATE, CheckpointError, CorruptCheckpointError, check, file_record as _file_record, find_latest,
     is_complete as _is_complete, list_checkpoints, read_checked, step_dir_name, verify_checkpoint, write_manifest,
@@ -289,7 +289,7 @@ def _save_into(tmp: Path, final: Path, step: int, *, model, optimizer, scheduler
                data_state, trainer_state, recipe, keep, write_extra=None) -> None:
     import torch.distributed.checkpoint as dcp
 
-    from kdcore.safe_dcp import write_json_metadata
+    from kdcore.storage.safe_dcp import write_json_metadata
 
     d = final.parent
     rank, world = kdist.get_rank(), kdist.get_world_size()
@@ -343,7 +343,7 @@ def _agreed(part, d: Path) -> None:
 def _seal(tmp: Path, final: Path, step: int, metadata, *, data_state, trainer_state, scheduler, recipe, keep,
           write_extra) -> None:
     """Rank 0: the JSON files, the manifest, the rename and ``latest`` (the last thing written)."""
-    from kdcore.safe_dcp import write_json_metadata
+    from kdcore.storage.safe_dcp import write_json_metadata
 
     d, world = final.parent, kdist.get_world_size()
     if kdist.get_rank() == 0:
@@ -385,8 +385,8 @@ def _prune(d: Path, current: int, keep: int) -> None:
 def _check_model_keys(p: Path, model_state: dict) -> None:
     """DCP loads only the keys the new model asks for and ignores the rest: a 4-layer
     checkpoint would load into a 2-layer student without a word. Both sides must match.
-    Reading the metadata also checks it (:func:`kdcore.safe_dcp.read_metadata`)."""
-    from kdcore.safe_dcp import JSON_NAME, PICKLED_NAME, read_metadata
+    Reading the metadata also checks it (:func:`kdcore.storage.safe_dcp.read_metadata`)."""
+    from kdcore.storage.safe_dcp import JSON_NAME, PICKLED_NAME, read_metadata
 
     try:
         saved_meta = read_metadata(p).state_dict_metadata
@@ -411,8 +411,8 @@ def load_checkpoint(path: str | os.PathLike, *, model: nn.Module, optimizer: tor
     checkpoint folder in place; return the step and the trainer's saved states. Collective.
 
     Nothing read can run code: JSON, safetensors, and DCP read through
-    :mod:`kdcore.safe_dcp`. Every file is checked against the manifest first (``verify``;
-    :func:`kdcore.checkpoint_files.check`) and the JSON files' values after: a damaged one
+    :mod:`kdcore.storage.safe_dcp`. Every file is checked against the manifest first (``verify``;
+    :func:`kdcore.storage.checkpoint_files.check`) and the JSON files' values after: a damaged one
     raises :class:`CorruptCheckpointError` before anything is restored. The model's parameter
     names must equal the checkpoint's (strict).
 
@@ -423,7 +423,7 @@ def load_checkpoint(path: str | os.PathLike, *, model: nn.Module, optimizer: tor
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    from kdcore.safe_dcp import SafeFileSystemReader, SafeLoadPlanner
+    from kdcore.storage.safe_dcp import SafeFileSystemReader, SafeLoadPlanner
 
     p = Path(path)
     if not p.is_dir() or not _is_complete(p):

@@ -3,7 +3,7 @@
 A checkpoint ``step_<n>`` written by this kdflow holds exactly these files, each listed with
 its size and sha256 in ``manifest.json`` (the manifest itself excepted):
 
-    dcp.json                 DCP's metadata as JSON (:mod:`kdcore.safe_dcp`)
+    dcp.json                 DCP's metadata as JSON (:mod:`kdcore.storage.safe_dcp`)
     __<r>_0.distcp           DCP's shards (tensors read with ``weights_only=True``)
     rank_<r>.safetensors     each rank's RNG streams
     trainer_state.json       step, scheduler, data position, trainer extras
@@ -17,7 +17,7 @@ hash, no file that is not listed, every name a plain file name in the folder);
 not match the folder's name, beyond the run's planned ``train.max_steps`` or absurd, a world
 size below 1, wrong types). The hashes catch damage, not an attacker (who can rewrite them):
 what keeps a planted file harmless is that nothing read is code (JSON, safetensors, DCP through
-:mod:`kdcore.safe_dcp`) and that every value is checked before use.
+:mod:`kdcore.storage.safe_dcp`) and that every value is checked before use.
 
 Checkpoints written before this layout (pickled DCP ``.metadata``, a manifest without
 ``meta.json``) are still read, through the same checks and DCP's allow-list unpickler.
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kdcore.safe_dcp import JSON_NAME, PICKLED_NAME
+from kdcore.storage.safe_dcp import JSON_NAME, PICKLED_NAME
 
 STEP_PREFIX = "step_"
 TMP_SUFFIX = ".tmp"
