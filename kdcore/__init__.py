@@ -11,7 +11,7 @@ need them.
 """
 
 from kdcore.config import RecipeError, load_recipe
-from kdcore.plugins import hookimpl, load_registry, register_plugin, unregister_plugin
+from kdcore.plugin_system.manager import hookimpl, load_registry, register_plugin, unregister_plugin
 
 __version__ = "0.1.0"
 __all__ = ["hookimpl", "load_registry", "register_plugin", "unregister_plugin", "load_recipe", "RecipeError"]

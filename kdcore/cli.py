@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from kdcore.registry import KINDS
+from kdcore.plugin_system.registry import KINDS
 
 EXAMPLES = """\
 examples:
@@ -42,7 +42,7 @@ _CONTEXT: dict = {"output_dir": None}
 
 
 def _registry_with_warnings():
-    from kdcore.plugins import load_registry
+    from kdcore.plugin_system.manager import load_registry
 
     registry = load_registry()  # a PluginError goes to the top-level handler: one line, exit 2
     for p in registry.failed_plugins():

@@ -138,7 +138,7 @@ def validate_raw(raw: dict, registry=None, recipe_dir: Path | None = None) -> li
     if isinstance(s, dict) and s.get("init") == "truncate" and not s.get("num_layers"):
         errors.append("student.num_layers: required when student.init is 'truncate'")
     if registry is None:
-        from kdcore.plugins import load_registry
+        from kdcore.plugin_system.manager import load_registry
 
         registry = load_registry()
     check_engines(raw, registry, errors)

@@ -10,7 +10,7 @@ Two kinds of numbers, both from the weights of an exported student (``<run>/hf``
 - **Generation**: greedy answers of the student (in this process) and of the teacher (its
   engine's ``generate``) to the prompts of those held-out samples, scored by the evaluators
   that ``eval.evaluators`` names (registered through ``register_evaluators``, see
-  :mod:`kdcore.hookspecs`).
+  :mod:`kdcore.plugin_system.hookspecs`).
 
 Imports nothing heavy at module level (``kdcore.cli`` imports it lazily anyway).
 """
@@ -40,7 +40,7 @@ class EvaluatorError(RuntimeError):
 @dataclass
 class Generations:
     """What every evaluator receives: one entry per held-out prompt, in the same order in
-    every list (see ``register_evaluators`` in :mod:`kdcore.hookspecs`)."""
+    every list (see ``register_evaluators`` in :mod:`kdcore.plugin_system.hookspecs`)."""
 
     prompts: list[str]
     references: list[str]

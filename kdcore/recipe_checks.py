@@ -16,7 +16,7 @@ from kdcore.schema import (DistillConfig, EvalConfig, RolloutConfig, TeacherConf
                            get_dotted)
 def check_algorithm_options(raw: dict, registry, errors: list[str]) -> None:
     """Check distill.{loss,aligner,rollout} names and their *_options against the registry."""
-    from kdcore.registry import UnknownAlgorithmError
+    from kdcore.plugin_system.registry import UnknownAlgorithmError
 
     distill = raw.get("distill") or {}
     defaults = DistillConfig()
@@ -48,7 +48,7 @@ def check_algorithm_options(raw: dict, registry, errors: list[str]) -> None:
 def check_engines(raw: dict, registry, errors: list[str]) -> None:
     """Check teacher.engine and rollout.engine against the registry's engines, then let each
     chosen engine check its own section (e.g. sglang's ``<section>.sglang``)."""
-    from kdcore.registry import UnknownAlgorithmError
+    from kdcore.plugin_system.registry import UnknownAlgorithmError
 
     for role, schema in (("teacher", TeacherConfig), ("rollout", RolloutConfig)):
         section = raw.get(role)
@@ -101,7 +101,7 @@ def check_registered_options(entry, opts: dict, key: str, kind: str, errors: lis
 
 def check_evaluators(raw: dict, registry, errors: list[str]) -> None:
     """Check eval.evaluators against the registry and eval.options against their dataclasses."""
-    from kdcore.registry import UnknownAlgorithmError
+    from kdcore.plugin_system.registry import UnknownAlgorithmError
 
     section = raw.get("eval")
     section = section if isinstance(section, dict) else {}
@@ -131,7 +131,7 @@ def check_evaluators(raw: dict, registry, errors: list[str]) -> None:
 
 def check_loggers(raw: dict, registry, errors: list[str]) -> None:
     """Check logging.backends names against the registry's loggers."""
-    from kdcore.registry import ALWAYS_ON_LOGGER, UnknownAlgorithmError
+    from kdcore.plugin_system.registry import ALWAYS_ON_LOGGER, UnknownAlgorithmError
 
     section = raw.get("logging")
     backends = section.get("backends") if isinstance(section, dict) else None
@@ -271,7 +271,7 @@ def check_teacher_entries(raw: dict, registry, errors: list[str]) -> None:
     that name teachers, and the EMA keys of the short form."""
     import re
 
-    from kdcore.registry import UnknownAlgorithmError
+    from kdcore.plugin_system.registry import UnknownAlgorithmError
 
     entries = raw.get("teachers") or []
     names: list[str] = []

@@ -1,7 +1,7 @@
 """Teacher and rollout engines: one protocol module, the built-in engines, and the factories.
 
 Engines are chosen by name through the registry (kind ``engine``, filled by the
-``register_engines`` hook, see :mod:`kdcore.hookspecs`); the built-in ``hf``, ``sglang``,
+``register_engines`` hook, see :mod:`kdcore.plugin_system.hookspecs`); the built-in ``hf``, ``sglang``,
 ``remote`` and ``cache``, one package each (spec, recipe section, checks, engine), register from
 :mod:`kdcore.engines.builtin` through the ``kdcore`` entry-point group like any third-party
 plugin. Importing this package loads neither torch nor sglang.

@@ -13,7 +13,7 @@ from kdcore.engines.cache.spec import CacheEngine
 from kdcore.engines.hf.spec import HFEngine
 from kdcore.engines.remote.spec import RemoteEngine
 from kdcore.engines.sglang.spec import SGLangEngine
-from kdcore.plugins import hookimpl
+from kdcore.plugin_system.manager import hookimpl
 
 
 @hookimpl

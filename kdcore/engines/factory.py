@@ -10,11 +10,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 from kdcore.engines.protocol import RolloutError, TeacherError
-from kdcore.registry import ENGINE_ROLES as ROLES  # light; the registry checks specs against them
+from kdcore.plugin_system.registry import ENGINE_ROLES as ROLES  # light; the registry checks specs against them
 
 if TYPE_CHECKING:  # pragma: no cover
     from kdcore.engines.protocol import RolloutEngine, TeacherEngine
-    from kdcore.registry import Entry, Registry
+    from kdcore.plugin_system.registry import Entry, Registry
 
 
 class EngineSpec:
@@ -67,7 +67,7 @@ def engine_entry(name: str, role: str, registry: "Optional[Registry]" = None) ->
     """The registry entry of engine ``name`` for ``role`` (its spec and options dataclass)."""
     error = TeacherError if role == "teacher" else RolloutError
     if registry is None:
-        from kdcore.plugins import load_registry
+        from kdcore.plugin_system.manager import load_registry
 
         registry = load_registry()
     try:

@@ -26,7 +26,7 @@ the current policy weights and take new weights. The argument checks below
 :func:`finish_generations` are shared, so every rollout engine refuses the same inputs with the
 same words and cuts its outputs the same way.
 
-Engines are registered through the ``register_engines`` hook (:mod:`kdcore.hookspecs`); the
+Engines are registered through the ``register_engines`` hook (:mod:`kdcore.plugin_system.hookspecs`); the
 built-in ``hf`` and ``sglang`` come from :mod:`kdcore.engines.builtin`. This module imports
 neither torch nor the channel at import time, so recipe validation stays light.
 """

@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from kdcore.registry import ALWAYS_ON_LOGGER  # metrics.jsonl's reserved name: why it is always on, there
+from kdcore.plugin_system.registry import ALWAYS_ON_LOGGER  # metrics.jsonl's reserved name: why it is always on, there
 
 
 class Logger(Protocol):
-    """What a ``register_loggers`` factory returns (contract in :mod:`kdcore.hookspecs`)."""
+    """What a ``register_loggers`` factory returns (contract in :mod:`kdcore.plugin_system.hookspecs`)."""
 
     def log(self, record: dict) -> None: ...
 

@@ -35,7 +35,7 @@ class Trainer:
     def __init__(self, cfg, *, registry=None, resume: bool = False, overwrite: bool = False,
                  allow_data_change: bool = False):
         from kdcore.infra import distributed as kdist
-        from kdcore.plugins import load_registry
+        from kdcore.plugin_system.manager import load_registry
         from kdcore.infra.process_env import tune_allocator
         from kdcore.sampling import build_sampler
 
@@ -344,7 +344,7 @@ def train(cfg, *, registry=None, resume: bool = False, overwrite: bool = False,
     from kdcore.infra.channel import ChannelError
     from kdcore.data import DataError
     from kdcore.paths import ModelNotFoundError
-    from kdcore.registry import UnknownAlgorithmError
+    from kdcore.plugin_system.registry import UnknownAlgorithmError
     from kdcore.engines.protocol import RolloutError
     from kdcore.vocab import VocabMismatchError
 

@@ -18,7 +18,7 @@ import pytest
 
 import kdcore
 from kdcore import hookimpl
-from kdcore.registry import PluginError
+from kdcore.plugin_system.registry import PluginError
 from test_train import records, write_recipe
 
 HAVE_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None

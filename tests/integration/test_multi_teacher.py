@@ -148,7 +148,7 @@ def test_a_dead_teacher_is_named(tmp_path, tiny_teacher, mistral_teacher, tiny_s
 
 # ---------------------------------------------------------------- routing and context, in process
 def _parts(names_toks_aligners, student_tok):
-    from kdcore.plugins import load_registry
+    from kdcore.plugin_system.manager import load_registry
     from kdcore.tokenizers import pad_token_id, same_tokenizer
     from kdcore.training.teachers import TeacherPart
 
@@ -404,7 +404,7 @@ def test_eval_reports_a_teacher_kl_column_per_teacher(tmp_path, tiny_teacher, mi
     """`kdcore eval` of a several-teacher recipe: each teacher's KL as `kdcore eval` of that teacher alone."""
     from kdcore.config import load_recipe
     from kdcore.evaluate import evaluate
-    from kdcore.plugins import load_registry
+    from kdcore.plugin_system.manager import load_registry
 
     reg = load_registry()
     quiet = {"evaluators": []}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 from pathlib import Path
 
-from kdcore import hookspecs
+from kdcore.plugin_system import hookspecs
 
 ROOT = Path(__file__).resolve().parents[2]
 HOOKS = [name for name, fn in vars(hookspecs).items()
@@ -18,7 +18,7 @@ def test_there_are_hooks():
 
 
 def test_every_hook_fills_a_registry_kind():
-    from kdcore.registry import HOOK_OF_KIND, KINDS
+    from kdcore.plugin_system.registry import HOOK_OF_KIND, KINDS
 
     assert set(HOOK_OF_KIND.values()) == set(HOOKS) and set(HOOK_OF_KIND) == set(KINDS)
 

@@ -10,8 +10,8 @@ import pytest
 
 import kdcore
 from kdcore import hookimpl
-from kdcore.plugins import make_plugin_manager
-from kdcore.registry import PluginError, UnknownAlgorithmError
+from kdcore.plugin_system.manager import make_plugin_manager
+from kdcore.plugin_system.registry import PluginError, UnknownAlgorithmError
 
 
 def make_plugin(**hooks) -> types.SimpleNamespace:

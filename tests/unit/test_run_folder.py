@@ -322,7 +322,7 @@ def test_tokens_are_masked_in_every_recipe_a_run_writes_and_read_back_from_memor
 def test_the_remote_engine_gets_the_token_the_recipe_no_longer_holds(tmp_path):
     from kdcore.config import load_recipe
     from kdcore.engines import create_teacher_engine
-    from kdcore.plugins import load_registry
+    from kdcore.plugin_system.manager import load_registry
 
     (tmp_path / "d.jsonl").write_text('{"text": "x"}\n')
     (tmp_path / "m").mkdir()

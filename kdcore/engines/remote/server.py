@@ -541,7 +541,7 @@ def serve_recipe(recipe: str, overrides: list[str], *, listen: str, token: Optio
     from kdcore.config import RecipeError, load_recipe
     from kdcore.engines import TeacherError, create_teacher_engine
     from kdcore.paths import ModelNotFoundError
-    from kdcore.plugins import load_registry
+    from kdcore.plugin_system.manager import load_registry
 
     token = token or os.environ.get(TOKEN_ENV) or None
     try:

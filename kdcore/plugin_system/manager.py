@@ -3,7 +3,7 @@
 Nothing happens at import time: every call to :func:`load_registry` builds a fresh plugin
 manager, loads the ``kdcore`` entry-point group (the built-in zoo comes through it too, from the
 ``kdflow`` distribution), adds the in-process plugins registered with :func:`register_plugin`,
-and asks each plugin's hooks to fill a new :class:`~kdcore.registry.Registry`.
+and asks each plugin's hooks to fill a new :class:`~kdcore.plugin_system.registry.Registry`.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import Any
 
 import pluggy
 
-from kdcore import hookspecs
-from kdcore.registry import HOOK_OF_KIND, PluginError, PluginInfo, Registry, make_register
+from kdcore.plugin_system import hookspecs
+from kdcore.plugin_system.registry import HOOK_OF_KIND, PluginError, PluginInfo, Registry, make_register
 
 GROUP = "kdcore"
 BUILTIN_DISTRIBUTION = "kdflow"
@@ -113,7 +113,7 @@ def load_registry(*, entry_points: bool = True) -> Registry:
 
     ``registry.get(kind, name).fn`` is the registered callable (an engine spec for kind
     ``engine``); an unknown name raises
-    :class:`~kdcore.registry.UnknownAlgorithmError` listing the valid names.
+    :class:`~kdcore.plugin_system.registry.UnknownAlgorithmError` listing the valid names.
     """
     pm, infos = make_plugin_manager(entry_points=entry_points)
     registry = Registry(plugins=infos)
