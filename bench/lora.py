@@ -28,7 +28,7 @@ VARIANTS = {"full fine-tuning": [], "LoRA (r=16, q/k/v/o)": ["student.lora.enabl
 
 def count(overrides: list[str]) -> dict:
     """Child: total and trainable parameters of the student the recipe builds."""
-    from kdcore.config import load_recipe
+    from kdcore.recipe.loading import load_recipe
     from kdcore.student import build_student
 
     model = build_student(load_recipe("quickstart", overrides))

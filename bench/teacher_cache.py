@@ -70,7 +70,7 @@ def padding_noise(n: int = 8) -> float:
     trainer's batches differ from the build's, so this bounds what "exact" can mean)."""
     import torch
 
-    from kdcore.config import load_recipe
+    from kdcore.recipe.loading import load_recipe
     from kdcore.data import prepare_data
     from kdcore.engines import HiddenRequest, create_teacher_engine
     from kdcore.tokenizers import load_tokenizer

@@ -10,7 +10,7 @@ Importing kdcore loads neither torch nor any heavy backend; those come with the 
 need them.
 """
 
-from kdcore.config import RecipeError, load_recipe
+from kdcore.recipe.loading import RecipeError, load_recipe
 from kdcore.plugin_system.manager import hookimpl, load_registry, register_plugin, unregister_plugin
 
 __version__ = "0.1.0"

@@ -184,7 +184,7 @@ class CacheBuilder:
     # ------------------------------------------------------------------ the build
     def run(self) -> BuildSummary:
         """Every teacher's cache in turn; the summary adds them up (``folder``: ``--out``)."""
-        from kdcore.config import teacher_entries
+        from kdcore.recipe.loading import teacher_entries
 
         t0 = time.perf_counter()
         self._prepare()
@@ -338,7 +338,7 @@ class _progress:
 def live_engine_overrides(recipe: str, overrides, registry, engine: Optional[str]) -> list[str]:
     """Overrides that make the recipe's teacher a live one: ``engine`` when given, else ``hf``
     when the recipe names the cache engine itself (a recipe may be built and trained as one file)."""
-    from kdcore.config import load_raw
+    from kdcore.recipe.loading import load_raw
     from kdcore.engines.cache.spec import CacheEngine
 
     _, raw = load_raw(recipe, list(overrides))

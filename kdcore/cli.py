@@ -108,7 +108,7 @@ def cmd_plugins(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from kdcore.config import blame_overrides, load_raw, recipe_warnings, validate_raw
+    from kdcore.recipe.loading import blame_overrides, load_raw, recipe_warnings, validate_raw
 
     registry = _registry_with_warnings()
     path, raw = load_raw(args.recipe, args.overrides)
@@ -116,7 +116,7 @@ def cmd_validate(args) -> int:
     for w in recipe_warnings(raw):
         print(f"kdcore: warning: {w}", file=sys.stderr)
     if errors:
-        from kdcore.config import ERROR_CHARS
+        from kdcore.recipe.loading import ERROR_CHARS
         from kdcore.infra.exceptions import clip
 
         source, errors = blame_overrides(str(path), errors, args.overrides, raw.get("setup"))
@@ -130,8 +130,8 @@ def cmd_validate(args) -> int:
 
 def cmd_config(args) -> int:
     """The recipe as a run would see it: overrides applied, every default filled in, checked."""
-    from kdcore.config import load_recipe
-    from kdcore.recipe_doc import resolved_yaml
+    from kdcore.recipe.loading import load_recipe
+    from kdcore.recipe.doc import resolved_yaml
 
     cfg = load_recipe(args.recipe, args.overrides, registry=_registry_with_warnings())
     sys.stdout.write(resolved_yaml(cfg))
@@ -139,7 +139,7 @@ def cmd_config(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from kdcore.config import load_recipe
+    from kdcore.recipe.loading import load_recipe
     from kdcore.storage.run_folder import RunFolderError
 
     if args.resume and args.overwrite:
@@ -151,7 +151,7 @@ def cmd_train(args) -> int:
     _CONTEXT["output_dir"] = cfg.train.output_dir
     from omegaconf import OmegaConf
 
-    from kdcore.config import recipe_warnings
+    from kdcore.recipe.loading import recipe_warnings
 
     for w in recipe_warnings(OmegaConf.to_container(cfg, resolve=True)):
         print(f"kdcore: warning: {w}", file=sys.stderr)
@@ -178,7 +178,7 @@ def cmd_plot(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from kdcore.config import load_recipe
+    from kdcore.recipe.loading import load_recipe
     from kdcore.evaluate import evaluate, print_report, resolve_target, write_report
 
     registry = _registry_with_warnings()
@@ -242,7 +242,7 @@ def _add_serve_teacher(sub) -> None:
 
 
 def cmd_cache_teacher(args) -> int:
-    from kdcore.config import RecipeError, load_raw, load_recipe
+    from kdcore.recipe.loading import RecipeError, load_raw, load_recipe
     from kdcore.cache_build import build_teacher_cache, live_engine_overrides
 
     registry = _registry_with_warnings()

@@ -27,7 +27,7 @@ EXIT_TERMINATED = 143  # 128 + SIGTERM, what a killed command reports; scheduler
 # (module, class, exit code): matched only when the module is loaded (an error of a module
 # that was never imported cannot be raised), so this file imports nothing heavy
 KNOWN_ERRORS: tuple[tuple[str, str, int], ...] = (
-    ("kdcore.config", "RecipeError", EXIT_BAD_INPUT),
+    ("kdcore.recipe.loading", "RecipeError", EXIT_BAD_INPUT),
     ("kdcore.storage.run_folder", "RunFolderError", EXIT_BAD_INPUT),
     ("kdcore.storage.resume", "ResumeMismatchError", EXIT_BAD_INPUT),
     ("kdcore.plugin_system.registry", "PluginError", EXIT_BAD_INPUT),

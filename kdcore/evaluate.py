@@ -94,7 +94,7 @@ def resolve_target(recipe_or_run: str, *, student: Optional[str] = None, json_ou
         if student:
             student_dir = Path(student)
         else:
-            from kdcore.config import load_raw
+            from kdcore.recipe.loading import load_raw
 
             _, raw = load_raw(recipe_spec, overrides)  # RecipeError for a missing recipe, named
             out = ((raw.get("train") or {}).get("output_dir")) or "outputs/run"
@@ -172,7 +172,7 @@ class _EvalParts:
                                  "check data.eval / data.eval_size")
         model = load_student(student_dir, env.device)
         run.setup_heads(model, env.device)  # seeded as training sets them up
-        from kdcore.config import teacher_entries
+        from kdcore.recipe.loading import teacher_entries
 
         for part, entry in zip(run.teachers, teacher_entries(cfg)):
             if any(p.requires_grad for p in part.aligner.parameters()):

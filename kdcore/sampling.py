@@ -47,7 +47,7 @@ from kdcore.training.weight_sync import check_self_distill, full_weights, sync_t
 
 @dataclass
 class SamplingSettings:
-    """Generation settings (the recipe's ``rollout`` section, see :class:`kdcore.config.RolloutConfig`)."""
+    """Generation settings (the recipe's ``rollout`` section, see :class:`kdcore.recipe.loading.RolloutConfig`)."""
 
     engine: str = "hf"
     max_new_tokens: int = 128
@@ -56,7 +56,7 @@ class SamplingSettings:
     n: int = 1
     sync_every: int = 1
     dtype: str = "float32"
-    sglang: Any = None  # the rollout server's settings (kdcore.config.SGLangConfig) for engine sglang
+    sglang: Any = None  # the rollout server's settings (kdcore.recipe.loading.SGLangConfig) for engine sglang
     engine_options: Any = None  # a plugin engine's own options (rollout.engine_options), checked at validation
 
     @classmethod

@@ -169,7 +169,7 @@ class StudentInitError(ValueError):
 def build_student(recipe, seed: int | None = None):
     """The student model from a recipe (full, unsharded, fp32 master weights on CPU).
 
-    ``recipe`` is a :class:`kdcore.config.Recipe`-shaped config; the source checkpoint is
+    ``recipe`` is a :class:`kdcore.recipe.loading.Recipe`-shaped config; the source checkpoint is
     ``student.path`` or, when unset, ``teacher.path``; ``seed`` defaults to ``train.seed``.
     """
     s = recipe.student

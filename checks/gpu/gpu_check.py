@@ -229,7 +229,7 @@ def cmd_train(args) -> int:
     """One training run in this process; writes metrics + the student's peak GPU memory."""
     import torch
 
-    from kdcore.config import load_recipe
+    from kdcore.recipe.loading import load_recipe
     from kdcore.training import train
 
     cfg = load_recipe(args.recipe, args.overrides)
@@ -245,7 +245,7 @@ def cmd_train(args) -> int:
 
 def cmd_teacher_tps(args) -> int:
     """Prefill tokens/s of a teacher engine on the recipe's own micro-batches (alone)."""
-    from kdcore.config import load_recipe
+    from kdcore.recipe.loading import load_recipe
 
     cfg = load_recipe(args.recipe, args.overrides)
     batches = recipe_requests(cfg, n=args.batches)
@@ -445,7 +445,7 @@ def cmd_sglang(args) -> int:
     import torch
     from types import SimpleNamespace
 
-    from kdcore.config import SGLangConfig
+    from kdcore.recipe.loading import SGLangConfig
     from kdcore import models
     from kdcore.engines.hf import HFTeacher
     from kdcore.engines.sglang.teacher import SGLangTeacher
@@ -523,7 +523,7 @@ def rollout_check(folder: str, real: bool = True) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from kdcore.config import SGLangConfig
+    from kdcore.recipe.loading import SGLangConfig
     from kdcore.engines.hf_rollout import HFRolloutEngine
     from kdcore.engines.sglang.rollout import SGLangRolloutEngine
 

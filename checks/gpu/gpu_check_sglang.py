@@ -153,7 +153,7 @@ def part_env(ctx) -> dict:
 
 
 def _teacher(ctx, **scfg):
-    from kdcore.config import SGLangConfig
+    from kdcore.recipe.loading import SGLangConfig
     from kdcore.engines.sglang.teacher import SGLangTeacher
 
     cfg = SimpleNamespace(path=str(ctx.folder), dtype="bfloat16", sglang=SGLangConfig(mem_fraction_static=0.2, **scfg))
@@ -248,7 +248,7 @@ def part_device_index(ctx) -> dict:
 def dry_run(ctx) -> dict:
     """Everything a real run builds before it touches a GPU: the model folder, the requests,
     every launch command and request body (also checked by the CPU contract tests)."""
-    from kdcore.config import SGLangConfig
+    from kdcore.recipe.loading import SGLangConfig
     from kdcore.engines.sglang import server as sg_server
     from kdcore.engines.sglang import teacher as sg_teacher
 

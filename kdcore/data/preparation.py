@@ -40,7 +40,7 @@ def prepare_data(data_cfg: Any, student_tokenizer, teacher_tokenizer=None, *, se
                  teacher_names: tuple[str, ...] = ()) -> PreparedData:
     """Load, check, split and tokenize the recipe's ``data`` section.
 
-    ``data_cfg`` is a :class:`kdcore.config.DataConfig` (or any object/dict with its fields);
+    ``data_cfg`` is a :class:`kdcore.recipe.loading.DataConfig` (or any object/dict with its fields);
     ``seed`` is ``train.seed`` (held-out split); ``base_dir`` is the recipe's folder, where
     relative data paths are looked up first. Returns the train and eval samples and a
     :class:`DataReport`. Raises :class:`DataError` for a missing or empty data set, columns

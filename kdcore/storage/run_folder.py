@@ -245,10 +245,10 @@ def one_teacher_form(recipe: dict | None) -> dict | None:
 
 def recipe_dict(recipe: Any) -> dict:
     """A plain, JSON-able dict of a recipe (DictConfig or mapping), secrets masked
-    (:func:`kdcore.secret.mask_secrets`): this is what run folders and checkpoints store."""
+    (:func:`kdcore.recipe.secret.mask_secrets`): this is what run folders and checkpoints store."""
     from omegaconf import DictConfig, OmegaConf
 
-    from kdcore.secret import mask_secrets
+    from kdcore.recipe.secret import mask_secrets
 
     if isinstance(recipe, DictConfig):
         return mask_secrets(OmegaConf.to_container(recipe, resolve=True))

@@ -81,7 +81,7 @@ def prepare_run_data(cfg, parts: list[TeacherPart], student_tok):
 
 def build_parts(cfg, registry, student_tok, student_spec: str) -> list[TeacherPart]:
     """Every teacher's part (tokenizer and aligner; engines and heads come later)."""
-    from kdcore.config import teacher_entries
+    from kdcore.recipe.loading import teacher_entries
     from kdcore.tokenizers import load_tokenizer, pad_token_id, same_tokenizer
 
     sections = list(cfg.teachers) or [cfg.teacher]

@@ -32,7 +32,7 @@ def full(t):
 def recipe(model_dir: str):
     from omegaconf import OmegaConf
 
-    from kdcore.config import Recipe
+    from kdcore.recipe.loading import Recipe
 
     r = OmegaConf.structured(Recipe)
     r.teacher.path = model_dir

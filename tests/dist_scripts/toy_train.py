@@ -27,7 +27,7 @@ from common import HIDDEN, VOCAB, kd_token_losses, teacher_logits  # noqa: E402
 def make_recipe(model_dir: str, precision: str = "fp32"):
     from omegaconf import OmegaConf
 
-    from kdcore.config import Recipe
+    from kdcore.recipe.loading import Recipe
 
     r = OmegaConf.structured(Recipe)
     r.teacher.path = model_dir

@@ -21,7 +21,7 @@ from kdcore.cli import main
 
 
 def test_known_errors_are_one_line_with_their_exit_code(capsys):
-    from kdcore.config import RecipeError
+    from kdcore.recipe.loading import RecipeError
     from kdcore.storage.run_folder import RunFolderError
 
     assert errors.report(RecipeError("r.yaml", ["a: bad", "b: worse"])) == 2
@@ -86,7 +86,7 @@ def test_bad_input_wrapped_by_training_keeps_exit_2(capsys):
 
 
 def test_a_huge_value_is_clipped_in_the_error_line(capsys, tmp_path):
-    from kdcore.config import RecipeError, load_raw, validate_raw
+    from kdcore.recipe.loading import RecipeError, load_raw, validate_raw
     from kdcore.infra.exceptions import clip
 
     huge = "v" * (10 << 20)

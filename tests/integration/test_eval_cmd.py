@@ -59,7 +59,7 @@ def dense_reference(recipe: Path, student_dir: Path) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from kdcore.config import load_recipe
+    from kdcore.recipe.loading import load_recipe
     from kdcore.data import prepare_data
     from kdcore.tokenizers import load_tokenizer
 
@@ -223,7 +223,7 @@ def plugin_registry():
 def test_plugin_evaluators_run_beside_the_builtin_with_prefixed_names(plugin_registry):
     from omegaconf import OmegaConf
 
-    from kdcore.config import EvalConfig
+    from kdcore.recipe.loading import EvalConfig
     from kdcore.evaluate import EvaluatorError, run_evaluators
 
     cfg = OmegaConf.create({"eval": OmegaConf.structured(EvalConfig(evaluators=["rouge_l", "answer_length"]))})
@@ -238,7 +238,7 @@ def test_plugin_evaluators_run_beside_the_builtin_with_prefixed_names(plugin_reg
 
 def test_recipe_evaluators_are_checked_against_the_registry(tmp_path, tiny_teacher):
     from kdcore import load_registry
-    from kdcore.config import load_raw, validate_raw
+    from kdcore.recipe.loading import load_raw, validate_raw
 
     recipe = write_recipe(tmp_path, tiny_teacher, eval={"evaluators": ["rouge_k"], "options": {"bleu": {}},
                                                          "max_new_tokens": 0})

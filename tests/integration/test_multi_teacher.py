@@ -240,7 +240,7 @@ def test_context_distillation_pairs_the_response_positions_exactly(tmp_path, smo
 
 
 def test_context_needs_an_offset_pairing_aligner(tmp_path, tiny_teacher):
-    from kdcore.config import load_recipe
+    from kdcore.recipe.loading import load_recipe
     from kdcore.training import TrainingError, Trainer
 
     r = recipe(tmp_path, tiny_teacher, teacher={"path": str(tiny_teacher)},
@@ -251,7 +251,7 @@ def test_context_needs_an_offset_pairing_aligner(tmp_path, tiny_teacher):
 
 # ---------------------------------------------------------------- validation
 def test_validate_checks_every_teacher_entry_at_once(tmp_path, tiny_teacher):
-    from kdcore.config import RecipeError, load_recipe
+    from kdcore.recipe.loading import RecipeError, load_recipe
 
     r = recipe(tmp_path, tiny_teacher, [{"name": "a", "path": str(tiny_teacher), "weight": -1},
                                         {"name": "a", "dtype": "float8", "aligner": "nope"}],
@@ -266,7 +266,7 @@ def test_validate_checks_every_teacher_entry_at_once(tmp_path, tiny_teacher):
 
 
 def test_validate_checks_every_teachers_path(tmp_path, tiny_teacher):
-    from kdcore.config import RecipeError, load_recipe
+    from kdcore.recipe.loading import RecipeError, load_recipe
 
     r = recipe(tmp_path, tiny_teacher, [{"name": "a", "path": str(tiny_teacher)},
                                         {"name": "b", "path": str(tmp_path / "no_such_model")}])
@@ -276,7 +276,7 @@ def test_validate_checks_every_teachers_path(tmp_path, tiny_teacher):
 
 
 def test_the_short_form_is_one_teacher_named_teacher(tmp_path, tiny_teacher):
-    from kdcore.config import load_recipe, teacher_entries
+    from kdcore.recipe.loading import load_recipe, teacher_entries
 
     cfg = load_recipe(str(recipe(tmp_path, tiny_teacher, teacher={"path": str(tiny_teacher)},
                                  distill={"temperature": 2.0})))
@@ -355,7 +355,7 @@ def test_ema_run_resumes_exactly(tmp_path, tiny_teacher):
 # ---------------------------------------------------------------- one teacher shape: what it buys
 def _train_in_process(path: Path):
     """Train a recipe in this process; returns (result, every training micro-batch prepared)."""
-    from kdcore.config import load_recipe
+    from kdcore.recipe.loading import load_recipe
     from kdcore.training.trainer import Trainer
 
     trainer = Trainer(load_recipe(str(path)))
@@ -402,7 +402,7 @@ def test_several_teachers_learn_on_sampled_responses(tmp_path, tiny_teacher, mis
 @pytest.mark.usefixtures("cpu_process_group")
 def test_eval_reports_a_teacher_kl_column_per_teacher(tmp_path, tiny_teacher, mistral_teacher, tiny_student):
     """`kdcore eval` of a several-teacher recipe: each teacher's KL as `kdcore eval` of that teacher alone."""
-    from kdcore.config import load_recipe
+    from kdcore.recipe.loading import load_recipe
     from kdcore.evaluate import evaluate
     from kdcore.plugin_system.manager import load_registry
 

@@ -22,7 +22,7 @@ from kdcore.engines.remote.pool import RemotePool, parse_addresses  # noqa: E402
 
 
 def test_several_addresses_are_validated_one_by_one(tiny_teacher):
-    from kdcore.config import validate_raw
+    from kdcore.recipe.loading import validate_raw
 
     assert parse_addresses("127.0.0.1:5001, 127.0.0.1:5002") == ["tcp://127.0.0.1:5001", "tcp://127.0.0.1:5002"]
     raw = {"teacher": {"path": str(tiny_teacher), "engine": "remote"}, "data": {"train": "x.jsonl"}}

@@ -132,7 +132,7 @@ def test_wire_rejects_frames_that_disagree_with_the_header():
 
 
 def test_recipe_checks_the_remote_section(tiny_teacher):
-    from kdcore.config import validate_raw
+    from kdcore.recipe.loading import validate_raw
 
     raw = {"teacher": {"path": str(tiny_teacher), "engine": "remote", "remote": {"timeout_s": 0, "retries": -1}},
            "data": {"train": "x.jsonl"}}

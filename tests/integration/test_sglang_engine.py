@@ -25,7 +25,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from kdcore.config import RecipeError, SGLangConfig, load_recipe
+from kdcore.recipe.loading import RecipeError, SGLangConfig, load_recipe
 from kdcore.engines import HiddenRequest, TeacherError, colocation, create_teacher_engine
 from kdcore.engines.sglang import cli as sg_cli
 from kdcore.engines.sglang import config as sg_config

@@ -127,7 +127,7 @@ def test_interrupted_build_keeps_its_shards_and_ends_identical(fp32_cache, tmp_p
 
 
 def test_manifest_mismatches_are_named(fp32_cache, tmp_path, smollm2_tokenizer):
-    from kdcore.config import load_raw, validate_raw
+    from kdcore.recipe.loading import load_raw, validate_raw
 
     recipe, cache, _ = fp32_cache
 
@@ -167,7 +167,7 @@ def test_sampling_rollouts_are_refused(fp32_cache, rollout):
 
 
 def test_self_distillation_missing_folder_and_no_manifest_are_refused(fp32_cache, tmp_path):
-    from kdcore.config import load_raw, validate_raw
+    from kdcore.recipe.loading import load_raw, validate_raw
 
     recipe, cache, _ = fp32_cache
     _, raw = load_raw(str(recipe), [*cached(cache), "teacher.self_distill_every=2"])
@@ -212,7 +212,7 @@ def test_the_engine_answers_by_content_and_names_a_sample_it_lacks(fp32_cache):
     from safetensors import safe_open
 
     from kdcore.infra.channel import ChannelError
-    from kdcore.config import load_recipe
+    from kdcore.recipe.loading import load_recipe
     from kdcore.data import prepare_data
     from kdcore.engines import HiddenRequest
     from kdcore.engines.cache.teacher import CacheRunError, CacheTeacher

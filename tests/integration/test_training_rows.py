@@ -22,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("cpu_process_group")
 
 
 def trainer_for(tmp_path, tiny_teacher, **sections):
-    from kdcore.config import load_recipe
+    from kdcore.recipe.loading import load_recipe
     from kdcore.training.trainer import Trainer
 
     recipe = write_recipe(tmp_path, tiny_teacher, **sections)

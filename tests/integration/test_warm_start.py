@@ -14,7 +14,7 @@ pytestmark = pytest.mark.usefixtures("cpu_process_group")
 
 
 def recipe_for(path, **student):
-    from kdcore.config import Recipe
+    from kdcore.recipe.loading import Recipe
 
     r = OmegaConf.structured(Recipe)
     r.teacher.path = str(path)

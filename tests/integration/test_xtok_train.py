@@ -51,7 +51,7 @@ def expected_eval_align_ratio(recipe: Path) -> float:
     """Aligned student loss rows / student loss rows over the held-out batches the trainer
     evaluates (the first ``eval_batches`` micro-batches of the eval split), from the data as
     prepared for training and the offsets alignment alone."""
-    from kdcore.config import load_recipe
+    from kdcore.recipe.loading import load_recipe
     from kdcore.data import prepare_data
     from kdcore.tokenizers import load_tokenizer
     from kdflow_algorithms.aligners.offsets import offsets_alignment

@@ -9,7 +9,7 @@ import pytest
 from omegaconf import OmegaConf
 
 import kdcore
-from kdcore.config import Recipe, RecipeError, load_recipe, validate_raw
+from kdcore.recipe.loading import Recipe, RecipeError, load_recipe, validate_raw
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.y*ml"))
@@ -152,10 +152,10 @@ def test_config_imports_no_engine_runtime():
 
     # validation loads the registry, so every built-in engine's spec and checks: none may pull its
     # engine in (torch may come with the algorithm plugins, not with an engine)
-    code = ("import sys, kdcore.config\n"
+    code = ("import sys, kdcore.recipe.loading\n"
             "print(sorted(m for m in ('torch', 'sglang', 'kdcore.infra.channel', 'kdcore.engines.hf.teacher') if m in sys.modules))\n"
             "for engine in ('hf', 'sglang', 'remote', 'cache'):\n"
-            "    kdcore.config.validate_raw({'teacher': {'path': 'm', 'engine': engine}, 'data': {'train': 'x'}})\n"
+            "    kdcore.recipe.loading.validate_raw({'teacher': {'path': 'm', 'engine': engine}, 'data': {'train': 'x'}})\n"
             "print(sorted(m for m in ('sglang', 'zmq', 'kdcore.infra.channel', 'kdcore.engines.hf.teacher', "
             "'kdcore.engines.hf.child', 'kdcore.engines.sglang.teacher', 'kdcore.engines.remote.client', "
             "'kdcore.engines.cache.teacher') if m in sys.modules))")
@@ -193,7 +193,7 @@ def test_every_default_has_a_reason_comment():
     """nanoGPT rule: each default in the schema carries its reason (or is self-evident)."""
     import inspect
 
-    from kdcore import schema as config
+    from kdcore.recipe import schema as config
 
     self_evident = {"output_dir", "seed", "lr", "loss_options", "aligner_options", "rollout_options",
                     "teacher", "student", "data", "distill", "train", "checkpoint", "logging", "sglang",
@@ -234,3 +234,12 @@ def test_a_run_folders_saved_recipe_loads_back(tmp_path, name):
     cfg = load_recipe(name)
     again = load_recipe(str(save_recipe(tmp_path, cfg)))
     assert OmegaConf.to_container(again) == OmegaConf.to_container(cfg)
+
+
+def test_a_recipe_name_resolves_from_any_working_directory(tmp_path, monkeypatch):
+    """The shipped recipes are found beside kdcore/ wherever the command runs (the lookup
+    counts folders up from its own file, so moving the module must move the count)."""
+    from kdcore.recipe.loading import resolve_recipe
+
+    monkeypatch.chdir(tmp_path)
+    assert resolve_recipe("quickstart") == Path(__file__).resolve().parents[2] / "recipes" / "quickstart.yaml"

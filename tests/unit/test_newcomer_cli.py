@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from kdcore.cli import main, parse_args
-from kdcore.config import RecipeError, load_recipe
-from kdcore.recipe_checks import recipe_warnings
+from kdcore.recipe.loading import RecipeError, load_recipe
+from kdcore.recipe.checks import recipe_warnings
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -104,17 +104,17 @@ def test_config_prints_every_default(recipe, capsys):
 
 
 def test_recipe_reference_page_is_in_sync():
-    from kdcore.recipe_doc import PAGE, render
+    from kdcore.recipe.doc import PAGE, render
 
-    assert PAGE.read_text() == render(), "docs/recipes.md is stale: run python -m kdcore.recipe_doc"
+    assert PAGE.read_text() == render(), "docs/recipes.md is stale: run python -m kdcore.recipe.doc"
 
 
 def test_recipe_reference_page_names_every_key_and_format():
     import dataclasses
     import typing
 
-    from kdcore.recipe_doc import render
-    from kdcore.schema import Recipe
+    from kdcore.recipe.doc import render
+    from kdcore.recipe.schema import Recipe
 
     page = render()
     for fmt in ("messages", "prompt_completion", "text"):
@@ -136,7 +136,7 @@ def test_recipe_reference_page_names_every_key_and_format():
 
 
 def test_recipe_doc_check_mode():
-    done = subprocess.run([sys.executable, "-m", "kdcore.recipe_doc", "--check"], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "kdcore.recipe.doc", "--check"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
 
 

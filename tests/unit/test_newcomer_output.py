@@ -40,7 +40,7 @@ def test_other_ranks_print_nothing(tmp_path, capsys):
 
 
 def test_print_every_is_a_checked_recipe_key():
-    from kdcore.config import validate_raw
+    from kdcore.recipe.loading import validate_raw
 
     raw = {"teacher": {"path": "m"}, "data": {"train": "x"}, "logging": {"print_every": 0}}
     assert any(e.startswith("logging.print_every: must be >= 1") for e in validate_raw(raw))

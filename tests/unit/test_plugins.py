@@ -248,7 +248,7 @@ def test_import_kdcore_is_light():
 
 def test_in_process_aligner_and_rollout_can_be_chosen_in_a_recipe():
     from kdcore.aligner import Aligner
-    from kdcore.config import validate_raw
+    from kdcore.recipe.loading import validate_raw
     from kdcore.rollout import RolloutPolicy
 
     @dataclasses.dataclass
@@ -358,7 +358,7 @@ def fake_engine_plugin():
 def test_plugin_engine_is_chosen_by_the_recipe_and_built_by_the_registry():
     import torch
 
-    from kdcore.config import RolloutConfig, TeacherConfig, validate_raw
+    from kdcore.recipe.loading import RolloutConfig, TeacherConfig, validate_raw
     from kdcore.engines import HiddenRequest, RolloutError, TeacherError, create_rollout_engine, create_teacher_engine
 
     kdcore.register_plugin(fake_engine_plugin(), "test-fake-engine")
@@ -428,7 +428,7 @@ def test_plugin_engine_options_are_validated_like_loss_options_and_reach_the_fac
     checked against the dataclass it registered (nearest key, types, choices, __post_init__)."""
     from omegaconf import OmegaConf
 
-    from kdcore.config import TeacherConfig, validate_raw
+    from kdcore.recipe.loading import TeacherConfig, validate_raw
     from kdcore.engines import TeacherError, create_rollout_engine, create_teacher_engine
     from kdcore.sampling import SamplingSettings
 
@@ -477,7 +477,7 @@ def test_plugin_engine_options_are_validated_like_loss_options_and_reach_the_fac
 
 
 def test_misspelled_engine_in_a_recipe_gets_did_you_mean():
-    from kdcore.config import validate_raw
+    from kdcore.recipe.loading import validate_raw
 
     errors = validate_raw({"teacher": {"path": "t", "engine": "sglnag"}, "rollout": {"engine": "hf_"},
                            "data": {"train": "x.jsonl"}})

@@ -232,7 +232,7 @@ def test_output_folders_that_are_not_run_folders_are_refused(tmp_path, monkeypat
 
 
 def test_home_is_expanded_in_every_path_of_a_recipe(tmp_path, monkeypatch):
-    from kdcore.config import load_raw, validate_raw
+    from kdcore.recipe.loading import load_raw, validate_raw
 
     monkeypatch.setenv("HOME", str(tmp_path))
     (tmp_path / "d.jsonl").write_text('{"text": "x"}\n')
@@ -287,8 +287,8 @@ def test_a_changed_data_file_is_refused_on_resume_unless_allowed(tmp_path, cpu_p
 def test_tokens_are_masked_in_every_recipe_a_run_writes_and_read_back_from_memory_env_or_file(tmp_path, monkeypatch):
     from omegaconf import OmegaConf
 
-    from kdcore import secret
-    from kdcore.config import load_raw, validate_raw
+    from kdcore.recipe import secret
+    from kdcore.recipe.loading import load_raw, validate_raw
     from kdcore.engines.protocol import TeacherError
 
     recipe = tmp_path / "r.yaml"
@@ -320,7 +320,7 @@ def test_tokens_are_masked_in_every_recipe_a_run_writes_and_read_back_from_memor
 
 
 def test_the_remote_engine_gets_the_token_the_recipe_no_longer_holds(tmp_path):
-    from kdcore.config import load_recipe
+    from kdcore.recipe.loading import load_recipe
     from kdcore.engines import create_teacher_engine
     from kdcore.plugin_system.manager import load_registry
 
@@ -338,7 +338,7 @@ def test_the_remote_engine_gets_the_token_the_recipe_no_longer_holds(tmp_path):
 
 
 def test_a_resume_compares_masked_tokens_equal(tmp_path, cpu_process_group):
-    from kdcore import secret
+    from kdcore.recipe import secret
 
     d = tmp_path / "run"
     recipe = {"teacher": {"path": "m", "remote": {"token": "first", "address": "h:1"}}, "train": {"output_dir": str(d)}}

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from kdcore import student as kstudent
 from kdcore import vision
-from kdcore.schema import Recipe
+from kdcore.recipe.schema import Recipe
 
 pytestmark = pytest.mark.usefixtures("cpu_process_group")
 

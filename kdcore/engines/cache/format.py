@@ -127,7 +127,7 @@ def source_fingerprint(spec: Optional[str], names: Sequence[str] = ()) -> Option
 def recipe_identity(raw: Mapping[str, Any]) -> dict[str, Any]:
     """What a cache depends on that a recipe states, from a raw (or typed) recipe mapping:
     compared key by key against the manifest at validation."""
-    from kdcore.config import DataConfig, DistillConfig, TrainConfig
+    from kdcore.recipe.loading import DataConfig, DistillConfig, TrainConfig
 
     def get(section: str, key: str, default: Any = None) -> Any:
         s = raw.get(section) or {}

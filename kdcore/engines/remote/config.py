@@ -1,6 +1,6 @@
 """The ``remote`` engine's recipe section (``teacher.remote``) and its checks (light: no torch, no zmq).
 
-Imported by the recipe schema (:mod:`kdcore.schema`, one-way, as the sglang section is).
+Imported by the recipe schema (:mod:`kdcore.recipe.schema`, one-way, as the sglang section is).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ class RemoteTeacherConfig:
     # name), token (the value; masked in every file a run writes). None of them: $KDFLOW_TEACHER_TOKEN.
     token: Optional[str] = None  # None: from token_file/token_env/$KDFLOW_TEACHER_TOKEN, never stored
     token_env: Optional[str] = None  # None: KDFLOW_TEACHER_TOKEN, read if set
-    token_file: Optional[str] = None  # None: no file; a path is read at start (kdcore/secret.py)
+    token_file: Optional[str] = None  # None: no file; a path is read at start (kdcore/recipe/secret.py)
     timeout_s: float = 20.0  # silence before the server counts as lost: inside the 30 s stop budget
     retries: int = 0  # reconnects (with resends) after a loss; 0: a dead server stops the run at once
 

@@ -18,9 +18,9 @@ class RemoteEngine(EngineSpec):
         from kdcore.engines.remote.client import RemoteTeacher
         from kdcore.engines.remote.config import parse_addresses
         from kdcore.engines.remote.pool import RemotePool
-        from kdcore.secret import remote_token
+        from kdcore.recipe.secret import remote_token
 
-        remote = teacher_cfg.remote  # its token is masked in the recipe (kdcore/secret.py)
+        remote = teacher_cfg.remote  # its token is masked in the recipe (kdcore/recipe/secret.py)
         addresses = parse_addresses(remote.address)  # several: a pool of replicas (remote/pool.py)
         cls, where = (RemotePool, {"addresses": addresses}) if len(addresses) > 1 else (RemoteTeacher, {"address": remote.address})
         return cls(teacher_cfg.path, **where, token=remote_token(remote), timeout_s=remote.timeout_s,

@@ -14,7 +14,7 @@ def serve_command(recipe: str, overrides: Sequence[str] = (), *, port: int = 300
                   max_rows: int = 65536) -> tuple[list[str], dict[str, str]]:
     """argv and environment of the per-node teacher server a recipe needs (multi-node runs)."""
     from kdcore import models
-    from kdcore.config import load_recipe
+    from kdcore.recipe.loading import load_recipe
 
     cfg = load_recipe(recipe, list(overrides))
     folder = models.loadable_path(cfg.teacher.path)[0]

@@ -1,7 +1,7 @@
 """The ``sglang`` engines' recipe section and the checks that need neither torch nor sglang.
 
-Imported by :mod:`kdcore.config` (recipe validation) and by the engine modules; it imports
-neither torch nor sglang (one-way: kdcore.config -> here, never back), so validating a recipe
+Imported by :mod:`kdcore.recipe.loading` (recipe validation) and by the engine modules; it imports
+neither torch nor sglang (one-way: kdcore.recipe.loading -> here, never back), so validating a recipe
 stays light. The facts behind the constants were read from the sglang 0.5.23 wheel (see
 ``kdcore/engines/sglang/README.md``).
 """
@@ -36,7 +36,7 @@ class SGLangConfig:
 
 
 # value checks of the section beyond types: (key, predicate, message); the schema applies them to
-# teacher.sglang and rollout.sglang whatever the engine (kdcore.schema.RANGES)
+# teacher.sglang and rollout.sglang whatever the engine (kdcore.recipe.schema.RANGES)
 RANGES: tuple[tuple[str, Any, str], ...] = (
     ("tp_size", lambda v: v >= 1, "must be >= 1"),
     ("dp_size", lambda v: v >= 1, "must be >= 1"),

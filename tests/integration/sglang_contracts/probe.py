@@ -58,7 +58,7 @@ import_sglang()
 
 import torch  # noqa: E402
 
-from kdcore.config import SGLangConfig  # noqa: E402
+from kdcore.recipe.loading import SGLangConfig  # noqa: E402
 from kdcore.engines import HiddenRequest  # noqa: E402
 from kdcore.engines.sglang import config as sg_config  # noqa: E402
 from kdcore.engines.sglang import hook as sg_hook  # noqa: E402

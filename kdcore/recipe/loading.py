@@ -1,5 +1,5 @@
-"""Recipes: loading, overrides and validation (the schema is :mod:`kdcore.schema`, the checks
-beyond it :mod:`kdcore.recipe_checks`).
+"""Recipes: loading, overrides and validation (the schema is :mod:`kdcore.recipe.schema`, the checks
+beyond it :mod:`kdcore.recipe.checks`).
 
 A recipe is a YAML file whose keys follow :class:`Recipe`. ``load_recipe`` merges dotlist
 overrides (``train.lr=1e-4``), then checks everything at once — unknown keys (with the nearest
@@ -18,14 +18,14 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from kdcore.infra.exceptions import clip
-from kdcore.secret import check_secrets, hold_secrets
+from kdcore.recipe.secret import check_secrets, hold_secrets
 
 # The schema and the checks live in their own modules; their public names are importable from
-# here too, since recipes, tests and plugins know kdcore.config as the recipe's home.
-from kdcore.recipe_checks import (check_teachers_form, check_algorithm_options, check_engines, check_evaluators,
+# here too, since recipes, tests and plugins know kdcore.recipe.loading as the recipe's home.
+from kdcore.recipe.checks import (check_teachers_form, check_algorithm_options, check_engines, check_evaluators,
                                   check_loggers, check_paths, check_teacher_entries, recipe_warnings,
                                   teacher_entries)
-from kdcore.schema import (RANGES, CheckpointConfig, DataConfig, DistillConfig, EvalConfig, LoggingConfig,
+from kdcore.recipe.schema import (RANGES, CheckpointConfig, DataConfig, DistillConfig, EvalConfig, LoggingConfig,
                            LoraConfig, Recipe, RemoteTeacherConfig, RolloutConfig, SGLangConfig, StudentConfig, TeacherConfig,
                            TeacherEntry, TrainConfig, check_section, get_dotted)
 
@@ -46,7 +46,7 @@ class RecipeError(ValueError):
 
 def recipe_dirs() -> list[Path]:
     """Where recipe names are looked up: ./recipes, then the recipes shipped beside kdcore."""
-    here = Path(__file__).resolve().parent.parent / "recipes"
+    here = Path(__file__).resolve().parents[2] / "recipes"  # kdcore/recipe/loading.py -> the repository
     return [Path.cwd() / "recipes", here]
 
 
@@ -219,7 +219,7 @@ def _resolve_data_paths(raw: dict, recipe_dir: Path) -> None:
 
 __all__ = [
     "RecipeError", "load_recipe", "load_raw", "validate_raw", "blame_overrides", "resolve_recipe", "recipe_dirs",
-    # re-exported from kdcore.schema and kdcore.recipe_checks
+    # re-exported from kdcore.recipe.schema and kdcore.recipe.checks
     "Recipe", "TeacherConfig", "TeacherEntry", "RemoteTeacherConfig", "SGLangConfig", "StudentConfig", "DataConfig",
     "DistillConfig", "LoraConfig", "RolloutConfig", "TrainConfig", "CheckpointConfig", "LoggingConfig", "EvalConfig",
     "RANGES",

@@ -1,8 +1,8 @@
 """The recipe schema: omegaconf structured configs, each default with its reason, the value
 ranges checked beyond types, and the type checks that walk a raw recipe against the schema.
 
-Loading and validation are :mod:`kdcore.config`'s; checks that ask the registry or the file
-system are :mod:`kdcore.recipe_checks`'.
+Loading and validation are :mod:`kdcore.recipe.loading`'s; checks that ask the registry or the file
+system are :mod:`kdcore.recipe.checks`'.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from kdcore.infra.exceptions import clip
-from kdcore.schema import (DistillConfig, EvalConfig, RolloutConfig, TeacherConfig, TeacherEntry, check_section,
+from kdcore.recipe.schema import (DistillConfig, EvalConfig, RolloutConfig, TeacherConfig, TeacherEntry, check_section,
                            get_dotted)
 def check_algorithm_options(raw: dict, registry, errors: list[str]) -> None:
     """Check distill.{loss,aligner,rollout} names and their *_options against the registry."""
@@ -205,7 +205,7 @@ def check_paths(raw: dict, recipe_dir: Path, errors: list[str]) -> None:
         except ModelNotFoundError as exc:
             errors.append(f"{section}.path: {exc}")
             continue
-        from kdcore.hub_cache import offline_hub_problem
+        from kdcore.recipe.hub_cache import offline_hub_problem
 
         if kind == "hub" and (problem := offline_hub_problem(where)):
             errors.append(f"{section}.path: {problem}")
@@ -242,7 +242,7 @@ def recipe_warnings(raw: dict) -> list[str]:
         v = get_dotted(raw, key)
         if isinstance(v, (int, float)) and not isinstance(v, bool) and absurd(v):
             out.append(f"{key}={v!r}: {why}")
-    from kdcore.switches import switched_off_warnings
+    from kdcore.recipe.switches import switched_off_warnings
 
     return out + switched_off_warnings(raw)
 

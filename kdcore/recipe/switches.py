@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from kdcore.schema import get_dotted
+from kdcore.recipe.schema import get_dotted
 
 # (section of the options, the switch, is the feature on?, the options it governs (None: every
 # key of the section but the switch), how to turn it on)
@@ -27,7 +27,7 @@ def _defaults(section: str) -> dict:
     import dataclasses
     import typing
 
-    from kdcore.schema import Recipe
+    from kdcore.recipe.schema import Recipe
 
     tp: Any = Recipe
     for part in section.split("."):
