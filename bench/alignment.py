@@ -37,7 +37,7 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[1_000, 10_000, 100_000], help="characters")
     args = ap.parse_args()
 
-    from kdcore.tokenizers import load_tokenizer
+    from kdcore.modeling.tokenizers import load_tokenizer
     from kdflow_algorithms.aligners.offsets import align_offsets
 
     student, teacher = (load_tokenizer(spec) for spec in PAIR)

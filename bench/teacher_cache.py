@@ -73,7 +73,7 @@ def padding_noise(n: int = 8) -> float:
     from kdcore.recipe.loading import load_recipe
     from kdcore.data import prepare_data
     from kdcore.engines import HiddenRequest, create_teacher_engine
-    from kdcore.tokenizers import load_tokenizer
+    from kdcore.modeling.tokenizers import load_tokenizer
 
     cfg = load_recipe("quickstart", [f"data.limit={LIMIT}"])
     tok = load_tokenizer(cfg.teacher.path)

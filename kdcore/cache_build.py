@@ -110,7 +110,7 @@ class CacheBuilder:
     # ------------------------------------------------------------------ the parts the trainer uses too
     def _prepare(self):
         """The run's parts as training builds them (kdcore.training.run_parts); one cache per teacher."""
-        from kdcore.tokenizers import tokenizer_fingerprint
+        from kdcore.modeling.tokenizers import tokenizer_fingerprint
         from kdcore.training.run_parts import RunParts
 
         self.run = RunParts.from_recipe(self.cfg, self.registry)
@@ -356,8 +356,8 @@ def _build_errors() -> tuple:
     from kdcore.infra.channel import ChannelError
     from kdcore.data import DataError
     from kdcore.engines.protocol import TeacherError
-    from kdcore.paths import ModelNotFoundError
-    from kdcore.vocab import VocabMismatchError
+    from kdcore.modeling.paths import ModelNotFoundError
+    from kdcore.modeling.vocab import VocabMismatchError
 
     return (TeacherError, ChannelError, DataError, ModelNotFoundError, VocabMismatchError)
 

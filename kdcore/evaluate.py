@@ -114,8 +114,8 @@ def check_student_folder(path: Path) -> None:
 
 def check_recipe_for_eval(cfg) -> None:
     """The problems a valid recipe can still have for ``kdcore eval``: no held-out data, no teacher."""
-    from kdcore.models import locate
-    from kdcore.paths import ModelNotFoundError
+    from kdcore.modeling.models import locate
+    from kdcore.modeling.paths import ModelNotFoundError
 
     if cfg.data.eval is None and not cfg.data.eval_size:
         raise EvalInputError("the recipe has no held-out data: set data.eval (a file) or data.eval_size > 0")
@@ -197,7 +197,7 @@ class _EvalParts:
         try:
             run.start_engines(max_rows_for=lambda part: mbs * run.longest_input(part, self.held_out),
                               threads_default=cores)
-            from kdcore.tokenizers import pad_token_id
+            from kdcore.modeling.tokenizers import pad_token_id
 
             evaluator = frozen_evaluator(cfg, model=self.model, samples=self.held_out, parts=run.teachers,
                                          loss_fn=loss.fn, loss_options=loss_options,
@@ -226,7 +226,7 @@ class _EvalParts:
 
 def check_export_tokenizer(student_dir: Path, recipe_tok, cfg) -> None:
     """The export must speak the tokenizer the recipe's data is tokenized with."""
-    from kdcore.tokenizers import load_tokenizer, same_tokenizer
+    from kdcore.modeling.tokenizers import load_tokenizer, same_tokenizer
     from kdcore.training.run_parts import student_tokenizer_spec
 
     if not any((student_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
@@ -241,8 +241,8 @@ def load_student(student_dir: Path, device):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from kdcore.models import _quiet_transformers
-    from kdcore.student import _transformers_dtype_kw  # the one torch_dtype=/dtype= version shim
+    from kdcore.modeling.models import _quiet_transformers
+    from kdcore.modeling.student import _transformers_dtype_kw  # the one torch_dtype=/dtype= version shim
 
     _quiet_transformers()  # no stray "Loading weights" bar between kdcore's own lines (issue 28)
     try:

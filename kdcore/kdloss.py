@@ -308,7 +308,7 @@ def distill_loss(
     - ``student_hidden [N, H_s]``, ``student_head [V, H_s]`` (same dtype; the head may be a tied
       input embedding), ``teacher_hidden [N, H_t]`` (row ``i`` is the teacher for student row
       ``i``), ``teacher_head [V, H_t]`` (same dtype as ``teacher_hidden``). Both heads must
-      already have the same ``V`` (slice padded rows first: ``kdcore.vocab.shared_vocab_size``).
+      already have the same ``V`` (slice padded rows first: ``kdcore.modeling.vocab.shared_vocab_size``).
     - ``loss_fn``: a registered loss (``fn(student_logits [n, V], teacher_logits [n, V], *,
       temperature, **loss_options) -> [n]``), applied to the rows where ``kd_mask`` (``[N]``
       bool, default all rows) is true.
@@ -324,7 +324,7 @@ def distill_loss(
     if teacher_head.shape[0] != student_head.shape[0]:
         raise ValueError(
             f"student_head has {student_head.shape[0]} rows but teacher_head has {teacher_head.shape[0]}; slice both "
-            f"to the shared vocabulary (kdcore.vocab.shared_vocab_size) or use a cross-tokenizer aligner"
+            f"to the shared vocabulary (kdcore.modeling.vocab.shared_vocab_size) or use a cross-tokenizer aligner"
         )
     return chunked_distill(
         student_hidden, student_head, teacher_hidden, teacher_head, loss_fn=loss_fn, loss_options=loss_options,

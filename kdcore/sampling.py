@@ -96,7 +96,7 @@ class RolloutSampler:
                  seed: int = 0, rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu",
                  threads: Optional[int] = None, sources: Sequence[str] = ("student", "teacher"),
                  views: Optional[dict] = None, generator: Optional[str] = None):
-        from kdcore.models import torch_dtype
+        from kdcore.modeling.models import torch_dtype
 
         if settings.sync_every < 1:
             raise RolloutError(f"rollout.sync_every must be >= 1, got {settings.sync_every}")
@@ -343,7 +343,7 @@ def build_sampler(cfg, policy, *, student_model, student_tok, parts, views: bool
     if not sampling and not every:
         return None
     if every:
-        from kdcore.student import load_config
+        from kdcore.modeling.student import load_config
 
         check_self_distill(student_model.config, load_config(cfg.teacher.path))
     sources = tuple(getattr(policy, "sample_sources", ()) or ("student", "teacher")) if sampling else ()

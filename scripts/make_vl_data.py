@@ -107,7 +107,7 @@ def make_data(out: Path = OUT, n_train: int = 192, n_eval: int = 32, seed: int =
 
 
 def vl_tokenizer():
-    from kdcore.tokenizers import load_tokenizer
+    from kdcore.modeling.tokenizers import load_tokenizer
 
     tok = load_tokenizer(SMOLLM2_GGUF)
     tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
@@ -122,7 +122,7 @@ def save_tiny_vl(path: Path, *, hidden: int = 64, layers: int = 2, vision_hidden
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    from kdcore.vision import allow_processors
+    from kdcore.modeling.vision import allow_processors
 
     allow_processors()
     tok = vl_tokenizer()
@@ -152,7 +152,7 @@ def save_tiny_text(path: Path, *, hidden: int = 48, layers: int = 2, seed: int =
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from kdcore.tokenizers import load_tokenizer
+    from kdcore.modeling.tokenizers import load_tokenizer
 
     tok = load_tokenizer(SMOLLM2_GGUF)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,

@@ -19,7 +19,7 @@ os.environ.setdefault("KDCORE_CACHE", str(Path(os.environ.get("PYTEST_KDCORE_CAC
 
 @pytest.fixture(scope="session")
 def smollm2_tokenizer():
-    from kdcore.tokenizers import load_tokenizer
+    from kdcore.modeling.tokenizers import load_tokenizer
 
     return load_tokenizer(SMOLLM2_GGUF)
 

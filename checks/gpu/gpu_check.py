@@ -257,7 +257,7 @@ def recipe_requests(cfg, n: int):
     """The recipe's first ``n`` micro-batches as HiddenRequests at their loss positions."""
     from kdcore.data import collate, prepare_data
     from kdcore.engines import HiddenRequest
-    from kdcore.tokenizers import load_tokenizer, pad_token_id
+    from kdcore.modeling.tokenizers import load_tokenizer, pad_token_id
 
     tok = load_tokenizer(cfg.teacher.tokenizer or cfg.teacher.path)
     data = prepare_data(cfg.data, tok, None, seed=cfg.train.seed)
@@ -300,7 +300,7 @@ def tiny_teacher(folder: Path) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from kdcore.tokenizers import load_tokenizer
+    from kdcore.modeling.tokenizers import load_tokenizer
 
     tok = load_tokenizer(TINY_TOKENIZER)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=4,
@@ -446,7 +446,7 @@ def cmd_sglang(args) -> int:
     from types import SimpleNamespace
 
     from kdcore.recipe.loading import SGLangConfig
-    from kdcore import models
+    from kdcore.modeling import models
     from kdcore.engines.hf import HFTeacher
     from kdcore.engines.sglang.teacher import SGLangTeacher
 
@@ -527,7 +527,7 @@ def rollout_check(folder: str, real: bool = True) -> dict:
     from kdcore.engines.hf_rollout import HFRolloutEngine
     from kdcore.engines.sglang.rollout import SGLangRolloutEngine
 
-    from kdcore.student import truncate_layers
+    from kdcore.modeling.student import truncate_layers
 
     # the teacher's own weights, 4 evenly spaced layers kept: peaked logits, so greedy paths of two
     # bf16 implementations rarely meet a near-tie (a random init would tie constantly)

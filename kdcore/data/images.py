@@ -72,7 +72,7 @@ def load_processor(where: str):
     """``AutoProcessor`` from a folder, with its tokenizer replaced by nothing else."""
     from transformers import AutoProcessor
 
-    from kdcore.vision import allow_processors
+    from kdcore.modeling.vision import allow_processors
 
     allow_processors()
     return AutoProcessor.from_pretrained(where)
@@ -124,7 +124,7 @@ def tokenize_side(norms: Sequence[dict[str, Any]], tok) -> list[Tokenized | BadR
     """:func:`~kdcore.data.rendering.tokenize_rows`, or the vision-language rendering when
     ``tok`` has a processor (rows with and without images alike, so one template renders all)."""
     from kdcore.data.rendering import tokenize_rows
-    from kdcore.tokenizers import special_ids
+    from kdcore.modeling.tokenizers import special_ids
 
     processor = processor_for(tok)
     if processor is None:

@@ -51,7 +51,7 @@ def prepare_data(data_cfg: Any, student_tokenizer, teacher_tokenizer=None, *, se
     goes to ``Sample.teachers[name]``; ``teacher_names`` are the names ``data.teacher_column``
     may use (``Sample.route``). Without them, nothing changes.
     """
-    from kdcore.tokenizers import same_tokenizer
+    from kdcore.modeling.tokenizers import same_tokenizer
 
     fmt_req = _cfg(data_cfg, "format", "auto")
     max_length = _cfg(data_cfg, "max_length", 512)

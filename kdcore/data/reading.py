@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from kdcore.data.common import BadRow, DataError
-from kdcore.paths import PKG_SCHEME, looks_local, resolve
+from kdcore.modeling.paths import PKG_SCHEME, looks_local, resolve
 
 
 @dataclass

@@ -69,7 +69,7 @@ def prompt_of(sample: Sample) -> Optional[Prompt]:
 
 def _prompt_rendered(prompt: Prompt, tok):
     """The prompt as kdcore.data renders rows, plus the template's generation prompt."""
-    from kdcore.tokenizers import special_affixes
+    from kdcore.modeling.tokenizers import special_affixes
 
     if prompt.messages is not None:
         base = _render_chat({"messages": prompt.messages, "train": [False] * len(prompt.messages)}, tok)
@@ -86,7 +86,7 @@ def _prompt_rendered(prompt: Prompt, tok):
 
 
 def _tokenize(r, tok) -> Tokenized:
-    from kdcore.tokenizers import special_ids
+    from kdcore.modeling.tokenizers import special_ids
 
     enc = tok([r.string], add_special_tokens=False, return_offsets_mapping=True)
     return _tokenize_rendered(r, enc["input_ids"][0], enc["offset_mapping"][0], special_ids(tok))
@@ -96,7 +96,7 @@ def render_prompt(prompt: Prompt, tok) -> Tokenized:
     """The prompt's tokens with the generation prompt (canonical offsets, no loss positions):
     exactly the ids a model is asked to continue. Raises :class:`kdcore.data.BadRow` when the
     chat template cannot render it."""
-    from kdcore.tokenizers import tokenizer_fingerprint
+    from kdcore.modeling.tokenizers import tokenizer_fingerprint
 
     key = tokenizer_fingerprint(tok)
     if key not in prompt.rendered:
@@ -108,7 +108,7 @@ def stop_ids(tok, extra: Sequence[Optional[int]] = ()) -> list[int]:
     """Ids that end a response: the tokenizer's EOS, the end-of-turn token its chat template
     puts after an assistant turn (what :mod:`kdcore.data` trains the model to emit), and
     ``extra`` (e.g. the model's ``generation_config.eos_token_id``)."""
-    from kdcore.tokenizers import special_ids
+    from kdcore.modeling.tokenizers import special_ids
 
     ids = {int(e) for e in extra if e is not None}
     if tok.eos_token_id is not None:
@@ -155,7 +155,7 @@ def response_offsets(tok, ids: Sequence[int], start: int = 0) -> tuple[str, list
     ``start``), by incremental decoding; special tokens (EOS) are not text and get an empty
     span. A character whose bytes are split over several tokens is in the span of each of
     them (the convention of :mod:`kdcore.data`)."""
-    from kdcore.tokenizers import special_ids
+    from kdcore.modeling.tokenizers import special_ids
 
     ids = [int(i) for i in ids]
     if not ids:

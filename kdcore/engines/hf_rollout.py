@@ -38,7 +38,7 @@ class HFRolloutEngine(RolloutEngine):
                  threads: Optional[int] = None):
         from transformers import AutoModelForCausalLM
 
-        from kdcore.student import _transformers_dtype_kw  # the one torch_dtype=/dtype= version shim
+        from kdcore.modeling.student import _transformers_dtype_kw  # the one torch_dtype=/dtype= version shim
 
         cfg = type(config).from_dict(config.to_dict())
         if hasattr(cfg, "quantization_config"):  # GGUF-loaded configs carry it; the copy is plain

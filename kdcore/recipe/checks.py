@@ -167,8 +167,8 @@ def check_paths(raw: dict, recipe_dir: Path, errors: list[str]) -> None:
     (:func:`kdcore.storage.run_folder.output_dir_problem`), data files (beside the
     recipe or in the working directory; hub dataset names are left to the loader), model
     folders and ``.gguf`` files, ``pkg://`` specs, tokenizer paths, and read permission."""
-    from kdcore.models import locate
-    from kdcore.paths import ModelNotFoundError, resolve
+    from kdcore.modeling.models import locate
+    from kdcore.modeling.paths import ModelNotFoundError, resolve
     from kdcore.storage.run_folder import output_dir_problem
 
     out = get_dotted(raw, "train.output_dir")

@@ -209,7 +209,7 @@ def _state_options():
 def _app_state(model, optimizer, extra_modules):
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    from kdcore.lora import is_lora_model
+    from kdcore.modeling.lora import is_lora_model
 
     holder = _Holder(model, extra_modules)
     options = _state_options() if is_lora_model(model) else None
@@ -585,8 +585,8 @@ def export_hf(model: nn.Module, tokenizer, out_dir: str | os.PathLike,
 
     Written to ``<out_dir>.tmp`` and renamed, so ``out_dir`` is either the old or the new export.
     """
-    from kdcore import lora
-    from kdcore.vision import model_class
+    from kdcore.modeling import lora
+    from kdcore.modeling.vision import model_class
 
     sd = full_state_dict(model)
     out = Path(out_dir)

@@ -7,7 +7,7 @@ only say how long, how fast or where to run are applied, and listed in one line.
 
 May change (:data:`CHANGEABLE`): the schedule's length and shape (``train.max_steps``,
 ``lr``, ``warmup_steps``, ``min_lr_ratio`` — rebuilt from the resumed step by
-:func:`kdcore.student.reschedule`), clipping, precision, threads and devices, evaluation
+:func:`kdcore.modeling.student.reschedule`), clipping, precision, threads and devices, evaluation
 cadence, checkpointing, logging, the teacher's engine/dtype/device/threads/server (its
 ``remote`` address, timeouts and where the token comes from: the fingerprint check at connect
 makes sure it is the same teacher) and the rollout generator's engine/server. ``distill.chunk_size`` only splits the same sum.

@@ -354,7 +354,7 @@ def data_fingerprints(recipe: Any) -> dict[str, str | None]:
     """``{"train": fp, "eval": fp}`` of the recipe's data sources: a local file's content (the
     whole file up to 64 MiB, else its size and 64 evenly spaced 1 MiB blocks), a folder's files,
     or ``id:<name>`` for a hub dataset (nothing local to compare)."""
-    from kdcore.paths import resolve
+    from kdcore.modeling.paths import resolve
 
     data = recipe_dict(recipe).get("data") or {}
     out: dict[str, str | None] = {}

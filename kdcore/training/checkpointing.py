@@ -38,7 +38,7 @@ class Checkpointer:
         schedule follows the recipe's (possibly changed) ``train`` settings, and metrics.jsonl
         loses the records of steps after the checkpoint (they are about to be re-run)."""
         from kdcore.storage import checkpoint as ckpt
-        from kdcore import student as kstudent
+        from kdcore.modeling import student as kstudent
         from kdcore.storage.run_folder import trim_metrics
 
         s = self.student

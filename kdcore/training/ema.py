@@ -77,7 +77,7 @@ class EMATeacher:
 
 def check_ema_architecture(student_model, teacher_path: str) -> None:
     """The average is pushed into the teacher by name: the student needs the teacher's architecture."""
-    from kdcore.student import load_config
+    from kdcore.modeling.student import load_config
     from kdcore.training.weight_sync import check_self_distill
 
     check_self_distill(student_model.config, load_config(teacher_path), setting="teacher.ema", error=TrainingError)

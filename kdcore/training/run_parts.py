@@ -31,7 +31,7 @@ class RunParts:
     def from_recipe(cls, cfg, registry) -> "RunParts":
         """The student's tokenizer and every teacher's tokenizer and aligner (no data, heads or
         engines yet: each command takes those steps when it needs them)."""
-        from kdcore.tokenizers import load_tokenizer
+        from kdcore.modeling.tokenizers import load_tokenizer
 
         spec = student_tokenizer_spec(cfg)
         student_tok = load_tokenizer(spec)
@@ -62,7 +62,7 @@ class RunParts:
     def preparer(self, *, parts: list[TeacherPart] | None = None, env=None, kdist=None, **kwargs):
         """A :class:`~kdcore.training.steps.StepPreparer` over ``parts`` (default: every teacher);
         without a rollout it only collates and aligns (``micro_batch``)."""
-        from kdcore.tokenizers import pad_token_id
+        from kdcore.modeling.tokenizers import pad_token_id
         from kdcore.training.steps import StepPreparer
         from kdcore.training.types import LatestEval
 

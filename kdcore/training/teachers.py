@@ -82,7 +82,7 @@ def prepare_run_data(cfg, parts: list[TeacherPart], student_tok):
 def build_parts(cfg, registry, student_tok, student_spec: str) -> list[TeacherPart]:
     """Every teacher's part (tokenizer and aligner; engines and heads come later)."""
     from kdcore.recipe.loading import teacher_entries
-    from kdcore.tokenizers import load_tokenizer, pad_token_id, same_tokenizer
+    from kdcore.modeling.tokenizers import load_tokenizer, pad_token_id, same_tokenizer
 
     sections = list(cfg.teachers) or [cfg.teacher]
     cache_dir = Path(os.environ.get("KDCORE_CACHE", Path.home() / ".cache" / "kdflow")) / "vocab_maps"
@@ -110,7 +110,7 @@ def build_parts(cfg, registry, student_tok, student_spec: str) -> list[TeacherPa
 def setup_heads(parts: list[TeacherPart], model, *, seed: int, device) -> None:
     """Load each teacher's head and let its aligner build its parameters (seeded like the
     student, so their init is reproducible and equal on every rank)."""
-    from kdcore.models import load_lm_head
+    from kdcore.modeling.models import load_lm_head
 
     for part in parts:
         s = part.section

@@ -275,7 +275,7 @@ class Trainer:
 
     def _student(self):
         """The sharded student with its optimizer; every teacher's head (loaded alone) and aligner."""
-        from kdcore import student as kstudent
+        from kdcore.modeling import student as kstudent
 
         cfg = self.cfg
         model = kstudent.build_student(cfg)
@@ -343,10 +343,10 @@ def train(cfg, *, registry=None, resume: bool = False, overwrite: bool = False,
     """Run a validated recipe (``kdcore.load_recipe``); returns where everything was written."""
     from kdcore.infra.channel import ChannelError
     from kdcore.data import DataError
-    from kdcore.paths import ModelNotFoundError
+    from kdcore.modeling.paths import ModelNotFoundError
     from kdcore.plugin_system.registry import UnknownAlgorithmError
     from kdcore.engines.protocol import RolloutError
-    from kdcore.vocab import VocabMismatchError
+    from kdcore.modeling.vocab import VocabMismatchError
 
     try:
         return Trainer(cfg, registry=registry, resume=resume, overwrite=overwrite,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from kdcore import lora
+from kdcore.modeling import lora
 from kdcore.engines.protocol import RolloutError
 
 

@@ -45,7 +45,7 @@ def micro_batches(rank: int):
 def check(tied: bool, work: Path, rank: int, world: int) -> dict:
     from kdcore.infra import distributed as kdist
     from kdcore.storage.checkpoint import export_hf, load_checkpoint, save_checkpoint
-    from kdcore.student import (Student, build_optimizer, build_scheduler, clip_gradients, loss_scale,
+    from kdcore.modeling.student import (Student, build_optimizer, build_scheduler, clip_gradients, loss_scale,
                                 shard_student, student_head_weight, student_hidden, sync_extra_modules)
 
     model = tiny_llama(seed=3, tie_word_embeddings=tied, num_hidden_layers=3)

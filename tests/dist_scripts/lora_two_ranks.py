@@ -54,7 +54,7 @@ def batch(rank: int):
 def main() -> None:
     from kdcore.infra import distributed as kdist
     from kdcore.storage.checkpoint import export_hf, load_checkpoint, save_checkpoint
-    from kdcore.student import (Student, build_optimizer, build_student, clip_gradients, loss_scale,
+    from kdcore.modeling.student import (Student, build_optimizer, build_student, clip_gradients, loss_scale,
                                 student_head_weight, student_hidden)
 
     env = kdist.init_distributed("cpu")

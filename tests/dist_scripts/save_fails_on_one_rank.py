@@ -27,7 +27,7 @@ def main() -> None:
     from kdcore.storage import checkpoint as ckpt_mod
     from kdcore.infra import distributed as kdist
     from kdcore.storage.checkpoint import CheckpointError, save_checkpoint
-    from kdcore.student import shard_student
+    from kdcore.modeling.student import shard_student
 
     env = kdist.init_distributed("cpu", timeout_s=60.0)  # a hang shows as a timeout well inside the test's
     kdist.setup_threads(1)

@@ -61,7 +61,7 @@ def run(model_dir: str, ckpt_dir: str, steps: int, stop_after: int | None = None
         precision: str = "fp32", grad_accum: int = 2) -> dict:
     from kdcore.infra import distributed as kdist
     from kdcore.storage.checkpoint import load_latest, save_checkpoint
-    from kdcore.student import Student, loss_scale, student_head_weight, student_hidden
+    from kdcore.modeling.student import Student, loss_scale, student_head_weight, student_hidden
 
     owns_group = not kdist.is_initialized()
     kdist.init_distributed("cpu")

@@ -16,7 +16,7 @@ from conftest import DIST_SCRIPTS
 from dist_scripts.common import HIDDEN, VOCAB, kd_token_losses, teacher_logits, tiny_llama, tiny_llama_config, tiny_tokenizer
 from dist_scripts.toy_train import run as toy_run
 from kdcore.storage import checkpoint as ck
-from kdcore.student import build_optimizer, build_scheduler, shard_student, student_head_weight, student_hidden
+from kdcore.modeling.student import build_optimizer, build_scheduler, shard_student, student_head_weight, student_hidden
 
 pytestmark = pytest.mark.usefixtures("cpu_process_group")
 

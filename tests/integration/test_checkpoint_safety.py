@@ -17,7 +17,7 @@ import torch
 
 from dist_scripts.common import HIDDEN, tiny_llama
 from kdcore.storage import checkpoint as ck
-from kdcore.student import build_optimizer, build_scheduler, shard_student
+from kdcore.modeling.student import build_optimizer, build_scheduler, shard_student
 from test_checkpoint import assert_same, snapshot, trained_setup
 
 pytestmark = pytest.mark.usefixtures("cpu_process_group")

@@ -72,7 +72,7 @@ def test_bad_input_wrapped_by_training_keeps_exit_2(capsys):
     the exit code stays the documented one for bad input."""
     from kdcore.infra.channel import ChannelError
     from kdcore.data import DataError
-    from kdcore.paths import ModelNotFoundError
+    from kdcore.modeling.paths import ModelNotFoundError
     from kdcore.training import TrainingError
 
     for inner, code in ((DataError("data row 3: no text"), 2), (ModelNotFoundError("no model 'x'"), 2),

@@ -61,7 +61,7 @@ def dense_reference(recipe: Path, student_dir: Path) -> dict:
 
     from kdcore.recipe.loading import load_recipe
     from kdcore.data import prepare_data
-    from kdcore.tokenizers import load_tokenizer
+    from kdcore.modeling.tokenizers import load_tokenizer
 
     cfg = load_recipe(str(recipe))
     tok = load_tokenizer(str(cfg.teacher.path))
@@ -122,7 +122,7 @@ def test_student_answers_are_its_greedy_continuations(same_vocab_run):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from kdcore.tokenizers import load_tokenizer
+    from kdcore.modeling.tokenizers import load_tokenizer
 
     _, out, report, _ = same_vocab_run
     tok = load_tokenizer(str(out / "hf"))

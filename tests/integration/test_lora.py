@@ -19,7 +19,7 @@ pytest.importorskip("peft")
 from conftest import DIST_SCRIPTS  # noqa: E402
 from dist_scripts.common import VOCAB, kd_token_losses, teacher_logits, tiny_llama  # noqa: E402
 from kdcore.recipe.loading import Recipe, validate_raw  # noqa: E402
-from kdcore.student import Student, build_student, student_head_weight, student_hidden  # noqa: E402
+from kdcore.modeling.student import Student, build_student, student_head_weight, student_hidden  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("cpu_process_group")
 

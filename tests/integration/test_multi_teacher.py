@@ -149,7 +149,7 @@ def test_a_dead_teacher_is_named(tmp_path, tiny_teacher, mistral_teacher, tiny_s
 # ---------------------------------------------------------------- routing and context, in process
 def _parts(names_toks_aligners, student_tok):
     from kdcore.plugin_system.manager import load_registry
-    from kdcore.tokenizers import pad_token_id, same_tokenizer
+    from kdcore.modeling.tokenizers import pad_token_id, same_tokenizer
     from kdcore.training.teachers import TeacherPart
 
     reg = load_registry()
@@ -165,7 +165,7 @@ def _parts(names_toks_aligners, student_tok):
 
 
 def _preparer(parts, samples, student_tok):
-    from kdcore.tokenizers import pad_token_id
+    from kdcore.modeling.tokenizers import pad_token_id
     from kdcore.training.steps import StepPreparer
     from kdcore.training.types import LatestEval
 
@@ -176,7 +176,7 @@ def _preparer(parts, samples, student_tok):
 
 def test_routing_by_column_sends_each_row_only_to_its_teachers(tmp_path, smollm2_tokenizer):
     from kdcore.data import TeacherView, prepare_data
-    from kdcore.tokenizers import load_tokenizer
+    from kdcore.modeling.tokenizers import load_tokenizer
 
     rows = [json.loads(x) for x in PYDOC.read_text().splitlines()[:6]]
     routes = ["a", ["b"], None, ["a", "b"], "b", "a"]

@@ -31,7 +31,7 @@ def samples(smollm2_tokenizer):
 
 @pytest.fixture(scope="module")
 def qwen():
-    from kdcore.tokenizers import load_tokenizer
+    from kdcore.modeling.tokenizers import load_tokenizer
 
     return load_tokenizer(QWEN)
 
@@ -330,7 +330,7 @@ def test_seqkd_samples_come_from_the_teacher(teacher_engine, teacher_model, stud
 
 def test_self_distillation_sync_makes_teacher_and_student_hidden_states_equal(teacher_engine, teacher_model, student,
                                                                                samples, smollm2_tokenizer):
-    from kdcore.student import student_hidden
+    from kdcore.modeling.student import student_hidden
     from kdcore.engines import HiddenRequest
 
     mb = collate(samples[:3], smollm2_tokenizer.pad_token_id)

@@ -634,7 +634,7 @@ GATHER_SCRIPT = textwrap.dedent('''
     import json, sys, copy
     import torch
     from kdcore.infra import distributed as kdist
-    from kdcore.student import shard_student
+    from kdcore.modeling.student import shard_student
     from kdcore.engines.sglang.rollout import iter_full_buckets, gather_full
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from conftest import DIST_SCRIPTS
 from dist_scripts.common import HIDDEN, VOCAB, kd_token_losses, teacher_logits, tiny_llama
 from kdcore.recipe.loading import Recipe
-from kdcore.student import (Student, build_optimizer, build_scheduler, build_student, clip_gradients,
+from kdcore.modeling.student import (Student, build_optimizer, build_scheduler, build_student, clip_gradients,
                             evenly_spaced, lr_factor, set_grad_sync, shard_student, student_head_weight,
                             student_hidden, truncate_layers)
 

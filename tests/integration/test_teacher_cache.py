@@ -216,7 +216,7 @@ def test_the_engine_answers_by_content_and_names_a_sample_it_lacks(fp32_cache):
     from kdcore.data import prepare_data
     from kdcore.engines import HiddenRequest
     from kdcore.engines.cache.teacher import CacheRunError, CacheTeacher
-    from kdcore.tokenizers import load_tokenizer
+    from kdcore.modeling.tokenizers import load_tokenizer
 
     recipe, cache, _ = fp32_cache
     cfg = load_recipe(str(recipe))

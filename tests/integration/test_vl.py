@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kdcore.data import collate, prepare_data
-from kdcore.tokenizers import load_tokenizer
+from kdcore.modeling.tokenizers import load_tokenizer
 from test_train import assert_resume_after_step_2_is_exact, dump_recipe, evals, run_train
 
 
@@ -29,7 +29,7 @@ def vl_recipe(tmp_path, vl, student=None, **sections):
 def test_vl_teacher_rows_equal_an_in_process_forward(vl_assets):
     from kdcore.engines import HiddenRequest, TeacherError
     from kdcore.engines.hf import HFTeacher
-    from kdcore.models import load_causal_lm
+    from kdcore.modeling.models import load_causal_lm
 
     tok = load_tokenizer(str(vl_assets["teacher"]))
     data = prepare_data({"train": str(vl_assets["train"]), "eval_size": 0}, tok)

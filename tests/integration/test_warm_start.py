@@ -30,7 +30,7 @@ def three_layers(tmp_path_factory, smollm2_tokenizer):
 
 @pytest.mark.parametrize("init", ["pretrained", "config"])
 def test_num_layers_that_would_be_ignored_is_refused_in_one_line(init, three_layers):
-    from kdcore.student import build_student
+    from kdcore.modeling.student import build_student
 
     with pytest.raises(ValueError, match=rf"student.num_layers=2, but the init={init} student from .* has 3 layers"):
         build_student(recipe_for(three_layers, init=init, num_layers=2))

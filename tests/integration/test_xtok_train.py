@@ -53,7 +53,7 @@ def expected_eval_align_ratio(recipe: Path) -> float:
     prepared for training and the offsets alignment alone."""
     from kdcore.recipe.loading import load_recipe
     from kdcore.data import prepare_data
-    from kdcore.tokenizers import load_tokenizer
+    from kdcore.modeling.tokenizers import load_tokenizer
     from kdflow_algorithms.aligners.offsets import offsets_alignment
 
     cfg = load_recipe(str(recipe))

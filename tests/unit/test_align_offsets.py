@@ -2,7 +2,7 @@
 
 SmolLM2 (byte-level BPE from its GGUF), Qwen (byte-level BPE from a tiktoken file) and Mistral v1
 (SentencePiece with byte fallback, adds BOS) are loaded once per module through
-``kdcore.tokenizers.load_tokenizer``. The reference for "these two positions read the same text"
+``kdcore.modeling.tokenizers.load_tokenizer``. The reference for "these two positions read the same text"
 is independent of offsets: the tokenizer's own ``decode`` of the token prefix.
 """
 
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from kdcore.aligner import Tokenized
-from kdcore.tokenizers import load_tokenizer
+from kdcore.modeling.tokenizers import load_tokenizer
 from kdflow_algorithms.aligners import vocab_maps as vm
 from kdflow_algorithms.aligners.offsets import align_offsets, consumed_ends, offset_gaps, offsets_alignment
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import kdcore
 from kdcore.aligner import AlignedBatch, Aligner, LossSpec
 from kdcore.data import build_sample, normalize_row
-from kdcore.tokenizers import load_tokenizer
+from kdcore.modeling.tokenizers import load_tokenizer
 from kdflow_algorithms.aligners.dskd import DSKDAligner, DSKDOptions
 from kdflow_algorithms.aligners.mined import MinEDAligner
 from kdflow_algorithms.aligners.overlap import OverlapAligner, OverlapOptions, overlap

@@ -21,8 +21,8 @@ def test_recipes_exist():
 
 def _absent_gguf_overrides(path: Path, stand_in: Path) -> list[str]:
     """Overrides pointing every model path of the recipe that names an absent .gguf at ``stand_in``."""
-    from kdcore.models import locate
-    from kdcore.paths import ModelNotFoundError
+    from kdcore.modeling.models import locate
+    from kdcore.modeling.paths import ModelNotFoundError
 
     def absent(spec: str) -> bool:
         try:

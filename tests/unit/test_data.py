@@ -29,8 +29,8 @@ from kdcore.data import (
     read_rows,
     split_eval,
 )
-from kdcore.paths import ModelNotFoundError, resolve
-from kdcore.tokenizers import (
+from kdcore.modeling.paths import ModelNotFoundError, resolve
+from kdcore.modeling.tokenizers import (
     TokenizerLoadError,
     load_tokenizer,
     pad_token_id,
@@ -198,7 +198,7 @@ def test_load_tokenizer_kinds_and_errors(tmp_path):
     smol = tok(SMOL)
     assert smol.is_fast and len(smol) == 49152 and smol.chat_template
     # the GGUF's tokenizer is cached as an HF folder: later loads read that, with equal results
-    from kdcore.models import default_cache_dir, gguf_cache_key
+    from kdcore.modeling.models import default_cache_dir, gguf_cache_key
 
     assert list((default_cache_dir() / "gguf").glob(f"*-{gguf_cache_key(resolve(SMOL))}*/tokenizer.json"))
     cached = load_tokenizer(SMOL)

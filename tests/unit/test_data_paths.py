@@ -1,4 +1,4 @@
-"""The one "is this spec meant as a local path?" rule (``kdcore.paths.looks_local``) and what
+"""The one "is this spec meant as a local path?" rule (``kdcore.modeling.paths.looks_local``) and what
 each caller (data sets, models, tokenizers) does with a missing path that looks local."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from kdcore.data import DataError, read_rows, resolve_data_path
-from kdcore.paths import ModelNotFoundError, is_local, looks_local
+from kdcore.modeling.paths import ModelNotFoundError, is_local, looks_local
 
 
 @pytest.mark.parametrize("spec, suffixes, local", [
@@ -35,7 +35,7 @@ def test_is_local_adds_pkg_and_existing_paths(tmp_path, monkeypatch):
 
 
 def test_data_and_model_callers_name_a_missing_local_path(tmp_path):
-    from kdcore.models import locate
+    from kdcore.modeling.models import locate
 
     # data: a file suffix alone makes it local, so a typo is "not found" rather than a hub lookup
     with pytest.raises(DataError, match="data file not found: 'org/train.jsonl'"):

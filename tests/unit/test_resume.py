@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kdcore.storage.resume import ResumeMismatchError, check_resume, compare_recipes
-from kdcore.student import build_optimizer, build_scheduler, lr_factor, reschedule, reschedule_for_recipe
+from kdcore.modeling.student import build_optimizer, build_scheduler, lr_factor, reschedule, reschedule_for_recipe
 
 SAVED = {
     "teacher": {"path": "t", "tokenizer": None, "threads": 0, "device": "auto", "sglang": {"port": 0}},

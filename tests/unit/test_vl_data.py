@@ -12,7 +12,7 @@ import torch
 
 from kdcore.data import BadRow, collate, normalize_row, prepare_data
 from kdcore.data.images import processor_for, tokenize_side
-from kdcore.tokenizers import load_tokenizer
+from kdcore.modeling.tokenizers import load_tokenizer
 
 
 def rows(path: Path) -> list[dict]:

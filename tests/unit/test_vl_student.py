@@ -1,5 +1,5 @@
 """A vision-language student: which parts FSDP2 wraps, a frozen vision tower, the hidden states
-the loss reads (kdcore/vision.py, kdcore/student.py)."""
+the loss reads (kdcore/modeling/vision.py, kdcore/modeling/student.py)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from kdcore import student as kstudent
-from kdcore import vision
+from kdcore.modeling import student as kstudent
+from kdcore.modeling import vision
 from kdcore.recipe.schema import Recipe
 
 pytestmark = pytest.mark.usefixtures("cpu_process_group")
@@ -44,7 +44,7 @@ def test_fsdp2_wraps_language_layers_and_trained_vision_blocks(vl_assets, train_
 
 def test_student_hidden_is_the_backbones_last_hidden_state(vl_assets):
     from kdcore.data import collate, prepare_data
-    from kdcore.tokenizers import load_tokenizer
+    from kdcore.modeling.tokenizers import load_tokenizer
 
     tok = load_tokenizer(str(vl_assets["student"]))
     mb = collate(prepare_data({"train": str(vl_assets["train"]), "eval_size": 0}, tok).train[:2], pad_id=0)

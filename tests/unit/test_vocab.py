@@ -10,8 +10,8 @@ from transformers import PreTrainedTokenizerFast
 
 import kdcore
 from kdcore.aligner import AlignedBatch, LossSpec, Tokenized
-from kdcore.tokenizers import load_tokenizer
-from kdcore.vocab import VocabMismatchError, real_vocab_size, shared_vocab_size
+from kdcore.modeling.tokenizers import load_tokenizer
+from kdcore.modeling.vocab import VocabMismatchError, real_vocab_size, shared_vocab_size
 from kdflow_algorithms.aligners.same_vocab import SameVocabAligner
 
 REGISTRY = kdcore.load_registry()

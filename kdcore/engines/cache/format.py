@@ -89,7 +89,7 @@ def files_fingerprint(paths: Sequence[Path], root: Path) -> str:
 
 
 def _local(spec: str) -> Optional[Path]:
-    from kdcore.paths import resolve
+    from kdcore.modeling.paths import resolve
 
     try:
         p = Path(os.path.expanduser(resolve(str(spec))))

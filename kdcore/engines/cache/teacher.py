@@ -127,7 +127,7 @@ class CacheTeacher(TeacherEngine):
         self._release_ticket(ticket)
 
     def lm_head(self, dtype=None):
-        from kdcore.models import load_lm_head
+        from kdcore.modeling.models import load_lm_head
 
         return load_lm_head(self.teacher_path, dtype=dtype or self.dtype_name)
 

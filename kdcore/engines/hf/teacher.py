@@ -29,7 +29,7 @@ The child computes the decoder (``model.get_decoder()``: its ``last_hidden_state
 the final norm; no logits, no per-layer hidden states kept, no KV cache) and gathers the
 requested positions with ``index_select(..., out=slot)`` directly into the channel slot.
 
-A vision-language teacher (:mod:`kdcore.vision`) computes its whole backbone instead, with the
+A vision-language teacher (:mod:`kdcore.modeling.vision`) computes its whole backbone instead, with the
 request's pixel inputs (``HiddenRequest.vision``, sent down the queue beside the ids); the
 channel still carries only the rows at the requested (text) positions.
 """
@@ -120,7 +120,7 @@ class HFTeacher(TeacherEngine):
 
     Args:
         spec: hub id, local folder, ``.gguf`` file or ``pkg://`` spec (GGUFs are converted once
-            into a cached HF folder, see :func:`kdcore.models.gguf_to_hf_folder`).
+            into a cached HF folder, see :func:`kdcore.modeling.models.gguf_to_hf_folder`).
         dtype: compute dtype of the teacher, and of the hidden states in the channel.
         device: ``cpu``, ``cuda[:i]`` or ``auto`` (cuda when available).
         threads: torch threads in the child; None = :func:`kdcore.infra.distributed.default_threads`
@@ -141,7 +141,7 @@ class HFTeacher(TeacherEngine):
                  n_slots: int = 2,
                  progress_timeout: float = PROGRESS_TIMEOUT_S, start_timeout: float = START_TIMEOUT_S,
                  cache_dir: Optional[str] = None, attn_implementation: Optional[str] = None):
-        from kdcore.models import torch_dtype
+        from kdcore.modeling.models import torch_dtype
 
         self.spec = str(spec)
         self.dtype = torch_dtype(dtype)
@@ -179,7 +179,7 @@ class HFTeacher(TeacherEngine):
             return self.wait_ready() if wait else self
         if self._closed:
             raise TeacherError("this teacher engine was closed; build a new one")
-        from kdcore import models
+        from kdcore.modeling import models
 
         self.device = _resolve_device(self.device)
         dims = models.model_dims(self.spec)  # config / GGUF metadata only: the parent never loads weights
@@ -415,7 +415,7 @@ class HFTeacher(TeacherEngine):
     def lm_head(self, dtype: str | torch.dtype | None = None) -> torch.Tensor:
         """``[V, H]`` head read alone from the checkpoint (from the converted folder for GGUFs,
         which is faster than dequantizing), cached per engine."""
-        from kdcore import models
+        from kdcore.modeling import models
 
         if self._head is None:
             # A GGUF teacher's converted folder is faster to read than dequantizing; use it once

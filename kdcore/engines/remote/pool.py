@@ -75,7 +75,7 @@ class RemotePool(TeacherEngine):
 
     def __init__(self, spec: str, *, addresses: Any, token: Optional[str] = None, timeout_s: float = 20.0,
                  retries: int = 0, dtype: str | torch.dtype = "float32", max_rows: int = 8192, n_slots: int = 2):
-        from kdcore.models import torch_dtype
+        from kdcore.modeling.models import torch_dtype
 
         self.spec = str(spec)
         given = addresses if isinstance(addresses, (list, tuple)) else [addresses]
@@ -346,7 +346,7 @@ class RemotePool(TeacherEngine):
 
     def lm_head(self, dtype: str | torch.dtype | None = None) -> torch.Tensor:
         """``[V, H]`` head read alone from ``teacher.path`` on this machine."""
-        from kdcore import models
+        from kdcore.modeling import models
 
         if self._head is None:
             self._head = models.load_lm_head(self.spec, dtype=self.dtype)

@@ -540,7 +540,7 @@ def serve_recipe(recipe: str, overrides: list[str], *, listen: str, token: Optio
     from kdcore.infra.channel import ChannelError
     from kdcore.recipe.loading import RecipeError, load_recipe
     from kdcore.engines import TeacherError, create_teacher_engine
-    from kdcore.paths import ModelNotFoundError
+    from kdcore.modeling.paths import ModelNotFoundError
     from kdcore.plugin_system.manager import load_registry
 
     token = token or os.environ.get(TOKEN_ENV) or None

@@ -94,7 +94,7 @@ def decode_header(frame: Any) -> dict:
 
 def _config_digest(spec: str) -> str:
     """sha256 of the model's config (canonical JSON, without keys that name files or versions)."""
-    from kdcore import models
+    from kdcore.modeling import models
 
     kind, where = models.locate(spec)
     if kind == "gguf":
@@ -121,7 +121,7 @@ def teacher_fingerprint(spec: str) -> dict:
     Paths differ between machines (mount points), so only the model's *name* (last path part,
     or the hub id) must match; the config hash and the sizes say it is the same model.
     """
-    from kdcore import models
+    from kdcore.modeling import models
 
     dims = models.model_dims(spec)
     name = os.path.basename(os.path.normpath(os.path.expanduser(str(spec)))) or str(spec)

@@ -13,7 +13,7 @@ from kdcore.engines.sglang.server import launch_command, server_kwargs
 def serve_command(recipe: str, overrides: Sequence[str] = (), *, port: int = 30000, host: str = "127.0.0.1",
                   max_rows: int = 65536) -> tuple[list[str], dict[str, str]]:
     """argv and environment of the per-node teacher server a recipe needs (multi-node runs)."""
-    from kdcore import models
+    from kdcore.modeling import models
     from kdcore.recipe.loading import load_recipe
 
     cfg = load_recipe(recipe, list(overrides))

@@ -295,7 +295,7 @@ class SGLangTeacher(TeacherEngine):
     def __init__(self, teacher_cfg: Any, *, max_rows: int, n_slots: int = 2, device: Optional[str] = None,
                  progress_timeout: float = REQUEST_TIMEOUT_S, start_timeout: float = START_TIMEOUT_S,
                  seed: int = 0, cache_dir: Optional[str] = None):
-        from kdcore.models import torch_dtype
+        from kdcore.modeling.models import torch_dtype
 
         self.cfg = teacher_cfg
         self.scfg = getattr(teacher_cfg, "sglang", None) or SGLangConfig()
@@ -336,7 +336,7 @@ class SGLangTeacher(TeacherEngine):
         check_cuda()
         if self.scfg.server_url is None:
             check_version(installed_version())
-        from kdcore import models
+        from kdcore.modeling import models
 
         self.folder = models.loadable_path(self.spec, self.cache_dir)[0]
         config = read_config(self.folder)
@@ -567,7 +567,7 @@ class SGLangTeacher(TeacherEngine):
         self._asleep = False
 
     def lm_head(self, dtype: str | torch.dtype | None = None) -> torch.Tensor:
-        from kdcore import models
+        from kdcore.modeling import models
 
         if self._head is None:
             self._head = models.load_lm_head(self.folder or self.spec, dtype=self.dtype)

@@ -2,7 +2,7 @@
 
 A model *spec* is one of: a hub id (``HuggingFaceTB/SmolLM2-135M-Instruct``), a local folder
 in Hugging Face layout, a ``.gguf`` file, or ``pkg://<package>/<file>`` (see
-:mod:`kdcore.paths`).
+:mod:`kdcore.modeling.paths`).
 
 - :func:`load_causal_lm` loads a whole ``AutoModelForCausalLM`` (GGUFs through a cached HF
   folder, see :func:`gguf_to_hf_folder`).
@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kdcore.paths import ModelNotFoundError, looks_local, resolve
+from kdcore.modeling.paths import ModelNotFoundError, looks_local, resolve
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -114,10 +114,10 @@ def load_causal_lm(spec: str, *, dtype: "str | torch.dtype" = "float32", device:
 
 def _auto_class(where: str):
     """``AutoModelForCausalLM``, or ``AutoModelForImageTextToText`` for a vision-language
-    folder (:mod:`kdcore.vision`); a hub id is read as a causal LM unless its config says VL."""
+    folder (:mod:`kdcore.modeling.vision`); a hub id is read as a causal LM unless its config says VL."""
     from transformers import AutoConfig
 
-    from kdcore.vision import model_class
+    from kdcore.modeling.vision import model_class
 
     try:
         return model_class(AutoConfig.from_pretrained(where))
@@ -198,7 +198,7 @@ def gguf_to_hf_folder(gguf_path: str | os.PathLike, cache_dir: str | os.PathLike
         with phase(f"{src.name}: writing the converted model and tokenizer"):
             model.save_pretrained(tmp)
             # the data preparation has usually parsed this GGUF's vocabulary already and cached the
-            # tokenizer (kdcore.tokenizers.load_gguf_tokenizer, same key): copying its files saves
+            # tokenizer (kdcore.modeling.tokenizers.load_gguf_tokenizer, same key): copying its files saves
             # the seconds of parsing it again
             cached_tok = default_cache_dir() / "gguf" / f"{final.name}.tokenizer"
             if (cached_tok / "tokenizer.json").is_file():
@@ -354,7 +354,7 @@ def _head_names(config) -> list[str]:
     """Checkpoint names to try for the head, best first (built on the meta device: no memory)."""
     import torch
 
-    from kdcore.vision import model_class
+    from kdcore.modeling.vision import model_class
 
     with torch.device("meta"):
         model = model_class(config).from_config(config)

@@ -8,7 +8,7 @@ Build (``student.init``):
     ``train.seed`` (identical on every rank).
 
 LoRA (``student.lora.enabled``): the built model is wrapped with peft adapters
-(:mod:`kdcore.lora`) before sharding; only the adapters train, and the functions below find the
+(:mod:`kdcore.modeling.lora`) before sharding; only the adapters train, and the functions below find the
 decoder stack and head of the base model through the wrapper.
 
 Sharding: ``fully_shard`` on each decoder layer, then on the root, which therefore owns the
@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from kdcore.infra import distributed as kdist
-from kdcore import lora as kdlora
+from kdcore.modeling import lora as kdlora
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -56,8 +56,8 @@ def _transformers_dtype_kw(dtype: torch.dtype) -> dict:
 
 def load_pretrained(spec: str, dtype: torch.dtype = torch.float32):
     """Load a causal LM (hub id, local folder, ``.gguf`` file or ``pkg://`` spec) on CPU, via
-    :func:`kdcore.models.load_causal_lm` (GGUF converted once into a cached plain HF folder)."""
-    from kdcore.models import load_causal_lm
+    :func:`kdcore.modeling.models.load_causal_lm` (GGUF converted once into a cached plain HF folder)."""
+    from kdcore.modeling.models import load_causal_lm
 
     return load_causal_lm(spec, dtype=dtype, device="cpu")
 
@@ -66,7 +66,7 @@ def load_config(spec: str):
     """The model config of ``spec`` (same forms as :func:`load_pretrained`), without weights."""
     from transformers import AutoConfig
 
-    from kdcore.models import locate
+    from kdcore.modeling.models import locate
 
     kind, where = locate(spec)  # a missing local path raises ModelNotFoundError naming it
     if kind == "gguf":
@@ -83,7 +83,7 @@ def load_config(spec: str):
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder layer list of a Llama/Qwen/Mistral-style causal LM (``model.model.layers``;
     a peft-wrapped one's base model)."""
-    from kdcore.vision import language_layers
+    from kdcore.modeling.vision import language_layers
 
     model = kdlora.unwrap(model)
     base = getattr(model, "model", None)
@@ -176,7 +176,7 @@ def build_student(recipe, seed: int | None = None):
     source = s.path or recipe.teacher.path
     seed = recipe.train.seed if seed is None else seed
     if s.init == "config":
-        from kdcore.vision import model_class
+        from kdcore.modeling.vision import model_class
 
         cfg = load_config(source)
         _apply_overrides(cfg, dict(s.config_overrides or {}))
@@ -201,7 +201,7 @@ def build_student(recipe, seed: int | None = None):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False  # training forwards never need a KV cache
     if not getattr(s, "train_vision", True):
-        from kdcore.vision import freeze_vision
+        from kdcore.modeling.vision import freeze_vision
 
         freeze_vision(model)  # before LoRA and the optimizer: frozen weights get no state
     if kdlora.lora_enabled(getattr(s, "lora", None)):
@@ -265,7 +265,7 @@ def shard_student(model: nn.Module, precision: str = "fp32", device: torch.devic
     mp = mixed_precision_policy(precision)
     if mp is not None:
         kw["mp_policy"] = mp
-    from kdcore.vision import vision_blocks
+    from kdcore.modeling.vision import vision_blocks
 
     for layer in decoder_layers(model):
         fully_shard(layer, **kw)
@@ -299,7 +299,7 @@ def student_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
                    **vision: torch.Tensor) -> torch.Tensor:
     """Last hidden states ``[B, L, H]`` after the final norm, without the ``lm_head`` matmul.
 
-    ``vision``: a vision-language student's pixel inputs (:func:`kdcore.vision.model_inputs`).
+    ``vision``: a vision-language student's pixel inputs (:func:`kdcore.modeling.vision.model_inputs`).
 
     Runs the root module's forward (so FSDP gathers the root's parameters and registers its
     backward hooks) with ``logits_to_keep`` = no position, and takes the decoder stack's output.

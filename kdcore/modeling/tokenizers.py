@@ -10,7 +10,7 @@
 - a SentencePiece ``.model`` file (Llama/Mistral style, byte fallback);
 - a tiktoken ``.tiktoken`` file (Qwen's pre-tokenizer pattern and special tokens are applied
   when the file is Qwen's);
-- any of the above as ``pkg://<package>/<file>`` (see :mod:`kdcore.paths`).
+- any of the above as ``pkg://<package>/<file>`` (see :mod:`kdcore.modeling.paths`).
 
 The result is always a fast tokenizer because data preparation needs character offsets
 (``return_offsets_mapping``). Tokenizers built from a bare vocabulary file get a chat template
@@ -29,7 +29,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from kdcore.paths import ModelNotFoundError, is_local, resolve
+from kdcore.modeling.paths import ModelNotFoundError, is_local, resolve
 
 
 class TokenizerLoadError(ValueError):
@@ -88,7 +88,7 @@ def load_tokenizer(spec: str):
     """Load a fast tokenizer from a spec (see the module docstring).
 
     Returns a ``transformers.PreTrainedTokenizerFast`` (or subclass); raises
-    :class:`~kdcore.paths.ModelNotFoundError` for a local path that does not exist and
+    :class:`~kdcore.modeling.paths.ModelNotFoundError` for a local path that does not exist and
     :class:`TokenizerLoadError` when the spec cannot be loaded as a fast tokenizer.
     """
     if not isinstance(spec, str) or not spec:
@@ -152,13 +152,13 @@ def load_gguf_tokenizer(path: str | os.PathLike):
 
     Reading it means parsing the GGUF vocabulary (seconds for a 49k vocabulary, more for
     bigger ones), so the result is saved once as an HF tokenizer folder beside the converted
-    model folders (``kdcore.models.default_cache_dir()/gguf``, keyed like them by
-    ``kdcore.models.gguf_cache_key``) and later loads read that folder. A model folder
-    converted by ``kdcore.models.gguf_to_hf_folder`` is used directly when present.
+    model folders (``kdcore.modeling.models.default_cache_dir()/gguf``, keyed like them by
+    ``kdcore.modeling.models.gguf_cache_key``) and later loads read that folder. A model folder
+    converted by ``kdcore.modeling.models.gguf_to_hf_folder`` is used directly when present.
     """
     from transformers import AutoTokenizer
 
-    from kdcore.models import default_cache_dir, gguf_cache_key
+    from kdcore.modeling.models import default_cache_dir, gguf_cache_key
 
     src = Path(path).expanduser().resolve()
     key = f"{src.stem}-{gguf_cache_key(src)}"
