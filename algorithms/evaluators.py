@@ -1,4 +1,4 @@
-"""Built-in generation evaluators for ``kdcore eval`` (see ``register_evaluators`` in kdcore.hookspecs).
+"""Built-in generation evaluators for ``kdcore eval`` (see ``register_evaluators`` in kdcore.plugin_system.hookspecs).
 
 ============  =============================================================================
 rouge_l       ROUGE-L F1 (longest common subsequence of words; Lin 2004) of the student's
@@ -123,7 +123,7 @@ def draft(generations, options: DraftOptions | None = None) -> dict[str, float]:
     teacher-forced student forward per answer (see :func:`draft_blocks`)."""
     import torch
 
-    from kdcore.tokenizers import same_tokenizer
+    from kdcore.modeling.tokenizers import same_tokenizer
 
     gamma = (options or DraftOptions()).gamma
     g = generations

@@ -1,6 +1,6 @@
 """Built-in per-token divergences between the teacher and the student distribution.
 
-Every loss follows the loss contract of ``kdcore.hookspecs.register_losses``::
+Every loss follows the loss contract of ``kdcore.plugin_system.hookspecs.register_losses``::
 
     fn(student_logits: Tensor[n, V], teacher_logits: Tensor[n, V], *, temperature, **options) -> Tensor[n]
 

@@ -7,7 +7,7 @@
 One step = student logits + teacher logits + loss, forward and backward (grads w.r.t. the
 student hidden states and the student head), fp32 on CPU. "dense" is the plain torch code
 (``h_s @ W_sᵀ``, ``h_t @ W_tᵀ`` under no_grad, the registered loss on the full ``[N, V]``
-logits, ``.backward()``); "chunked" is ``kdcore.kdloss.distill_loss``.
+logits, ``.backward()``); "chunked" is ``kdcore.distill.loss.distill_loss``.
 
 How memory is measured: every configuration runs in fresh subprocesses, which report their peak
 resident set size (``VmHWM`` in /proc/self/status) during the first step minus their RSS just
@@ -66,7 +66,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch.nn.functional as F
 
     import kdcore
-    from kdcore.kdloss import distill_loss
+    from kdcore.distill.loss import distill_loss
 
     torch.manual_seed(0)
     fn = kdcore.load_registry().get("loss", args.loss).fn
@@ -143,7 +143,7 @@ def run_config(args, mode: str, n: int, chunk: int | None, strategy: str | None,
 
 
 def main() -> None:
-    from kdcore.kdloss import DEFAULT_CHUNK_SIZE
+    from kdcore.distill.loss import DEFAULT_CHUNK_SIZE
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

@@ -4,7 +4,7 @@
   alignment-ratio metric (aligned student rows / student loss rows).
 - :func:`pair_rows`: the batch's pair indices, checked.
 - :func:`paired_loss`: the batch's pairs handed to the chunked driver
-  (:func:`kdcore.kdloss.chunked_distill`) with a frozen teacher, KD on the paired student rows
+  (:func:`kdcore.distill.loss.chunked_distill`) with a frozen teacher, KD on the paired student rows
   and CE on every labelled one.
 - :func:`check_hidden`: one-line errors for hidden/head shape mismatches.
 """
@@ -16,8 +16,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from kdcore.aligner import AlignedBatch, Aligner, Alignment, LossSpec, Tokenized
-from kdcore.kdloss import ChunkView, LossOutput, chunked_distill
+from kdcore.distill.aligner import AlignedBatch, Aligner, Alignment, LossSpec, Tokenized
+from kdcore.distill.loss import ChunkView, LossOutput, chunked_distill
 from kdflow_algorithms.aligners.offsets import offsets_alignment
 
 

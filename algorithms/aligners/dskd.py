@@ -54,8 +54,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kdcore.aligner import AlignedBatch, Alignment, LossSpec, Tokenized
-from kdcore.kdloss import IGNORE_INDEX, LossOutput, distill_loss
+from kdcore.distill.aligner import AlignedBatch, Alignment, LossSpec, Tokenized
+from kdcore.distill.loss import IGNORE_INDEX, LossOutput, distill_loss
 from kdflow_algorithms.aligners.common import PairedAligner, check_hidden, pair_rows
 from kdflow_algorithms.checks import check_choice, check_range
 
@@ -217,7 +217,7 @@ class DSKDAligner(PairedAligner):
 
     def forward(self, batch: AlignedBatch, loss: LossSpec) -> LossOutput:
         """Dual-space KD; CE on every labelled student row. Shapes as in
-        :class:`kdcore.aligner.AlignedBatch`; ``kd_tokens`` is the number of aligned pairs."""
+        :class:`kdcore.distill.aligner.AlignedBatch`; ``kd_tokens`` is the number of aligned pairs."""
         check_hidden(batch, "dskd")
         s_idx, t_idx = pair_rows(batch, "dskd")
         h_s, w_s = batch.student_hidden, batch.student_head

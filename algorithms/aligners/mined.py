@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
-from kdcore.aligner import AlignedBatch, LossSpec
-from kdcore.kdloss import LossOutput
+from kdcore.distill.aligner import AlignedBatch, LossSpec
+from kdcore.distill.loss import LossOutput
 from kdflow_algorithms.aligners.common import PairedAligner, check_hidden, pair_rows, paired_loss
 from kdflow_algorithms.aligners.vocab_maps import mined_map
 from kdflow_algorithms.checks import check_range
@@ -99,7 +99,7 @@ class MinEDAligner(PairedAligner):
 
     def forward(self, batch: AlignedBatch, loss: LossSpec) -> LossOutput:
         """KD between the student and the MinED-mapped teacher distribution on aligned pairs,
-        CE on every labelled student row. Shapes as in :class:`kdcore.aligner.AlignedBatch`."""
+        CE on every labelled student row. Shapes as in :class:`kdcore.distill.aligner.AlignedBatch`."""
         check_hidden(batch, "mined")
         s_idx, t_idx = pair_rows(batch, "mined")
         w_t = batch.teacher_head

@@ -5,7 +5,7 @@ have read the same text? A hidden state at position ``p`` has consumed tokens ``
 it has read is the content up to the *end* of those tokens. Two positions are comparable when
 they have consumed exactly the same content, i.e. when their token spans end at the same
 content character. Offsets are in the coordinates of the sample's canonical content text
-(docs/architecture.md, ``kdcore.aligner.Tokenized``); template-only tokens (BOS, chat markers) carry an
+(docs/architecture.md, ``kdcore.distill.aligner.Tokenized``); template-only tokens (BOS, chat markers) carry an
 empty span ``(e, e)`` at the content position where they sit.
 
 Definitions, per tokenization with offsets ``(s_i, e_i)``:
@@ -42,7 +42,7 @@ from typing import Sequence
 
 import numpy as np
 
-from kdcore.aligner import Alignment, Tokenized
+from kdcore.distill.aligner import Alignment, Tokenized
 
 _NO_NEXT = np.iinfo(np.int64).max
 
@@ -135,7 +135,7 @@ def align_offsets(
 
 
 def offsets_alignment(student: Tokenized, teacher: Tokenized, *, fetch_all_teacher: bool = False) -> Alignment:
-    """The :class:`~kdcore.aligner.Alignment` of one sample from its two tokenizations.
+    """The :class:`~kdcore.distill.aligner.Alignment` of one sample from its two tokenizations.
 
     By default only paired teacher positions cross the channel. ``fetch_all_teacher`` requests
     every teacher loss position (DSKD's cross-model attention looks at all of them); pairs then

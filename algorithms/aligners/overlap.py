@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from kdcore.aligner import AlignedBatch, LossSpec
-from kdcore.kdloss import LossOutput
+from kdcore.distill.aligner import AlignedBatch, LossSpec
+from kdcore.distill.loss import LossOutput
 from kdflow_algorithms.aligners.common import PairedAligner, check_hidden, pair_rows, paired_loss
 from kdflow_algorithms.aligners.vocab_maps import exact_map, token_surfaces
 from kdflow_algorithms.checks import check_range

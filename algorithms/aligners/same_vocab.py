@@ -3,7 +3,7 @@
 The teacher receives the student's own token ids (``cross_tokenizer = False``), so every
 student loss position pairs with the same teacher position and KD compares full next-token
 distributions over the shared vocabulary. Heads padded to different sizes within a model family
-are sliced to the real vocabulary (:mod:`kdcore.vocab`).
+are sliced to the real vocabulary (:mod:`kdcore.modeling.vocab`).
 
 When the vocabularies are checked: the tokenizers' vocabularies are compared once, when the
 aligner is built (a genuine mismatch fails at startup, before any model loads); the head sizes
@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
-from kdcore.aligner import AlignedBatch, Aligner, Alignment, LossSpec, Tokenized
-from kdcore.kdloss import LossOutput, distill_loss
-from kdcore.vocab import check_head_rows, same_vocab_size
+from kdcore.distill.aligner import AlignedBatch, Aligner, Alignment, LossSpec, Tokenized
+from kdcore.distill.loss import LossOutput, distill_loss
+from kdcore.modeling.vocab import check_head_rows, same_vocab_size
 
 
 class SameVocabAligner(Aligner):
@@ -39,7 +39,7 @@ class SameVocabAligner(Aligner):
     def check_heads(self, student_rows: int, teacher_rows: int) -> int:
         """Validate the heads' row counts; returns the rows to keep (``vocab_size``).
 
-        Raises :class:`kdcore.vocab.VocabMismatchError` when a head has fewer rows than the
+        Raises :class:`kdcore.modeling.vocab.VocabMismatchError` when a head has fewer rows than the
         vocabulary; extra rows are padding and are sliced off by ``forward``.
         """
         if self._checked != (student_rows, teacher_rows):
@@ -100,7 +100,7 @@ def same_vocab(*, student_tokenizer: Any, teacher_tokenizer: Any, options: Any =
     """One tokenizer for both models: each position learns from the same teacher position.
 
     Compares the tokenizers' vocabularies now and raises
-    :class:`kdcore.vocab.VocabMismatchError` (naming both sizes and the cross-tokenizer
+    :class:`kdcore.modeling.vocab.VocabMismatchError` (naming both sizes and the cross-tokenizer
     aligners) when they differ. ``options`` and ``cache_dir`` are unused (no options, no maps).
     """
     return SameVocabAligner(same_vocab_size(student_tokenizer, teacher_tokenizer))

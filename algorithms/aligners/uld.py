@@ -14,7 +14,7 @@ are paired by the text they have read (:mod:`.offsets`), which is what the index
 approximates. ULD's distance *is* the divergence, so the recipe's ``distill.loss`` is not used
 by this aligner (CE mixing, ``kd_ratio`` and temperature are).
 
-Chunked over rows (:func:`kdcore.kdloss.chunked_distill`): a chunk's two sorted
+Chunked over rows (:func:`kdcore.distill.loss.chunked_distill`): a chunk's two sorted
 ``[chunk, V]`` probability tables are the largest buffers, never ``[N, V]`` for the batch.
 """
 
@@ -26,8 +26,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from kdcore.aligner import AlignedBatch, LossSpec
-from kdcore.kdloss import LossOutput
+from kdcore.distill.aligner import AlignedBatch, LossSpec
+from kdcore.distill.loss import LossOutput
 from kdflow_algorithms.aligners.common import PairedAligner, check_hidden, pair_rows, paired_loss
 from kdflow_algorithms.checks import check_range
 

@@ -174,7 +174,7 @@ def tokenizer_digest(tokenizer: Any) -> str:
 
     Two tokenizers with the same digest spell every id the same way, whatever their folder or
     file format (a GGUF and a tokenizer.json of one model hash alike). Unlike
-    ``kdcore.tokenizers.tokenizer_fingerprint`` it ignores chat templates and merges, which do
+    ``kdcore.modeling.tokenizers.tokenizer_fingerprint`` it ignores chat templates and merges, which do
     not change what a token spells.
     """
     return _memo(tokenizer, "_kdflow_vocab_digest", _tokenizer_digest)

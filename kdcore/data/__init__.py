@@ -28,7 +28,7 @@ Row formats (``data.format``, ``auto`` picks by columns in this order):
 
 **Canonical text and offsets.** Every sample has a canonical ``text``: its content only — the
 message contents (or prompt + completion, or the text) concatenated in order, with nothing in
-between. Each side's :class:`~kdcore.aligner.Tokenized` ``offsets`` are in the coordinates of
+between. Each side's :class:`~kdcore.distill.aligner.Tokenized` ``offsets`` are in the coordinates of
 that canonical text, not of the side's rendered template string, so aligners can pair tokens
 across tokenizers whose templates differ:
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from kdcore.aligner import Tokenized
+from kdcore.distill.aligner import Tokenized
 
 
 class DataError(ValueError):

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from kdcore.aligner import Tokenized
+from kdcore.distill.aligner import Tokenized
 from kdcore.data.common import BadRow
 
 # modes that are a colour or grey image; anything else (CMYK, 16-bit, float) is refused rather

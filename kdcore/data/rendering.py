@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from kdcore.aligner import Tokenized
+from kdcore.distill.aligner import Tokenized
 from kdcore.data.common import BadRow, DataError, OverlongRow, Sample
 from kdcore.data.formats import canonical_text
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from kdcore.aligner import Tokenized
+from kdcore.distill.aligner import Tokenized
 from kdcore.data.common import BadRow, Sample
 from kdcore.data.rendering import (_render, _render_chat, _Rendered, _tok_name, _tokenize_rendered, _truncate,
                                    _truncate_at_char, tokenize_rows)

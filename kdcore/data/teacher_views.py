@@ -1,7 +1,7 @@
 """Per-teacher tokenizations for several teachers and for context distillation.
 
 A teacher whose tokenizer differs from the student's, or that reads a context the student
-does not (``data.teacher_context``), gets its own :class:`~kdcore.aligner.Tokenized` per
+does not (``data.teacher_context``), gets its own :class:`~kdcore.distill.aligner.Tokenized` per
 sample in ``Sample.teachers[name]``, rendered by the same code as the single teacher
 (:func:`kdcore.data.rendering.tokenize_rows`) and with offsets in the sample's canonical text.
 
@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from kdcore.aligner import Tokenized
+from kdcore.distill.aligner import Tokenized
 from kdcore.data.common import BadRow
 
 

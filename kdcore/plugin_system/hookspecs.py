@@ -59,12 +59,12 @@ def register_losses(register):
 def register_aligners(register):
     """Register aligners: how student positions learn from teacher positions.
 
-    ``fn(*, student_tokenizer, teacher_tokenizer, options, cache_dir) -> kdcore.aligner.Aligner``
+    ``fn(*, student_tokenizer, teacher_tokenizer, options, cache_dir) -> kdcore.distill.aligner.Aligner``
 
     Called once per (student tokenizer, teacher tokenizer) pair; ``options`` is an instance of
     the registered options dataclass (or ``None``), ``cache_dir`` a folder for vocabulary maps
     that should survive between runs (key files by the tokenizers' content hash). The returned
-    object is a ``torch.nn.Module`` implementing :class:`kdcore.aligner.Aligner`:
+    object is a ``torch.nn.Module`` implementing :class:`kdcore.distill.aligner.Aligner`:
 
     - ``align(student, teacher) -> Alignment``: per sample, from the two tokenizations'
       character offsets, which teacher positions the engine must return hidden states for and

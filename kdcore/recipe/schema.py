@@ -133,7 +133,7 @@ class DistillConfig:
     # with CE at 0.5 (recipes/quickstart.yaml, bench/quality.md)
     kd_ratio: float = 1.0  # pure KD unless the recipe mixes in CE
     temperature: float = 1.0  # softmax temperature of both distributions (no T^2 factor)
-    chunk_size: int = 256  # tokens per logits chunk; = kdcore.kdloss.DEFAULT_CHUNK_SIZE (measured, see there)
+    chunk_size: int = 256  # tokens per logits chunk; = kdcore.distill.loss.DEFAULT_CHUNK_SIZE (measured, see there)
 
 
 @dataclass

@@ -34,7 +34,7 @@ def fkl_reference(student_logits, teacher_logits, *, temperature):
 
 def mean_over_ranks(values: dict[str, float], env, aligner) -> dict[str, float]:
     """Each key averaged over the ranks that report it (collective: call on every rank)."""
-    from kdcore.aligner import Aligner
+    from kdcore.distill.aligner import Aligner
 
     # an aligner without metrics (same_vocab) has none on any rank: no collective to pay for
     if env.world_size == 1 or type(aligner).metrics is Aligner.metrics:

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import torch
 
-from kdcore.aligner import AlignedBatch, LossSpec
+from kdcore.distill.aligner import AlignedBatch, LossSpec
 from kdcore.training.types import PreparedMicroBatch
 
 

@@ -83,7 +83,7 @@ class StepPreparer:
         """``samples`` collated and aligned: rows ``kd_rows`` (default all) paired with the
         teachers that teach them, rows ``no_ce`` without CE labels."""
         from kdcore.data import collate
-        from kdcore.kdloss import IGNORE_INDEX
+        from kdcore.distill.loss import IGNORE_INDEX
 
         mb = collate(samples, self.pad_id, self.teacher_pad_id)
         if no_ce:

@@ -32,7 +32,7 @@ class TeacherPart:
     name: str
     section: Any  # its recipe section (cfg.teacher, or one entry of cfg.teachers): what its engine reads
     tokenizer: Any
-    aligner: Any  # kdcore.aligner.Aligner
+    aligner: Any  # kdcore.distill.aligner.Aligner
     weight: float
     temperature: float
     own_tokens: bool  # reads Sample.teachers[name]; else the student's ids (or Sample.teacher, short form)

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from kdcore.aligner import Alignment
+from kdcore.distill.aligner import Alignment
 
 
 class TrainingError(RuntimeError):

@@ -71,7 +71,7 @@ def test_a_ce_only_run_sends_the_teacher_nothing_while_training(tmp_path, tiny_t
 
 def test_student_samples_get_kd_and_the_references_of_their_prompts_get_ce(tmp_path, tiny_teacher):
     from kdcore.data import DataPosition
-    from kdcore.kdloss import IGNORE_INDEX
+    from kdcore.distill.loss import IGNORE_INDEX
 
     trainer = trainer_for(tmp_path, tiny_teacher, distill={"loss": "fkl", "kd_ratio": 0.5, "rollout": "on_policy"},
                           rollout={"max_new_tokens": 4}, teacher={"threads": 1},

@@ -13,7 +13,7 @@ import itertools
 import numpy as np
 import pytest
 
-from kdcore.aligner import Tokenized
+from kdcore.distill.aligner import Tokenized
 from kdcore.modeling.tokenizers import load_tokenizer
 from kdflow_algorithms.aligners import vocab_maps as vm
 from kdflow_algorithms.aligners.offsets import align_offsets, consumed_ends, offset_gaps, offsets_alignment

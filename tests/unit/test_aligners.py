@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import kdcore
-from kdcore.aligner import AlignedBatch, Aligner, LossSpec
+from kdcore.distill.aligner import AlignedBatch, Aligner, LossSpec
 from kdcore.data import build_sample, normalize_row
 from kdcore.modeling.tokenizers import load_tokenizer
 from kdflow_algorithms.aligners.dskd import DSKDAligner, DSKDOptions

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import kdcore
-from kdcore.kdloss import chunked_distill
+from kdcore.distill.loss import chunked_distill
 
 REGISTRY = kdcore.load_registry()
 N, N_T, H_S, H_T, V_S, V_T = 29, 17, 8, 6, 40, 55

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from kdcore.aligner import Tokenized
+from kdcore.distill.aligner import Tokenized
 from kdcore.data import (
     BatchPlanner,
     DataError,

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import kdcore
-from kdcore.kdloss import DEFAULT_CHUNK_SIZE, LossOutput, distill_loss
+from kdcore.distill.loss import DEFAULT_CHUNK_SIZE, LossOutput, distill_loss
 
 LOSSES = ["fkl", "rkl", "js", "skl", "srkl", "tvd", "akl"]
 REGISTRY = kdcore.load_registry()

@@ -247,7 +247,7 @@ def test_import_kdcore_is_light():
 
 
 def test_in_process_aligner_and_rollout_can_be_chosen_in_a_recipe():
-    from kdcore.aligner import Aligner
+    from kdcore.distill.aligner import Aligner
     from kdcore.recipe.loading import validate_raw
     from kdcore.rollout import RolloutPolicy
 

@@ -9,7 +9,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 import kdcore
-from kdcore.aligner import AlignedBatch, LossSpec, Tokenized
+from kdcore.distill.aligner import AlignedBatch, LossSpec, Tokenized
 from kdcore.modeling.tokenizers import load_tokenizer
 from kdcore.modeling.vocab import VocabMismatchError, real_vocab_size, shared_vocab_size
 from kdflow_algorithms.aligners.same_vocab import SameVocabAligner

@@ -11,8 +11,8 @@ Terms used throughout (one sample):
   them. Aligners may put extra per-sample data in ``extra``; ``collate`` merges it.
 
 Per micro-batch the core builds an ``AlignedBatch`` (everything flattened over the batch) and
-calls the aligner's ``forward``, which returns a ``kdcore.kdloss.LossOutput``. Aligners call
-the chunked driver ``kdcore.kdloss.chunked_distill`` (or its same-vocabulary form
+calls the aligner's ``forward``, which returns a ``kdcore.distill.loss.LossOutput``. Aligners call
+the chunked driver ``kdcore.distill.loss.chunked_distill`` (or its same-vocabulary form
 ``distill_loss``), giving it per-chunk views for restricted, mapped or projected
 distributions, so no ``[N, V]`` tensor is built.
 
@@ -121,7 +121,7 @@ class Aligner(nn.Module):
         return {}
 
     def forward(self, batch: AlignedBatch, loss: LossSpec):  # pragma: no cover - interface
-        """Per micro-batch: the ``kdcore.kdloss.LossOutput`` of ``batch`` under ``loss``."""
+        """Per micro-batch: the ``kdcore.distill.loss.LossOutput`` of ``batch`` under ``loss``."""
         raise NotImplementedError
 
     def metrics(self) -> dict[str, float]:
