@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from kdcore import hookimpl
-from kdcore.rollout import RolloutPolicy, require
+from kdcore.training.rollout_policy import RolloutPolicy, require
 from kdflow_algorithms.checks import check_choice, check_range
 
 

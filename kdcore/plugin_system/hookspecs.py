@@ -82,11 +82,11 @@ def register_aligners(register):
 def register_rollouts(register):
     """Register rollout policies: which sequences the student learns on at each step.
 
-    ``fn(options) -> kdcore.rollout.RolloutPolicy``
+    ``fn(options) -> kdcore.training.rollout_policy.RolloutPolicy``
 
     ``options`` is an instance of the registered options dataclass (or ``None``). The policy's
     ``select(batch, ctx) -> batch`` receives the data set's micro-batch and a
-    :class:`kdcore.rollout.RolloutContext` that can sample from the live student and from the
+    :class:`kdcore.training.rollout_policy.RolloutContext` that can sample from the live student and from the
     teacher, holds a replay buffer, a seeded RNG, the step number and the last evaluation loss.
     Sampled token ids must be used as they are (never re-tokenized from text).
     """

@@ -54,7 +54,7 @@ class StepPreparer:
         self.kdist = kdist
         self.pad_id = pad_id
         self.teacher_pad_id = teacher_pad_id
-        self.sampler = sampler  # kdcore.sampling.RolloutSampler for sampling policies, else None
+        self.sampler = sampler  # kdcore.training.sampler.RolloutSampler for sampling policies, else None
         self.latest_eval = latest_eval  # what the evaluator saw last, for policies that adapt to it
         self.kd = kd  # training rows are paired with the teacher (kd_ratio > 0)
         self.ce_on_data = ce_on_data  # CE on the data's references, not on student samples (kd_ratio < 1)
@@ -145,7 +145,7 @@ class StepPreparer:
     def steps(self, start_step: int, position: Any) -> Iterator[PreparedStep]:
         """Prepared steps from ``start_step`` (at data ``position``) to ``train.max_steps``."""
         from kdcore.data import planner_for
-        from kdcore.rollout import RolloutContext
+        from kdcore.training.rollout_policy import RolloutContext
 
         planner = planner_for(self.train_samples, self.train_cfg, world_size=self.env.world_size,
                               shuffle=self.shuffle)

@@ -1,5 +1,5 @@
 """Whole-model weights out of a (possibly FSDP2-sharded) student and into an engine: the rollout
-engine's student copy (:class:`kdcore.sampling.RolloutSampler`), the teacher of
+engine's student copy (:class:`kdcore.training.sampler.RolloutSampler`), the teacher of
 self-distillation (``teacher.self_distill_every``) and the EMA teacher (:mod:`kdcore.training.ema`).
 """
 

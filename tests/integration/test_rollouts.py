@@ -13,11 +13,11 @@ from transformers import AutoModelForCausalLM
 
 from conftest import PYDOC, PYDOC_EVAL, save_tiny_llama
 from kdcore.data import collate, prepare_data
-from kdcore.rollout import RolloutContext
+from kdcore.training.rollout_policy import RolloutContext
 from kdcore.data.rollout_samples import build_rollout_sample, prompt_of, render_prompt, response_offsets, stop_ids
 from kdcore.engines.hf_rollout import HFRolloutEngine
 from kdcore.engines.protocol import Generation
-from kdcore.sampling import RolloutSampler, SamplingSettings
+from kdcore.training.sampler import RolloutSampler, SamplingSettings
 from kdcore.training.weight_sync import full_weights, sync_teacher
 from kdflow_algorithms.rollouts import Adaptive, AdaptiveOptions, Mixed, MixedOptions, SeqKD, SeqKDOptions
 

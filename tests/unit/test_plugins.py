@@ -249,7 +249,7 @@ def test_import_kdcore_is_light():
 def test_in_process_aligner_and_rollout_can_be_chosen_in_a_recipe():
     from kdcore.distill.aligner import Aligner
     from kdcore.recipe.loading import validate_raw
-    from kdcore.rollout import RolloutPolicy
+    from kdcore.training.rollout_policy import RolloutPolicy
 
     @dataclasses.dataclass
     class WindowOptions:
@@ -430,7 +430,7 @@ def test_plugin_engine_options_are_validated_like_loss_options_and_reach_the_fac
 
     from kdcore.recipe.loading import TeacherConfig, validate_raw
     from kdcore.engines import TeacherError, create_rollout_engine, create_teacher_engine
-    from kdcore.sampling import SamplingSettings
+    from kdcore.training.sampler import SamplingSettings
 
     kdcore.register_plugin(options_engine_plugin(), "test-options-engine")
     try:

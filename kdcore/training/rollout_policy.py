@@ -6,7 +6,7 @@ student samples, teacher samples, or a mix. Sampled token ids are used as they a
 
 The trainer calls ``select`` once per micro-batch, on every rank (each rank samples its own
 prompts), in step order. For a policy with ``needs_sampling = True`` it builds the sampling
-callables (``kdcore.sampling.RolloutSampler``) and prepares a step only after the previous
+callables (``kdcore.training.sampler.RolloutSampler``) and prepares a step only after the previous
 step's optimizer update, so student samples come from the current weights (up to
 ``rollout.sync_every - 1`` updates old). Samples returned may be more or fewer than the batch
 (``rollout.n`` samples per prompt); the loss is a token mean over whatever is returned.

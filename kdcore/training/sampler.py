@@ -260,7 +260,7 @@ class RolloutSampler:
 
     # ---------------------------------------------------------------- context and metrics
     def context_fields(self) -> dict[str, Any]:
-        """Fields of :class:`kdcore.rollout.RolloutContext` this sampler provides."""
+        """Fields of :class:`kdcore.training.rollout_policy.RolloutContext` this sampler provides."""
         return {"sample_student": self.sample_student if self.samples_student else None,
                 "sample_teacher": self.sample_teacher if self.teacher_engine is not None else None,
                 "buffer": self.buffer, "teacher_version": self.teacher_version}
