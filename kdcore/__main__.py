@@ -1,5 +1,5 @@
 """``python -m kdcore`` (what ``torchrun ... -m kdcore train RECIPE`` runs on every rank)."""
 
-from kdcore.cli import main
+from kdcore.commands.cli import main
 
 raise SystemExit(main())

@@ -133,7 +133,7 @@ def register_engines(register):
 def register_evaluators(register):
     """Register generation evaluators: scores of the student's greedy answers, for ``kdcore eval``.
 
-    ``fn(generations: kdcore.evaluate.Generations, options) -> dict[str, float]``
+    ``fn(generations: kdcore.commands.evaluate.Generations, options) -> dict[str, float]``
 
     ``kdcore eval`` asks the student and the teacher for greedy answers to the held-out
     prompts (``eval.max_new_tokens`` new tokens at most, each side with its own tokenizer and

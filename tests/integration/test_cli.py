@@ -88,7 +88,7 @@ def test_cli_makes_openmp_workers_wait_passively_before_torch_loads(preset):
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     if preset:
         env["OMP_WAIT_POLICY"] = preset
-    code = ("import os, sys, kdcore.cli as c; c.main(['list-algorithms', '--kind', 'loss', '--json']); "
+    code = ("import os, sys, kdcore.commands.cli as c; c.main(['list-algorithms', '--kind', 'loss', '--json']); "
             "print('POLICY=' + os.environ['OMP_WAIT_POLICY'], file=sys.stderr)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert res.returncode == 0, res.stderr

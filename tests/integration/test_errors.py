@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 import kdcore
-from kdcore import errors
-from kdcore.cli import main
+from kdcore.commands import errors
+from kdcore.commands.cli import main
 
 # ------------------------------------------------------------------------------ the handler
 

@@ -158,7 +158,7 @@ def test_cross_tokenizer_kl_through_the_aligner_equals_training(tmp_path, tiny_t
 
 
 def generations(**over):
-    from kdcore.evaluate import Generations
+    from kdcore.commands.evaluate import Generations
 
     base = dict(prompts=["p1", "p2"], references=["the cat sat on the mat", "a quick brown fox"],
                 student=["the cat on a mat", "quick fox jumps"], teacher=["the cat sat on a mat", "the quick brown fox"],
@@ -224,7 +224,7 @@ def test_plugin_evaluators_run_beside_the_builtin_with_prefixed_names(plugin_reg
     from omegaconf import OmegaConf
 
     from kdcore.recipe.loading import EvalConfig
-    from kdcore.evaluate import EvaluatorError, run_evaluators
+    from kdcore.commands.evaluate import EvaluatorError, run_evaluators
 
     cfg = OmegaConf.create({"eval": OmegaConf.structured(EvalConfig(evaluators=["rouge_l", "answer_length"]))})
     out = run_evaluators(cfg, plugin_registry, generations(student_ids=[[1, 2, 3], [4]]))

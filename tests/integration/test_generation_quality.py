@@ -26,7 +26,7 @@ def registry_entry(name):
 
 
 def generations(**over):
-    from kdcore.evaluate import Generations
+    from kdcore.commands.evaluate import Generations
 
     base = dict(prompts=["p"], references=["r"], student=["s"], teacher=["t"], student_ids=[[1]], teacher_ids=[[1]],
                 student_tokenizer=None, teacher_tokenizer=None)
@@ -91,7 +91,7 @@ def answers_of(student, teacher, held_out, tok, max_new: int):
     """What `kdcore eval` hands the evaluators: both sides' greedy answers through the engines."""
     from omegaconf import OmegaConf
 
-    from kdcore.evaluate import generate_answers
+    from kdcore.commands.evaluate import generate_answers
     from kdcore.engines.hf_rollout import HFRolloutEngine
     from kdcore.training.weight_sync import full_weights
 
@@ -124,7 +124,7 @@ def test_draft_acceptance_equals_a_direct_speculative_decoding_count(std, teache
 
 
 def test_draft_counts_worked_out_by_hand(smollm2_tokenizer, tmp_path):
-    from kdcore.evaluate import Generations
+    from kdcore.commands.evaluate import Generations
 
     path = save_tiny_llama(tmp_path / "s", smollm2_tokenizer, hidden=32, layers=1, inter=64)
     student = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()

@@ -403,7 +403,7 @@ def test_several_teachers_learn_on_sampled_responses(tmp_path, tiny_teacher, mis
 def test_eval_reports_a_teacher_kl_column_per_teacher(tmp_path, tiny_teacher, mistral_teacher, tiny_student):
     """`kdcore eval` of a several-teacher recipe: each teacher's KL as `kdcore eval` of that teacher alone."""
     from kdcore.recipe.loading import load_recipe
-    from kdcore.evaluate import evaluate
+    from kdcore.commands.evaluate import evaluate
     from kdcore.plugin_system.manager import load_registry
 
     reg = load_registry()

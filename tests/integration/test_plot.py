@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from kdcore.plot import DPI, FIGURE_INCHES, METRICS, PlotError, Series, extract_series, load_runs, plot_runs
+from kdcore.commands.plot import DPI, FIGURE_INCHES, METRICS, PlotError, Series, extract_series, load_runs, plot_runs
 
 
 def _write_run(folder: Path, records: list[dict]) -> Path:

@@ -1,6 +1,6 @@
 """What a new user types (issue 28): `kl` for forward KL, `--resume` before the overrides, a
 typo in an override, options of a switched-off feature, and `kdcore config`. In-process through
-``kdcore.cli.main``: no model is loaded by any of these commands."""
+``kdcore.commands.cli.main``: no model is loaded by any of these commands."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kdcore.cli import main, parse_args
+from kdcore.commands.cli import main, parse_args
 from kdcore.recipe.loading import RecipeError, load_recipe
 from kdcore.recipe.checks import recipe_warnings
 

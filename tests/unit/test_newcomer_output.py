@@ -48,7 +48,7 @@ def test_print_every_is_a_checked_recipe_key():
 
 def test_plot_writes_into_the_first_run_folder(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
-    from kdcore.cli import main
+    from kdcore.commands.cli import main
 
     run = tmp_path / "run"
     run.mkdir()

@@ -78,7 +78,7 @@ def test_hookimpl_matching_no_hookspec_names_the_plugin():
 
 
 def test_duplicate_name_loads_for_listing_and_refuses_only_where_used(capsys):
-    from kdcore.cli import main
+    from kdcore.commands.cli import main
 
     def one(register):
         register("twin", scaled_l1)

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from kdcore.infra.phases import phase
-from kdcore.run_summary import budget_line, print_summary, run_folder_of, summary
+from kdcore.commands.run_summary import budget_line, print_summary, run_folder_of, summary
 
 
 def _run(folder, first_kl, last_kl, last_step=60):

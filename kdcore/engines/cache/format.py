@@ -1,9 +1,9 @@
 """The ``cache`` teacher engine's format, manifest, fingerprints and recipe checks (light: no
 torch); its spec is :class:`kdcore.engines.cache.spec.CacheEngine`, the engine
-:mod:`kdcore.engines.cache.teacher`, the builder :mod:`kdcore.cache_build`.
+:mod:`kdcore.engines.cache.teacher`, the builder :mod:`kdcore.commands.cache_teacher`.
 
 Off-policy distillation asks the teacher the same questions every epoch, trial and student.
-``kdcore cache-teacher RECIPE --out DIR`` (:mod:`kdcore.cache_build`) asks them once
+``kdcore cache-teacher RECIPE --out DIR`` (:mod:`kdcore.commands.cache_teacher`) asks them once
 and stores, per sample, the last hidden states at the teacher positions the aligner requests
 (bf16 by default: ``2 * H`` bytes per row); a recipe with ``teacher.engine: cache`` and
 ``teacher.cache: DIR`` then reads them back. The teacher head is still loaded alone from

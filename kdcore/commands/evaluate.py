@@ -12,7 +12,7 @@ Two kinds of numbers, both from the weights of an exported student (``<run>/hf``
   that ``eval.evaluators`` names (registered through ``register_evaluators``, see
   :mod:`kdcore.plugin_system.hookspecs`).
 
-Imports nothing heavy at module level (``kdcore.cli`` imports it lazily anyway).
+Imports nothing heavy at module level (``kdcore.commands.cli`` imports it lazily anyway).
 """
 
 from __future__ import annotations

@@ -166,7 +166,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_plot(args) -> int:
-    from kdcore.plot import PlotError, load_runs, plot_runs
+    from kdcore.commands.plot import PlotError, load_runs, plot_runs
 
     labels = args.labels.split(",") if args.labels is not None else None
     if labels is not None and not all(x.strip() for x in labels):
@@ -179,7 +179,7 @@ def cmd_plot(args) -> int:
 
 def cmd_eval(args) -> int:
     from kdcore.recipe.loading import load_recipe
-    from kdcore.evaluate import evaluate, print_report, resolve_target, write_report
+    from kdcore.commands.evaluate import evaluate, print_report, resolve_target, write_report
 
     registry = _registry_with_warnings()
     overrides = list(args.overrides)
@@ -187,11 +187,11 @@ def cmd_eval(args) -> int:
         overrides.append(f"eval.max_new_tokens={args.max_new_tokens}")
     if args.samples is not None:
         overrides.append(f"eval.samples={args.samples}")
-    # bad input and failures are reported by main's handler, one line each (kdcore/errors.py)
+    # bad input and failures are reported by main's handler, one line each (kdcore/commands/errors.py)
     target = resolve_target(args.recipe_or_run, student=args.student, json_out=args.json, overrides=overrides)
     cfg = load_recipe(target.recipe, overrides, registry=registry)
-    from kdcore.evaluate import EvalInputError
-    from kdcore.run_summary import print_summary, run_folder_of, summary
+    from kdcore.commands.evaluate import EvalInputError
+    from kdcore.commands.run_summary import print_summary, run_folder_of, summary
 
     against = Path(args.against) if args.against else None
     if against is not None and not (against / "metrics.jsonl").is_file():
@@ -243,7 +243,7 @@ def _add_serve_teacher(sub) -> None:
 
 def cmd_cache_teacher(args) -> int:
     from kdcore.recipe.loading import RecipeError, load_raw, load_recipe
-    from kdcore.cache_build import build_teacher_cache, live_engine_overrides
+    from kdcore.commands.cache_teacher import build_teacher_cache, live_engine_overrides
 
     registry = _registry_with_warnings()
     try:
@@ -253,13 +253,13 @@ def cmd_cache_teacher(args) -> int:
     except RecipeError as exc:
         print(f"kdcore: {exc}", file=sys.stderr)
         return 2
-    from kdcore.cache_build import BUILD_ERRORS
+    from kdcore.commands.cache_teacher import BUILD_ERRORS
 
     try:
         done = build_teacher_cache(cfg, raw, args.out, registry=registry, dtype=args.dtype, shard_mb=args.shard_mb,
                                    batch_size=args.batch_size, progress=cfg.logging.progress)
     except BUILD_ERRORS as exc:
-        from kdcore.errors import EXIT_FAILED, classify, one_line
+        from kdcore.commands.errors import EXIT_FAILED, classify, one_line
 
         print(f"kdcore: {one_line(exc)}", file=sys.stderr)
         return classify(exc) or EXIT_FAILED  # bad data or a missing model: 2, as documented
@@ -361,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
 
     passive_threads_default()  # before anything imports torch (see kdcore.infra.process_env)
     args = parse_args(argv)
-    from kdcore.errors import watch_sigint
+    from kdcore.commands.errors import watch_sigint
 
     watch_sigint()
     _CONTEXT["output_dir"] = None
@@ -370,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit:
         raise
     except BaseException as exc:  # KeyboardInterrupt and library BaseExceptions (DCP's) too
-        from kdcore.errors import report
+        from kdcore.commands.errors import report
 
         return report(exc, output_dir=_CONTEXT["output_dir"])
 
