@@ -27,6 +27,17 @@ import torch
 
 from kdcore.engines.cache.format import (FORMAT_VERSION, MANIFEST, SPLITS, CacheError, check_shard_files, recipe_identity,
                                   sample_keys, sha256_file)
+from kdcore.data import DataError
+from kdcore.engines import create_teacher_engine
+from kdcore.engines.cache.spec import CacheEngine
+from kdcore.engines.protocol import TeacherError
+from kdcore.infra.channel import ChannelError
+from kdcore.modeling.paths import ModelNotFoundError
+from kdcore.modeling.tokenizers import tokenizer_fingerprint
+from kdcore.modeling.vocab import VocabMismatchError
+from kdcore.recipe.loading import load_raw, teacher_entries
+from kdcore.training.run_parts import RunParts
+import kdcore
 
 CACHE_DTYPES = ("bfloat16", "float32", "float16")
 DEFAULT_SHARD_MB = 64  # big enough that per-file overhead is nil, small enough to rewrite on resume
@@ -110,9 +121,6 @@ class CacheBuilder:
     # ------------------------------------------------------------------ the parts the trainer uses too
     def _prepare(self):
         """The run's parts as training builds them (kdcore.training.run_parts); one cache per teacher."""
-        from kdcore.modeling.tokenizers import tokenizer_fingerprint
-        from kdcore.training.run_parts import RunParts
-
         self.run = RunParts.from_recipe(self.cfg, self.registry)
         data = self.run.prepare_data()
         self.splits = {"train": list(data.train), "eval": list(data.eval)}
@@ -136,8 +144,6 @@ class CacheBuilder:
 
     def _settings(self, part, entry: dict) -> dict:
         """What makes two builds the same build (an interrupted one is resumed only if equal)."""
-        import kdcore
-
         section = part.section
         raw = self.raw
         if raw.get("teachers"):  # the identity of this teacher's cache: its entry as the recipe's teacher
@@ -184,8 +190,6 @@ class CacheBuilder:
     # ------------------------------------------------------------------ the build
     def run(self) -> BuildSummary:
         """Every teacher's cache in turn; the summary adds them up (``folder``: ``--out``)."""
-        from kdcore.recipe.loading import teacher_entries
-
         t0 = time.perf_counter()
         self._prepare()
         built = [self._build(part, entry) for part, entry in zip(self.run.teachers, teacher_entries(self.cfg))]
@@ -214,8 +218,6 @@ class CacheBuilder:
                 len(s) - len(kept))
 
     def _compute(self, part, out: Path, manifest: dict, batches: list, start: int) -> None:
-        from kdcore.engines import create_teacher_engine
-
         samples = self.splits["train"] + self.splits["eval"]
         longest = self.run.longest_input(part, samples)
         engine = create_teacher_engine(part.section, registry=self.registry, max_rows=self.batch_size * longest,
@@ -338,9 +340,6 @@ class _progress:
 def live_engine_overrides(recipe: str, overrides, registry, engine: Optional[str]) -> list[str]:
     """Overrides that make the recipe's teacher a live one: ``engine`` when given, else ``hf``
     when the recipe names the cache engine itself (a recipe may be built and trained as one file)."""
-    from kdcore.recipe.loading import load_raw
-    from kdcore.engines.cache.spec import CacheEngine
-
     _, raw = load_raw(recipe, list(overrides))
     name = (raw.get("teacher") or {}).get("engine") or "hf"
     try:
@@ -353,12 +352,6 @@ def live_engine_overrides(recipe: str, overrides, registry, engine: Optional[str
 
 
 def _build_errors() -> tuple:
-    from kdcore.infra.channel import ChannelError
-    from kdcore.data import DataError
-    from kdcore.engines.protocol import TeacherError
-    from kdcore.modeling.paths import ModelNotFoundError
-    from kdcore.modeling.vocab import VocabMismatchError
-
     return (TeacherError, ChannelError, DataError, ModelNotFoundError, VocabMismatchError)
 
 

@@ -18,6 +18,7 @@ import traceback
 from pathlib import Path
 
 from kdcore.infra.exceptions import clip, find_in_chain
+from kdcore.storage.checkpoint import find_latest
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
@@ -128,8 +129,6 @@ def write_traceback(exc: BaseException, folder: str | os.PathLike | None) -> Pat
 def last_checkpoint_text(output_dir: str | os.PathLike | None) -> str:
     if output_dir:
         try:
-            from kdcore.storage.checkpoint import find_latest
-
             found = find_latest(Path(output_dir) / "checkpoints")
         except Exception:
             found = None

@@ -23,6 +23,18 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
+from kdcore.data.rollout_samples import prompt_of, render_prompt, stop_ids
+from kdcore.engines.hf_rollout import HFRolloutEngine, TeacherRolloutEngine
+from kdcore.infra import distributed as kdist
+from kdcore.infra.phases import phase
+from kdcore.modeling.models import locate, _quiet_transformers
+from kdcore.modeling.paths import ModelNotFoundError
+from kdcore.modeling.student import _transformers_dtype_kw
+from kdcore.modeling.tokenizers import load_tokenizer, same_tokenizer, pad_token_id
+from kdcore.recipe.loading import load_raw, teacher_entries
+from kdcore.training.evaluation import frozen_evaluator
+from kdcore.training.run_parts import student_tokenizer_spec, RunParts
+from kdcore.training.weight_sync import full_weights
 
 RUN_RECIPE = "recipe.yaml"  # what a run folder keeps of the recipe it ran
 RUN_EXPORT = "hf"  # where a run exports its student (kdcore.training.trainer.Trainer.export)
@@ -94,8 +106,6 @@ def resolve_target(recipe_or_run: str, *, student: Optional[str] = None, json_ou
         if student:
             student_dir = Path(student)
         else:
-            from kdcore.recipe.loading import load_raw
-
             _, raw = load_raw(recipe_spec, overrides)  # RecipeError for a missing recipe, named
             out = ((raw.get("train") or {}).get("output_dir")) or "outputs/run"
             student_dir = Path(out) / RUN_EXPORT
@@ -114,9 +124,6 @@ def check_student_folder(path: Path) -> None:
 
 def check_recipe_for_eval(cfg) -> None:
     """The problems a valid recipe can still have for ``kdcore eval``: no held-out data, no teacher."""
-    from kdcore.modeling.models import locate
-    from kdcore.modeling.paths import ModelNotFoundError
-
     if cfg.data.eval is None and not cfg.data.eval_size:
         raise EvalInputError("the recipe has no held-out data: set data.eval (a file) or data.eval_size > 0")
     for i, section in enumerate(list(cfg.teachers) or [cfg.teacher]):
@@ -133,15 +140,11 @@ def evaluate(cfg, student_dir: Path, *, registry, say=print) -> dict:
     """The report of ``kdcore eval``: ``{"student", "teacher", "teachers", "aligner", "metrics",
     "samples"}``; with several teachers the token metrics have a column per teacher
     (``eval_teacher_kl/<name>``, ...) beside the weighted totals, as in training."""
-    from kdcore.infra import distributed as kdist
-
     check_recipe_for_eval(cfg)
     if kdist.under_torchrun():
         raise EvalInputError("kdcore eval runs in one process: start it without torchrun")
     env = kdist.init_distributed(cfg.train.device)  # a one-rank group, so the evaluator's collectives are no-ops
     try:
-        from kdcore.infra.phases import phase
-
         with phase(f"loading {student_dir}, the teachers' tokenizers and heads, and the held-out data"):
             parts = _EvalParts.build(cfg, student_dir, registry=registry, env=env)
         return parts.run_eval(say)
@@ -162,8 +165,6 @@ class _EvalParts:
 
     @classmethod
     def build(cls, cfg, student_dir: Path, *, registry, env) -> "_EvalParts":
-        from kdcore.training.run_parts import RunParts
-
         run = RunParts.from_recipe(cfg, registry)
         check_export_tokenizer(student_dir, run.student_tok, cfg)
         data = run.prepare_data()
@@ -172,7 +173,6 @@ class _EvalParts:
                                  "check data.eval / data.eval_size")
         model = load_student(student_dir, env.device)
         run.setup_heads(model, env.device)  # seeded as training sets them up
-        from kdcore.recipe.loading import teacher_entries
 
         for part, entry in zip(run.teachers, teacher_entries(cfg)):
             if any(p.requires_grad for p in part.aligner.parameters()):
@@ -183,10 +183,6 @@ class _EvalParts:
         return cls(cfg, student_dir, env, run, data.eval, model)
 
     def run_eval(self, say) -> dict:
-        from kdcore.infra import distributed as kdist
-        from kdcore.engines.hf_rollout import TeacherRolloutEngine
-        from kdcore.training.evaluation import frozen_evaluator
-
         cfg, run = self.cfg, self.run
         loss = run.registry.get("loss", cfg.distill.loss)
         loss_options = dict(cfg.distill.loss_options or {})
@@ -197,7 +193,6 @@ class _EvalParts:
         try:
             run.start_engines(max_rows_for=lambda part: mbs * run.longest_input(part, self.held_out),
                               threads_default=cores)
-            from kdcore.modeling.tokenizers import pad_token_id
 
             evaluator = frozen_evaluator(cfg, model=self.model, samples=self.held_out, parts=run.teachers,
                                          loss_fn=loss.fn, loss_options=loss_options,
@@ -226,9 +221,6 @@ class _EvalParts:
 
 def check_export_tokenizer(student_dir: Path, recipe_tok, cfg) -> None:
     """The export must speak the tokenizer the recipe's data is tokenized with."""
-    from kdcore.modeling.tokenizers import load_tokenizer, same_tokenizer
-    from kdcore.training.run_parts import student_tokenizer_spec
-
     if not any((student_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         return  # an export without a tokenizer is scored with the recipe's (export_hf always writes one)
     exported = load_tokenizer(str(student_dir))
@@ -240,9 +232,6 @@ def check_export_tokenizer(student_dir: Path, recipe_tok, cfg) -> None:
 def load_student(student_dir: Path, device):
     import torch
     from transformers import AutoModelForCausalLM
-
-    from kdcore.modeling.models import _quiet_transformers
-    from kdcore.modeling.student import _transformers_dtype_kw  # the one torch_dtype=/dtype= version shim
 
     _quiet_transformers()  # no stray "Loading weights" bar between kdcore's own lines (issue 28)
     try:
@@ -267,11 +256,6 @@ def reference_of(sample) -> Optional[str]:
 
 def generate_answers(cfg, samples, model, teacher_rollout, student_tok, teacher_tok, *, device) -> Optional[Generations]:
     """Greedy answers of both models to the samples' prompts (None when no sample has one)."""
-    from kdcore.engines.hf_rollout import HFRolloutEngine
-    from kdcore.infra.phases import phase
-    from kdcore.data.rollout_samples import prompt_of, render_prompt, stop_ids
-    from kdcore.training.weight_sync import full_weights
-
     pairs = [(p, reference_of(s)) for s in samples if (p := prompt_of(s)) is not None]
     pairs = [(p, r) for p, r in pairs if r is not None]
     if not pairs:

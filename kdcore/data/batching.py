@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 from kdcore.data.common import Sample, _cfg
+from kdcore.data.images import collate_vision
 
 
 @dataclass
@@ -79,7 +80,6 @@ def collate(samples: Sequence[Sample], pad_id: int, teacher_pad_id: int | None =
     positions = [list(s.student.loss_positions) for s in samples]
     index = flat_index(positions, ids.shape[1])
     labels = ids.reshape(-1)[index + 1]
-    from kdcore.data.images import collate_vision
 
     mb = MicroBatch(input_ids=ids, attention_mask=mask, loss_positions=positions, loss_index=index,
                     labels=labels, samples=list(samples), vision=collate_vision([s.student for s in samples]))

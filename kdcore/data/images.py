@@ -36,6 +36,9 @@ from typing import Any, Sequence
 
 from kdcore.distill.aligner import Tokenized
 from kdcore.data.common import BadRow
+from kdcore.data.rendering import tokenize_rows, _render, _render_chat, _tokenize_rendered
+from kdcore.modeling.tokenizers import special_ids
+from kdcore.modeling.vision import allow_processors
 
 # modes that are a colour or grey image; anything else (CMYK, 16-bit, float) is refused rather
 # than converted to something the model never saw
@@ -71,8 +74,6 @@ def processor_for(tok):
 def load_processor(where: str):
     """``AutoProcessor`` from a folder, with its tokenizer replaced by nothing else."""
     from transformers import AutoProcessor
-
-    from kdcore.modeling.vision import allow_processors
 
     allow_processors()
     return AutoProcessor.from_pretrained(where)
@@ -123,9 +124,6 @@ def load_image(ref: Any, k: int):
 def tokenize_side(norms: Sequence[dict[str, Any]], tok) -> list[Tokenized | BadRow]:
     """:func:`~kdcore.data.rendering.tokenize_rows`, or the vision-language rendering when
     ``tok`` has a processor (rows with and without images alike, so one template renders all)."""
-    from kdcore.data.rendering import tokenize_rows
-    from kdcore.modeling.tokenizers import special_ids
-
     processor = processor_for(tok)
     if processor is None:
         return tokenize_rows(norms, tok)
@@ -141,8 +139,6 @@ def tokenize_side(norms: Sequence[dict[str, Any]], tok) -> list[Tokenized | BadR
 
 def tokenize_vl(norm: dict[str, Any], tok, processor, specials: set[int]) -> Tokenized:
     """One row on a vision-language side (see the module docstring)."""
-    from kdcore.data.rendering import _render, _render_chat, _tokenize_rendered
-
     r = _render_chat(norm, tok, processor) if "messages" in norm else _render(norm, tok)
     enc = tok(r.string, add_special_tokens=False, return_offsets_mapping=True)
     plain = _tokenize_rendered(r, enc["input_ids"], enc["offset_mapping"], specials)

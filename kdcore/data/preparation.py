@@ -11,8 +11,10 @@ from kdcore.data.common import BadRow, DataError, OverlongRow, Sample, _cfg
 from kdcore.data.formats import detect_format, normalize_row
 from kdcore.data.reading import RowSource, read_rows
 from kdcore.data.images import resolve_image_paths, tokenize_side
-from kdcore.data.rendering import _finish
+from kdcore.data.rendering import _finish, _truncate_at_char
 from kdcore.data.report import DataReport, SplitReport
+from kdcore.data.teacher_views import row_context, row_route, tokenize_views
+from kdcore.modeling.tokenizers import same_tokenizer
 
 
 @dataclass
@@ -51,8 +53,6 @@ def prepare_data(data_cfg: Any, student_tokenizer, teacher_tokenizer=None, *, se
     goes to ``Sample.teachers[name]``; ``teacher_names`` are the names ``data.teacher_column``
     may use (``Sample.route``). Without them, nothing changes.
     """
-    from kdcore.modeling.tokenizers import same_tokenizer
-
     fmt_req = _cfg(data_cfg, "format", "auto")
     max_length = _cfg(data_cfg, "max_length", 512)
     overlong = _cfg(data_cfg, "overlong", "truncate")
@@ -162,9 +162,6 @@ def _tokenize_split_views(rows: list[tuple[int, dict]], src: RowSource, stok, re
                           bad_policy: str) -> list[Sample]:
     """:func:`_tokenize_split` with each teacher's own tokenization (``Sample.teachers``) and
     each row's route (``Sample.route``), see :mod:`kdcore.data.teacher_views`."""
-    from kdcore.data.rendering import _truncate_at_char
-    from kdcore.data.teacher_views import row_context, row_route, tokenize_views
-
     kept, contexts, routes = [], [], []
     for row, norm in rows:
         try:

@@ -10,6 +10,7 @@ from typing import Any, Sequence
 from kdcore.distill.aligner import Tokenized
 from kdcore.data.common import BadRow, DataError, OverlongRow, Sample
 from kdcore.data.formats import canonical_text
+from kdcore.modeling.tokenizers import special_affixes, special_ids, same_tokenizer
 
 _ENCODE_CHUNK = 256  # rows per batched tokenizer call: amortises Python overhead, bounded memory
 
@@ -30,8 +31,6 @@ _PH_RE = re.compile("\ue000kdflow(\\d+)\ue001", re.IGNORECASE)  # survives case 
 
 
 def _render(norm: dict[str, Any], tok) -> _Rendered:
-    from kdcore.modeling.tokenizers import special_affixes
-
     if "messages" in norm:
         return _render_chat(norm, tok)
     prefix, suffix = special_affixes(tok)
@@ -185,8 +184,6 @@ def _tokenize_rendered(r: _Rendered, ids: list[int], offsets: Sequence[tuple[int
 def tokenize_rows(norms: Sequence[dict[str, Any]], tok) -> list[Tokenized | BadRow]:
     """Tokenize normalised rows for one tokenizer (batched); a row the tokenizer's chat
     template cannot render comes back as a :class:`BadRow`."""
-    from kdcore.modeling.tokenizers import special_ids
-
     specials = special_ids(tok)
     out: list[Tokenized | BadRow] = [None] * len(norms)  # type: ignore[list-item]
     for start in range(0, len(norms), _ENCODE_CHUNK):
@@ -230,8 +227,6 @@ def build_sample(norm: dict[str, Any], row: int, student_tok, teacher_tok=None, 
     """One sample from a normalised row (see :func:`normalize_row`); ``teacher_tok`` None or
     the same tokenizer as the student gives ``teacher=None``. Raises :class:`BadRow`
     (unrenderable / nothing trainable) or :class:`OverlongRow` (``overlong='drop'``)."""
-    from kdcore.modeling.tokenizers import same_tokenizer
-
     cross = teacher_tok is not None and not same_tokenizer(student_tok, teacher_tok)
     s = tokenize_rows([norm], student_tok)[0]
     if isinstance(s, BadRow):

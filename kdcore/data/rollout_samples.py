@@ -31,6 +31,7 @@ from kdcore.data.common import BadRow, Sample
 from kdcore.data.rendering import (_render, _render_chat, _Rendered, _tok_name, _tokenize_rendered, _truncate,
                                    _truncate_at_char, tokenize_rows)
 from kdcore.engines.protocol import Generation
+from kdcore.modeling.tokenizers import special_affixes, special_ids, tokenizer_fingerprint
 
 
 # ------------------------------------------------------------------------------ prompts
@@ -69,8 +70,6 @@ def prompt_of(sample: Sample) -> Optional[Prompt]:
 
 def _prompt_rendered(prompt: Prompt, tok):
     """The prompt as kdcore.data renders rows, plus the template's generation prompt."""
-    from kdcore.modeling.tokenizers import special_affixes
-
     if prompt.messages is not None:
         base = _render_chat({"messages": prompt.messages, "train": [False] * len(prompt.messages)}, tok)
         try:
@@ -86,8 +85,6 @@ def _prompt_rendered(prompt: Prompt, tok):
 
 
 def _tokenize(r, tok) -> Tokenized:
-    from kdcore.modeling.tokenizers import special_ids
-
     enc = tok([r.string], add_special_tokens=False, return_offsets_mapping=True)
     return _tokenize_rendered(r, enc["input_ids"][0], enc["offset_mapping"][0], special_ids(tok))
 
@@ -96,8 +93,6 @@ def render_prompt(prompt: Prompt, tok) -> Tokenized:
     """The prompt's tokens with the generation prompt (canonical offsets, no loss positions):
     exactly the ids a model is asked to continue. Raises :class:`kdcore.data.BadRow` when the
     chat template cannot render it."""
-    from kdcore.modeling.tokenizers import tokenizer_fingerprint
-
     key = tokenizer_fingerprint(tok)
     if key not in prompt.rendered:
         prompt.rendered[key] = _tokenize(_prompt_rendered(prompt, tok), tok)
@@ -108,8 +103,6 @@ def stop_ids(tok, extra: Sequence[Optional[int]] = ()) -> list[int]:
     """Ids that end a response: the tokenizer's EOS, the end-of-turn token its chat template
     puts after an assistant turn (what :mod:`kdcore.data` trains the model to emit), and
     ``extra`` (e.g. the model's ``generation_config.eos_token_id``)."""
-    from kdcore.modeling.tokenizers import special_ids
-
     ids = {int(e) for e in extra if e is not None}
     if tok.eos_token_id is not None:
         ids.add(int(tok.eos_token_id))
@@ -155,8 +148,6 @@ def response_offsets(tok, ids: Sequence[int], start: int = 0) -> tuple[str, list
     ``start``), by incremental decoding; special tokens (EOS) are not text and get an empty
     span. A character whose bytes are split over several tokens is in the span of each of
     them (the convention of :mod:`kdcore.data`)."""
-    from kdcore.modeling.tokenizers import special_ids
-
     ids = [int(i) for i in ids]
     if not ids:
         return "", []

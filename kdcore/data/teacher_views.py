@@ -23,6 +23,7 @@ from typing import Any, Sequence
 
 from kdcore.distill.aligner import Tokenized
 from kdcore.data.common import BadRow
+from kdcore.data.rendering import tokenize_rows
 
 
 @dataclass
@@ -59,8 +60,6 @@ def shift_past_context(t: Tokenized, n: int) -> Tokenized:
 def tokenize_views(norms: Sequence[dict[str, Any]], contexts: Sequence[str], views: dict[str, TeacherView]
                    ) -> dict[str, list[Tokenized | BadRow]]:
     """Per teacher name, each row's tokenization (a :class:`BadRow` where its template fails)."""
-    from kdcore.data.rendering import tokenize_rows
-
     out = {}
     for name, view in views.items():
         rows = [with_context(n, c) for n, c in zip(norms, contexts)] if view.context else list(norms)

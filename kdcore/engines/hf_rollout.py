@@ -17,6 +17,7 @@ from torch import nn
 
 from kdcore.engines.protocol import (RolloutEngine, RolloutError, check_generate, check_sampling, finish_generations,
                                      token_limits)
+from kdcore.modeling.student import _transformers_dtype_kw
 
 
 class HFRolloutEngine(RolloutEngine):
@@ -37,8 +38,6 @@ class HFRolloutEngine(RolloutEngine):
     def __init__(self, config, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                  threads: Optional[int] = None):
         from transformers import AutoModelForCausalLM
-
-        from kdcore.modeling.student import _transformers_dtype_kw  # the one torch_dtype=/dtype= version shim
 
         cfg = type(config).from_dict(config.to_dict())
         if hasattr(cfg, "quantization_config"):  # GGUF-loaded configs carry it; the copy is plain

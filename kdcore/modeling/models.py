@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kdcore.modeling.paths import ModelNotFoundError, looks_local, resolve
+from kdcore.infra.phases import phase
+from kdcore.modeling.vision import model_class
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -117,8 +119,6 @@ def _auto_class(where: str):
     folder (:mod:`kdcore.modeling.vision`); a hub id is read as a causal LM unless its config says VL."""
     from transformers import AutoConfig
 
-    from kdcore.modeling.vision import model_class
-
     try:
         return model_class(AutoConfig.from_pretrained(where))
     except OSError:  # unreachable hub id: let from_pretrained report it
@@ -180,7 +180,6 @@ def gguf_to_hf_folder(gguf_path: str | os.PathLike, cache_dir: str | os.PathLike
     final.parent.mkdir(parents=True, exist_ok=True)
     _quiet_transformers()
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    from kdcore.infra.phases import phase
 
     # tens of seconds once per GGUF (issue 28: it was a silent stretch before step 1); one line
     # per part, so a log shows which part took the time
@@ -353,8 +352,6 @@ def model_dims(spec: str) -> dict[str, int]:
 def _head_names(config) -> list[str]:
     """Checkpoint names to try for the head, best first (built on the meta device: no memory)."""
     import torch
-
-    from kdcore.modeling.vision import model_class
 
     with torch.device("meta"):
         model = model_class(config).from_config(config)

@@ -38,6 +38,8 @@ from torch import nn
 
 from kdcore.infra import distributed as kdist
 from kdcore.modeling import lora as kdlora
+from kdcore.modeling.models import load_causal_lm, locate
+from kdcore.modeling.vision import language_layers, model_class, freeze_vision, vision_blocks
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -57,16 +59,12 @@ def _transformers_dtype_kw(dtype: torch.dtype) -> dict:
 def load_pretrained(spec: str, dtype: torch.dtype = torch.float32):
     """Load a causal LM (hub id, local folder, ``.gguf`` file or ``pkg://`` spec) on CPU, via
     :func:`kdcore.modeling.models.load_causal_lm` (GGUF converted once into a cached plain HF folder)."""
-    from kdcore.modeling.models import load_causal_lm
-
     return load_causal_lm(spec, dtype=dtype, device="cpu")
 
 
 def load_config(spec: str):
     """The model config of ``spec`` (same forms as :func:`load_pretrained`), without weights."""
     from transformers import AutoConfig
-
-    from kdcore.modeling.models import locate
 
     kind, where = locate(spec)  # a missing local path raises ModelNotFoundError naming it
     if kind == "gguf":
@@ -83,8 +81,6 @@ def load_config(spec: str):
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder layer list of a Llama/Qwen/Mistral-style causal LM (``model.model.layers``;
     a peft-wrapped one's base model)."""
-    from kdcore.modeling.vision import language_layers
-
     model = kdlora.unwrap(model)
     base = getattr(model, "model", None)
     layers = getattr(base, "layers", None)
@@ -176,8 +172,6 @@ def build_student(recipe, seed: int | None = None):
     source = s.path or recipe.teacher.path
     seed = recipe.train.seed if seed is None else seed
     if s.init == "config":
-        from kdcore.modeling.vision import model_class
-
         cfg = load_config(source)
         _apply_overrides(cfg, dict(s.config_overrides or {}))
         # the same seed on every rank gives the same initial weights everywhere
@@ -201,8 +195,6 @@ def build_student(recipe, seed: int | None = None):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False  # training forwards never need a KV cache
     if not getattr(s, "train_vision", True):
-        from kdcore.modeling.vision import freeze_vision
-
         freeze_vision(model)  # before LoRA and the optimizer: frozen weights get no state
     if kdlora.lora_enabled(getattr(s, "lora", None)):
         # adapters initialise from the global RNG: the same seed gives every rank the same ones
@@ -265,7 +257,6 @@ def shard_student(model: nn.Module, precision: str = "fp32", device: torch.devic
     mp = mixed_precision_policy(precision)
     if mp is not None:
         kw["mp_policy"] = mp
-    from kdcore.modeling.vision import vision_blocks
 
     for layer in decoder_layers(model):
         fully_shard(layer, **kw)

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from kdcore.modeling.paths import ModelNotFoundError, is_local, resolve
+from kdcore.modeling.models import default_cache_dir, gguf_cache_key
 
 
 class TokenizerLoadError(ValueError):
@@ -157,8 +158,6 @@ def load_gguf_tokenizer(path: str | os.PathLike):
     converted by ``kdcore.modeling.models.gguf_to_hf_folder`` is used directly when present.
     """
     from transformers import AutoTokenizer
-
-    from kdcore.modeling.models import default_cache_dir, gguf_cache_key
 
     src = Path(path).expanduser().resolve()
     key = f"{src.stem}-{gguf_cache_key(src)}"

@@ -22,6 +22,12 @@ import tokenize
 import typing
 from pathlib import Path
 from typing import Any
+from kdcore import data
+from kdcore.data import reading
+from kdcore.engines.remote import config as remote_config
+from kdcore.engines.sglang import config as sglang_config
+from kdcore.recipe import schema
+from kdcore.recipe.schema import Recipe, TeacherConfig, TeacherEntry
 
 # the repository root: this file is kdcore/recipe/doc.py
 ROOT = Path(__file__).resolve().parents[2]
@@ -54,10 +60,6 @@ def _field_comments(path: Path) -> dict[tuple[str, str], str]:
 
 
 def _comments() -> dict[tuple[str, str], str]:
-    from kdcore.recipe import schema
-    from kdcore.engines.remote import config as remote_config
-    from kdcore.engines.sglang import config as sglang_config
-
     return {**_field_comments(Path(schema.__file__)), **_field_comments(Path(sglang_config.__file__)),
             **_field_comments(Path(remote_config.__file__))}
 
@@ -114,8 +116,6 @@ def _section_table(cls: type, prefix: str, comments: dict, nested: list) -> list
 
 # ------------------------------------------------------------------ data: formats and file kinds
 def _data_formats() -> str:
-    from kdcore import data
-
     doc = ast.get_docstring(ast.parse(Path(data.__file__).read_text())) or ""
     start = doc.index("Row formats")
     end = doc.index("**Canonical text")
@@ -123,8 +123,6 @@ def _data_formats() -> str:
 
 
 def _file_kinds() -> list[str]:
-    from kdcore.data import reading
-
     tree = ast.parse(Path(reading.__file__).read_text())
     for node in ast.walk(tree):
         if isinstance(node, (ast.Assign, ast.AnnAssign)):
@@ -136,8 +134,6 @@ def _file_kinds() -> list[str]:
 
 # ------------------------------------------------------------------ the page
 def render() -> str:
-    from kdcore.recipe.schema import Recipe, TeacherConfig, TeacherEntry
-
     comments = _comments()
     out = [
         "# Recipes and data",

@@ -57,6 +57,9 @@ from kdcore.storage.checkpoint_files import (  # noqa: F401  (re-exported: kdcor
     is_complete as _is_complete, list_checkpoints, read_checked, step_dir_name, verify_checkpoint, write_manifest,
 )
 from kdcore.infra.exceptions import find_in_chain
+from kdcore.data.images import processor_for
+from kdcore.modeling.vision import model_class
+from kdcore.storage.safe_dcp import write_json_metadata, JSON_NAME, PICKLED_NAME, read_metadata, SafeFileSystemReader, SafeLoadPlanner
 
 
 @dataclass
@@ -289,8 +292,6 @@ def _save_into(tmp: Path, final: Path, step: int, *, model, optimizer, scheduler
                data_state, trainer_state, recipe, keep, write_extra=None) -> None:
     import torch.distributed.checkpoint as dcp
 
-    from kdcore.storage.safe_dcp import write_json_metadata
-
     d = final.parent
     rank, world = kdist.get_rank(), kdist.get_world_size()
 
@@ -343,8 +344,6 @@ def _agreed(part, d: Path) -> None:
 def _seal(tmp: Path, final: Path, step: int, metadata, *, data_state, trainer_state, scheduler, recipe, keep,
           write_extra) -> None:
     """Rank 0: the JSON files, the manifest, the rename and ``latest`` (the last thing written)."""
-    from kdcore.storage.safe_dcp import write_json_metadata
-
     d, world = final.parent, kdist.get_world_size()
     if kdist.get_rank() == 0:
         write_json_metadata(tmp, metadata)  # JSON instead of DCP's pickle: nothing to unpickle on load
@@ -386,8 +385,6 @@ def _check_model_keys(p: Path, model_state: dict) -> None:
     """DCP loads only the keys the new model asks for and ignores the rest: a 4-layer
     checkpoint would load into a 2-layer student without a word. Both sides must match.
     Reading the metadata also checks it (:func:`kdcore.storage.safe_dcp.read_metadata`)."""
-    from kdcore.storage.safe_dcp import JSON_NAME, PICKLED_NAME, read_metadata
-
     try:
         saved_meta = read_metadata(p).state_dict_metadata
     except Exception as exc:  # nothing in the reader runs code from the file: whatever fails, the file is bad
@@ -422,8 +419,6 @@ def load_checkpoint(path: str | os.PathLike, *, model: nn.Module, optimizer: tor
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
-
-    from kdcore.storage.safe_dcp import SafeFileSystemReader, SafeLoadPlanner
 
     p = Path(path)
     if not p.is_dir() or not _is_complete(p):
@@ -586,7 +581,6 @@ def export_hf(model: nn.Module, tokenizer, out_dir: str | os.PathLike,
     Written to ``<out_dir>.tmp`` and renamed, so ``out_dir`` is either the old or the new export.
     """
     from kdcore.modeling import lora
-    from kdcore.modeling.vision import model_class
 
     sd = full_state_dict(model)
     out = Path(out_dir)
@@ -622,8 +616,6 @@ def export_hf(model: nn.Module, tokenizer, out_dir: str | os.PathLike,
         def save(tmp: Path) -> None:
             clean.save_pretrained(str(tmp), safe_serialization=True)
             if tokenizer is not None:
-                from kdcore.data.images import processor_for
-
                 # a VL student's processor (image processor, template) goes with it; it saves the tokenizer too
                 (processor_for(tokenizer) or tokenizer).save_pretrained(str(tmp))
 

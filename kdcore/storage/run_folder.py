@@ -34,6 +34,10 @@ from pathlib import Path
 from typing import Any
 
 from kdcore.infra.exceptions import clip
+from kdcore.infra import distributed as kdist
+from kdcore.modeling.paths import resolve
+from kdcore.recipe.secret import mask_secrets
+from kdcore.storage.resume import ResumeMismatchError, check_resume
 
 METRICS = "metrics.jsonl"
 RECIPE = "recipe.yaml"
@@ -248,8 +252,6 @@ def recipe_dict(recipe: Any) -> dict:
     (:func:`kdcore.recipe.secret.mask_secrets`): this is what run folders and checkpoints store."""
     from omegaconf import DictConfig, OmegaConf
 
-    from kdcore.recipe.secret import mask_secrets
-
     if isinstance(recipe, DictConfig):
         return mask_secrets(OmegaConf.to_container(recipe, resolve=True))
     return mask_secrets(json.loads(json.dumps(dict(recipe))))
@@ -290,6 +292,8 @@ def _write_atomic(path: Path, text: str) -> None:
 def saved_run_recipe(out_dir: str | os.PathLike) -> tuple[dict | None, str]:
     """The recipe a resumed run continues: the newest checkpoint's, else the folder's
     ``recipe.yaml``; with where it was found."""
+    # lazy: `kdcore validate` reaches this module through the recipe checks (output_dir_problem)
+    # and need not load the checkpoint, data and vision modules for that
     from kdcore.storage.checkpoint import latest_recipe
 
     saved, ckpt = latest_recipe(Path(out_dir) / "checkpoints")  # verified first: the one --resume loads
@@ -306,9 +310,6 @@ def prepare_collective(out_dir: str | os.PathLike, recipe: Any, *, resume: bool,
     :func:`save_recipe` and the data record. The outcome is shared with every rank (so all
     ranks raise the same one-line error, and none waits for a rank that stopped)."""
     import sys
-
-    from kdcore.infra import distributed as kdist
-    from kdcore.storage.resume import ResumeMismatchError, check_resume
 
     problem = None
     if kdist.is_main():
@@ -354,8 +355,6 @@ def data_fingerprints(recipe: Any) -> dict[str, str | None]:
     """``{"train": fp, "eval": fp}`` of the recipe's data sources: a local file's content (the
     whole file up to 64 MiB, else its size and 64 evenly spaced 1 MiB blocks), a folder's files,
     or ``id:<name>`` for a hub dataset (nothing local to compare)."""
-    from kdcore.modeling.paths import resolve
-
     data = recipe_dict(recipe).get("data") or {}
     out: dict[str, str | None] = {}
     for split in ("train", "eval"):

@@ -15,6 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from kdcore.training.types import LatestEval, TrainingError
+from kdcore.data import DataPosition
+from kdcore.modeling import student as kstudent
+from kdcore.storage import checkpoint as ckpt
+from kdcore.storage.checkpoint_files import MAX_STEP
+from kdcore.storage.run_folder import trim_metrics, recipe_dict
 
 
 class Checkpointer:
@@ -37,10 +42,6 @@ class Checkpointer:
         """``(step, data position)`` of the latest checkpoint, restored into the student; the
         schedule follows the recipe's (possibly changed) ``train`` settings, and metrics.jsonl
         loses the records of steps after the checkpoint (they are about to be re-run)."""
-        from kdcore.storage import checkpoint as ckpt
-        from kdcore.modeling import student as kstudent
-        from kdcore.storage.run_folder import trim_metrics
-
         s = self.student
         state = ckpt.load_latest(self.dir, model=s.model, optimizer=s.optimizer, scheduler=s.scheduler,
                                  extra_modules=s.extra_modules, validate=_check_trainer_state)
@@ -49,7 +50,6 @@ class Checkpointer:
         if state.step > self.max_steps:  # the loop would train nothing and export the old weights
             raise TrainingError(f"--resume: '{state.path}' is at step {state.step}, beyond train.max_steps "
                                 f"{self.max_steps}: raise train.max_steps to continue it")
-        from kdcore.data import DataPosition
 
         self.latest_eval.loss = state.trainer_state.get("last_eval_loss")
         evaluated = state.trainer_state.get("evaluated_step")
@@ -69,9 +69,6 @@ class Checkpointer:
         return bool(every) and step % every == 0 and step < self.max_steps
 
     def save(self, step: int, position: Any) -> Path:
-        from kdcore.storage import checkpoint as ckpt
-        from kdcore.storage.run_folder import recipe_dict
-
         s = self.student
         # rank 0 writes the average (the same on every rank) into the folder before it is sealed
         self.last_good = ckpt.save_checkpoint(
@@ -91,8 +88,6 @@ class Checkpointer:
 def _check_trainer_state(saved: dict) -> None:
     """The trainer's own values in a checkpoint's trainer_state.json (the checkpoint is skipped
     when one is impossible): a data position of non-negative counts, an eval loss that is a number."""
-    from kdcore.storage.checkpoint_files import MAX_STEP
-
     pos = saved.get("data_state") or {}
     for key, value in pos.items():
         if key not in ("epoch", "step") or type(value) is not int or not 0 <= value <= MAX_STEP:

@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 
 from kdcore.training.types import TrainingError
+from kdcore.modeling.student import load_config
+from kdcore.training.weight_sync import check_self_distill, full_weights, head_name, push_teacher_weights
 
 EMA_FILE = "ema_teacher.safetensors"
 
@@ -37,24 +39,18 @@ class EMATeacher:
 
     def reset(self) -> None:
         """The average starts as the student's current weights (collective under FSDP)."""
-        from kdcore.training.weight_sync import full_weights
-
         # one float32 copy per name (tied weights too): safetensors stores no shared storage
         self.state = {k: v.detach().to(torch.float32, copy=True).cpu() for k, v in full_weights(self.model).items()}
 
     @torch.no_grad()
     def update(self) -> None:
         """``teacher ← decay · teacher + (1 − decay) · student`` (collective under FSDP)."""
-        from kdcore.training.weight_sync import full_weights
-
         for k, v in full_weights(self.model).items():
             self.state[k].mul_(self.decay).add_(v.detach().to(device="cpu", dtype=torch.float32),
                                                  alpha=1.0 - self.decay)
 
     def push(self, engine, *, dtype: torch.dtype, device) -> torch.Tensor:
         """Load the average into the teacher engine; returns the new teacher head."""
-        from kdcore.training.weight_sync import head_name, push_teacher_weights
-
         return push_teacher_weights(engine, self.state, head_name(self.model), dtype=dtype, device=device)
 
     def save(self, step_dir: Path) -> None:
@@ -77,7 +73,4 @@ class EMATeacher:
 
 def check_ema_architecture(student_model, teacher_path: str) -> None:
     """The average is pushed into the teacher by name: the student needs the teacher's architecture."""
-    from kdcore.modeling.student import load_config
-    from kdcore.training.weight_sync import check_self_distill
-
     check_self_distill(student_model.config, load_config(teacher_path), setting="teacher.ema", error=TrainingError)

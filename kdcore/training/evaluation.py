@@ -20,6 +20,11 @@ import math
 import torch
 
 from kdcore.training.types import LatestEval, TeacherShare
+from kdcore.distill.aligner import Aligner
+from kdcore.infra.phases import phase
+from kdcore.training.forward import DistillForward
+from kdcore.training.steps import StepPreparer
+from kdcore.training.teacher_schedule import TeacherSchedule
 
 
 def fkl_reference(student_logits, teacher_logits, *, temperature):
@@ -34,8 +39,6 @@ def fkl_reference(student_logits, teacher_logits, *, temperature):
 
 def mean_over_ranks(values: dict[str, float], env, aligner) -> dict[str, float]:
     """Each key averaged over the ranks that report it (collective: call on every rank)."""
-    from kdcore.distill.aligner import Aligner
-
     # an aligner without metrics (same_vocab) has none on any rank: no collective to pay for
     if env.world_size == 1 or type(aligner).metrics is Aligner.metrics:
         return values
@@ -84,7 +87,6 @@ class Evaluator:
         student = self.forward.student
         was_training = student.model.training
         student.train(False)
-        from kdcore.infra.phases import phase
 
         rounds = math.ceil(len(self.held_out_batches()) / self.env.world_size)
         with phase(self.progress_label or f"held-out evaluation (step {step}), batches", total=rounds,
@@ -202,10 +204,6 @@ def frozen_evaluator(cfg, *, model, samples, parts, loss_fn, loss_options: dict,
     """An :class:`Evaluator` scoring ``model`` (no optimizer, one process) against the teacher
     ``parts`` (:class:`kdcore.training.teachers.TeacherPart` each with its started ``engine`` and
     its ``head``) on ``samples``, with the recipe's loss and batching."""
-    from kdcore.training.forward import DistillForward
-    from kdcore.training.steps import StepPreparer
-    from kdcore.training.teacher_schedule import TeacherSchedule
-
     latest = LatestEval()
     # the preparer only aligns and collates here (micro_batch); no rollout, no training data
     preparer = StepPreparer(parts=parts, rollout=None, train_samples=[], train_cfg=cfg.train, shuffle=False,

@@ -16,6 +16,8 @@ import torch
 
 from kdcore.distill.aligner import AlignedBatch, LossSpec
 from kdcore.training.types import PreparedMicroBatch
+from kdcore.modeling import student as kstudent
+from kdcore.modeling.vision import model_inputs
 
 
 class DistillForward:
@@ -26,8 +28,6 @@ class DistillForward:
     student row, whichever rows it pairs)."""
 
     def __init__(self, *, student, parts, distill_cfg, loss_fn, loss_options: dict, device, world_size: int):
-        from kdcore.modeling import student as kstudent
-
         self.student = student
         self.parts = {p.name: p for p in parts}  # kdcore.training.teachers.TeacherPart by name
         self.distill_cfg = distill_cfg
@@ -72,7 +72,6 @@ class DistillForward:
         this micro-batch overlap with it."""
         b = pmb.batch
         dev = self.device
-        from kdcore.modeling.vision import model_inputs
 
         hidden = self._kstudent.student_hidden(self.student.model, b.input_ids.to(dev), b.attention_mask.to(dev),
                                                **model_inputs(b.vision, dev))

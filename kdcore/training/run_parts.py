@@ -12,6 +12,10 @@ from typing import Any, Callable, Sequence
 
 from kdcore.training import teachers as _teachers
 from kdcore.training.teachers import TeacherPart
+from kdcore.modeling.tokenizers import load_tokenizer, pad_token_id
+from kdcore.training.steps import StepPreparer
+from kdcore.training.teacher_schedule import TeacherSchedule
+from kdcore.training.types import LatestEval
 
 
 def student_tokenizer_spec(cfg) -> str:
@@ -31,8 +35,6 @@ class RunParts:
     def from_recipe(cls, cfg, registry) -> "RunParts":
         """The student's tokenizer and every teacher's tokenizer and aligner (no data, heads or
         engines yet: each command takes those steps when it needs them)."""
-        from kdcore.modeling.tokenizers import load_tokenizer
-
         spec = student_tokenizer_spec(cfg)
         student_tok = load_tokenizer(spec)
         return cls(cfg, registry, student_tok, _teachers.build_parts(cfg, registry, student_tok, spec))
@@ -62,10 +64,6 @@ class RunParts:
     def preparer(self, *, parts: list[TeacherPart] | None = None, env=None, kdist=None, **kwargs):
         """A :class:`~kdcore.training.steps.StepPreparer` over ``parts`` (default: every teacher);
         without a rollout it only collates and aligns (``micro_batch``)."""
-        from kdcore.modeling.tokenizers import pad_token_id
-        from kdcore.training.steps import StepPreparer
-        from kdcore.training.types import LatestEval
-
         parts = parts or self.teachers
         kwargs.setdefault("rollout", None)
         kwargs.setdefault("train_samples", [])
@@ -77,8 +75,6 @@ class RunParts:
     @staticmethod
     def schedule(engines: dict, **kwargs):
         """A :class:`~kdcore.training.teacher_schedule.TeacherSchedule` over ``engines`` (name → engine)."""
-        from kdcore.training.teacher_schedule import TeacherSchedule
-
         kwargs.setdefault("looks_ahead", True)
         kwargs.setdefault("max_steps", 0)
         return TeacherSchedule(engines, **kwargs)

@@ -40,6 +40,8 @@ from kdcore.engines import create_rollout_engine
 from kdcore.engines.hf_rollout import TeacherRolloutEngine
 from kdcore.engines.protocol import RolloutEngine, RolloutError, check_sampling
 from kdcore.training.weight_sync import check_self_distill, full_weights, sync_teacher
+from kdcore.modeling.models import torch_dtype
+from kdcore.modeling.student import load_config
 
 
 # ------------------------------------------------------------------------------ sampler
@@ -96,8 +98,6 @@ class RolloutSampler:
                  seed: int = 0, rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu",
                  threads: Optional[int] = None, sources: Sequence[str] = ("student", "teacher"),
                  views: Optional[dict] = None, generator: Optional[str] = None):
-        from kdcore.modeling.models import torch_dtype
-
         if settings.sync_every < 1:
             raise RolloutError(f"rollout.sync_every must be >= 1, got {settings.sync_every}")
         check_sampling(settings.temperature, settings.top_p, settings.n)
@@ -343,8 +343,6 @@ def build_sampler(cfg, policy, *, student_model, student_tok, parts, views: bool
     if not sampling and not every:
         return None
     if every:
-        from kdcore.modeling.student import load_config
-
         check_self_distill(student_model.config, load_config(cfg.teacher.path))
     sources = tuple(getattr(policy, "sample_sources", ()) or ("student", "teacher")) if sampling else ()
     teacher_tok, own, cross = sampler_sides(parts, views)

@@ -26,6 +26,9 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from kdcore.training.types import LatestEval, PreparedMicroBatch, PreparedStep, TeacherShare
+from kdcore.data import collate, planner_for
+from kdcore.distill.loss import IGNORE_INDEX
+from kdcore.training.rollout_policy import RolloutContext
 
 
 def _pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,9 +85,6 @@ class StepPreparer:
                     no_ce: Sequence[int] = ()) -> PreparedMicroBatch:
         """``samples`` collated and aligned: rows ``kd_rows`` (default all) paired with the
         teachers that teach them, rows ``no_ce`` without CE labels."""
-        from kdcore.data import collate
-        from kdcore.distill.loss import IGNORE_INDEX
-
         mb = collate(samples, self.pad_id, self.teacher_pad_id)
         if no_ce:
             starts = [0]
@@ -144,9 +144,6 @@ class StepPreparer:
 
     def steps(self, start_step: int, position: Any) -> Iterator[PreparedStep]:
         """Prepared steps from ``start_step`` (at data ``position``) to ``train.max_steps``."""
-        from kdcore.data import planner_for
-        from kdcore.training.rollout_policy import RolloutContext
-
         planner = planner_for(self.train_samples, self.train_cfg, world_size=self.env.world_size,
                               shuffle=self.shuffle)
         rng = random.Random(self.train_cfg.seed * 7919 + self.env.rank)

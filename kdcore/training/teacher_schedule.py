@@ -25,6 +25,8 @@ from typing import Iterable, Iterator
 import torch
 
 from kdcore.training.types import PreparedMicroBatch, PreparedStep, TrainingError
+from kdcore.engines import HiddenRequest
+from kdcore.infra.channel import ChannelError
 
 
 class TeacherSchedule:
@@ -42,9 +44,6 @@ class TeacherSchedule:
 
     # ------------------------------------------------------------------ one micro-batch
     def submit(self, pmb: PreparedMicroBatch) -> None:
-        from kdcore.infra.channel import ChannelError
-        from kdcore.engines import HiddenRequest
-
         for name, share in pmb.teachers.items():
             engine = self.engines[name]
             b = share.batch
@@ -74,8 +73,6 @@ class TeacherSchedule:
     def hidden(self, pmb: PreparedMicroBatch, name: str, *, timed: bool = True) -> torch.Tensor | None:
         """The rows teacher ``name`` computed for a submitted micro-batch: a view of its channel
         slot; None when it asked for no position."""
-        from kdcore.infra.channel import ChannelError
-
         ticket = pmb.teachers[name].ticket
         if ticket is None:
             return None

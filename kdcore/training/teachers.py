@@ -23,6 +23,11 @@ from typing import Any
 import torch
 
 from kdcore.training.types import TrainingError
+from kdcore.data import TeacherView, prepare_data
+from kdcore.engines import create_teacher_engine
+from kdcore.modeling.models import load_lm_head
+from kdcore.modeling.tokenizers import load_tokenizer, pad_token_id, same_tokenizer
+from kdcore.recipe.loading import teacher_entries
 
 DEFAULT_NAME = "teacher"  # the short form's one teacher
 
@@ -68,8 +73,6 @@ def prepare_run_data(cfg, parts: list[TeacherPart], student_tok):
     without views (one teacher, no route, no context) ``Sample.teacher`` holds the teacher's
     tokenization when its aligner pairs by offsets; with them each teacher that reads its own
     tokens has ``Sample.teachers[name]``."""
-    from kdcore.data import TeacherView, prepare_data
-
     if not uses_views(cfg):
         (part,) = parts
         return prepare_data(cfg.data, student_tok, part.tokenizer if part.cross else None, seed=cfg.train.seed)
@@ -81,9 +84,6 @@ def prepare_run_data(cfg, parts: list[TeacherPart], student_tok):
 
 def build_parts(cfg, registry, student_tok, student_spec: str) -> list[TeacherPart]:
     """Every teacher's part (tokenizer and aligner; engines and heads come later)."""
-    from kdcore.recipe.loading import teacher_entries
-    from kdcore.modeling.tokenizers import load_tokenizer, pad_token_id, same_tokenizer
-
     sections = list(cfg.teachers) or [cfg.teacher]
     cache_dir = Path(os.environ.get("KDCORE_CACHE", Path.home() / ".cache" / "kdflow")) / "vocab_maps"
     context = bool(cfg.data.teacher_context)
@@ -110,8 +110,6 @@ def build_parts(cfg, registry, student_tok, student_spec: str) -> list[TeacherPa
 def setup_heads(parts: list[TeacherPart], model, *, seed: int, device) -> None:
     """Load each teacher's head and let its aligner build its parameters (seeded like the
     student, so their init is reproducible and equal on every rank)."""
-    from kdcore.modeling.models import load_lm_head
-
     for part in parts:
         s = part.section
         part.head = load_lm_head(s.path, dtype=getattr(torch, s.dtype)).to(device)
@@ -139,8 +137,6 @@ def start_engines(parts: list[TeacherPart], *, registry, max_rows_for, threads_d
                   micro_batches_per_step: int) -> None:
     """Start every teacher's engine (each in its own process); ``max_rows_for(part)`` sizes its
     channel. A failure closes the ones already started."""
-    from kdcore.engines import create_teacher_engine
-
     try:
         for part in parts:
             part.engine = create_teacher_engine(part.section, registry=registry, max_rows=max_rows_for(part),

@@ -27,6 +27,20 @@ from kdcore.infra.phases import phase
 from kdcore.training.metrics import RunLog, StepMeter
 from kdcore.training.run_parts import RunParts
 from kdcore.training.types import LatestEval, PreparedMicroBatch, PreparedStep, TrainingError, TrainResult
+from kdcore.data import DataError, DataPosition
+from kdcore.engines.colocation import Colocation
+from kdcore.engines.protocol import RolloutError
+from kdcore.infra import distributed as kdist
+from kdcore.infra.channel import ChannelError
+from kdcore.infra.process_env import tune_allocator
+from kdcore.modeling import student as kstudent
+from kdcore.modeling.paths import ModelNotFoundError
+from kdcore.modeling.vocab import VocabMismatchError
+from kdcore.plugin_system.manager import load_registry
+from kdcore.plugin_system.registry import UnknownAlgorithmError
+from kdcore.storage import checkpoint as ckpt, run_folder
+from kdcore.training.ema import EMATeacher, check_ema_architecture
+from kdcore.training.sampler import build_sampler, rollout_rows, sampler_sides
 
 
 class Trainer:
@@ -34,11 +48,6 @@ class Trainer:
 
     def __init__(self, cfg, *, registry=None, resume: bool = False, overwrite: bool = False,
                  allow_data_change: bool = False):
-        from kdcore.infra import distributed as kdist
-        from kdcore.plugin_system.manager import load_registry
-        from kdcore.infra.process_env import tune_allocator
-        from kdcore.training.sampler import build_sampler
-
         self.cfg = cfg
         self.registry = registry or load_registry()
         self.resume = resume
@@ -119,8 +128,6 @@ class Trainer:
 
     def _begin(self):
         """``(first step, data position)``: restored with --resume; the EMA teacher gets its average."""
-        from kdcore.data import DataPosition
-
         start, position = self.checkpointer.restore() if self.resume else (0, DataPosition())
         if self.ema is not None:
             if not self.resume:
@@ -222,7 +229,6 @@ class Trainer:
     def export(self) -> Path | None:
         if not self.cfg.checkpoint.export_hf:
             return None
-        from kdcore.storage import checkpoint as ckpt
 
         export_dir = self.out_dir / "hf"
         ckpt.export_hf(self.student.model, self.student_tok, export_dir)
@@ -230,8 +236,6 @@ class Trainer:
         return export_dir
 
     def close(self) -> None:
-        from kdcore.storage import run_folder
-
         self.log.close()
         if self.sampler is not None:
             self.sampler.close()
@@ -251,8 +255,6 @@ class Trainer:
 
     def _prepare_output(self) -> None:
         """Refuse to overwrite another run, compare recipes on resume, save this one's recipe."""
-        from kdcore.storage import run_folder
-
         run_folder.prepare_collective(self.out_dir, self.cfg, resume=self.resume, overwrite=self.overwrite,
                                       allow_data_change=self.allow_data_change)
 
@@ -275,8 +277,6 @@ class Trainer:
 
     def _student(self):
         """The sharded student with its optimizer; every teacher's head (loaded alone) and aligner."""
-        from kdcore.modeling import student as kstudent
-
         cfg = self.cfg
         model = kstudent.build_student(cfg)
         limit = getattr(model.config, "max_position_embeddings", None)
@@ -301,8 +301,6 @@ class Trainer:
         (kdcore.infra.process_env), so the overlap costs little. Measured on 2 cores, s/step, teacher +
         student threads: bench pair 4×128 (student side larger) 2+2 0.95–0.98, 1+2 0.97–0.98,
         1+1 1.28; quickstart (teacher side larger) 2+2 1.23, 1+2 1.46, 1+1 1.39."""
-        from kdcore.training.sampler import rollout_rows, sampler_sides
-
         cfg = self.cfg
         samples = self.train_samples + self.eval_samples
         # generated responses can outgrow the data's
@@ -322,7 +320,6 @@ class Trainer:
         engine = self.parts[0].engine
         if not engine.colocated:
             return None
-        from kdcore.engines.colocation import Colocation
 
         colocation = Colocation(engine, self.student.optimizer, offload_optimizer=engine.offloads_optimizer)
         colocation.start_asleep()
@@ -332,7 +329,6 @@ class Trainer:
         t = self.cfg.teacher
         if not t.ema:
             return None
-        from kdcore.training.ema import EMATeacher, check_ema_architecture
 
         check_ema_architecture(self.student.model, t.path)
         return EMATeacher(decay=t.ema, every=t.ema_every, model=self.student.model)
@@ -341,13 +337,6 @@ class Trainer:
 def train(cfg, *, registry=None, resume: bool = False, overwrite: bool = False,
           allow_data_change: bool = False) -> TrainResult:
     """Run a validated recipe (``kdcore.load_recipe``); returns where everything was written."""
-    from kdcore.infra.channel import ChannelError
-    from kdcore.data import DataError
-    from kdcore.modeling.paths import ModelNotFoundError
-    from kdcore.plugin_system.registry import UnknownAlgorithmError
-    from kdcore.engines.protocol import RolloutError
-    from kdcore.modeling.vocab import VocabMismatchError
-
     try:
         return Trainer(cfg, registry=registry, resume=resume, overwrite=overwrite,
                        allow_data_change=allow_data_change).run()

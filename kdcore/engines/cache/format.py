@@ -41,6 +41,8 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 from kdcore.engines.protocol import TeacherError
+from kdcore.modeling.paths import resolve
+from kdcore.recipe.loading import DataConfig, DistillConfig, TrainConfig
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -89,8 +91,6 @@ def files_fingerprint(paths: Sequence[Path], root: Path) -> str:
 
 
 def _local(spec: str) -> Optional[Path]:
-    from kdcore.modeling.paths import resolve
-
     try:
         p = Path(os.path.expanduser(resolve(str(spec))))
     except Exception:  # an uninstalled pkg:// package: the recipe check names it elsewhere
@@ -127,8 +127,6 @@ def source_fingerprint(spec: Optional[str], names: Sequence[str] = ()) -> Option
 def recipe_identity(raw: Mapping[str, Any]) -> dict[str, Any]:
     """What a cache depends on that a recipe states, from a raw (or typed) recipe mapping:
     compared key by key against the manifest at validation."""
-    from kdcore.recipe.loading import DataConfig, DistillConfig, TrainConfig
-
     def get(section: str, key: str, default: Any = None) -> Any:
         s = raw.get(section) or {}
         return s.get(key, default) if isinstance(s, Mapping) else default

@@ -20,6 +20,7 @@ import torch
 from kdcore.infra.channel import ChannelError
 from kdcore.engines.cache.format import CacheError, check_shard_files, read_manifest, sample_keys, weights_fingerprint
 from kdcore.engines.protocol import HiddenRequest, TeacherEngine, TeacherError, Ticket
+from kdcore.modeling.models import load_lm_head
 
 
 class CacheRunError(CacheError, ChannelError):
@@ -127,8 +128,6 @@ class CacheTeacher(TeacherEngine):
         self._release_ticket(ticket)
 
     def lm_head(self, dtype=None):
-        from kdcore.modeling.models import load_lm_head
-
         return load_lm_head(self.teacher_path, dtype=dtype or self.dtype_name)
 
 

@@ -16,6 +16,8 @@ import traceback
 import torch
 
 from kdcore.infra.channel import Channel, ChannelClosed
+from kdcore.modeling import models
+from kdcore.modeling.vision import backbone, is_vision_model, model_inputs
 
 
 
@@ -61,7 +63,6 @@ def _serve(options: dict, channel: Channel, requests, responses, parent_pid: int
     except RuntimeError:
         pass
     channel.attach_producer()
-    from kdcore.modeling import models
 
     device = options["device"]
     if device.startswith("cuda"):
@@ -74,7 +75,6 @@ def _serve(options: dict, channel: Channel, requests, responses, parent_pid: int
     model = models.load_causal_lm(folder or spec, dtype=options["dtype"], device=device)
     if options.get("attn_implementation"):
         model.set_attn_implementation(options["attn_implementation"])
-    from kdcore.modeling.vision import backbone, is_vision_model, model_inputs
 
     vl = is_vision_model(model)
     decoder = backbone(model)  # a VL model's whole backbone: vision tower, projector, language model

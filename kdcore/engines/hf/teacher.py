@@ -51,6 +51,10 @@ from kdcore.infra.channel import (POLL_S, PROGRESS_TIMEOUT_S, Channel, ChannelTi
                             TeacherDiedError, describe_exit)
 from kdcore.engines.hf.child import child_main
 from kdcore.engines.protocol import HiddenRequest, TeacherEngine, TeacherError, Ticket
+from kdcore.infra.distributed import default_threads
+from kdcore.infra.process_env import ALLOCATOR_ENV, THREAD_ENV
+from kdcore.modeling import models
+from kdcore.modeling.models import torch_dtype
 
 START_TIMEOUT_S = 1800.0  # loading may include a one-time GGUF conversion of a large model
 COMMAND_TIMEOUT_S = 600.0  # weight updates / sleep / wake of a live teacher (dead ones fail fast)
@@ -69,8 +73,6 @@ def _close_all() -> None:  # runs before multiprocessing's own exit hook (regist
 
 def child_env(threads: int) -> dict[str, str]:
     """Environment the teacher process starts with (see the module docstring)."""
-    from kdcore.infra.process_env import ALLOCATOR_ENV, THREAD_ENV
-
     # a user's own choice wins
     env = {k: os.environ.get(k, v) for k, v in {**ALLOCATOR_ENV, **THREAD_ENV}.items()}
     env.update({
@@ -141,14 +143,10 @@ class HFTeacher(TeacherEngine):
                  n_slots: int = 2,
                  progress_timeout: float = PROGRESS_TIMEOUT_S, start_timeout: float = START_TIMEOUT_S,
                  cache_dir: Optional[str] = None, attn_implementation: Optional[str] = None):
-        from kdcore.modeling.models import torch_dtype
-
         self.spec = str(spec)
         self.dtype = torch_dtype(dtype)
         self.device = device
         if not threads:
-            from kdcore.infra.distributed import default_threads
-
             threads = default_threads(int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
         self.threads = int(threads)
         self.max_rows = int(max_rows)
@@ -179,7 +177,6 @@ class HFTeacher(TeacherEngine):
             return self.wait_ready() if wait else self
         if self._closed:
             raise TeacherError("this teacher engine was closed; build a new one")
-        from kdcore.modeling import models
 
         self.device = _resolve_device(self.device)
         dims = models.model_dims(self.spec)  # config / GGUF metadata only: the parent never loads weights
@@ -415,8 +412,6 @@ class HFTeacher(TeacherEngine):
     def lm_head(self, dtype: str | torch.dtype | None = None) -> torch.Tensor:
         """``[V, H]`` head read alone from the checkpoint (from the converted folder for GGUFs,
         which is faster than dequantizing), cached per engine."""
-        from kdcore.modeling import models
-
         if self._head is None:
             # A GGUF teacher's converted folder is faster to read than dequantizing; use it once
             # the child has made it, else read the checkpoint itself (no need to wait for the load).

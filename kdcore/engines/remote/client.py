@@ -37,6 +37,8 @@ import torch
 from kdcore.infra.channel import ChannelError, ChannelTimeout, TeacherDiedError
 from kdcore.engines.remote import wire
 from kdcore.engines.protocol import HiddenRequest, TeacherEngine, TeacherError, Ticket
+from kdcore.modeling import models
+from kdcore.modeling.models import torch_dtype
 
 POLL_MS = 200  # socket poll step: bounds how late a closed connection is noticed
 
@@ -95,8 +97,6 @@ class RemoteTeacher(TeacherEngine):
 
     def __init__(self, spec: str, *, address: str, token: Optional[str] = None, timeout_s: float = 20.0,
                  retries: int = 0, dtype: str | torch.dtype = "float32", max_rows: int = 8192, n_slots: int = 2):
-        from kdcore.modeling.models import torch_dtype
-
         self.spec = str(spec)
         self.address = endpoint(address)
         self.token = token if token is not None else os.environ.get("KDFLOW_TEACHER_TOKEN")
@@ -303,8 +303,6 @@ class RemoteTeacher(TeacherEngine):
 
     def lm_head(self, dtype: str | torch.dtype | None = None) -> torch.Tensor:
         """``[V, H]`` head read alone from ``teacher.path`` on this machine (see the module docstring)."""
-        from kdcore.modeling import models
-
         if self._head is None:
             self._head = models.load_lm_head(self.spec, dtype=self.dtype)
         return self._head if dtype is None else self._head.to(models.torch_dtype(dtype))

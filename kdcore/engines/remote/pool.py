@@ -40,6 +40,8 @@ from kdcore.engines.remote import wire
 from kdcore.engines.protocol import HiddenRequest, TeacherEngine, TeacherError, Ticket
 from kdcore.engines.remote.client import RemoteTeacherError, _Slots  # the client's slot ring, shared
 from kdcore.engines.remote.config import parse_addresses  # noqa: F401  (the pool's address list)
+from kdcore.modeling import models
+from kdcore.modeling.models import torch_dtype
 
 POLL_MS = 200  # poll step: bounds how late a closed connection is noticed
 REJOIN_S = 1.0  # a replica whose hello socket lost its connection gets a new one after this
@@ -75,8 +77,6 @@ class RemotePool(TeacherEngine):
 
     def __init__(self, spec: str, *, addresses: Any, token: Optional[str] = None, timeout_s: float = 20.0,
                  retries: int = 0, dtype: str | torch.dtype = "float32", max_rows: int = 8192, n_slots: int = 2):
-        from kdcore.modeling.models import torch_dtype
-
         self.spec = str(spec)
         given = addresses if isinstance(addresses, (list, tuple)) else [addresses]
         self.replicas = [_Replica(ep) for ep in parse_addresses(",".join(str(a) for a in given))]
@@ -346,8 +346,6 @@ class RemotePool(TeacherEngine):
 
     def lm_head(self, dtype: str | torch.dtype | None = None) -> torch.Tensor:
         """``[V, H]`` head read alone from ``teacher.path`` on this machine."""
-        from kdcore.modeling import models
-
         if self._head is None:
             self._head = models.load_lm_head(self.spec, dtype=self.dtype)
         return self._head if dtype is None else self._head.to(models.torch_dtype(dtype))

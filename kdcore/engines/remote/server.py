@@ -44,6 +44,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from kdcore.engines.remote import wire
+from kdcore.engines import TeacherError, create_teacher_engine
+from kdcore.infra.channel import ChannelError
+from kdcore.modeling.paths import ModelNotFoundError
+from kdcore.plugin_system.manager import load_registry
+from kdcore.recipe.loading import RecipeError, load_recipe
 
 POLL_MS = 200  # idle poll step: how late a stop request is noticed
 MAX_REQUEST_MB = 64  # ~16M tokens of int32 ids: any real micro-batch fits, a memory bomb does not
@@ -397,7 +402,6 @@ class TeacherServer:
                 pass
 
     def _feed_engine(self, pipe: Any) -> None:
-        from kdcore.infra.channel import ChannelError
         from kdcore.engines.protocol import TeacherError
 
         while len(self.in_engine) < self.engine.n_slots and not self.stop.is_set():
@@ -536,12 +540,6 @@ def serve_recipe(recipe: str, overrides: list[str], *, listen: str, token: Optio
     import os
 
     import zmq
-
-    from kdcore.infra.channel import ChannelError
-    from kdcore.recipe.loading import RecipeError, load_recipe
-    from kdcore.engines import TeacherError, create_teacher_engine
-    from kdcore.modeling.paths import ModelNotFoundError
-    from kdcore.plugin_system.manager import load_registry
 
     token = token or os.environ.get(TOKEN_ENV) or None
     try:

@@ -38,6 +38,8 @@ import hashlib
 import json
 import os
 from typing import TYPE_CHECKING, Any, Optional
+from kdcore.engines.protocol import HiddenRequest
+from kdcore.modeling import models
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -94,8 +96,6 @@ def decode_header(frame: Any) -> dict:
 
 def _config_digest(spec: str) -> str:
     """sha256 of the model's config (canonical JSON, without keys that name files or versions)."""
-    from kdcore.modeling import models
-
     kind, where = models.locate(spec)
     if kind == "gguf":
         kv, tensors = models.gguf_index(where)
@@ -121,8 +121,6 @@ def teacher_fingerprint(spec: str) -> dict:
     Paths differ between machines (mount points), so only the model's *name* (last path part,
     or the hub id) must match; the config hash and the sizes say it is the same model.
     """
-    from kdcore.modeling import models
-
     dims = models.model_dims(spec)
     name = os.path.basename(os.path.normpath(os.path.expanduser(str(spec)))) or str(spec)
     return {"model": name, "path": str(spec), "config_sha256": _config_digest(spec),
@@ -184,8 +182,6 @@ def unpack_request(header: dict, frames: list, *, max_tokens: int, max_rows: Opt
     frames do not match the header (the request's values are checked by ``validate`` later)."""
     import numpy as np
     import torch
-
-    from kdcore.engines.protocol import HiddenRequest
 
     if len(frames) != 4:
         raise WireError(f"a hidden request has 4 payload frames (ids, mask, counts, positions), got {len(frames)}")
