@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_teacher_hf import make_batch, model_dir, ref_hidden, reference  # noqa: F401  (fixtures)
+from helpers.teacher_hf import make_batch, model_dir, ref_hidden, reference  # noqa: F401  (fixtures)
 
 from kdcore.engines import HiddenRequest
 from kdcore.engines.hf import HFTeacher

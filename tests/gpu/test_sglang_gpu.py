@@ -6,7 +6,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_sglang_engine import HAVE_SGLANG, SGLangConfig, padded_request, sg_teacher
+from helpers.sglang import HAVE_SGLANG, padded_request
+from kdcore.engines.sglang.config import SGLangConfig
+from kdcore.engines.sglang import teacher as sg_teacher
 
 gpu = pytest.mark.skipif(not (torch.cuda.is_available() and HAVE_SGLANG), reason="needs CUDA and sglang==0.5.23")
 

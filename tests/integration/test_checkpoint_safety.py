@@ -18,7 +18,8 @@ import torch
 from dist_scripts.common import HIDDEN, tiny_llama
 from kdcore.storage import checkpoint as ck
 from kdcore.modeling.student import build_optimizer, build_scheduler, shard_student
-from test_checkpoint import assert_same, snapshot, trained_setup
+from helpers.checkpoints import assert_same, snapshot, trained_setup
+from helpers.checkpoint_edits import _cut_recipe, _rewrite_manifest
 
 pytestmark = pytest.mark.usefixtures("cpu_process_group")
 
@@ -78,12 +79,6 @@ def test_malicious_pickle_planted_as_the_old_file_names_never_runs(work):
     assert not marker.exists()
     pickle.loads((path / "rank_0.pt").read_bytes())  # the bait is real: plain unpickling runs it
     assert marker.exists()
-
-
-def _rewrite_manifest(path: Path, legacy: bool = False) -> None:
-    """What whoever plants a file does next: list every file with its new size and hash."""
-    files = {f.name: ck._file_record(f) for f in sorted(path.iterdir()) if f.is_file() and f.name != "manifest.json"}
-    (path / "manifest.json").write_text(json.dumps({"files": files} if legacy else {"format": 2, "files": files}))
 
 
 def _as_legacy(path: Path) -> None:
@@ -424,11 +419,6 @@ def test_the_metadata_unpickler_builds_only_plain_data(work):
 # every file verified, every value checked, before any of it is used
 
 
-def _cut_recipe(path: Path) -> None:
-    text = (path / "recipe.json").read_text()
-    (path / "recipe.json").write_text(text[: len(text) // 2])
-
-
 def _edit_json(name: str, **changes):
     def edit(path: Path) -> None:
         obj = json.loads((path / name).read_text())
@@ -563,7 +553,7 @@ def _crash_logs(out: Path) -> list[Path]:
 
 @pytest.mark.long  # five runs; the parts are covered fast above
 def test_resume_from_the_cli_falls_back_and_logs_the_final_eval_once(tmp_path, tiny_teacher):
-    from test_train import evals, run_train, train_steps, write_recipe
+    from helpers.train import evals, run_train, train_steps, write_recipe
 
     recipe = write_recipe(tmp_path, tiny_teacher, train={"max_steps": 4, "eval_every": 2},
                           checkpoint={"every": 2, "keep": 3, "export_hf": False})
@@ -597,7 +587,7 @@ def test_resume_from_the_cli_falls_back_and_logs_the_final_eval_once(tmp_path, t
 
 @pytest.mark.long
 def test_disk_full_in_a_save_and_in_the_export_from_the_cli(tmp_path, tiny_teacher):
-    from test_train import run_train, write_recipe
+    from helpers.train import run_train, write_recipe
 
     probe = write_recipe(tmp_path / "probe", tiny_teacher, train={"max_steps": 1},
                          checkpoint={"every": 1, "keep": 1, "export_hf": True})
@@ -638,7 +628,7 @@ def test_a_save_failing_on_one_rank_stops_every_rank_naming_it(tmp_path):
     import subprocess
     import sys
 
-    from conftest import DIST_SCRIPTS, ROOT
+    from helpers.assets import DIST_SCRIPTS, ROOT
 
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(DIST_SCRIPTS / "save_fails_on_one_rank.py"), str(tmp_path), str(tmp_path / "out.json")],

@@ -16,7 +16,7 @@ import textwrap
 
 import pytest
 
-from test_train import evals, run_train, train_steps, write_recipe
+from helpers.train import evals, run_train, train_steps, write_recipe
 
 SCRIPT = textwrap.dedent('''
     import json, sys, types

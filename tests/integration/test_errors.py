@@ -174,7 +174,8 @@ def test_validate_warns_about_absurd_settings(capsys):
 # ------------------------------------------------------------------ kdcore train, end to end
 
 
-from test_train import KDCORE, ROOT, _children, records, run_train, train_steps, write_recipe  # noqa: E402
+from helpers.train import KDCORE, _children, records, run_train, train_steps, write_recipe  # noqa: E402
+from helpers.assets import ROOT  # noqa: E402
 
 
 def _one_error_line(stderr: str) -> str:

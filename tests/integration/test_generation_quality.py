@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import PYDOC_EVAL, save_tiny_llama
+from helpers.assets import PYDOC_EVAL, save_tiny_llama
 
 GAMMA = 4
 

@@ -19,7 +19,7 @@ import pytest
 import kdcore
 from kdcore import hookimpl
 from kdcore.plugin_system.registry import PluginError
-from test_train import records, write_recipe
+from helpers.train import records, write_recipe
 
 HAVE_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
 HAVE_WANDB = importlib.util.find_spec("wandb") is not None

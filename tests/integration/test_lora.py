@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 pytest.importorskip("peft")
 
-from conftest import DIST_SCRIPTS  # noqa: E402
+from helpers.assets import DIST_SCRIPTS  # noqa: E402
 from dist_scripts.common import VOCAB, kd_token_losses, teacher_logits, tiny_llama  # noqa: E402
 from kdcore.recipe.loading import Recipe, validate_raw  # noqa: E402
 from kdcore.modeling.student import Student, build_student, student_head_weight, student_hidden  # noqa: E402
@@ -313,7 +313,7 @@ def test_kdcore_train_with_lora_exports_both_folders_and_resumes_bit_for_bit(tmp
 
     import yaml
 
-    from conftest import PYDOC, ROOT
+    from helpers.assets import PYDOC, ROOT
 
     out = tmp_path / "out"
     recipe = {

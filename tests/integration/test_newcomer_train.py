@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from test_train import evals, run_train, write_recipe
+from helpers.train import evals, run_train, write_recipe
 
 
 @pytest.mark.long  # ~11 s; tests/unit/test_newcomer_output.py checks the plain lines fast

@@ -10,9 +10,9 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT
-from test_remote_teacher import KDCORE, TOKEN, address, client, make_request, start_server, stop_server
-from test_train import train_steps, write_recipe
+from helpers.assets import ROOT
+from helpers.remote import KDCORE, TOKEN, address, client, make_request, start_server, stop_server
+from helpers.train import train_steps, write_recipe
 
 zmq = pytest.importorskip("zmq")
 

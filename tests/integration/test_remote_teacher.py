@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, save_tiny_llama
-from test_train import run_train, train_steps, write_recipe
+from helpers.assets import ROOT, save_tiny_llama
+from helpers.train import run_train, train_steps, write_recipe
 
 zmq = pytest.importorskip("zmq")
 
@@ -25,44 +25,7 @@ from kdcore.engines.remote import wire  # noqa: E402
 from kdcore.engines.protocol import HiddenRequest  # noqa: E402
 from kdcore.engines.remote.client import RemoteTeacher, RemoteTeacherError  # noqa: E402
 from kdcore.engines.remote.server import FairQueue  # noqa: E402
-
-TOKEN = "test-secret"
-KDCORE = [sys.executable, "-m", "kdcore"]
-
-
-def start_server(recipe: Path, log: Path, *extra: str, listen="127.0.0.1:0", token=TOKEN, prefix=(), env=None,
-                 wait_s=240.0):
-    """A `kdcore serve-teacher` subprocess and its endpoint (read from its stdout once it serves)."""
-    cmd = [*prefix, *KDCORE, "serve-teacher", str(recipe), "--listen", listen, "--stats-every", "1", *extra]
-    if token:
-        cmd += ["--token", token]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=open(log, "a"), text=True, cwd=ROOT,
-                            env={**os.environ, **(env or {})})
-    deadline = time.monotonic() + wait_s
-    while time.monotonic() < deadline:
-        if select.select([proc.stdout], [], [], 0.5)[0]:
-            line = proc.stdout.readline().strip()
-            if line.startswith("tcp://"):
-                return proc, line
-        if proc.poll() is not None:
-            break
-    stop_server(proc)
-    raise AssertionError(f"the server did not start:\n{log.read_text()[-3000:]}")
-
-
-def stop_server(proc) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGCONT)  # a stopped one cannot handle SIGTERM
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-
-
-def address(ep: str) -> str:
-    return ep.removeprefix("tcp://")
+from helpers.remote import KDCORE, TOKEN, _netns_available, address, client, make_request, start_server, stop_server
 
 
 @pytest.fixture(scope="module")
@@ -80,17 +43,6 @@ def served(tmp_path_factory, tiny_teacher):
         stop_server(proc)
 
 
-def make_request(seed: int, vocab: int, B=3, L=12) -> HiddenRequest:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (B, L), generator=g)
-    mask = torch.ones(B, L, dtype=torch.int64)
-    mask[1, :4] = 0  # left padding
-    mask[2, -3:] = 0  # right padding
-    ids[1, :4] = 999_999  # any pad id: the wire zeroes padding
-    positions = [list(range(L)), [4, 7, 11], list(range(0, L - 3, 2))]
-    return HiddenRequest(ids, mask, positions)
-
-
 def reference_hidden(model, req: HiddenRequest) -> torch.Tensor:
     """Last hidden states straight from transformers (no engine involved)."""
     ids = req.input_ids.masked_fill(req.attention_mask == 0, 0)
@@ -98,12 +50,6 @@ def reference_hidden(model, req: HiddenRequest) -> torch.Tensor:
     with torch.no_grad():
         h = model.get_decoder()(input_ids=ids, attention_mask=req.attention_mask, position_ids=pos).last_hidden_state
     return h.reshape(-1, h.shape[-1])[req.flat_index()]
-
-
-def client(teacher: Path, ep: str, **kw) -> RemoteTeacher:
-    kw.setdefault("token", TOKEN)
-    kw.setdefault("timeout_s", 30)
-    return RemoteTeacher(str(teacher), address=address(ep), max_rows=64, **kw)
 
 
 # ----------------------------------------------------------------------------- units
@@ -431,15 +377,6 @@ def test_a_dead_server_stops_the_run_or_is_reconnected_to(tmp_path, tiny_teacher
 
 
 # ----------------------------------------------------------------------------- two hosts, one machine
-
-
-def _netns_available() -> str:
-    if sys.platform != "linux" or os.geteuid() != 0 or shutil.which("ip") is None:
-        return "needs root and iproute2 on Linux"
-    name = f"kdp{uuid.uuid4().hex[:8]}"
-    probe = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
-    subprocess.run(["ip", "netns", "delete", name], capture_output=True)
-    return "" if probe.returncode == 0 else f"cannot create network namespaces: {probe.stderr.strip()}"
 
 
 @pytest.mark.long  # kept out of the default command (README, Tests)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import PYDOC, PYDOC_EVAL, save_tiny_llama
+from helpers.assets import PYDOC, PYDOC_EVAL, save_tiny_llama
 from kdcore.data import collate, prepare_data
 from kdcore.training.rollout_policy import RolloutContext
 from kdcore.data.rollout_samples import build_rollout_sample, prompt_of, render_prompt, response_offsets, stop_ids
@@ -363,7 +363,7 @@ def test_self_distillation_sync_makes_teacher_and_student_hidden_states_equal(te
 def run_recipe(tmp_path, teacher_path, nproc=1, **sections):
     import yaml
 
-    from test_train import run_train
+    from helpers.train import run_train
 
     recipe = {
         "teacher": {"path": str(teacher_path), "threads": 1},

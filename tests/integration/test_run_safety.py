@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PYDOC, ROOT
-from test_train import KDCORE, run_train, train_steps, write_recipe
+from helpers.assets import PYDOC, ROOT
+from helpers.train import KDCORE, run_train, train_steps, write_recipe
 
 
 def _start(recipe: Path, *args: str) -> subprocess.Popen:

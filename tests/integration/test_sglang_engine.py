@@ -33,9 +33,9 @@ from kdcore.engines.sglang import hook as sg_hook
 from kdcore.engines.sglang import ipc as sg_ipc
 from kdcore.engines.sglang import server as sg_server
 from kdcore.engines.sglang import teacher as sg_teacher
+from helpers.sglang import HAVE_SGLANG, padded_request
 
 REPO = Path(__file__).resolve().parents[2]
-HAVE_SGLANG = sg_config.installed_version() is not None
 
 
 # ---------------------------------------------------------------------------------- fixtures
@@ -52,20 +52,6 @@ def tiny_llama(seed=0, vocab=61, hidden=32, layers=2):
         with torch.no_grad():  # a non-trivial final norm, so the post-norm check means something
             model.model.norm.weight.copy_(torch.rand(hidden) * 1.5 + 0.25)
     return model
-
-
-def padded_request(seed=0, vocab=61):
-    """Mixed padding: left, right, an interior hole, a sample without positions, duplicates."""
-    g = torch.Generator().manual_seed(seed)
-    B, L = 5, 12
-    ids = torch.randint(0, vocab, (B, L), generator=g)
-    mask = torch.ones(B, L, dtype=torch.long)
-    mask[1, :4] = 0  # left padding
-    mask[2, 9:] = 0  # right padding
-    mask[3, 5:7] = 0  # interior hole
-    mask[4, :2] = 0
-    positions = [[0, 3, 11, 5], [4, 11, 7, 7], [0, 8, 1], [], [2, 11, 7, 3]]  # any order, duplicates
-    return HiddenRequest(ids, mask, positions)
 
 
 def decoder_states(model, ids, mask):

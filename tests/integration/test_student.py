@@ -17,7 +17,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import DIST_SCRIPTS
+from helpers.assets import DIST_SCRIPTS
 from dist_scripts.common import HIDDEN, VOCAB, kd_token_losses, teacher_logits, tiny_llama
 from kdcore.recipe.loading import Recipe
 from kdcore.modeling.student import (Student, build_optimizer, build_scheduler, build_student, clip_gradients,

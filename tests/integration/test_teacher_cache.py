@@ -14,20 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, save_tiny_llama
-from test_train import KDCORE, run_train, train_steps, write_recipe
-from test_xtok_train import MISTRAL_V1, xtok_recipe
-
-SHARD_MB = "0.05"  # ~50 KiB: the tiny runs' ~0.4 MiB cache spreads over several shards
-
-
-def build(recipe: Path, out: Path, *extra: str, timeout=300):
-    cmd = KDCORE + ["cache-teacher", str(recipe), "--out", str(out), "--shard-mb", SHARD_MB, *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-
-
-def cached(cache: Path) -> list[str]:
-    return ["teacher.engine=cache", f"teacher.cache={cache}"]
+from helpers.assets import ROOT, save_tiny_llama
+from helpers.train import KDCORE, run_train, train_steps, write_recipe
+from helpers.xtok import MISTRAL_V1, xtok_recipe
+from helpers.teacher_cache import build, cached
 
 
 def losses(out: Path) -> list[tuple]:

@@ -17,29 +17,7 @@ from kdcore.infra.channel import ChannelError, ChannelTimeout, TeacherDiedError,
 from kdcore.infra.distributed import default_threads
 from kdcore.engines import HiddenRequest, TeacherError
 from kdcore.engines.hf import HFTeacher
-
-VOCAB, HIDDEN = 97, 32
-
-
-def tiny_llama(seed: int = 0) -> torch.nn.Module:
-    cfg = LlamaConfig(hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64,
-                      tie_word_embeddings=False, eos_token_id=2, bos_token_id=1, pad_token_id=0)
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("teacher")
-    tiny_llama().save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def reference(model_dir):
-    """The same checkpoint loaded in-process: the independent reference forward."""
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+from helpers.teacher_hf import HIDDEN, VOCAB, make_batch, model_dir, ref_hidden, reference
 
 
 @pytest.fixture(scope="module")
@@ -49,25 +27,6 @@ def engine(model_dir):
     pid = eng.pid
     eng.close()
     assert not pid_alive(pid)  # closed means gone, not a zombie
-
-
-def ref_hidden(model, ids: torch.Tensor) -> torch.Tensor:
-    """Unpadded single-sequence reference: ``[L, H]`` after the final norm."""
-    with torch.no_grad():
-        return model.get_decoder()(input_ids=ids[None]).last_hidden_state[0]
-
-
-def make_batch(lengths, L, left=False, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.full((len(lengths), L), -100, dtype=torch.int64)  # pad ids need not be valid tokens
-    mask = torch.zeros((len(lengths), L), dtype=torch.int64)
-    seqs = []
-    for b, n in enumerate(lengths):
-        s = torch.randint(3, VOCAB, (n,), generator=g)
-        seqs.append(s)
-        sl = slice(L - n, L) if left else slice(0, n)
-        ids[b, sl], mask[b, sl] = s, 1
-    return ids, mask, seqs
 
 
 @pytest.mark.parametrize("left", [False, True], ids=["right-padded", "left-padded"])

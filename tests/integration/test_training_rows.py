@@ -16,7 +16,7 @@ import math
 
 import pytest
 
-from test_train import write_recipe
+from helpers.train import write_recipe
 
 pytestmark = pytest.mark.usefixtures("cpu_process_group")
 

@@ -13,9 +13,9 @@ from contextlib import contextmanager
 
 import pytest
 
-from conftest import ROOT
-from test_remote_teacher import _netns_available
-from test_train import free_port, run_train, train_steps, write_recipe
+from helpers.assets import ROOT
+from helpers.remote import _netns_available
+from helpers.train import free_port, run_train, train_steps, write_recipe
 
 HOST_IPS = ("198.18.9.1", "198.18.9.2")  # RFC 2544 benchmark range, on the veth pair only
 

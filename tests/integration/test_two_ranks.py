@@ -11,11 +11,11 @@ import shutil
 
 import pytest
 
-from test_checkpoint_safety import _cut_recipe, _rewrite_manifest
-from test_eval_cmd import dense_reference, run_eval
-from test_multi_teacher import mistral_teacher, recipe as multi_recipe, tiny_student, two_teachers  # noqa: F401
-from test_teacher_cache import build, cached
-from test_train import evals, run_train, train_steps, write_recipe
+from helpers.checkpoint_edits import _cut_recipe, _rewrite_manifest
+from helpers.eval_cmd import dense_reference, run_eval
+from helpers.multi_teacher import mistral_teacher, recipe as multi_recipe, tiny_student, two_teachers  # noqa: F401
+from helpers.teacher_cache import build, cached
+from helpers.train import evals, run_train, train_steps, write_recipe
 
 pytestmark = pytest.mark.long
 

@@ -9,7 +9,7 @@ import torch
 
 from kdcore.data import collate, prepare_data
 from kdcore.modeling.tokenizers import load_tokenizer
-from test_train import assert_resume_after_step_2_is_exact, dump_recipe, evals, run_train
+from helpers.train import assert_resume_after_step_2_is_exact, dump_recipe, evals, run_train
 
 
 def vl_recipe(tmp_path, vl, student=None, **sections):

@@ -7,8 +7,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import save_tiny_llama
-from test_train import evals, run_train, write_recipe
+from helpers.assets import save_tiny_llama
+from helpers.train import evals, run_train, write_recipe
 
 pytestmark = pytest.mark.usefixtures("cpu_process_group")
 
