@@ -121,3 +121,17 @@ def test_code_cites_no_document_outside_the_repository():
     cited = [str(p.relative_to(ROOT)) for p in list(CORE.rglob("*.py")) + list((ROOT / "algorithms").rglob("*.py"))
              if "DESIGN" in p.read_text()]
     assert not cited, f"these cite DESIGN, which is not in the repository (cite docs/architecture.md): {cited}"
+
+
+def test_no_test_module_imports_another():
+    """Shared test code lives in tests/helpers/; a test module importing another (or conftest)
+    runs that module's import-time code and needs a pythonpath entry per folder."""
+    tests = ROOT / "tests"
+    names = {p.stem for p in tests.rglob("test_*.py")} | {"conftest"}
+    found = []
+    for p in tests.rglob("*.py"):
+        for node in ast.walk(ast.parse(p.read_text())):
+            mods = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            found += [f"{p.relative_to(ROOT)}: {m}" for m in mods if m.split(".")[0] in names]
+    assert not found, "import from tests/helpers/ instead: " + "; ".join(found)
