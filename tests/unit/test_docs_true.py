@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-DOCS = ("README.md", "CONTRIBUTING.md", "Makefile", "bench/README.md")
+DOCS = ("README.md", "CONTRIBUTING.md", "Makefile", "bench/README.md", "docs/architecture.md")
 # a repository path as the documents write it (not part of a longer path such as <dir>/tests/x)
 REPO_PATH = re.compile(r"(?<![\w./<>-])((?:kdcore|algorithms|tests|bench|checks|recipes|scripts|docs|plugins|\.ci)/[\w./-]*[\w/])")
 
@@ -80,3 +80,41 @@ def test_contributing_plugin_snippet_installs_and_is_listed(tmp_path):
     assert name in plugins, f"{name} installed but not listed: {sorted(plugins)}"
     assert plugins[name]["error"] is None, plugins[name]["error"]
     assert "register_losses" in plugins[name]["hooks"]
+
+
+def _architecture_tree() -> list[str]:
+    """The paths of docs/architecture.md's tree (the code block under "## The parts"): two
+    spaces of indent per level, a name first; lines indented further continue a description."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    block = re.search(r"## The parts\n.*?```\n(.*?)```", text, re.S).group(1)
+    stack: list[str] = []
+    paths = []
+    for line in block.splitlines():
+        indent = len(line) - len(line.lstrip(" "))
+        if not line.strip() or indent >= 20:
+            continue
+        level = indent // 2
+        stack[level:] = [line.split()[0]]
+        paths.append("".join(stack))
+    return paths
+
+
+def test_the_architecture_tree_names_what_exists_and_all_of_kdcore():
+    paths = _architecture_tree()
+    missing = [p for p in paths if not (ROOT / p).exists()]
+    assert not missing, f"docs/architecture.md names paths that do not exist: {missing}"
+    # every package of kdcore and every module of kdcore/ and of its layer packages is on the map
+    # (an engine package's own files are described on its line)
+    core = ROOT / "kdcore"
+    wanted = {f"kdcore/{p.relative_to(core)}" + ("/" if p.is_dir() else "")
+              for p in list(core.glob("*.py")) + list(core.glob("*/*.py")) + list(core.glob("*/*/"))
+              if p.name != "__pycache__" and not (p.name == "__init__.py" and p.parent != core)
+              and (p.is_file() or (p / "__init__.py").exists())}
+    absent = sorted(w for w in wanted if w not in set(paths))
+    assert not absent, f"docs/architecture.md's tree leaves out: {absent}"
+
+
+def test_the_tree_parser_sees_a_stale_entry():
+    # a renamed module must show up as missing, or the test above proves nothing
+    assert "kdcore/recipe/loading.py" in _architecture_tree()
+    assert not (ROOT / "kdcore/config.py").exists()
