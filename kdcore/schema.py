@@ -136,7 +136,7 @@ class DistillConfig:
     # false: no KD where the target is a stop token (EOS, end of turn), CE alone there, so the
     # references decide where answers end (a teacher answering at greater length puts ~0.04 on
     # stopping where the quickstart's references end; bench/quality.md). Held-out KL keeps every row
-    kd_at_stop: bool = True
+    kd_at_stop: bool = True  # true: KD at every target, as the papers train (the quickstart sets false)
     chunk_size: int = 256  # tokens per logits chunk; = kdcore.kdloss.DEFAULT_CHUNK_SIZE (measured, see there)
 
 
