@@ -668,7 +668,10 @@ def findings_table(all_runs: dict[str, dict[str, list[Run]]]) -> str:
 def header(args, started: str, load0, minutes: float, n_runs: int, progress: str = "") -> str:
     info = common.machine_info()
     load1 = common.load_average()
-    cmd = "python -m bench quality" + (" " + shlex.join(args.argv) if args.argv else "")
+    # the note is printed below the command: the command names it without repeating it
+    argv = [("<the note below>" if i and args.argv[i - 1] == "--note" else a) for i, a in enumerate(args.argv)]
+    argv = [a if not a.startswith("--note=") else "--note=<the note below>" for a in argv]
+    cmd = "python -m bench quality" + (" " + shlex.join(argv) if argv else "")
     lines = [
         "# kdflow distillation quality",
         "",
