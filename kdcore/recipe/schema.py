@@ -133,6 +133,10 @@ class DistillConfig:
     # with CE at 0.5 (recipes/quickstart.yaml, bench/quality.md)
     kd_ratio: float = 1.0  # pure KD unless the recipe mixes in CE
     temperature: float = 1.0  # softmax temperature of both distributions (no T^2 factor)
+    # false: no KD where the target is a stop token (EOS, end of turn), CE alone there, so the
+    # references decide where answers end (a teacher answering at greater length puts ~0.04 on
+    # stopping where the quickstart's references end; bench/quality.md). Held-out KL keeps every row
+    kd_at_stop: bool = True  # true: KD at every target, as the papers train (the quickstart sets false)
     chunk_size: int = 256  # tokens per logits chunk; = kdcore.distill.loss.DEFAULT_CHUNK_SIZE (measured, see there)
 
 

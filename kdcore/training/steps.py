@@ -42,12 +42,22 @@ def _pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torc
     return ids, mask
 
 
+def _without_targets(a, student, skip: frozenset):
+    """``a`` without the pairs whose student loss position predicts an id in ``skip`` (those
+    rows keep their CE: with the stop tokens, the data alone decides where an answer ends)."""
+    ids, pos = student.input_ids, student.loss_positions
+    keep = [k for k, i in enumerate(a.student_index) if int(ids[pos[i] + 1]) not in skip]
+    if len(keep) == len(a.student_index):
+        return a
+    return replace(a, student_index=[a.student_index[k] for k in keep], teacher_index=[a.teacher_index[k] for k in keep])
+
+
 class StepPreparer:
     """Builds :class:`PreparedStep` s for one rank, in step order."""
 
     def __init__(self, *, parts, rollout, train_samples: Sequence, train_cfg, shuffle: bool, env, kdist,
                  pad_id: int, teacher_pad_id: int, latest_eval: LatestEval, sampler=None,
-                 kd: bool = True, ce_on_data: bool = False):
+                 kd: bool = True, ce_on_data: bool = False, kd_skip_labels: Sequence[int] = ()):
         self.parts = parts  # kdcore.training.teachers.TeacherPart per teacher (one teacher: a list of one)
         self.rollout = rollout
         self.train_samples = train_samples
@@ -61,6 +71,9 @@ class StepPreparer:
         self.latest_eval = latest_eval  # what the evaluator saw last, for policies that adapt to it
         self.kd = kd  # training rows are paired with the teacher (kd_ratio > 0)
         self.ce_on_data = ce_on_data  # CE on the data's references, not on student samples (kd_ratio < 1)
+        # training rows whose target is one of these ids (the stop tokens with distill.kd_at_stop false) get
+        # CE only; the held-out evaluation (micro_batch without them) still scores every row
+        self.kd_skip_labels = frozenset(int(i) for i in kd_skip_labels)
 
     @property
     def looks_ahead(self) -> bool:
@@ -79,12 +92,13 @@ class StepPreparer:
         samples = list(selected) + extra
         kd_rows = list(range(len(selected))) if self.kd else []
         return self.micro_batch(step, index, last, samples, kd_rows=kd_rows,
-                                no_ce=own if self.ce_on_data else [])
+                                no_ce=own if self.ce_on_data else [], kd_skip_labels=self.kd_skip_labels)
 
     def micro_batch(self, step: int, index: int, last: bool, samples: list, *, kd_rows: list[int] | None = None,
-                    no_ce: Sequence[int] = ()) -> PreparedMicroBatch:
+                    no_ce: Sequence[int] = (), kd_skip_labels: frozenset = frozenset()) -> PreparedMicroBatch:
         """``samples`` collated and aligned: rows ``kd_rows`` (default all) paired with the
-        teachers that teach them, rows ``no_ce`` without CE labels."""
+        teachers that teach them, rows ``no_ce`` without CE labels, no pair at a loss position
+        whose target is in ``kd_skip_labels``."""
         mb = collate(samples, self.pad_id, self.teacher_pad_id)
         if no_ce:
             starts = [0]
@@ -98,12 +112,12 @@ class StepPreparer:
         for part in self.parts:
             rows = [b for b in paired if part.teaches(samples[b])]
             if rows:
-                shares[part.name] = self._share(part, mb, samples, rows)
+                shares[part.name] = self._share(part, mb, samples, rows, kd_skip_labels)
         if not shares:  # no row paired (kd_ratio 0): the first teacher's empty share still counts CE
             shares[self.parts[0].name] = self._share(self.parts[0], mb, samples, [])
         return PreparedMicroBatch(step=step, index=index, last=last, batch=mb, ce_rows=ce_rows, teachers=shares)
 
-    def _share(self, part, mb, samples: list, rows: list[int]) -> TeacherShare:
+    def _share(self, part, mb, samples: list, rows: list[int], kd_skip_labels: frozenset = frozenset()) -> TeacherShare:
         """One teacher's share: its pairs over the micro-batch's student rows (sample ``b``'s
         loss rows start after those of samples ``< b``) and the teacher rows it reads.
 
@@ -117,6 +131,8 @@ class StepPreparer:
             student_starts.append(base)
             base += len(s.student.loss_positions)
         alignments = [part.aligner.align(samples[b].student, part.view(samples[b])) for b in rows]
+        if kd_skip_labels:
+            alignments = [_without_targets(a, samples[b].student, kd_skip_labels) for b, a in zip(rows, alignments)]
         s_idx, t_idx, s_off, t_off = [], [], [], []
         t_base = 0
         for b, a in zip(rows, alignments):

@@ -85,7 +85,7 @@ class Trainer:
             self.preparer = self.run_parts.preparer(
                 rollout=self.rollout, train_samples=self.train_samples, shuffle=cfg.data.shuffle, env=self.env,
                 kdist=kdist, latest_eval=self.latest_eval, sampler=self.sampler, kd=cfg.distill.kd_ratio > 0,
-                ce_on_data=cfg.distill.kd_ratio < 1)
+                ce_on_data=cfg.distill.kd_ratio < 1, kd_skip_labels=self._kd_skip_labels())
             self.forward = DistillForward(student=self.student, parts=self.parts, distill_cfg=cfg.distill,
                                           loss_fn=self.loss_fn, loss_options=self.loss_options,
                                           device=self.env.device, world_size=self.env.world_size)
@@ -324,6 +324,16 @@ class Trainer:
         colocation = Colocation(engine, self.student.optimizer, offload_optimizer=engine.offloads_optimizer)
         colocation.start_asleep()
         return colocation
+
+    def _kd_skip_labels(self) -> list[int]:
+        """The stop tokens (EOS, end of turn) when ``distill.kd_at_stop`` is false: where the
+        references end, a teacher that answers at greater length puts little mass on stopping
+        (bench/quality.md), and KD there teaches the student not to stop."""
+        if self.cfg.distill.kd_at_stop:
+            return []
+        from kdcore.data.rollout_samples import stop_ids
+
+        return stop_ids(self.student_tok)
 
     def _ema(self):
         t = self.cfg.teacher

@@ -83,3 +83,23 @@ def test_render_only_trains_nothing_and_shows_a_warm_section_with_only_its_curve
     assert f"## {losses.title}" in text and f"## {warm.title}" in text and "| 200 | 3.500 | 90.0 |" in text
     assert not (tmp_path / "none").exists()
     q.WARM_RESULTS.clear()
+
+
+def test_findings_table_judges_each_published_direction_on_its_primary_metrics():
+    def runs(name, **final):
+        return [q.Run(row=name, seed=0, ok=True, final=final)]
+
+    warm = {"on_policy": runs("on_policy", rouge_l_vs_reference=0.21, rouge_l_vs_teacher=0.13),
+            "quickstart, KD at stop targets": runs("qs", rouge_l_vs_reference=0.17, rouge_l_vs_teacher=0.15),
+            "skl kd_ratio=1": runs("skl", rouge_l_vs_reference=0.2, rouge_l_vs_teacher=0.2),
+            "fkl kd_ratio=1": runs("fkl", rouge_l_vs_reference=0.1, rouge_l_vs_teacher=0.1)}
+    losses = {"akl kd_ratio=1": runs("akl", eval_teacher_kl=3.2, eval_ppl=625.0),
+              "fkl kd_ratio=1": runs("fkl", eval_teacher_kl=2.8, eval_ppl=358.0)}
+    lines = {ln.split(" | ")[2]: ln for ln in q.findings_table({"warm": warm, "losses": losses}).splitlines()
+             if ln.startswith("| ") and " vs " in ln}
+    assert lines["`warm`: on_policy vs quickstart, KD at stop targets (seeds 0)"].endswith("| mixed (1 of 2) |")
+    assert lines["`warm`: skl kd_ratio=1 vs fkl kd_ratio=1 (seeds 0)"].endswith("| reproduced |")
+    assert lines["`losses`: akl kd_ratio=1 vs fkl kd_ratio=1 (seeds 0)"].endswith("| not reproduced |")
+    assert "teacher-KL 3.200 vs 2.800; ppl 625.0 vs 358.0" in lines["`losses`: akl kd_ratio=1 vs fkl kd_ratio=1 (seeds 0)"]
+    assert lines["`warm`: srkl kd_ratio=1 vs rkl kd_ratio=1"].endswith("| not run |")  # a row missing
+    assert lines["`repair`: KD repair vs CE repair"].endswith("| not run |")  # no section yet

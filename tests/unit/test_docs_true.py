@@ -117,4 +117,4 @@ def test_the_architecture_tree_names_what_exists_and_all_of_kdcore():
 def test_the_tree_parser_sees_a_stale_entry():
     # a renamed module must show up as missing, or the test above proves nothing
     assert "kdcore/recipe/loading.py" in _architecture_tree()
-    assert not (ROOT / "kdcore/config.py").exists()
+    assert not (ROOT / "kdcore" / "config.py").exists()
