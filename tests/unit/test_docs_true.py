@@ -20,7 +20,7 @@ MOVED = ("docs/quickstart.md", "docs/cli.md", "docs/evaluation.md", "docs/runs.m
 DOCS = ("README.md", "CONTRIBUTING.md", "Makefile", "bench/README.md", *MOVED)
 README_MAX_LINES = 200
 # a repository path as the documents write it (not part of a longer path such as <dir>/tests/x)
-REPO_PATH = re.compile(r"(?<![\w./<>-])((?:kdcore|algorithms|tests|bench|checks|recipes|scripts|docs|plugins|\.ci)/[\w./-]*[\w/])")
+REPO_PATH = re.compile(r"(?<![\w./<>-])((?:kdcore|algorithms|tests|bench|checks|recipes|scripts|docs|plugins|examples|\.ci)/[\w./-]*[\w/])")
 
 
 def _named_paths(text: str) -> list[str]:
