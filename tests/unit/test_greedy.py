@@ -65,3 +65,19 @@ def test_batch_rows_and_bad_inputs():
     model = tiny_lm()
     with pytest.raises(ValueError, match="empty prompt"):
         greedy_answers(model, [[1], []], max_new_tokens=3, rows=2)
+
+
+def test_the_teacher_process_decodes_greedy_requests_the_same_way(model_and_answers):
+    """The hf teacher's child (kdcore/engines/hf/child.py) answers kdcore eval's greedy requests,
+    right-padded as the parent sends them, with the batched decoder: generate's tokens."""
+    from kdcore.engines.hf.child import _generate
+
+    model, want = model_and_answers
+    width = max(map(len, PROMPTS))
+    ids = torch.zeros((len(PROMPTS), width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, p in enumerate(PROMPTS):
+        ids[b, :len(p)] = torch.tensor(p)
+        mask[b, :len(p)] = 1
+    kw = {"max_new_tokens": 12, "do_sample": False, "eos_token_id": None, "seed": None}
+    assert _generate(model, ids, mask, kw, None) == want
