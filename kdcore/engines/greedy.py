@@ -73,6 +73,13 @@ def _forward_kwargs(model) -> tuple[bool, str]:
     return "logits_to_keep" in params, "cache" if "cache" in params else "past_key_values"
 
 
+def _cache_of(out):
+    """The output's KV cache: ``cache`` in transformers 5 (``past_key_values`` there only warns),
+    ``past_key_values`` before."""
+    cache = out.get("cache")
+    return cache if cache is not None else out.get("past_key_values")
+
+
 @torch.inference_mode()
 def _greedy_batch(model, prompts: list[list[int]], max_new: int, eos: set[int], pad_id: int, device,
                   keep_last: bool, cache_kw: str) -> list[list[int]]:
@@ -87,7 +94,7 @@ def _greedy_batch(model, prompts: list[list[int]], max_new: int, eos: set[int], 
     positions = (mask.cumsum(-1) - 1).clamp_(min=0)
     extra = {"logits_to_keep": 1} if keep_last else {}
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **extra)
-    cache = out.past_key_values
+    cache = _cache_of(out)
     logits = out.logits[:, -1]
     next_pos = positions[:, -1:] + 1
     alive = list(range(len(prompts)))  # the batch's rows, by index into prompts
@@ -109,7 +116,7 @@ def _greedy_batch(model, prompts: list[list[int]], max_new: int, eos: set[int], 
         mask = torch.cat([mask, mask.new_ones((len(alive), 1))], dim=1)
         out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=next_pos, use_cache=True,
                     **{cache_kw: cache})
-        cache, logits = out.past_key_values, out.logits[:, -1]
+        cache, logits = _cache_of(out), out.logits[:, -1]
         next_pos = next_pos + 1
 
 
