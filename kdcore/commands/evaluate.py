@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 from kdcore.data.rollout_samples import prompt_of, render_prompt, stop_ids
+from kdcore.engines.greedy import batch_rows, greedy_answers
 from kdcore.engines.hf_rollout import HFRolloutEngine, TeacherRolloutEngine
 from kdcore.infra import distributed as kdist
 from kdcore.infra.phases import phase
@@ -255,43 +256,52 @@ def reference_of(sample) -> Optional[str]:
 
 
 def generate_answers(cfg, samples, model, teacher_rollout, student_tok, teacher_tok, *, device) -> Optional[Generations]:
-    """Greedy answers of both models to the samples' prompts (None when no sample has one)."""
+    """Greedy answers of both models to the samples' prompts (None when no sample has one).
+
+    Both sides decode many prompts at once with a KV cache (:mod:`kdcore.engines.greedy`): the
+    student here, on ``model`` itself; the teacher in its engine's process (its ``generate``,
+    which decodes greedy requests the same way). Prompts go in batches of similar lengths."""
     pairs = [(p, reference_of(s)) for s in samples if (p := prompt_of(s)) is not None]
     pairs = [(p, r) for p, r in pairs if r is not None]
     if not pairs:
         return None
     prompts = [p for p, _ in pairs]
-    student_engine = HFRolloutEngine(model.config, device=device)
-    student_engine.update_weights(full_weights(model))
     n = cfg.eval.max_new_tokens
     mbs = max(cfg.train.micro_batch_size, 1)
-
-    def answers(engine, tok, extra_eos, who: str) -> list[list[int]]:
-        eos = stop_ids(tok, extra_eos)
-        out: list[list[int]] = []
-        # prompts done / total and tokens/s: generation is most of kdcore eval's time (issue 28)
-        with phase(f"{who}'s greedy answers (up to {n} tokens each)", total=len(prompts)) as advance:
-            for i in range(0, len(prompts), mbs):
-                ids = [render_prompt(p, tok).input_ids for p in prompts[i:i + mbs]]
-                new = [g.token_ids for g in engine.generate(ids, max_new_tokens=n, temperature=0.0, eos_ids=eos)]
-                out += new
-                advance(len(new), tokens=sum(len(x) for x in new))
-        return out
 
     def prompt_ids(tok) -> list[list[int]]:
         return [list(render_prompt(p, tok).input_ids) for p in prompts]
 
-    try:
-        s_ids = answers(student_engine, student_tok, _model_eos(model), "student")
-    finally:
-        student_engine.close()
-    t_ids = answers(teacher_rollout, teacher_tok, [], "teacher")  # its tokenizer's EOS and end-of-turn token
+    def answers(ids: list[list[int]], generate, who: str) -> list[list[int]]:
+        # similar lengths together (less padding); several micro-batches' worth of rows at once,
+        # since a decoding step of these models is mostly fixed cost (issue 28)
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        rows = batch_rows([len(x) for x in ids], n, at_least=mbs)
+        out: list[list[int]] = [[] for _ in ids]
+        # prompts done / total and tokens/s: generation is most of kdcore eval's time (issue 28)
+        with phase(f"{who}'s greedy answers (up to {n} tokens each)", total=len(ids)) as advance:
+            for i in range(0, len(order), rows):
+                chunk = order[i:i + rows]
+                new = generate([ids[j] for j in chunk])
+                for j, x in zip(chunk, new):
+                    out[j] = list(x)
+                advance(len(new), tokens=sum(len(x) for x in new))
+        return out
+
+    s_prompts, t_prompts = prompt_ids(student_tok), prompt_ids(teacher_tok)
+    s_eos = stop_ids(student_tok, _model_eos(model))
+    s_ids = answers(s_prompts, lambda chunk: greedy_answers(model, chunk, max_new_tokens=n, eos_ids=s_eos,
+                                                            rows=len(chunk), pad_id=pad_token_id(student_tok),
+                                                            device=device), "student")
+    t_eos = stop_ids(teacher_tok, [])  # its tokenizer's EOS and end-of-turn token
+    t_ids = answers(t_prompts, lambda chunk: [g.token_ids for g in teacher_rollout.generate(
+        chunk, max_new_tokens=n, temperature=0.0, eos_ids=t_eos)], "teacher")
     return Generations(
         prompts=[p.content for p in prompts], references=[r for _, r in pairs],
         student=[student_tok.decode(x, skip_special_tokens=True) for x in s_ids],
         teacher=[teacher_tok.decode(x, skip_special_tokens=True) for x in t_ids],
         student_ids=s_ids, teacher_ids=t_ids, student_tokenizer=student_tok, teacher_tokenizer=teacher_tok,
-        student_prompt_ids=prompt_ids(student_tok), teacher_prompt_ids=prompt_ids(teacher_tok), student_model=model)
+        student_prompt_ids=s_prompts, teacher_prompt_ids=t_prompts, student_model=model)
 
 
 def _model_eos(model) -> list[int]:

@@ -21,6 +21,7 @@ Heavy libraries (torch, transformers, gguf, safetensors) are imported inside the
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -100,7 +101,9 @@ def load_causal_lm(spec: str, *, dtype: "str | torch.dtype" = "float32", device:
         kind, where = "folder", str(gguf_to_hf_folder(where, cache_dir))
     _quiet_transformers()
     if kind == "gguf":
-        model = AutoModelForCausalLM.from_pretrained(os.path.dirname(where), gguf_file=os.path.basename(where), dtype=dt)
+        with _no_gguf_tqdm():
+            model = AutoModelForCausalLM.from_pretrained(os.path.dirname(where), gguf_file=os.path.basename(where),
+                                                         dtype=dt)
     else:
         try:
             model = _auto_class(where).from_pretrained(where, dtype=dt)
@@ -134,6 +137,23 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
     if "TRANSFORMERS_VERBOSITY" not in os.environ:
         hf_logging.set_verbosity_error()
+
+
+@contextlib.contextmanager
+def _no_gguf_tqdm():
+    """transformers draws its GGUF "Converting and de-quantizing" bar with plain tqdm, which
+    ``disable_progress_bar`` does not reach: a second bar under kdcore's own phase line (issue 28)."""
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # another transformers layout: its bar shows, nothing breaks
+        yield
+        return
+    bar = getattr(gguf_utils, "tqdm", None)
+    gguf_utils.tqdm = lambda iterable=None, *args, **kwargs: iterable
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
 
 
 def gguf_cache_key(gguf_path: str | os.PathLike) -> str:
@@ -185,7 +205,9 @@ def gguf_to_hf_folder(gguf_path: str | os.PathLike, cache_dir: str | os.PathLike
     # per part, so a log shows which part took the time
     try:
         with phase(f"{src.name}: dequantizing once into the cache {final.parent} (later runs load it in about a second)"):
-            gguf_model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32)
+            with _no_gguf_tqdm():
+                gguf_model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name,
+                                                                  dtype=torch.float32)
             config = gguf_model.config
             if hasattr(config, "quantization_config"):
                 del config.quantization_config

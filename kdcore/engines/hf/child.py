@@ -121,7 +121,8 @@ def _serve(options: dict, channel: Channel, requests, responses, parent_pid: int
             channel.commit(seq, n)
         elif kind == "generate":
             _, rid, ids, mask, kw = msg
-            responses.put(("done", rid, _generate(model, torch.from_numpy(ids), torch.from_numpy(mask), kw, on_device)))
+            responses.put(("done", rid, _generate(model, torch.from_numpy(ids), torch.from_numpy(mask), kw, on_device,
+                                                       greedy_loop=not vl)))
         elif kind == "update":
             _, rid, flat, layout = msg
             responses.put(_update(model, rid, flat, layout))
@@ -138,7 +139,8 @@ def _serve(options: dict, channel: Channel, requests, responses, parent_pid: int
             raise ValueError(f"teacher process: unknown request kind '{kind}'")
 
 
-def _generate(model, ids: torch.Tensor, mask: torch.Tensor, kw: dict, device: Optional[str]) -> list[list[int]]:
+def _generate(model, ids: torch.Tensor, mask: torch.Tensor, kw: dict, device: Optional[str], *,
+              greedy_loop: bool = True) -> list[list[int]]:
     # Batched generation needs left padding: re-pad each prompt's real tokens to the right edge.
     gen_cfg = model.generation_config
     eos = kw.get("eos_token_id")
@@ -147,6 +149,13 @@ def _generate(model, ids: torch.Tensor, mask: torch.Tensor, kw: dict, device: Op
     eos_set = set(eos if isinstance(eos, list) else ([eos] if eos is not None else []))
     pad = gen_cfg.pad_token_id if gen_cfg.pad_token_id is not None else (min(eos_set) if eos_set else 0)
     rows = [ids[b][mask[b].bool()] for b in range(ids.shape[0])]
+    if greedy_loop and not kw["do_sample"]:
+        # kdcore eval's teacher answers: the same tokens as generate, rows leaving as they stop
+        # (kdcore.engines.greedy); a VL model makes its own multimodal positions, so it keeps generate
+        from kdcore.engines.greedy import greedy_answers
+
+        return greedy_answers(model, [r.tolist() for r in rows], max_new_tokens=kw["max_new_tokens"],
+                              eos_ids=sorted(eos_set), rows=len(rows), pad_id=pad, device=device or "cpu")
     L = max(len(r) for r in rows)
     left = torch.full((len(rows), L), pad, dtype=torch.int64)
     lmask = torch.zeros((len(rows), L), dtype=torch.int64)
