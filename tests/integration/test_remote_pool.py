@@ -95,7 +95,7 @@ def test_a_run_against_two_replicas_equals_a_run_against_one(replicas, tiny_teac
     assert len(runs["one"]) == 3 and runs["one"] == runs["two"], runs
 
 
-@pytest.mark.long  # starts and kills servers: ~1 min; the spreading and equality are covered above
+@pytest.mark.long  # ~1 min; fast twin: tests/unit/test_remote_pool_replicas.py (drop, resend, return, none left)
 def test_a_killed_replica_is_dropped_resent_and_used_again_and_none_left_stops(tmp_path, tiny_teacher, capfd):
     recipe = write_recipe(tmp_path, tiny_teacher, teacher={"threads": 1})
     log = tmp_path / "servers.log"
