@@ -393,7 +393,7 @@ def test_torchrun_two_ranks_match_single_process_reference():
         proc = subprocess.run(
             [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
              str(DIST_SCRIPTS / "fsdp_two_ranks.py"), str(work), str(out)],
-            capture_output=True, text=True, timeout=240, env=env, cwd=work)
+            capture_output=True, text=True, timeout=600, env=env, cwd=work)
         if proc.returncode != 0:
             log = Path(tempfile.gettempdir()) / "kdflow_torchrun_failure.log"  # full output for diagnosis
             log.write_text(proc.stdout + "\n----- stderr -----\n" + proc.stderr)
