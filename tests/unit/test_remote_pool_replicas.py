@@ -89,12 +89,13 @@ def request(seed: int) -> HiddenRequest:
     return HiddenRequest(ids, torch.ones(2, 6, dtype=torch.int64), [[0, 3, 5], [1, 2]])
 
 
-def two_in_flight(pool: RemotePool, seed: int) -> None:
-    """Two requests at once (least outstanding work: one per live replica), each answered right."""
+def two_in_flight(pool: RemotePool, seed: int, silence_s=None) -> None:
+    """Two requests at once (least outstanding work: one per live replica), each answered right;
+    ``silence_s``: how long a replica holding one may say nothing (None: the pool's timeout_s)."""
     reqs = [request(seed), request(seed + 1)]
     tickets = [pool.submit(r) for r in reqs]
     for r, t in zip(reqs, tickets):
-        assert torch.equal(pool.result(t), expected(r))
+        assert torch.equal(pool.result(t, timeout=silence_s), expected(r))
         pool.release(t)
 
 
@@ -105,7 +106,8 @@ def warnings(capfd) -> list[str]:
 def test_a_lost_replica_is_dropped_resent_used_again_and_none_left_stops(fingerprint, capfd):
     spec, fp = fingerprint
     a, b = Replica(fp), Replica(fp)
-    pool = RemotePool(spec, addresses=[a.endpoint, b.endpoint], token=TOKEN, timeout_s=2, max_rows=64, n_slots=4)
+    # a long timeout_s: on a loaded machine a live server may be slow to answer; the hang below is timed alone
+    pool = RemotePool(spec, addresses=[a.endpoint, b.endpoint], token=TOKEN, timeout_s=60, max_rows=64, n_slots=4)
     ra, rb = pool.replicas
     try:
         pool.start()
@@ -139,10 +141,10 @@ def test_a_lost_replica_is_dropped_resent_used_again_and_none_left_stops(fingerp
         assert rb.served == served + 1
 
         # hangs while holding a request (alive, silent: not even the server's busy keepalive):
-        # dropped after timeout_s, its request answered by a
+        # dropped after the silence allowed, its request answered by a
         b.hang()
-        two_in_flight(pool, 40)
-        assert warnings(capfd) == [f"kdcore: warning: teacher server at {b.endpoint} sent nothing for 2 s (slow or "
+        two_in_flight(pool, 40, silence_s=3)
+        assert warnings(capfd) == [f"kdcore: warning: teacher server at {b.endpoint} sent nothing for 3 s (slow or "
                                    f"hung server); dropped from the pool, 1 requests resent to the 1 left (it is "
                                    f"used again once it answers)"]
         assert rb.state != "live"
@@ -158,3 +160,28 @@ def test_a_lost_replica_is_dropped_resent_used_again_and_none_left_stops(fingerp
         pool.close()
         for r in (a, b):
             r.kill()
+
+
+def test_the_one_address_client_shares_the_pools_start_up(fingerprint, capfd):
+    """RemoteTeacher (one address) on the start-up code it shares with the pool: rows right, a
+    wrong token refused at connect with one line naming the server, a closed engine refused."""
+    from kdcore.engines.protocol import TeacherError
+    from kdcore.engines.remote.client import RemoteTeacher, RemoteTeacherError
+
+    spec, fp = fingerprint
+    a = Replica(fp)
+    try:
+        with RemoteTeacher(spec, address=a.endpoint.removeprefix("tcp://"), token=TOKEN, timeout_s=60,
+                           max_rows=64) as one:
+            r = request(0)
+            t = one.submit(r)
+            assert torch.equal(one.result(t), expected(r))
+            one.release(t)
+        with pytest.raises(TeacherError, match="the teacher engine is closed"):
+            one.submit(r)
+        with pytest.raises(RemoteTeacherError) as info:
+            RemoteTeacher(spec, address=a.endpoint, token="wrong", timeout_s=60, max_rows=64).start()
+        assert str(info.value).startswith(f"teacher server at {a.endpoint} refused the connection: ")
+        assert "\n" not in str(info.value)
+    finally:
+        a.kill()
