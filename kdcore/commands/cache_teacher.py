@@ -338,17 +338,23 @@ class _progress:
 
 
 def live_engine_overrides(recipe: str, overrides, registry, engine: Optional[str]) -> list[str]:
-    """Overrides that make the recipe's teacher a live one: ``engine`` when given, else ``hf``
-    when the recipe names the cache engine itself (a recipe may be built and trained as one file)."""
+    """Overrides that make the recipe's teachers live ones: ``engine`` when given, else ``hf`` for
+    each teacher that names the cache engine itself (a recipe may be built and trained as one
+    file). The ``teachers:`` form gets one pair per entry (``teachers.1.engine=hf``, ...)."""
+
+    def is_cache(section: Any) -> bool:
+        name = (section.get("engine") if isinstance(section, Mapping) else None) or "hf"
+        try:
+            return isinstance(registry.get("engine", str(name)).fn, CacheEngine)
+        except Exception:  # an unknown engine is reported by the recipe checks
+            return False
+
     _, raw = load_raw(recipe, list(overrides))
-    name = (raw.get("teacher") or {}).get("engine") or "hf"
-    try:
-        is_cache = isinstance(registry.get("engine", str(name)).fn, CacheEngine)
-    except Exception:  # an unknown engine is reported by the recipe checks
-        is_cache = False
-    if engine is None and not is_cache:
-        return []
-    return [f"teacher.engine={engine or 'hf'}", "teacher.cache=null"]
+    entries = raw.get("teachers")
+    keys = [f"teachers.{i}" for i in range(len(entries))] if isinstance(entries, list) and entries else ["teacher"]
+    sections = entries if keys[0] != "teacher" else [raw.get("teacher") or {}]
+    return [o for key, section in zip(keys, sections) if engine is not None or is_cache(section)
+            for o in (f"{key}.engine={engine or 'hf'}", f"{key}.cache=null")]
 
 
 def _build_errors() -> tuple:

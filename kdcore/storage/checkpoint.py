@@ -302,7 +302,7 @@ def _save_into(tmp: Path, final: Path, step: int, *, model, optimizer, scheduler
                 shutil.rmtree(stale, ignore_errors=True)  # killed saves; only one writer per directory
             tmp.mkdir()
 
-    _agreed(prepare, d)
+    _agreed(prepare, d, tmp)
     metadata = {}
 
     def write_shards() -> None:
@@ -310,19 +310,20 @@ def _save_into(tmp: Path, final: Path, step: int, *, model, optimizer, scheduler
         metadata["dcp"] = dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True))
         _write_rng_file(tmp / f"rank_{rank}{RNG_SUFFIX}", world)
 
-    _agreed(write_shards, d)  # every shard and RNG file is on disk before rank 0 seals the folder
+    _agreed(write_shards, d, tmp)  # every shard and RNG file is on disk before rank 0 seals the folder
     _agreed(lambda: _seal(tmp, final, step, metadata["dcp"], data_state=data_state, trainer_state=trainer_state,
-                          scheduler=scheduler, recipe=recipe, keep=keep, write_extra=write_extra), d)
+                          scheduler=scheduler, recipe=recipe, keep=keep, write_extra=write_extra), d, tmp)
 
 
 class PeerSaveError(RuntimeError):
     """Another rank's part of a save failed; the text names the rank and its cause."""
 
 
-def _agreed(part, d: Path) -> None:
+def _agreed(part, d: Path, tmp: Path) -> None:
     """Run ``part`` on every rank, then agree: when it failed on any rank, every rank raises
     (the failing one its own error, the others :class:`PeerSaveError` naming the first failing
-    rank and its cause), instead of waiting at a barrier until the process group times out."""
+    rank and its cause), instead of waiting at a barrier until the process group times out.
+    Rank 0 removes the partial ``tmp`` first, so no rank says it is gone before it is."""
     err = None
     try:
         part()
@@ -335,6 +336,10 @@ def _agreed(part, d: Path) -> None:
     why = "" if err is None else (os_reason(err, d) or f"{type(err).__name__}: {err}".splitlines()[0])
     reasons = kdist.all_gather_text(why)
     failed = [(r, text) for r, text in enumerate(reasons) if text]
+    if failed:  # every rank knows now: a barrier all of them reach, not a hang
+        if kdist.get_rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        kdist.barrier()  # a rank that raised first might exit, and torchrun stop rank 0 mid-removal
     if err is not None:
         raise err
     if failed:

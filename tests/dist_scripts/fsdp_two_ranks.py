@@ -6,7 +6,9 @@ micro-batches) with an exact global token-mean loss. The sharded student sees on
 share, 2 micro-batches with gradient accumulation, scaled by ``loss_scale``. Checked on every
 rank: gathered gradients, extra-module gradients, grad norm, parameters after a clipped AdamW
 step, a DCP checkpoint round trip into fresh objects, and (rank 0) an HF export gathered from
-both ranks. Rank 0 writes a JSON summary to argv[2]; any mismatch raises (non-zero exit).
+both ranks. The same gradient check for a vision-language student (a tiny LLaVA with pixel
+inputs; its tower frozen, and training). Rank 0 writes a JSON summary to argv[2]; any mismatch
+raises (non-zero exit).
 
     python -m torch.distributed.run --nproc_per_node 2 fsdp_two_ranks.py WORK_DIR RESULT_JSON
 """
@@ -132,6 +134,71 @@ def check(tied: bool, work: Path, rank: int, world: int) -> dict:
             "export_dir": str(out), "probe_ids": ids.tolist(), "ref_logits": ref_logits.tolist()}
 
 
+IMAGE_ID, IMAGE, PATCH = VOCAB - 1, 16, 8  # a 16x16 image in 8x8 patches: 4 image tokens
+
+
+def tiny_llava(seed: int):
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    from common import tiny_llama_config
+
+    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=IMAGE, patch_size=PATCH, projection_dim=16)
+    cfg = LlavaConfig(vision_config=vision, text_config=tiny_llama_config(), image_token_id=IMAGE_ID,
+                      vision_feature_select_strategy="default", vision_feature_layer=-1)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return LlavaForConditionalGeneration(cfg).float()
+
+
+def vl_micro_batch(rank: int, j: int):
+    """Ids with the 4 image tokens after a first token, a right-padded second row, the pixels."""
+    g = torch.Generator().manual_seed(50 + 10 * rank + j)
+    ids = torch.randint(3, VOCAB - 1, (2, 10 + rank + j), generator=g)
+    ids[:, 1:1 + (IMAGE // PATCH) ** 2] = IMAGE_ID
+    mask = torch.ones_like(ids)
+    mask[1, -(1 + rank):] = 0
+    return ids, mask, torch.randn(2, 3, IMAGE, IMAGE, generator=g)
+
+
+def check_vl(train_vision: bool, rank: int, world: int) -> float:
+    """A vision-language student (tiny LLaVA) sharded over both ranks, its tower frozen or
+    training: the gradients of each rank's share of a global batch with images equal those of
+    one unsharded model over the whole batch. Returns the largest difference."""
+    from kdcore.modeling.student import loss_scale, shard_student, student_head_weight, student_hidden
+    from kdcore.modeling.vision import freeze_vision
+
+    model = tiny_llava(seed=7)
+    if not train_vision:
+        freeze_vision(model)
+    ref = copy.deepcopy(model)
+    shard_student(model, "fp32")
+    every = [vl_micro_batch(r, j) for r in range(world) for j in range(2)]
+    n_global = sum(int(m.sum()) for _, m, _ in every)
+    for ids, mask, pixels in every[2 * rank:2 * rank + 2]:
+        h = student_hidden(model, ids, mask, pixel_values=pixels)
+        loss = kd_token_losses(h, student_head_weight(model), teacher_logits(ids), mask).sum() * loss_scale(n_global)
+        loss.backward()
+    for ids, mask, pixels in every:
+        h = ref.model(input_ids=ids, attention_mask=mask, pixel_values=pixels).last_hidden_state
+        (kd_token_losses(h, ref.lm_head.weight, teacher_logits(ids), mask).sum() / n_global).backward()
+    max_err, tower = 0.0, 0
+    for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        if "vision_tower" in n:
+            tower += 1
+            if not train_vision:
+                assert p.grad is None and q.grad is None, f"frozen tower parameter {n} got a gradient"
+                continue
+        if q.grad is None:  # not on the path (the tower's post_layernorm: LLaVA reads the layer before)
+            assert p.grad is None, f"{n}: a gradient on two ranks, none on one"
+            continue
+        err = (full(p.grad) - q.grad).abs().max().item()
+        max_err = max(max_err, err)
+        assert torch.allclose(full(p.grad), q.grad, rtol=1e-4, atol=1e-6), f"VL grad mismatch {n}: {err}"
+    assert tower, "the tiny LLaVA has no vision tower parameters"
+    return max_err
+
+
 def main() -> None:
     from kdcore.infra import distributed as kdist
 
@@ -140,6 +207,7 @@ def main() -> None:
     assert env.world_size == 2, f"expected 2 ranks, got {env.world_size}"
     work = Path(sys.argv[1])
     res = {f"tied={t}": check(t, work, env.rank, env.world_size) for t in (False, True)}
+    res.update({f"vl_train_vision={t}": check_vl(t, env.rank, env.world_size) for t in (False, True)})
     # collectives helpers
     t = torch.tensor([float(env.rank + 1)])
     assert kdist.all_reduce_sum(t).item() == 3.0

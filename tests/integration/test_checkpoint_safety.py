@@ -642,4 +642,5 @@ def test_a_save_failing_on_one_rank_stops_every_rank_naming_it(tmp_path):
             assert msg is not None and "\n" not in msg, (rank, step, msg)
             assert f"saving checkpoint step_{step}" in msg and f"failed on rank {bad}: " in msg, msg
             assert "No space left on device" in msg and "step_1' is kept" in msg, msg
+            assert f"removed the partial step_{step}.tmp" in msg and not res[step]["partial_left"], (rank, res)
             assert res[step]["latest"] == "step_1" and res[step]["folders"] == ["latest", "step_1"], res

@@ -185,7 +185,7 @@ def _one_error_line(stderr: str) -> str:
     return lines[0]
 
 
-def test_a_used_folder_is_refused_and_overwrite_moves_it_aside(tmp_path, tiny_teacher):
+def test_a_used_folder_is_refused_and_so_is_a_changed_student_on_resume(tmp_path, tiny_teacher):
     recipe = write_recipe(tmp_path, tiny_teacher, train={"max_steps": 2}, checkpoint={"export_hf": False})
     out = tmp_path / "out"
     assert run_train(recipe).returncode == 0
@@ -198,16 +198,28 @@ def test_a_used_folder_is_refused_and_overwrite_moves_it_aside(tmp_path, tiny_te
     assert "--resume" in line and "--overwrite" in line and "metrics.jsonl" in line
     assert (out / "metrics.jsonl").read_text() == first  # nothing touched
 
+    # resume: a changed student is refused before anything loads
+    res = run_train(recipe, "student.config_overrides.num_hidden_layers=2", resume=True)
+    assert res.returncode == 2
+    assert "student.config_overrides.num_hidden_layers: 1 → 2" in _one_error_line(res.stderr)
+    assert (out / "metrics.jsonl").read_text() == first
+
+
+@pytest.mark.long  # three more runs (~20 s); fast twins: tests/unit/test_run_folder.py (overwrite moves the old
+# run aside, keeps the lock), tests/unit/test_resume.py (a longer run leaves the schedule's floor) and the refusals
+# above, end to end
+def test_overwrite_moves_a_run_aside_and_a_longer_resume_stretches_the_schedule(tmp_path, tiny_teacher):
+    recipe = write_recipe(tmp_path, tiny_teacher, train={"max_steps": 2}, checkpoint={"export_hf": False})
+    out = tmp_path / "out"
+    assert run_train(recipe).returncode == 0
+    first = (out / "metrics.jsonl").read_text()
     res = run_train(recipe, "--overwrite")
     assert res.returncode == 0, res.stderr[-3000:]
     aside = [p for p in tmp_path.iterdir() if p.name.startswith("out.old-")]
     assert len(aside) == 1 and (aside[0] / "metrics.jsonl").read_text() == first
     assert (aside[0] / "checkpoints" / "step_2").is_dir()
 
-    # resume: a changed student is refused before anything loads; a longer run is applied
-    res = run_train(recipe, "student.config_overrides.num_hidden_layers=2", resume=True)
-    assert res.returncode == 2
-    assert "student.config_overrides.num_hidden_layers: 1 → 2" in _one_error_line(res.stderr)
+    # resume: a longer run is applied
     res = run_train(recipe, "train.max_steps=4", resume=True)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "changed settings: train.max_steps: 2 → 4" in res.stderr

@@ -61,6 +61,9 @@ def pool(teacher, eps, **kw) -> RemotePool:
     return RemotePool(str(teacher), addresses=[address(ep) for ep in eps], max_rows=64, n_slots=4, **kw)
 
 
+@pytest.mark.long  # ~16 s (two server processes); fast twin: tests/unit/test_remote_pool_replicas.py spreads
+# requests one per replica over real servers, and tests/integration/test_remote_teacher.py checks a real teacher's
+# states over the wire
 def test_requests_spread_and_states_equal_one_server(replicas, tiny_teacher):
     (p1, ep1), (p2, ep2) = replicas[0]
     with pool(tiny_teacher, [ep1, ep2]) as both, client(tiny_teacher, ep2) as alone:
@@ -95,7 +98,7 @@ def test_a_run_against_two_replicas_equals_a_run_against_one(replicas, tiny_teac
     assert len(runs["one"]) == 3 and runs["one"] == runs["two"], runs
 
 
-@pytest.mark.long  # starts and kills servers: ~1 min; the spreading and equality are covered above
+@pytest.mark.long  # ~1 min; fast twin: tests/unit/test_remote_pool_replicas.py (drop, resend, return, none left)
 def test_a_killed_replica_is_dropped_resent_and_used_again_and_none_left_stops(tmp_path, tiny_teacher, capfd):
     recipe = write_recipe(tmp_path, tiny_teacher, teacher={"threads": 1})
     log = tmp_path / "servers.log"

@@ -9,7 +9,7 @@ import torch
 
 from kdcore.data import collate, prepare_data
 from kdcore.modeling.tokenizers import load_tokenizer
-from helpers.train import assert_resume_after_step_2_is_exact, dump_recipe, evals, run_train
+from helpers.train import assert_resume_after_step_2_is_exact, dump_recipe, evals, run_train, train_steps
 
 
 def vl_recipe(tmp_path, vl, student=None, **sections):
@@ -85,3 +85,25 @@ def test_vl_teacher_teaches_a_text_only_student(tmp_path, vl_assets):
     assert ev[-1]["eval_teacher_kl"] < ev[0]["eval_teacher_kl"], ev
     # every trained text token of the text student found its teacher position past the image tokens
     assert all(e["eval_align_ratio"] == 1.0 for e in ev), ev
+
+
+@pytest.mark.long  # two torchrun runs (~1 min); fast twin: test_student.py's two-rank FSDP check with a tiny LLaVA
+def test_a_vl_student_on_two_ranks_trains_like_one_rank(tmp_path, vl_assets):
+    """Same global batch: 2 ranks x 1 micro-batch of 2 == 1 rank x 2 micro-batches of 2, image
+    rows and all; the export gathered from both ranks reads images like the student did."""
+    recipes = {}
+    for name, accum in (("one", 2), ("two", 1)):
+        (tmp_path / name).mkdir()
+        recipes[name] = vl_recipe(tmp_path / name, vl_assets, checkpoint={"every": 0},
+                                  train={"max_steps": 2, "micro_batch_size": 2, "grad_accum": accum, "eval_every": 2})
+    one, two = recipes["one"], recipes["two"]
+    for recipe, nproc in ((one, 1), (two, 2)):
+        res = run_train(recipe, nproc=nproc, timeout=400)
+        assert res.returncode == 0, res.stderr[-3000:]
+    a, b = (train_steps(tmp_path / n / "out") for n in ("one", "two"))
+    assert len(a) == len(b) == 2
+    for x, y in zip(a, b):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5) and x["tokens"] == y["tokens"], (a, b)
+    for x, y in zip(evals(tmp_path / "one" / "out"), evals(tmp_path / "two" / "out")):
+        assert x["eval_teacher_kl"] == pytest.approx(y["eval_teacher_kl"], rel=1e-5), (x, y)
+    assert (tmp_path / "two" / "out" / "hf" / "processor_config.json").is_file()

@@ -81,7 +81,114 @@ class _Slots:
         self._free.append(slot)
 
 
-class RemoteTeacher(TeacherEngine):
+class _RemoteBase(TeacherEngine):
+    """What the one-server client and the pool of replicas (:mod:`kdcore.engines.remote.pool`)
+    share, so the two cannot drift: settings, the ZeroMQ context, a DEALER socket with its hello
+    queued, the checks of the hello's answer, a request's checks against a server's caps, the head."""
+
+    def _setup(self, spec: str, token: Optional[str], timeout_s: float, dtype: str | torch.dtype, max_rows: int,
+               n_slots: int) -> None:
+        self.spec = str(spec)
+        self.token = token if token is not None else os.environ.get("KDFLOW_TEACHER_TOKEN")
+        self.timeout_s = float(timeout_s)
+        self.dtype = torch_dtype(dtype)
+        self.max_rows = int(max_rows)
+        self.n_slots = int(n_slots)
+        self.client_id = f"{_socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self._init_tickets()
+        self._ctx = None
+        self._started = self._closed = False
+        self._head: Optional[torch.Tensor] = None
+
+    def _open_context(self) -> None:
+        """The fingerprint this side expects and a fresh context (start's first part)."""
+        if self._closed:
+            raise TeacherError("this teacher engine was closed; build a new one")
+        import zmq
+
+        self.fingerprint = wire.teacher_fingerprint(self.spec)
+        self.hidden_size, self.vocab_size = self.fingerprint["hidden_size"], self.fingerprint["vocab_size"]
+        self._ctx = zmq.Context()
+        self._ctx.setsockopt(zmq.LINGER, 0)  # every socket of it, the monitor's too: closing never waits
+        self._ctx.setsockopt(zmq.BLOCKY, 0)  # and terminating it never waits (also when garbage-collected)
+
+    def _close_context(self) -> None:
+        if self._ctx is not None:
+            # destroy, not term: term waits forever for any socket still open in the context
+            # (one left by a failed reconnect, say), and so would the context's finaliser
+            self._ctx.destroy(linger=0)
+            self._ctx = None
+
+    def _header(self, kind: str, **fields: Any) -> bytes:
+        return wire.encode_header({"v": wire.PROTOCOL_VERSION, "type": kind, "client": self.client_id,
+                                   "token": self.token, **fields})
+
+    def _dealer(self, address: str) -> tuple[Any, Any]:
+        """A new socket to ``address`` with the hello queued, and its monitor (closed connections)."""
+        import zmq
+
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)  # never block close on messages a dead server will not take
+        if "[" in address:
+            sock.setsockopt(zmq.IPV6, 1)
+        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        sock.connect(address)
+        sock.send_multipart([self._header("hello", fingerprint=self.fingerprint)])
+        return sock, monitor
+
+    @staticmethod
+    def _close_dealer(sock: Any, monitor: Any) -> None:
+        if sock is not None:
+            try:
+                sock.disable_monitor()
+            except Exception:  # noqa: BLE001 - the socket may be half closed already
+                pass
+            sock.close(linger=0)
+        if monitor is not None:
+            monitor.close(linger=0)
+
+    def _hello_problem(self, header: dict) -> Optional[str]:
+        """Why a server's answer to the hello refuses it (None: it serves our teacher)."""
+        # the server's own refusal first (it names both sides), then our checks of its answer
+        problem = str(header.get("error")) if header.get("type") == "error" else None
+        return (problem or wire.version_mismatch(header.get("v"), side="server")
+                or wire.fingerprint_mismatch(self.fingerprint, header.get("fingerprint")))
+
+    def _check_usable(self) -> None:
+        if not self._started:
+            raise TeacherError("the teacher engine is not started (call start() or use it as a context manager)")
+        if self._closed:
+            raise TeacherError("the teacher engine is closed")
+
+    def _request(self, request: HiddenRequest, caps: Any, server: str) -> tuple[Ticket, list]:
+        """A checked request's ticket and frames. ``caps(key)``: the server's cap (0: none);
+        ``server``: how the errors name it. What a server would refuse is refused here, unsent."""
+        tokens, cap = request.input_ids.numel(), caps("max_tokens")
+        if cap and tokens > cap:
+            raise RemoteTeacherError(f"the batch has {tokens} tokens but {server} takes at most {cap} in one "
+                                     f"request (its --max-tokens)")
+        rows_cap = caps("max_rows") or self.max_rows
+        if request.rows > rows_cap:
+            raise RemoteTeacherError(f"the batch asks for {request.rows} hidden-state rows but {server} takes at "
+                                     f"most {rows_cap} (its --max-rows)")
+        request.validate(vocab_size=self.vocab_size, max_rows=self.max_rows)
+        fields, payload = wire.pack_request(request)
+        ticket = self._new_ticket(request)
+        frames = [self._header("hidden", rid=ticket.seq, **fields), *payload]
+        size, cap = sum(len(f) for f in frames), caps("max_request_bytes")
+        if cap and size > cap:
+            raise RemoteTeacherError(f"a request of {size} bytes is more than {server} takes ({cap} bytes, its "
+                                     f"--max-request-mb)")
+        return ticket, frames
+
+    def lm_head(self, dtype: str | torch.dtype | None = None) -> torch.Tensor:
+        """``[V, H]`` head read alone from ``teacher.path`` on this machine (see the module docstring)."""
+        if self._head is None:
+            self._head = models.load_lm_head(self.spec, dtype=self.dtype)
+        return self._head if dtype is None else self._head.to(models.torch_dtype(dtype))
+
+
+class RemoteTeacher(_RemoteBase):
     """Client of a ``kdcore serve-teacher`` server. Use it from one thread.
 
     Args:
@@ -97,20 +204,11 @@ class RemoteTeacher(TeacherEngine):
 
     def __init__(self, spec: str, *, address: str, token: Optional[str] = None, timeout_s: float = 20.0,
                  retries: int = 0, dtype: str | torch.dtype = "float32", max_rows: int = 8192, n_slots: int = 2):
-        self.spec = str(spec)
+        self._setup(spec, token, timeout_s, dtype, max_rows, n_slots)
         self.address = endpoint(address)
-        self.token = token if token is not None else os.environ.get("KDFLOW_TEACHER_TOKEN")
-        self.timeout_s = float(timeout_s)
         self.retries = int(retries)
-        self.dtype = torch_dtype(dtype)
-        self.max_rows = int(max_rows)
-        self.n_slots = int(n_slots)
-        self.client_id = f"{_socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-        self._init_tickets()
         self._unanswered: dict[int, list] = {}  # seq -> the request's frames (resent after a reconnect)
-        self._ctx = self._sock = self._monitor = None
-        self._started = self._closed = False
-        self._head: Optional[torch.Tensor] = None
+        self._sock = self._monitor = None
         self.server: dict[str, Any] = {}
         self.reconnects = 0
 
@@ -119,15 +217,7 @@ class RemoteTeacher(TeacherEngine):
     def start(self) -> "RemoteTeacher":
         if self._started:
             return self
-        if self._closed:
-            raise TeacherError("this teacher engine was closed; build a new one")
-        import zmq
-
-        self.fingerprint = wire.teacher_fingerprint(self.spec)
-        self.hidden_size, self.vocab_size = self.fingerprint["hidden_size"], self.fingerprint["vocab_size"]
-        self._ctx = zmq.Context()
-        self._ctx.setsockopt(zmq.LINGER, 0)  # every socket of it, the monitor's too: closing never waits
-        self._ctx.setsockopt(zmq.BLOCKY, 0)  # and terminating it never waits (also when garbage-collected)
+        self._open_context()
         try:
             self._connect()
         except BaseException:
@@ -137,46 +227,21 @@ class RemoteTeacher(TeacherEngine):
         self._started = True
         return self
 
-    def _header(self, kind: str, **fields: Any) -> bytes:
-        return wire.encode_header({"v": wire.PROTOCOL_VERSION, "type": kind, "client": self.client_id,
-                                   "token": self.token, **fields})
-
     def _connect(self) -> None:
         """A new socket, the hello exchange and the fingerprint check (raises on refusal/silence)."""
-        import zmq
-
         self._drop_socket()
-        sock = self._ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)  # never block close on messages a dead server will not take
-        if "[" in self.address:
-            sock.setsockopt(zmq.IPV6, 1)
-        self._monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-        sock.connect(self.address)
-        self._sock = sock
-        sock.send_multipart([self._header("hello", fingerprint=self.fingerprint)])
-        if not sock.poll(self.timeout_s * 1000):
+        self._sock, self._monitor = self._dealer(self.address)
+        if not self._sock.poll(self.timeout_s * 1000):
             raise ChannelTimeout(f"teacher server at {self.address} did not answer within {self.timeout_s:.0f} s "
                                  f"(is `kdcore serve-teacher` running there and reachable?)")
-        header = wire.decode_header(sock.recv_multipart()[0])
-        # the server's own refusal first (it names both sides), then our checks of its answer
-        problem = str(header.get("error")) if header.get("type") == "error" else None
-        if problem is None:
-            problem = wire.version_mismatch(header.get("v"), side="server")
-        if problem is None:
-            problem = wire.fingerprint_mismatch(self.fingerprint, header.get("fingerprint"))
+        header = wire.decode_header(self._sock.recv_multipart()[0])
+        problem = self._hello_problem(header)
         if problem:
             raise RemoteTeacherError(f"teacher server at {self.address} refused the connection: {problem}")
         self.server = header
 
     def _drop_socket(self) -> None:
-        if self._sock is not None:
-            try:
-                self._sock.disable_monitor()
-            except Exception:  # noqa: BLE001 - the socket may be half closed already
-                pass
-            self._sock.close(linger=0)
-        if self._monitor is not None:
-            self._monitor.close(linger=0)
+        self._close_dealer(self._sock, self._monitor)
         self._sock = self._monitor = None
 
     def close(self) -> None:
@@ -193,11 +258,7 @@ class RemoteTeacher(TeacherEngine):
             except zmq.ZMQError:
                 pass
         self._drop_socket()
-        if self._ctx is not None:
-            # destroy, not term: term waits forever for any socket still open in the context
-            # (one left by a failed reconnect, say), and so would the context's finaliser
-            self._ctx.destroy(linger=0)
-            self._ctx = None
+        self._close_context()
 
     def _lost(self, why: str) -> None:
         """The connection is gone: reconnect and resend when retries allow, else raise."""
@@ -217,32 +278,12 @@ class RemoteTeacher(TeacherEngine):
 
     # ------------------------------------------------------------------ hidden states
 
-    def _check_usable(self) -> None:
-        if not self._started:
-            raise TeacherError("the teacher engine is not started (call start() or use it as a context manager)")
-        if self._closed:
-            raise TeacherError("the teacher engine is closed")
-
     def submit(self, request: HiddenRequest) -> Ticket:
         """Validate and send a request; returns at once. See :class:`HiddenRequest`."""
         self._check_usable()
         self._check_capacity()
-        tokens, server_tokens = request.input_ids.numel(), int(self.server.get("max_tokens", 0))
-        if server_tokens and tokens > server_tokens:  # refused there anyway: say so before sending
-            raise RemoteTeacherError(f"the batch has {tokens} tokens but the teacher server at {self.address} takes at "
-                                     f"most {server_tokens} in one request (its --max-tokens)")
-        server_rows = int(self.server.get("max_rows", self.max_rows))
-        if request.rows > server_rows:
-            raise RemoteTeacherError(f"the batch asks for {request.rows} hidden-state rows but the teacher server at "
-                                     f"{self.address} takes at most {server_rows} (its --max-rows)")
-        request.validate(vocab_size=self.vocab_size, max_rows=self.max_rows)
-        fields, payload = wire.pack_request(request)
-        ticket = self._new_ticket(request)
-        frames = [self._header("hidden", rid=ticket.seq, **fields), *payload]
-        size, cap = sum(len(f) for f in frames), int(self.server.get("max_request_bytes", 0))
-        if cap and size > cap:
-            raise RemoteTeacherError(f"a request of {size} bytes is more than the teacher server at {self.address} "
-                                     f"takes ({cap} bytes, its --max-request-mb)")
+        ticket, frames = self._request(request, lambda key: int(self.server.get(key, 0)),
+                                       f"the teacher server at {self.address}")
         self.channel.take(ticket.seq, ticket.rows)
         self._unanswered[ticket.seq] = frames
         self._sock.send_multipart(frames)
@@ -300,12 +341,6 @@ class RemoteTeacher(TeacherEngine):
         except wire.WireError as exc:
             raise RemoteTeacherError(f"teacher server at {self.address}: reply to request {rid}: {exc}") from None
         del self._unanswered[rid]
-
-    def lm_head(self, dtype: str | torch.dtype | None = None) -> torch.Tensor:
-        """``[V, H]`` head read alone from ``teacher.path`` on this machine (see the module docstring)."""
-        if self._head is None:
-            self._head = models.load_lm_head(self.spec, dtype=self.dtype)
-        return self._head if dtype is None else self._head.to(models.torch_dtype(dtype))
 
 
 __all__ = ["RemoteTeacher", "RemoteTeacherError", "endpoint"]

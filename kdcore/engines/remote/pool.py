@@ -26,22 +26,18 @@ Decisions, and why:
 
 from __future__ import annotations
 
-import os
-import socket as _socket
 import sys
 import time
-import uuid
 from typing import Any, Optional
 
 import torch
 
 from kdcore.infra.channel import ChannelTimeout, TeacherDiedError
 from kdcore.engines.remote import wire
-from kdcore.engines.protocol import HiddenRequest, TeacherEngine, TeacherError, Ticket
-from kdcore.engines.remote.client import RemoteTeacherError, _Slots  # the client's slot ring, shared
+from kdcore.engines.protocol import HiddenRequest, Ticket
+# the client's start-up, sockets, hello checks, request checks and slot ring: shared, not copied
+from kdcore.engines.remote.client import RemoteTeacherError, _RemoteBase, _Slots
 from kdcore.engines.remote.config import parse_addresses  # noqa: F401  (the pool's address list)
-from kdcore.modeling import models
-from kdcore.modeling.models import torch_dtype
 
 POLL_MS = 200  # poll step: bounds how late a closed connection is noticed
 REJOIN_S = 1.0  # a replica whose hello socket lost its connection gets a new one after this
@@ -67,7 +63,7 @@ class _Replica:
         self.served = 0  # requests answered (for tests and the bench)
 
 
-class RemotePool(TeacherEngine):
+class RemotePool(_RemoteBase):
     """Client of several ``kdcore serve-teacher`` replicas of one teacher. Use it from one thread.
 
     Args are those of :class:`kdcore.engines.remote.RemoteTeacher`, with ``addresses`` a list
@@ -77,22 +73,12 @@ class RemotePool(TeacherEngine):
 
     def __init__(self, spec: str, *, addresses: Any, token: Optional[str] = None, timeout_s: float = 20.0,
                  retries: int = 0, dtype: str | torch.dtype = "float32", max_rows: int = 8192, n_slots: int = 2):
-        self.spec = str(spec)
+        self._setup(spec, token, timeout_s, dtype, max_rows, n_slots)
         given = addresses if isinstance(addresses, (list, tuple)) else [addresses]
         self.replicas = [_Replica(ep) for ep in parse_addresses(",".join(str(a) for a in given))]
         self.address = ",".join(r.address for r in self.replicas)
-        self.token = token if token is not None else os.environ.get("KDFLOW_TEACHER_TOKEN")
-        self.timeout_s = float(timeout_s)
-        self.dtype = torch_dtype(dtype)
-        self.max_rows = int(max_rows)
-        self.n_slots = int(n_slots)
-        self.client_id = f"{_socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-        self._init_tickets()
         self._requests: dict[int, list] = {}  # seq -> frames, until answered (resent on a loss)
         self._rows: dict[int, int] = {}
-        self._ctx = None
-        self._started = self._closed = False
-        self._head: Optional[torch.Tensor] = None
         self.drops = self.rejoins = 0
         self._turn = 0  # where the next tie starts
 
@@ -101,15 +87,7 @@ class RemotePool(TeacherEngine):
     def start(self) -> "RemotePool":
         if self._started:
             return self
-        if self._closed:
-            raise TeacherError("this teacher engine was closed; build a new one")
-        import zmq
-
-        self.fingerprint = wire.teacher_fingerprint(self.spec)
-        self.hidden_size, self.vocab_size = self.fingerprint["hidden_size"], self.fingerprint["vocab_size"]
-        self._ctx = zmq.Context()
-        self._ctx.setsockopt(zmq.LINGER, 0)
-        self._ctx.setsockopt(zmq.BLOCKY, 0)
+        self._open_context()
         try:
             for r in self.replicas:
                 self._join(r)
@@ -129,33 +107,14 @@ class RemotePool(TeacherEngine):
         self._started = True
         return self
 
-    def _header(self, kind: str, **fields: Any) -> bytes:
-        return wire.encode_header({"v": wire.PROTOCOL_VERSION, "type": kind, "client": self.client_id,
-                                   "token": self.token, **fields})
-
     def _join(self, r: _Replica) -> None:
         """A fresh socket with the hello queued; the replica is live once the hello is answered."""
-        import zmq
-
         self._close_socket(r)
-        sock = self._ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        if "[" in r.address:
-            sock.setsockopt(zmq.IPV6, 1)
-        r.monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-        sock.connect(r.address)
-        sock.send_multipart([self._header("hello", fingerprint=self.fingerprint)])
-        r.sock, r.state = sock, "joining"
+        r.sock, r.monitor = self._dealer(r.address)
+        r.state = "joining"
 
     def _close_socket(self, r: _Replica) -> None:
-        if r.sock is not None:
-            try:
-                r.sock.disable_monitor()
-            except Exception:  # noqa: BLE001 - the socket may be half closed already
-                pass
-            r.sock.close(linger=0)
-        if r.monitor is not None:
-            r.monitor.close(linger=0)
+        self._close_dealer(r.sock, r.monitor)
         r.sock = r.monitor = None
 
     def _live(self) -> list[_Replica]:
@@ -201,9 +160,7 @@ class RemotePool(TeacherEngine):
             time.sleep(0.05)  # linger 0 would drop the byes unsent
         for r in self.replicas:
             self._close_socket(r)
-        if self._ctx is not None:
-            self._ctx.destroy(linger=0)
-            self._ctx = None
+        self._close_context()
 
     # ------------------------------------------------------------------ the event loop
 
@@ -238,9 +195,7 @@ class RemotePool(TeacherEngine):
         r.heard = time.monotonic()
         kind, rid = header.get("type"), header.get("rid")
         if r.state == "joining":
-            problem = str(header.get("error")) if kind == "error" else None
-            problem = problem or wire.version_mismatch(header.get("v"), side="server")
-            problem = problem or wire.fingerprint_mismatch(self.fingerprint, header.get("fingerprint"))
+            problem = self._hello_problem(header)
             if problem:
                 if not self._started:  # a misconfigured replica at start: the run should not begin
                     raise RemoteTeacherError(f"teacher server at {r.address} refused the connection: {problem}")
@@ -288,12 +243,6 @@ class RemotePool(TeacherEngine):
 
     # ------------------------------------------------------------------ hidden states
 
-    def _check_usable(self) -> None:
-        if not self._started:
-            raise TeacherError("the teacher engine is not started (call start() or use it as a context manager)")
-        if self._closed:
-            raise TeacherError("the teacher engine is closed")
-
     def _cap(self, key: str) -> int:
         values = [int(r.server.get(key, 0)) for r in self.replicas if r.server.get(key)]
         return min(values) if values else 0
@@ -302,22 +251,7 @@ class RemotePool(TeacherEngine):
         self._check_usable()
         self._check_capacity()
         self._pump(0)  # take in replies, rejoins and losses before choosing a replica
-        tokens, cap = request.input_ids.numel(), self._cap("max_tokens")
-        if cap and tokens > cap:
-            raise RemoteTeacherError(f"the batch has {tokens} tokens but a teacher server of {self.address} takes "
-                                     f"at most {cap} in one request (its --max-tokens)")
-        rows_cap = self._cap("max_rows") or self.max_rows
-        if request.rows > rows_cap:
-            raise RemoteTeacherError(f"the batch asks for {request.rows} hidden-state rows but a teacher server of "
-                                     f"{self.address} takes at most {rows_cap} (its --max-rows)")
-        request.validate(vocab_size=self.vocab_size, max_rows=self.max_rows)
-        fields, payload = wire.pack_request(request)
-        ticket = self._new_ticket(request)
-        frames = [self._header("hidden", rid=ticket.seq, **fields), *payload]
-        size, cap = sum(len(f) for f in frames), self._cap("max_request_bytes")
-        if cap and size > cap:
-            raise RemoteTeacherError(f"a request of {size} bytes is more than a teacher server of {self.address} "
-                                     f"takes ({cap} bytes, its --max-request-mb)")
+        ticket, frames = self._request(request, self._cap, f"a teacher server of {self.address}")
         self.channel.take(ticket.seq, ticket.rows)
         self._requests[ticket.seq], self._rows[ticket.seq] = frames, ticket.rows
         try:
@@ -343,12 +277,6 @@ class RemotePool(TeacherEngine):
                 raise self._no_server_left()
             self._pump(POLL_MS, limit=timeout)
         return self.channel.view(seq)
-
-    def lm_head(self, dtype: str | torch.dtype | None = None) -> torch.Tensor:
-        """``[V, H]`` head read alone from ``teacher.path`` on this machine."""
-        if self._head is None:
-            self._head = models.load_lm_head(self.spec, dtype=self.dtype)
-        return self._head if dtype is None else self._head.to(models.torch_dtype(dtype))
 
 
 __all__ = ["RemotePool", "parse_addresses"]
