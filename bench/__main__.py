@@ -17,6 +17,7 @@ from pathlib import Path
 # sides/ (kdflow's side of a table) and peers/ (what users would pick instead).
 BENCHMARKS = {
     "run_all": "kdflow against TRL, every table in one run -> bench/results.md (--quick --no-write: smoke run)",
+    "memory_breakdown": "what each of kdflow's two processes holds, phase by phase, in one real run (exact: RSS, not timed)",
     "loss_memory": "peak memory and time of the chunked KD loss vs the dense computation",
     "channel_bytes": "bytes and shared-memory time per step: hidden states at loss positions vs full logits",
     "remote_teacher": "one step's hidden states over ZeroMQ loopback vs shared memory -> bench/remote_teacher.md",

@@ -68,6 +68,10 @@ def read_rows(spec: str, *, base_dir: str | os.PathLike | None = None, limit: in
 
 
 def _load_local(p: Path):
+    if p.is_file() and p.suffix.lower() == ".jsonl" and p.stat().st_size:
+        # JSON lines need no Arrow: read here, `datasets` (and pyarrow, ~90 MB resident in the
+        # student process for the whole run) is not imported for the commonest data file.
+        return _arrow_shaped(_read_json_rows(p))
     import datasets
 
     datasets.disable_progress_bars()  # the trainer prints its own report
@@ -146,6 +150,13 @@ def _read_json_rows(p: Path) -> RowSource:
             except json.JSONDecodeError as exc:
                 rows.append(BadRow(f"line {lineno} is not valid JSON ({exc.msg})"))
     return RowSource(path=str(p), rows=rows, columns=_columns(rows))
+
+
+def _arrow_shaped(src: RowSource) -> RowSource:
+    """Rows as ``datasets`` hands them out: every row has every column (``None`` where it has
+    none), in the order the columns first appear."""
+    src.rows = [{c: r.get(c) for c in src.columns} if isinstance(r, dict) else r for r in src.rows]
+    return src
 
 
 def _read_json_array(p: Path, data: bytes) -> list[Any]:

@@ -41,6 +41,54 @@ if TYPE_CHECKING:  # pragma: no cover
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+# CPU features with native bf16 matrix multiplies: AMX tiles (Sapphire Rapids and later) and
+# AVX512-BF16 (Cooper Lake, Zen 4). Without one, a bf16 matmul is emulated through fp32 and is no
+# faster than fp32, so "auto" keeps the exact fp32 targets there.
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def cpu_flags(path: str = "/proc/cpuinfo") -> set[str]:
+    """The CPU's feature flags from ``/proc/cpuinfo`` (empty where it cannot be read: not Linux)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return set()
+
+
+def auto_dtype(device: str, *, flags: "set[str] | None" = None, cuda: "bool | None" = None,
+               cuda_bf16: "bool | None" = None) -> tuple[str, str]:
+    """What ``teacher.dtype: auto`` means on ``device`` (``cpu``, ``cuda[:i]`` or ``auto``):
+    ``(dtype, why)`` — ``bfloat16`` where the device multiplies bf16 natively (a CUDA GPU that
+    supports it; a CPU with one of :data:`BF16_CPU_FLAGS`), ``float32`` elsewhere.
+
+    ``flags`` / ``cuda`` / ``cuda_bf16`` stand in for the machine's (tests); by default the CPU
+    flags are read from ``/proc/cpuinfo`` and torch is asked about CUDA only when the device may
+    be a GPU."""
+    on_cuda = device.startswith("cuda")
+    if device == "auto":
+        if cuda is None:
+            import torch
+
+            cuda = torch.cuda.is_available()
+        on_cuda = cuda
+    if on_cuda:
+        if cuda_bf16 is None:
+            import torch
+
+            cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return ("bfloat16", "the CUDA device supports bf16") if cuda_bf16 else \
+            ("float32", "the CUDA device has no native bf16")
+    flags = cpu_flags() if flags is None else set(flags)
+    native = [f for f in BF16_CPU_FLAGS if f in flags]
+    if native:
+        return "bfloat16", f"the CPU has {native[0]}"
+    return "float32", "the CPU has no native bf16 (" + " or ".join(BF16_CPU_FLAGS) + ")"
+
+
 def torch_dtype(dtype: "str | torch.dtype") -> "torch.dtype":
     """``"bfloat16"`` / ``torch.bfloat16`` -> ``torch.bfloat16``; anything else is a clear error."""
     import torch

@@ -163,12 +163,29 @@ def load_recipe(path_or_name: str, overrides: list[str] | None = None, registry=
         source, errors = blame_overrides(str(path), errors, overrides, raw.get("setup"))
         raise RecipeError(source, errors)
     _resolve_data_paths(raw, path.parent)
+    resolve_auto_dtypes(raw)
     if raw.get("teachers"):  # cfg.teacher is the first entry, for the parts that read one teacher
         first = raw["teachers"][0]
         raw["teacher"] = {k: v for k, v in first.items() if k in TeacherConfig.__dataclass_fields__}
     cfg = OmegaConf.merge(OmegaConf.structured(Recipe), raw)
     OmegaConf.set_readonly(cfg, True)
     return cfg
+
+
+def resolve_auto_dtypes(raw: dict) -> dict[str, tuple[str, str]]:
+    """Replace ``dtype: auto`` in the teacher section(s) of ``raw`` (in place) with the dtype it
+    means on that teacher's device (:func:`kdcore.models.auto_dtype`), so every command and the
+    run folder's recipe.yaml see the value used. Returns ``{section: (dtype, why)}``."""
+    from kdcore.models import auto_dtype
+
+    done = {}
+    teachers = raw.get("teachers") if isinstance(raw.get("teachers"), list) else []
+    for name, section in [("teacher", raw.get("teacher"))] + [(f"teachers[{i}]", t) for i, t in enumerate(teachers)]:
+        if isinstance(section, dict) and section.get("dtype") == "auto":
+            dtype, why = auto_dtype(str(section.get("device") or "auto"))
+            section["dtype"] = dtype
+            done[name] = (dtype, why)
+    return done
 
 
 # every key that names a file or folder on this machine: a leading ~ means the home folder there,
