@@ -3,7 +3,7 @@
 ``python -m bench memory_breakdown [--pair bench|real] [--seq-len 128] [--batch 4] [-o overrides...]``
 
 The run is the bench recipe of ``bench/sides/kdflow.py`` (the off-policy table's), trained in
-this process through ``kdcore.cli`` with the trainer's own methods wrapped by probes. At each
+this process through ``kdcore.commands.cli`` with the trainer's own methods wrapped by probes. At each
 phase boundary a probe reads both processes' ``VmRSS`` and resets their ``VmHWM`` (writing 5 to
 ``/proc/PID/clear_refs``, Linux ≥ 4.0), so each phase's peak is its own: no sampling, no
 guessing, and the load of the machine does not change a byte of it. The teacher process is
@@ -113,7 +113,7 @@ def tensor_bytes(ts) -> int:
 def install(probe: Probe) -> None:
     import torch
 
-    from kdcore import student as kstudent
+    from kdcore.modeling import student as kstudent
     from kdcore.training import run_parts, trainer
 
     T = trainer.Trainer
@@ -189,7 +189,7 @@ def main(argv=None) -> int:
     probe = Probe()
     probe.teacher_loaded = {}
     install(probe)
-    from kdcore import cli
+    from kdcore.commands import cli
 
     with tempfile.TemporaryDirectory(prefix="kdflow-mem-") as tmp:
         recipe = recipe_dict(s, t, data, args.seq_len, args.batch, args.steps, str(Path(tmp) / "out"))

@@ -174,9 +174,9 @@ def load_recipe(path_or_name: str, overrides: list[str] | None = None, registry=
 
 def resolve_auto_dtypes(raw: dict) -> dict[str, tuple[str, str]]:
     """Replace ``dtype: auto`` in the teacher section(s) of ``raw`` (in place) with the dtype it
-    means on that teacher's device (:func:`kdcore.models.auto_dtype`), so every command and the
+    means on that teacher's device (:func:`kdcore.modeling.models.auto_dtype`), so every command and the
     run folder's recipe.yaml see the value used. Returns ``{section: (dtype, why)}``."""
-    from kdcore.models import auto_dtype
+    from kdcore.modeling.models import auto_dtype
 
     done = {}
     teachers = raw.get("teachers") if isinstance(raw.get("teachers"), list) else []

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from kdcore import models
-from kdcore import run_folder as rf
-from kdcore.config import load_recipe, resolve_auto_dtypes
+from kdcore.modeling import models
+from kdcore.storage import run_folder as rf
+from kdcore.recipe.loading import load_recipe, resolve_auto_dtypes
 
 
 @pytest.mark.parametrize("flags, want", [
