@@ -45,7 +45,7 @@ def test_the_example_calls_the_api_as_documented(monkeypatch, capsys):
     import torch
 
     import kdcore
-    from kdcore import api
+    from kdcore.commands import api
 
     calls = []
 
