@@ -229,6 +229,7 @@ def test_overwrite_moves_a_run_aside_and_a_longer_resume_stretches_the_schedule(
     assert steps[2]["lr"] > 2 * floor  # the schedule was stretched, not left at the old floor
 
 
+@pytest.mark.long  # fast twin: test_checkpoint_safety's resume that logs the final eval once
 def test_resume_after_a_crash_logs_each_step_once(tmp_path, tiny_teacher):
     recipe = write_recipe(tmp_path, tiny_teacher, train={"max_steps": 4},
                           checkpoint={"every": 2, "keep": 3, "export_hf": False})
@@ -258,7 +259,9 @@ def test_a_read_only_output_folder_is_one_line(tmp_path, tiny_teacher):
         subprocess.run(["umount", str(ro)], check=False)
 
 
-@pytest.mark.parametrize("to_group", [False, True], ids=["kill-pid", "terminal-ctrl-c"])
+# kill-pid is long: the terminal variant runs the same handler (the default suite's 15-min budget)
+@pytest.mark.parametrize("to_group", [pytest.param(False, marks=pytest.mark.long), True],
+                         ids=["kill-pid", "terminal-ctrl-c"])
 def test_ctrl_c_stops_cleanly_with_exit_130_naming_the_checkpoint(tmp_path, tiny_teacher, to_group):
     """SIGINT to the trainer alone, and to its whole process group as a terminal's Ctrl-C does
     (the teacher process gets it too)."""

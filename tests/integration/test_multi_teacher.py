@@ -323,7 +323,9 @@ def _train_in_process(path: Path):
 
 
 @pytest.mark.usefixtures("cpu_process_group")
-@pytest.mark.parametrize("rollout, order, side", [("on_policy", "ab", "student"), ("seqkd", "ba", "teacher")])
+# seqkd is long: on_policy runs the same sampler path with several teachers (the 15-min budget)
+@pytest.mark.parametrize("rollout, order, side", [("on_policy", "ab", "student"),
+                                                  pytest.param("seqkd", "ba", "teacher", marks=pytest.mark.long)])
 def test_several_teachers_learn_on_sampled_responses(tmp_path, tiny_teacher, mistral_teacher, tiny_student, rollout,
                                                      order, side):
     """Cross-tokenizer on-policy (and SeqKD) distillation from two teachers: every sampled response
@@ -352,6 +354,7 @@ def test_several_teachers_learn_on_sampled_responses(tmp_path, tiny_teacher, mis
 
 
 @pytest.mark.usefixtures("cpu_process_group")
+@pytest.mark.long  # fast twin: the weighted-loss test's per-teacher eval columns, equal to each teacher alone
 def test_eval_reports_a_teacher_kl_column_per_teacher(tmp_path, tiny_teacher, mistral_teacher, tiny_student):
     """`kdcore eval` of a several-teacher recipe: each teacher's KL as `kdcore eval` of that teacher alone."""
     from kdcore.recipe.loading import load_recipe
