@@ -48,7 +48,7 @@ def phase(text: str, *, total: int | None = None, enabled: bool = True, stream=N
 
     if not use_live:
         # no line when the phase starts: a phase that fails at once (bad input) must leave its
-        # error as the only line (README, "One line per failure")
+        # error as the only line (docs/runs.md, "One line per failure")
 
         def advance(n: int = 1, tokens: int = 0) -> None:
             state["done"] += n

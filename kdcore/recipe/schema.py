@@ -38,7 +38,7 @@ class TeacherConfig:
     # auto: bfloat16 where the device multiplies bf16 natively (CUDA; a CPU with AMX or
     # AVX512-BF16), else float32; resolved when the recipe loads (the run folder's recipe.yaml
     # holds the value used). fp32 stays the default until the quality benchmark clears auto
-    dtype: str = _choice("float32", "float32", "bfloat16", "float16", "auto")  # fp32: exact targets; bfloat16: ~1.5x faster CPU steps, loss within 0.03% (README, Performance)
+    dtype: str = _choice("float32", "float32", "bfloat16", "float16", "auto")  # fp32: exact targets; bfloat16: ~1.5x faster CPU steps, loss within 0.03% (docs/performance.md)
     device: str = _choice("auto", "auto", "cpu", "cuda")  # auto = cuda when present
     threads: int = 0  # 0 = all this rank's cores (shared with the student; both wait passively)
     # Self-distillation: k > 0 replaces the teacher's weights with the student's every k

@@ -270,7 +270,7 @@ class Trainer:
         self.log.say(data.report.rich_table())
         with_images = any(t is not None and t.vision is not None for s in data.train for t in (s.student, s.teacher))
         if with_images and (views or getattr(self.rollout, "needs_sampling", False)):
-            # prompts would be re-rendered as text and views built without the images (README, Vision-language)
+            # prompts would be re-rendered as text and views built without the images (docs/vision.md)
             raise TrainingError(f"rows with images are not supported with distill.rollout '{cfg.distill.rollout}' "
                                 "(it samples) or several teachers yet; use off_policy with one teacher")
         return data.train, data.eval

@@ -15,7 +15,7 @@ Child process setup, and why:
   ``OMP_NUM_THREADS=threads``, progress bars and info logs off.
 - ``torch.set_num_threads(threads)``: by default all of the rank's cores
   (:func:`kdcore.infra.distributed.default_threads`), like the student: the two overlap and wait
-  passively, so each may use every core while the other waits (README, performance).
+  passively, so each may use every core while the other waits (docs/performance.md).
 - A watchdog thread exits the child within 0.5 s when its parent is gone (even SIGKILLed), so
   a crashed trainer leaves no orphan teacher; the ``daemon`` flag and an ``atexit`` hook stop
   it on a normal or exceptional parent exit.
