@@ -384,16 +384,33 @@ def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: str |
     return "\n".join(lines)
 
 
+def cpu_model(cpuinfo: str | None = None) -> str:
+    """The CPU as /proc/cpuinfo names it, with its family and model numbers (a virtual machine often
+    reports only "Intel(R) Xeon(R) Processor") and its bf16 matmul support, which decides what
+    ``teacher.dtype: auto`` picks: e.g. ``Intel(R) Xeon(R) Processor (family 6 model 143; avx512_bf16 amx_bf16)``."""
+    try:
+        text = Path("/proc/cpuinfo").read_text() if cpuinfo is None else cpuinfo
+    except OSError:
+        return "?"
+    first: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if not sep:
+            if first:  # the first processor's block is enough
+                break
+            continue
+        first.setdefault(key.strip(), value.strip())
+    name = first.get("model name", "?")
+    bits = [f"family {first['cpu family']} model {first['model']}"] if "cpu family" in first and "model" in first else []
+    bf16 = [f for f in ("avx512_bf16", "amx_bf16") if f in first.get("flags", "").split()]
+    bits.append(" ".join(bf16) if bf16 else "no bf16 matmul instructions")
+    return f"{name} ({'; '.join(bits)})"
+
+
 def machine_info() -> dict[str, Any]:
     """What the numbers were measured on: CPU model, cores, memory, library versions."""
     info: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform()}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    info["cpu"] = cpu_model()
     info["cpus_available"] = len(available_cpus())
     try:
         import psutil

@@ -552,6 +552,16 @@ def main(argv=None) -> int:
     return 0
 
 
+def load_reading(load: float, threads: int) -> str:
+    """What the load average says about the times: a run pinned to ``threads`` CPUs is itself a
+    load of about ``threads``; more than that means other work shared the CPUs."""
+    if load > threads + 0.5:
+        return (f"above the run's own {threads}, so other work shared the CPUs and the times are inflated (see "
+                "each row's cpu share: CPU seconds ÷ (wall × threads)).")
+    return (f"no more than the run's own {threads} threads, so no other work of note shared the CPUs (each row's "
+            "cpu share: CPU seconds ÷ (wall × threads)).")
+
+
 def _header(args, info: dict, started: str, load0, minutes: float, kdflow_ok: bool, why: str) -> str:
     load1 = common.load_average()
     cmd = "python -m bench run_all" + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else "")
@@ -566,8 +576,7 @@ def _header(args, info: dict, started: str, load0, minutes: float, kdflow_ok: bo
         f"{info['glibc']}.",
         "",
         f"Load average (1/5/15 min) at start {load0[0]:.1f}/{load0[1]:.1f}/{load0[2]:.1f}, at end "
-        f"{load1[0]:.1f}/{load1[1]:.1f}/{load1[2]:.1f}: above {args.threads} other work shared the CPUs and the "
-        "times are inflated (see each row's cpu share: CPU seconds ÷ (wall × threads)).",
+        f"{load1[0]:.1f}/{load1[1]:.1f}/{load1[2]:.1f}: " + load_reading(max(load0[0], load1[0]), args.threads),
         "",
         "How to read: every run is a fresh process; `runs×steps` = fresh-process runs × measured steps each "
         f"(after {args.warmup} warm-up step); cells are median (min–max) over all measured steps (times) or runs "

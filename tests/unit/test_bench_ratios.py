@@ -31,3 +31,21 @@ def test_each_row_is_compared_with_the_fastest_and_the_leanest_trl_trainer():
     # kdflow's leanest run (tuned, 2.2 GB) against TRL's leanest (DistillationTrainer tuned, 1.8 GB)
     assert best[3:] == ["TRL GKDTrainer, tuned", "1.11×", "met", "TRL DistillationTrainer, tuned", "1.22×",
                         "missed by 1.22×"]
+
+
+def test_the_header_names_the_cpu_model_and_its_bf16_support():
+    from bench.common import cpu_model
+
+    amx = ("processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: 143\n"
+           "model name\t: Intel(R) Xeon(R) Processor\nflags\t\t: fpu avx512f avx512_bf16 amx_bf16 amx_tile\n\n"
+           "processor\t: 1\nmodel name\t: another\n")
+    assert cpu_model(amx) == "Intel(R) Xeon(R) Processor (family 6 model 143; avx512_bf16 amx_bf16)"
+    epyc = "processor\t: 0\ncpu family\t: 23\nmodel\t\t: 49\nmodel name\t: AMD EPYC 7B12\nflags\t\t: fpu avx2\n"
+    assert cpu_model(epyc) == "AMD EPYC 7B12 (family 23 model 49; no bf16 matmul instructions)"
+
+
+def test_the_header_says_whether_other_work_shared_the_cpus():
+    from bench.run_all import load_reading
+
+    assert load_reading(1.8, 2).startswith("no more than the run's own 2 threads")
+    assert load_reading(2.6, 2).startswith("above the run's own 2, so other work shared")
