@@ -280,6 +280,17 @@ def tokenize_fixed(tokenizer, texts: list[str], seq_len: int) -> list[list[int]]
     return ids
 
 
+def fixed_batches(tokenizer, data: str | os.PathLike, batch: int, steps: int, seq_len: int) -> list[list[int]]:
+    """The first ``batch × steps`` rows of ``data`` as ``seq_len`` ids each: what every peer's
+    off-policy run trains on (the tokenizer gets EOS as its pad token when it has none)."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    texts = read_texts(data)
+    if len(texts) < batch * steps:
+        raise ValueError(f"data '{data}' has {len(texts)} rows; {batch} x {steps} steps need {batch * steps}")
+    return tokenize_fixed(tokenizer, texts[: batch * steps], seq_len)
+
+
 if __name__ == "__main__":  # build everything the default run needs, once
     import sys
 

@@ -37,7 +37,7 @@ def run(student: str, teacher: str, data: str, seq_len: int, batch: int = 4, ste
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from bench.models import read_texts, tokenize_fixed
+    from bench.models import fixed_batches
     from bench.peers.trl_onpolicy import _train_kwargs
     from trl import DistillationConfig, DistillationTrainer
 
@@ -45,12 +45,7 @@ def run(student: str, teacher: str, data: str, seq_len: int, batch: int = 4, ste
         raise ValueError(f"precision '{precision}' is not fp32 or bf16")
     total = warmup + steps
     tok = AutoTokenizer.from_pretrained(student, padding_side="left")
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    texts = read_texts(data)
-    if len(texts) < batch * total:
-        raise ValueError(f"data '{data}' has {len(texts)} rows; {batch} x {total} steps need {batch * total}")
-    ids = tokenize_fixed(tok, texts[: batch * total], seq_len)
+    ids = fixed_batches(tok, data, batch, total, seq_len)
     # The trainer hands its sampler the "prompt" strings; a row key is all _Fixed needs to find the row.
     rows = {f"row {i}": x for i, x in enumerate(ids)}
 
