@@ -71,6 +71,23 @@ def run_train(recipe: Path, *overrides: str, resume=False, timeout=300, nproc=1)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
+def run_train_together(*recipes: Path, timeout=300) -> list[subprocess.CompletedProcess]:
+    """``run_train`` for independent runs at once: each spends most of its seconds importing and
+    loading in one thread, so on a 2-core machine three overlap in little more than one's time."""
+    procs = [subprocess.Popen(KDCORE + ["train", str(r)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              cwd=ROOT) for r in recipes]
+    done = []
+    for proc in procs:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            raise
+        done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    return done
+
+
 def assert_resume_after_step_2_is_exact(recipe: Path, out: Path) -> None:
     """A finished 4-step run (checkpoints every 2) is cut back to a run killed after step 2 (the
     step-4 checkpoint and the metrics log removed); ``--resume`` must redo steps 3 and 4 bitwise."""

@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from helpers.assets import PYDOC, PYDOC_EVAL, ROOT, save_tiny_llama
-from helpers.train import KDCORE, evals, records, run_train, train_steps
+from helpers.train import KDCORE, evals, records, run_train, run_train_together, train_steps
 from helpers.multi_teacher import MISTRAL_V1, mistral_teacher, recipe, tiny_student, two_teachers
 
 
@@ -33,8 +33,7 @@ def test_weighted_loss_is_the_weighted_sum_of_single_teacher_losses(tmp_path, ti
     only_a = recipe(tmp_path / "a", tiny_student, teacher={"path": str(tiny_teacher), "threads": 1})
     only_b = recipe(tmp_path / "b", tiny_student, teacher={"path": str(mistral_teacher), "tokenizer": MISTRAL_V1,
                                                            "threads": 1}, distill={"aligner": "overlap"})
-    for r in (both, only_a, only_b):
-        res = run_train(r)
+    for res in run_train_together(both, only_a, only_b):
         assert res.returncode == 0, res.stderr[-3000:]
     (m,), (a,), (b,) = (train_steps(tmp_path / n / "out") for n in ("both", "a", "b"))
     # step 1's KD is computed at the initial weights, on the same batch, by each teacher alone
