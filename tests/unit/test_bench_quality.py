@@ -102,4 +102,26 @@ def test_findings_table_judges_each_published_direction_on_its_primary_metrics()
     assert lines["`losses`: akl kd_ratio=1 vs fkl kd_ratio=1 (seeds 0)"].endswith("| not reproduced |")
     assert "teacher-KL 3.200 vs 2.800; ppl 625.0 vs 358.0" in lines["`losses`: akl kd_ratio=1 vs fkl kd_ratio=1 (seeds 0)"]
     assert lines["`warm`: srkl kd_ratio=1 vs rkl kd_ratio=1"].endswith("| not run |")  # a row missing
-    assert lines["`repair`: KD repair vs CE repair"].endswith("| not run |")  # no section yet
+    assert lines["`repair`: KD repair, pure fkl vs CE repair"].endswith("| not run |")  # section not run
+
+
+def test_the_repair_section_renders_each_rows_curve_as_the_mean_over_its_seeds():
+    repair = q.repair_section()
+
+    def with_curve(row, seed, ppls, kl=3.0):
+        run = q.Run(**_run(row, seed, kl, ppls[-1]))
+        run.curve = [{"step": s, "eval_teacher_kl": 4.0, "eval_ppl": p} for s, p in zip((0, 25, 50), ppls)]
+        return run
+
+    runs = {"CE repair": [with_curve("CE repair", 0, (1e7, 300.0, 100.0)), with_curve("CE repair", 1, (1e7, 500.0, 120.0))],
+            "KD repair, pure fkl": [with_curve("KD repair, pure fkl", 0, (1e7, 200.0, 90.0), kl=2.5)]}
+    text = q.render_section(repair, runs)
+    curve_lines = [ln for ln in text.splitlines() if ln.startswith("| 25 |") or ln.startswith("| 50 |")]
+    # step 25: CE's two seeds average to 400.0, pure fkl's one seed is 200.0
+    assert curve_lines[0].split("|")[1:6] == [" 25 ", " 4.000 ", " 400.0 ", " 4.000 ", " 200.0 "]
+    assert curve_lines[1].split("|")[3].strip() == "110.0"
+    assert "CE repair 0,1; KD repair, pure fkl 0" in text
+    # the Minitron findings are judged on this section's rows, not reported "not run" when they exist
+    findings = q.findings_table({"repair": runs})
+    minitron = next(ln for ln in findings.splitlines() if ln.startswith("| Minitron (Muralidharan"))
+    assert minitron.endswith("| teacher-KL 2.500 vs 3.000; ppl 90.0 vs 100.0 | reproduced |")
