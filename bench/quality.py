@@ -231,6 +231,8 @@ def rollouts_section() -> Section:
     )
 
 
+# every generation metric kdcore eval has, for the sections that score greedy answers
+GENERATION_EVALUATORS = "eval.evaluators=[rouge_l,answer_words,repetition,draft]"
 REPEATS = Metric("repetition_student", "repeated 4-grams ↓", "{:.3f}", higher_is_better=False)
 DRAFT = Metric("draft_accepted_per_block", "drafts accepted/4 ↑", "{:.2f}", higher_is_better=True)
 
@@ -240,8 +242,7 @@ def warm_section() -> Section:
     # continuation: 40 steps at lr 1e-4, 64 held-out rows, answers of at most 32 tokens: the
     # settings of the issue's first look, where lr 1e-3 with a fresh optimizer undid the warm start
     cont = ("train.max_steps=40", "train.eval_every=40", "train.eval_batches=8", "train.lr=1e-4",
-            "rollout.max_new_tokens=32", "eval.max_new_tokens=32",
-            "eval.evaluators=[rouge_l,answer_words,repetition,draft]")
+            "rollout.max_new_tokens=32", "eval.max_new_tokens=32", GENERATION_EVALUATORS)
     rows = [Row("quickstart (as shipped)", cont, headline=True),
             Row("quickstart, KD at stop targets", kd_at_stop(*cont), headline=True)]
     rows += [Row(p, kd_at_stop(*cont, f"distill.rollout={p}"), headline=p == "on_policy")
@@ -273,9 +274,6 @@ def warm_section() -> Section:
                "not to stop; `quickstart (as shipped)` leaves those targets to CE (`distill.kd_at_stop false`), "
                "every other KD row keeps KD there (`distill.kd_at_stop=true`)."),
     )
-
-
-GENERATION_EVALUATORS = "eval.evaluators=[rouge_l,answer_words,repetition,draft]"
 
 
 def repair_section() -> Section:
@@ -603,17 +601,21 @@ def curves_table(section: Section, runs: dict[str, list[Run]]) -> str:
     """Each row's held-out teacher-KL and perplexity at every evaluation (mean over its seeds): where
     the rows part, and whether the curves have flattened by the last step."""
     shown = [m for m in section.metrics if m in (TEACHER_KL, PPL)]
-    rows_with = [(name, [r for r in rr if r.ok and r.curve]) for name, rr in runs.items()]
-    rows_with = [(name, rr) for name, rr in rows_with if rr]
+    rows_with = [(name, good) for name, rr in runs.items() if (good := [r for r in rr if r.ok and r.curve])]
     if not rows_with:
         return ""
-    steps = sorted({rec["step"] for _, rr in rows_with for r in rr for rec in r.curve})
+    # (row, step) -> that step's evaluation record of each seed
+    at: dict[tuple[str, int], list[dict]] = {}
+    for name, rr in rows_with:
+        for r in rr:
+            for rec in r.curve:
+                at.setdefault((name, rec["step"]), []).append(rec)
     table = []
-    for step in steps:
+    for step in sorted({step for _, step in at}):
         line = [step]
-        for _, rr in rows_with:
+        for name, _ in rows_with:
             for m in shown:
-                vals = [v for r in rr for rec in r.curve if rec["step"] == step for v in [m.read(rec)] if v is not None]
+                vals = [v for rec in at.get((name, step), []) if (v := m.read(rec)) is not None]
                 line.append(m.fmt.format(statistics.fmean(vals)) if vals else "—")
         table.append(line)
     headers = ["step"] + [f"{name}: {m.label}" for name, _ in rows_with for m in shown]

@@ -62,9 +62,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _train_command(recipe: Path, *overrides: str, resume=False) -> list[str]:
+    return KDCORE + ["train", str(recipe), *overrides] + (["--resume"] if resume else [])
+
+
 def run_train(recipe: Path, *overrides: str, resume=False, timeout=300, nproc=1):
     if nproc == 1:
-        cmd = KDCORE + ["train", str(recipe), *overrides] + (["--resume"] if resume else [])
+        cmd = _train_command(recipe, *overrides, resume=resume)
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                "--master_port", str(free_port()), "-m", "kdcore", "train", str(recipe), *overrides]
@@ -74,7 +78,7 @@ def run_train(recipe: Path, *overrides: str, resume=False, timeout=300, nproc=1)
 def run_train_together(*recipes: Path, timeout=300) -> list[subprocess.CompletedProcess]:
     """``run_train`` for independent runs at once: each spends most of its seconds importing and
     loading in one thread, so on a 2-core machine three overlap in little more than one's time."""
-    procs = [subprocess.Popen(KDCORE + ["train", str(r)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    procs = [subprocess.Popen(_train_command(r), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               cwd=ROOT) for r in recipes]
     done = []
     for proc in procs:
