@@ -10,6 +10,7 @@ teacher samples; the sampler builds it around the running teacher).
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Iterator, Mapping, Optional
 
 import torch
@@ -17,7 +18,35 @@ from torch import nn
 
 from kdcore.engines.protocol import (RolloutEngine, RolloutError, check_generate, check_sampling, finish_generations,
                                      token_limits)
+from kdcore.modeling.models import cpu_vendor
 from kdcore.modeling.student import _transformers_dtype_kw
+
+
+@dataclass(frozen=True)
+class CpuDecodePlan:
+    """How a CPU copy of the student decodes: the layout of its linear layers and its threads."""
+
+    matvec: bool  # every nn.Linear as DecodeLinear (W · xᵀ) instead of torch's x · Wᵀ
+    threads: Optional[int]  # intra-op threads while generating; None: the process's own
+    why: str
+
+
+def cpu_decode_plan(vendor: Optional[str] = None) -> CpuDecodePlan:
+    """The fastest measured decoding layout for this CPU's vendor (``vendor``: a ``vendor_id``,
+    default this machine's). Fixed per machine, never timed at start-up: the layout changes the
+    products' rounding, so a timing race would make a seed's samples depend on the machine's load.
+
+    torch's CPU wheels multiply fp32 through Intel MKL, which picks its kernels by CPU vendor. A few
+    rows times a weight (every decoding step) measured, in the bench's on-policy row:
+    - AMD EPYC (2026-12-01): ``x · Wᵀ`` up to 5x slower than ``W · xᵀ``, and one thread beat two
+      (the sampling share of a step: 0.98 -> 0.36 s with W · xᵀ on one thread);
+    - Intel Xeon with AMX (2026-12-06): ``x · Wᵀ`` on the trainer's threads fastest, 1.62 s/step
+      against 1.88 for W · xᵀ on one thread (x · Wᵀ on one thread 1.89, W · xᵀ on two 1.84).
+    Other vendors were not measured and keep the AMD plan."""
+    vendor = cpu_vendor() if vendor is None else vendor
+    if vendor == "GenuineIntel":
+        return CpuDecodePlan(False, None, "Intel CPU: x·Wᵀ on the trainer's threads (MKL's few-row kernels)")
+    return CpuDecodePlan(True, 1, f"{vendor or 'unnamed'} CPU: W·xᵀ on one thread")
 
 
 class HFRolloutEngine(RolloutEngine):
@@ -27,16 +56,17 @@ class HFRolloutEngine(RolloutEngine):
         config: the student's ``transformers`` config (copied; the KV cache is switched on).
         device: where the copy lives and generates (the student's device).
         dtype: weights' dtype; float32 keeps samples exactly those of the fp32 master weights.
-        threads: torch intra-op threads while generating (None = leave as is). The trainer
-            passes 1 on CPU (see ``build_sampler``) and None on accelerators.
+        threads: torch intra-op threads while generating (None: the CPU plan's, or as is on an
+            accelerator).
+        plan: on CPU, the layout and threads (default :func:`cpu_decode_plan` for this machine).
 
-    On CPU the copy's linear layers become :class:`DecodeLinear` and ``generate`` draws tokens
-    with :func:`sample_one`: the same products and the same distribution, laid out for the few
-    rows a decoding step has (sampling in an on-policy step of the bench student: 0.98 -> 0.36 s).
+    On CPU ``generate`` draws tokens with :func:`sample_one` (the same distribution, 30x cheaper
+    than ``torch.multinomial``), and the copy's linear layers become :class:`DecodeLinear` where
+    the plan says so: the same products, laid out for the few rows a decoding step has.
     """
 
     def __init__(self, config, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 threads: Optional[int] = None):
+                 threads: Optional[int] = None, plan: Optional[CpuDecodePlan] = None):
         from transformers import AutoModelForCausalLM
 
         cfg = type(config).from_dict(config.to_dict())
@@ -45,13 +75,14 @@ class HFRolloutEngine(RolloutEngine):
         cfg.use_cache = True  # generation without a KV cache is quadratic
         self.device = torch.device(device)
         self.dtype = dtype
-        self.threads = threads
+        self.plan = (plan or cpu_decode_plan()) if self.device.type == "cpu" else None
+        self.threads = threads if threads is not None or self.plan is None else self.plan.threads
         # the seed only makes the (immediately overwritten) random init reproducible
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             self.model = AutoModelForCausalLM.from_config(cfg, **_transformers_dtype_kw(dtype))
         self.model.to(self.device).eval().requires_grad_(False)
-        if self.device.type == "cpu":
+        if self.plan is not None and self.plan.matvec:
             decode_linears(self.model)
         self._targets = self._named_tensors()
         self.version: Optional[int] = None  # optimizer step of the weights held (set by the sampler)
@@ -154,7 +185,7 @@ class TeacherRolloutEngine(RolloutEngine):
 class DecodeLinear(nn.Linear):
     """``nn.Linear`` that computes a few rows as ``W · xᵀ``: the same product, laid out for the
     matrix-vector kernel. Decoding multiplies every weight by a handful of rows per token, and
-    on CPU torch's ``x · Wᵀ`` for them was up to 5× slower (measured, 2 threads, fp32: a
+    on an AMD EPYC torch's ``x · Wᵀ`` for them was up to 5× slower (measured, 2 threads, fp32: a
     49152 × 256 head times 4 rows, 5.0 vs 1.1 ms; never slower for 1-128 rows at the shapes of
     the bench models). More rows take the usual path."""
 
@@ -233,4 +264,5 @@ def _rng_devices(device: torch.device) -> list:
     return [device] if device.type == "cuda" else []
 
 
-__all__ = ["DecodeLinear", "HFRolloutEngine", "TeacherRolloutEngine", "decode_linears", "sample_one"]
+__all__ = ["CpuDecodePlan", "DecodeLinear", "HFRolloutEngine", "TeacherRolloutEngine", "cpu_decode_plan",
+           "decode_linears", "sample_one"]

@@ -59,6 +59,19 @@ def cpu_flags(path: str = "/proc/cpuinfo") -> set[str]:
     return set()
 
 
+def cpu_vendor(path: str = "/proc/cpuinfo") -> str:
+    """The CPU's ``vendor_id`` from ``/proc/cpuinfo`` (``GenuineIntel``, ``AuthenticAMD``, ...; empty
+    where it cannot be read: not Linux, or an architecture that does not report one)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return ""
+
+
 def auto_dtype(device: str, *, flags: "set[str] | None" = None, cuda: "bool | None" = None,
                cuda_bf16: "bool | None" = None) -> tuple[str, str]:
     """What ``teacher.dtype: auto`` means on ``device`` (``cpu``, ``cuda[:i]`` or ``auto``):

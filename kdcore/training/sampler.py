@@ -352,11 +352,9 @@ def build_sampler(cfg, policy, *, student_model, student_tok, parts, views: bool
         teacher_engine=parts[0].engine, max_length=cfg.data.max_length,
         teacher_max_length=length_caps(cfg.data.max_length, train_samples, cross=cross),
         seed=cfg.train.seed, rank=env.rank, world_size=env.world_size, device=env.device,
-        # CPU: one thread. Decoding is a stream of tiny ops, and with kdflow's passive OpenMP
-        # waits every parallel one pays a worker wake-up: 64 tokens × 4 rows of the bench
-        # student took 0.60 s on 2 threads, 0.44 s on 1 (growing the pool instead, while the
-        # idle teacher process holds the other cores, measured 10x slower). Accelerators: as is.
-        threads=1 if env.device.type == "cpu" else None,
+        # None: the rollout engine's own choice (on CPU, the layout and thread count measured
+        # fastest for this CPU's vendor: kdcore.engines.hf_rollout.cpu_decode_plan)
+        threads=None,
         sources=sources)
     sampler.self_distill_every = every
     if sampling:

@@ -53,3 +53,39 @@ def test_inverse_cdf_sampling_is_scoped_and_passes_other_calls_through():
     assert torch.multinomial is original
     with _inverse_cdf_sampling(torch.device("meta")):  # not CPU: untouched
         assert torch.multinomial is original
+
+
+def test_cpu_vendor_reads_cpuinfo_and_an_unreadable_file_means_none(tmp_path):
+    from kdcore.modeling.models import cpu_vendor
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\n")
+    assert cpu_vendor(str(info)) == "AuthenticAMD"
+    assert cpu_vendor(str(tmp_path / "absent")) == ""
+
+
+def test_cpu_decode_plan_is_fixed_per_vendor_and_the_engine_follows_it():
+    from transformers import LlamaConfig
+
+    from kdcore.engines.hf_rollout import CpuDecodePlan, HFRolloutEngine, cpu_decode_plan
+
+    intel, amd, unnamed = cpu_decode_plan("GenuineIntel"), cpu_decode_plan("AuthenticAMD"), cpu_decode_plan("")
+    assert (intel.matvec, intel.threads) == (False, None)
+    assert (amd.matvec, amd.threads) == (True, 1) and unnamed == CpuDecodePlan(True, 1, "unnamed CPU: W·xᵀ on one thread")
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1)
+
+    def linears(engine):
+        return {type(m).__name__ for m in engine.model.modules() if isinstance(m, torch.nn.Linear)}
+
+    as_intel = HFRolloutEngine(config, plan=intel)
+    assert linears(as_intel) == {"Linear"} and as_intel.threads is None
+    as_amd = HFRolloutEngine(config, plan=amd)
+    assert linears(as_amd) == {"DecodeLinear"} and as_amd.threads == 1
+    assert HFRolloutEngine(config, plan=amd, threads=2).threads == 2  # an explicit count wins
+    # both layouts sample the same tokens from the same weights and seed (tiny model: no ties)
+    as_intel.update_weights({k: v.clone() for k, v in as_amd._targets.items()})
+    prompts = [[1, 2, 3], [4, 5]]
+    kw = dict(max_new_tokens=6, temperature=1.0, seed=3)
+    assert as_intel.generate(prompts, **kw) == as_amd.generate(prompts, **kw)
+    assert HFRolloutEngine(config).plan == cpu_decode_plan()  # this machine's own
