@@ -26,6 +26,7 @@ BENCHMARKS = {
     "teachers": "one teacher vs two: tokens/s and peak memory -> bench/teachers.md",
     "lora": "LoRA vs full fine-tuning: trainable parameters, peak memory, tokens/s -> bench/lora.md",
     "quality": "distillation quality at equal work, held-out, over seeds -> bench/quality.md",
+    "first_token": "how the quickstart's teacher and given students open their answers (first answer token)",
     "bits_per_char": "how well each teacher knows the held-out answers, in bits per character",
     "alignment": "time of the character-offset alignment of two real tokenizations, by text length",
     "limit": "this machine's fp32/bf16 matmul GFLOP/s (the denominator of '% of peak')",

@@ -18,7 +18,8 @@ Sections (``--sections``):
   teaching 8 of SmolLM2's layers, alone (every aligner for Gemma) and together (recipe
   ``multi_teacher_gemma``; needs ``bash scripts/get_gemma.sh``), scored against both teachers.
 - ``rollouts``: the five rollout policies on the quickstart pair, scored on greedy answers by
-  ``kdcore eval`` (ROUGE-L against the references and the teacher's answers, answer length).
+  ``kdcore eval`` (ROUGE-L against the references and the teacher's answers, repeated 4-grams,
+  draft acceptance, answer length).
 - ``warm``: the papers' protocol: the quickstart student trained with CE and exported once per
   seed (:class:`WarmStart`, kept in ``--warm-dir``), then every loss and rollout policy and the
   CE continuation twin run the same steps from it, scored on greedy answers too (ROUGE-L,
@@ -26,6 +27,8 @@ Sections (``--sections``):
 - ``repair``: Minitron's protocol: the pruned quickstart student repaired for 200 steps (past the
   CE curve's free fall, measured) by CE, by the quickstart's KD mix and by pure logit KD, with
   the held-out curves side by side and the greedy answers scored as in ``warm``.
+- ``answers``: the quickstart as shipped and its CE-only twin scored on greedy answers too (the
+  issue's generation bar), beside the one-change candidates measured for answers that loop less.
 
 A new section (say cross-tokenizer aligners with another teacher, or rollout policies judged by
 a generation metric) is a function returning a :class:`Section` — its recipe, its CE-only
@@ -206,12 +209,18 @@ EMPTY = Metric("answer_words_student_empty", "empty answers ↓", "{:.2f}", high
 WORDS = Metric("answer_words_student", "words/answer", "{:.1f}", higher_is_better=True, judged=False)
 
 
+# every generation metric kdcore eval has, for the sections that score greedy answers
+GENERATION_EVALUATORS = "eval.evaluators=[rouge_l,answer_words,repetition,draft]"
+REPEATS = Metric("repetition_student", "repeated 4-grams ↓", "{:.3f}", higher_is_better=False)
+DRAFT = Metric("draft_accepted_per_block", "drafts accepted/4 ↑", "{:.2f}", higher_is_better=True)
+
+
 def rollouts_section() -> Section:
     """The rollout policies on the quickstart pair, judged on greedy answers (ROUGE-L, `kdcore eval`)."""
     # 30 steps, 32 held-out prompts and 32-token answers (the median reference is 14 tokens): six
     # runs with generation fit beside the other sections on 2 cores
     short = ("train.max_steps=30", "train.eval_every=30", "train.eval_batches=4", "rollout.max_new_tokens=32",
-             "eval.max_new_tokens=32")
+             "eval.max_new_tokens=32", GENERATION_EVALUATORS)
     policies = ("off_policy", "on_policy", "mixed", "seqkd", "adaptive")
     return Section(
         name="rollouts",
@@ -219,22 +228,18 @@ def rollouts_section() -> Section:
         recipe="quickstart",
         baseline=Row("CE only", (*short, "distill.kd_ratio=0")),
         rows=tuple(Row(p, kd_at_stop(*short, f"distill.rollout={p}")) for p in policies),
-        metrics=(ROUGE_REF, ROUGE_TEACHER, EMPTY, WORDS, TEACHER_KL, PPL),
+        metrics=(ROUGE_REF, ROUGE_TEACHER, REPEATS, DRAFT, EMPTY, WORDS, TEACHER_KL, PPL),
         quick_rows=("off_policy", "on_policy"),
         generation=True,
         about=("The quickstart recipe (fkl, `kd_ratio 0.5`, lr 1e-3) shortened to 30 steps so that five sampling "
                "policies fit the budget; sampled sequences are at most 32 new tokens (the policies' own default "
-               "options otherwise); teacher-KL and perplexity are on the same 32 held-out rows. After training, `kdcore eval RUN` greedily answers 32 held-out prompts (at most 32 tokens) with "
-               "the exported student and with the teacher: `ROUGE-ref` is ROUGE-L of the student's answers against the "
-               "references, `ROUGE-teacher` against the teacher's own answers (the `rouge-score` package, "
-               "ROUGE-L F1). The CE-only twin is trained off-policy on the references."),
+               "options otherwise); teacher-KL and perplexity are on the same 32 held-out rows. After training, "
+               "`kdcore eval RUN` greedily answers 32 held-out prompts (at most 32 tokens) with the exported student "
+               "and with the teacher: `ROUGE-ref` is ROUGE-L of the student's answers against the references, "
+               "`ROUGE-teacher` against the teacher's own answers (the `rouge-score` package, "
+               "ROUGE-L F1), and as in the warm section the repeated 4-grams and draft tokens accepted. The CE-only "
+               "twin is trained off-policy on the references."),
     )
-
-
-# every generation metric kdcore eval has, for the sections that score greedy answers
-GENERATION_EVALUATORS = "eval.evaluators=[rouge_l,answer_words,repetition,draft]"
-REPEATS = Metric("repetition_student", "repeated 4-grams ↓", "{:.3f}", higher_is_better=False)
-DRAFT = Metric("draft_accepted_per_block", "drafts accepted/4 ↑", "{:.2f}", higher_is_better=True)
 
 
 def warm_section() -> Section:
@@ -307,10 +312,36 @@ def repair_section() -> Section:
     )
 
 
+def answers_section() -> Section:
+    """The quickstart as shipped, judged on its greedy answers as well (the issue's generation bar)."""
+    # the recipe's own 60 steps; answers of at most 32 tokens to all 64 held-out prompts. Rows: the
+    # candidates measured for answers that loop no more than the twin's (sampled rollouts keep the CE
+    # half on the references; a smaller KD share)
+    scored = ("eval.max_new_tokens=32", GENERATION_EVALUATORS)
+    return Section(
+        name="answers",
+        title="The quickstart as shipped, judged on its answers too",
+        recipe="quickstart",
+        baseline=Row("CE only", ("distill.kd_ratio=0", *scored), headline=True),
+        rows=(Row("quickstart (as shipped)", scored, headline=True),
+              Row("on_policy", (*scored, "distill.rollout=on_policy", "rollout.max_new_tokens=32")),
+              Row("mixed", (*scored, "distill.rollout=mixed", "rollout.max_new_tokens=32")),
+              Row("kd_ratio=0.25", (*scored, "distill.kd_ratio=0.25"))),
+        metrics=(TEACHER_KL, PPL, TOP1, ROUGE_REF, ROUGE_TEACHER, REPEATS, DRAFT, EMPTY, WORDS),
+        quick_rows=("quickstart (as shipped)",),
+        generation=True,
+        about=("The quickstart recipe as shipped (60 steps, fkl + CE at `kd_ratio 0.5`, no KD at the stop "
+               "targets) and its CE-only twin, then `kdcore eval` on each run: greedy answers (at most 32 tokens) "
+               "to the 64 held-out prompts, scored as in the warm section. The other rows change one thing each: "
+               "student-sampled rollouts (`on_policy`, and `mixed` at λ 0.5; the CE half stays on the "
+               "references, samples of at most 32 tokens) or a smaller KD share (`kd_ratio 0.25`)."),
+    )
+
+
 # a new section: a function returning a Section, registered here
 SECTIONS: dict[str, Callable[[], Section]] = {"losses": losses_section, "xtok": xtok_section,
                                             "rollouts": rollouts_section, "warm": warm_section,
-                                            "repair": repair_section}
+                                            "repair": repair_section, "answers": answers_section}
 
 # ----------------------------------------------------------------------------- running
 
