@@ -22,7 +22,7 @@ HELD_OUT = common.REPO_ROOT / "recipes" / "data" / "pydoc_qa_eval.jsonl"
 
 
 def openings(model, tok, rows) -> tuple[Counter, list, list]:
-    """(argmax token -> prompts, first-position distributions, each reference's first token id)."""
+    """(argmax token id -> prompts, first-position distributions, each reference's first token id)."""
     import torch
 
     top, dists, firsts = Counter(), [], []
@@ -33,7 +33,7 @@ def openings(model, tok, rows) -> tuple[Counter, list, list]:
         firsts.append(tok(answer, add_special_tokens=False)["input_ids"][0])
         with torch.inference_mode():
             p = model(ids["input_ids"]).logits[0, -1].float().softmax(-1)
-        top[tok.decode([int(p.argmax())])] += 1
+        top[int(p.argmax())] += 1
         dists.append(p)
     return top, dists, firsts
 
@@ -54,10 +54,10 @@ def main(argv=None) -> int:
     for name in [TEACHER, *args.students]:
         top, dists, firsts = openings(load_causal_lm(name), tok, rows)
         if opening is None:  # the teacher's commonest opening, the token every student is asked about
-            opening = tok.convert_tokens_to_ids(tok.tokenize(top.most_common(1)[0][0]))[0]
+            opening = top.most_common(1)[0][0]
         p_open = sum(float(d[opening]) for d in dists) / len(dists)
         p_ref = sum(float(d[f]) for d, f in zip(dists, firsts)) / len(dists)
-        common_top = ", ".join(f"{t!r} {n}" for t, n in top.most_common(4))
+        common_top = ", ".join(f"{tok.decode([t])!r} {n}" for t, n in top.most_common(4))
         print(f"{name}: argmax at the first answer position (of {len(rows)}): {common_top}; "
               f"mean p({tok.decode([opening])!r}) {p_open:.3f}; mean p(the reference's first token) {p_ref:.3f}")
     return 0

@@ -28,7 +28,6 @@ class CpuDecodePlan:
 
     matvec: bool  # every nn.Linear as DecodeLinear (W · xᵀ) instead of torch's x · Wᵀ
     threads: Optional[int]  # intra-op threads while generating; None: the process's own
-    why: str
 
 
 def cpu_decode_plan(vendor: Optional[str] = None) -> CpuDecodePlan:
@@ -42,11 +41,12 @@ def cpu_decode_plan(vendor: Optional[str] = None) -> CpuDecodePlan:
       (the sampling share of a step: 0.98 -> 0.36 s with W · xᵀ on one thread);
     - Intel Xeon with AMX (2026-12-06): ``x · Wᵀ`` on the trainer's threads fastest, 1.62 s/step
       against 1.88 for W · xᵀ on one thread (x · Wᵀ on one thread 1.89, W · xᵀ on two 1.84).
-    Other vendors were not measured and keep the AMD plan."""
+    The Intel rule was measured on that Xeon only; other vendors were not measured and keep the
+    AMD plan."""
     vendor = cpu_vendor() if vendor is None else vendor
     if vendor == "GenuineIntel":
-        return CpuDecodePlan(False, None, "Intel CPU: x·Wᵀ on the trainer's threads (MKL's few-row kernels)")
-    return CpuDecodePlan(True, 1, f"{vendor or 'unnamed'} CPU: W·xᵀ on one thread")
+        return CpuDecodePlan(matvec=False, threads=None)
+    return CpuDecodePlan(matvec=True, threads=1)
 
 
 class HFRolloutEngine(RolloutEngine):

@@ -114,7 +114,7 @@ class RolloutSampler:
         self.teacher_max_length = teacher_max_length
         self.world_size = world_size
         self.device = device
-        self.threads = threads
+        self.threads = threads  # None: the rollout engine decides (hf on CPU: its cpu_decode_plan)
         self.sources = tuple(sources)
         self.dtype = torch_dtype(settings.dtype)
         self._rng = random.Random(seed * 1_000_003 + 7919 * rank + 1)
@@ -352,9 +352,6 @@ def build_sampler(cfg, policy, *, student_model, student_tok, parts, views: bool
         teacher_engine=parts[0].engine, max_length=cfg.data.max_length,
         teacher_max_length=length_caps(cfg.data.max_length, train_samples, cross=cross),
         seed=cfg.train.seed, rank=env.rank, world_size=env.world_size, device=env.device,
-        # None: the rollout engine's own choice (on CPU, the layout and thread count measured
-        # fastest for this CPU's vendor: kdcore.engines.hf_rollout.cpu_decode_plan)
-        threads=None,
         sources=sources)
     sampler.self_distill_every = every
     if sampling:

@@ -55,7 +55,7 @@ def test_inverse_cdf_sampling_is_scoped_and_passes_other_calls_through():
         assert torch.multinomial is original
 
 
-def test_cpu_vendor_reads_cpuinfo_and_an_unreadable_file_means_none(tmp_path):
+def test_cpu_vendor_reads_cpuinfo_and_an_unreadable_file_means_empty(tmp_path):
     from kdcore.modeling.models import cpu_vendor
 
     info = tmp_path / "cpuinfo"
@@ -71,7 +71,7 @@ def test_cpu_decode_plan_is_fixed_per_vendor_and_the_engine_follows_it():
 
     intel, amd, unnamed = cpu_decode_plan("GenuineIntel"), cpu_decode_plan("AuthenticAMD"), cpu_decode_plan("")
     assert (intel.matvec, intel.threads) == (False, None)
-    assert (amd.matvec, amd.threads) == (True, 1) and unnamed == CpuDecodePlan(True, 1, "unnamed CPU: W·xᵀ on one thread")
+    assert (amd.matvec, amd.threads) == (True, 1) and unnamed == CpuDecodePlan(matvec=True, threads=1)
     config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=1)
 
