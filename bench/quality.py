@@ -211,8 +211,12 @@ WORDS = Metric("answer_words_student", "words/answer", "{:.1f}", higher_is_bette
 
 # every generation metric kdcore eval has, for the sections that score greedy answers
 GENERATION_EVALUATORS = "eval.evaluators=[rouge_l,answer_words,repetition,draft]"
+# the overrides that score a run's greedy answers: at most 32 tokens (the median reference is 14)
+SCORED = ("eval.max_new_tokens=32", GENERATION_EVALUATORS)
 REPEATS = Metric("repetition_student", "repeated 4-grams ↓", "{:.3f}", higher_is_better=False)
 DRAFT = Metric("draft_accepted_per_block", "drafts accepted/4 ↑", "{:.2f}", higher_is_better=True)
+# token-level figures and the answers' scores, for the sections judged on both
+TOKENS_AND_ANSWERS = (TEACHER_KL, PPL, TOP1, ROUGE_REF, ROUGE_TEACHER, REPEATS, DRAFT, EMPTY, WORDS)
 
 
 def rollouts_section() -> Section:
@@ -220,7 +224,7 @@ def rollouts_section() -> Section:
     # 30 steps, 32 held-out prompts and 32-token answers (the median reference is 14 tokens): six
     # runs with generation fit beside the other sections on 2 cores
     short = ("train.max_steps=30", "train.eval_every=30", "train.eval_batches=4", "rollout.max_new_tokens=32",
-             "eval.max_new_tokens=32", GENERATION_EVALUATORS)
+             *SCORED)
     policies = ("off_policy", "on_policy", "mixed", "seqkd", "adaptive")
     return Section(
         name="rollouts",
@@ -247,7 +251,7 @@ def warm_section() -> Section:
     # continuation: 40 steps at lr 1e-4, 64 held-out rows, answers of at most 32 tokens: the
     # settings of the issue's first look, where lr 1e-3 with a fresh optimizer undid the warm start
     cont = ("train.max_steps=40", "train.eval_every=40", "train.eval_batches=8", "train.lr=1e-4",
-            "rollout.max_new_tokens=32", "eval.max_new_tokens=32", GENERATION_EVALUATORS)
+            "rollout.max_new_tokens=32", *SCORED)
     rows = [Row("quickstart (as shipped)", cont, headline=True),
             Row("quickstart, KD at stop targets", kd_at_stop(*cont), headline=True)]
     rows += [Row(p, kd_at_stop(*cont, f"distill.rollout={p}"), headline=p == "on_policy")
@@ -288,8 +292,7 @@ def repair_section() -> Section:
     # curve (warm section) falls 383 → 153 ppl in the first 100 steps and 98.6 → 86.9 in the last
     # 50, so step 200 is where CE has flattened; the same command as the warm start, whose runs
     # are therefore this section's CE twin
-    budget = ("train.max_steps=200", "train.eval_every=25", "train.eval_batches=8",
-              "eval.max_new_tokens=32", GENERATION_EVALUATORS)
+    budget = ("train.max_steps=200", "train.eval_every=25", "train.eval_batches=8", *SCORED)
     return Section(
         name="repair",
         title="Repairing the pruned student: KD against CE at equal tokens (Minitron's protocol)",
@@ -297,7 +300,7 @@ def repair_section() -> Section:
         baseline=Row("CE repair", ("distill.kd_ratio=0", *budget), headline=True),
         rows=(Row("KD repair (quickstart as shipped)", budget, headline=True),
               Row("KD repair, pure fkl", kd_at_stop(*budget, "distill.loss=fkl", "distill.kd_ratio=1"))),
-        metrics=(TEACHER_KL, PPL, TOP1, ROUGE_REF, ROUGE_TEACHER, REPEATS, DRAFT, EMPTY, WORDS),
+        metrics=TOKENS_AND_ANSWERS,
         quick_rows=("KD repair (quickstart as shipped)",),
         generation=True,
         curves=True,
@@ -317,17 +320,16 @@ def answers_section() -> Section:
     # the recipe's own 60 steps; answers of at most 32 tokens to all 64 held-out prompts. Rows: the
     # candidates measured for answers that loop no more than the twin's (sampled rollouts keep the CE
     # half on the references; a smaller KD share)
-    scored = ("eval.max_new_tokens=32", GENERATION_EVALUATORS)
     return Section(
         name="answers",
         title="The quickstart as shipped, judged on its answers too",
         recipe="quickstart",
-        baseline=Row("CE only", ("distill.kd_ratio=0", *scored), headline=True),
-        rows=(Row("quickstart (as shipped)", scored, headline=True),
-              Row("on_policy", (*scored, "distill.rollout=on_policy", "rollout.max_new_tokens=32")),
-              Row("mixed", (*scored, "distill.rollout=mixed", "rollout.max_new_tokens=32")),
-              Row("kd_ratio=0.25", (*scored, "distill.kd_ratio=0.25"))),
-        metrics=(TEACHER_KL, PPL, TOP1, ROUGE_REF, ROUGE_TEACHER, REPEATS, DRAFT, EMPTY, WORDS),
+        baseline=Row("CE only", ("distill.kd_ratio=0", *SCORED), headline=True),
+        rows=(Row("quickstart (as shipped)", SCORED, headline=True),
+              Row("on_policy", (*SCORED, "distill.rollout=on_policy", "rollout.max_new_tokens=32")),
+              Row("mixed", (*SCORED, "distill.rollout=mixed", "rollout.max_new_tokens=32")),
+              Row("kd_ratio=0.25", (*SCORED, "distill.kd_ratio=0.25"))),
+        metrics=TOKENS_AND_ANSWERS,
         quick_rows=("quickstart (as shipped)",),
         generation=True,
         about=("The quickstart recipe as shipped (60 steps, fkl + CE at `kd_ratio 0.5`, no KD at the stop "

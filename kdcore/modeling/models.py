@@ -47,29 +47,28 @@ DTYPES = ("float32", "bfloat16", "float16")
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
-def cpu_flags(path: str = "/proc/cpuinfo") -> set[str]:
-    """The CPU's feature flags from ``/proc/cpuinfo`` (empty where it cannot be read: not Linux)."""
+def _cpuinfo_field(name: str, path: str) -> str:
+    """The first ``name : value`` line's value in ``/proc/cpuinfo`` ("" where it cannot be read:
+    not Linux, or an architecture that does not report it)."""
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return set(line.partition(":")[2].split())
+                if line.startswith(name):
+                    return line.partition(":")[2].strip()
     except OSError:
         pass
-    return set()
+    return ""
+
+
+def cpu_flags(path: str = "/proc/cpuinfo") -> set[str]:
+    """The CPU's feature flags from ``/proc/cpuinfo`` (empty where it cannot be read: not Linux)."""
+    return set(_cpuinfo_field("flags", path).split())
 
 
 def cpu_vendor(path: str = "/proc/cpuinfo") -> str:
     """The CPU's ``vendor_id`` from ``/proc/cpuinfo`` (``GenuineIntel``, ``AuthenticAMD``, ...; empty
     where it cannot be read: not Linux, or an architecture that does not report one)."""
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return ""
+    return _cpuinfo_field("vendor_id", path)
 
 
 def auto_dtype(device: str, *, flags: "set[str] | None" = None, cuda: "bool | None" = None,
