@@ -1,6 +1,6 @@
 """What each of kdflow's two processes holds, phase by phase, in one real ``kdcore train`` run.
 
-``python -m bench memory_breakdown [--pair bench|real] [--seq-len 128] [--batch 4] [-o overrides...]``
+``python -m bench memory_breakdown [--pair bench|real] [--seq-len 128] [--batch 4] [--on-policy] [-o overrides...]``
 
 The run is the bench recipe of ``bench/sides/kdflow.py`` (the off-policy table's), trained in
 this process through ``kdcore.commands.cli`` with the trainer's own methods wrapped by probes. At each
@@ -152,6 +152,9 @@ def install(probe: Probe) -> None:
         return {"bytes": tensor_bytes(v for s in opt.state.values() for v in s.values() if torch.is_tensor(v))}
     probe.wrap(T, "finish_step", st_label, opt_state)
     probe.wrap(T, "evaluate", "evaluate")
+    from kdcore.training import sampler
+
+    probe.wrap(sampler.RolloutSampler, "sample_student", "sampling (rollout engine and its copy of the weights)")
     from kdcore.training import checkpointing
 
     probe.wrap(checkpointing.Checkpointer, "save", "checkpoint")
@@ -174,6 +177,8 @@ def main(argv=None) -> int:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--on-policy", action="store_true", help="the on-policy table's recipe (prompts of --seq-len/2 "
+                   "tokens, as many new tokens sampled by the student every step)")
     p.add_argument("-o", "--override", action="append", default=[], help="recipe dotlist override (repeatable)")
     p.add_argument("--json", help="write the records here")
     args = p.parse_args(argv)
@@ -193,6 +198,12 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="kdflow-mem-") as tmp:
         recipe = recipe_dict(s, t, data, args.seq_len, args.batch, args.steps, str(Path(tmp) / "out"))
+        if args.on_policy:  # as bench.sides.kdflow.run_onpolicy: prompt rows, the student samples every step
+            from bench.sides.kdflow import onpolicy_recipe, prompt_data
+
+            half = args.seq_len // 2
+            pdata = prompt_data(s, data, half, half, max(32, args.batch * args.steps), Path(tmp) / "prompts.jsonl")
+            recipe = onpolicy_recipe(recipe, str(pdata), half, half)
         path = Path(tmp) / "r.yaml"
         path.write_text(yaml.safe_dump(recipe))
         runtime = _status()

@@ -201,6 +201,16 @@ def prompt_data(student: str, data: str, prompt_len: int, completion_len: int, r
     return out
 
 
+def onpolicy_recipe(recipe: dict, prompts: str, prompt_len: int, max_new_tokens: int) -> dict:
+    """The off-policy bench recipe turned on-policy on ``prompts`` (prompt/completion rows): every
+    batch sampled from the live student (temperature 1, top-p 1), weights synced every step."""
+    recipe["data"].update(train=prompts, eval=prompts, format="prompt_completion",
+                          max_length=prompt_len + max_new_tokens + 8)
+    recipe["distill"]["rollout"] = "on_policy"
+    recipe["rollout"] = {"max_new_tokens": max_new_tokens, "temperature": 1.0, "top_p": 1.0, "n": 1, "sync_every": 1}
+    return recipe
+
+
 def run_onpolicy(student: str, teacher: str, data: str, prompt_len: int = 64, max_new_tokens: int = 64,
                  batch: int = 4, steps: int = 3, warmup: int = 1, lr: float = 1e-4, precision: str = "fp32",
                  seed: int = 0, beta: float = 0.5) -> dict:
@@ -213,12 +223,9 @@ def run_onpolicy(student: str, teacher: str, data: str, prompt_len: int = 64, ma
         pdata = str(Path(tmp) / "prompts.jsonl")
         prepare_in_subprocess("bench.sides.kdflow:prompt_data", student=student, data=data, prompt_len=prompt_len,
                               completion_len=max_new_tokens, rows=batch * total, out=pdata)
-        recipe = recipe_dict(student, teacher, pdata, prompt_len + max_new_tokens, batch, total, "", lr=lr,
-                             precision=precision, seed=seed, beta=beta)
-        recipe["data"].update(format="prompt_completion", max_length=prompt_len + max_new_tokens + 8)
-        recipe["distill"]["rollout"] = "on_policy"
-        recipe["rollout"] = {"max_new_tokens": max_new_tokens, "temperature": 1.0, "top_p": 1.0, "n": 1,
-                             "sync_every": 1}
+        recipe = onpolicy_recipe(recipe_dict(student, teacher, pdata, prompt_len + max_new_tokens, batch, total, "",
+                                             lr=lr, precision=precision, seed=seed, beta=beta),
+                                 pdata, prompt_len, max_new_tokens)
         res = _timed_train(recipe, [], warmup, total)
     recs = res.pop("records")
     gen = [round(r["rollout_response_len"] * r["rollout_samples"]) for r in recs]
