@@ -92,6 +92,21 @@ PPL = Metric("eval_ppl", "ppl ↓", "{:.1f}", higher_is_better=False)
 TOP1 = Metric("eval_top1_agreement", "top-1 ↑", "{:.3f}", higher_is_better=True)
 SAME_VOCAB_METRICS = (TEACHER_KL, PPL, TOP1)
 
+ROUGE_REF = Metric("rouge_l_vs_reference", "ROUGE-ref ↑", "{:.3f}", higher_is_better=True)
+ROUGE_TEACHER = Metric("rouge_l_vs_teacher", "ROUGE-teacher ↑", "{:.3f}", higher_is_better=True)
+EMPTY = Metric("answer_words_student_empty", "empty answers ↓", "{:.2f}", higher_is_better=False)
+WORDS = Metric("answer_words_student", "words/answer", "{:.1f}", higher_is_better=True, judged=False)
+
+
+# every generation metric kdcore eval has, for the sections that score greedy answers
+GENERATION_EVALUATORS = "eval.evaluators=[rouge_l,answer_words,repetition,draft]"
+# the overrides that score a run's greedy answers: at most 32 tokens (the median reference is 14)
+SCORED = ("eval.max_new_tokens=32", GENERATION_EVALUATORS)
+REPEATS = Metric("repetition_student", "repeated 4-grams ↓", "{:.3f}", higher_is_better=False)
+DRAFT = Metric("draft_accepted_per_block", "drafts accepted/4 ↑", "{:.2f}", higher_is_better=True)
+# token-level figures and the answers' scores, for the sections judged on both
+TOKENS_AND_ANSWERS = (TEACHER_KL, PPL, TOP1, ROUGE_REF, ROUGE_TEACHER, REPEATS, DRAFT, EMPTY, WORDS)
+
 
 @dataclass(frozen=True)
 class Row:
@@ -130,35 +145,41 @@ def kd_at_stop(*overrides: str) -> tuple[str, ...]:
     """A quickstart row that mixes in KD, with KD at the stop targets as it was measured: the
     quickstart leaves the stop targets to CE since 2026-12-06 (``distill.kd_at_stop false``), and
     the rows measured before (every pure-KD row among them: with ``kd_ratio 1`` a stop target
-    without KD learns nothing) keep their command, hence their runs in the store."""
+    without KD learns nothing) keep KD there, as they were measured on 2026-12-01."""
     return (*overrides, "distill.kd_at_stop=true")
 
 
 def losses_section() -> Section:
     """The quickstart pair: every built-in loss, and CE/KD mixes, against CE-only."""
     pure = ("fkl", "rkl", "js", "skl", "srkl", "tvd", "akl")
-    rows = [Row("quickstart (as shipped)", (), headline=True),
-            Row("quickstart, KD at stop targets", ("distill.kd_at_stop=true",), headline=True),
+    # every run is also judged on its greedy answers (SCORED); the twin's and the quickstart's
+    # commands are the answers section's, so their runs are shared
+    rows = [Row("quickstart (as shipped)", SCORED, headline=True),
+            Row("quickstart, KD at stop targets", ("distill.kd_at_stop=true", *SCORED), headline=True),
             # the evidence `teacher.dtype: auto` needs before it may become the default (bf16 where
             # the CPU or GPU multiplies bf16 natively): within 0.5% of the fp32 teacher's row
-            Row("quickstart with a bf16 teacher", ("teacher.dtype=bfloat16",), headline=True)]
-    rows += [Row(f"{loss} kd_ratio=1", kd_at_stop(f"distill.loss={loss}", "distill.kd_ratio=1")) for loss in pure]
-    rows += [Row(f"{loss} kd_ratio={r}", kd_at_stop(f"distill.loss={loss}", f"distill.kd_ratio={r}"))
+            Row("quickstart with a bf16 teacher", ("teacher.dtype=bfloat16", *SCORED), headline=True)]
+    rows += [Row(f"{loss} kd_ratio=1", (*kd_at_stop(f"distill.loss={loss}", "distill.kd_ratio=1"), *SCORED))
+             for loss in pure]
+    rows += [Row(f"{loss} kd_ratio={r}", (*kd_at_stop(f"distill.loss={loss}", f"distill.kd_ratio={r}"), *SCORED))
              for loss, r in (("fkl", 0.25), ("fkl", 0.75), ("js", 0.5), ("rkl", 0.5), ("skl", 0.5))]
     return Section(
         name="losses",
         title="Losses on the quickstart pair (same vocabulary)",
         recipe="quickstart",
-        baseline=Row("CE only", ("distill.kd_ratio=0",), headline=True),
+        baseline=Row("CE only", ("distill.kd_ratio=0", *SCORED), headline=True),
         rows=tuple(rows),
-        metrics=SAME_VOCAB_METRICS,
+        metrics=TOKENS_AND_ANSWERS,
         quick_rows=("quickstart (as shipped)", "fkl kd_ratio=1"),
+        generation=True,
         about=("SmolLM2-135M-Instruct (GGUF) teacher, student = 4 evenly spaced of its 30 layers, Python "
                "docstring Q&A, held-out split `recipes/data/pydoc_qa_eval.jsonl`. Every row and the CE-only twin "
                "share the recipe's learning rate, schedule, batches and steps; the learning rate is the best "
                "for CE-only in the grid of the issue's sweep (see README, Quality). The shipped quickstart leaves the "
                "stop targets (end of turn, EOS) to CE (`distill.kd_at_stop false`, since 2026-12-06); every other KD "
-               "row keeps KD there (`distill.kd_at_stop=true`), as it was measured on 2026-12-01."),
+               "row keeps KD there (`distill.kd_at_stop=true`), as it was measured on 2026-12-01. After training, "
+               "`kdcore eval` answers the 64 held-out prompts greedily (at most 32 tokens), scored as in the warm "
+               "section (the twin's and the quickstart's runs are the answers section's: the same commands)."),
     )
 
 
@@ -201,22 +222,6 @@ def xtok_section() -> Section:
                "`mined` the KL under its vocabulary map. `KL→smollm2`, `top-1(smollm2)` and `ppl` (the student's "
                "own tokens) compare across every row."),
     )
-
-
-ROUGE_REF = Metric("rouge_l_vs_reference", "ROUGE-ref ↑", "{:.3f}", higher_is_better=True)
-ROUGE_TEACHER = Metric("rouge_l_vs_teacher", "ROUGE-teacher ↑", "{:.3f}", higher_is_better=True)
-EMPTY = Metric("answer_words_student_empty", "empty answers ↓", "{:.2f}", higher_is_better=False)
-WORDS = Metric("answer_words_student", "words/answer", "{:.1f}", higher_is_better=True, judged=False)
-
-
-# every generation metric kdcore eval has, for the sections that score greedy answers
-GENERATION_EVALUATORS = "eval.evaluators=[rouge_l,answer_words,repetition,draft]"
-# the overrides that score a run's greedy answers: at most 32 tokens (the median reference is 14)
-SCORED = ("eval.max_new_tokens=32", GENERATION_EVALUATORS)
-REPEATS = Metric("repetition_student", "repeated 4-grams ↓", "{:.3f}", higher_is_better=False)
-DRAFT = Metric("draft_accepted_per_block", "drafts accepted/4 ↑", "{:.2f}", higher_is_better=True)
-# token-level figures and the answers' scores, for the sections judged on both
-TOKENS_AND_ANSWERS = (TEACHER_KL, PPL, TOP1, ROUGE_REF, ROUGE_TEACHER, REPEATS, DRAFT, EMPTY, WORDS)
 
 
 def rollouts_section() -> Section:
@@ -328,7 +333,11 @@ def answers_section() -> Section:
         rows=(Row("quickstart (as shipped)", SCORED, headline=True),
               Row("on_policy", (*SCORED, "distill.rollout=on_policy", "rollout.max_new_tokens=32")),
               Row("mixed", (*SCORED, "distill.rollout=mixed", "rollout.max_new_tokens=32")),
-              Row("kd_ratio=0.25", (*SCORED, "distill.kd_ratio=0.25"))),
+              Row("kd_ratio=0.25", (*SCORED, "distill.kd_ratio=0.25")),
+              # the losses section's row of the same command (its runs shared): a smaller KD share
+              # with KD at the stop targets too, the closest to the generation bar measured
+              Row("kd_ratio=0.25, KD at stop targets",
+                  (*kd_at_stop("distill.loss=fkl", "distill.kd_ratio=0.25"), *SCORED))),
         metrics=TOKENS_AND_ANSWERS,
         quick_rows=("quickstart (as shipped)",),
         generation=True,
@@ -336,7 +345,9 @@ def answers_section() -> Section:
                "targets) and its CE-only twin, then `kdcore eval` on each run: greedy answers (at most 32 tokens) "
                "to the 64 held-out prompts, scored as in the warm section. The other rows change one thing each: "
                "student-sampled rollouts (`on_policy`, and `mixed` at λ 0.5; the CE half stays on the "
-               "references, samples of at most 32 tokens) or a smaller KD share (`kd_ratio 0.25`)."),
+               "references, samples of at most 32 tokens) or a smaller KD share (`kd_ratio 0.25`), and the last "
+               "two: a smaller KD share with KD at the stop targets too (the losses section's `fkl kd_ratio=0.25` "
+               "row, the same runs, and two more seeds)."),
     )
 
 
