@@ -564,9 +564,17 @@ def values_of(runs: list[Run], metric: Metric) -> list[float]:
     return [v for r in runs if r.ok for v in [metric.read(r.final)] if v is not None]
 
 
+def same_seeds(runs: list[Run], base: list[Run]) -> list[Run]:
+    """The twin's runs of the seeds the row has (all of the twin's when it has none of them): a
+    row of seeds 0,1 is compared with the twin's 0,1, not with a mean over seeds it never ran."""
+    seeds = {r.seed for r in runs if r.ok}
+    return [r for r in base if r.ok and r.seed in seeds] or base
+
+
 def beats(runs: list[Run], base: list[Run], metric: Metric) -> str:
-    """Whether the row's mean beats the twin's; ``every seed`` when each seed beats its own twin."""
-    mine, theirs = values_of(runs, metric), values_of(base, metric)
+    """Whether the row's mean beats the twin's over the same seeds; ``every seed`` when each seed
+    beats its own twin."""
+    mine, theirs = values_of(runs, metric), values_of(same_seeds(runs, base), metric)
     if not metric.judged or not mine or not theirs or not metric.better(statistics.fmean(mine), statistics.fmean(theirs)):
         return ""
     twin = {r.seed: metric.read(r.final) for r in base if r.ok}
@@ -592,7 +600,7 @@ def section_table(section: Section, runs: dict[str, list[Run]]) -> str:
         cells = [mean_range(values_of(good, m), m.fmt) for m in section.metrics]
         ratios = []
         for m in section.metrics:
-            a, b = values_of(good, m), values_of(base, m)
+            a, b = values_of(good, m), values_of(same_seeds(good, base), m)
             ratios.append(f"{statistics.fmean(a) / statistics.fmean(b):.2f}×" if a and b and statistics.fmean(b) else "—")
         won = "—" if row is section.baseline else (", ".join(x for x in (beats(good, base, m) for m in section.metrics) if x) or "none")
         table.append([row.name, " ".join(row.overrides) or "—", ",".join(str(r.seed) for r in good)] + cells + ratios
@@ -628,7 +636,7 @@ def initial_line(section: Section, runs: dict[str, list[Run]]) -> str:
 def render_section(section: Section, runs: dict[str, list[Run]]) -> str:
     parts = [f"## {section.title}", "", section.about, "",
              f"Recipe `{section.recipe}`; the twin is `{' '.join(section.baseline.overrides)}`. Cells: mean "
-             "(min–max) over seeds of the final held-out evaluation; `÷ CE` = the row's mean ÷ the twin's; "
+             "(min–max) over seeds of the final held-out evaluation; `÷ CE` = the row's mean ÷ the twin's over the same seeds; "
              "`beats CE-only on` names the metrics whose mean is better than the twin's, `(every seed)` when each "
              "seed also beats the twin of the same seed.", "", section_table(section, runs)]
     if section.warm is not None:

@@ -126,3 +126,14 @@ def test_the_repair_section_renders_each_rows_curve_as_the_mean_over_its_seeds()
     findings = q.findings_table({"repair": runs})
     minitron = next(ln for ln in findings.splitlines() if ln.startswith("| Minitron (Muralidharan"))
     assert minitron.endswith("| teacher-KL 2.500 vs 3.000; ppl 90.0 vs 100.0 | reproduced |")
+
+
+def test_a_row_is_compared_with_the_twin_of_its_own_seeds():
+    """A twin of four seeds and a row of one: the ratio and the verdict use the twin's seed 0 only."""
+    twin = [q.Run(**_run("CE only", s, 4.0, ppl)) for s, ppl in ((0, 200.0), (1, 300.0), (2, 300.0), (3, 300.0))]
+    row = [q.Run(**_run("r", 0, 3.0, 220.0))]
+    assert [r.seed for r in q.same_seeds(row, twin)] == [0]
+    assert q.beats(row, twin, q.PPL) == ""  # 220 > 200 on seed 0, though below the 4-seed mean 275
+    section = q.losses_section()
+    text = q.section_table(section, {section.baseline.name: twin, section.rows[0].name: row})
+    assert "1.10×" in text.splitlines()[-1]  # ppl 220 ÷ 200, not ÷ 275
