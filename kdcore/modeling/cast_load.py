@@ -81,17 +81,20 @@ def load_cast(folder: str, dt: "torch.dtype"):
     from transformers import GenerationConfig
 
     files = checkpoint_files(folder)
-    found = cast_loadable_class(folder, dt) if files else None
-    if found is None:
+    if files is None:
         return None
-    config, concrete = found
     try:
         opened = [safe_open(path, framework="pt", backend="pread") for path in files]
     except TypeError:  # safetensors before its pread backend
         return None
-    stored = {f.get_slice(k).get_dtype() for f in opened for k in f.keys()}  # headers only
+    # headers first: a checkpoint stored as computed (every fp32 load) costs no config read
+    stored = {f.get_slice(k).get_dtype() for f in opened for k in f.keys()}
     if any(_SAFETENSORS_DTYPES.get(name) == str(dt).removeprefix("torch.") for name in stored):
         return None  # (partly) stored as computed: mapping those tensors costs nothing
+    found = cast_loadable_class(folder, dt)
+    if found is None:
+        return None
+    config, concrete = found
     state: dict[str, torch.Tensor] = {}
     for f in opened:
         for key in f.keys():
