@@ -49,3 +49,21 @@ def test_the_header_says_whether_other_work_shared_the_cpus():
 
     assert load_reading(1.8, 2).startswith("no more than the run's own 2 threads")
     assert load_reading(2.6, 2).startswith("above the run's own 2, so other work shared")
+
+
+def test_a_memory_miss_is_explained_from_the_runs_own_per_process_peaks():
+    def run(step_s, parts):
+        r = _run(step_s, sum(parts.values()))
+        r.peak_parts = {k: v * ra.GB for k, v in parts.items()}
+        return r
+
+    missed = ra.Config("real", "pair", "s", "t", 128, 4, "default", 3, 1, 1)
+    missed.runs = {"trl": [run(2.0, {"launcher": 3.5})], "trl_distill": [run(3.0, {"launcher": 2.5})],
+                   "kdflow": [run(1.0, {"student": 2.0, "teacher": 0.9, "launcher": 0.02})]}
+    met = ra.Config("real", "pair", "s", "t", 512, 4, "default", 3, 1, 1)
+    met.runs = {"trl_distill": [run(9.0, {"launcher": 5.0})],
+                "kdflow": [run(4.0, {"student": 2.5, "teacher": 1.0, "launcher": 0.02})]}
+    (line,) = ra.memory_miss_reasons([missed, met])
+    assert line.startswith("pair, 4×128, default: kdflow 2.92 GB against TRL DistillationTrainer 2.50 GB.")
+    assert "student process alone peaked at 2.00 GB (0.80× the peer's whole run)" in line
+    assert "teacher process adds 0.90 GB" in line
