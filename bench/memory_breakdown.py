@@ -57,6 +57,51 @@ def _reset_peak(pid: int | str = "self") -> None:
         pass
 
 
+def resident_frames(pid: int | str) -> dict[str, "object"]:
+    """The physical frames a process has resident, by kind of mapping (``libraries`` = file-backed,
+    ``shared memory`` = /dev/shm and memfd, ``private`` = the rest), read from
+    ``/proc/PID/pagemap`` (frame numbers need root; without them the result is empty)."""
+    import numpy as np
+
+    kinds: dict[str, list] = {"libraries": [], "shared memory": [], "private": []}
+    page = os.sysconf("SC_PAGE_SIZE")
+    try:
+        maps = Path(f"/proc/{pid}/maps").read_text().splitlines()
+        pagemap = open(f"/proc/{pid}/pagemap", "rb")
+    except OSError:
+        return {}
+    with pagemap:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            name = fields[5] if len(fields) > 5 else ""
+            if name.startswith("[vsyscall"):
+                continue
+            pagemap.seek(start // page * 8)
+            entries = np.frombuffer(pagemap.read((end - start) // page * 8), dtype=np.uint64)
+            present = entries[(entries >> np.uint64(63)) & np.uint64(1) == 1]
+            frames = present & np.uint64((1 << 55) - 1)
+            if frames.size and not frames.any():
+                return {}  # frame numbers hidden (not root): nothing can be matched
+            kind = ("shared memory" if name.startswith(("/dev/shm", "/memfd:")) else
+                    "libraries" if name.startswith("/") else "private")
+            kinds[kind].append(frames)
+    return {k: np.unique(np.concatenate(v)) if v else np.empty(0, np.uint64) for k, v in kinds.items()}
+
+
+def shared_between(pid_a: int | str, pid_b: int) -> dict[str, int]:
+    """Bytes resident in both processes at once (the same physical frames), by kind of mapping:
+    what a sum of the two processes' RSS counts twice."""
+    import numpy as np
+
+    a, b = resident_frames(pid_a), resident_frames(pid_b)
+    if not a or not b:
+        return {}
+    page = os.sysconf("SC_PAGE_SIZE")
+    every_b = np.concatenate(list(b.values()))
+    return {k: int(np.intersect1d(v, every_b).size) * page for k, v in a.items()}
+
+
 class Probe:
     """Phase records for this process and the teacher child."""
 
@@ -157,7 +202,8 @@ def install(probe: Probe) -> None:
     probe.wrap(sampler.RolloutSampler, "sample_student", "sampling (rollout engine and its copy of the weights)")
     from kdcore.training import checkpointing
 
-    probe.wrap(checkpointing.Checkpointer, "save", "checkpoint")
+    probe.wrap(checkpointing.Checkpointer, "save", "checkpoint",
+               lambda a, out: {"shared": shared_between("self", probe.teacher_pid) if probe.teacher_pid else {}})
 
     # the teacher's own RSS once loaded: read when the first request is answered
     from kdcore.engines.hf import teacher as hf
@@ -230,6 +276,10 @@ def render(out: dict) -> str:
         lines.append(f"| {r['phase']} | {f(r['rss_before'])} → {f(r['rss_after'])} | {f(r['peak'])} | "
                      f"{f(r.get('bytes'))} | {f(r.get('t_rss_after')) if 't_rss_after' in r else '—'} | "
                      f"{f(r.get('t_peak')) if 't_peak' in r else '—'} |")
+    shared = next((r["shared"] for r in reversed(out["phases"]) if r.get("shared")), None)
+    if shared:
+        lines.append(f"resident in both processes at the end (counted in each one's RSS): {f(sum(shared.values()))} MB "
+                     "(" + ", ".join(f"{k} {f(v)}" for k, v in shared.items()) + ")")
     return "\n".join(lines)
 
 

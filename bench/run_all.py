@@ -138,6 +138,14 @@ def run_config(cfg: Config, args, kdflow_ok: bool) -> None:
                 log(f"{cfg.table} {cfg.label} {cfg.allocator} {side} #{rep + 1}: FAILED {r.error}\n{r.log_tail[-1500:]}")
 
 
+def measured_already(cfg: Config, done: list[Config]) -> Config | None:
+    """A configuration of ``done`` that runs the same work as ``cfg`` (models, shape, allocator,
+    vocabulary, sides), whose runs ``cfg`` can reuse instead of measuring it again."""
+    what = lambda c: (c.student, c.teacher, c.seq_len, c.batch, c.allocator, c.vocab, c.warmup)  # noqa: E731
+    return next((c for c in done if what(c) == what(cfg) and c.runs
+                 and all(c.sides.get(k) == v and c.runs.get(k) for k, v in cfg.sides.items())), None)
+
+
 def parts_text(r) -> str:
     """The peak's split by process role, e.g. ``student 1.91 + teacher 1.02``."""
     return " + ".join(f"{k} {v / GB:.2f}" for k, v in sorted(r.peak_parts.items(), key=lambda kv: -kv[1]))
@@ -562,6 +570,11 @@ def main(argv=None) -> int:
     if "scaling" in args.tables:
         cfgs = scaling_configs(args)
         for cfg in cfgs:
+            if (same := measured_already(cfg, made.get("offpolicy", []))) is not None:
+                # the sequence sweep's 4×512 point is the off-policy table's tuned row
+                cfg.runs = {k: same.runs[k] for k in cfg.sides}
+                log(f"scaling {cfg.label} {cfg.batch}×{cfg.seq_len}: the off-policy table's runs of this configuration")
+                continue
             run_config(cfg, args, kdflow_ok)
         sections.append("## Scaling (tuned allocator)\n\n"
                         + md_table(SCALING_HEADERS, scaling_rows(cfgs, "" if kdflow_ok else why), "llrrrrrr"))

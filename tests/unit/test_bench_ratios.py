@@ -67,3 +67,18 @@ def test_a_memory_miss_is_explained_from_the_runs_own_per_process_peaks():
     assert line.startswith("pair, 4×128, default: kdflow 2.92 GB against TRL DistillationTrainer 2.50 GB.")
     assert "student process alone peaked at 2.00 GB (0.80× the peer's whole run)" in line
     assert "teacher process adds 0.90 GB" in line
+
+
+def test_the_scaling_sweep_reuses_a_configuration_the_off_policy_table_measured():
+    done = ra.Config("offpolicy", "pair", "s", "t", 512, 4, "tuned", 3, 1, 1)
+    done.runs = {side: [_run(1.0, 2.0)] for side in ra.SIDES}
+    two = {k: ra.SIDES[k] for k in ("trl", "kdflow")}
+    same = ra.Config("scaling", "sequence", "s", "t", 512, 4, "tuned", 2, 1, 1, sides=dict(two))
+    longer = ra.Config("scaling", "sequence", "s", "t", 1024, 2, "tuned", 2, 1, 1)
+    other_alloc = ra.Config("scaling", "sequence", "s", "t", 512, 4, "default", 2, 1, 1)
+    assert ra.measured_already(same, [done]) is done
+    assert ra.measured_already(longer, [done]) is None
+    assert ra.measured_already(other_alloc, [done]) is None
+    unmeasured = ra.Config("offpolicy", "pair", "s", "t", 512, 4, "tuned", 3, 1, 1)
+    unmeasured.runs = {"trl": [_run(1.0, 2.0)]}  # its kdflow side failed to start: nothing to reuse
+    assert ra.measured_already(same, [unmeasured]) is None
