@@ -58,34 +58,42 @@ def _reset_peak(pid: int | str = "self") -> None:
 
 
 def resident_frames(pid: int | str) -> dict[str, "object"]:
-    """The physical frames a process has resident, by kind of mapping (``libraries`` = file-backed,
-    ``shared memory`` = /dev/shm and memfd, ``private`` = the rest), read from
-    ``/proc/PID/pagemap`` (frame numbers need root; without them the result is empty)."""
+    """The physical frames a process has resident, by kind of mapping (``libraries`` = shared
+    objects, ``other files`` = any other file-backed mapping, ``shared memory`` = /dev/shm and
+    memfd, ``private`` = anonymous memory, heap and stack), read from ``/proc/PID/pagemap``.
+    Empty when the frames cannot be read: frame numbers need root, and a process that exits
+    while being read gives nothing rather than a partial count."""
     import numpy as np
 
-    kinds: dict[str, list] = {"libraries": [], "shared memory": [], "private": []}
+    kinds: dict[str, list] = {"libraries": [], "other files": [], "shared memory": [], "private": []}
     page = os.sysconf("SC_PAGE_SIZE")
+    chunk = 1 << 20  # pagemap entries per read (8 MB): a large reserved range is read in pieces
     try:
         maps = Path(f"/proc/{pid}/maps").read_text().splitlines()
-        pagemap = open(f"/proc/{pid}/pagemap", "rb")
+        with open(f"/proc/{pid}/pagemap", "rb") as pagemap:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                start, end = (int(x, 16) // page for x in fields[0].split("-"))
+                name = fields[5] if len(fields) > 5 else ""
+                if name.startswith(("[vsyscall", "[vvar", "[vdso")):
+                    continue  # the kernel's own pages, mapped into every process alike
+                kind = ("shared memory" if name.startswith(("/dev/shm", "/memfd:")) else
+                        "libraries" if name.startswith("/") and ".so" in name else
+                        "other files" if name.startswith("/") else "private")
+                for first in range(start, end, chunk):
+                    count = min(chunk, end - first)
+                    pagemap.seek(first * 8)
+                    raw = pagemap.read(count * 8)
+                    if len(raw) != count * 8:
+                        return {}  # the process went away mid-read
+                    entries = np.frombuffer(raw, dtype=np.uint64)
+                    present = entries[(entries >> np.uint64(63)) & np.uint64(1) == 1]
+                    frames = present & np.uint64((1 << 55) - 1)
+                    if frames.size and not frames.any():
+                        return {}  # frame numbers hidden (not root): nothing can be matched
+                    kinds[kind].append(frames)
     except OSError:
         return {}
-    with pagemap:
-        for line in maps:
-            fields = line.split(maxsplit=5)
-            start, end = (int(x, 16) for x in fields[0].split("-"))
-            name = fields[5] if len(fields) > 5 else ""
-            if name.startswith("[vsyscall"):
-                continue
-            pagemap.seek(start // page * 8)
-            entries = np.frombuffer(pagemap.read((end - start) // page * 8), dtype=np.uint64)
-            present = entries[(entries >> np.uint64(63)) & np.uint64(1) == 1]
-            frames = present & np.uint64((1 << 55) - 1)
-            if frames.size and not frames.any():
-                return {}  # frame numbers hidden (not root): nothing can be matched
-            kind = ("shared memory" if name.startswith(("/dev/shm", "/memfd:")) else
-                    "libraries" if name.startswith("/") else "private")
-            kinds[kind].append(frames)
     return {k: np.unique(np.concatenate(v)) if v else np.empty(0, np.uint64) for k, v in kinds.items()}
 
 
@@ -202,8 +210,16 @@ def install(probe: Probe) -> None:
     probe.wrap(sampler.RolloutSampler, "sample_student", "sampling (rollout engine and its copy of the weights)")
     from kdcore.training import checkpointing
 
-    probe.wrap(checkpointing.Checkpointer, "save", "checkpoint",
-               lambda a, out: {"shared": shared_between("self", probe.teacher_pid) if probe.teacher_pid else {}})
+    probe.wrap(checkpointing.Checkpointer, "save", "checkpoint")
+    save = checkpointing.Checkpointer.save
+
+    def save_then_count_shared(*a, **kw):
+        out = save(*a, **kw)
+        # after the phase's figures are read: the frame tables this builds stay out of them
+        if probe.teacher_pid:
+            probe.rows[-1]["shared"] = shared_between("self", probe.teacher_pid)
+        return out
+    checkpointing.Checkpointer.save = save_then_count_shared
 
     # the teacher's own RSS once loaded: read when the first request is answered
     from kdcore.engines.hf import teacher as hf

@@ -30,6 +30,7 @@ import argparse
 import datetime as _dt
 import json
 import os
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -142,8 +143,9 @@ def measured_already(cfg: Config, done: list[Config]) -> Config | None:
     """A configuration of ``done`` that runs the same work as ``cfg`` (models, shape, allocator,
     vocabulary, sides), whose runs ``cfg`` can reuse instead of measuring it again."""
     what = lambda c: (c.student, c.teacher, c.seq_len, c.batch, c.allocator, c.vocab, c.warmup)  # noqa: E731
-    return next((c for c in done if what(c) == what(cfg) and c.runs
-                 and all(c.sides.get(k) == v and c.runs.get(k) for k, v in cfg.sides.items())), None)
+    return next((c for c in done if what(c) == what(cfg) and c.steps >= cfg.steps
+                 and all(c.sides.get(k) == v and any(r.ok for r in c.runs.get(k, [])) for k, v in cfg.sides.items())),
+                None)
 
 
 def parts_text(r) -> str:
@@ -162,7 +164,7 @@ def side_stats(runs: list) -> dict | None:
         "runs": len(good), "failed": len(runs) - len(good), "steps_per_run": len(good[0].result["step_times"]),
         "step_s": steps, "tok_s": [tps / t for t in steps], "peak_gb": [r.peak_mem / GB for r in good],
         "loss": [r.result["final_loss"] for r in good if r.result.get("final_loss") is not None],
-        "median_step": sorted(steps)[len(steps) // 2], "median_peak": sorted(r.peak_mem for r in good)[len(good) // 2],
+        "median_step": statistics.median(steps), "median_peak": sorted(r.peak_mem for r in good)[len(good) // 2],
         "cpu_share": [r.cpu_share for r in good], "load": [r.load_before for r in good] + [r.load_after for r in good],
         "parts": parts_text(sorted(good, key=lambda r: r.peak_mem)[len(good) // 2]),
         "part_bytes": dict(sorted(good, key=lambda r: r.peak_mem)[len(good) // 2].peak_parts),
@@ -486,9 +488,9 @@ def parse_args(argv=None):
                    help="total CPU threads for each run, both sides (default: all available CPUs)")
     p.add_argument("--allocators", default="default,tuned", help="allocator settings to compare (bench.common.ALLOCATORS)")
     p.add_argument("--sides", default="trl,kdflow", help="which sides to run")
-    # 3 steps, 1 run per side and 2 per scaling point keep the whole run inside the issue's 30 min
-    # on 2 cores (5 steps and 2 runs for the bench pair took 44 min); the ratios are 1.2-3x, far
-    # wider than a row's step-to-step spread, which the min-max cells still show
+    # 3 steps, 1 run per side and 2 per scaling point: 32 min on 2 cores (5 steps and 2 runs for the
+    # bench pair took 44 min), close to the issue's 30; most ratios are well outside a row's
+    # step-to-step spread, which the min-max cells show (read the ones near 1x with that spread)
     p.add_argument("--steps", type=int, default=3, help="measured steps per run (after --warmup)")
     p.add_argument("--warmup", type=int, default=1, help="steps run first and not measured")
     p.add_argument("--repeats", type=int, default=1, help="fresh-process runs per side, off-policy table")

@@ -80,5 +80,18 @@ def test_the_scaling_sweep_reuses_a_configuration_the_off_policy_table_measured(
     assert ra.measured_already(longer, [done]) is None
     assert ra.measured_already(other_alloc, [done]) is None
     unmeasured = ra.Config("offpolicy", "pair", "s", "t", 512, 4, "tuned", 3, 1, 1)
-    unmeasured.runs = {"trl": [_run(1.0, 2.0)]}  # its kdflow side failed to start: nothing to reuse
+    unmeasured.runs = {"trl": [_run(1.0, 2.0)]}  # its kdflow side never ran: nothing to reuse
     assert ra.measured_already(same, [unmeasured]) is None
+    failed = ra.Config("offpolicy", "pair", "s", "t", 512, 4, "tuned", 3, 1, 1)
+    failed.runs = {side: [_run(1.0, 2.0)] for side in ra.SIDES}
+    failed.runs["kdflow"][0].ok = False  # a failed run is measured again, not reused
+    assert ra.measured_already(same, [failed]) is None
+    shorter = ra.Config("offpolicy", "pair", "s", "t", 512, 4, "tuned", 1, 1, 1)
+    shorter.runs = {side: [_run(1.0, 2.0)] for side in ra.SIDES}
+    assert ra.measured_already(same, [shorter]) is None  # fewer steps than the sweep asks for
+
+
+def test_the_median_of_an_even_number_of_steps_is_their_mean():
+    r = _run(1.0, 2.0)
+    r.result["step_times"] = [1.0, 3.0]
+    assert ra.side_stats([r])["median_step"] == 2.0
