@@ -116,7 +116,9 @@ def _timed_train(recipe: dict, overrides: list[str] | None, warmup: int, total: 
 
     with tempfile.TemporaryDirectory(prefix="kdflow-bench-") as tmp:
         out_dir = Path(tmp) / "out"
-        recipe = dict(recipe, train=dict(recipe["train"], output_dir=str(out_dir)))
+        # no held-out evaluation before step 1: the peers start training at once, and the table
+        # times steps, not the trainer's baseline (memory_breakdown keeps the recipe's default)
+        recipe = dict(recipe, train=dict(recipe["train"], output_dir=str(out_dir), eval_at_start=False))
         path = Path(tmp) / "bench.yaml"
         path.write_text(yaml.safe_dump(recipe))
         metrics_file = out_dir / "metrics.jsonl"
