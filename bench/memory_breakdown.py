@@ -137,13 +137,17 @@ class Probe:
                        t_peak=t.get("VmHWM", 0), t_shmem=t.get("RssShmem", 0))
         self.rows.append(row)
 
-    def wrap(self, obj, name: str, label, extra=None):
+    def wrap(self, obj, name: str, label, extra=None, after=None):
+        """``extra(args, out)``: figures for the phase's row, taken before its memory is read;
+        ``after(row)``: measurements that allocate, added once the row's figures are read."""
         fn = getattr(obj, name)
 
         def wrapped(*a, **kw):
             self.begin(label() if callable(label) else label)
             out = fn(*a, **kw)
             self.end(**(extra(a, out) if extra else {}))
+            if after:
+                after(self.rows[-1])
             return out
 
         setattr(obj, name, wrapped)
@@ -210,16 +214,10 @@ def install(probe: Probe) -> None:
     probe.wrap(sampler.RolloutSampler, "sample_student", "sampling (rollout engine and its copy of the weights)")
     from kdcore.training import checkpointing
 
-    probe.wrap(checkpointing.Checkpointer, "save", "checkpoint")
-    save = checkpointing.Checkpointer.save
-
-    def save_then_count_shared(*a, **kw):
-        out = save(*a, **kw)
-        # after the phase's figures are read: the frame tables this builds stay out of them
+    def count_shared(row):  # the frame tables this builds stay out of the checkpoint row's figures
         if probe.teacher_pid:
-            probe.rows[-1]["shared"] = shared_between("self", probe.teacher_pid)
-        return out
-    checkpointing.Checkpointer.save = save_then_count_shared
+            row["shared"] = shared_between("self", probe.teacher_pid)
+    probe.wrap(checkpointing.Checkpointer, "save", "checkpoint", after=count_shared)
 
     # the teacher's own RSS once loaded: read when the first request is answered
     from kdcore.engines.hf import teacher as hf

@@ -160,14 +160,14 @@ def side_stats(runs: list) -> dict | None:
         return None
     steps = [t for r in good for t in r.result["step_times"]]
     tps = good[0].result["tokens_per_step"]
+    mid = sorted(good, key=lambda r: r.peak_mem)[len(good) // 2]  # the median-peak run (its split too)
     return {
         "runs": len(good), "failed": len(runs) - len(good), "steps_per_run": len(good[0].result["step_times"]),
         "step_s": steps, "tok_s": [tps / t for t in steps], "peak_gb": [r.peak_mem / GB for r in good],
         "loss": [r.result["final_loss"] for r in good if r.result.get("final_loss") is not None],
-        "median_step": statistics.median(steps), "median_peak": sorted(r.peak_mem for r in good)[len(good) // 2],
+        "median_step": statistics.median(steps), "median_peak": mid.peak_mem,
         "cpu_share": [r.cpu_share for r in good], "load": [r.load_before for r in good] + [r.load_after for r in good],
-        "parts": parts_text(sorted(good, key=lambda r: r.peak_mem)[len(good) // 2]),
-        "part_bytes": dict(sorted(good, key=lambda r: r.peak_mem)[len(good) // 2].peak_parts),
+        "parts": parts_text(mid), "part_bytes": dict(mid.peak_parts),
     }
 
 
