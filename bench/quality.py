@@ -41,7 +41,8 @@ by the committed run's own times; with ``--sections`` the named sections' quick 
 the remaining rows), ``--rows`` (a subset by name; the twin always runs), ``--steps`` (override
 every row's ``train.max_steps``), ``--note`` (a line for the header, e.g. that the machine was
 shared), ``--store FILE`` (finished runs kept and reused: resume an interrupted benchmark, or run
-sections in separate invocations and render them into one report), ``--out``, ``--no-write``.
+sections in separate invocations and render them into one report; a stored run whose recipe
+resolves differently now is trained again, see :mod:`bench.quality_store`), ``--out``, ``--no-write``.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable from t
 
 from bench import common  # noqa: E402
 from bench.common import md_table  # noqa: E402
+from bench.quality_store import Run, RunStore, content_of_data, recipe_changes, resolved_recipe  # noqa: E402
 
 # ----------------------------------------------------------------------------- what is measured
 
@@ -359,20 +361,6 @@ SECTIONS: dict[str, Callable[[], Section]] = {"losses": losses_section, "xtok": 
 # ----------------------------------------------------------------------------- running
 
 
-@dataclass
-class Run:
-    row: str
-    seed: int
-    ok: bool = False
-    final: dict = field(default_factory=dict)  # the last evaluation record
-    initial: dict = field(default_factory=dict)  # the step-0 evaluation record (the student at init)
-    steps: int = 0
-    tokens: int = 0  # training loss tokens summed over the steps (equal work: the same for every row)
-    wall_s: float = 0.0
-    error: str = ""
-    curve: list = field(default_factory=list)  # every evaluation record (warm starts, sections with curves)
-
-
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -435,29 +423,44 @@ def warm_key(section: Section, seed: int) -> str:
     return json.dumps(["warm start", section.recipe, list(section.warm.overrides), seed])
 
 
-def warm_start(section: Section, seed: int, args, store: "RunStore | None" = None) -> tuple[list[str], str]:
+def warm_start(section: Section, seed: int, args, store: "RunStore | None" = None) -> tuple[list[str], dict, str]:
     """Train and export the section's warm start for ``seed`` (kept in ``--warm-dir``, reused
-    while the same command finished there); the overrides that load it, or an error. Its
-    evaluation curve goes to ``store`` so that the report renders it without the warm dir."""
+    while the same command finished there and its recipe resolves as it did then); the overrides
+    that load it, the recipe it was trained with, or an error. Its evaluation curve goes to
+    ``store`` so that the report renders it without the warm dir."""
     import hashlib
+
+    import yaml
 
     warm = section.warm
     cmd_key = json.dumps([section.recipe, list(warm.overrides), seed])
     out = Path(args.warm_dir) / f"{section.name}-seed{seed}-{hashlib.sha1(cmd_key.encode()).hexdigest()[:10]}"
     export = out / "hf"
     t0 = time.perf_counter()
-    if not (export / "config.json").is_file():
+    cmd = train_command(section.recipe, warm.overrides, seed, str(out), None, export=True)
+    recipe = resolved_recipe(section.recipe, cmd[cmd.index(section.recipe) + 1:])
+    # a folder without its recipe.yaml (not one kdcore wrote) is taken as it is
+    trained_with = (content_of_data(yaml.safe_load((out / "recipe.yaml").read_text()))
+                    if (out / "recipe.yaml").is_file() else {})
+    changed = recipe_changes(trained_with, recipe) if trained_with else []
+    if (export / "config.json").is_file() and changed:
+        log(f"{section.name} | warm start | seed {seed}: its recipe changed ({', '.join(changed[:5])}), training again")
+    if not (export / "config.json").is_file() or changed:
         log(f"{section.name} | warm start | seed {seed}: training {' '.join(warm.overrides)}")
         env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-        cmd = train_command(section.recipe, warm.overrides, seed, str(out), None, export=True) + ["--overwrite"]
         try:
-            proc = subprocess.run(cmd, cwd=str(common.REPO_ROOT), env=env, capture_output=True, text=True,
-                                  timeout=args.timeout)
+            proc = subprocess.run(cmd + ["--overwrite"], cwd=str(common.REPO_ROOT), env=env, capture_output=True,
+                                  text=True, timeout=args.timeout)
         except subprocess.TimeoutExpired:
-            return [], f"warm start still running after {args.timeout:.0f} s"
+            return [], {}, f"warm start still running after {args.timeout:.0f} s"
         if proc.returncode != 0 or not (export / "config.json").is_file():
             tail = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()]
-            return [], f"warm start exited {proc.returncode}: {tail[-1][:300] if tail else '(no output)'}"
+            return [], {}, f"warm start exited {proc.returncode}: {tail[-1][:300] if tail else '(no output)'}"
+        if store:  # the curve and the rows stored from the export it replaced are retired
+            extra = [f"student.path={export}", "student.init=pretrained"]
+            for key in [k for k in store.done if k == warm_key(section, seed) or json.loads(k)[4:] == [extra]]:
+                store.stale[key] = ["the warm start, trained again"]
+                del store.done[key]
     records = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
     evals = [r for r in records if "eval_teacher_kl" in r]
     store = store or RunStore(None)
@@ -469,10 +472,10 @@ def warm_start(section: Section, seed: int, args, store: "RunStore | None" = Non
                   # right also when an earlier invocation trained it into the warm dir
                   wall_s=max((export / "config.json").stat().st_mtime - (out / "recipe.yaml").stat().st_mtime, 0.0)
                   if (out / "recipe.yaml").is_file() else time.perf_counter() - t0)
-        store.put(warm_key(section, seed), run)
+        store.put(warm_key(section, seed), run, recipe)
     if run is not None:
         WARM_RESULTS[(section.name, seed)] = run
-    return [f"student.path={export}", "student.init=pretrained"], ""
+    return [f"student.path={export}", "student.init=pretrained"], recipe, ""
 
 
 def plan(section: Section, args) -> list[tuple[Row, list[int]]]:
@@ -480,40 +483,6 @@ def plan(section: Section, args) -> list[tuple[Row, list[int]]]:
     rows = [r for r in section.rows if (not args.rows or r.name in args.rows)
             and (not args.quick or r.name in section.quick_rows)]
     return [(r, args.seeds if r.headline else args.other_seeds) for r in [section.baseline, *rows]]
-
-
-class RunStore:
-    """Finished runs kept in a JSONL file (``--store``), keyed by the exact training command, so a
-    benchmark interrupted after hours resumes where it stopped and sections run in separate
-    invocations render into one report. A row whose recipe, overrides, seed or steps changed has
-    another key and runs again; code changes are not detected (delete the store after them)."""
-
-    def __init__(self, path: str | None):
-        self.path = Path(path) if path else None
-        self.done: dict[str, Run] = {}
-        self.reused = 0  # runs this invocation took from the file
-        if self.path and self.path.exists():
-            for line in self.path.read_text().splitlines():
-                if line.strip():
-                    rec = json.loads(line)
-                    key = rec.pop("key")  # before Run(**rec): the right side is evaluated first
-                    self.done[key] = Run(**rec)
-
-    @staticmethod
-    def key(section: Section, row: Row, seed: int, steps: int | None, extra: Sequence[str] = ()) -> str:
-        return json.dumps([section.recipe, list(row.overrides), seed, steps] + ([list(extra)] if extra else []))
-
-    def get(self, key: str) -> Run | None:
-        run = self.done.get(key)
-        self.reused += run is not None
-        return run
-
-    def put(self, key: str, run: Run) -> None:
-        if self.path is None or not run.ok:
-            return
-        self.done[key] = run
-        with self.path.open("a") as f:
-            f.write(json.dumps({"key": key, **run.__dict__}) + "\n")
 
 
 def run_section(section: Section, args, on_run: Callable[[dict[str, list[Run]]], None] = lambda runs: None,
@@ -525,14 +494,19 @@ def run_section(section: Section, args, on_run: Callable[[dict[str, list[Run]]],
     planned = plan(section, args)
     seeds_in_order = list(dict.fromkeys(s for _, seeds in planned for s in seeds))
     for seed in seeds_in_order:
-        extra, failed = warm_start(section, seed, args, store) if section.warm is not None else ([], "")
+        extra, warm, failed = warm_start(section, seed, args, store) if section.warm is not None else ([], {}, "")
         for row in [row for row, seeds in planned if seed in seeds]:
             key = store.key(section, row, seed, args.steps, extra)
+            # a row from a warm start learned from it too: a warm start trained anew retires the row
+            recipe = {**resolved_recipe(section.recipe, row.overrides), **({"warm_start": warm} if warm else {})}
             if failed:
                 r = Run(row=row.name, seed=seed, error=failed)
-            elif (r := store.get(key)) is None:
+            elif (r := store.get(key, recipe)) is None:
+                if key in store.stale:
+                    log(f"{section.name} | {row.name} | seed {seed}: stored run's recipe changed "
+                        f"({', '.join(store.stale[key][:5])}), training again")
                 r = run_one(section, row, seed, args.steps, args.timeout, extra)
-                store.put(key, r)
+                store.put(key, r, recipe)
             else:
                 r.row = row.name
                 log(f"{section.name} | {row.name} | seed {seed}: from {store.path}")
@@ -696,17 +670,23 @@ def warm_text(section: Section) -> str:
 def stored_runs(section: Section, store: "RunStore") -> dict[str, list[Run]]:
     """A section's runs as the store holds them, every seed, without training (a section this
     invocation does not run still renders from the runs earlier invocations left); the warm
-    start's record goes to WARM_RESULTS."""
+    start's record goes to WARM_RESULTS. A run whose recipe has changed since is left out (the
+    store counts it); a warm section's rows are checked against the warm start's stored recipe."""
     runs: dict[str, list[Run]] = {}
+    warm: dict[int, dict] = {}
     for key, run in store.done.items():
         k = json.loads(key)
         if section.warm is not None and k[0] == "warm start" and k[1:3] == [section.recipe, list(section.warm.overrides)]:
             WARM_RESULTS[(section.name, k[3])] = run
-            continue
+            warm[k[3]] = run.recipe
+    for key, run in list(store.done.items()):
+        k = json.loads(key)
         for row in (section.baseline, *section.rows):
             # a warm section's rows carry the warm start's overrides (extra); the others carry none
             if k[0] == section.recipe and k[1] == list(row.overrides) and (len(k) == 5) == (section.warm is not None):
-                runs.setdefault(row.name, []).append(Run(**{**run.__dict__, "row": row.name}))
+                recipe = {**resolved_recipe(section.recipe, row.overrides), **({"warm_start": warm[k[2]]} if warm.get(k[2]) else {})}
+                if store.current(key, recipe) is not None:
+                    runs.setdefault(row.name, []).append(Run(**{**run.__dict__, "row": row.name}))
     for rr in runs.values():
         rr.sort(key=lambda r: r.seed)
     order = [r.name for r in (section.baseline, *section.rows)]
@@ -835,7 +815,8 @@ def parse_args(argv=None):
     p.add_argument("--render-only", action="store_true", help="train nothing: render every section from the "
                    "runs --store holds (a partial section shows the rows it has)")
     p.add_argument("--store", default="", help="JSONL of finished runs: reused when the same command runs again "
-                   "(resume an interrupted benchmark; run sections separately into one report)")
+                   "and its recipe resolves as it did (resume an interrupted benchmark; run sections "
+                   "separately into one report)")
     raw = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(raw)
     args.argv = raw
@@ -894,6 +875,14 @@ def main(argv=None) -> int:
             progress = (progress + " " if progress else "") + (
                 f"Sections {names} were not trained by this invocation: they are rendered from the {n_kept} runs "
                 f"`{store.path.name}` holds for them (their seeds, steps and times are those runs' own).")
+        if store.stale:
+            keys = sorted({k for ch in store.stale.values() for k in ch})
+            progress += (f" {len(store.stale)} stored runs are left out: their recipe resolves differently now "
+                         f"({', '.join(keys[:6])}{', …' if len(keys) > 6 else ''}).")
+        if store.unchecked:
+            progress += (f" {len(store.unchecked)} of the runs shown were stored before each run kept its recipe "
+                         "(2026-12-07), so a recipe change since would not show: they are taken on trust.")
+        progress = progress.strip()
         # every section in SECTIONS order, the ones this invocation ran and the ones kept from the store
         bodies = [render_section(SECTIONS[name](), done.get(name) or kept[name]) for name in SECTIONS
                   if name in done or name in kept]

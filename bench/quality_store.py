@@ -1,0 +1,148 @@
+"""The quality benchmark's finished runs, kept in a JSONL file (``--store``) so that a benchmark
+interrupted after hours resumes where it stopped and sections run in separate invocations render
+into one report.
+
+A run is found again by its **key** (the exact command: recipe name, overrides, seed, steps, and
+the warm start's overrides) and trusted only while its **recipe** still resolves as it did: each
+run keeps the recipe ``kdcore`` resolved for it (every default included, each data file replaced
+by the hash of its content), and a stored run whose recipe now resolves to other values is
+*stale*: it is trained again, and a report rendered from the store leaves it out and says how
+many. So editing ``recipes/quickstart.yaml``, changing a default in the recipe schema or the
+training data retires the runs it affects and no others. A field added to the schema after a run
+was stored is taken to have kept that run's behaviour while it holds its default (the rule every
+new field follows); set to anything else, the run is stale.
+
+Not detected: changes to the code that trains (a loss, the driver): delete the store after them.
+Runs stored before recipes were kept (2026-12-07) carry none and are trusted as before; the
+report counts them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Sequence
+
+
+@dataclass
+class Run:
+    row: str
+    seed: int
+    ok: bool = False
+    final: dict = field(default_factory=dict)  # the last evaluation record
+    initial: dict = field(default_factory=dict)  # the step-0 evaluation record (the student at init)
+    steps: int = 0
+    tokens: int = 0  # training loss tokens summed over the steps (equal work: the same for every row)
+    wall_s: float = 0.0
+    error: str = ""
+    curve: list = field(default_factory=list)  # every evaluation record (warm starts, sections with curves)
+    recipe: dict = field(default_factory=dict)  # resolved_recipe() of the row when it was trained
+
+
+# the keys of a resolved recipe that name data files: their content, not their path, is what a
+# run learned from (the path differs between checkouts of the same commit)
+DATA_KEYS = ("train", "eval")
+
+
+def content_of_data(resolved: dict) -> dict:
+    resolved = json.loads(json.dumps(resolved))  # a copy: the data paths are replaced below
+    data = resolved.get("data") or {}
+    for key in DATA_KEYS:
+        value = data.get(key)
+        if isinstance(value, str) and Path(value).is_file():
+            data[key] = "sha256:" + hashlib.sha256(Path(value).read_bytes()).hexdigest()
+    return resolved
+
+
+@lru_cache(maxsize=None)
+def _resolved(recipe: str, overrides: tuple[str, ...]) -> str:
+    from omegaconf import OmegaConf
+
+    from kdcore.recipe.loading import load_recipe
+
+    return json.dumps(content_of_data(OmegaConf.to_container(load_recipe(recipe, list(overrides)), resolve=True)))
+
+
+def resolved_recipe(recipe: str, overrides: Sequence[str]) -> dict:
+    """``recipe`` with ``overrides`` as ``kdcore`` resolves them now, data files by content."""
+    return json.loads(_resolved(recipe, tuple(overrides)))
+
+
+@lru_cache(maxsize=None)
+def _schema_defaults() -> str:
+    from omegaconf import OmegaConf
+
+    from kdcore.recipe.schema import Recipe
+
+    return json.dumps(_flat(OmegaConf.to_container(OmegaConf.structured(Recipe), resolve=True)))
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """Dotted keys to leaves (a list is a leaf)."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def recipe_changes(then: dict, now: dict) -> list[str]:
+    """The dotted keys whose value differs between a stored run's recipe and today's, a key the
+    stored recipe lacks counting only where today's value is not the schema default."""
+    then_flat, now_flat, defaults = _flat(then), _flat(now), json.loads(_schema_defaults())
+    changed = [k for k in then_flat if now_flat.get(k, "<absent>") != then_flat[k]]
+    return changed + [k for k in now_flat if k not in then_flat and now_flat[k] != defaults.get(k, "<absent>")]
+
+
+class RunStore:
+    """Finished runs by key; a run whose recipe no longer resolves as it did is stale (see the
+    module's docstring): :meth:`current` and :meth:`get` do not return it."""
+
+    def __init__(self, path: str | None):
+        self.path = Path(path) if path else None
+        self.done: dict[str, Run] = {}
+        self.reused = 0  # runs this invocation took from the file
+        self.stale: dict[str, list[str]] = {}  # key -> what changed, for stored runs left out
+        self.unchecked: set[str] = set()  # keys of runs found that were stored without their recipe
+        if self.path and self.path.exists():
+            for line in self.path.read_text().splitlines():
+                if line.strip():
+                    rec = json.loads(line)
+                    key = rec.pop("key")  # before Run(**rec): the right side is evaluated first
+                    self.done[key] = Run(**rec)
+
+    @staticmethod
+    def key(section, row, seed: int, steps: int | None, extra: Sequence[str] = ()) -> str:
+        return json.dumps([section.recipe, list(row.overrides), seed, steps] + ([list(extra)] if extra else []))
+
+    def current(self, key: str, recipe: dict) -> Run | None:
+        """The stored run of ``key`` if its recipe is still ``recipe`` (:func:`resolved_recipe`)."""
+        run = self.done.get(key)
+        if run is None:
+            return None
+        if not run.recipe:
+            self.unchecked.add(key)
+        elif changed := recipe_changes(run.recipe, recipe):
+            self.stale[key] = changed
+            return None
+        return run
+
+    def get(self, key: str, recipe: dict) -> Run | None:
+        """As :meth:`current`, counted as a run this invocation reused."""
+        run = self.current(key, recipe)
+        self.reused += run is not None
+        return run
+
+    def put(self, key: str, run: Run, recipe: dict) -> None:
+        run.recipe = recipe
+        if self.path is None or not run.ok:
+            return
+        self.done[key] = run
+        self.stale.pop(key, None)
+        with self.path.open("a") as f:
+            f.write(json.dumps({"key": key, **run.__dict__}) + "\n")
