@@ -19,6 +19,7 @@ BENCHMARKS = {
     "run_all": "kdflow against TRL, every table in one run -> bench/results.md (--quick --no-write: smoke run)",
     "memory_breakdown": "what each of kdflow's two processes holds, phase by phase, in one real run (exact: RSS, not timed)",
     "loss_memory": "peak memory and time of the chunked KD loss vs the dense computation",
+    "uld_sort": "ULD's teacher part vs student part of the loss step, and the partial sort's speed and error",
     "channel_bytes": "bytes and shared-memory time per step: hidden states at loss positions vs full logits",
     "remote_teacher": "one step's hidden states over ZeroMQ loopback vs shared memory -> bench/remote_teacher.md",
     "remote_pool": "two jobs served by 1, 2 and 3 teacher replicas: tokens/s and the spread -> bench/remote_teacher.md",
