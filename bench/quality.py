@@ -197,19 +197,20 @@ def xtok_section() -> Section:
     the weights: a teacher of weight 0 is evaluated but never in the gradient, so "gemma alone"
     is single-teacher cross-tokenizer KD that is still scored against SmolLM2, and the CE-only
     twin is scored against both."""
-    gemma_alone = ("teachers.0.weight=1", "teachers.1.weight=0")
+    gemma_alone = ("teachers.0.weight=1", "teachers.1.weight=0", *SCORED)
     rows = [Row("gemma alone, overlap", gemma_alone, headline=True)]
     rows += [Row(f"gemma alone, {a}", (*gemma_alone, f"teachers.0.aligner={a}")) for a in ("dskd", "uld", "mined")]
-    rows += [Row("smollm2 alone (same vocab)", ("teachers.0.weight=0", "teachers.1.weight=1"), headline=True),
-             Row("gemma + smollm2 (as shipped)", (), headline=True)]
+    rows += [Row("smollm2 alone (same vocab)", ("teachers.0.weight=0", "teachers.1.weight=1", *SCORED), headline=True),
+             Row("gemma + smollm2 (as shipped)", SCORED, headline=True)]
     return Section(
         name="xtok",
         title="Across tokenizers, both sides pretrained: Gemma 3 270M and SmolLM2 teachers",
         recipe="multi_teacher_gemma",
-        baseline=Row("CE only", ("distill.kd_ratio=0",), headline=True),
+        baseline=Row("CE only", ("distill.kd_ratio=0", *SCORED), headline=True),
         rows=tuple(rows),
-        metrics=(KL_GEMMA, KL_SMOLLM2, PPL, TOP1_SMOLLM2),
+        metrics=(KL_GEMMA, KL_SMOLLM2, PPL, TOP1_SMOLLM2, ROUGE_REF, ROUGE_TEACHER, REPEATS, DRAFT, EMPTY, WORDS),
         quick_rows=("gemma alone, overlap", "gemma + smollm2 (as shipped)"),
+        generation=True,
         about=("Teachers: Gemma 3 270M base (Q4_K_M GGUF from PyPI, SentencePiece vocabulary of 262,144, no chat "
                "template) and SmolLM2-135M-Instruct (Q4_1 GGUF, the student's own 49,152-token vocabulary). Student: "
                "8 evenly spaced of SmolLM2-135M-Instruct's 30 layers. Data: the Python docstring Q&A as plain "
@@ -222,7 +223,10 @@ def xtok_section() -> Section:
                "so only the overlap rows and the twin share a yardstick: for `dskd` it is DSKD's own objective "
                "(the projector's CE plus its two KL terms), for `uld` ULD's sorted-probability distance, for "
                "`mined` the KL under its vocabulary map. `KL→smollm2`, `top-1(smollm2)` and `ppl` (the student's "
-               "own tokens) compare across every row."),
+               "own tokens) compare across every row. After training, `kdcore eval` answers the 64 held-out prompts "
+               "greedily (at most 32 tokens), scored against the references and against Gemma's answers (the first "
+               "teacher's); `drafts accepted/4` is empty here: a student cannot draft tokens for a teacher whose "
+               "vocabulary is another (the draft evaluator says n/a)."),
     )
 
 
