@@ -446,7 +446,7 @@ def warm_start(section: Section, seed: int, args, store: "RunStore | None" = Non
     # a folder without its recipe.yaml (not one kdcore wrote) is taken as it is
     trained_with = (content_of_data(yaml.safe_load((out / "recipe.yaml").read_text()))
                     if (out / "recipe.yaml").is_file() else {})
-    changed = recipe_changes(trained_with, recipe) if trained_with else []
+    changed = recipe_changes(trained_with, recipe) if trained_with and recipe is not None else []
     if (export / "config.json").is_file() and changed:
         log(f"{section.name} | warm start | seed {seed}: its recipe changed ({', '.join(changed[:5])}), training again")
     if not (export / "config.json").is_file() or changed:
@@ -468,7 +468,9 @@ def warm_start(section: Section, seed: int, args, store: "RunStore | None" = Non
     records = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
     evals = [r for r in records if "eval_teacher_kl" in r]
     store = store or RunStore(None)
-    if (run := store.done.get(warm_key(section, seed))) is None and evals:
+    if (run := store.done.get(warm_key(section, seed))) is not None and not run.recipe and trained_with:
+        store.put(warm_key(section, seed), run, recipe)  # stored before runs kept recipes; checked above
+    if run is None and evals:
         train = [r for r in records if "loss" in r and "step" in r]
         run = Run(row="warm start", seed=seed, ok=True, final=evals[-1], initial=evals[0], curve=evals,
                   steps=max((r["step"] for r in train), default=0), tokens=sum(int(r.get("tokens", 0)) for r in train),
@@ -502,7 +504,9 @@ def run_section(section: Section, args, on_run: Callable[[dict[str, list[Run]]],
         for row in [row for row, seeds in planned if seed in seeds]:
             key = store.key(section, row, seed, args.steps, extra)
             # a row from a warm start learned from it too: a warm start trained anew retires the row
-            recipe = {**resolved_recipe(section.recipe, row.overrides), **({"warm_start": warm} if warm else {})}
+            recipe = resolved_recipe(section.recipe, row.overrides)
+            if recipe is not None and warm:
+                recipe = {**recipe, "warm_start": warm}
             if failed:
                 r = Run(row=row.name, seed=seed, error=failed)
             elif (r := store.get(key, recipe)) is None:
@@ -688,7 +692,9 @@ def stored_runs(section: Section, store: "RunStore") -> dict[str, list[Run]]:
         for row in (section.baseline, *section.rows):
             # a warm section's rows carry the warm start's overrides (extra); the others carry none
             if k[0] == section.recipe and k[1] == list(row.overrides) and (len(k) == 5) == (section.warm is not None):
-                recipe = {**resolved_recipe(section.recipe, row.overrides), **({"warm_start": warm[k[2]]} if warm.get(k[2]) else {})}
+                recipe = resolved_recipe(section.recipe, row.overrides)
+                if recipe is not None and warm.get(k[2]):
+                    recipe = {**recipe, "warm_start": warm[k[2]]}
                 if store.current(key, recipe) is not None:
                     runs.setdefault(row.name, []).append(Run(**{**run.__dict__, "row": row.name}))
     for rr in runs.values():

@@ -13,8 +13,8 @@ was stored is taken to have kept that run's behaviour while it holds its default
 new field follows); set to anything else, the run is stale.
 
 Not detected: changes to the code that trains (a loss, the driver): delete the store after them.
-Runs stored before recipes were kept (2026-12-07) carry none and are trusted as before; the
-report counts them.
+Runs stored before recipes were kept (2026-12-07) carry none and are trusted as before, as are
+runs whose recipe does not resolve on the machine rendering them; the report counts them.
 """
 
 from __future__ import annotations
@@ -66,9 +66,16 @@ def _resolved(recipe: str, overrides: tuple[str, ...]) -> str:
     return json.dumps(content_of_data(OmegaConf.to_container(load_recipe(recipe, list(overrides)), resolve=True)))
 
 
-def resolved_recipe(recipe: str, overrides: Sequence[str]) -> dict:
-    """``recipe`` with ``overrides`` as ``kdcore`` resolves them now, data files by content."""
-    return json.loads(_resolved(recipe, tuple(overrides)))
+def resolved_recipe(recipe: str, overrides: Sequence[str]) -> dict | None:
+    """``recipe`` with ``overrides`` as ``kdcore`` resolves them now, data files by content; None
+    where it does not resolve on this machine (say a teacher file its setup script writes is
+    missing): its stored runs can then be shown but not checked."""
+    from kdcore.recipe.loading import RecipeError
+
+    try:
+        return json.loads(_resolved(recipe, tuple(overrides)))
+    except RecipeError:
+        return None
 
 
 @lru_cache(maxsize=None)
@@ -120,26 +127,27 @@ class RunStore:
     def key(section, row, seed: int, steps: int | None, extra: Sequence[str] = ()) -> str:
         return json.dumps([section.recipe, list(row.overrides), seed, steps] + ([list(extra)] if extra else []))
 
-    def current(self, key: str, recipe: dict) -> Run | None:
-        """The stored run of ``key`` if its recipe is still ``recipe`` (:func:`resolved_recipe`)."""
+    def current(self, key: str, recipe: dict | None) -> Run | None:
+        """The stored run of ``key`` if its recipe is still ``recipe`` (:func:`resolved_recipe`;
+        None: not resolvable here, the run is taken unchecked)."""
         run = self.done.get(key)
         if run is None:
             return None
-        if not run.recipe:
+        if not run.recipe or recipe is None:
             self.unchecked.add(key)
         elif changed := recipe_changes(run.recipe, recipe):
             self.stale[key] = changed
             return None
         return run
 
-    def get(self, key: str, recipe: dict) -> Run | None:
+    def get(self, key: str, recipe: dict | None) -> Run | None:
         """As :meth:`current`, counted as a run this invocation reused."""
         run = self.current(key, recipe)
         self.reused += run is not None
         return run
 
-    def put(self, key: str, run: Run, recipe: dict) -> None:
-        run.recipe = recipe
+    def put(self, key: str, run: Run, recipe: dict | None) -> None:
+        run.recipe = recipe or {}
         if self.path is None or not run.ok:
             return
         self.done[key] = run

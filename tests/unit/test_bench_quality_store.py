@@ -65,3 +65,64 @@ def test_render_only_leaves_a_stale_run_out_and_says_so_and_trusts_runs_stored_w
     assert "224.5" not in text and "216.5" in text
     assert "1 stored runs are left out: their recipe resolves differently now (train.lr)" in text
     assert "1 of the runs shown were stored before each run kept its recipe" in text
+
+
+def test_a_recipe_that_does_not_resolve_here_leaves_its_runs_shown_but_unchecked(tmp_path):
+    missing = tmp_path / "absent.gguf"
+    assert resolved_recipe("quickstart", [f"teacher.path={missing}"]) is None
+    store = RunStore(None)
+    store.done["k"] = _run("r", 0, 3.0, 200.0, {"train": {"lr": 1.0}})
+    assert store.current("k", None) is not None and store.unchecked == {"k"}
+
+
+def _warm_folder(tmp_path, recipe_changes=None):
+    """A warm start's folder as kdcore leaves it: the export, the metrics and the resolved recipe
+    it ran with (here today's, or today's with ``recipe_changes``)."""
+    import hashlib
+
+    import yaml
+    from omegaconf import OmegaConf
+
+    from kdcore.recipe.loading import load_recipe
+
+    warm = q.warm_section()
+    cmd_key = json.dumps([warm.recipe, list(warm.warm.overrides), 0])
+    out = tmp_path / "warm" / f"{warm.name}-seed0-{hashlib.sha1(cmd_key.encode()).hexdigest()[:10]}"
+    (out / "hf").mkdir(parents=True)
+    (out / "hf" / "config.json").write_text("{}")
+    (out / "metrics.jsonl").write_text(json.dumps({"step": 0, "eval_teacher_kl": 9.0}) + "\n"
+                                       + json.dumps({"step": 200, "eval_teacher_kl": 3.5}) + "\n")
+    cmd = q.train_command(warm.recipe, warm.warm.overrides, 0, str(out), None, export=True)
+    ran = OmegaConf.to_container(load_recipe(warm.recipe, cmd[cmd.index(warm.recipe) + 1:]), resolve=True)
+    for dotted, value in (recipe_changes or {}).items():
+        section, leaf = dotted.split(".")
+        ran[section][leaf] = value
+    (out / "recipe.yaml").write_text(yaml.safe_dump(ran))
+    return warm, out
+
+
+def test_a_warm_start_whose_folder_ran_todays_recipe_is_reused_and_its_legacy_record_checked(tmp_path, monkeypatch):
+    warm, out = _warm_folder(tmp_path)
+    monkeypatch.setattr(q.subprocess, "run", lambda *a, **k: (_ for _ in ()).throw(AssertionError("trained")))
+    store = RunStore(str(tmp_path / "runs.jsonl"))
+    store.done[q.warm_key(warm, 0)] = Run(row="warm start", seed=0, ok=True, final={"step": 200})  # no recipe
+    args = q.parse_args(["--warm-dir", str(tmp_path / "warm")])
+    extra, recipe, failed = q.warm_start(warm, 0, args, store)
+    assert not failed and extra[0] == f"student.path={out / 'hf'}"
+    assert store.done[q.warm_key(warm, 0)].recipe == recipe  # checked against the folder, now kept
+    q.WARM_RESULTS.clear()
+
+
+def test_a_warm_start_whose_folder_ran_another_recipe_is_trained_again(tmp_path, monkeypatch):
+    warm, out = _warm_folder(tmp_path, {"train.lr": 0.5})
+    calls = []
+
+    def refuse(cmd, **kwargs):
+        calls.append(cmd)
+        return q.subprocess.CompletedProcess(cmd, 1, "", "refused by the test")
+
+    monkeypatch.setattr(q.subprocess, "run", refuse)
+    args = q.parse_args(["--warm-dir", str(tmp_path / "warm")])
+    extra, recipe, failed = q.warm_start(warm, 0, args, RunStore(None))
+    assert len(calls) == 1 and "--overwrite" in calls[0] and str(out) in " ".join(calls[0])
+    assert failed == "warm start exited 1: refused by the test"
