@@ -37,6 +37,9 @@ class ULDOptions:
     # 0 sorts whole vocabularies (the exact distance). k > 0 compares the k largest
     # probabilities of each side plus the difference of the remaining masses: a lower bound
     # that is exact when both tails are sorted alike, and much cheaper than sorting 150k entries.
+    # Exact by default: `python -m bench uld_sort` (2026-12-07) put k = 256 at 0.24x the exact
+    # loss step and 0.11% off on a trained pair, but 97% off on near-uniform distributions (a
+    # cold student's).
     top_k: int = 0
 
     def __post_init__(self):
