@@ -498,6 +498,13 @@ def plan(section: Section, args) -> list[tuple[Row, list[int]]]:
     return [(r, args.seeds if r.headline else args.other_seeds) for r in [section.baseline, *rows]]
 
 
+def row_recipe(section: Section, row: Row, warm: dict | None) -> dict | None:
+    """The recipe a row's stored run is checked against: its own, resolved now, plus the warm
+    start's it continued from (a warm start trained anew then retires the row)."""
+    recipe = resolved_recipe(section.recipe, row.overrides)
+    return {**recipe, "warm_start": warm} if recipe is not None and warm else recipe
+
+
 def run_section(section: Section, args, on_run: Callable[[dict[str, list[Run]]], None] = lambda runs: None,
                 store: RunStore | None = None) -> dict[str, list[Run]]:
     """Every planned run, seed by seed (each seed's rows together, so an interrupted run still holds
@@ -510,10 +517,7 @@ def run_section(section: Section, args, on_run: Callable[[dict[str, list[Run]]],
         extra, warm, failed = warm_start(section, seed, args, store) if section.warm is not None else ([], {}, "")
         for row in [row for row, seeds in planned if seed in seeds]:
             key = store.key(section, row, seed, args.steps, extra)
-            # a row from a warm start learned from it too: a warm start trained anew retires the row
-            recipe = resolved_recipe(section.recipe, row.overrides)
-            if recipe is not None and warm:
-                recipe = {**recipe, "warm_start": warm}
+            recipe = row_recipe(section, row, warm)
             if failed:
                 r = Run(row=row.name, seed=seed, error=failed)
             elif (r := store.get(key, recipe)) is None:
@@ -694,15 +698,12 @@ def stored_runs(section: Section, store: "RunStore") -> dict[str, list[Run]]:
         if section.warm is not None and k[0] == "warm start" and k[1:3] == [section.recipe, list(section.warm.overrides)]:
             WARM_RESULTS[(section.name, k[3])] = run
             warm[k[3]] = run.recipe
-    for key, run in list(store.done.items()):
+    for key, run in store.done.items():
         k = json.loads(key)
         for row in (section.baseline, *section.rows):
             # a warm section's rows carry the warm start's overrides (extra); the others carry none
             if k[0] == section.recipe and k[1] == list(row.overrides) and (len(k) == 5) == (section.warm is not None):
-                recipe = resolved_recipe(section.recipe, row.overrides)
-                if recipe is not None and warm.get(k[2]):
-                    recipe = {**recipe, "warm_start": warm[k[2]]}
-                if store.current(key, recipe) is not None:
+                if store.current(key, row_recipe(section, row, warm.get(k[2]))) is not None:
                     runs.setdefault(row.name, []).append(Run(**{**run.__dict__, "row": row.name}))
     for rr in runs.values():
         rr.sort(key=lambda r: r.seed)
