@@ -47,14 +47,20 @@ def rouge_l(generations, options: RougeLOptions | None = None) -> dict[str, floa
 
 
 def answer_words(generations, options=None) -> dict[str, float]:
-    """How long the answers are, in whitespace-separated words."""
+    """How long the answers are, in whitespace-separated words; the share of empty student
+    answers; and the share of distinct student answers (``student_distinct``: 1.0 when every
+    prompt gets its own answer, 1/n when one template answers all n, whatever its ROUGE)."""
     g = generations
 
     def mean_words(texts) -> float:
         return sum(len(t.split()) for t in texts) / len(texts) if texts else 0.0
 
+    def share(count: int) -> float:
+        return count / len(g.student) if g.student else 0.0
+
     return {"student": mean_words(g.student), "teacher": mean_words(g.teacher), "reference": mean_words(g.references),
-            "student_empty": sum(not t.strip() for t in g.student) / len(g.student) if g.student else 0.0}
+            "student_empty": share(sum(not t.strip() for t in g.student)),
+            "student_distinct": share(len({" ".join(t.split()) for t in g.student}))}
 
 
 @dataclass
@@ -128,13 +134,15 @@ def draft(generations, options: DraftOptions | None = None) -> dict[str, float]:
     gamma = (options or DraftOptions()).gamma
     g = generations
     model = g.student_model
-    if model is None or not g.teacher_prompt_ids or not same_tokenizer(g.student_tokenizer, g.teacher_tokenizer):
+    if model is None or not g.student_prompt_ids or not same_tokenizer(g.student_tokenizer, g.teacher_tokenizer):
         return {}  # n/a: drafting needs the student and the teacher's vocabulary
     device = next(model.parameters()).device
     blocks: list[tuple[int, int]] = []
     tokens = 0
     with torch.inference_mode():
-        for prompt, answer in zip(g.teacher_prompt_ids, g.teacher_ids):
+        # the student drafts from its own prompt (without data.teacher_context's context, which
+        # only the teacher reads); the teacher's greedy answer is what its drafts must match
+        for prompt, answer in zip(g.student_prompt_ids, g.teacher_ids):
             if not answer:
                 continue
             ids = torch.tensor([list(prompt) + list(answer)], device=device)

@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
-from kdcore.data.rollout_samples import prompt_of, render_prompt, stop_ids
+from kdcore.data.rollout_samples import prompt_of, render_prompt, stop_ids, teacher_prompt_of
 from kdcore.engines.greedy import batch_rows, greedy_answers
 from kdcore.engines.hf_rollout import HFRolloutEngine, TeacherRolloutEngine
 from kdcore.infra import distributed as kdist
@@ -261,16 +261,17 @@ def generate_answers(cfg, samples, model, teacher_rollout, student_tok, teacher_
     Both sides decode many prompts at once with a KV cache (:mod:`kdcore.engines.greedy`): the
     student here, on ``model`` itself; the teacher in its engine's process (its ``generate``,
     which decodes greedy requests the same way). Prompts go in batches of similar lengths."""
-    pairs = [(p, reference_of(s)) for s in samples if (p := prompt_of(s)) is not None]
-    pairs = [(p, r) for p, r in pairs if r is not None]
-    if not pairs:
+    chosen = [s for s in samples if prompt_of(s) is not None and reference_of(s) is not None]
+    if not chosen:
         return None
-    prompts = [p for p, _ in pairs]
+    prompts = [prompt_of(s) for s in chosen]
+    # the teacher answers what it read in training: with data.teacher_context, the context too
+    teacher_prompts = [teacher_prompt_of(s) for s in chosen]
     n = cfg.eval.max_new_tokens
     mbs = max(cfg.train.micro_batch_size, 1)
 
-    def prompt_ids(tok) -> list[list[int]]:
-        return [list(render_prompt(p, tok).input_ids) for p in prompts]
+    def prompt_ids(asked, tok) -> list[list[int]]:
+        return [list(render_prompt(p, tok).input_ids) for p in asked]
 
     def answers(ids: list[list[int]], generate, who: str) -> list[list[int]]:
         # similar lengths together (less padding); several micro-batches' worth of rows at once,
@@ -288,7 +289,7 @@ def generate_answers(cfg, samples, model, teacher_rollout, student_tok, teacher_
                 advance(len(new), tokens=sum(len(x) for x in new))
         return out
 
-    s_prompts, t_prompts = prompt_ids(student_tok), prompt_ids(teacher_tok)
+    s_prompts, t_prompts = prompt_ids(prompts, student_tok), prompt_ids(teacher_prompts, teacher_tok)
     s_eos = stop_ids(student_tok, _model_eos(model))
     s_ids = answers(s_prompts, lambda chunk: greedy_answers(model, chunk, max_new_tokens=n, eos_ids=s_eos,
                                                             rows=len(chunk), pad_id=pad_token_id(student_tok),
@@ -297,7 +298,7 @@ def generate_answers(cfg, samples, model, teacher_rollout, student_tok, teacher_
     t_ids = answers(t_prompts, lambda chunk: [g.token_ids for g in teacher_rollout.generate(
         chunk, max_new_tokens=n, temperature=0.0, eos_ids=t_eos)], "teacher")
     return Generations(
-        prompts=[p.content for p in prompts], references=[r for _, r in pairs],
+        prompts=[p.content for p in prompts], references=[reference_of(s) for s in chosen],
         student=[student_tok.decode(x, skip_special_tokens=True) for x in s_ids],
         teacher=[teacher_tok.decode(x, skip_special_tokens=True) for x in t_ids],
         student_ids=s_ids, teacher_ids=t_ids, student_tokenizer=student_tok, teacher_tokenizer=teacher_tok,

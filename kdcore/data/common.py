@@ -44,6 +44,7 @@ class Sample:
     # own tokenization, offsets in this sample's canonical text; empty on the single-teacher path
     teachers: dict[str, Tokenized] = field(default_factory=dict, repr=False)
     route: tuple[str, ...] | None = None  # data.teacher_column: the teachers of this row; None = all
+    context: str = ""  # data.teacher_context: what the teachers read before this row ('' when off)
 
     def __len__(self) -> int:
         return len(self.student.input_ids)

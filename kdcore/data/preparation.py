@@ -187,7 +187,7 @@ def _tokenize_split_views(rows: list[tuple[int, dict]], src: RowSource, stok, re
         if truncated:  # the teachers read as far as the student does
             end = max(b for _, b in sample.student.offsets)
             own = {name: _truncate_at_char(t, end) for name, t in own.items()}
-        sample.teachers, sample.route = own, routes[k]
+        sample.teachers, sample.route, sample.context = own, routes[k], contexts[k]
         rep.truncated += truncated
         rep.add(sample)
         samples.append(sample)

@@ -28,6 +28,7 @@ from typing import Optional, Sequence
 
 from kdcore.distill.aligner import Tokenized
 from kdcore.data.common import BadRow, Sample
+from kdcore.data.teacher_views import with_context
 from kdcore.data.rendering import (_render, _render_chat, _Rendered, _tok_name, _tokenize_rendered, _truncate,
                                    _truncate_at_char, tokenize_rows)
 from kdcore.engines.protocol import Generation
@@ -87,6 +88,21 @@ def _prompt_rendered(prompt: Prompt, tok):
 def _tokenize(r, tok) -> Tokenized:
     enc = tok([r.string], add_special_tokens=False, return_offsets_mapping=True)
     return _tokenize_rendered(r, enc["input_ids"][0], enc["offset_mapping"][0], special_ids(tok))
+
+
+def teacher_prompt_of(sample: Sample) -> Optional[Prompt]:
+    """The prompt as the teachers read it: under ``data.teacher_context`` with the sample's
+    context prepended to its first content, as :func:`kdcore.data.teacher_views.with_context`
+    prepends it to the whole row in training (so a context-distilled student is compared with
+    the teacher it learned from); otherwise :func:`prompt_of`."""
+    prompt = prompt_of(sample)
+    if prompt is None or not sample.context:
+        return prompt
+    ctx = sample.context
+    if prompt.messages is not None:
+        msgs = with_context({"messages": prompt.messages}, ctx)["messages"]
+        return Prompt(row=prompt.row, content=ctx + prompt.content, messages=msgs)
+    return Prompt(row=prompt.row, content=ctx + prompt.content, text=ctx + (prompt.text or ""))
 
 
 def render_prompt(prompt: Prompt, tok) -> Tokenized:
@@ -276,5 +292,5 @@ def with_teacher_views(rs: RolloutSample, prompt: Prompt, views: dict, *, route=
     return _replace(rs, teacher=None, teachers=out, route=route)
 
 
-__all__ = ["Prompt", "prompt_of", "render_prompt", "stop_ids", "RolloutSample", "response_offsets",
+__all__ = ["Prompt", "prompt_of", "teacher_prompt_of", "render_prompt", "stop_ids", "RolloutSample", "response_offsets",
            "build_rollout_sample", "with_teacher_views"]

@@ -154,7 +154,11 @@ def test_answer_words_counts_words_and_empty_student_answers():
     entry = load_registry().get("evaluator", "answer_words")
     got = entry.fn(generations(student=["the cat on a mat", "  "]), entry.make_options({}))
     # student: 5 and 0 words; teacher: 6 and 4; references: 6 and 4
-    assert got == {"student": 2.5, "teacher": 5.0, "reference": 5.0, "student_empty": 0.5}
+    assert got == {"student": 2.5, "teacher": 5.0, "reference": 5.0, "student_empty": 0.5, "student_distinct": 1.0}
+    # one template for every prompt (up to spacing) is one distinct answer of three
+    template = entry.fn(generations(student=["Return the object.", "Return  the object.", "Return the object. "]),
+                        entry.make_options({}))
+    assert template["student_distinct"] == pytest.approx(1 / 3) and template["student_empty"] == 0.0
 
 
 def register_evaluators(register):

@@ -55,9 +55,11 @@ def argmax_next(model, ids: list[int]) -> list[int]:
         return model(torch.tensor([ids])).logits[0].argmax(-1).tolist()
 
 
-def speculative_decode(student, teacher, prompt: list[int], max_new: int, gamma: int):
+def speculative_decode(student, teacher, prompt: list[int], max_new: int, gamma: int, student_prompt=None):
     """Greedy speculative decoding, step by step as a serving system runs it: returns the
-    answer and the accepted draft count of each block with room for ``gamma`` drafts."""
+    answer and the accepted draft count of each block with room for ``gamma`` drafts. The
+    student drafts from ``student_prompt`` (default: the teacher's ``prompt``)."""
+    student_prompt = prompt if student_prompt is None else student_prompt
     out: list[int] = []
     accepted_full: list[int] = []
     blocks = 0
@@ -65,7 +67,7 @@ def speculative_decode(student, teacher, prompt: list[int], max_new: int, gamma:
         k = min(gamma, max_new - len(out))
         drafts: list[int] = []
         for _ in range(k):  # the student drafts greedily, each token conditioned on its own drafts
-            drafts.append(argmax_next(student, prompt + out + drafts)[-1])
+            drafts.append(argmax_next(student, student_prompt + out + drafts)[-1])
         verify = argmax_next(teacher, prompt + out + drafts)[len(prompt) + len(out) - 1:]
         n = 0
         while n < k and drafts[n] == verify[n]:
@@ -121,6 +123,37 @@ def test_draft_acceptance_equals_a_direct_speculative_decoding_count(std, teache
         assert got["accepted_per_block"] == GAMMA and got["acceptance_rate"] == 1.0
     else:  # a pair that agrees on some tokens only, so the count is not trivially 0 or γ
         assert 0 < got["accepted_per_block"] < GAMMA and 0 < got["acceptance_rate"] < 1
+
+
+CONTEXT = "Answer in one sentence.\n\n"
+
+
+def test_context_distillation_teacher_answers_with_its_context(teacher, smollm2_tokenizer):
+    """Under data.teacher_context the teacher answers the prompt it was distilled with (the context
+    before the first message), the student its own prompt, and the student's drafts are counted
+    from its own prompt against the teacher's answers."""
+    from kdcore.data import TeacherView, prepare_data
+
+    tok = smollm2_tokenizer
+    held_out = prepare_data({"train": str(PYDOC_EVAL), "limit": 2, "max_length": 96, "eval_size": 0,
+                             "teacher_context": {"text": CONTEXT}}, tok,
+                            views={"teacher": TeacherView(tok, context=True)}, teacher_names=("teacher",)).train
+    assert [s.context for s in held_out] == [CONTEXT, CONTEXT]
+    gens = answers_of(teacher, teacher, held_out, tok, max_new=8)
+    for row, s_prompt, t_prompt in zip(held_out, gens.student_prompt_ids, gens.teacher_prompt_ids):
+        question = row.source["messages"][0]["content"]
+        expected = tok.apply_chat_template([{"role": "user", "content": CONTEXT + question}],
+                                           tokenize=False, add_generation_prompt=True)
+        assert tok.decode(t_prompt) == expected
+        assert CONTEXT not in tok.decode(s_prompt) and question in tok.decode(s_prompt)
+    entry = registry_entry("draft")
+    got = entry.fn(gens, entry.make_options({"gamma": GAMMA}))
+    full = []
+    for s_prompt, t_prompt, answer in zip(gens.student_prompt_ids, gens.teacher_prompt_ids, gens.teacher_ids):
+        out, acc, _ = speculative_decode(teacher, teacher, t_prompt, len(answer), GAMMA, student_prompt=s_prompt)
+        assert out == answer  # the teacher's greedy answer to its own (context) prompt
+        full += acc
+    assert got["accepted_per_block"] == pytest.approx(sum(full) / len(full))
 
 
 def test_draft_counts_worked_out_by_hand(smollm2_tokenizer, tmp_path):
