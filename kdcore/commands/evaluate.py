@@ -33,6 +33,7 @@ from kdcore.modeling.paths import ModelNotFoundError
 from kdcore.modeling.student import _transformers_dtype_kw
 from kdcore.modeling.tokenizers import load_tokenizer, same_tokenizer, pad_token_id
 from kdcore.recipe.loading import load_raw, teacher_entries
+from kdcore.storage.aligner_export import ALIGNERS_DIR, CheckpointError, load_aligner
 from kdcore.training.evaluation import frozen_evaluator
 from kdcore.training.run_parts import student_tokenizer_spec, RunParts
 from kdcore.training.weight_sync import full_weights
@@ -176,9 +177,15 @@ class _EvalParts:
         run.setup_heads(model, env.device)  # seeded as training sets them up
 
         for part, entry in zip(run.teachers, teacher_entries(cfg)):
-            if any(p.requires_grad for p in part.aligner.parameters()):
-                raise EvalInputError(f"aligner '{entry['aligner']}' trains its own parameters, which a Hugging Face "
-                                     f"export does not hold: kdcore eval cannot score it")
+            trained = any(p.requires_grad for p in part.aligner.parameters())
+            try:
+                restored = trained and load_aligner(part.aligner, student_dir, part.name)
+            except CheckpointError as exc:
+                raise EvalInputError(str(exc)) from exc
+            if trained and not restored:
+                raise EvalInputError(f"aligner '{entry['aligner']}' trains its own parameters, and {student_dir} "
+                                     f"holds none for teacher '{part.name}' ({ALIGNERS_DIR}/{part.name}.safetensors, "
+                                     f"written by kdcore train's export): kdcore eval cannot score it")
             part.aligner.to(env.device)
             part.aligner.check_heads(int(model.get_output_embeddings().weight.shape[0]), int(part.head.shape[0]))
         return cls(cfg, student_dir, env, run, data.eval, model)

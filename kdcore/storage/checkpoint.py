@@ -57,6 +57,7 @@ from kdcore.storage.checkpoint_files import (  # noqa: F401  (re-exported: kdcor
     is_complete as _is_complete, list_checkpoints, read_checked, step_dir_name, verify_checkpoint, write_manifest,
 )
 from kdcore.infra.exceptions import find_in_chain
+from kdcore.storage.aligner_export import save_aligners
 from kdcore.data.images import processor_for
 from kdcore.modeling.vision import model_class
 from kdcore.storage.safe_dcp import write_json_metadata, JSON_NAME, PICKLED_NAME, read_metadata, SafeFileSystemReader, SafeLoadPlanner
@@ -575,10 +576,16 @@ def write_folder(out: Path, save) -> None:
 
 
 def export_hf(model: nn.Module, tokenizer, out_dir: str | os.PathLike,
-              dtype: torch.dtype | None = None, adapter_dir: str | os.PathLike | None = None) -> Path:
+              dtype: torch.dtype | None = None, adapter_dir: str | os.PathLike | None = None,
+              aligners: dict[str, nn.Module] | None = None) -> Path:
     """Write ``model`` (sharded or not) as a ``from_pretrained``-loadable folder: safetensors
     weights + config (+ generation config) + ``tokenizer`` (when given). Collective; rank 0
     writes. ``dtype`` casts floating weights (default: as trained, fp32 master weights).
+
+    ``aligners``: teacher name -> an aligner trained with the student (DSKD's projectors; kept
+    equal on every rank), written as ``aligners/<name>.safetensors`` (its state dict, fp32 as
+    trained) so that ``kdcore eval`` scores the export as training did
+    (:mod:`kdcore.storage.aligner_export`).
 
     A LoRA student is written merged (plain transformers loads it), and its adapters (fp32, as
     trained) to ``adapter_dir`` (default ``<out_dir>_adapter``) for ``PeftModel.from_pretrained``.
@@ -623,6 +630,7 @@ def export_hf(model: nn.Module, tokenizer, out_dir: str | os.PathLike,
             if tokenizer is not None:
                 # a VL student's processor (image processor, template) goes with it; it saves the tokenizer too
                 (processor_for(tokenizer) or tokenizer).save_pretrained(str(tmp))
+            save_aligners(aligners or {}, tmp)
 
         write_folder(out, save)
     kdist.barrier()

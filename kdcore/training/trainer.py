@@ -231,7 +231,8 @@ class Trainer:
             return None
 
         export_dir = self.out_dir / "hf"
-        ckpt.export_hf(self.student.model, self.student_tok, export_dir)
+        trained = {p.name: p.aligner for p in self.parts if any(q.requires_grad for q in p.aligner.parameters())}
+        ckpt.export_hf(self.student.model, self.student_tok, export_dir, aligners=trained)
         self.log.say(f"exported {export_dir}")
         return export_dir
 

@@ -171,3 +171,41 @@ def test_same_vocab_on_different_tokenizers_is_one_clear_error(tmp_path, tiny_te
     msg = lines[0]
     assert "same_vocab" in msg and "overlap, dskd, uld or mined" in msg, msg
     assert "32000" in msg and "49152" in msg, msg  # both vocabulary sizes named
+
+
+def test_kdcore_eval_scores_a_dskd_export_with_its_trained_projectors(tmp_path, tiny_teacher):
+    """The export holds the projectors DSKD trained (aligners/teacher.safetensors), so kdcore eval
+    scores the run as its last training evaluation did; a file that does not fit the recipe's
+    aligner, or none, is one line naming it."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from helpers.eval_cmd import run_eval
+
+    recipe = xtok_recipe(tmp_path, tiny_teacher, "dskd", distill={"aligner_options": {"mode": "cma"}},
+                         data={"limit": 24}, train={"max_steps": 2, "grad_accum": 1, "eval_batches": 1},
+                         checkpoint={"every": 0, "export_hf": True}, eval={"evaluators": []})
+    res = run_train(recipe)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = tmp_path / "out"
+    saved = out / "hf" / "aligners" / "teacher.safetensors"
+    projectors = load_file(str(saved))
+    assert {f"{m}.{w}" for m in ("t2s", "s2t", "query") for w in ("weight", "bias")} <= set(projectors)
+    last = evals(out)[-1]
+    assert last["step"] == 2
+    res = run_eval(out, "--json", tmp_path / "eval.json")
+    assert res.returncode == 0, res.stderr[-3000:]
+    metrics = json.loads((tmp_path / "eval.json").read_text())["metrics"]
+    assert metrics["eval_teacher_kl"] == pytest.approx(last["eval_teacher_kl"], rel=1e-5)
+    # the step-0 projectors (untrained) would score otherwise: the restored ones are what training left
+    assert evals(out)[0]["eval_teacher_kl"] != pytest.approx(last["eval_teacher_kl"], rel=1e-3)
+
+    projectors["t2s.weight"] = projectors["t2s.weight"][:, :-1].contiguous()  # another recipe's shape
+    save_file(projectors, str(saved))
+    res = run_eval(out)
+    assert res.returncode == 2 and "teacher.safetensors: does not fit the recipe's aligner for teacher 'teacher'" \
+        in res.stderr, res.stderr[-2000:]
+    saved.unlink()
+    res = run_eval(out)
+    assert res.returncode == 2 and "holds none for teacher 'teacher'" in res.stderr, res.stderr[-2000:]
