@@ -38,7 +38,9 @@ def cpu_decode_plan(vendor: Optional[str] = None) -> CpuDecodePlan:
     torch's CPU wheels multiply fp32 through Intel MKL, which picks its kernels by CPU vendor. A few
     rows times a weight (every decoding step) measured, in the bench's on-policy row:
     - AMD EPYC (2026-12-01): ``x · Wᵀ`` up to 5x slower than ``W · xᵀ``, and one thread beat two
-      (the sampling share of a step: 0.98 -> 0.36 s with W · xᵀ on one thread);
+      (the sampling share of a step: 0.98 -> 0.36 s with W · xᵀ on one thread); again on an AMD EPYC
+      (family 25 model 17, 2026-12-07, current code; 2 runs x 3 steps each, quiet): W · xᵀ on one
+      thread 1.41 s/step (sampling 0.61 s), on two 1.45 (0.70), x · Wᵀ on two 2.16 (1.35);
     - Intel Xeon with AMX (2026-12-06): ``x · Wᵀ`` on the trainer's threads fastest, 1.62 s/step
       against 1.88 for W · xᵀ on one thread (x · Wᵀ on one thread 1.89, W · xᵀ on two 1.84).
     The Intel rule was measured on that Xeon only; other vendors were not measured and keep the
