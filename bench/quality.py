@@ -323,8 +323,10 @@ def main(argv=None) -> int:
             progress += (f" {len(store.stale)} stored runs are left out: their recipe resolves differently now "
                          f"({', '.join(keys[:6])}{', …' if len(keys) > 6 else ''}).")
         if store.unchecked:
-            progress += (f" {len(store.unchecked)} of the runs shown were stored before each run kept its recipe "
-                         "(2026-12-07), so a recipe change since would not show: they are taken on trust.")
+            progress += (f" {len(store.unchecked)} of the runs shown are taken on trust: they were stored before "
+                         "each run kept its recipe (2026-12-07), or their recipe does not resolve on the machine "
+                         "rendering this report (a warm start's folder or a model missing), so a recipe change since "
+                         "would not show.")
         progress = progress.strip()
         # every section in SECTIONS order, the ones this invocation ran and the ones kept from the store
         bodies = [render_section(SECTIONS[name](), done.get(name) or kept[name]) for name in SECTIONS

@@ -19,6 +19,11 @@ from bench.quality_store import Run
 WARM_RESULTS: dict[tuple[str, int], "Run"] = {}  # (section, seed) -> the warm start (its evaluations in .curve)
 
 
+def shown(overrides) -> str:
+    """Overrides as one line of the report (a context's newlines written as \\n, as typed in a shell)."""
+    return " ".join(o.replace("\n", "\\n") for o in overrides)
+
+
 def mean_range(values: Sequence[float], fmt: str) -> str:
     """``"mean (min–max)"`` over seeds, or the value alone for one seed; ``"—"`` for none."""
     if not values:
@@ -63,7 +68,7 @@ def section_table(section: Section, runs: dict[str, list[Run]]) -> str:
             continue
         good = [r for r in rr if r.ok]
         if not good:
-            table.append([row.name, " ".join(row.overrides) or "—", "—"] + ["—"] * (2 * len(section.metrics))
+            table.append([row.name, shown(row.overrides) or "—", "—"] + ["—"] * (2 * len(section.metrics))
                          + [f"failed: {rr[-1].error[:100]}", "—"])
             continue
         cells = [mean_range(values_of(good, m), m.fmt) for m in section.metrics]
@@ -72,7 +77,7 @@ def section_table(section: Section, runs: dict[str, list[Run]]) -> str:
             a, b = values_of(good, m), values_of(same_seeds(good, base), m)
             ratios.append(f"{statistics.fmean(a) / statistics.fmean(b):.2f}×" if a and b and statistics.fmean(b) else "—")
         won = "—" if row is section.baseline else (", ".join(x for x in (beats(good, base, m) for m in section.metrics) if x) or "none")
-        table.append([row.name, " ".join(row.overrides) or "—", ",".join(str(r.seed) for r in good)] + cells + ratios
+        table.append([row.name, shown(row.overrides) or "—", ",".join(str(r.seed) for r in good)] + cells + ratios
                      + [won, f"{statistics.fmean(r.wall_s for r in good) / 60:.1f}"])
     return md_table(headers, table, "ll" + "r" * (len(headers) - 3) + "r")
 
@@ -104,7 +109,7 @@ def initial_line(section: Section, runs: dict[str, list[Run]]) -> str:
 
 def render_section(section: Section, runs: dict[str, list[Run]]) -> str:
     parts = [f"## {section.title}", "", section.about, "",
-             f"Recipe `{section.recipe}`; the twin is `{' '.join(section.baseline.overrides)}`. Cells: mean "
+             f"Recipe `{section.recipe}`; the twin is `{shown(section.baseline.overrides)}`. Cells: mean "
              "(min–max) over seeds of the final held-out evaluation; `÷ CE` = the row's mean ÷ the twin's over the same seeds; "
              "`beats CE-only on` names the metrics whose mean is better than the twin's, `(every seed)` when each "
              "seed also beats the twin of the same seed.", "", section_table(section, runs)]
@@ -152,7 +157,7 @@ def warm_text(section: Section) -> str:
     figures = "; ".join(f"seed {seed}: " + ", ".join(f"{m.label.split(' ')[0]} {m.fmt.format(v)}"
                                                       for m in curve_metrics if (v := m.read(run.final)) is not None)
                         for seed, run in sorted(done.items()))
-    text = (f"Warm start: `{' '.join(section.warm.overrides)}` on recipe `{section.recipe}`, exported once per seed"
+    text = (f"Warm start: `{shown(section.warm.overrides)}` on recipe `{section.recipe}`, exported once per seed"
             + (f"; its final held-out evaluation: {figures}." if figures else "."))
     for seed, run in sorted(done.items()):
         rows = [[r["step"]] + [m.fmt.format(v) if (v := m.read(r)) is not None else "—" for m in curve_metrics]

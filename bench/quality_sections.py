@@ -166,8 +166,9 @@ def xtok_section() -> Section:
     twin is scored against both."""
     gemma_alone = ("teachers.0.weight=1", "teachers.1.weight=0", *SCORED)
     rows = [Row("gemma alone, overlap", gemma_alone, headline=True)]
-    # kdcore eval cannot restore DSKD's trained projectors from a Hugging Face export; greedy
-    # answers do not involve the aligner, so its answers are scored with overlap in its place
+    # its stored runs were scored with overlap in DSKD's place, from exports made before they held
+    # the trained projectors (kdcore eval restores them now, from hf/aligners/); greedy answers do
+    # not involve the aligner, and the row keeps that command so that its stored runs stay its own
     # (the row's token figures are its training's own final evaluation, as for every row)
     rows += [Row(f"gemma alone, {a}", (*gemma_alone, f"teachers.0.aligner={a}"),
                  eval_overrides=("teachers.0.aligner=overlap",) if a == "dskd" else ()) for a in ("dskd", "uld", "mined")]
@@ -328,7 +329,45 @@ def answers_section() -> Section:
     )
 
 
+DISTINCT = Metric("answer_words_student_distinct", "distinct answers ↑", "{:.2f}", higher_is_better=True)
+# the teacher's instruction in the context section: of five probed (a scratch probe of the teacher on
+# the 64 held-out rows, not committed), the one that put most on stopping where a reference ends:
+# p(stop) 0.036 -> 0.67, ppl of the reference answers 37 -> 24, argmax opening '`' on 40 prompts -> 4
+BRIEF = 'Answer in one short sentence, starting with a verb (for example "Return ..."), without code or backticks.\n\n'
+WITH_BRIEF = (f"data.teacher_context.text={BRIEF}", "distill.aligner=overlap")
+
+
+def context_section() -> Section:
+    """The quickstart with the teacher asked to answer as the references do (context distillation)."""
+    # the teacher answers at twice the references' length and opens with a backticked name the
+    # 60-step student cannot yet write (see the answers section): asked, in a context only the
+    # teacher reads, to answer briefly, it puts 0.67 on stopping where a reference ends. The twin
+    # gets the same context, so that both are judged against the same teacher answers and KL.
+    return Section(
+        name="context",
+        title="The quickstart with the teacher asked to answer briefly (context distillation)",
+        recipe="quickstart",
+        baseline=Row("CE only", (*WITH_BRIEF, "distill.kd_ratio=0", *SCORED), headline=True),
+        rows=(Row("quickstart, teacher asked to answer briefly", (*WITH_BRIEF, *SCORED), headline=True),
+              # the answers section's closest to the bar (a smaller KD share), with the context
+              Row("and kd_ratio=0.25", (*WITH_BRIEF, "distill.kd_ratio=0.25", *SCORED), headline=True)),
+        metrics=(*TOKENS_AND_ANSWERS, DISTINCT),
+        quick_rows=("quickstart, teacher asked to answer briefly",),
+        generation=True,
+        about=("The quickstart recipe (60 steps, fkl + CE at `kd_ratio 0.5`, no KD at the stop targets) with "
+               "`data.teacher_context`: the teacher reads `" + BRIEF.strip() + "` before each question, the "
+               "student never does (the `overlap` aligner pairs the two by character offsets; the vocabularies "
+               "are the same). The CE-only twin has the same context, which it never uses in training: `kdcore "
+               "eval` scores both against the teacher with its context (teacher-KL on the held-out split, its "
+               "greedy answers), so the twin's training equals the answers section's twin's and its scores "
+               "differ only by that teacher. The second row also takes the answers section's smaller KD share "
+               "(`kd_ratio 0.25`). Top-1 is not reported through the `overlap` aligner. `distinct answers`: different student answers ÷ prompts (1/64 when one "
+               "template answers every prompt)."),
+    )
+
+
 # a new section: a function returning a Section, registered here
 SECTIONS: dict[str, Callable[[], Section]] = {"losses": losses_section, "xtok": xtok_section,
                                             "rollouts": rollouts_section, "warm": warm_section,
-                                            "repair": repair_section, "answers": answers_section}
+                                            "repair": repair_section, "answers": answers_section,
+                                            "context": context_section}

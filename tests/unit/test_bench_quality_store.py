@@ -66,7 +66,7 @@ def test_render_only_leaves_a_stale_run_out_and_says_so_and_trusts_runs_stored_w
     text = out.read_text()
     assert "224.5" not in text and "216.5" in text
     assert "1 stored runs are left out: their recipe resolves differently now (train.lr)" in text
-    assert "1 of the runs shown were stored before each run kept its recipe" in text
+    assert "1 of the runs shown are taken on trust: they were stored before each run kept its recipe" in text
 
 
 def test_a_recipe_that_does_not_resolve_here_leaves_its_runs_shown_but_unchecked(tmp_path):
