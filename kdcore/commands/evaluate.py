@@ -33,7 +33,8 @@ from kdcore.modeling.paths import ModelNotFoundError
 from kdcore.modeling.student import _transformers_dtype_kw
 from kdcore.modeling.tokenizers import load_tokenizer, same_tokenizer, pad_token_id
 from kdcore.recipe.loading import load_raw, teacher_entries
-from kdcore.storage.aligner_export import ALIGNERS_DIR, CheckpointError, load_aligner
+from kdcore.storage.aligner_export import ALIGNERS_DIR, load_aligner
+from kdcore.storage.checkpoint_files import CheckpointError
 from kdcore.training.evaluation import frozen_evaluator
 from kdcore.training.run_parts import student_tokenizer_spec, RunParts
 from kdcore.training.weight_sync import full_weights

@@ -32,9 +32,9 @@ def save_aligners(aligners: dict[str, nn.Module], export_dir: Path) -> None:
 
 
 def load_aligner(aligner: nn.Module, export_dir: str | os.PathLike, name: str) -> bool:
-    """Restore the trained aligner of teacher ``name`` from an export (what
-    :func:`save_aligners` wrote): False when the export holds none; :class:`CheckpointError` naming the file
-    when it does not fit the aligner (another recipe's, or a damaged file). Safetensors only."""
+    """Restore the trained aligner of teacher ``name`` from an export (what :func:`save_aligners`
+    wrote): False when the export holds none; :class:`CheckpointError` naming the file when it
+    does not fit the aligner (another recipe's, or a damaged file). Safetensors only."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
