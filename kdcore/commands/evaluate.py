@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
-from kdcore.data.rollout_samples import prompt_of, render_prompt, stop_ids, teacher_prompt_of
+from kdcore.data.rollout_samples import prompt_of, render_prompt, stop_ids, with_prompt_context
 from kdcore.engines.greedy import batch_rows, greedy_answers
 from kdcore.engines.hf_rollout import HFRolloutEngine, TeacherRolloutEngine
 from kdcore.infra import distributed as kdist
@@ -37,6 +37,7 @@ from kdcore.storage.aligner_export import ALIGNERS_DIR, load_aligner
 from kdcore.storage.checkpoint_files import CheckpointError
 from kdcore.training.evaluation import frozen_evaluator
 from kdcore.training.run_parts import student_tokenizer_spec, RunParts
+from kdcore.training.teachers import trains_aligner
 from kdcore.training.weight_sync import full_weights
 
 RUN_RECIPE = "recipe.yaml"  # what a run folder keeps of the recipe it ran
@@ -178,7 +179,7 @@ class _EvalParts:
         run.setup_heads(model, env.device)  # seeded as training sets them up
 
         for part, entry in zip(run.teachers, teacher_entries(cfg)):
-            trained = any(p.requires_grad for p in part.aligner.parameters())
+            trained = trains_aligner(part)
             try:
                 restored = trained and load_aligner(part.aligner, student_dir, part.name)
             except CheckpointError as exc:
@@ -269,12 +270,12 @@ def generate_answers(cfg, samples, model, teacher_rollout, student_tok, teacher_
     Both sides decode many prompts at once with a KV cache (:mod:`kdcore.engines.greedy`): the
     student here, on ``model`` itself; the teacher in its engine's process (its ``generate``,
     which decodes greedy requests the same way). Prompts go in batches of similar lengths."""
-    chosen = [s for s in samples if prompt_of(s) is not None and reference_of(s) is not None]
+    chosen = [(s, p) for s in samples if (p := prompt_of(s)) is not None and reference_of(s) is not None]
     if not chosen:
         return None
-    prompts = [prompt_of(s) for s in chosen]
+    prompts = [p for _, p in chosen]
     # the teacher answers what it read in training: with data.teacher_context, the context too
-    teacher_prompts = [teacher_prompt_of(s) for s in chosen]
+    teacher_prompts = [with_prompt_context(p, s.context) for s, p in chosen]
     n = cfg.eval.max_new_tokens
     mbs = max(cfg.train.micro_batch_size, 1)
 
@@ -306,7 +307,7 @@ def generate_answers(cfg, samples, model, teacher_rollout, student_tok, teacher_
     t_ids = answers(t_prompts, lambda chunk: [g.token_ids for g in teacher_rollout.generate(
         chunk, max_new_tokens=n, temperature=0.0, eos_ids=t_eos)], "teacher")
     return Generations(
-        prompts=[p.content for p in prompts], references=[reference_of(s) for s in chosen],
+        prompts=[p.content for p in prompts], references=[reference_of(s) for s, _ in chosen],
         student=[student_tok.decode(x, skip_special_tokens=True) for x in s_ids],
         teacher=[teacher_tok.decode(x, skip_special_tokens=True) for x in t_ids],
         student_ids=s_ids, teacher_ids=t_ids, student_tokenizer=student_tok, teacher_tokenizer=teacher_tok,

@@ -90,19 +90,17 @@ def _tokenize(r, tok) -> Tokenized:
     return _tokenize_rendered(r, enc["input_ids"][0], enc["offset_mapping"][0], special_ids(tok))
 
 
-def teacher_prompt_of(sample: Sample) -> Optional[Prompt]:
-    """The prompt as the teachers read it: under ``data.teacher_context`` with the sample's
-    context prepended to its first content, as :func:`kdcore.data.teacher_views.with_context`
-    prepends it to the whole row in training (so a context-distilled student is compared with
-    the teacher it learned from); otherwise :func:`prompt_of`."""
-    prompt = prompt_of(sample)
-    if prompt is None or not sample.context:
+def with_prompt_context(prompt: Prompt, context: str) -> Prompt:
+    """The prompt as the teachers read it under ``data.teacher_context`` (``context``: the
+    sample's ``Sample.context``): prepended to its first content, as
+    :func:`kdcore.data.teacher_views.with_context` prepends it to the whole row in training, so a
+    context-distilled student is compared with the teacher it learned from. '' leaves it as is."""
+    if not context:
         return prompt
-    ctx = sample.context
     if prompt.messages is not None:
-        msgs = with_context({"messages": prompt.messages}, ctx)["messages"]
-        return Prompt(row=prompt.row, content=ctx + prompt.content, messages=msgs)
-    return Prompt(row=prompt.row, content=ctx + prompt.content, text=ctx + (prompt.text or ""))
+        msgs = with_context({"messages": prompt.messages}, context)["messages"]
+        return Prompt(row=prompt.row, content=context + prompt.content, messages=msgs)
+    return Prompt(row=prompt.row, content=context + prompt.content, text=context + (prompt.text or ""))
 
 
 def render_prompt(prompt: Prompt, tok) -> Tokenized:
@@ -292,5 +290,5 @@ def with_teacher_views(rs: RolloutSample, prompt: Prompt, views: dict, *, route=
     return _replace(rs, teacher=None, teachers=out, route=route)
 
 
-__all__ = ["Prompt", "prompt_of", "teacher_prompt_of", "render_prompt", "stop_ids", "RolloutSample", "response_offsets",
+__all__ = ["Prompt", "prompt_of", "with_prompt_context", "render_prompt", "stop_ids", "RolloutSample", "response_offsets",
            "build_rollout_sample", "with_teacher_views"]

@@ -24,9 +24,10 @@ def save_aligners(aligners: dict[str, nn.Module], export_dir: Path) -> None:
     from safetensors.torch import save_file
 
     folder = export_dir / ALIGNERS_DIR
+    if aligners:
+        folder.mkdir(exist_ok=True)
     for name, aligner in aligners.items():
         # recipe teacher names match ^[A-Za-z0-9_.-]+$ (no separator): the file stays in the folder
-        folder.mkdir(exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in aligner.state_dict().items()}
         save_file(state, str(folder / f"{name}.safetensors"))
 

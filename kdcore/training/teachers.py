@@ -119,9 +119,14 @@ def setup_heads(parts: list[TeacherPart], model, *, seed: int, device) -> None:
                                teacher_hidden_size=int(part.head.shape[1]))
 
 
+def trains_aligner(part: TeacherPart) -> bool:
+    """Whether the part's aligner has parameters trained with the student (DSKD's projectors)."""
+    return any(q.requires_grad for q in part.aligner.parameters())
+
+
 def trained_aligners(parts: list[TeacherPart]) -> tuple[list, float]:
     """The aligners with parameters (trained with the student) and their learning-rate scale."""
-    trained = [p.aligner for p in parts if any(q.requires_grad for q in p.aligner.parameters())]
+    trained = [p.aligner for p in parts if trains_aligner(p)]
     scales = {float(a.lr_scale) for a in trained}
     if len(scales) > 1:
         raise TrainingError(f"the teachers' aligners train at different lr_scale values {sorted(scales)}; "

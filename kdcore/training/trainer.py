@@ -231,7 +231,7 @@ class Trainer:
             return None
 
         export_dir = self.out_dir / "hf"
-        trained = {p.name: p.aligner for p in self.parts if any(q.requires_grad for q in p.aligner.parameters())}
+        trained = {p.name: p.aligner for p in self.parts if teachers.trains_aligner(p)}
         ckpt.export_hf(self.student.model, self.student_tok, export_dir, aligners=trained)
         self.log.say(f"exported {export_dir}")
         return export_dir
