@@ -3,9 +3,9 @@
 Under ``torchrun`` (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR`` in the environment)
 :func:`init_distributed` joins the job's process group: gloo on CPU, ``cpu:gloo,cuda:nccl`` on
 CUDA (NCCL for the model's collectives, gloo for the odd CPU tensor). Outside torchrun it makes a
-one-rank gloo group over an in-process ``HashStore`` (no ports, no files), because FSDP2's
-``fully_shard`` needs a device mesh; a one-rank mesh costs one local copy per all-gather and keeps
-a single code path (sharded params, mixed precision, DCP state dicts) for every world size.
+one-rank gloo group over an in-process ``HashStore`` (no ports, no files), so that the collectives
+below, DCP and FSDP2's ``fully_shard`` (which needs a device mesh; on one rank it wraps a student
+only for bf16 mixed precision, :func:`kdcore.modeling.student.uses_fsdp`) work at every world size.
 
 All helpers work with no process group at all (they act as world size 1), so library code may
 call them unconditionally.

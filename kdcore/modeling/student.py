@@ -11,13 +11,17 @@ LoRA (``student.lora.enabled``): the built model is wrapped with peft adapters
 (:mod:`kdcore.modeling.lora`) before sharding; only the adapters train, and the functions below find the
 decoder stack and head of the base model through the wrapper.
 
-Sharding: ``fully_shard`` on each decoder layer, then on the root, which therefore owns the
+Sharding, where :func:`uses_fsdp` (several ranks, or a compute dtype other than fp32): ``fully_shard``
+on each decoder layer, then on the root, which therefore owns the
 embedding, the final norm and ``lm_head`` (tied or not: a tied pair is one parameter in one FSDP
 unit, so it stays tied). FSDP2 does not reshard the root after forward, so between
 :func:`student_hidden` and ``backward`` the root's parameters are the gathered, unsharded
 tensors; :func:`student_head_weight` hands that full ``[V, H]`` weight to the loss driver, whose
 per-chunk ``h @ W.T`` gradients accumulate into it and are reduce-scattered by FSDP at the end
-of backward, together with the embedding's gradient when tied.
+of backward, together with the embedding's gradient when tied. One rank in fp32 trains the plain module
+(the same arithmetic, bit for bit): there FSDP2 has nothing to shard or cast, and its copy of each
+unit's weights while in use cost the real quickstart student 209-216 MB resident
+(``python -m bench fsdp_one_rank``).
 
 Gradient reduction convention: gradients are **averaged** over ranks (FSDP's default, and the
 same for ``extra_modules``). For an exact token-mean over the global batch, each rank's loss must
@@ -231,6 +235,15 @@ def mixed_precision_policy(precision: str):
     if precision == "fp32":
         return None
     return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+
+def uses_fsdp(world_size: int, precision: str) -> bool:
+    """Whether the student is wrapped with FSDP2: only where it has work to do, sharding over
+    several ranks or casting to a compute dtype (``bf16``: fp32 masters, bf16 copies gathered for
+    compute). On one rank in fp32 the plain module trains with the same arithmetic: FSDP2 would copy
+    every unit's weights into an unsharded buffer before use and keep the root's (embedding, head)
+    from forward to backward, memory and time for nothing."""
+    return world_size > 1 or mixed_precision_policy(precision) is not None
 
 
 def shard_student(model: nn.Module, precision: str = "fp32", device: torch.device | str | None = None,
@@ -529,7 +542,7 @@ class Student:
     @classmethod
     def from_recipe(cls, recipe, extra_modules: Sequence[nn.Module] = (), extra_lr: float | None = None,
                     model: nn.Module | None = None) -> "Student":
-        """Build (unless ``model`` is given), shard, and set up optimization from ``recipe.train``.
+        """Build (unless ``model`` is given), shard where :func:`uses_fsdp`, and set up optimization from ``recipe.train``.
 
         Needs :func:`kdcore.infra.distributed.init_distributed` first. Extra modules are moved to the
         training device and made identical across ranks.
@@ -537,7 +550,8 @@ class Student:
         t = recipe.train
         env = kdist.init_distributed()
         model = build_student(recipe) if model is None else model
-        shard_student(model, precision=t.precision, device=env.device)
+        if uses_fsdp(env.world_size, t.precision):
+            shard_student(model, precision=t.precision, device=env.device)
         extras = [m.to(env.device) for m in extra_modules]
         sync_extra_modules(extras)
         opt = build_optimizer(model, t.lr, t.weight_decay, extras, extra_lr)

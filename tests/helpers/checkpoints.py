@@ -15,10 +15,12 @@ def full(t):
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def trained_setup(seed=0, tied=False, steps=1):
-    """A sharded tiny student + projector + AdamW + schedule after ``steps`` real steps."""
+def trained_setup(seed=0, tied=False, steps=1, sharded=True):
+    """A tiny student (FSDP2-sharded unless ``sharded`` is false) + projector + AdamW + schedule
+    after ``steps`` real steps."""
     model = tiny_llama(seed=seed, tie_word_embeddings=tied)
-    shard_student(model, "fp32")
+    if sharded:
+        shard_student(model, "fp32")
     proj = torch.nn.Linear(HIDDEN, HIDDEN)
     opt = build_optimizer(model, 1e-2, 0.01, [proj])
     sched = build_scheduler(opt, 1, 10, 0.1)

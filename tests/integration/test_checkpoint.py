@@ -151,6 +151,20 @@ def test_loading_into_a_different_model_is_a_clear_error(work):
         ck.load_checkpoint(work / "step_9", model=other, optimizer=oopt)
 
 
+@pytest.mark.parametrize("saved_sharded", [True, False])
+def test_a_checkpoint_moves_between_the_sharded_and_the_plain_student(work, saved_sharded):
+    """One rank trains the plain module, several ranks the FSDP2-sharded one
+    (kdcore.modeling.student.uses_fsdp), and runs saved before 2026-12-07 hold the sharded one's
+    state: a checkpoint of either restores into the other, weights and AdamW moments bit for bit."""
+    model, proj, opt, sched = trained_setup(seed=3, tied=True, steps=2, sharded=saved_sharded)
+    path = ck.save_checkpoint(work, 2, model=model, optimizer=opt, scheduler=sched, extra_modules=[proj])
+    other, oproj, oopt, osched = trained_setup(seed=4, tied=True, steps=0, sharded=not saved_sharded)
+    assert not torch.equal(full(next(other.parameters())), full(next(model.parameters())))
+    ck.load_checkpoint(path, model=other, optimizer=oopt, scheduler=osched, extra_modules=[oproj])
+    assert_same(snapshot(model, proj, opt), snapshot(other, oproj, oopt))
+    assert osched.last_epoch == sched.last_epoch == 2
+
+
 # ---------------------------------------------------------------------------------------------
 # Hugging Face export
 

@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from helpers.assets import DIST_SCRIPTS
 from dist_scripts.common import HIDDEN, VOCAB, kd_token_losses, teacher_logits, tiny_llama
 from kdcore.recipe.loading import Recipe
-from kdcore.modeling.student import (Student, build_optimizer, build_scheduler, build_student, clip_gradients,
+from kdcore.modeling.student import (Student, uses_fsdp, build_optimizer, build_scheduler, build_student, clip_gradients,
                             evenly_spaced, lr_factor, set_grad_sync, shard_student, student_head_weight,
                             student_hidden, truncate_layers)
 
@@ -378,6 +378,31 @@ def test_student_from_recipe_trains_on_a_token_mean(tmp_path):
         losses.append(float(loss.detach()))
         assert st.step().stepped
     assert losses[-1] < 0.8 * losses[0], losses  # it actually learns the pseudo-teacher
+
+
+def test_one_rank_trains_the_plain_module_as_fsdp_would(tmp_path):
+    """One rank in fp32: no FSDP2 (nothing to shard or cast; bench/fsdp_one_rank.py measures the
+    copy it would hold), with the arithmetic of the FSDP2-wrapped student, step for step."""
+    tiny_llama(seed=11).save_pretrained(tmp_path / "m")
+    r = recipe_for(str(tmp_path / "m"), init="truncate", num_layers=1)
+    r.train.lr, r.train.warmup_steps, r.train.max_steps = 1e-2, 0, 3
+    plain = Student.from_recipe(r)
+    assert not type(plain.model).__name__.startswith("FSDP")
+    model = shard_student(build_student(r), "fp32")
+    opt = build_optimizer(model, r.train.lr, r.train.weight_decay)
+    wrapped = Student(model, opt, build_scheduler(opt, 0, 3, r.train.min_lr_ratio), [], r.train.max_grad_norm)
+    for step in range(3):
+        ids, mask = batch(20 + step)
+        for st in (plain, wrapped):
+            st.begin_micro_batch(True)
+            _loss(st.model, ids, mask, scale=1 / mask.sum()).backward()
+            assert st.step().stepped
+    for (n, p), (_, q) in zip(plain.model.named_parameters(), wrapped.model.named_parameters()):
+        assert torch.equal(p.detach(), full(q).detach()), n
+    assert any(not torch.equal(p, q) for p, q in zip(plain.model.parameters(), build_student(r).parameters()))
+    r.train.precision = "bf16"  # a compute dtype to cast to: FSDP2's mixed precision, on one rank too
+    assert type(Student.from_recipe(r).model).__name__.startswith("FSDP")
+    assert uses_fsdp(2, "fp32") and uses_fsdp(1, "bf16") and not uses_fsdp(1, "fp32")
 
 
 # ---------------------------------------------------------------------------------------------
