@@ -223,15 +223,21 @@ def stored_runs(section: Section, store: "RunStore") -> dict[str, list[Run]]:
         if section.warm is not None and k[0] == "warm start" and k[1:3] == [section.recipe, list(section.warm.overrides)]:
             WARM_RESULTS[(section.name, k[3])] = run
             warm[k[3]] = run.recipe
-    for key, run in store.done.items():
-        k = json.loads(key)
-        for row in (section.baseline, *section.rows):
-            # a warm section's rows carry the warm start's overrides (extra); the others carry none
-            if k[0] == section.recipe and k[1] == list(row.overrides) and (len(k) == 5) == (section.warm is not None):
+    for row in (section.baseline, *section.rows):
+        by_seed: dict[int, Run] = {}
+        # a warm section's rows carry the warm start's overrides (extra); the others carry none
+        mine = [(key, k, run) for key, run in store.done.items()
+                if (k := json.loads(key))[0] != "warm start" and (len(k) == 5) == (section.warm is not None)]
+        for key, k, run in mine:  # the row's own command first, then a run of the same training
+            if k[0] == section.recipe and k[1] == list(row.overrides):
                 if store.current(key, row_recipe(section, row, warm.get(k[2]))) is not None:
-                    runs.setdefault(row.name, []).append(Run(**{**run.__dict__, "row": row.name}))
-    for rr in runs.values():
-        rr.sort(key=lambda r: r.seed)
+                    by_seed.setdefault(k[2], run)
+        for key, k, run in mine:
+            want = row_recipe(section, row, warm.get(k[2]))
+            if k[2] not in by_seed and run.recipe and want is not None and not recipe_changes(run.recipe, want):
+                by_seed[k[2]] = run
+        if by_seed:
+            runs[row.name] = [Run(**{**by_seed[s].__dict__, "row": row.name}) for s in sorted(by_seed)]
     order = [r.name for r in (section.baseline, *section.rows)]
     return {name: runs[name] for name in order if name in runs}
 

@@ -3,7 +3,8 @@ interrupted after hours resumes where it stopped and sections run in separate in
 into one report.
 
 A run is found again by its **key** (the exact command: recipe name, overrides, seed, steps, and
-the warm start's overrides) and trusted only while its **recipe** still resolves as it did: each
+the warm start's overrides), or by what it trained (a run under another command whose recipe
+resolves to the same values, with the same seed, steps and warm start), and trusted only while its **recipe** still resolves as it did: each
 run keeps the recipe ``kdcore`` resolved for it (every default included, each data file replaced
 by the hash of its content), and a stored run whose recipe now resolves to other values is
 *stale*: it is trained again, and a report rendered from the store leaves it out and says how
@@ -59,32 +60,36 @@ def content_of_data(resolved: dict) -> dict:
 
 @lru_cache(maxsize=None)
 def _resolved(recipe: str, overrides: tuple[str, ...]) -> str:
+    """The resolved recipe as JSON, or "" where it does not resolve (cached too: a render asks for
+    each row's recipe once per stored run)."""
     from omegaconf import OmegaConf
 
-    from kdcore.recipe.loading import load_recipe
+    from kdcore.recipe.loading import RecipeError, load_recipe
 
-    return json.dumps(content_of_data(OmegaConf.to_container(load_recipe(recipe, list(overrides)), resolve=True)))
+    try:
+        cfg = load_recipe(recipe, list(overrides))
+    except RecipeError:
+        return ""
+    return json.dumps(content_of_data(OmegaConf.to_container(cfg, resolve=True)))
 
 
 def resolved_recipe(recipe: str, overrides: Sequence[str]) -> dict | None:
     """``recipe`` with ``overrides`` as ``kdcore`` resolves them now, data files by content; None
     where it does not resolve on this machine (say a teacher file its setup script writes is
     missing): its stored runs can then be shown but not checked."""
-    from kdcore.recipe.loading import RecipeError
-
-    try:
-        return json.loads(_resolved(recipe, tuple(overrides)))
-    except RecipeError:
-        return None
+    text = _resolved(recipe, tuple(overrides))
+    return json.loads(text) if text else None
 
 
 @lru_cache(maxsize=None)
-def _schema_defaults() -> str:
+def _schema_defaults() -> dict:
+    """The schema's defaults by dotted key (built once: a render compares hundreds of recipes;
+    read only)."""
     from omegaconf import OmegaConf
 
     from kdcore.recipe.schema import Recipe
 
-    return json.dumps(_flat(OmegaConf.to_container(OmegaConf.structured(Recipe), resolve=True)))
+    return _flat(OmegaConf.to_container(OmegaConf.structured(Recipe), resolve=True))
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -101,7 +106,7 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 def recipe_changes(then: dict, now: dict) -> list[str]:
     """The dotted keys whose value differs between a stored run's recipe and today's, a key the
     stored recipe lacks counting only where today's value is not the schema default."""
-    then_flat, now_flat, defaults = _flat(then), _flat(now), json.loads(_schema_defaults())
+    then_flat, now_flat, defaults = _flat(then), _flat(now), _schema_defaults()
     changed = [k for k in then_flat if now_flat.get(k, "<absent>") != then_flat[k]]
     return changed + [k for k in now_flat if k not in then_flat and now_flat[k] != defaults.get(k, "<absent>")]
 
@@ -129,16 +134,32 @@ class RunStore:
 
     def current(self, key: str, recipe: dict | None) -> Run | None:
         """The stored run of ``key`` if its recipe is still ``recipe`` (:func:`resolved_recipe`;
-        None: not resolvable here, the run is taken unchecked)."""
+        None: not resolvable here, the run is taken unchecked); else :meth:`same_training`'s."""
         run = self.done.get(key)
         if run is None:
-            return None
+            return self.same_training(key, recipe)
         if not run.recipe or recipe is None:
             self.unchecked.add(key)
         elif changed := recipe_changes(run.recipe, recipe):
+            if (other := self.same_training(key, recipe)) is not None:
+                return other
             self.stale[key] = changed
             return None
         return run
+
+    def same_training(self, key: str, recipe: dict | None) -> Run | None:
+        """A run stored under another command that trained exactly ``recipe`` (its stored recipe
+        resolves to the same values) with the same seed, steps and warm start: a row spelled
+        otherwise (another section's overrides, a recipe file renamed) reuses it."""
+        if recipe is None:
+            return None
+        seed_steps_warm = json.loads(key)[2:]
+        for other, run in self.done.items():
+            o = json.loads(other)  # a warm start's own key is ["warm start", recipe, overrides, seed]
+            if (other != key and o[0] != "warm start" and o[2:] == seed_steps_warm and run.recipe
+                    and not recipe_changes(run.recipe, recipe)):
+                return run
+        return None
 
     def get(self, key: str, recipe: dict | None) -> Run | None:
         """As :meth:`current`, counted as a run this invocation reused."""

@@ -2,11 +2,12 @@
 
 The recipes are the shipped ones, resolved by kdcore's own loader; nothing trains here."""
 
+import dataclasses
 import json
 
 from bench import quality as q
 from bench.quality_report import WARM_RESULTS
-from bench.quality_sections import losses_section, warm_section
+from bench.quality_sections import Row, losses_section, warm_section
 from bench.quality_store import Run, RunStore, content_of_data, recipe_changes, resolved_recipe
 
 
@@ -27,6 +28,25 @@ def test_put_keeps_the_recipe_and_a_new_store_reuses_the_run_while_it_matches(tm
     # the same row with another learning rate today: the stored run is stale, and says why
     moved = resolved_recipe(losses.recipe, [*row.overrides, "train.lr=0.5"])
     assert again.get(key, moved) is None and again.stale[key] == ["train.lr"] and again.reused == 1
+
+
+def test_a_run_is_found_by_what_it_trained_under_another_command(tmp_path):
+    losses = losses_section()
+    row = losses.rows[0]
+    store = RunStore(str(tmp_path / "runs.jsonl"))
+    store.put(store.key(losses, row, 0, None), _run(row.name, 0, 3.0, 200.0, {}),
+              resolved_recipe(losses.recipe, row.overrides))
+    # the recipe's own kd_ratio spelled out: another command, the same training
+    same = Row("spelled otherwise", (*row.overrides, "distill.kd_ratio=0.5"))
+    moved = Row("another learning rate", (*row.overrides, "train.lr=0.5"))
+    again = RunStore(str(tmp_path / "runs.jsonl"))
+    found = again.get(again.key(losses, same, 0, None), resolved_recipe(losses.recipe, same.overrides))
+    assert found is not None and found.final["eval_ppl"] == 200.0
+    assert again.get(again.key(losses, same, 1, None), resolved_recipe(losses.recipe, same.overrides)) is None
+    assert again.get(again.key(losses, moved, 0, None), resolved_recipe(losses.recipe, moved.overrides)) is None
+    # a render finds it too, under the row that spells it otherwise
+    spelled = dataclasses.replace(losses, rows=(same,))
+    assert [r.final["eval_ppl"] for r in q.stored_runs(spelled, again)["spelled otherwise"]] == [200.0]
 
 
 def test_a_field_added_after_the_run_keeps_it_only_while_it_holds_its_default():
