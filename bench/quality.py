@@ -223,11 +223,11 @@ def stored_runs(section: Section, store: "RunStore") -> dict[str, list[Run]]:
         if section.warm is not None and k[0] == "warm start" and k[1:3] == [section.recipe, list(section.warm.overrides)]:
             WARM_RESULTS[(section.name, k[3])] = run
             warm[k[3]] = run.recipe
+    # a warm section's rows carry the warm start's overrides (extra); the others carry none
+    mine = [(key, k, run) for key, run in store.done.items()
+            if (k := json.loads(key))[0] != "warm start" and (len(k) == 5) == (section.warm is not None)]
     for row in (section.baseline, *section.rows):
         by_seed: dict[int, Run] = {}
-        # a warm section's rows carry the warm start's overrides (extra); the others carry none
-        mine = [(key, k, run) for key, run in store.done.items()
-                if (k := json.loads(key))[0] != "warm start" and (len(k) == 5) == (section.warm is not None)]
         for key, k, run in mine:  # the row's own command first, then a run of the same training
             if k[0] == section.recipe and k[1] == list(row.overrides):
                 if store.current(key, row_recipe(section, row, warm.get(k[2]))) is not None:

@@ -4,11 +4,11 @@ into one report.
 
 A run is found again by its **key** (the exact command: recipe name, overrides, seed, steps, and
 the warm start's overrides), or by what it trained (a run under another command whose recipe
-resolves to the same values, with the same seed, steps and warm start), and trusted only while its **recipe** still resolves as it did: each
-run keeps the recipe ``kdcore`` resolved for it (every default included, each data file replaced
-by the hash of its content), and a stored run whose recipe now resolves to other values is
-*stale*: it is trained again, and a report rendered from the store leaves it out and says how
-many. So editing ``recipes/quickstart.yaml``, changing a default in the recipe schema or the
+resolves to the same values, with the same seed, steps and warm start), and trusted only while
+its **recipe** still resolves as it did: each run keeps the recipe ``kdcore`` resolved for it
+(every default included, each data file replaced by the hash of its content), and a stored run
+whose recipe now resolves to other values is *stale*: it is trained again, and a report rendered
+from the store leaves it out and says how many. So editing ``recipes/quickstart.yaml``, changing a default in the recipe schema or the
 training data retires the runs it affects and no others. A field added to the schema after a run
 was stored is taken to have kept that run's behaviour while it holds its default (the rule every
 new field follows); set to anything else, the run is stale.
