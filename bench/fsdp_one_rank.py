@@ -7,9 +7,10 @@ sharded parameters, mixed precision and DCP checkpoints); it now wraps it only w
 (``kdcore.modeling.student.uses_fsdp``: several ranks, or bf16 compute), because on one rank FSDP2
 has nothing to gather, yet it still copies each unit's sharded parameters into an unsharded buffer
 before use, and the root unit (embedding and head) stays gathered from forward to backward. This
-measures that copy on the students of the off-policy tables' 4×128 rows, where kdflow missed on memory: each configuration in
-its own fresh process (``bench.common.run_isolated``, so neither warms the other), the student of
-the pair built as ``kdcore train`` builds it, every weight page read, then ``--steps`` steps of
+measures that copy on the students of the off-policy tables' 4×128 rows, where kdflow misses on
+memory: each configuration in its own fresh process (``bench.common.run_isolated``, so neither
+warms the other), the student of the pair loaded as ``kdcore`` loads a model, every weight page
+read, then ``--steps`` steps of
 forward (``student_hidden``), the head product at every position and a log-sum-exp loss, backward
 and AdamW; the kernel's high-water resident set (``VmHWM``) after the steps and the resident set
 before them. Memory only: no time is reported.
