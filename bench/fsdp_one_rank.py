@@ -25,15 +25,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-MB = 1024 * 1024
-
-
-def _kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
+from bench.memory_breakdown import MB, _reset_peak, _status  # noqa: E402  (the same /proc readers)
 
 
 def measure(student: str, sharded: bool, batch: int, seq_len: int, steps: int) -> dict:
@@ -65,12 +57,11 @@ def measure(student: str, sharded: bool, batch: int, seq_len: int, steps: int) -
         opt.zero_grad(set_to_none=True)
 
     step()  # AdamW's state exists from here on, on both sides
-    before = _kb("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM: the peak below is the steps' own
+    before = _status()["VmRSS"]
+    _reset_peak()  # VmHWM from here on: the peak below is the steps' own
     for _ in range(steps):
         step()
-    return {"rss_before_mb": before / MB, "peak_mb": _kb("VmHWM") / MB}
+    return {"rss_before_mb": before / MB, "peak_mb": _status()["VmHWM"] / MB}
 
 
 def main(argv=None) -> int:

@@ -11,16 +11,16 @@ LoRA (``student.lora.enabled``): the built model is wrapped with peft adapters
 (:mod:`kdcore.modeling.lora`) before sharding; only the adapters train, and the functions below find the
 decoder stack and head of the base model through the wrapper.
 
-Sharding, where :func:`uses_fsdp` (several ranks, or a compute dtype other than fp32): ``fully_shard``
-on each decoder layer, then on the root, which therefore owns the
-embedding, the final norm and ``lm_head`` (tied or not: a tied pair is one parameter in one FSDP
-unit, so it stays tied). FSDP2 does not reshard the root after forward, so between
+Sharding, where :func:`uses_fsdp` (several ranks, or a compute dtype other than fp32):
+``fully_shard`` on each decoder layer, then on the root, which therefore owns the embedding, the
+final norm and ``lm_head`` (tied or not: a tied pair is one parameter in one FSDP unit, so it
+stays tied). FSDP2 does not reshard the root after forward, so between
 :func:`student_hidden` and ``backward`` the root's parameters are the gathered, unsharded
 tensors; :func:`student_head_weight` hands that full ``[V, H]`` weight to the loss driver, whose
 per-chunk ``h @ W.T`` gradients accumulate into it and are reduce-scattered by FSDP at the end
-of backward, together with the embedding's gradient when tied. One rank in fp32 trains the plain module
-(the same arithmetic, bit for bit): there FSDP2 has nothing to shard or cast, and its copy of each
-unit's weights while in use cost the real quickstart student 209-216 MB resident
+of backward, together with the embedding's gradient when tied. One rank in fp32 trains the plain
+module (the same arithmetic, bit for bit): there FSDP2 has nothing to shard or cast, and its copy
+of each unit's weights while in use cost the real quickstart student 209-216 MB resident
 (``python -m bench fsdp_one_rank``).
 
 Gradient reduction convention: gradients are **averaged** over ranks (FSDP's default, and the
@@ -542,7 +542,8 @@ class Student:
     @classmethod
     def from_recipe(cls, recipe, extra_modules: Sequence[nn.Module] = (), extra_lr: float | None = None,
                     model: nn.Module | None = None) -> "Student":
-        """Build (unless ``model`` is given), shard where :func:`uses_fsdp`, and set up optimization from ``recipe.train``.
+        """Build (unless ``model`` is given), shard where :func:`uses_fsdp`, and set up
+        optimization from ``recipe.train``.
 
         Needs :func:`kdcore.infra.distributed.init_distributed` first. Extra modules are moved to the
         training device and made identical across ranks.
