@@ -216,21 +216,49 @@ class _Plan:
                 if kd_grad and kd_chunk.requires_grad:
                     objective = kd_chunk * self.kd_scale
                 del kd_chunk
-            if labels is not None:
-                logits = ls if ce_grad else ls.detach()
-                ce_chunk = F.cross_entropy(logits.to(acc), labels, ignore_index=IGNORE_INDEX, reduction="sum")
-                del logits
-                ce_value = ce_chunk.detach().double()
-                if ce_grad and ce_chunk.requires_grad:
-                    term = ce_chunk * self.ce_scale
-                    objective = term if objective is None else objective + term
-                del ce_chunk
-        if objective is None or not (need_ls or need_lt):
-            return kd_value, ce_value, None, None  # nothing here depends on a trained input
+        g_ls = g_lt = None
         use_lt = need_lt and lt is not None
-        grads = torch.autograd.grad(objective, ([ls] if need_ls else []) + ([lt] if use_lt else []),
-                                    allow_unused=True)
-        return kd_value, ce_value, grads[0] if need_ls else None, grads[-1] if use_lt else None
+        if objective is not None and (need_ls or use_lt):
+            grads = torch.autograd.grad(objective, ([ls] if need_ls else []) + ([lt] if use_lt else []),
+                                        allow_unused=True)
+            g_ls, g_lt = grads[0] if need_ls else None, grads[-1] if use_lt else None
+        del objective  # the KD graph is gone: nothing holds ``ls`` now, and CE may write over it
+        if labels is not None:
+            ce_sum, g_ce = _cross_entropy(ls.detach(), labels, acc, self.ce_scale if need_ls and ce_grad else None)
+            ce_value = ce_sum.double()
+            if g_ce is not None:
+                if g_ls is not None:
+                    g_ce.add_(g_ls)
+                g_ls = g_ce if g_ce.dtype == ls.dtype else g_ce.to(ls.dtype)
+        return kd_value, ce_value, g_ls, g_lt
+
+
+def _cross_entropy(logits: Tensor, labels: Tensor, acc: torch.dtype, grad_scale: float | None):
+    """(Σ CE over the labelled rows, ``grad_scale``·∂CE/∂logits or ``None``).
+
+    The gradient ``softmax − one-hot`` (0 on rows labelled -100) is written out here instead of
+    taken by autograd: autograd would keep the log-softmax and allocate its gradient and the sum
+    with the KD gradient, three ``[chunk, V]`` buffers that this builds in the logits' own memory
+    (fp32 logits are overwritten; others are copied to fp32 once). Measured in
+    ``bench/README.md`` (memory breakdown)."""
+    keep = labels != IGNORE_INDEX
+    target = labels.clamp_min(0).unsqueeze(1)
+    if grad_scale is None:
+        logits = logits.to(acc)
+        picked = logits.gather(1, target).squeeze(1)
+        return torch.where(keep, torch.logsumexp(logits, dim=-1) - picked, 0.0).sum(), None
+    work = logits.to(acc, copy=logits.dtype != acc)
+    picked = work.gather(1, target).squeeze(1)
+    top = work.amax(dim=-1, keepdim=True)
+    total = work.sub_(top).exp_().sum(dim=-1, keepdim=True)  # work now holds exp(logits − max)
+    lse = (top + total.log()).squeeze(1)
+    value = torch.where(keep, lse - picked, 0.0).sum()
+    grad = work.div_(total)  # softmax
+    rows = keep.nonzero().squeeze(1)
+    grad.index_put_((rows, labels.index_select(0, rows)), torch.tensor(-1.0, dtype=acc, device=grad.device),
+                    accumulate=True)
+    grad.mul_(keep.unsqueeze(1).to(acc) * grad_scale)
+    return value, grad
 
 
 def _add_outer(acc: Tensor, g: Tensor, h: Tensor) -> None:

@@ -28,13 +28,21 @@ from kdcore.training.teacher_schedule import TeacherSchedule
 
 
 def fkl_reference(student_logits, teacher_logits, *, temperature):
-    """Forward KL for the held-out metric, independent of which losses are installed."""
-    t = teacher_logits.float() / temperature
-    s = student_logits.float() / temperature
-    log_p = torch.log_softmax(t, -1)
-    log_q = torch.log_softmax(s, -1)
+    """Forward KL for the held-out metric, independent of which losses are installed.
+
+    A metric, run without grad: it works in place, so two ``[n, V]`` buffers and a mask live
+    beside the logits (the plain formula held six, and the final evaluation was the student
+    process's peak)."""
+    def scaled(logits):  # no copy at temperature 1
+        return logits.float() if temperature == 1 else logits.float() / temperature
+
+    log_p = torch.log_softmax(scaled(teacher_logits), -1)
+    log_q = torch.log_softmax(scaled(student_logits), -1)
     p = log_p.exp()
-    return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
+    diff = log_p.sub_(log_q)
+    del log_q
+    # p = 0 where the teacher masks a token (log p = -inf): those terms are 0, not 0·inf = nan
+    return diff.mul_(p).masked_fill_(p == 0, 0.0).sum(-1)
 
 
 def mean_over_ranks(values: dict[str, float], env, aligner) -> dict[str, float]:

@@ -61,6 +61,26 @@ def test_chunked_matches_dense_with_ce_mix(name, strategy):
     assert _rel(a[1].grad, b[1].grad) < 1e-5  # w.r.t. the student head
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kd_scale", [0.0, 0.3])
+def test_cross_entropy_gradient_matches_autograd(kd_scale, dtype):
+    """The driver writes CE's gradient out (softmax − one-hot, over the logits' own memory):
+    against autograd of F.cross_entropy, with KD off (a CE-only twin) and on, unlabelled rows
+    and a chunk whose rows are all unlabelled."""
+    fn = REGISTRY.get("loss", "fkl").fn
+    h_s, w_s, h_t, w_t, labels, kd_mask = _inputs(dtype=dtype, seed=3)
+    labels[:7] = -100  # the first chunk takes no CE at all
+    a = [x.clone().requires_grad_(True) for x in (h_s, w_s)]
+    b = [x.clone().requires_grad_(True) for x in (h_s, w_s)]
+    kw = dict(labels=labels, kd_mask=kd_mask, kd_scale=kd_scale, ce_scale=0.05)
+    out = distill_loss(a[0], a[1], h_t, w_t, loss_fn=fn, chunk_size=7, **kw)
+    ref, _, ce = dense(b[0], b[1], h_t, w_t, fn, **kw)
+    assert _rel(out.ce_sum, ce) < 1e-6
+    out.loss.backward()
+    ref.backward()
+    assert _rel(a[0].grad, b[0].grad) < 1e-6 and _rel(a[1].grad, b[1].grad) < 1e-6
+
+
 @pytest.mark.parametrize("chunk", [1, 5, 8, N - 1, N, N + 3, 4096])
 def test_odd_chunk_sizes(chunk):
     fn = REGISTRY.get("loss", "js").fn
