@@ -149,7 +149,8 @@ class _ClosedFormJS(torch.autograd.Function):
     and ``∂js/∂t = β·p·(d_p − Σ p·d_p)`` per row (the ``m``-terms of the mixture cancel).
     Autograd through the log-space formula takes about twice the passes over ``[n, V]``
     (measured: 87 vs 39 ms for a 256 × 49152 chunk on 2 threads; the whole chunked loss step
-    at N = 508: about 540 vs 490 ms). The same treatment measured no gain for ``fkl``.
+    at N = 508: about 540 vs 490 ms). For ``fkl`` the same treatment saves memory, not time
+    (:class:`_ClosedFormFKL`).
     """
 
     @staticmethod
@@ -188,10 +189,10 @@ class _ClosedFormFKL(torch.autograd.Function):
     """Forward KL with its gradient written out, computed in the forward pass.
 
     With ``d = log p − log q``: ``∂fkl/∂s = q − p`` and ``∂fkl/∂t = p·(d − Σ p·d)`` per row.
-    Not for speed (the time is the same as autograd's) but for memory: the forward holds
-    three ``[n, V]`` buffers beside the inputs and keeps one gradient per side, where autograd
-    through the log-space formula keeps ``log q``, ``p`` and the product and allocates their
-    gradients in backward. Measured in ``bench/README.md`` (memory breakdown).
+    Written out for memory: the forward holds three ``[n, V]`` buffers beside the inputs and
+    keeps one gradient per side, where autograd through the log-space formula keeps ``log q``,
+    ``p`` and the product and allocates their gradients in backward. Measured in
+    ``bench/README.md`` (memory breakdown).
     """
 
     @staticmethod
