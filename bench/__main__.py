@@ -19,6 +19,7 @@ from pathlib import Path
 BENCHMARKS = {
     "run_all": "kdflow against TRL, every table in one run -> bench/results.md (--quick --no-write: smoke run)",
     "memory_breakdown": "what each of kdflow's two processes holds, phase by phase, in one real run (exact: RSS, not timed)",
+    "teacher_engines": "the teacher in its own process (hf) or in the trainer's (inline), beside TRL DistillationTrainer: time and peak memory",
     "fsdp_one_rank": "what FSDP2 costs a student on one rank: resident memory with and without fully_shard (exact: not timed)",
     "loss_memory": "peak memory and time of the chunked KD loss vs the dense computation",
     "uld_sort": "ULD's teacher part vs student part of the loss step, and the partial sort's speed and error",

@@ -215,10 +215,10 @@ def onpolicy_recipe(recipe: dict, prompts: str, prompt_len: int, max_new_tokens:
 
 def run_onpolicy(student: str, teacher: str, data: str, prompt_len: int = 64, max_new_tokens: int = 64,
                  batch: int = 4, steps: int = 3, warmup: int = 1, lr: float = 1e-4, precision: str = "fp32",
-                 seed: int = 0, beta: float = 0.5) -> dict:
+                 seed: int = 0, beta: float = 0.5, overrides: list[str] | None = None) -> dict:
     """On-policy (every batch sampled from the live student, weights synced after every step),
     ``js`` β, temperature 1, top-p 1, ``max_new_tokens`` per response, unless EOS comes first:
-    the settings of the TRL on-policy rows. A step includes generation."""
+    the settings of the TRL on-policy rows. A step includes generation. ``overrides``: dotlist."""
     t_setup = time.perf_counter()
     total = warmup + steps
     with tempfile.TemporaryDirectory(prefix="kdflow-bench-prompts-") as tmp:
@@ -228,7 +228,7 @@ def run_onpolicy(student: str, teacher: str, data: str, prompt_len: int = 64, ma
         recipe = onpolicy_recipe(recipe_dict(student, teacher, pdata, prompt_len + max_new_tokens, batch, total, "",
                                              lr=lr, precision=precision, seed=seed, beta=beta),
                                  pdata, prompt_len, max_new_tokens)
-        res = _timed_train(recipe, [], warmup, total)
+        res = _timed_train(recipe, overrides, warmup, total)
     recs = res.pop("records")
     gen = [round(r["rollout_response_len"] * r["rollout_samples"]) for r in recs]
     res.update(side="kdflow-onpolicy", generated_tokens=gen[warmup:], tokens_per_step=round(sum(gen) / len(gen)),

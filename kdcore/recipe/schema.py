@@ -34,7 +34,7 @@ class TeacherConfig:
     path: str = MISSING
     tokenizer: Optional[str] = None  # defaults to the model's own tokenizer
     # a registered engine name (`kdcore list-algorithms --kind engine`)
-    engine: str = "hf"  # hf runs anywhere; sglang needs a GPU; remote: a `kdcore serve-teacher`
+    engine: str = "hf"  # hf runs anywhere, in its own process; inline: hf in the trainer's process (less memory, no overlap); sglang needs a GPU; remote: a `kdcore serve-teacher`
     # auto: bfloat16 where the device multiplies bf16 natively (CUDA; a CPU with AMX or
     # AVX512-BF16), else float32; resolved when the recipe loads (the run folder's recipe.yaml
     # holds the value used). fp32 stays the default until the quality benchmark clears auto

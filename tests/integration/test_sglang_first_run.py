@@ -204,17 +204,17 @@ def test_served_config_names_its_architecture(tmp_path):
 
 
 def test_hf_child_gets_the_parents_gpu_index(monkeypatch):
-    from kdcore.engines.hf import teacher as hf
+    from kdcore.engines.hf import model as hf
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)  # LOCAL_RANK 1, as init_distributed sets
-    assert hf._resolve_device("cuda") == "cuda:1"
-    assert hf._resolve_device("auto") == "cuda:1"
-    assert hf._resolve_device("cuda:0") == "cuda:0"  # an explicit index stays
+    assert hf.resolve_device("cuda") == "cuda:1"
+    assert hf.resolve_device("auto") == "cuda:1"
+    assert hf.resolve_device("cuda:0") == "cuda:0"  # an explicit index stays
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert hf._resolve_device("auto") == "cpu"
+    assert hf.resolve_device("auto") == "cpu"
     with pytest.raises(TeacherError, match="CUDA is not available"):
-        hf._resolve_device("cuda")
+        hf.resolve_device("cuda")
 
 
 def test_colocation_returns_cached_blocks_before_the_teacher_wakes(monkeypatch):

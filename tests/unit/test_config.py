@@ -125,7 +125,7 @@ def test_truncate_without_num_layers_is_reported_once():
 
 def test_engine_names_come_from_the_registry():
     errors = validate_raw({"teacher": {"path": "t", "engine": "vllm"}, "data": {"train": "x"}})
-    assert errors == ["teacher.engine: unknown engine 'vllm'; installed: cache, hf, remote, sglang"]
+    assert errors == ["teacher.engine: unknown engine 'vllm'; installed: cache, hf, inline, remote, sglang"]
 
 
 def test_rollout_sglang_section_is_checked_like_the_teachers():

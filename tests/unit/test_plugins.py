@@ -381,7 +381,7 @@ def test_plugin_engine_is_chosen_by_the_recipe_and_built_by_the_registry():
         with pytest.raises(RolloutError, match="rollout.engine: engine 'fake' cannot serve as a rollout engine"):
             create_rollout_engine("fake", registry=reg, config=None)
         with pytest.raises(TeacherError, match=r"^teacher.engine: unknown engine 'faek' \(did you mean 'fake'\?\); "
-                                               r"installed: cache, fake, hf, remote, sglang"):
+                                               r"installed: cache, fake, hf, inline, remote, sglang"):
             create_teacher_engine(TeacherConfig(path="x", engine="faek"), registry=reg, max_rows=8)
         assert RolloutConfig().engine == "hf"
     finally:
@@ -481,8 +481,8 @@ def test_misspelled_engine_in_a_recipe_gets_did_you_mean():
 
     errors = validate_raw({"teacher": {"path": "t", "engine": "sglnag"}, "rollout": {"engine": "hf_"},
                            "data": {"train": "x.jsonl"}})
-    assert errors == ["teacher.engine: unknown engine 'sglnag' (did you mean 'sglang'?); installed: cache, hf, remote, sglang",
-                      "rollout.engine: unknown engine 'hf_' (did you mean 'hf'?); installed: cache, hf, remote, sglang"]
+    assert errors == ["teacher.engine: unknown engine 'sglnag' (did you mean 'sglang'?); installed: cache, hf, inline, remote, sglang",
+                      "rollout.engine: unknown engine 'hf_' (did you mean 'hf'?); installed: cache, hf, inline, remote, sglang"]
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -522,7 +522,7 @@ def test_list_algorithms_lists_the_engines():
 
     out = subprocess.run([sys.executable, "-m", "kdcore", "list-algorithms", "--kind", "engine", "--json"],
                          capture_output=True, text=True, check=True).stdout
-    assert {(e["name"], e["kind"], e["plugin"]) for e in json.loads(out)} == {("hf", "engine", "kdflow"),
+    assert {(e["name"], e["kind"], e["plugin"]) for e in json.loads(out)} == {("hf", "engine", "kdflow"), ("inline", "engine", "kdflow"),
                                                                                ("remote", "engine", "kdflow"),
                                                                                ("sglang", "engine", "kdflow"),
                                                                                ("cache", "engine", "kdflow")}

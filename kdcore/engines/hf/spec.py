@@ -1,8 +1,9 @@
-"""The ``hf`` engine as the registry knows it (light: imports its engines only to build one)."""
+"""The ``hf`` and ``inline`` engines as the registry knows them (light: each imports its engine
+only to build one)."""
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 from kdcore.engines.factory import EngineSpec
 
@@ -27,3 +28,22 @@ class HFEngine(EngineSpec):
 
         # float32 by default: samples from the exact master weights
         return HFRolloutEngine(config, device=device, dtype=torch.float32 if dtype is None else dtype, threads=threads)
+
+
+class InlineEngine(EngineSpec):
+    """transformers teacher in the trainer's own process: no second runtime, no overlap."""
+
+    roles = ("teacher",)
+
+    def create_teacher(self, teacher_cfg: Any, *, max_rows: int, threads: Optional[int] = None,
+                       micro_batches_per_step: int = 1, **kwargs: Any):
+        from kdcore.engines.hf.inline import InlineTeacher
+
+        return InlineTeacher(teacher_cfg.path, dtype=teacher_cfg.dtype, device=teacher_cfg.device,
+                             max_rows=max_rows, **kwargs)
+
+    def check_recipe(self, section: Mapping[str, Any], prefix: str) -> list[str]:
+        if section.get("threads"):
+            return [f"{prefix}.threads: the inline engine computes with the trainer's own threads; "
+                    f"leave it 0 or use {prefix}.engine: hf"]
+        return []

@@ -50,6 +50,7 @@ import torch
 from kdcore.infra.channel import (POLL_S, PROGRESS_TIMEOUT_S, Channel, ChannelTimeout,
                             TeacherDiedError, describe_exit)
 from kdcore.engines.hf.child import child_main
+from kdcore.engines.hf.model import resolve_device
 from kdcore.engines.protocol import HiddenRequest, TeacherEngine, TeacherError, Ticket
 from kdcore.infra.distributed import default_threads
 from kdcore.infra.process_env import ALLOCATOR_ENV, THREAD_ENV
@@ -98,20 +99,6 @@ def _environment(env: dict[str, str]) -> Iterator[None]:
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
-
-
-def _resolve_device(device: str) -> str:
-    """``cpu`` or ``cuda:<index>``. A bare ``cuda`` (or ``auto``) gets this process's current
-    device index (LOCAL_RANK's, which :func:`kdcore.infra.distributed.init_distributed` sets): the
-    channel is allocated here and the spawned child, whose own current device is 0, must put
-    the model on the same GPU."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise TeacherError(f"teacher device '{device}' asked for, but CUDA is not available here")
-    if device == "cuda":
-        device = f"cuda:{torch.cuda.current_device()}"
-    return device
 
 
 class HFTeacher(TeacherEngine):
@@ -178,7 +165,7 @@ class HFTeacher(TeacherEngine):
         if self._closed:
             raise TeacherError("this teacher engine was closed; build a new one")
 
-        self.device = _resolve_device(self.device)
+        self.device = resolve_device(self.device)
         dims = models.model_dims(self.spec)  # config / GGUF metadata only: the parent never loads weights
         self.hidden_size, self.vocab_size = dims["hidden_size"], dims["vocab_size"]
         self.channel = Channel(self.max_rows, self.hidden_size, n_slots=self.n_slots, dtype=self.dtype,

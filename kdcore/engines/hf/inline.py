@@ -1,0 +1,147 @@
+"""The ``inline`` teacher engine: the transformers teacher in the trainer's own process.
+
+The ``hf`` engine runs the teacher in a second process, so that its forward for micro-batch
+k+1 overlaps the student's step on k. That process is a second interpreter with torch and
+transformers: about 0.35 GB before it holds a weight (``bench/README.md``, memory breakdown).
+This engine loads the same :class:`kdcore.engines.hf.model.TeacherModel` in the trainer's
+process instead and computes each request when it is submitted: no second runtime, no channel,
+no overlap. Choose it when memory is what runs out; ``bench/README.md`` measures both.
+
+The ticket contract is the protocol's (at most ``n_slots`` outstanding, each result valid until
+release), so the trainer's schedule drives both engines alike. Results are plain tensors that
+no autograd graph saves (computed under ``no_grad``), released by dropping them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+import torch
+
+from kdcore.engines.hf.model import TeacherModel, resolve_device
+from kdcore.engines.protocol import HiddenRequest, TeacherEngine, TeacherError, Ticket
+from kdcore.modeling import models
+from kdcore.modeling.models import torch_dtype
+
+
+class InlineTeacher(TeacherEngine):
+    """transformers teacher in this process; text models (vision-language teachers: ``hf``).
+
+    Args:
+        spec: hub id, local folder, ``.gguf`` file or ``pkg://`` spec, as for ``hf``.
+        dtype: compute dtype of the teacher and of its hidden states.
+        device: ``cpu``, ``cuda[:i]``; the teacher computes with this process's torch threads.
+        max_rows: the most hidden-state rows one request may ask for (as ``hf``'s slots hold).
+        n_slots: results held at once (2: the schedule submits k+1 before releasing k).
+        cache_dir: where converted GGUF folders live (default ``~/.cache/kdflow``).
+    """
+
+    def __init__(self, spec: str, *, dtype: str | torch.dtype = "float32", device: str = "cpu",
+                 max_rows: int = 8192, n_slots: int = 2, cache_dir: Optional[str] = None,
+                 attn_implementation: Optional[str] = None):
+        self.spec = str(spec)
+        self.dtype = torch_dtype(dtype)
+        self.device = device
+        self.max_rows = int(max_rows)
+        self.n_slots = int(n_slots)
+        self.cache_dir = cache_dir
+        self.attn_implementation = attn_implementation
+        self._teacher: Optional[TeacherModel] = None
+        self._closed = False
+        self._init_tickets()
+        self._rows: dict[int, torch.Tensor] = {}
+        self.info: dict[str, Any] = {}
+
+    def start(self) -> "InlineTeacher":
+        if self._closed:
+            raise TeacherError("this teacher engine was closed; build a new one")
+        if self._teacher is None:
+            self.device = resolve_device(self.device)
+            self._teacher = TeacherModel(self.spec, dtype=self.dtype, device=self.device, cache_dir=self.cache_dir,
+                                         attn_implementation=self.attn_implementation)
+            if self._teacher.vision:
+                self.close()
+                raise TeacherError(f"teacher '{self.spec}' is a vision-language model: use teacher.engine: hf")
+            self.hidden_size, self.vocab_size = self._teacher.hidden_size, self._teacher.vocab_size
+            self.info = {"hidden_size": self.hidden_size, "vocab_size": self.vocab_size, "folder": self._teacher.folder,
+                         "device": self.device, "threads": torch.get_num_threads(), "in_process": True}
+        return self
+
+    def close(self) -> None:
+        """Drop the model and every result; idempotent."""
+        self._closed = True
+        self._teacher = None
+        self._rows.clear()
+        self._outstanding.clear()
+        self._read.clear()
+
+    def _model(self) -> TeacherModel:
+        if self._closed:
+            raise TeacherError("the teacher engine is closed")
+        if self._teacher is None:
+            raise TeacherError("the teacher engine is not started (call start() or use it as a context manager)")
+        return self._teacher
+
+    def submit(self, request: HiddenRequest) -> Ticket:
+        """Validate and compute a request now; the rows wait for :meth:`result`."""
+        teacher = self._model()
+        self._check_capacity()
+        if request.vision:
+            raise TeacherError("the inline engine serves text teachers: use teacher.engine: hf for image inputs")
+        request.validate(vocab_size=self.vocab_size, max_rows=self.max_rows)
+        mask = request.attention_mask.to(torch.int64)
+        ids = request.input_ids.to(torch.int64).masked_fill(mask == 0, 0)  # any pad id embeds safely
+        dev = self.device if self.device != "cpu" else None
+        if dev:
+            ids, mask = ids.to(dev), mask.to(dev)
+        flat = request.flat_index().to(ids.device)
+        # no_grad, not inference_mode: an aligner may use the rows in its own autograd graph
+        with torch.no_grad():
+            h = teacher.last_hidden(ids, mask)
+            rows = h.reshape(-1, h.shape[-1]).index_select(0, flat)
+        del h
+        ticket = self._new_ticket(request)
+        self._rows[ticket.seq] = rows
+        return self._track(ticket)
+
+    def result(self, ticket: Ticket, timeout: Optional[float] = None) -> torch.Tensor:
+        """The ticket's ``[rows, hidden]`` tensor, valid until ``release`` (``timeout`` is moot:
+        the rows were computed at submit)."""
+        self._model()
+        self._check_outstanding(ticket, "released already, or from another engine")
+        self._read.add(ticket.seq)
+        return self._rows[ticket.seq]
+
+    def release(self, ticket: Ticket) -> None:
+        self._model()
+        self._check_outstanding(ticket, "released twice?")
+        del self._rows[ticket.seq], self._outstanding[ticket.seq]
+        self._read.discard(ticket.seq)
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int = 128,
+                 do_sample: bool = True, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                 seed: Optional[int] = None, eos_token_id: Optional[int | list[int]] = None) -> list[list[int]]:
+        """As :meth:`kdcore.engines.hf.teacher.HFTeacher.generate`."""
+        teacher = self._model()
+        self._check_no_tickets("generate()")
+        HiddenRequest(input_ids, attention_mask, [[] for _ in range(input_ids.shape[0])]).validate(vocab_size=self.vocab_size)
+        kw = {"max_new_tokens": int(max_new_tokens), "do_sample": bool(do_sample), "temperature": float(temperature),
+              "top_p": float(top_p), "top_k": int(top_k), "seed": seed, "eos_token_id": eos_token_id}
+        return teacher.generate(input_ids.to(torch.int64).cpu(), attention_mask.to(torch.int64).cpu(), kw)
+
+    def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> int:
+        """As :meth:`kdcore.engines.hf.teacher.HFTeacher.update_weights` (values are copied)."""
+        teacher = self._model()
+        self._check_no_tickets("update_weights()")
+        error, count = teacher.update((name, t.detach()) for name, t in state_dict.items())
+        if error:
+            raise TeacherError(error)
+        return count
+
+    def lm_head(self, dtype: str | torch.dtype | None = None) -> torch.Tensor:
+        """``[V, H]`` head read alone from the checkpoint, as the ``hf`` engine gives it."""
+        head = models.load_lm_head(self.info.get("folder") or self.spec, dtype=self.dtype)
+        return head if dtype is None else head.to(torch_dtype(dtype))
+
+
+__all__ = ["InlineTeacher"]
