@@ -16,7 +16,8 @@ by aligners whose sides are both linear heads over one vocabulary.
 
 Backward strategy (measured by ``bench/loss_memory.py``):
 gradients are computed *in the forward pass* (``strategy="fused"``, as Liger-Kernel's fused
-linear losses do): per chunk, autograd of the loss with respect to the chunk logits gives
+linear losses do): per chunk, autograd of the KD loss with respect to the chunk logits, plus CE's
+gradient written out (:func:`_cross_entropy`), gives
 ``G [c, V]``, then ``∂h_s = G·W_s`` and ``∂W_s += Gᵀ·h_s`` (and the same for the teacher side
 when its inputs require grad, e.g. DSKD projections). The backward pass only scales the stored
 gradients by the incoming scalar. This costs exactly the four ``N×V×H`` matmuls of the dense
@@ -71,6 +72,8 @@ __all__ = ["LossOutput", "ChunkView", "chunked_distill", "distill_loss", "DEFAUL
 # With MALLOC_MMAP_MAX_=0 (kdflow's default allocator settings) the heap's high-water mark is ~2x
 # the live peak (fragmentation): ~3.2 GiB at 256 rows, while dense at N = 4096 no longer fits in
 # 24 GiB. On a GPU larger chunks are affordable: pass chunk_size (distill.chunk_size in a recipe).
+# Measured before CE's gradient was written out and fkl made closed-form (2026-12-07), which hold
+# fewer buffers: fkl + CE at V = 49152, N = 512, 256 rows, tuned heap 689 -> 402 MiB (bench/README.md).
 DEFAULT_CHUNK_SIZE = 256
 
 IGNORE_INDEX = -100  # label value excluded from CE (the transformers / PyTorch convention)
