@@ -43,16 +43,21 @@ from bench import common, models  # noqa: E402
 from bench.common import GB, fmt_range, md_table  # noqa: E402
 
 ALL_TABLES = ("limit", "channel", "offpolicy", "real", "bf16", "scaling", "onpolicy", "xtok")
-ONPOLICY_SIDES = {"TRL GKDTrainer λ=1": "bench.peers.trl_onpolicy:run_gkd",
-                  "TRL DistillationTrainer": "bench.peers.trl_onpolicy:run_distillation",
-                  "kdflow on_policy": "bench.sides.kdflow:run_onpolicy"}
+# the two rows that miss on memory with the default teacher engine also run with the teacher in
+# the trainer's process (teacher.engine: inline), the option for when memory runs out
+INLINE = {"overrides": ["teacher.engine=inline"]}
+ONPOLICY_SIDES = {"TRL GKDTrainer λ=1": ("bench.peers.trl_onpolicy:run_gkd", {}),
+                  "TRL DistillationTrainer": ("bench.peers.trl_onpolicy:run_distillation", {}),
+                  "kdflow on_policy": ("bench.sides.kdflow:run_onpolicy", {}),
+                  "kdflow on_policy, teacher.engine=inline": ("bench.sides.kdflow:run_onpolicy", INLINE)}
 # every TRL trainer that can run the row; the ratio tables compare kdflow with the best of them
 SIDES = {"trl": "bench.peers.trl_gkd:run", "trl_distill": "bench.peers.trl_distill:run",
          "kdflow": "bench.sides.kdflow:run"}
 SIDE_NAMES = {"trl": "TRL GKDTrainer", "trl_distill": "TRL DistillationTrainer", "kdflow": "kdflow"}
 TRL_SIDES = ("trl", "trl_distill")
-XTOK_SIDES = {"trl": "bench.peers.trl_gold:run", "kdflow": "bench.sides.kdflow_xtok:run_uld"}
-XTOK_NAMES = {"trl": "TRL GOLDTrainer (ULD)", "kdflow": "kdflow uld"}
+XTOK_SIDES = {"trl": "bench.peers.trl_gold:run", "kdflow": "bench.sides.kdflow_xtok:run_uld",
+              "kdflow_inline": ("bench.sides.kdflow_xtok:run_uld", INLINE)}
+XTOK_NAMES = {"trl": "TRL GOLDTrainer (ULD)", "kdflow": "kdflow uld", "kdflow_inline": "kdflow uld, teacher.engine=inline"}
 # side -> (module:function, its own keyword arguments); pairs compared: (kdflow side, TRL side)
 BF16_SIDES = {"trl": ("bench.peers.trl_gkd:run", {"precision": "bf16"}),
               "trl_distill": ("bench.peers.trl_distill:run", {"precision": "bf16"}),
@@ -296,6 +301,37 @@ def ratio_rows(cfgs: list[Config]) -> list[list]:
     return rows
 
 
+def why_memory_missed(what: str, k: dict, peer: dict, peer_name: str) -> str:
+    """Where kdflow's excess sits, from the run's own per-process peaks (kdflow's default engine
+    runs the teacher in a second process; the peer is one process holding both models)."""
+    parts = k["part_bytes"]
+    student, teacher = parts.get("student", 0), parts.get("teacher", 0)
+    peak = peer["median_peak"]
+    text = (f"{what}: kdflow {k['median_peak'] / GB:.2f} GB against {peer_name} {peak / GB:.2f} GB. kdflow's student "
+            f"process alone peaked at {student / GB:.2f} GB ({student / peak:.2f}× the peer's whole run)")
+    if not teacher:
+        return text + "; the teacher runs inside it (engine inline), so there is no teacher process."
+    return text + (f"; its teacher process adds {teacher / GB:.2f} GB: the teacher's weights, which the peer holds "
+                   "too, plus a second interpreter with torch and transformers, which the peer does not pay, plus "
+                   "pages the two processes share (the channel, libraries), which the meter counts in both.")
+
+
+def verdict(name: str, k: dict | None, peers: dict[str, dict], what: str) -> str:
+    """One kdflow side against the fastest and the leanest peer (medians), met or missed, and why
+    memory missed where it did."""
+    if not (k and peers):
+        return ""
+    fast = min(peers, key=lambda n: peers[n]["median_step"])
+    lean = min(peers, key=lambda n: peers[n]["median_peak"])
+    speed = peers[fast]["median_step"] / k["median_step"]
+    mem = k["median_peak"] / peers[lean]["median_peak"]
+    line = (f"{name}: {speed:.2f}× the speed of the fastest TRL trainer ({fast}), {_met(speed, 1.0, True)}; "
+            f"{mem:.2f}× the peak memory of the leanest ({lean}), {_met(mem, 1.0, False)}.")
+    if mem > 1.0:
+        line += " Why memory missed: " + why_memory_missed(what, k, peers[lean], lean)
+    return line
+
+
 def memory_miss_reasons(cfgs: list[Config]) -> list[str]:
     """For each configuration whose kdflow peak is above the leanest TRL trainer's: where the
     excess sits, from this run's own per-process peaks (kdflow runs the teacher in a second
@@ -306,16 +342,8 @@ def memory_miss_reasons(cfgs: list[Config]) -> list[str]:
         tm, mside = best_trl(cfg, "median_peak")
         if not (k and tm) or k["median_peak"] <= tm["median_peak"]:
             continue
-        parts = k["part_bytes"]
-        student, teacher = parts.get("student", 0), parts.get("teacher", 0)
-        peer = tm["median_peak"]
-        lines.append(
-            f"{cfg.label}, {cfg.batch}×{cfg.seq_len}, {cfg.allocator}: kdflow {k['median_peak'] / GB:.2f} GB against "
-            f"{SIDE_NAMES[mside]} {peer / GB:.2f} GB. kdflow's student process alone peaked at {student / GB:.2f} GB "
-            f"({student / peer:.2f}× the peer's whole run); its teacher process adds {teacher / GB:.2f} GB: the "
-            "teacher's weights, which the peer holds too, plus a second interpreter with torch and transformers, "
-            "which the peer does not pay, plus pages the two processes share (the channel, libraries), which the "
-            "meter counts in both.")
+        lines.append(why_memory_missed(f"{cfg.label}, {cfg.batch}×{cfg.seq_len}, {cfg.allocator}", k, tm,
+                                       SIDE_NAMES[mside]))
     return lines
 
 
@@ -358,9 +386,9 @@ def onpolicy_table(args, kdflow_ok: bool, why: str) -> str:
     names = [n for n in ONPOLICY_SIDES if kdflow_ok or not n.startswith("kdflow")]
     for rep in range(args.onpolicy_repeats):
         for name in (names if rep % 2 == 0 else names[::-1]):
-            r = common.run_isolated(ONPOLICY_SIDES[name], dict(student=s, teacher=t, data=data, prompt_len=P,
-                                                               max_new_tokens=M, batch=B, steps=args.onpolicy_steps,
-                                                               warmup=args.warmup),
+            target, extra = ONPOLICY_SIDES[name]
+            r = common.run_isolated(target, dict(student=s, teacher=t, data=data, prompt_len=P, max_new_tokens=M,
+                                                 batch=B, steps=args.onpolicy_steps, warmup=args.warmup, **extra),
                                     threads=args.threads, allocator="tuned", timeout=args.timeout,
                                     mem_cap=int(psutil.virtual_memory().available * 0.9),
                                     env_extra=LAUNCHER_ENV if name.startswith("kdflow") else None)
@@ -378,7 +406,7 @@ def onpolicy_table(args, kdflow_ok: bool, why: str) -> str:
             continue
         gen = [g for r in runs[name] if r.ok for g in r.result["generated_tokens"]]
         gen_tps = [g / t for g, t in zip(gen, st["step_s"])] if len(gen) == len(st["step_s"]) else []
-        medians[name] = (st["median_step"], st["median_peak"])
+        medians[name] = st
         samp = [x for r in runs[name] if r.ok for x in (r.result.get("sample_s") or []) if x is not None]
         rows.append([name, f"{B}×({P}+{M})", "tuned", f"{st['runs']}×{st['steps_per_run']}", fmt_range(st["step_s"]),
                      fmt_range(samp) if samp else "—", fmt_range(gen_tps, "{:.0f}"), fmt_range(st["peak_gb"]),
@@ -386,14 +414,13 @@ def onpolicy_table(args, kdflow_ok: bool, why: str) -> str:
                      f"cpu {fmt_range(st['cpu_share'])}; load {fmt_range(st['load'], '{:.1f}')}"])
     text = md_table(["trainer", "prompts×(prompt+new)", "allocator", "runs×steps", "s/step", "of which sampling s",
                      "generated tokens/s", "peak GB", "loss after N", "noise"], rows, "lllrrrrrrl")
-    k = medians.get("kdflow on_policy")
-    ratios = [f"{name}: {t_step / k[0]:.2f}× the speed, {k[1] / peak:.2f}× the peak memory"
-              for name, (t_step, peak) in medians.items() if k and not name.startswith("kdflow")]
+    peers = {n: st for n, st in medians.items() if not n.startswith("kdflow")}
+    verdicts = [verdict(n, st, peers, f"on-policy, {B}×({P}+{M})") for n, st in medians.items() if n.startswith("kdflow")]
     return (text + f"\n\nBench pair, student sampling at temperature 1, no top-k, top-p 1, up to {M} new tokens "
             "(EOS may end a response earlier; `generated tokens/s` counts what was generated), β = 0.5, weights "
             "synced every step; a step includes generation. `of which sampling s` is kdflow's own `sample_s` "
             "(the TRL trainers do not report theirs)."
-            + ("\n\nkdflow on_policy vs " + "; vs ".join(ratios) + "." if ratios else ""))
+            + "".join(f"\n\n{v}" for v in verdicts if v))
 
 
 def bf16_table(args, kdflow_ok: bool, why: str, fp32_cfgs: list[Config]) -> str:
@@ -437,10 +464,11 @@ def xtok_table(args, kdflow_ok: bool, why: str) -> str:
                  args.xtok_repeats, vocab=32000, sides=dict(XTOK_SIDES))
     run_config(cfg, args, kdflow_ok)
     text = md_table(PEER_HEADERS, peer_rows([cfg], None, "" if kdflow_ok else why, names=XTOK_NAMES), PEER_ALIGN)
-    k, g = side_stats(cfg.runs.get("kdflow", [])), side_stats(cfg.runs.get("trl", []))
-    ratio = (f"kdflow ÷ GOLD: {g['median_step'] / k['median_step']:.2f}× the speed, "
-             f"{k['median_peak'] / g['median_peak']:.2f}× the peak memory (medians)." if k and g else "")
-    return (text + "\n\n" + ratio + " Off-policy, pure ULD (sorted-probability L1, whole vocabularies, T = 1), "
+    g = side_stats(cfg.runs.get("trl", []))
+    peers = {XTOK_NAMES["trl"]: g} if g else {}
+    verdicts = [verdict(XTOK_NAMES[side], side_stats(cfg.runs.get(side, [])), peers, f"ULD, {cfg.batch}×{cfg.seq_len}")
+                for side in XTOK_SIDES if base_side(side) == "kdflow"]
+    return (text + "".join(f"\n\n{v}" for v in verdicts if v) + "\n\nOff-policy, pure ULD (sorted-probability L1, whole vocabularies, T = 1), "
             "the same prompt/completion rows on both sides. The two ULDs pair positions differently (kdflow: "
             "positions that have read the same characters; GOLD, with a SentencePiece student, must pair by "
             "index), so the loss values are on the same scale but not the same average; see bench/sides/kdflow_xtok.py.")

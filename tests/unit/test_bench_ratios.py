@@ -69,6 +69,25 @@ def test_a_memory_miss_is_explained_from_the_runs_own_per_process_peaks():
     assert "teacher process adds 0.90 GB" in line
 
 
+def test_the_on_policy_and_uld_sides_get_a_verdict_against_the_fastest_and_the_leanest_peer():
+    def stats(step_s, parts):
+        r = _run(step_s, sum(parts.values()))
+        r.peak_parts = {k: v * ra.GB for k, v in parts.items()}
+        return ra.side_stats([r])
+
+    peers = {"TRL GKDTrainer λ=1": stats(2.5, {"launcher": 3.9}), "TRL DistillationTrainer": stats(2.7, {"launcher": 1.7})}
+    two = ra.verdict("kdflow on_policy", stats(1.5, {"student": 1.3, "teacher": 0.6, "launcher": 0.02}), peers, "on-policy")
+    assert two.startswith("kdflow on_policy: 1.67× the speed of the fastest TRL trainer (TRL GKDTrainer λ=1), met; "
+                          "1.13× the peak memory of the leanest (TRL DistillationTrainer), missed by 1.13×.")
+    assert "Why memory missed: on-policy: kdflow 1.92 GB against TRL DistillationTrainer 1.70 GB." in two
+    assert "teacher process adds 0.60 GB" in two
+    one = ra.verdict("kdflow, inline", stats(1.6, {"student": 1.6, "launcher": 0.02}), peers, "on-policy")
+    assert one.endswith("0.95× the peak memory of the leanest (TRL DistillationTrainer), met.")
+    slow = ra.verdict("kdflow, inline", stats(3.0, {"student": 1.8, "launcher": 0.02}), peers, "on-policy")
+    assert "missed by 1.20×;" in slow and "so there is no teacher process." in slow
+    assert ra.verdict("kdflow", None, peers, "x") == "" and ra.verdict("kdflow", stats(1, {"student": 1}), {}, "x") == ""
+
+
 def test_the_scaling_sweep_reuses_a_configuration_the_off_policy_table_measured():
     done = ra.Config("offpolicy", "pair", "s", "t", 512, 4, "tuned", 3, 1, 1)
     done.runs = {side: [_run(1.0, 2.0)] for side in ra.SIDES}
