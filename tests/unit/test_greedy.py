@@ -68,9 +68,10 @@ def test_batch_rows_and_bad_inputs():
 
 
 def test_the_teacher_process_decodes_greedy_requests_the_same_way(model_and_answers):
-    """The hf teacher's child (kdcore/engines/hf/child.py) answers kdcore eval's greedy requests,
-    right-padded as the parent sends them, with the batched decoder: generate's tokens."""
-    from kdcore.engines.hf.child import _generate
+    """The hf teacher's model (kdcore/engines/hf/model.py, which the child and the inline engine
+    call) answers kdcore eval's greedy requests, right-padded as the parent sends them, with the
+    batched decoder: generate's tokens."""
+    from kdcore.engines.hf.model import generate
 
     model, want = model_and_answers
     width = max(map(len, PROMPTS))
@@ -80,4 +81,4 @@ def test_the_teacher_process_decodes_greedy_requests_the_same_way(model_and_answ
         ids[b, :len(p)] = torch.tensor(p)
         mask[b, :len(p)] = 1
     kw = {"max_new_tokens": 12, "do_sample": False, "eos_token_id": None, "seed": None}
-    assert _generate(model, ids, mask, kw, None) == want
+    assert generate(model, ids, mask, kw, None) == want
