@@ -49,3 +49,23 @@ def make_batch(lengths, L, left=False, seed=0):
         sl = slice(L - n, L) if left else slice(0, n)
         ids[b, sl], mask[b, sl] = s, 1
     return ids, mask, seqs
+
+
+def check_update_weights(engine, reference) -> None:
+    """A teacher engine takes new weights by name (the norm scaled by 3 scales its states by 3),
+    refuses unknown names and wrong shapes with one line each, and serves again once restored."""
+    from kdcore.engines import HiddenRequest, TeacherError
+
+    ids, mask, seqs = make_batch([6], 6, seed=5)
+    req = HiddenRequest(ids, mask, [[5]])
+    norm = reference.model.norm.weight.detach().clone()
+    assert engine.update_weights({"model.norm.weight": norm * 3.0}) == 1
+    with engine.hidden_states(req) as h:
+        torch.testing.assert_close(h[0], 3.0 * ref_hidden(reference, seqs[0])[5], rtol=1e-6, atol=1e-5)
+    with pytest.raises(TeacherError, match="no parameter or buffer named model.nope"):
+        engine.update_weights({"model.nope": norm})
+    with pytest.raises(TeacherError, match="shape mismatch for model.norm.weight"):
+        engine.update_weights({"model.norm.weight": norm[:3]})
+    assert engine.update_weights({"model.norm.weight": norm}) == 1  # restore; the engine still serves
+    with engine.hidden_states(req) as h:
+        torch.testing.assert_close(h[0], ref_hidden(reference, seqs[0])[5], rtol=0, atol=1e-5)

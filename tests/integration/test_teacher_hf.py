@@ -17,7 +17,7 @@ from kdcore.infra.channel import ChannelError, ChannelTimeout, TeacherDiedError,
 from kdcore.infra.distributed import default_threads
 from kdcore.engines import HiddenRequest, TeacherError
 from kdcore.engines.hf import HFTeacher
-from helpers.teacher_hf import HIDDEN, VOCAB, make_batch, model_dir, ref_hidden, reference
+from helpers.teacher_hf import HIDDEN, VOCAB, check_update_weights, make_batch, model_dir, ref_hidden, reference
 
 
 @pytest.fixture(scope="module")
@@ -127,19 +127,7 @@ def test_greedy_generation_matches_in_process_generate(engine, reference):
 
 
 def test_update_weights_changes_the_teacher_and_rejects_unknown_names(engine, reference):
-    ids, mask, seqs = make_batch([6], 6, seed=5)
-    req = HiddenRequest(ids, mask, [[5]])
-    norm = reference.model.norm.weight.detach().clone()
-    assert engine.update_weights({"model.norm.weight": norm * 3.0}) == 1
-    with engine.hidden_states(req) as h:
-        torch.testing.assert_close(h[0], 3.0 * ref_hidden(reference, seqs[0])[5], rtol=1e-6, atol=1e-5)
-    with pytest.raises(TeacherError, match="no parameter or buffer named model.nope"):
-        engine.update_weights({"model.nope": norm})
-    with pytest.raises(TeacherError, match="shape mismatch for model.norm.weight"):
-        engine.update_weights({"model.norm.weight": norm[:3]})
-    assert engine.update_weights({"model.norm.weight": norm}) == 1  # restore; the engine still serves
-    with engine.hidden_states(req) as h:
-        torch.testing.assert_close(h[0], ref_hidden(reference, seqs[0])[5], rtol=0, atol=1e-5)
+    check_update_weights(engine, reference)
 
 
 def test_sleep_refuses_work_until_wake_and_lm_head_is_the_checkpoints(engine, reference):

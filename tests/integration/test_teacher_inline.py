@@ -11,7 +11,7 @@ from kdcore.engines import HiddenRequest, TeacherError
 from kdcore.engines.hf import HFTeacher, InlineTeacher
 from kdcore.infra.channel import ChannelError
 from kdcore.recipe.loading import validate_raw
-from helpers.teacher_hf import HIDDEN, VOCAB, make_batch, model_dir, ref_hidden, reference  # noqa: F401
+from helpers.teacher_hf import HIDDEN, VOCAB, check_update_weights, make_batch, model_dir, ref_hidden, reference  # noqa: F401
 from helpers.train import run_train, train_steps, evals, write_recipe
 
 
@@ -95,17 +95,7 @@ def test_generation_and_weight_updates_as_the_process_engine_does(inline, proces
         process.generate(ids, mask, max_new_tokens=6, do_sample=False)
     a = inline.generate(ids, mask, max_new_tokens=5, do_sample=True, seed=7)
     assert a == inline.generate(ids, mask, max_new_tokens=5, do_sample=True, seed=7)
-    ids, mask, seqs = make_batch([6], 6, seed=5)
-    req = HiddenRequest(ids, mask, [[5]])
-    norm = reference.model.norm.weight.detach().clone()
-    assert inline.update_weights({"model.norm.weight": norm * 3.0}) == 1
-    with inline.hidden_states(req) as h:
-        torch.testing.assert_close(h[0], 3.0 * ref_hidden(reference, seqs[0])[5], rtol=1e-6, atol=1e-5)
-    with pytest.raises(TeacherError, match="no parameter or buffer named model.nope"):
-        inline.update_weights({"model.nope": norm})
-    with pytest.raises(TeacherError, match="shape mismatch for model.norm.weight"):
-        inline.update_weights({"model.norm.weight": norm[:3]})
-    assert inline.update_weights({"model.norm.weight": norm}) == 1
+    check_update_weights(inline, reference)
     assert torch.equal(inline.lm_head(), reference.lm_head.weight)
 
 
