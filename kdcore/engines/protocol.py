@@ -217,6 +217,12 @@ class TeacherEngine(abc.ABC):
     def lm_head(self, dtype: "str | torch.dtype | None" = None) -> "torch.Tensor":
         """The teacher's output projection ``[V, H]`` (tied embedding when tied), loaded alone."""
 
+    def resident_head(self) -> "Optional[torch.Tensor]":
+        """The ``[V, H]`` head this engine already holds in the trainer's process, for the trainer
+        to use instead of its own copy (:func:`kdcore.training.teachers.share_resident_heads`);
+        None, the default, where the teacher's weights live elsewhere (a process, a server)."""
+        return None
+
     def __enter__(self) -> "TeacherEngine":
         return self.start()
 

@@ -154,6 +154,19 @@ def start_engines(parts: list[TeacherPart], *, registry, max_rows_for, threads_d
     if len(parts) > 1 and any(p.engine.colocated for p in parts):
         raise TrainingError("several teachers with a colocated engine (sharing the accelerators in phases) "
                             "are not supported; give each teacher its own device")
+    share_resident_heads(parts)
+
+
+def share_resident_heads(parts: list[TeacherPart]) -> None:
+    """Use the head an engine already holds in this process (``inline``) instead of the copy
+    :func:`setup_heads` read, where shape, dtype, device and values agree: one ``[V, H]`` matrix
+    less (113 MB for SmolLM2-135M in fp32). Heads are read before the engines start because the
+    student and its aligners are built from them first."""
+    for part in parts:
+        held = part.engine.resident_head()
+        if (held is not None and held.shape == part.head.shape and held.dtype == part.head.dtype
+                and held.device == part.head.device and torch.equal(held, part.head)):
+            part.head = held
 
 
 def close_engines(parts: list[TeacherPart]) -> None:

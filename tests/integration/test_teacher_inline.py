@@ -6,11 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kdcore
 from kdcore.engines import HiddenRequest, TeacherError
 from kdcore.engines.hf import HFTeacher, InlineTeacher
 from kdcore.infra.channel import ChannelError
-from kdcore.recipe.loading import validate_raw
 from helpers.teacher_hf import HIDDEN, VOCAB, check_update_weights, make_batch, model_dir, ref_hidden, reference  # noqa: F401
 from helpers.train import run_train, train_steps, evals, write_recipe
 
@@ -81,7 +79,7 @@ def test_bad_requests_are_refused_and_the_engine_keeps_working(inline, reference
         (HiddenRequest(torch.zeros((1, 80), dtype=torch.long), torch.ones((1, 80)), [list(range(70))]),
          "70 hidden-state rows but channel slots hold 64"),
         (HiddenRequest(ids, mask, [[1], [0]], vision={"pixel_values": torch.zeros(1, 3, 4, 4)}),
-         "use teacher.engine: hf for image inputs"),
+         "is a text model but the request carries image inputs"),
     ]:
         with pytest.raises(TeacherError, match=msg):
             inline.submit(req)
@@ -110,11 +108,69 @@ def test_a_closed_or_unstarted_engine_says_so(model_dir):
         eng.submit(HiddenRequest(ids, mask, [[0]]))
 
 
-def test_recipe_threads_are_refused_with_the_inline_engine():
-    base = {"student": {"path": "s"}, "data": {"train": "d.jsonl"}, "train": {"output_dir": "o"}}
-    errors = validate_raw({**base, "teacher": {"path": "t", "engine": "inline", "threads": 2}}, kdcore.load_registry())
-    assert "teacher.threads: the inline engine computes with the trainer's own threads; " \
-           "leave it 0 or use teacher.engine: hf" in errors
+def test_teacher_threads_hold_for_the_teachers_calls_only(model_dir, reference):
+    before = torch.get_num_threads()
+    seen = []
+    with InlineTeacher(str(model_dir), threads=1) as eng:
+        hook = eng._model().decoder.register_forward_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
+        ids, mask, seqs = make_batch([5], 5, seed=6)
+        with eng.hidden_states(HiddenRequest(ids, mask, [[4]])) as h:
+            torch.testing.assert_close(h[0], ref_hidden(reference, seqs[0])[4], rtol=0, atol=1e-5)
+        eng.generate(ids, mask, max_new_tokens=2, do_sample=True, seed=1)
+        hook.remove()
+    assert seen and set(seen) == {1} and torch.get_num_threads() == before
+
+
+def test_a_seeded_teacher_sample_leaves_the_trainers_random_stream_alone(inline):
+    ids, mask, _ = make_batch([4, 6], 6, seed=8)
+    torch.manual_seed(123)
+    want = torch.rand(3)
+    torch.manual_seed(123)
+    a = inline.generate(ids, mask, max_new_tokens=4, do_sample=True, seed=5)
+    assert torch.equal(torch.rand(3), want)  # as with the hf engine, whose sampling runs elsewhere
+    assert a == inline.generate(ids, mask, max_new_tokens=4, do_sample=True, seed=5)
+
+
+def test_the_trainer_uses_the_head_the_teacher_holds(tmp_path):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from kdcore.modeling.models import load_lm_head
+    from kdcore.training.teachers import share_resident_heads
+
+    cfg = LlamaConfig(hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=32, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
+    with InlineTeacher(str(tmp_path)) as eng:
+        held = eng.resident_head()
+        assert held.data_ptr() == eng._model().model.get_input_embeddings().weight.data_ptr()  # tied: one matrix
+        assert not held.requires_grad
+        part, other = (type("Part", (), {"engine": eng, "head": load_lm_head(str(tmp_path), dtype=d)})()
+                       for d in (torch.float32, torch.bfloat16))
+        share_resident_heads([part, other])
+        assert part.head.data_ptr() == held.data_ptr()  # the copy read from the file is dropped
+        assert other.head.dtype == torch.bfloat16 and other.head.data_ptr() != held.data_ptr()  # not the same values
+        part.head = held.clone().mul_(2)
+        share_resident_heads([part])
+        assert part.head.data_ptr() != held.data_ptr()  # other values (an update not pushed): kept
+
+
+def test_a_vision_language_teacher_rows_equal_the_process_engines(vl_assets):
+    from kdcore.data import collate, prepare_data
+    from kdcore.modeling.tokenizers import load_tokenizer
+
+    tok = load_tokenizer(str(vl_assets["teacher"]))
+    mb = collate(prepare_data({"train": str(vl_assets["train"]), "eval_size": 0}, tok).train[:3], pad_id=0)
+    req = HiddenRequest(mb.input_ids, mb.attention_mask, mb.loss_positions, mb.vision)
+    with InlineTeacher(str(vl_assets["teacher"]), max_rows=512) as eng, \
+            HFTeacher(str(vl_assets["teacher"]), threads=torch.get_num_threads(), max_rows=512) as process:
+        assert eng.accepts_vision and eng.info["vision"]
+        with eng.hidden_states(req) as rows, process.hidden_states(req) as want:
+            torch.testing.assert_close(rows, want, rtol=0, atol=1e-5)
+        left = mb.attention_mask.flip(-1)
+        with pytest.raises(TeacherError, match="right-padded"):
+            eng.submit(HiddenRequest(mb.input_ids.flip(-1), left,
+                                     [[p for p in range(left.shape[1]) if left[b, p]][:1] for b in range(3)], mb.vision))
 
 
 def test_training_with_the_inline_teacher_equals_the_process_teacher(tmp_path, tiny_teacher):

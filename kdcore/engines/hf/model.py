@@ -13,7 +13,7 @@ from typing import Any, Iterable, Mapping, Optional
 
 import torch
 
-from kdcore.engines.protocol import TeacherError
+from kdcore.engines.protocol import HiddenRequest, TeacherError
 from kdcore.modeling import models
 from kdcore.modeling.vision import backbone, is_vision_model, model_inputs
 
@@ -97,6 +97,20 @@ class TeacherModel:
         return None, len(named)
 
 
+def image_inputs(request: HiddenRequest, mask: torch.Tensor, *, vision_teacher: bool,
+                 spec: str) -> Optional[dict[str, torch.Tensor]]:
+    """A request's pixel inputs, checked against the teacher (both engines refuse alike): None
+    for a text request; a text teacher or a left-padded batch with images is refused."""
+    if not request.vision:
+        return None
+    if not vision_teacher:
+        raise TeacherError(f"teacher '{spec}' is a text model but the request carries image inputs")
+    if bool((mask[:, 1:] > mask[:, :-1]).any()):
+        raise TeacherError("a request with image inputs must be right-padded (the model computes "
+                           "its own multimodal positions)")
+    return dict(request.vision)
+
+
 def generate(model, ids: torch.Tensor, mask: torch.Tensor, kw: dict, device: Optional[str], *,
              greedy_loop: bool = True) -> list[list[int]]:
     # Batched generation needs left padding: re-pad each prompt's real tokens to the right edge.
@@ -136,4 +150,4 @@ def generate(model, ids: torch.Tensor, mask: torch.Tensor, kw: dict, device: Opt
     return result
 
 
-__all__ = ["TeacherModel", "decoder_layers", "generate", "resolve_device"]
+__all__ = ["TeacherModel", "decoder_layers", "generate", "image_inputs", "resolve_device"]

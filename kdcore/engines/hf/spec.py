@@ -39,11 +39,6 @@ class InlineEngine(EngineSpec):
                        micro_batches_per_step: int = 1, **kwargs: Any):
         from kdcore.engines.hf.inline import InlineTeacher
 
+        # teacher.threads only: the default (all cores) is what the trainer already has
         return InlineTeacher(teacher_cfg.path, dtype=teacher_cfg.dtype, device=teacher_cfg.device,
-                             max_rows=max_rows, **kwargs)
-
-    def check_recipe(self, section: Mapping[str, Any], prefix: str) -> list[str]:
-        if section.get("threads"):
-            return [f"{prefix}.threads: the inline engine computes with the trainer's own threads; "
-                    f"leave it 0 or use {prefix}.engine: hf"]
-        return []
+                             threads=teacher_cfg.threads or None, max_rows=max_rows, **kwargs)

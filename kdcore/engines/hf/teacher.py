@@ -50,7 +50,7 @@ import torch
 from kdcore.infra.channel import (POLL_S, PROGRESS_TIMEOUT_S, Channel, ChannelTimeout,
                             TeacherDiedError, describe_exit)
 from kdcore.engines.hf.child import child_main
-from kdcore.engines.hf.model import resolve_device
+from kdcore.engines.hf.model import image_inputs, resolve_device
 from kdcore.engines.protocol import HiddenRequest, TeacherEngine, TeacherError, Ticket
 from kdcore.infra.distributed import default_threads
 from kdcore.infra.process_env import ALLOCATOR_ENV, THREAD_ENV
@@ -312,14 +312,9 @@ class HFTeacher(TeacherEngine):
         request.validate(vocab_size=self.vocab_size, max_rows=self.max_rows)
         mask = request.attention_mask.to(torch.int64)
         ids = request.input_ids.to(torch.int64).masked_fill(mask == 0, 0)  # any pad id embeds safely
-        vision = None
-        if request.vision:
-            if not self.info.get("vision"):
-                raise TeacherError(f"teacher '{self.spec}' is a text model but the request carries image inputs")
-            if bool((mask[:, 1:] > mask[:, :-1]).any()):
-                raise TeacherError("a request with image inputs must be right-padded (the model computes "
-                                   "its own multimodal positions)")
-            vision = {k: v.detach().cpu().numpy() for k, v in request.vision.items()}
+        vision = image_inputs(request, mask, vision_teacher=bool(self.info.get("vision")), spec=self.spec)
+        if vision is not None:
+            vision = {k: v.detach().cpu().numpy() for k, v in vision.items()}
         ticket = self._new_ticket(request)
         self._requests.put(("hidden", ticket.seq, ids.cpu().numpy(), mask.cpu().numpy(),
                             request.flat_index().numpy(), vision))
