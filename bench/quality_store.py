@@ -103,12 +103,23 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
+# values that change where a run computes, not what: the hf and inline teacher engines load one
+# TeacherModel class (tests/integration/test_teacher_inline.py: equal hidden states and equal
+# training losses), so a run stored under one stands for the other
+SAME_NUMBERS = {"teacher.engine": frozenset({"hf", "inline"})}
+
+
 def recipe_changes(then: dict, now: dict) -> list[str]:
     """The dotted keys whose value differs between a stored run's recipe and today's, a key the
-    stored recipe lacks counting only where today's value is not the schema default."""
+    stored recipe lacks counting only where today's value is not the schema default, and a change
+    within one :data:`SAME_NUMBERS` group not counting."""
     then_flat, now_flat, defaults = _flat(then), _flat(now), _schema_defaults()
-    changed = [k for k in then_flat if now_flat.get(k, "<absent>") != then_flat[k]]
-    return changed + [k for k in now_flat if k not in then_flat and now_flat[k] != defaults.get(k, "<absent>")]
+
+    def same(key: str, a, b) -> bool:
+        return a == b or (key in SAME_NUMBERS and {a, b} <= SAME_NUMBERS[key])
+
+    changed = [k for k in then_flat if not same(k, now_flat.get(k, "<absent>"), then_flat[k])]
+    return changed + [k for k in now_flat if k not in then_flat and not same(k, now_flat[k], defaults.get(k, "<absent>"))]
 
 
 class RunStore:

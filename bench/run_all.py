@@ -43,21 +43,16 @@ from bench import common, models  # noqa: E402
 from bench.common import GB, fmt_range, md_table  # noqa: E402
 
 ALL_TABLES = ("limit", "channel", "offpolicy", "real", "bf16", "scaling", "onpolicy", "xtok")
-# the two rows that miss on memory with the default teacher engine also run with the teacher in
-# the trainer's process (teacher.engine: inline), the option for when memory runs out
-INLINE = {"overrides": ["teacher.engine=inline"]}
 ONPOLICY_SIDES = {"TRL GKDTrainer λ=1": ("bench.peers.trl_onpolicy:run_gkd", {}),
                   "TRL DistillationTrainer": ("bench.peers.trl_onpolicy:run_distillation", {}),
-                  "kdflow on_policy": ("bench.sides.kdflow:run_onpolicy", {}),
-                  "kdflow on_policy, teacher.engine=inline": ("bench.sides.kdflow:run_onpolicy", INLINE)}
+                  "kdflow on_policy": ("bench.sides.kdflow:run_onpolicy", {})}
 # every TRL trainer that can run the row; the ratio tables compare kdflow with the best of them
 SIDES = {"trl": "bench.peers.trl_gkd:run", "trl_distill": "bench.peers.trl_distill:run",
          "kdflow": "bench.sides.kdflow:run"}
 SIDE_NAMES = {"trl": "TRL GKDTrainer", "trl_distill": "TRL DistillationTrainer", "kdflow": "kdflow"}
 TRL_SIDES = ("trl", "trl_distill")
-XTOK_SIDES = {"trl": "bench.peers.trl_gold:run", "kdflow": "bench.sides.kdflow_xtok:run_uld",
-              "kdflow_inline": ("bench.sides.kdflow_xtok:run_uld", INLINE)}
-XTOK_NAMES = {"trl": "TRL GOLDTrainer (ULD)", "kdflow": "kdflow uld", "kdflow_inline": "kdflow uld, teacher.engine=inline"}
+XTOK_SIDES = {"trl": "bench.peers.trl_gold:run", "kdflow": "bench.sides.kdflow_xtok:run_uld"}
+XTOK_NAMES = {"trl": "TRL GOLDTrainer (ULD)", "kdflow": "kdflow uld"}
 # side -> (module:function, its own keyword arguments); pairs compared: (kdflow side, TRL side)
 BF16_SIDES = {"trl": ("bench.peers.trl_gkd:run", {"precision": "bf16"}),
               "trl_distill": ("bench.peers.trl_distill:run", {"precision": "bf16"}),
@@ -302,8 +297,9 @@ def ratio_rows(cfgs: list[Config]) -> list[list]:
 
 
 def why_memory_missed(what: str, k: dict, peer: dict, peer_name: str) -> str:
-    """Where kdflow's excess sits, from the run's own per-process peaks (kdflow's default engine
-    runs the teacher in a second process; the peer is one process holding both models)."""
+    """Where kdflow's excess sits, from the run's own per-process peaks (the default engine,
+    inline, runs the teacher in the trainer's process, as the peer does; the hf engine in a
+    second one)."""
     parts = k["part_bytes"]
     student, teacher = parts.get("student", 0), parts.get("teacher", 0)
     peak = peer["median_peak"]
@@ -655,7 +651,7 @@ def _header(args, info: dict, started: str, load0, minutes: float, kdflow_ok: bo
         "(memory, loss). `peak GB` = the largest sum, over the processes of the run's tree alive at one sample "
         "(every 0.2 s), of each process's peak resident set (the kernel's VmHWM; bench/common.py TreeMemory): an "
         "upper bound that counts pages two processes share (libraries, the shared-memory channel) in both, so it "
-        "errs against kdflow's two processes; `peak by process` splits it (`launcher` = the benchmark child, "
+        "errs against kdflow when it runs two processes (`teacher.engine: hf`); `peak by process` splits it (`launcher` = the benchmark child, "
         "which is the whole TRL run). Until 2026-12-01 this column was PSS read every 0.1 s, which slowed the "
         "measured runs (kdflow 1.98 vs 1.60 s/step, TRL 3.60 vs 2.75 on the real teacher at 4×128): the speed "
         "ratios of earlier runs were partly the meter's. `tokens/s` = batch × sequence length ÷ step time. `% fp32 peak` = useful FLOPs "
@@ -663,7 +659,8 @@ def _header(args, info: dict, started: str, load0, minutes: float, kdflow_ok: bo
         "at loss positions) per second ÷ the fp32 matmul rate below. Allocator `default` = glibc as shipped, "
         "`tuned` = `MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736` in the run's environment "
         "(kdflow, run as `python -m kdcore train`, also tunes its own processes by default: the allocator and "
-        "passive OpenMP waits; its teacher and student processes each use every pinned core).",
+        "passive OpenMP waits; its default teacher engine, `inline`, computes in the trainer's process with every "
+        "pinned core).",
     ]
     if not kdflow_ok:
         lines += ["", f"**{why}** — kdflow rows are empty in this run."]

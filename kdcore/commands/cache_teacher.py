@@ -29,6 +29,7 @@ from kdcore.engines.cache.format import (FORMAT_VERSION, MANIFEST, SPLITS, Cache
                                   sample_keys, sha256_file)
 from kdcore.data import DataError
 from kdcore.engines import create_teacher_engine
+from kdcore.engines.factory import DEFAULT_TEACHER_ENGINE
 from kdcore.engines.cache.spec import CacheEngine
 from kdcore.engines.protocol import TeacherError
 from kdcore.infra.channel import ChannelError
@@ -343,7 +344,7 @@ def live_engine_overrides(recipe: str, overrides, registry, engine: Optional[str
     file). The ``teachers:`` form gets one pair per entry (``teachers.1.engine=hf``, ...)."""
 
     def is_cache(section: Any) -> bool:
-        name = (section.get("engine") if isinstance(section, Mapping) else None) or "hf"
+        name = (section.get("engine") if isinstance(section, Mapping) else None) or DEFAULT_TEACHER_ENGINE
         try:
             return isinstance(registry.get("engine", str(name)).fn, CacheEngine)
         except Exception:  # an unknown engine is reported by the recipe checks

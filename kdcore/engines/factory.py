@@ -16,6 +16,13 @@ if TYPE_CHECKING:  # pragma: no cover
     from kdcore.engines.protocol import RolloutEngine, TeacherEngine
     from kdcore.plugin_system.registry import Entry, Registry
 
+# The teacher engine a recipe gets when it names none. ``inline`` (the teacher in the trainer's
+# process) over ``hf`` (a second process, overlapping the teacher's forward with the student's
+# step): on 2 CPU cores the overlap bought 0-9% of step time and the second interpreter cost
+# ~0.35 GB, which put kdflow above TRL's leanest trainer in memory on the on-policy and ULD
+# tables (bench/results.md). ``hf`` stays one line away for when the overlap pays (a teacher on
+# its own GPU).
+DEFAULT_TEACHER_ENGINE = "inline"
 
 class EngineSpec:
     """One engine kind, as a plugin registers it: ``register("name", MySpec())``.
@@ -100,8 +107,8 @@ def create_teacher_engine(teacher_cfg: Any, *, registry: "Optional[Registry]" = 
                           threads: Optional[int] = None, micro_batches_per_step: int = 1,
                           **kwargs: Any) -> "TeacherEngine":
     """Build (not start) the teacher engine a recipe's ``teacher`` section names (``engine``,
-    default ``hf``). ``registry``: the run's registry (None: load the installed one)."""
-    name = getattr(teacher_cfg, "engine", None) or "hf"
+    default :data:`DEFAULT_TEACHER_ENGINE`). ``registry``: the run's registry (None: load the installed one)."""
+    name = getattr(teacher_cfg, "engine", None) or DEFAULT_TEACHER_ENGINE
     entry = engine_entry(name, "teacher", registry)
     return entry.fn.create_teacher(teacher_cfg, max_rows=max_rows, threads=threads,
                                    micro_batches_per_step=max(1, int(micro_batches_per_step)),

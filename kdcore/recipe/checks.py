@@ -11,6 +11,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from kdcore.engines.factory import DEFAULT_TEACHER_ENGINE
 from kdcore.infra.exceptions import clip
 from kdcore.recipe.schema import (DistillConfig, EvalConfig, RolloutConfig, TeacherConfig, TeacherEntry, check_section,
                            get_dotted)
@@ -296,7 +297,7 @@ def check_teacher_entries(raw: dict, registry, errors: list[str]) -> None:
         for key in ("self_distill_every", "ema"):
             if entry.get(key):
                 errors.append(f"{where}.{key}: self-distillation teaches with one teacher; use the teacher: form")
-        engine = entry.get("engine", "hf")
+        engine = entry.get("engine", DEFAULT_TEACHER_ENGINE)
         if isinstance(engine, str):
             try:
                 entry_of_engine = registry.get("engine", engine)

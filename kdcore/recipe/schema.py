@@ -20,6 +20,7 @@ from kdcore.infra.exceptions import clip
 
 # one-way: the built-in engines' sections live in their packages; those modules import neither
 # torch nor sglang nor zmq
+from kdcore.engines.factory import DEFAULT_TEACHER_ENGINE
 from kdcore.engines.remote.config import RemoteTeacherConfig
 from kdcore.engines.sglang.config import RANGES as SGLANG_RANGES, SGLangConfig
 
@@ -34,13 +35,13 @@ class TeacherConfig:
     path: str = MISSING
     tokenizer: Optional[str] = None  # defaults to the model's own tokenizer
     # a registered engine name (`kdcore list-algorithms --kind engine`)
-    engine: str = "hf"  # hf runs anywhere, in its own process; inline: hf in the trainer's process (less memory, no overlap); sglang needs a GPU; remote: a `kdcore serve-teacher`
+    engine: str = DEFAULT_TEACHER_ENGINE  # inline: transformers in the trainer's process (least memory; why: kdcore.engines.factory); hf: the same in its own process, overlapped with the student; sglang needs a GPU; remote: a `kdcore serve-teacher`
     # auto: bfloat16 where the device multiplies bf16 natively (CUDA; a CPU with AMX or
     # AVX512-BF16), else float32; resolved when the recipe loads (the run folder's recipe.yaml
     # holds the value used). fp32 stays the default until the quality benchmark clears auto
     dtype: str = _choice("float32", "float32", "bfloat16", "float16", "auto")  # fp32: exact targets; bfloat16: ~1.5x faster CPU steps, loss within 0.03% (docs/performance.md)
     device: str = _choice("auto", "auto", "cpu", "cuda")  # auto = cuda when present
-    threads: int = 0  # 0 = all this rank's cores (shared with the student; both wait passively)
+    threads: int = 0  # 0 = all this rank's cores (hf: shared with the student, both wait passively; inline: the trainer's)
     # Self-distillation: k > 0 replaces the teacher's weights with the student's every k
     # optimizer steps (the student must have the teacher's architecture). Set explicitly,
     # never inferred from equal model paths: a student initialised from the teacher's

@@ -265,8 +265,9 @@ def test_a_read_only_output_folder_is_one_line(tmp_path, tiny_teacher):
 def test_ctrl_c_stops_cleanly_with_exit_130_naming_the_checkpoint(tmp_path, tiny_teacher, to_group):
     """SIGINT to the trainer alone, and to its whole process group as a terminal's Ctrl-C does
     (the teacher process gets it too)."""
+    # engine hf: the teacher's own process must be gone too (the default, inline, has none)
     recipe = write_recipe(tmp_path, tiny_teacher, train={"max_steps": 10_000, "eval_batches": 1},
-                          checkpoint={"every": 1, "keep": 2, "export_hf": False})
+                          checkpoint={"every": 1, "keep": 2, "export_hf": False}, teacher={"engine": "hf"})
     # SIGINT at its default in the trainer whatever this suite inherited: a suite started in the
     # background of a non-interactive shell (`bash .ci/run &`) runs with SIGINT ignored, its children
     # too, and kdcore rightly leaves an ignored SIGINT alone, so the Ctrl-C below would not arrive

@@ -85,7 +85,7 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_teacher):
 
 def test_dead_teacher_is_a_clear_error_without_orphans(tmp_path, tiny_teacher):
     recipe = write_recipe(tmp_path, tiny_teacher, train={"max_steps": 10_000, "eval_batches": 1},
-                          checkpoint={"export_hf": False})
+                          checkpoint={"export_hf": False}, teacher={"engine": "hf"})  # a teacher process to kill
     proc = subprocess.Popen(KDCORE + ["train", str(recipe)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, cwd=ROOT)
     out = tmp_path / "out"

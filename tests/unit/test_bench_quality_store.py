@@ -61,6 +61,15 @@ def test_a_field_added_after_the_run_keeps_it_only_while_it_holds_its_default():
     assert recipe_changes(before, now) == ["distill.gone"]
 
 
+def test_a_run_under_the_other_in_process_or_process_teacher_engine_stands():
+    now = resolved_recipe("quickstart", [])
+    before = json.loads(json.dumps(now))
+    before["teacher"]["engine"] = "hf" if now["teacher"]["engine"] == "inline" else "inline"
+    assert recipe_changes(before, now) == []  # one TeacherModel: the same numbers
+    before["teacher"]["engine"] = "remote"
+    assert recipe_changes(before, now) == ["teacher.engine"]
+
+
 def test_data_files_count_by_content_not_path(tmp_path):
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     a.write_text('{"prompt": "x", "response": "y"}\n')

@@ -302,3 +302,17 @@ def test_the_server_answers_and_keeps_waiting_clients_informed_while_the_engine_
     assert receive(late)[0]["type"] == "hello"
     running.server.engine.release_blocked.set()
     assert receive(a)[0]["type"] == receive(b)[0]["type"] == "hidden"
+
+
+def test_a_server_runs_the_teacher_in_its_own_process_unless_the_recipe_names_an_engine(tmp_path):
+    from kdcore.engines.factory import DEFAULT_TEACHER_ENGINE
+    from kdcore.recipe.loading import load_recipe
+
+    assert DEFAULT_TEACHER_ENGINE != rs.SERVER_DEFAULT_ENGINE == "hf"  # a hung request can be timed out
+    assert rs.server_overrides("quickstart", ["train.lr=0.1"]) == ["train.lr=0.1", "teacher.engine=hf"]
+    assert load_recipe("quickstart", rs.server_overrides("quickstart", [])).teacher.engine == "hf"
+    assert rs.server_overrides("quickstart", ["teacher.engine=inline"]) == ["teacher.engine=inline"]
+    named = tmp_path / "named.yaml"
+    named.write_text("teacher: {path: t, engine: inline}\nstudent: {path: s}\ndata: {train: d.jsonl}\n"
+                     "train: {output_dir: o}\n")
+    assert rs.server_overrides(str(named), []) == []

@@ -48,7 +48,7 @@ from kdcore.engines import TeacherError, create_teacher_engine
 from kdcore.infra.channel import ChannelError
 from kdcore.modeling.paths import ModelNotFoundError
 from kdcore.plugin_system.manager import load_registry
-from kdcore.recipe.loading import RecipeError, load_recipe
+from kdcore.recipe.loading import RecipeError, load_raw, load_recipe
 
 POLL_MS = 200  # idle poll step: how late a stop request is noticed
 MAX_REQUEST_MB = 64  # ~16M tokens of int32 ids: any real micro-batch fits, a memory bomb does not
@@ -532,6 +532,21 @@ def _pid_note(engine: Any) -> str:
     return f" (engine pid {pid})" if pid else ""
 
 
+# The engine a server runs when the recipe names none: the teacher in a process of its own,
+# so that a request that makes no progress is timed out and the engine restarted (see the
+# module docstring), which the training default (inline, in the caller's process) cannot do.
+SERVER_DEFAULT_ENGINE = "hf"
+
+
+def server_overrides(recipe: str, overrides: list[str]) -> list[str]:
+    """``overrides``, plus ``teacher.engine=`` :data:`SERVER_DEFAULT_ENGINE` where neither they
+    nor the recipe name a teacher engine."""
+    _, raw = load_raw(recipe, list(overrides))
+    teacher = raw.get("teacher")
+    named = isinstance(teacher, dict) and teacher.get("engine")
+    return list(overrides) if named else [*overrides, f"teacher.engine={SERVER_DEFAULT_ENGINE}"]
+
+
 def serve_recipe(recipe: str, overrides: list[str], *, listen: str, token: Optional[str] = None,
                  max_rows: Optional[int] = None, max_request_mb: float = MAX_REQUEST_MB,
                  max_tokens: Optional[int] = None, progress_timeout: Optional[float] = None,
@@ -558,7 +573,7 @@ def serve_recipe(recipe: str, overrides: list[str], *, listen: str, token: Optio
             return 2
     registry = load_registry()
     try:
-        cfg = load_recipe(recipe, overrides, registry=registry)
+        cfg = load_recipe(recipe, server_overrides(recipe, overrides), registry=registry)
     except RecipeError as exc:
         print(f"kdcore serve-teacher: {exc}", file=sys.stderr)
         return 2
