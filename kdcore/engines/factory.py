@@ -18,11 +18,12 @@ if TYPE_CHECKING:  # pragma: no cover
 
 # The teacher engine a recipe gets when it names none. ``inline`` (the teacher in the trainer's
 # process) over ``hf`` (a second process, overlapping the teacher's forward with the student's
-# step): on 2 CPU cores the overlap bought 0-9% of step time and the second interpreter cost
-# ~0.35 GB, which put kdflow above TRL's leanest trainer in memory on the on-policy and ULD
-# tables (bench/results.md). ``hf`` stays one line away for when the overlap pays (a teacher on
-# its own GPU).
+# step): on 2 CPU cores the overlap was worth -4% to 9% of step time (bench/teacher_engines.py,
+# four tables) and the second interpreter cost ~0.35 GB, which put kdflow above TRL's leanest
+# trainer in memory on the on-policy and ULD tables (bench/results.md). ``hf`` stays one line
+# away for when the overlap pays (a teacher on its own GPU).
 DEFAULT_TEACHER_ENGINE = "inline"
+
 
 class EngineSpec:
     """One engine kind, as a plugin registers it: ``register("name", MySpec())``.
