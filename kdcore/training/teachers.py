@@ -140,7 +140,7 @@ def longest_input(part: TeacherPart, samples) -> int:
 
 def start_engines(parts: list[TeacherPart], *, registry, max_rows_for, threads_default: int,
                   micro_batches_per_step: int) -> None:
-    """Start every teacher's engine (each in its own process); ``max_rows_for(part)`` sizes its
+    """Start every teacher's engine, then share the heads they hold; ``max_rows_for(part)`` sizes its
     channel. A failure closes the ones already started."""
     try:
         for part in parts:

@@ -150,7 +150,8 @@ class InlineTeacher(TeacherEngine):
         HiddenRequest(input_ids, attention_mask, [[] for _ in range(input_ids.shape[0])]).validate(vocab_size=self.vocab_size)
         kw = {"max_new_tokens": int(max_new_tokens), "do_sample": bool(do_sample), "temperature": float(temperature),
               "top_p": float(top_p), "top_k": int(top_k), "seed": seed, "eos_token_id": eos_token_id}
-        on_gpu = [] if self.device == "cpu" else [torch.device(self.device).index or torch.cuda.current_device()]
+        index = None if self.device == "cpu" else torch.device(self.device).index
+        on_gpu = [] if self.device == "cpu" else [torch.cuda.current_device() if index is None else index]
         with torch.random.fork_rng(devices=on_gpu), self._own_threads():
             return teacher.generate(input_ids.to(torch.int64).cpu(), attention_mask.to(torch.int64).cpu(), kw)
 

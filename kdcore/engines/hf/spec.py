@@ -3,7 +3,7 @@ only to build one)."""
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from typing import Any, Optional
 
 from kdcore.engines.factory import EngineSpec
 
