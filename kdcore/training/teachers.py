@@ -161,7 +161,8 @@ def share_resident_heads(parts: list[TeacherPart]) -> None:
     """Use the head an engine already holds in this process (``inline``) instead of the copy
     :func:`setup_heads` read, where shape, dtype, device and values agree: one ``[V, H]`` matrix
     less (113 MB for SmolLM2-135M in fp32). Heads are read before the engines start because the
-    student and its aligners are built from them first."""
+    student and its aligners are built from them first (after a weight push:
+    :func:`kdcore.training.weight_sync.push_teacher_weights`)."""
     for part in parts:
         held = part.engine.resident_head()
         if (held is not None and held.shape == part.head.shape and held.dtype == part.head.dtype

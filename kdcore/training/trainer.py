@@ -203,7 +203,6 @@ class Trainer:
         (part,) = self.parts  # self-distillation teaches with one teacher (recipe checks)
         with self.schedule.phase():
             part.head = self.ema.push(part.engine, dtype=part.head.dtype, device=self.env.device)
-        teachers.share_resident_heads([part])  # the push returns a copy
 
     def _after_update(self, step: int, step_s: float) -> dict:
         """Sampler bookkeeping after an optimizer step; self-distillation refreshes the teacher."""
@@ -213,7 +212,6 @@ class Trainer:
             (part,) = self.parts  # self-distillation teaches with one teacher (recipe checks)
             with self.schedule.phase():
                 part.head = self.sampler.refresh_teacher(part.engine, dtype=part.head.dtype, device=self.env.device)
-            teachers.share_resident_heads([part])
         rec = self.sampler.pop_metrics()
         # sampling ran inside this step's time; the rest is teacher wait + student
         rec["train_s"] = step_s - rec["sample_s"] - rec["sync_s"]

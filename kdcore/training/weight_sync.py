@@ -53,8 +53,13 @@ def sync_teacher(engine, model: torch.nn.Module, *, dtype: torch.dtype, device) 
 def push_teacher_weights(engine, weights: dict[str, torch.Tensor], head_key: str, *, dtype: torch.dtype,
                          device) -> torch.Tensor:
     """Load full ``weights`` into the teacher engine (self-distillation, an EMA teacher) and
-    return the teacher head they hold, a copy in ``dtype`` on ``device``."""
+    return the teacher head they hold in ``dtype`` on ``device``: the head the engine holds in
+    this process (``inline``), which the update has just written, where it is in that dtype and
+    on that device; otherwise a copy."""
     engine.update_weights(weights)
+    held = engine.resident_head()
+    if held is not None and held.dtype == dtype and held.device == torch.device(device):
+        return held
     return weights[head_key].to(device=device, dtype=dtype, copy=True)
 
 
