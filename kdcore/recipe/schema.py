@@ -141,6 +141,10 @@ class DistillConfig:
     # references decide where answers end (a teacher answering at greater length puts ~0.04 on
     # stopping where the quickstart's references end; bench/quality.md). Held-out KL keeps every row
     kd_at_stop: bool = True  # true: KD at every target, as the papers train (the quickstart sets false)
+    # false: no KD at an answer's first token, CE alone there, so the references decide how answers
+    # open (the quickstart's teacher opens 40 of 64 held-out answers with '`', a reference's own first
+    # token gets p 0.002: `python -m bench first_token`). Held-out KL keeps every row
+    kd_at_opening: bool = True  # true: KD at every target, as the papers train
     chunk_size: int = 256  # tokens per logits chunk; = kdcore.distill.loss.DEFAULT_CHUNK_SIZE (measured, see there)
 
 

@@ -20,7 +20,7 @@ Teacher samples (SeqKD) keep their CE: learning the teacher's answers is that me
 from __future__ import annotations
 
 import random
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -42,14 +42,33 @@ def _pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torc
     return ids, mask
 
 
-def _without_targets(a, student, skip: frozenset):
-    """``a`` without the pairs whose student loss position predicts an id in ``skip`` (those
-    rows keep their CE: with the stop tokens, the data alone decides where an answer ends)."""
-    ids, pos = student.input_ids, student.loss_positions
-    keep = [k for k, i in enumerate(a.student_index) if int(ids[pos[i] + 1]) not in skip]
-    if len(keep) == len(a.student_index):
-        return a
-    return replace(a, student_index=[a.student_index[k] for k in keep], teacher_index=[a.teacher_index[k] for k in keep])
+@dataclass(frozen=True)
+class CEOnlyTargets:
+    """The training rows that keep their CE but get no KD pair, so that the data alone decides
+    there: those whose target is one of ``labels`` (the stop tokens with ``distill.kd_at_stop``
+    false: where answers end) and, with ``openings``, each answer's first token
+    (``distill.kd_at_opening`` false: how answers open). The held-out evaluation pairs every row."""
+
+    labels: frozenset = frozenset()
+    openings: bool = False
+
+    def __bool__(self) -> bool:
+        return bool(self.labels) or self.openings
+
+    def drop(self, a, student):
+        """Alignment ``a`` of ``student`` without its pairs at these rows; an answer's first
+        token is the target of the first loss position of each run of consecutive ones."""
+        ids, pos = student.input_ids, student.loss_positions
+
+        def ce_only(i: int) -> bool:
+            opens = i == 0 or pos[i] != pos[i - 1] + 1
+            return int(ids[pos[i] + 1]) in self.labels or (self.openings and opens)
+
+        keep = [k for k, i in enumerate(a.student_index) if not ce_only(i)]
+        if len(keep) == len(a.student_index):
+            return a
+        return replace(a, student_index=[a.student_index[k] for k in keep],
+                       teacher_index=[a.teacher_index[k] for k in keep])
 
 
 class StepPreparer:
@@ -57,7 +76,7 @@ class StepPreparer:
 
     def __init__(self, *, parts, rollout, train_samples: Sequence, train_cfg, shuffle: bool, env, kdist,
                  pad_id: int, teacher_pad_id: int, latest_eval: LatestEval, sampler=None,
-                 kd: bool = True, ce_on_data: bool = False, kd_skip_labels: Sequence[int] = ()):
+                 kd: bool = True, ce_on_data: bool = False, ce_only: CEOnlyTargets = CEOnlyTargets()):
         self.parts = parts  # kdcore.training.teachers.TeacherPart per teacher (one teacher: a list of one)
         self.rollout = rollout
         self.train_samples = train_samples
@@ -71,9 +90,9 @@ class StepPreparer:
         self.latest_eval = latest_eval  # what the evaluator saw last, for policies that adapt to it
         self.kd = kd  # training rows are paired with the teacher (kd_ratio > 0)
         self.ce_on_data = ce_on_data  # CE on the data's references, not on student samples (kd_ratio < 1)
-        # training rows whose target is one of these ids (the stop tokens with distill.kd_at_stop false) get
-        # CE only; the held-out evaluation (micro_batch without them) still scores every row
-        self.kd_skip_labels = frozenset(int(i) for i in kd_skip_labels)
+        # training rows with CE and no KD pair; the held-out evaluation (micro_batch without them)
+        # still scores every row
+        self.ce_only = ce_only
 
     @property
     def looks_ahead(self) -> bool:
@@ -92,13 +111,13 @@ class StepPreparer:
         samples = list(selected) + extra
         kd_rows = list(range(len(selected))) if self.kd else []
         return self.micro_batch(step, index, last, samples, kd_rows=kd_rows,
-                                no_ce=own if self.ce_on_data else [], kd_skip_labels=self.kd_skip_labels)
+                                no_ce=own if self.ce_on_data else [], ce_only=self.ce_only)
 
     def micro_batch(self, step: int, index: int, last: bool, samples: list, *, kd_rows: list[int] | None = None,
-                    no_ce: Sequence[int] = (), kd_skip_labels: frozenset = frozenset()) -> PreparedMicroBatch:
+                    no_ce: Sequence[int] = (), ce_only: CEOnlyTargets = CEOnlyTargets()) -> PreparedMicroBatch:
         """``samples`` collated and aligned: rows ``kd_rows`` (default all) paired with the
-        teachers that teach them, rows ``no_ce`` without CE labels, no pair at a loss position
-        whose target is in ``kd_skip_labels``."""
+        teachers that teach them, rows ``no_ce`` without CE labels, no pair at the rows
+        ``ce_only`` names."""
         mb = collate(samples, self.pad_id, self.teacher_pad_id)
         if no_ce:
             starts = [0]
@@ -112,12 +131,12 @@ class StepPreparer:
         for part in self.parts:
             rows = [b for b in paired if part.teaches(samples[b])]
             if rows:
-                shares[part.name] = self._share(part, mb, samples, rows, kd_skip_labels)
+                shares[part.name] = self._share(part, mb, samples, rows, ce_only)
         if not shares:  # no row paired (kd_ratio 0): the first teacher's empty share still counts CE
             shares[self.parts[0].name] = self._share(self.parts[0], mb, samples, [])
         return PreparedMicroBatch(step=step, index=index, last=last, batch=mb, ce_rows=ce_rows, teachers=shares)
 
-    def _share(self, part, mb, samples: list, rows: list[int], kd_skip_labels: frozenset = frozenset()) -> TeacherShare:
+    def _share(self, part, mb, samples: list, rows: list[int], ce_only: CEOnlyTargets = CEOnlyTargets()) -> TeacherShare:
         """One teacher's share: its pairs over the micro-batch's student rows (sample ``b``'s
         loss rows start after those of samples ``< b``) and the teacher rows it reads.
 
@@ -131,8 +150,8 @@ class StepPreparer:
             student_starts.append(base)
             base += len(s.student.loss_positions)
         alignments = [part.aligner.align(samples[b].student, part.view(samples[b])) for b in rows]
-        if kd_skip_labels:
-            alignments = [_without_targets(a, samples[b].student, kd_skip_labels) for b, a in zip(rows, alignments)]
+        if ce_only:
+            alignments = [ce_only.drop(a, samples[b].student) for b, a in zip(rows, alignments)]
         s_idx, t_idx, s_off, t_off = [], [], [], []
         t_base = 0
         for b, a in zip(rows, alignments):

@@ -41,6 +41,7 @@ from kdcore.plugin_system.registry import UnknownAlgorithmError
 from kdcore.storage import checkpoint as ckpt, run_folder
 from kdcore.training.ema import EMATeacher, check_ema_architecture
 from kdcore.training.sampler import build_sampler, rollout_rows, sampler_sides
+from kdcore.training.steps import CEOnlyTargets
 
 
 class Trainer:
@@ -85,7 +86,7 @@ class Trainer:
             self.preparer = self.run_parts.preparer(
                 rollout=self.rollout, train_samples=self.train_samples, shuffle=cfg.data.shuffle, env=self.env,
                 kdist=kdist, latest_eval=self.latest_eval, sampler=self.sampler, kd=cfg.distill.kd_ratio > 0,
-                ce_on_data=cfg.distill.kd_ratio < 1, kd_skip_labels=self._kd_skip_labels())
+                ce_on_data=cfg.distill.kd_ratio < 1, ce_only=self._ce_only_targets())
             self.forward = DistillForward(student=self.student, parts=self.parts, distill_cfg=cfg.distill,
                                           loss_fn=self.loss_fn, loss_options=self.loss_options,
                                           device=self.env.device, world_size=self.env.world_size)
@@ -326,15 +327,17 @@ class Trainer:
         colocation.start_asleep()
         return colocation
 
-    def _kd_skip_labels(self) -> list[int]:
-        """The stop tokens (EOS, end of turn) when ``distill.kd_at_stop`` is false: where the
-        references end, a teacher that answers at greater length puts little mass on stopping
-        (bench/quality.md), and KD there teaches the student not to stop."""
-        if self.cfg.distill.kd_at_stop:
-            return []
+    def _ce_only_targets(self) -> CEOnlyTargets:
+        """Where CE alone teaches: the stop tokens (EOS, end of turn) when ``distill.kd_at_stop``
+        is false (where the references end, a teacher that answers at greater length puts little
+        mass on stopping, and KD there teaches the student not to stop), answers' first tokens when
+        ``distill.kd_at_opening`` is false (a teacher that opens unlike the references teaches an
+        opening the student cannot yet continue; bench/quality.md)."""
         from kdcore.data.rollout_samples import stop_ids
 
-        return stop_ids(self.student_tok)
+        d = self.cfg.distill
+        return CEOnlyTargets(labels=frozenset() if d.kd_at_stop else frozenset(int(i) for i in stop_ids(self.student_tok)),
+                             openings=not d.kd_at_opening)
 
     def _ema(self):
         t = self.cfg.teacher
