@@ -38,7 +38,7 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable from t
 from bench import common  # noqa: E402
 from bench.quality_report import WARM_RESULTS, findings_table, header, render_section  # noqa: E402
 from bench.quality_sections import SECTIONS, Row, Section  # noqa: E402
-from bench.quality_store import Run, RunStore, content_of_data, recipe_changes, resolved_recipe  # noqa: E402
+from bench.quality_store import Run, RunStore, code_counts, content_of_data, recipe_changes, resolved_recipe  # noqa: E402
 
 # ----------------------------------------------------------------------------- running
 
@@ -230,8 +230,9 @@ def stored_runs(section: Section, store: "RunStore") -> dict[str, list[Run]]:
         by_seed: dict[int, Run] = {}
         for key, k, run in mine:  # the row's own command first, then a run of the same training
             if k[0] == section.recipe and k[1] == list(row.overrides):
-                if store.current(key, row_recipe(section, row, warm.get(k[2]))) is not None:
-                    by_seed.setdefault(k[2], run)
+                # the run current() returns: a stale run's place goes to the run of the same training
+                if (found := store.current(key, row_recipe(section, row, warm.get(k[2])))) is not None:
+                    by_seed.setdefault(k[2], found)
         for key, k, run in mine:
             want = row_recipe(section, row, warm.get(k[2]))
             if k[2] not in by_seed and run.recipe and want is not None and not recipe_changes(run.recipe, want):
@@ -333,6 +334,14 @@ def main(argv=None) -> int:
                          "each run kept its recipe (2026-12-07), or their recipe does not resolve on the machine "
                          "rendering this report (a warm start's folder or a model missing), so a recipe change since "
                          "would not show.")
+        shown = [r for runs in (*done.values(), *kept.values()) for rr in runs.values() for r in rr]
+        unrecorded, other_code = code_counts(shown)
+        if unrecorded or other_code:
+            progress += (f" Of the {len(shown)} runs shown, {unrecorded} were stored before runs kept a fingerprint "
+                         f"of the code that trains them (the Python under kdcore/ and algorithms/, 2026-12-07) and "
+                         f"{other_code} were trained by code that differs from this checkout's; a code change does "
+                         "not retire a stored run (most leave the figures as they were), so these stand on the "
+                         "recipe check alone.")
         progress = progress.strip()
         # every section in SECTIONS order, the ones this invocation ran and the ones kept from the store
         bodies = [render_section(SECTIONS[name](), done.get(name) or kept[name]) for name in SECTIONS

@@ -13,7 +13,11 @@ training data retires the runs it affects and no others. A field added to the sc
 was stored is taken to have kept that run's behaviour while it holds its default (the rule every
 new field follows); set to anything else, the run is stale.
 
-Not detected: changes to the code that trains (a loss, the driver): delete the store after them.
+Changes to the code that trains (a loss, the driver) do not retire a run: most leave the figures
+as they were (a refactor, a new option at its default), and a render cannot tell which do not.
+Each run keeps a **fingerprint of that code** (:func:`code_fingerprint`: the Python files under
+``kdcore/`` and ``algorithms/``), and the report counts the runs shown whose fingerprint differs
+from the checkout's; rerun a section without ``--store`` to check them, or delete the store.
 Runs stored before recipes were kept (2026-12-07) carry none and are trusted as before, as are
 runs whose recipe does not resolve on the machine rendering them; the report counts them.
 """
@@ -41,6 +45,29 @@ class Run:
     error: str = ""
     curve: list = field(default_factory=list)  # every evaluation record (warm starts, sections with curves)
     recipe: dict = field(default_factory=dict)  # resolved_recipe() of the row when it was trained
+    code: str = ""  # code_fingerprint() when it was stored ("" before fingerprints were kept)
+
+
+# the folders whose Python trains and scores a run (the core and the built-in algorithms)
+CODE_DIRS = ("kdcore", "algorithms")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@lru_cache(maxsize=None)
+def code_fingerprint(root: Path = REPO_ROOT) -> str:
+    """A hash of every ``*.py`` under :data:`CODE_DIRS` of ``root`` (paths and contents), read
+    once per process: runs trained by the same code share it."""
+    digest = hashlib.sha256()
+    for folder in CODE_DIRS:
+        for path in sorted((root / folder).rglob("*.py")):
+            digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def code_counts(runs: Sequence[Run]) -> tuple[int, int]:
+    """(runs stored without a fingerprint, runs whose fingerprint is not this checkout's)."""
+    now = code_fingerprint()
+    return sum(not r.code for r in runs), sum(bool(r.code) and r.code != now for r in runs)
 
 
 # the keys of a resolved recipe that name data files: their content, not their path, is what a
@@ -109,14 +136,21 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 SAME_NUMBERS = {"teacher.engine": frozenset({"hf", "inline"})}
 
 
+# settings that only say which training rows get a KD pair: a CE-only run (distill.kd_ratio 0)
+# pairs none, so they cannot change it (the held-out evaluation pairs every row whatever they say)
+KD_PAIRING = frozenset({"distill.kd_at_stop", "distill.kd_at_opening"})
+
+
 def recipe_changes(then: dict, now: dict) -> list[str]:
     """The dotted keys whose value differs between a stored run's recipe and today's, a key the
-    stored recipe lacks counting only where today's value is not the schema default, and a change
-    within one :data:`SAME_NUMBERS` group not counting."""
+    stored recipe lacks counting only where today's value is not the schema default, a change
+    within one :data:`SAME_NUMBERS` group not counting, nor a :data:`KD_PAIRING` change between
+    two CE-only recipes."""
     then_flat, now_flat, defaults = _flat(then), _flat(now), _schema_defaults()
+    ce_only = then_flat.get("distill.kd_ratio") == now_flat.get("distill.kd_ratio") == 0
 
     def same(key: str, a, b) -> bool:
-        return a == b or (key in SAME_NUMBERS and {a, b} <= SAME_NUMBERS[key])
+        return a == b or (key in SAME_NUMBERS and {a, b} <= SAME_NUMBERS[key]) or (ce_only and key in KD_PAIRING)
 
     changed = [k for k in then_flat if not same(k, now_flat.get(k, "<absent>"), then_flat[k])]
     return changed + [k for k in now_flat if k not in then_flat and not same(k, now_flat[k], defaults.get(k, "<absent>"))]
@@ -180,6 +214,7 @@ class RunStore:
 
     def put(self, key: str, run: Run, recipe: dict | None) -> None:
         run.recipe = recipe or {}
+        run.code = code_fingerprint()
         if self.path is None or not run.ok:
             return
         self.done[key] = run

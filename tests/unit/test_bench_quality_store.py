@@ -157,3 +157,58 @@ def test_a_warm_start_whose_folder_ran_another_recipe_is_trained_again(tmp_path,
     extra, recipe, failed = q.warm_start(warm, 0, args, RunStore(None))
     assert len(calls) == 1 and "--overwrite" in calls[0] and str(out) in " ".join(calls[0])
     assert failed == "warm start exited 1: refused by the test"
+
+
+def test_a_stored_run_keeps_the_fingerprint_of_the_code_that_trained_it(tmp_path):
+    from bench.quality_store import code_counts, code_fingerprint
+
+    root = tmp_path / "tree"
+    (root / "kdcore").mkdir(parents=True)
+    (root / "algorithms").mkdir()
+    (root / "kdcore" / "loss.py").write_text("A = 1\n")
+    (root / "algorithms" / "losses.py").write_text("B = 2\n")
+    first = code_fingerprint(root)
+    (root / "kdcore" / "notes.md").write_text("not code")
+    (root / "tests").mkdir()
+    (root / "tests" / "test_x.py").write_text("C = 3\n")
+    assert code_fingerprint.__wrapped__(root) == first  # only the Python that trains counts
+    (root / "algorithms" / "losses.py").write_text("B = 3\n")
+    assert code_fingerprint.__wrapped__(root) != first
+
+    losses = losses_section()
+    row = losses.rows[0]
+    store = RunStore(str(tmp_path / "runs.jsonl"))
+    store.put(store.key(losses, row, 0, None), _run(row.name, 0, 3.0, 200.0, {}), None)
+    stored = RunStore(str(tmp_path / "runs.jsonl")).done[store.key(losses, row, 0, None)]
+    assert stored.code == code_fingerprint()
+    older = _run(row.name, 1, 3.0, 200.0, {})  # stored before fingerprints were kept
+    other = dataclasses.replace(stored, code="0" * 16)
+    assert code_counts([stored, older, other]) == (1, 1)
+
+
+def test_which_rows_get_a_kd_pair_cannot_change_a_ce_only_run():
+    twin = resolved_recipe("quickstart", ["distill.kd_ratio=0"])
+    before = json.loads(json.dumps(twin))
+    before["distill"]["kd_at_stop"] = not twin["distill"]["kd_at_stop"]
+    del before["distill"]["kd_at_opening"]
+    assert recipe_changes(before, twin) == []  # no row is paired with the teacher either way
+    before["distill"]["kd_ratio"] = 0.5  # a KD run: the same change counts
+    assert set(recipe_changes(before, twin)) >= {"distill.kd_ratio", "distill.kd_at_stop"}
+    mixed = resolved_recipe("quickstart", [])
+    stored = json.loads(json.dumps(mixed))
+    stored["distill"]["kd_at_opening"] = not mixed["distill"]["kd_at_opening"]
+    assert recipe_changes(stored, mixed) == ["distill.kd_at_opening"]
+
+
+def test_a_render_shows_the_run_of_the_same_training_in_place_of_a_stale_one(tmp_path):
+    losses = losses_section()
+    row = Row("x", ("distill.kd_ratio=0.5",))
+    spelled = Row("y", ("distill.kd_ratio=0.5", "distill.loss=fkl"))  # the same training
+    section = dataclasses.replace(losses, rows=(row,))
+    store = RunStore(str(tmp_path / "runs.jsonl"))
+    then = resolved_recipe(losses.recipe, [*row.overrides, "train.lr=0.5"])  # the row's command, then
+    store.put(store.key(section, row, 0, None), _run("x", 0, 3.0, 900.0, {}), then)
+    store.put(store.key(section, spelled, 0, None), _run("y", 0, 3.0, 200.0, {}),
+              resolved_recipe(losses.recipe, spelled.overrides))
+    shown = q.stored_runs(section, RunStore(str(tmp_path / "runs.jsonl")))["x"]
+    assert [r.final["eval_ppl"] for r in shown] == [200.0]
