@@ -169,10 +169,12 @@ def plan(section: Section, args) -> list[tuple[Row, list[int]]]:
     return [(r, args.seeds if r.headline else args.other_seeds) for r in [section.baseline, *rows]]
 
 
-def row_recipe(section: Section, row: Row, warm: dict | None) -> dict | None:
-    """The recipe a row's stored run is checked against: its own, resolved now, plus the warm
-    start's it continued from (a warm start trained anew then retires the row)."""
-    recipe = resolved_recipe(section.recipe, row.overrides)
+def row_recipe(section: Section, row: Row, warm: dict | None, steps: int | None = None) -> dict | None:
+    """The recipe a row's stored run is checked against: its own, resolved now (with ``--steps``
+    where a run was given them, as its command appends them), plus the warm start's it continued
+    from (a warm start trained anew then retires the row)."""
+    overrides = [*row.overrides, f"train.max_steps={steps}"] if steps is not None else row.overrides
+    recipe = resolved_recipe(section.recipe, overrides)
     return {**recipe, "warm_start": warm} if recipe is not None and warm else recipe
 
 
@@ -188,7 +190,7 @@ def run_section(section: Section, args, on_run: Callable[[dict[str, list[Run]]],
         extra, warm, failed = warm_start(section, seed, args, store) if section.warm is not None else ([], {}, "")
         for row in [row for row, seeds in planned if seed in seeds]:
             key = store.key(section, row, seed, args.steps, extra)
-            recipe = row_recipe(section, row, warm)
+            recipe = row_recipe(section, row, warm, args.steps)
             if failed:
                 r = Run(row=row.name, seed=seed, error=failed)
             elif (r := store.get(key, recipe)) is None:
@@ -229,7 +231,8 @@ def stored_runs(section: Section, store: "RunStore") -> dict[str, list[Run]]:
     for row in (section.baseline, *section.rows):
         by_seed: dict[int, Run] = {}
         for key, k, run in mine:  # the row's own command first, then a run of the same training
-            if k[0] == section.recipe and k[1] == list(row.overrides):
+            # (a run given --steps trained other steps than its row's: found below by what it trained)
+            if k[0] == section.recipe and k[1] == list(row.overrides) and k[3] is None:
                 # the run current() returns: a stale run's place goes to the run of the same training
                 if (found := store.current(key, row_recipe(section, row, warm.get(k[2])))) is not None:
                     by_seed.setdefault(k[2], found)

@@ -212,3 +212,17 @@ def test_a_render_shows_the_run_of_the_same_training_in_place_of_a_stale_one(tmp
               resolved_recipe(losses.recipe, spelled.overrides))
     shown = q.stored_runs(section, RunStore(str(tmp_path / "runs.jsonl")))["x"]
     assert [r.final["eval_ppl"] for r in shown] == [200.0]
+
+
+def test_a_run_given_other_steps_is_shown_only_under_a_row_of_those_steps(tmp_path):
+    losses = losses_section()
+    row = Row("x", ("distill.kd_ratio=0.5",))
+    longer = Row("x at 110", ("distill.kd_ratio=0.5", "train.max_steps=110"))
+    assert q.row_recipe(losses, row, None, 110) == resolved_recipe(losses.recipe, longer.overrides)
+    store = RunStore(str(tmp_path / "runs.jsonl"))
+    # what `--steps 110` stores: the row's command with the steps in the key, its recipe with them
+    store.put(store.key(losses, row, 0, 110), _run("x", 0, 3.0, 110.0, {}), q.row_recipe(losses, row, None, 110))
+    again = RunStore(str(tmp_path / "runs.jsonl"))
+    assert q.stored_runs(dataclasses.replace(losses, rows=(row,)), again) == {}
+    shown = q.stored_runs(dataclasses.replace(losses, rows=(longer,)), again)["x at 110"]
+    assert [r.final["eval_ppl"] for r in shown] == [110.0] and not again.stale
