@@ -67,8 +67,9 @@ def summary(run_dir: Path, against: Path | None = None) -> dict | None:
 
 def budget_line(s: dict) -> str:
     return (f"At this budget ({s['steps']} steps, {s['tokens']:,} tokens in the loss) expect the student's greedy "
-            f"answers to be fragments or repetitions, not readable answers: distillation shows first in the "
-            f"token-level figures above, long before whole answers read well.")
+            f"answers to be fragments, repetitions or a few stock sentences (\"Return the given object.\"), not "
+            f"readable answers: distillation shows first in the token-level figures above, long before whole "
+            f"answers read well.")
 
 
 def _fmt(v: float) -> str:
