@@ -205,7 +205,7 @@ FINDINGS = (
     Finding("Minitron (Muralidharan et al. 2024)", "a pruned student repaired with KD beats one repaired with CE at "
             "equal tokens", "repair", "KD repair, pure fkl", "CE repair", (TEACHER_KL, PPL)),
     Finding("Minitron, kdflow's mix", "a pruned student repaired with KD beats one repaired with CE at "
-            "equal tokens", "repair", "KD repair (quickstart as shipped)", "CE repair", (TEACHER_KL, PPL)),
+            "equal tokens", "repair", "KD repair (quickstart mix)", "CE repair", (TEACHER_KL, PPL)),
 )
 
 

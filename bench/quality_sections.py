@@ -22,6 +22,8 @@ Sections (``--sections``):
   the held-out curves side by side and the greedy answers scored as in ``warm``.
 - ``answers``: the quickstart as shipped and its CE-only twin scored on greedy answers too (the
   issue's generation bar), beside the one-change candidates measured for answers that loop less.
+- ``context`` and ``brief``: the quickstart with its teacher asked to answer briefly, at 60 and
+  110 steps. ``longer``: the quickstart as shipped and its twin at 110 steps.
 
 A new section (say cross-tokenizer aligners with another teacher, or rollout policies judged by
 a generation metric) is a function returning a :class:`Section` — its recipe, its CE-only
@@ -110,11 +112,25 @@ class WarmStart:
     overrides: tuple[str, ...]
 
 
-def kd_at_stop(*overrides: str) -> tuple[str, ...]:
-    """A quickstart row that mixes in KD, with KD at the stop targets as it was measured: the
-    quickstart leaves the stop targets to CE since 2026-12-06 (``distill.kd_at_stop false``), and
-    the rows measured before (every pure-KD row among them: with ``kd_ratio 1`` a stop target
-    without KD learns nothing) keep KD there, as they were measured on 2026-12-01."""
+# the quickstart leaves answers' first tokens to CE since 2026-12-07 (distill.kd_at_opening false);
+# a quickstart row measured before keeps KD there, as its stored runs trained
+OPENING_KD = "distill.kd_at_opening=true"
+UNTIL_OPENING = "quickstart until 2026-12-07 (KD at the opening)"
+
+
+def kd_everywhere(*overrides: str) -> tuple[str, ...]:
+    """A quickstart row that mixes in KD, with KD at every target as it was measured: the
+    quickstart leaves the stop targets (``distill.kd_at_stop false``, since 2026-12-06) and the
+    answers' first tokens (``distill.kd_at_opening false``, since 2026-12-07) to CE, and the rows
+    measured before (every pure-KD row among them: with ``kd_ratio 1`` a target without KD learns
+    nothing) keep KD there, as they were measured on 2026-12-01."""
+    return (*overrides, "distill.kd_at_stop=true", OPENING_KD)
+
+
+def warm_kd_at_stop(*overrides: str) -> tuple[str, ...]:
+    """A warm row with KD at the stop targets, spelled as its stored runs were (their recipes
+    name a warm start's folder, so the store finds them by command alone, not by what they
+    trained): they predate ``distill.kd_at_opening`` and trained with KD at the openings too."""
     return (*overrides, "distill.kd_at_stop=true")
 
 
@@ -124,13 +140,15 @@ def losses_section() -> Section:
     # every run is also judged on its greedy answers (SCORED); the twin's and the quickstart's
     # commands are the answers section's, so their runs are shared
     rows = [Row("quickstart (as shipped)", SCORED, headline=True),
-            Row("quickstart, KD at stop targets", ("distill.kd_at_stop=true", *SCORED), headline=True),
+            Row(UNTIL_OPENING, (OPENING_KD, *SCORED), headline=True),
+            Row("quickstart, KD at every target", kd_everywhere(*SCORED), headline=True),
             # the evidence `teacher.dtype: auto` needs before it may become the default (bf16 where
-            # the CPU or GPU multiplies bf16 natively): within 0.5% of the fp32 teacher's row
-            Row("quickstart with a bf16 teacher", ("teacher.dtype=bfloat16", *SCORED), headline=True)]
-    rows += [Row(f"{loss} kd_ratio=1", (*kd_at_stop(f"distill.loss={loss}", "distill.kd_ratio=1"), *SCORED))
+            # the CPU or GPU multiplies bf16 natively): within 0.5% of the fp32 teacher's row (measured
+            # against the quickstart of its day, the row above)
+            Row("quickstart with a bf16 teacher", ("teacher.dtype=bfloat16", OPENING_KD, *SCORED), headline=True)]
+    rows += [Row(f"{loss} kd_ratio=1", (*kd_everywhere(f"distill.loss={loss}", "distill.kd_ratio=1"), *SCORED))
              for loss in pure]
-    rows += [Row(f"{loss} kd_ratio={r}", (*kd_at_stop(f"distill.loss={loss}", f"distill.kd_ratio={r}"), *SCORED))
+    rows += [Row(f"{loss} kd_ratio={r}", (*kd_everywhere(f"distill.loss={loss}", f"distill.kd_ratio={r}"), *SCORED))
              for loss, r in (("fkl", 0.25), ("fkl", 0.75), ("js", 0.5), ("rkl", 0.5), ("skl", 0.5))]
     return Section(
         name="losses",
@@ -145,8 +163,10 @@ def losses_section() -> Section:
                "docstring Q&A, held-out split `recipes/data/pydoc_qa_eval.jsonl`. Every row and the CE-only twin "
                "share the recipe's learning rate, schedule, batches and steps; the learning rate is the best "
                "for CE-only in the grid of the issue's sweep (see README, Quality). The shipped quickstart leaves the "
-               "stop targets (end of turn, EOS) to CE (`distill.kd_at_stop false`, since 2026-12-06); every other KD "
-               "row keeps KD there (`distill.kd_at_stop=true`), as it was measured on 2026-12-01. After training, "
+               "stop targets (end of turn, EOS) to CE (`distill.kd_at_stop false`, since 2026-12-06) and the "
+               "answers' first tokens too (`distill.kd_at_opening false`, since 2026-12-07; `" + UNTIL_OPENING + "` is "
+               "the recipe before); every other KD row keeps KD at every target (`distill.kd_at_stop=true "
+               "distill.kd_at_opening=true`), as it was measured on 2026-12-01. After training, "
                "`kdcore eval` answers the 64 held-out prompts greedily (at most 32 tokens), scored as in the warm "
                "section (the twin's and the quickstart's runs are the answers section's: the same commands)."),
     )
@@ -214,7 +234,7 @@ def rollouts_section() -> Section:
         title="Rollout policies on the quickstart pair, judged on generated answers",
         recipe="quickstart",
         baseline=Row("CE only", (*short, "distill.kd_ratio=0")),
-        rows=tuple(Row(p, kd_at_stop(*short, f"distill.rollout={p}")) for p in policies),
+        rows=tuple(Row(p, kd_everywhere(*short, f"distill.rollout={p}")) for p in policies),
         metrics=(ROUGE_REF, ROUGE_TEACHER, REPEATS, DRAFT, EMPTY, WORDS, TEACHER_KL, PPL),
         quick_rows=("off_policy", "on_policy"),
         generation=True,
@@ -236,10 +256,10 @@ def warm_section() -> Section:
     cont = ("train.max_steps=40", "train.eval_every=40", "train.eval_batches=8", "train.lr=1e-4",
             "rollout.max_new_tokens=32", *SCORED)
     rows = [Row("quickstart (as shipped)", cont, headline=True),
-            Row("quickstart, KD at stop targets", kd_at_stop(*cont), headline=True)]
-    rows += [Row(p, kd_at_stop(*cont, f"distill.rollout={p}"), headline=p == "on_policy")
+            Row("quickstart, KD at stop targets", warm_kd_at_stop(*cont), headline=True)]
+    rows += [Row(p, warm_kd_at_stop(*cont, f"distill.rollout={p}"), headline=p == "on_policy")
              for p in ("on_policy", "mixed", "seqkd", "adaptive")]
-    rows += [Row(f"{loss} kd_ratio=1", kd_at_stop(*cont, f"distill.loss={loss}", "distill.kd_ratio=1"))
+    rows += [Row(f"{loss} kd_ratio=1", warm_kd_at_stop(*cont, f"distill.loss={loss}", "distill.kd_ratio=1"))
              for loss in ("fkl", "rkl", "skl", "srkl", "akl")]
     return Section(
         name="warm",
@@ -264,7 +284,10 @@ def warm_section() -> Section:
                "words against 11.5) and, where a reference ends, puts 0.036 on stopping (median 0.015; 0.075 on 64 "
                "training rows), against 0.80 for the CE warm start, so KD at the stop targets teaches the student "
                "not to stop; `quickstart (as shipped)` leaves those targets to CE (`distill.kd_at_stop false`), "
-               "every other KD row keeps KD there (`distill.kd_at_stop=true`)."),
+               "every other KD row keeps KD there (`distill.kd_at_stop=true`). Every run here predates "
+               "`distill.kd_at_opening` (2026-12-07): each KD row, `quickstart (as shipped)` included, trained with "
+               "KD at the answers' first tokens, as the quickstart then did; a rerun of this section trains the "
+               "quickstart as it is now."),
     )
 
 
@@ -281,15 +304,16 @@ def repair_section() -> Section:
         title="Repairing the pruned student: KD against CE at equal tokens (Minitron's protocol)",
         recipe="quickstart",
         baseline=Row("CE repair", ("distill.kd_ratio=0", *budget), headline=True),
-        rows=(Row("KD repair (quickstart as shipped)", budget, headline=True),
-              Row("KD repair, pure fkl", kd_at_stop(*budget, "distill.loss=fkl", "distill.kd_ratio=1"))),
+        rows=(Row("KD repair (quickstart mix)", (*budget, OPENING_KD), headline=True),
+              Row("KD repair, pure fkl", kd_everywhere(*budget, "distill.loss=fkl", "distill.kd_ratio=1"))),
         metrics=TOKENS_AND_ANSWERS,
-        quick_rows=("KD repair (quickstart as shipped)",),
+        quick_rows=("KD repair (quickstart mix)",),
         generation=True,
         curves=True,
         about=("The quickstart's pruned start (4 evenly spaced of SmolLM2-135M-Instruct's 30 layers, held-out ppl "
                "1.65e7 at step 0), repaired for 200 steps of 8 rows at the quickstart's lr 1e-3: with CE only (the "
-               "twin), with the quickstart's mix (fkl + CE, `kd_ratio 0.5`, no KD at the stop targets) and with "
+               "twin), with the quickstart's mix (fkl + CE, `kd_ratio 0.5`, no KD at the stop targets; KD at the "
+               "answers' first tokens, as the quickstart had it until 2026-12-07) and with "
                "pure logit KD (fkl, `kd_ratio 1`, KD at the stop targets: Minitron's repair uses the teacher's "
                "logits alone). The budget was chosen from the CE twin's own held-out curve (below): it has "
                "flattened by step 200 (ppl 98.6 → 86.9 over the last 50 steps against 383 → 153 over the first "
@@ -302,30 +326,43 @@ def answers_section() -> Section:
     """The quickstart as shipped, judged on its greedy answers as well (the issue's generation bar)."""
     # the recipe's own 60 steps; answers of at most 32 tokens to all 64 held-out prompts. Rows: the
     # candidates measured for answers that loop no more than the twin's (sampled rollouts keep the CE
-    # half on the references; a smaller KD share)
+    # half on the references; a smaller KD share; no KD at the answers' first tokens, now shipped)
     return Section(
         name="answers",
         title="The quickstart as shipped, judged on its answers too",
         recipe="quickstart",
         baseline=Row("CE only", ("distill.kd_ratio=0", *SCORED), headline=True),
         rows=(Row("quickstart (as shipped)", SCORED, headline=True),
-              Row("on_policy", (*SCORED, "distill.rollout=on_policy", "rollout.max_new_tokens=32")),
-              Row("mixed", (*SCORED, "distill.rollout=mixed", "rollout.max_new_tokens=32")),
-              Row("kd_ratio=0.25", (*SCORED, "distill.kd_ratio=0.25")),
+              # the one-change candidates below were measured from the recipe of their day, this row
+              Row(UNTIL_OPENING, (OPENING_KD, *SCORED), headline=True),
+              Row("on_policy", (*SCORED, OPENING_KD, "distill.rollout=on_policy", "rollout.max_new_tokens=32")),
+              Row("mixed", (*SCORED, OPENING_KD, "distill.rollout=mixed", "rollout.max_new_tokens=32")),
+              Row("kd_ratio=0.25", (*SCORED, OPENING_KD, "distill.kd_ratio=0.25")),
               # the losses section's row of the same command (its runs shared): a smaller KD share
-              # with KD at the stop targets too, the closest to the generation bar measured
-              Row("kd_ratio=0.25, KD at stop targets",
-                  (*kd_at_stop("distill.loss=fkl", "distill.kd_ratio=0.25"), *SCORED))),
+              # with KD at the stop targets too
+              Row("kd_ratio=0.25, KD at every target",
+                  (*kd_everywhere("distill.loss=fkl", "distill.kd_ratio=0.25"), *SCORED)),
+              # the shipped recipe with KD at the stop targets again (they stay with CE: this row)
+              Row("KD at stop targets but not the first token", (*SCORED, "distill.kd_at_stop=true")),
+              # and with the smaller KD share of the closest row before (kd_ratio=0.25, KD at every target)
+              Row("kd_ratio=0.25 and KD at stop targets but not the first token",
+                  (*SCORED, "distill.kd_ratio=0.25", "distill.kd_at_stop=true"))),
         metrics=TOKENS_AND_ANSWERS,
         quick_rows=("quickstart (as shipped)",),
         generation=True,
         about=("The quickstart recipe as shipped (60 steps, fkl + CE at `kd_ratio 0.5`, no KD at the stop "
-               "targets) and its CE-only twin, then `kdcore eval` on each run: greedy answers (at most 32 tokens) "
-               "to the 64 held-out prompts, scored as in the warm section. The other rows change one thing each: "
+               "targets nor at the answers' first tokens) and its CE-only twin, then `kdcore eval` on each run: "
+               "greedy answers (at most 32 tokens) to the 64 held-out prompts, scored as in the warm section. `"
+               + UNTIL_OPENING + "` is the recipe before 2026-12-07, with KD at the answers' first tokens: the "
+               "teacher opens 40 of its 64 held-out answers with a backtick (`python -m bench first_token`), the "
+               "student learned that opening before it could write what follows, and its answers looped (seed 0). "
+               "The shipped recipe's seeds 2 and 3 were decided on before they ran, to match the twin's four. "
+               "The rows after those two change one thing each from the recipe before 2026-12-07: "
                "student-sampled rollouts (`on_policy`, and `mixed` at λ 0.5; the CE half stays on the "
-               "references, samples of at most 32 tokens) or a smaller KD share (`kd_ratio 0.25`), and the last "
-               "two: a smaller KD share with KD at the stop targets too (the losses section's `fkl kd_ratio=0.25` "
-               "row, the same runs, and two more seeds)."),
+               "references, samples of at most 32 tokens) or a smaller KD share (`kd_ratio 0.25`, also with KD at "
+               "the stop targets: the losses section's `fkl kd_ratio=0.25` row, the same runs, and two more "
+               "seeds). The last two rows are the shipped recipe with KD at the stop targets again, and that with "
+               "`kd_ratio 0.25` as well."),
     )
 
 
@@ -348,13 +385,14 @@ def context_section() -> Section:
         title="The quickstart with the teacher asked to answer briefly (context distillation)",
         recipe="quickstart",
         baseline=Row("CE only", (*WITH_BRIEF, "distill.kd_ratio=0", *SCORED), headline=True),
-        rows=(Row("quickstart, teacher asked to answer briefly", (*WITH_BRIEF, *SCORED), headline=True),
+        rows=(Row("quickstart, teacher asked to answer briefly", (*WITH_BRIEF, OPENING_KD, *SCORED), headline=True),
               # the answers section's closest to the bar (a smaller KD share), with the context
-              Row("and kd_ratio=0.25", (*WITH_BRIEF, "distill.kd_ratio=0.25", *SCORED), headline=True)),
+              Row("and kd_ratio=0.25", (*WITH_BRIEF, OPENING_KD, "distill.kd_ratio=0.25", *SCORED), headline=True)),
         metrics=(*TOKENS_AND_ANSWERS, DISTINCT),
         quick_rows=("quickstart, teacher asked to answer briefly",),
         generation=True,
-        about=("The quickstart recipe (60 steps, fkl + CE at `kd_ratio 0.5`, no KD at the stop targets) with "
+        about=("The quickstart recipe (60 steps, fkl + CE at `kd_ratio 0.5`, no KD at the stop targets; KD at the "
+               "answers' first tokens, as the quickstart had it until 2026-12-07) with "
                "`data.teacher_context`: the teacher reads `" + BRIEF.strip() + "` before each question, the "
                "student never does (the `overlap` aligner pairs the two by character offsets; the vocabularies "
                "are the same). The CE-only twin has the same context, which it never uses in training: `kdcore "
@@ -383,10 +421,10 @@ def brief_section() -> Section:
         title="The quickstart with the teacher asked to answer briefly, 110 steps",
         recipe="quickstart",
         baseline=Row("CE only", (*WITH_BRIEF, BRIEF_STEPS, "distill.kd_ratio=0", *SCORED), headline=True),
-        rows=(Row("teacher asked to answer briefly", (*WITH_BRIEF, BRIEF_STEPS, *SCORED), headline=True),
-              Row("and kd_ratio=0.25", (*WITH_BRIEF, BRIEF_STEPS, "distill.kd_ratio=0.25", *SCORED),
+        rows=(Row("teacher asked to answer briefly", (*WITH_BRIEF, BRIEF_STEPS, OPENING_KD, *SCORED), headline=True),
+              Row("and kd_ratio=0.25", (*WITH_BRIEF, BRIEF_STEPS, OPENING_KD, "distill.kd_ratio=0.25", *SCORED),
                   headline=True),
-              Row("and KD at stop targets", (*kd_at_stop(*WITH_BRIEF, BRIEF_STEPS), *SCORED), headline=True)),
+              Row("and KD at stop targets", (*kd_everywhere(*WITH_BRIEF, BRIEF_STEPS), *SCORED), headline=True)),
         metrics=(*TOKENS_AND_ANSWERS, DISTINCT),
         quick_rows=("teacher asked to answer briefly",),
         generation=True,
@@ -401,8 +439,28 @@ def brief_section() -> Section:
     )
 
 
+def longer_section() -> Section:
+    """The quickstart as shipped and its twin with the steps its budget allows."""
+    # at 60 steps both students answer with templates (answers section); the brief section's 110
+    # steps, the most the 10-minute budget allows, without the brief teacher
+    return Section(
+        name="longer",
+        title="The quickstart as shipped at 110 steps",
+        recipe="quickstart",
+        baseline=Row("CE only", ("distill.kd_ratio=0", *SCORED, BRIEF_STEPS), headline=True),
+        rows=(Row("quickstart (as shipped)", (*SCORED, BRIEF_STEPS), headline=True),),
+        metrics=(*TOKENS_AND_ANSWERS, DISTINCT),
+        quick_rows=("quickstart (as shipped)",),
+        generation=True,
+        about=("The answers section's first two rows (the shipped recipe: fkl + CE at `kd_ratio 0.5`, no KD at "
+               "the stop targets nor at the answers' first tokens; its CE-only twin) at 110 steps instead of 60, "
+               "the most the quickstart's 10-minute budget allows, scored on greedy answers the same way."),
+    )
+
+
 # a new section: a function returning a Section, registered here
 SECTIONS: dict[str, Callable[[], Section]] = {"losses": losses_section, "xtok": xtok_section,
                                             "rollouts": rollouts_section, "warm": warm_section,
                                             "repair": repair_section, "answers": answers_section,
-                                            "context": context_section, "brief": brief_section}
+                                            "context": context_section, "brief": brief_section,
+                                            "longer": longer_section}

@@ -144,7 +144,7 @@ class DistillConfig:
     # false: no KD at an answer's first token, CE alone there, so the references decide how answers
     # open (the quickstart's teacher opens 40 of 64 held-out answers with '`', a reference's own first
     # token gets p 0.002: `python -m bench first_token`). Held-out KL keeps every row
-    kd_at_opening: bool = True  # true: KD at every target, as the papers train
+    kd_at_opening: bool = True  # true: KD at every target, as the papers train (the quickstart sets false)
     chunk_size: int = 256  # tokens per logits chunk; = kdcore.distill.loss.DEFAULT_CHUNK_SIZE (measured, see there)
 
 
