@@ -38,7 +38,8 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable from t
 from bench import common  # noqa: E402
 from bench.quality_report import WARM_RESULTS, findings_table, header, render_section  # noqa: E402
 from bench.quality_sections import SECTIONS, Row, Section  # noqa: E402
-from bench.quality_store import Run, RunStore, code_counts, content_of_data, recipe_changes, resolved_recipe  # noqa: E402
+from bench.quality_store import (Run, RunStore, code_counts, code_fingerprint, content_of_data,  # noqa: E402
+                                 recipe_changes, resolved_recipe)
 
 # ----------------------------------------------------------------------------- running
 
@@ -62,7 +63,7 @@ def run_one(section: Section, row: Row, seed: int, steps: int | None, timeout: f
             extra: Sequence[str] = ()) -> Run:
     """One row and seed in a fresh ``kdcore train`` process; its first and last evaluation.
     ``extra``: overrides after the row's own (the warm start's student)."""
-    res = Run(row=row.name, seed=seed)
+    res = Run(row=row.name, seed=seed, code=code_fingerprint())  # the code its subprocesses import
     row = Row(row.name, (*row.overrides, *extra), row.headline, row.eval_overrides)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     with tempfile.TemporaryDirectory(prefix="kdflow-quality-") as tmp:
@@ -150,7 +151,7 @@ def warm_start(section: Section, seed: int, args, store: "RunStore | None" = Non
         store.put(warm_key(section, seed), run, recipe)  # stored before runs kept recipes; checked above
     if run is None and evals:
         train = [r for r in records if "loss" in r and "step" in r]
-        run = Run(row="warm start", seed=seed, ok=True, final=evals[-1], initial=evals[0], curve=evals,
+        run = Run(row="warm start", seed=seed, ok=True, final=evals[-1], initial=evals[0], curve=evals, code=code_fingerprint(),
                   steps=max((r["step"] for r in train), default=0), tokens=sum(int(r.get("tokens", 0)) for r in train),
                   # the run folder's own span (its recipe written at the start, the export at the end):
                   # right also when an earlier invocation trained it into the warm dir

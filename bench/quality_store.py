@@ -45,7 +45,7 @@ class Run:
     error: str = ""
     curve: list = field(default_factory=list)  # every evaluation record (warm starts, sections with curves)
     recipe: dict = field(default_factory=dict)  # resolved_recipe() of the row when it was trained
-    code: str = ""  # code_fingerprint() when it was stored ("" before fingerprints were kept)
+    code: str = ""  # code_fingerprint() when it was trained ("" before fingerprints were kept)
 
 
 # the folders whose Python trains and scores a run (the core and the built-in algorithms)
@@ -213,8 +213,7 @@ class RunStore:
         return run
 
     def put(self, key: str, run: Run, recipe: dict | None) -> None:
-        run.recipe = recipe or {}
-        run.code = code_fingerprint()
+        run.recipe = recipe or {}  # (its code fingerprint is the trainer's to set: a run stored again keeps its own)
         if self.path is None or not run.ok:
             return
         self.done[key] = run

@@ -178,10 +178,13 @@ def test_a_stored_run_keeps_the_fingerprint_of_the_code_that_trained_it(tmp_path
     losses = losses_section()
     row = losses.rows[0]
     store = RunStore(str(tmp_path / "runs.jsonl"))
-    store.put(store.key(losses, row, 0, None), _run(row.name, 0, 3.0, 200.0, {}), None)
+    trained = dataclasses.replace(_run(row.name, 0, 3.0, 200.0, {}), code=code_fingerprint())  # as run_one makes it
+    store.put(store.key(losses, row, 0, None), trained, None)
     stored = RunStore(str(tmp_path / "runs.jsonl")).done[store.key(losses, row, 0, None)]
     assert stored.code == code_fingerprint()
     older = _run(row.name, 1, 3.0, 200.0, {})  # stored before fingerprints were kept
+    store.put(store.key(losses, row, 1, None), older, None)  # stored again (a warm start given its recipe)
+    assert RunStore(str(tmp_path / "runs.jsonl")).done[store.key(losses, row, 1, None)].code == ""
     other = dataclasses.replace(stored, code="0" * 16)
     assert code_counts([stored, older, other]) == (1, 1)
 
