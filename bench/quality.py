@@ -128,7 +128,8 @@ def warm_start(section: Section, seed: int, args, store: "RunStore | None" = Non
     changed = recipe_changes(trained_with, recipe) if trained_with and recipe is not None else []
     if (export / "config.json").is_file() and changed:
         log(f"{section.name} | warm start | seed {seed}: its recipe changed ({', '.join(changed[:5])}), training again")
-    if not (export / "config.json").is_file() or changed:
+    trained_now = not (export / "config.json").is_file() or bool(changed)
+    if trained_now:
         log(f"{section.name} | warm start | seed {seed}: training {' '.join(warm.overrides)}")
         env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
         try:
@@ -151,7 +152,8 @@ def warm_start(section: Section, seed: int, args, store: "RunStore | None" = Non
         store.put(warm_key(section, seed), run, recipe)  # stored before runs kept recipes; checked above
     if run is None and evals:
         train = [r for r in records if "loss" in r and "step" in r]
-        run = Run(row="warm start", seed=seed, ok=True, final=evals[-1], initial=evals[0], curve=evals, code=code_fingerprint(),
+        run = Run(row="warm start", seed=seed, ok=True, final=evals[-1], initial=evals[0], curve=evals,
+                  code=code_fingerprint() if trained_now else "",  # a folder kept from earlier: code unknown
                   steps=max((r["step"] for r in train), default=0), tokens=sum(int(r.get("tokens", 0)) for r in train),
                   # the run folder's own span (its recipe written at the start, the export at the end):
                   # right also when an earlier invocation trained it into the warm dir

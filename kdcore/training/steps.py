@@ -136,7 +136,8 @@ class StepPreparer:
             shares[self.parts[0].name] = self._share(self.parts[0], mb, samples, [])
         return PreparedMicroBatch(step=step, index=index, last=last, batch=mb, ce_rows=ce_rows, teachers=shares)
 
-    def _share(self, part, mb, samples: list, rows: list[int], ce_only: CEOnlyTargets = CEOnlyTargets()) -> TeacherShare:
+    def _share(self, part, mb, samples: list, rows: list[int],
+               ce_only: CEOnlyTargets = CEOnlyTargets()) -> TeacherShare:
         """One teacher's share: its pairs over the micro-batch's student rows (sample ``b``'s
         loss rows start after those of samples ``< b``) and the teacher rows it reads.
 

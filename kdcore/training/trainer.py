@@ -336,8 +336,8 @@ class Trainer:
         from kdcore.data.rollout_samples import stop_ids
 
         d = self.cfg.distill
-        return CEOnlyTargets(labels=frozenset() if d.kd_at_stop else frozenset(int(i) for i in stop_ids(self.student_tok)),
-                             openings=not d.kd_at_opening)
+        stops = frozenset() if d.kd_at_stop else frozenset(int(i) for i in stop_ids(self.student_tok))
+        return CEOnlyTargets(labels=stops, openings=not d.kd_at_opening)
 
     def _ema(self):
         t = self.cfg.teacher
