@@ -15,7 +15,8 @@ Decisions are drawn per micro-batch from ``ctx.rng`` (seeded from ``train.seed``
 With ``kd_ratio`` < 1 the CE half stays on the data's references whatever a policy selects: the
 trainer gives the student's own samples the KD term only and adds the references of their
 prompts as CE-only rows (``kdcore/training/steps.py``). Teacher samples (``seqkd``, ``mixed``
-with ``off_policy: teacher``) keep their CE, which is what sequence-level KD trains on.
+with ``off_policy: teacher``) keep their CE, which is what sequence-level KD trains on, unless
+``seqkd``'s ``ce`` option is ``data``.
 """
 
 from __future__ import annotations
@@ -125,6 +126,13 @@ class SeqKDOptions:
     # epochs (Kim & Rush distil the data set once, offline). Refreshed when self-distillation
     # updates the teacher.
     reuse: bool = True
+    # what the CE half (kd_ratio < 1) learns: "teacher", the teacher's answers (Kim & Rush's
+    # sequence-level KD); "data", the data's references, the teacher's answers taking KD alone
+    # (their word-level KD on the teacher's answers with the supervised term kept on the data)
+    ce: str = field(default="teacher", metadata={"choices": ("teacher", "data")})
+
+    def __post_init__(self):
+        check_choice("ce", self.ce, ("teacher", "data"))
 
 
 class SeqKD(RolloutPolicy):
@@ -141,6 +149,8 @@ class SeqKD(RolloutPolicy):
 
     def __init__(self, options: SeqKDOptions):
         self.options = options
+        if options.ce == "data":
+            self.ce_from_data = ("student", "teacher")
         self.cache: dict[int, tuple[object, int, list]] = {}  # id(data sample) -> (sample, teacher version, samples)
         self.generated = self.reused = 0
 

@@ -48,6 +48,10 @@ class RolloutPolicy:
     #: Who the policy samples from ("student", "teacher"): the student copy is only built and
     #: kept in sync when "student" is listed. Empty with needs_sampling = both.
     sample_sources: tuple[str, ...] = ()
+    #: Origins of the samples ("student", "teacher") that take no CE themselves when kd_ratio < 1:
+    #: the data's references of their prompts carry the CE half instead
+    #: (kdcore/training/steps.py). Student samples always: CE on a model's own samples is noise.
+    ce_from_data: tuple[str, ...] = ("student",)
 
     def select(self, batch: list[Any], ctx: RolloutContext) -> list[Any]:  # pragma: no cover - interface
         raise NotImplementedError

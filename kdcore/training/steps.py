@@ -14,7 +14,8 @@ expected gradient of the student's log-likelihood of its own samples is zero (E_
 so CE there is noise that takes the place of the supervised term. Those micro-batches carry the
 data samples of the same prompts as CE-only rows instead, keeping the CE half on the data's
 references whatever the rollout (as GKD and DistiLLM keep their supervised term on the data).
-Teacher samples (SeqKD) keep their CE: learning the teacher's answers is that method.
+Teacher samples (SeqKD) keep their CE: learning the teacher's answers is that method, unless
+the policy lists "teacher" in ``ce_from_data`` (KD on the teacher's answers, CE on the data).
 """
 
 from __future__ import annotations
@@ -103,15 +104,16 @@ class StepPreparer:
     def training_micro_batch(self, step: int, index: int, last: bool, data: list, selected: list) -> PreparedMicroBatch:
         """The micro-batch a step trains on: the rollout's ``selected`` samples for ``data``
         (see the module docstring for which rows get KD and which CE)."""
-        own = [b for b, s in enumerate(selected) if getattr(s, "origin", "data") == "student"]
+        sources = getattr(self.rollout, "ce_from_data", ("student",))
+        replaced = [b for b, s in enumerate(selected) if getattr(s, "origin", "data") in sources]
         extra: list = []
-        if own and self.ce_on_data:
+        if replaced and self.ce_on_data:
             kept = {id(s) for s in selected}
             extra = [d for d in data if id(d) not in kept]  # a prompt's fallback is already in
         samples = list(selected) + extra
         kd_rows = list(range(len(selected))) if self.kd else []
         return self.micro_batch(step, index, last, samples, kd_rows=kd_rows,
-                                no_ce=own if self.ce_on_data else [], ce_only=self.ce_only)
+                                no_ce=replaced if self.ce_on_data else [], ce_only=self.ce_only)
 
     def micro_batch(self, step: int, index: int, last: bool, samples: list, *, kd_rows: list[int] | None = None,
                     no_ce: Sequence[int] = (), ce_only: CEOnlyTargets = CEOnlyTargets()) -> PreparedMicroBatch:
