@@ -322,6 +322,10 @@ def repair_section() -> Section:
     )
 
 
+# KD on the teacher's own greedy answers (cut at 32 tokens, as scored), CE on the references
+SEQKD_CE_ON_DATA = ("distill.rollout=seqkd", "distill.rollout_options.ce=data", "rollout.max_new_tokens=32")
+
+
 def answers_section() -> Section:
     """The quickstart as shipped, judged on its greedy answers as well (the issue's generation bar)."""
     # the recipe's own 60 steps; answers of at most 32 tokens to all 64 held-out prompts. Rows: the
@@ -348,7 +352,19 @@ def answers_section() -> Section:
               Row("kd_ratio=0.25 and KD at stop targets but not the first token",
                   (*SCORED, "distill.kd_ratio=0.25", "distill.kd_at_stop=true")),
               # the shipped recipe with the smaller KD share alone
-              Row("shipped with kd_ratio=0.25", (*SCORED, "distill.kd_ratio=0.25"))),
+              Row("shipped with kd_ratio=0.25", (*SCORED, "distill.kd_ratio=0.25")),
+              # DistiLLM's skew KL in place of fkl: mode-seeking where fkl spreads the student over
+              # the teacher's many continuations (greedy answers then take the most generic one)
+              Row("shipped with skl", (*SCORED, "distill.loss=skl")),
+              # between the shipped share (no loops, answers far from the teacher's) and 0.25
+              # (closer, loops)
+              Row("shipped with kd_ratio=0.4", (*SCORED, "distill.kd_ratio=0.4")),
+              # the student learns the answers it is judged against
+              Row("seqkd with CE on the references",
+                  (*SCORED, *SEQKD_CE_ON_DATA)),
+              # its answers run long where they loop: a smaller share for the teacher's answers
+              Row("seqkd with CE on the references and kd_ratio=0.25",
+                  (*SCORED, *SEQKD_CE_ON_DATA, "distill.kd_ratio=0.25"))),
         metrics=TOKENS_AND_ANSWERS,
         quick_rows=("quickstart (as shipped)",),
         generation=True,
@@ -364,8 +380,14 @@ def answers_section() -> Section:
                "student-sampled rollouts (`on_policy`, and `mixed` at λ 0.5; the CE half stays on the "
                "references, samples of at most 32 tokens) or a smaller KD share (`kd_ratio 0.25`, also with KD at "
                "the stop targets: the losses section's `fkl kd_ratio=0.25` row, the same runs, and two more "
-               "seeds). The last three rows change the shipped recipe: KD at the stop targets again, that with "
-               "`kd_ratio 0.25` as well, and `kd_ratio 0.25` alone."),
+               "seeds). The next three rows change the shipped recipe: KD at the stop targets again, that with "
+               "`kd_ratio 0.25` as well, and `kd_ratio 0.25` alone. The last four (2026-12-07/08) change it too: "
+               "skew KL (`skl`, DistiLLM's) in place of fkl, `kd_ratio 0.4`, and sequence-level KD with the CE "
+               "half on the references (`seqkd` with `ce: data`, `recipes/seqkd.yaml`: the teacher's greedy "
+               "answers, cut at 32 tokens, take KD alone; with `kd_ratio 0` they get neither KD nor CE, so the twin is its twin), also with "
+               "`kd_ratio 0.25`. Each ran on seeds 0 and 1; `seqkd with CE on the references`, the only one "
+               "closer to the teacher's answers than the twin on them, on seeds 2 and 3 as well, whatever those "
+               "showed."),
     )
 
 

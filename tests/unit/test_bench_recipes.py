@@ -14,3 +14,23 @@ def test_the_off_policy_and_on_policy_bench_recipes_validate():
     assert on["rollout"]["max_new_tokens"] == 64 and on["data"]["max_length"] >= 128
     # the off-policy recipe is untouched by its on-policy twin's making (a fresh mapping each)
     assert off["distill"]["rollout"] == "off_policy"
+
+
+def test_the_seqkd_recipe_is_the_answers_row_it_cites():
+    """recipes/seqkd.yaml quotes the answers section's row "seqkd with CE on the references": it
+    must train what that row trained (the quickstart with the row's overrides)."""
+    from omegaconf import OmegaConf
+
+    from bench.quality_sections import SEQKD_CE_ON_DATA, SECTIONS
+    from kdcore.recipe.loading import load_recipe
+
+    section = SECTIONS["answers"]()
+    row = next(r for r in section.rows if r.name == "seqkd with CE on the references")
+    assert set(SEQKD_CE_ON_DATA) <= set(row.overrides) and section.recipe == "quickstart"
+
+    def plain(cfg):
+        out = OmegaConf.to_container(cfg, resolve=True)
+        out["train"].pop("output_dir")
+        return out
+
+    assert plain(load_recipe("seqkd")) == plain(load_recipe("quickstart", list(SEQKD_CE_ON_DATA)))
