@@ -144,14 +144,15 @@ class StandInEngine:
     """What the server needs of an engine, in-process: "hidden states" derived from the ids.
 
     A request whose first id is HANG fails as a real engine's no-progress timeout does; one
-    whose first id is BLOCK blocks until ``release_blocked`` is set."""
+    whose first id is BLOCK sets ``blocking`` and blocks until ``release_blocked`` is set."""
 
     n_slots, max_rows, vocab_size, hidden_size, dtype = 2, 64, 100, 4, torch.float32
 
     def __init__(self):
         import threading
 
-        self.requests, self.closed, self.release_blocked = {}, False, threading.Event()
+        self.requests, self.closed = {}, False
+        self.blocking, self.release_blocked = threading.Event(), threading.Event()
 
     dead = False  # True: its process is gone, as a real engine's submit finds out
 
@@ -172,6 +173,7 @@ class StandInEngine:
         if first == HANG:
             raise ChannelTimeout("no progress from the peer for 2 s while waiting for request 0 (it is alive but hung)")
         if first == BLOCK:
+            self.blocking.set()
             self.release_blocked.wait(30)
         return expected_rows(self.requests[ticket.seq])
 
@@ -293,6 +295,8 @@ def test_the_server_answers_and_keeps_waiting_clients_informed_while_the_engine_
     monkeypatch.setattr(rs, "KEEPALIVE_S", 0.05)
     a, b = running.socket(), running.socket()
     send(a, request_with_first_id(BLOCK), rid=0)  # holds the engine
+    # two sockets' messages may reach the server in either order: b sends once a's request holds it
+    assert running.server.engine.blocking.wait(10)
     send(b, request_with_first_id(20), rid=1)  # waits for it
     for sock in (a, b):  # both hear the server is alive while their requests wait
         assert receive(sock, skip_busy=False)[0] == {"v": wire.PROTOCOL_VERSION, "type": "busy", "waiting": 1}
