@@ -360,8 +360,7 @@ def answers_section() -> Section:
               # (closer, loops)
               Row("shipped with kd_ratio=0.4", (*SCORED, "distill.kd_ratio=0.4")),
               # the student learns the answers it is judged against
-              Row("seqkd with CE on the references",
-                  (*SCORED, *SEQKD_CE_ON_DATA)),
+              Row("seqkd with CE on the references", (*SCORED, *SEQKD_CE_ON_DATA)),
               # its answers run long where they loop: a smaller share for the teacher's answers
               Row("seqkd with CE on the references and kd_ratio=0.25",
                   (*SCORED, *SEQKD_CE_ON_DATA, "distill.kd_ratio=0.25")),

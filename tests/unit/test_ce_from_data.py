@@ -8,31 +8,14 @@ from __future__ import annotations
 from dataclasses import fields
 
 import pytest
-from helpers.assets import PYDOC
+from helpers.steps import one_teacher_preparer
 
 from kdcore.distill.loss import IGNORE_INDEX
 from kdflow_algorithms.rollouts import SeqKDOptions, seqkd
 
 
 def _preparer(tok, tmp_path, rollout):
-    from kdcore.data import prepare_data
-    from kdcore.modeling.tokenizers import pad_token_id
-    from kdcore.plugin_system.manager import load_registry
-    from kdcore.training.steps import StepPreparer
-    from kdcore.training.teachers import TeacherPart
-    from kdcore.training.types import LatestEval
-
-    entry = load_registry().get("aligner", "same_vocab")
-    aligner = entry.fn(student_tokenizer=tok, teacher_tokenizer=tok, options=entry.make_options({}))
-    part = TeacherPart(name="t", section=None, tokenizer=tok, aligner=aligner, weight=1.0, temperature=1.0,
-                       own_tokens=False, pad_id=pad_token_id(tok))
-    data = tmp_path / "three.jsonl"
-    data.write_text("".join(x + "\n" for x in PYDOC.read_text().splitlines()[:3]))
-    samples = prepare_data({"train": str(data), "eval_size": 0, "max_length": 256}, tok, None).train
-    prep = StepPreparer(parts=[part], rollout=rollout, train_samples=samples, train_cfg=None, shuffle=False,
-                        env=None, kdist=None, pad_id=pad_token_id(tok), teacher_pad_id=pad_token_id(tok),
-                        latest_eval=LatestEval(), kd=True, ce_on_data=True)
-    return prep, samples
+    return one_teacher_preparer(tok, tmp_path, 3, rollout=rollout, kd=True, ce_on_data=True)
 
 
 def _sampled(sample, origin):

@@ -8,29 +8,9 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 from helpers.assets import PYDOC
+from helpers.steps import one_teacher_preparer
 
 from kdcore.training.steps import CEOnlyTargets
-
-
-def _setup(tok, tmp_path):
-    from kdcore.data import prepare_data
-    from kdcore.plugin_system.manager import load_registry
-    from kdcore.modeling.tokenizers import pad_token_id
-    from kdcore.training.steps import StepPreparer
-    from kdcore.training.teachers import TeacherPart
-    from kdcore.training.types import LatestEval
-
-    reg = load_registry()
-    entry = reg.get("aligner", "same_vocab")
-    aligner = entry.fn(student_tokenizer=tok, teacher_tokenizer=tok, options=entry.make_options({}))
-    part = TeacherPart(name="t", section=None, tokenizer=tok, aligner=aligner, weight=1.0, temperature=1.0,
-                       own_tokens=False, pad_id=pad_token_id(tok))
-    data = tmp_path / "four.jsonl"
-    data.write_text("".join(x + "\n" for x in PYDOC.read_text().splitlines()[:4]))
-    samples = prepare_data({"train": str(data), "eval_size": 0, "max_length": 256}, tok, None).train
-    prep = StepPreparer(parts=[part], rollout=None, train_samples=samples, train_cfg=None, shuffle=False, env=None,
-                        kdist=None, pad_id=pad_token_id(tok), teacher_pad_id=pad_token_id(tok), latest_eval=LatestEval())
-    return prep, samples
 
 
 def test_stop_targets_lose_their_kd_pair_and_keep_their_ce(smollm2_tokenizer, tmp_path):
@@ -48,7 +28,7 @@ def test_stop_targets_lose_their_kd_pair_and_keep_their_ce(smollm2_tokenizer, tm
     assert set(stops) == set(stop_ids(tok)) and tok.convert_tokens_to_ids("<|im_end|>") in stops
     assert not ce_only() and not ce_only(kd_at_opening=False).labels and ce_only(kd_at_opening=False).openings
 
-    prep, samples = _setup(tok, tmp_path)
+    prep, samples = one_teacher_preparer(tok, tmp_path, 4)
     every = prep.micro_batch(0, 0, True, samples)  # what the held-out evaluation builds
     skipped = prep.micro_batch(0, 0, True, samples, ce_only=CEOnlyTargets(labels=stops))
     labels = every.batch.labels
@@ -76,7 +56,7 @@ def test_answer_openings_lose_their_kd_pair_and_keep_their_ce(smollm2_tokenizer,
     import json
 
     tok = smollm2_tokenizer
-    prep, samples = _setup(tok, tmp_path)
+    prep, samples = one_teacher_preparer(tok, tmp_path, 4)
     every = prep.micro_batch(0, 0, True, samples)
     skipped = prep.micro_batch(0, 0, True, samples, ce_only=CEOnlyTargets(openings=True))
     assert torch_equal(skipped.batch.labels, every.batch.labels)
