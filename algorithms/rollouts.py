@@ -16,7 +16,8 @@ With ``kd_ratio`` < 1 the CE half stays on the data's references whatever a poli
 trainer gives the student's own samples the KD term only and adds the references of their
 prompts as CE-only rows (``kdcore/training/steps.py``). Teacher samples (``seqkd``, ``mixed``
 with ``off_policy: teacher``) keep their CE, which is what sequence-level KD trains on, unless
-``seqkd``'s ``ce`` option is ``data``.
+``seqkd``'s ``ce`` option is ``data``. ``seqkd``'s ``end: sentence`` ends each teacher answer
+after its first sentence; that stop token is the sampler's (``drawn_end``), learned by CE alone.
 """
 
 from __future__ import annotations
@@ -130,9 +131,30 @@ class SeqKDOptions:
     # sequence-level KD); "data", the data's references, the teacher's answers taking KD alone
     # (their word-level KD on the teacher's answers with the supervised term kept on the data)
     ce: str = field(default="teacher", metadata={"choices": ("teacher", "data")})
+    # where a teacher answer ends: "generated", where the teacher stopped (or max_new_tokens cut
+    # it); "sentence", after its first sentence (first_sentence_end), with the answer-end token
+    # put there. A teacher that answers at length never shows the student an end within the
+    # token cap (bench/quality.md, answers section); that end is learned by CE alone, even
+    # with ce: data, since the teacher's own distribution there says "go on"
+    end: str = field(default="generated", metadata={"choices": ("generated", "sentence")})
 
     def __post_init__(self):
         check_choice("ce", self.ce, ("teacher", "data"))
+        check_choice("end", self.end, ("generated", "sentence"))
+
+
+def first_sentence_end(text: str):
+    """Index just past the first sentence of ``text``: the first ``.``, ``!`` or ``?`` followed
+    by white space or the end of the text, outside backtick code spans (neither ``os.path`` nor a
+    period inside backticks ends one); None when no sentence ends. An abbreviation (``e.g. x``)
+    ends one too: a plain rule, not a sentence splitter."""
+    code = False
+    for i, ch in enumerate(text):
+        if ch == "`":
+            code = not code
+        elif ch in ".!?" and not code and (i + 1 == len(text) or text[i + 1].isspace()):
+            return i + 1
+    return None
 
 
 class SeqKD(RolloutPolicy):
@@ -157,6 +179,8 @@ class SeqKD(RolloutPolicy):
     def select(self, batch, ctx):
         sample = require(ctx.sample_teacher, "seqkd", "teacher sampling")
         kw = {"temperature": 0.0} if self.options.greedy else {}
+        if self.options.end == "sentence":
+            kw["end_at"] = first_sentence_end
         todo = [s for s in batch if not self._cached(s, ctx)]
         if todo:
             for s, group in zip(todo, sample(todo, grouped=True, **kw)):

@@ -113,13 +113,9 @@ def render_prompt(prompt: Prompt, tok) -> Tokenized:
     return prompt.rendered[key]
 
 
-def stop_ids(tok, extra: Sequence[Optional[int]] = ()) -> list[int]:
-    """Ids that end a response: the tokenizer's EOS, the end-of-turn token its chat template
-    puts after an assistant turn (what :mod:`kdcore.data` trains the model to emit), and
-    ``extra`` (e.g. the model's ``generation_config.eos_token_id``)."""
-    ids = {int(e) for e in extra if e is not None}
-    if tok.eos_token_id is not None:
-        ids.add(int(tok.eos_token_id))
+def answer_end_id(tok) -> Optional[int]:
+    """The token :mod:`kdcore.data` trains as the end of an answer for ``tok``: the end-of-turn
+    token its chat template puts after an assistant turn, else its EOS (None: neither)."""
     if getattr(tok, "chat_template", None):
         probe = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
                  "train": [False, True]}
@@ -127,8 +123,43 @@ def stop_ids(tok, extra: Sequence[Optional[int]] = ()) -> list[int]:
         if not isinstance(t, BadRow) and t.loss_positions:
             end = t.input_ids[t.loss_positions[-1] + 1]
             if end in special_ids(tok):
-                ids.add(int(end))
+                return int(end)
+    return None if tok.eos_token_id is None else int(tok.eos_token_id)
+
+
+def stop_ids(tok, extra: Sequence[Optional[int]] = ()) -> list[int]:
+    """Ids that end a response: the tokenizer's EOS, the end-of-turn token its chat template
+    puts after an assistant turn (what :mod:`kdcore.data` trains the model to emit), and
+    ``extra`` (e.g. the model's ``generation_config.eos_token_id``)."""
+    ids = {int(e) for e in extra if e is not None}
+    if tok.eos_token_id is not None:
+        ids.add(int(tok.eos_token_id))
+    end = answer_end_id(tok)
+    if end is not None:
+        ids.add(end)
     return sorted(ids)
+
+
+def end_response(generation: Generation, tok, end_at, stop_id: int) -> Optional[Generation]:
+    """``generation`` ended where the rule ``end_at`` says, or None when the rule leaves it as
+    generated.
+
+    ``end_at(text)`` gets the response's text (special tokens dropped) and returns the character
+    index its answer ends at (1 to ``len(text)``), or None. The tokens are kept up to the one that
+    reaches that character (a token straddling it is kept whole, so the cut never splits a
+    character), and ``stop_id`` follows them: the response is finished. One that stopped on its
+    own with nothing but white space past that character is left as generated."""
+    ids = [int(i) for i in generation.token_ids]
+    text, offsets = response_offsets(tok, ids)
+    end = end_at(text)
+    if end is None:
+        return None
+    if not 1 <= end <= len(text):
+        raise ValueError(f"a response's end must fall within its {len(text)} characters, got {end} for {text[:40]!r}")
+    if generation.finished_by_eos and not text[end:].strip():
+        return None
+    keep = next(k for k, (_, b) in enumerate(offsets) if b >= end) + 1
+    return Generation(token_ids=ids[:keep] + [int(stop_id)], finished_by_eos=True)
 
 
 # ------------------------------------------------------------------------ rollout samples
@@ -141,12 +172,17 @@ class RolloutSample(Sample):
     ``origin``: ``student`` or ``teacher`` (who generated it); ``response_ids``: the generated
     ids, in the generator's vocabulary, exactly as sampled (after any length cut);
     ``finished_by_eos``: it ended on a stop token (else it was cut by a length limit and
-    carries no EOS/end-of-turn token on either side).
+    carries no EOS/end-of-turn token on either side); ``drawn_end``: that stop token was put
+    there by a rule (:func:`end_response`).
     """
 
     origin: str = "data"
     response_ids: list[int] = field(default_factory=list)
     finished_by_eos: bool = False
+    # its stop token was appended where a rule ended the response (:func:`end_response`), not
+    # generated: no model chose to stop there, so the step preparer teaches that target by CE
+    # alone (kept where the row's other CE goes to the data) and pairs it with no teacher
+    drawn_end: bool = False
 
 
 def _common_prefix(a: str, b: str) -> int:
@@ -290,5 +326,5 @@ def with_teacher_views(rs: RolloutSample, prompt: Prompt, views: dict, *, route=
     return _replace(rs, teacher=None, teachers=out, route=route)
 
 
-__all__ = ["Prompt", "prompt_of", "with_prompt_context", "render_prompt", "stop_ids", "RolloutSample", "response_offsets",
-           "build_rollout_sample", "with_teacher_views"]
+__all__ = ["Prompt", "prompt_of", "with_prompt_context", "render_prompt", "answer_end_id", "stop_ids", "end_response",
+           "RolloutSample", "response_offsets", "build_rollout_sample", "with_teacher_views"]

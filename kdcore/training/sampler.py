@@ -34,8 +34,8 @@ from typing import Any, Optional, Sequence
 import torch
 
 from kdcore.data import BadRow, DataError, Sample
-from kdcore.data.rollout_samples import (Prompt, build_rollout_sample, prompt_of, render_prompt, stop_ids,
-                                         with_teacher_views)
+from kdcore.data.rollout_samples import (Prompt, answer_end_id, build_rollout_sample, end_response, prompt_of,
+                                         render_prompt, stop_ids, with_teacher_views)
 from kdcore.engines import create_rollout_engine
 from kdcore.engines.hf_rollout import TeacherRolloutEngine
 from kdcore.engines.protocol import RolloutEngine, RolloutError, check_sampling
@@ -71,6 +71,7 @@ class _Stats:
     samples: int = 0
     response_tokens: int = 0
     eos: int = 0
+    drawn_end: int = 0  # of those ended on a stop token, ended by the policy's end_at rule
     student: int = 0
     teacher: int = 0
     fallback: int = 0  # prompts kept as data (no room left under max_length)
@@ -88,7 +89,11 @@ class RolloutSampler:
     a prompt with no room left under ``data.max_length`` keeps its data sample (counted as
     ``rollout_fallback``). ``sample_teacher`` is the same with the teacher generating (in its own
     process). ``overrides``: any of ``max_new_tokens``, ``temperature``, ``top_p``, ``n``.
-    ``grouped=True`` returns one list per input sample instead of one flat list.
+    ``grouped=True`` returns one list per input sample instead of one flat list. ``end_at``: a
+    policy's rule for where an answer ends (a function of the response's text, see
+    :func:`kdcore.data.rollout_samples.end_response`); a response it ends is cut there and gets
+    the answer-end token of the tokenizer it was generated in, and its sample is marked
+    ``drawn_end``.
 
     The student copy is built on first use, re-synced as described in the module docstring.
     """
@@ -193,20 +198,20 @@ class RolloutSampler:
                                 "text, or no turn before its assistant reply); use 'messages' or 'prompt' rows")
 
     # ---------------------------------------------------------------- sampling
-    def sample_student(self, samples: Sequence[Sample], *, grouped: bool = False, **overrides) -> list:
+    def sample_student(self, samples: Sequence[Sample], *, grouped: bool = False, end_at=None, **overrides) -> list:
         if self._stale():
             if self.world_size > 1:
                 raise RolloutError("the rollout engine is stale mid-step; with several ranks the trainer must call "
                                    "before_step() on every rank first")
             self.sync()
-        return self._sample(samples, "student", self.engine, overrides, grouped)
+        return self._sample(samples, "student", self.engine, overrides, grouped, end_at)
 
-    def sample_teacher(self, samples: Sequence[Sample], *, grouped: bool = False, **overrides) -> list:
+    def sample_teacher(self, samples: Sequence[Sample], *, grouped: bool = False, end_at=None, **overrides) -> list:
         if self.teacher_engine is None:
             raise RolloutError("no teacher engine to sample from")
-        return self._sample(samples, "teacher", TeacherRolloutEngine(self.teacher_engine), overrides, grouped)
+        return self._sample(samples, "teacher", TeacherRolloutEngine(self.teacher_engine), overrides, grouped, end_at)
 
-    def _sample(self, samples, side: str, engine: RolloutEngine, overrides: dict, grouped: bool) -> list:
+    def _sample(self, samples, side: str, engine: RolloutEngine, overrides: dict, grouped: bool, end_at=None) -> list:
         unknown = set(overrides) - {"max_new_tokens", "temperature", "top_p", "n"}
         if unknown:
             raise RolloutError(f"unknown sampling option(s) {', '.join(sorted(unknown))}")
@@ -218,38 +223,22 @@ class RolloutSampler:
         t0 = time.perf_counter()
         own_tok = self.teacher_tok if side == "teacher" and self.teacher_tok is not None else self.student_tok
         cap = self.teacher_max_length if side == "teacher" and self.teacher_tok is not None else self.max_length
-        jobs, limits = [], []
-        for i, s in enumerate(samples):
-            prompt = self.prompt(s)
-            if prompt is None:
-                raise DataError(f"data row {s.row} has no prompt to sample a response for")
-            try:
-                ids = render_prompt(prompt, own_tok).input_ids
-            except BadRow as exc:
-                raise DataError(f"data row {s.row}: its prompt cannot be rendered for sampling: {exc.reason}") from exc
-            room = max_new if cap is None else min(max_new, cap - len(ids))
-            if room >= 1 and ids:
-                jobs.append((i, prompt, ids))
-                limits.append(room)
+        end_id = None
+        if end_at is not None:
+            end_id = answer_end_id(own_tok)
+            if end_id is None:
+                raise RolloutError(f"the {side}'s tokenizer has no EOS or end-of-turn token to end a response with")
+        jobs, limits = self._jobs(samples, own_tok, cap, max_new)
         gens = engine.generate([j[2] for j in jobs], max_new_tokens=limits, temperature=temperature, top_p=top_p,
                                n=n, eos_ids=self.teacher_stop if side == "teacher" else self.student_stop,
                                seed=self._rng.randrange(2 ** 31)) if jobs else []
         built: dict[int, list[Sample]] = {}
         for k, (i, prompt, _) in enumerate(jobs):
             for g in gens[k * n:(k + 1) * n]:
-                rs = build_rollout_sample(prompt, g, sampled_by=side, student_tok=self.student_tok,
-                                          teacher_tok=self.teacher_tok, max_length=self.max_length,
-                                          teacher_max_length=self.teacher_max_length)
-                if rs is not None and self.views is not None:
-                    rs = with_teacher_views(rs, prompt, self.views, route=samples[i].route,
-                                            generator=self.generator,
-                                            max_length=self.teacher_max_length)
+                ended = None if end_at is None else end_response(g, own_tok, end_at, end_id)
+                rs = self._build(prompt, ended or g, side, samples[i].route, drawn=ended is not None)
                 if rs is not None:
                     built.setdefault(i, []).append(rs)
-                    self.stats.samples += 1
-                    self.stats.response_tokens += len(rs.response_ids)
-                    self.stats.eos += int(rs.finished_by_eos)
-                    setattr(self.stats, side, getattr(self.stats, side) + 1)
         groups: list[list[Sample]] = []
         for i, s in enumerate(samples):
             if i not in built:
@@ -257,6 +246,44 @@ class RolloutSampler:
             groups.append(built.get(i, [s]))
         self.stats.sample_s += time.perf_counter() - t0
         return groups if grouped else [x for g in groups for x in g]
+
+    def _jobs(self, samples, tok, cap: Optional[int], max_new: int) -> tuple[list, list[int]]:
+        """``(index, prompt, prompt ids)`` of each sample with room for a response under ``cap``,
+        and that room (at most ``max_new`` tokens)."""
+        jobs, limits = [], []
+        for i, s in enumerate(samples):
+            prompt = self.prompt(s)
+            if prompt is None:
+                raise DataError(f"data row {s.row} has no prompt to sample a response for")
+            try:
+                ids = render_prompt(prompt, tok).input_ids
+            except BadRow as exc:
+                raise DataError(f"data row {s.row}: its prompt cannot be rendered for sampling: {exc.reason}") from exc
+            room = max_new if cap is None else min(max_new, cap - len(ids))
+            if room >= 1 and ids:
+                jobs.append((i, prompt, ids))
+                limits.append(room)
+        return jobs, limits
+
+    def _build(self, prompt: Prompt, g, side: str, route, *, drawn: bool):
+        """The rollout sample of one generation (None: nothing of it survives the length caps),
+        counted in the sampling metrics. ``drawn``: its stop token was put there by an end rule."""
+        rs = build_rollout_sample(prompt, g, sampled_by=side, student_tok=self.student_tok, teacher_tok=self.teacher_tok,
+                                  max_length=self.max_length, teacher_max_length=self.teacher_max_length)
+        if rs is None:
+            return None
+        rs.drawn_end = drawn and rs.finished_by_eos  # a length cap may have cut the stop away
+        if self.views is not None:
+            rs = with_teacher_views(rs, prompt, self.views, route=route, generator=self.generator,
+                                    max_length=self.teacher_max_length)
+            if rs is None:
+                return None
+        self.stats.samples += 1
+        self.stats.response_tokens += len(rs.response_ids)
+        self.stats.eos += int(rs.finished_by_eos)
+        self.stats.drawn_end += int(rs.drawn_end)
+        setattr(self.stats, side, getattr(self.stats, side) + 1)
+        return rs
 
     # ---------------------------------------------------------------- context and metrics
     def context_fields(self) -> dict[str, Any]:
@@ -273,7 +300,8 @@ class RolloutSampler:
             rec["teacher_sync_s"] = s.teacher_sync_s
         if s.samples:
             rec.update(rollout_samples=s.samples, rollout_response_len=s.response_tokens / s.samples,
-                       rollout_eos_frac=s.eos / s.samples, rollout_student_samples=s.student,
+                       rollout_eos_frac=s.eos / s.samples, rollout_drawn_end_frac=s.drawn_end / s.samples,
+                       rollout_student_samples=s.student,
                        rollout_teacher_samples=s.teacher)
         if s.fallback:
             rec["rollout_fallback"] = s.fallback

@@ -16,6 +16,8 @@ data samples of the same prompts as CE-only rows instead, keeping the CE half on
 references whatever the rollout (as GKD and DistiLLM keep their supervised term on the data).
 Teacher samples (SeqKD) keep their CE: learning the teacher's answers is that method, unless
 the policy lists "teacher" in ``ce_from_data`` (KD on the teacher's answers, CE on the data).
+A sample whose end a policy's rule drew (``RolloutSample.drawn_end``) keeps the CE of its stop
+token in any case, and that token gets no KD pair: the generator did not choose to stop there.
 """
 
 from __future__ import annotations
@@ -48,7 +50,10 @@ class CEOnlyTargets:
     """The training rows that keep their CE but get no KD pair, so that the data alone decides
     there: those whose target is one of ``labels`` (the stop tokens with ``distill.kd_at_stop``
     false: where answers end) and, with ``openings``, each answer's first token
-    (``distill.kd_at_opening`` false: how answers open). The held-out evaluation pairs every row."""
+    (``distill.kd_at_opening`` false: how answers open). A rollout sample's drawn end (its stop
+    token put there by a policy's rule, :attr:`kdcore.data.rollout_samples.RolloutSample.drawn_end`)
+    is one of them whatever the settings: no model chose to stop there. The held-out evaluation
+    pairs every row."""
 
     labels: frozenset = frozenset()
     openings: bool = False
@@ -56,14 +61,18 @@ class CEOnlyTargets:
     def __bool__(self) -> bool:
         return bool(self.labels) or self.openings
 
-    def drop(self, a, student):
-        """Alignment ``a`` of ``student`` without its pairs at these rows; an answer's first
-        token is the target of the first loss position of each run of consecutive ones."""
-        ids, pos = student.input_ids, student.loss_positions
+    def drop(self, a, sample):
+        """Alignment ``a`` of ``sample``'s student side without its pairs at these rows; an
+        answer's first token is the target of the first loss position of each run of
+        consecutive ones."""
+        ids, pos = sample.student.input_ids, sample.student.loss_positions
+        drawn = len(pos) - 1 if getattr(sample, "drawn_end", False) else None
+        if not self and drawn is None:
+            return a
 
         def ce_only(i: int) -> bool:
             opens = i == 0 or pos[i] != pos[i - 1] + 1
-            return int(ids[pos[i] + 1]) in self.labels or (self.openings and opens)
+            return i == drawn or int(ids[pos[i] + 1]) in self.labels or (self.openings and opens)
 
         keep = [k for k, i in enumerate(a.student_index) if not ce_only(i)]
         if len(keep) == len(a.student_index):
@@ -125,8 +134,8 @@ class StepPreparer:
             starts = [0]
             for s in samples:
                 starts.append(starts[-1] + len(s.student.loss_positions))
-            for b in no_ce:
-                mb.labels[starts[b]:starts[b + 1]] = IGNORE_INDEX
+            for b in no_ce:  # a drawn end keeps its CE: nothing else teaches a stop no model chose
+                mb.labels[starts[b]:starts[b + 1] - int(getattr(samples[b], "drawn_end", False))] = IGNORE_INDEX
         ce_rows = int((mb.labels != IGNORE_INDEX).sum())
         paired = list(range(len(samples))) if kd_rows is None else list(kd_rows)
         shares = {}
@@ -153,8 +162,7 @@ class StepPreparer:
             student_starts.append(base)
             base += len(s.student.loss_positions)
         alignments = [part.aligner.align(samples[b].student, part.view(samples[b])) for b in rows]
-        if ce_only:
-            alignments = [ce_only.drop(a, samples[b].student) for b, a in zip(rows, alignments)]
+        alignments = [ce_only.drop(a, samples[b]) for b, a in zip(rows, alignments)]
         s_idx, t_idx, s_off, t_off = [], [], [], []
         t_base = 0
         for b, a in zip(rows, alignments):

@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM
 from helpers.assets import PYDOC, PYDOC_EVAL, save_tiny_llama
 from kdcore.data import collate, prepare_data
 from kdcore.training.rollout_policy import RolloutContext
-from kdcore.data.rollout_samples import build_rollout_sample, prompt_of, render_prompt, response_offsets, stop_ids
+from kdcore.data.rollout_samples import (answer_end_id, build_rollout_sample, prompt_of, render_prompt,
+                                         response_offsets, stop_ids)
 from kdcore.engines.hf_rollout import HFRolloutEngine
 from kdcore.engines.protocol import Generation
 from kdcore.training.sampler import RolloutSampler, SamplingSettings
@@ -326,6 +327,31 @@ def test_seqkd_samples_come_from_the_teacher(teacher_engine, teacher_model, stud
     assert all(a is b for a, b in zip(again, out)) and pol.metrics()["rollout_teacher_reused"] == 3
     ctx.teacher_version = 1  # a refreshed teacher (self-distillation) answers again
     assert all(a is not b for a, b in zip(pol.select(batch, ctx), out))
+
+
+def test_an_end_rule_cuts_the_teachers_answers_and_ends_them(teacher_engine, student, samples, smollm2_tokenizer):
+    """``end_at`` (seqkd's ``end: sentence``): each answer is the teacher's own greedy answer up to
+    the rule's character (here: half its text), then the answer-end token."""
+    def sampler():
+        return RolloutSampler(settings=SamplingSettings(max_new_tokens=8), student_model=student,
+                              student_tok=smollm2_tokenizer, teacher_engine=teacher_engine, max_length=64,
+                              sources=("teacher",))
+
+    whole = sampler().sample_teacher(samples[:4], temperature=0.0)
+    s = sampler()
+    half = s.sample_teacher(samples[:4], temperature=0.0, end_at=lambda text: max(1, len(text) // 2) if text else None)
+    drawn = 0
+    for w, h in zip(whole, half):
+        text = w.text[len(prompt_of(w).content):]
+        if not text.strip():
+            assert h.response_ids == w.response_ids and not h.drawn_end
+            continue
+        assert h.drawn_end and h.finished_by_eos and h.response_ids[-1] == answer_end_id(smollm2_tokenizer)
+        assert h.response_ids[:-1] == w.response_ids[:len(h.response_ids) - 1]  # the teacher's own tokens
+        cut = h.text[len(prompt_of(h).content):]
+        assert text.startswith(cut) and len(text) // 2 <= len(cut) < len(text)
+        drawn += 1
+    assert drawn >= 2 and s.pop_metrics()["rollout_drawn_end_frac"] == drawn / 4
 
 
 def test_self_distillation_sync_makes_teacher_and_student_hidden_states_equal(teacher_engine, teacher_model, student,
