@@ -12,7 +12,8 @@ from typing import Sequence
 
 from bench import common
 from bench.common import md_table
-from bench.quality_sections import KL_SMOLLM2, PPL, ROUGE_REF, ROUGE_TEACHER, TEACHER_KL, TOP1, Metric, Section
+from bench.quality_sections import (KL_SMOLLM2, PPL, REPEATS, ROUGE_REF, ROUGE_TEACHER, TEACHER_KL, TOP1, WORDS, Metric,
+                                    Section)
 from bench.quality_store import Run
 
 # filled by bench.quality's warm_start and stored_runs, rendered by warm_text
@@ -107,6 +108,38 @@ def initial_line(section: Section, runs: dict[str, list[Run]]) -> str:
     return f"Student at initialisation (step 0): {figures}."
 
 
+def rank_correlation(xs: Sequence[float], ys: Sequence[float]) -> float:
+    """Spearman's ρ: Pearson's correlation of the ranks (ties take their mean rank)."""
+    def ranks(v):
+        order = sorted(range(len(v)), key=v.__getitem__)
+        r = [0.0] * len(v)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for k in order[i:j + 1]:
+                r[k] = (i + j) / 2
+            i = j + 1
+        return r
+    return statistics.correlation(ranks(list(xs)), ranks(list(ys)))
+
+
+def length_line(section: Section, runs: dict[str, list[Run]]) -> str:
+    """How the two answer criteria of the generation bar move with answer length over the
+    section's runs (every row and seed): both rise with it, so a row's ROUGE-L against the
+    teacher's long answers and its loops are read beside its words per answer."""
+    triples = [(w, t, p) for rs in runs.values() for r in rs if r.ok
+               for w, t, p in [(WORDS.read(r.final), ROUGE_TEACHER.read(r.final), REPEATS.read(r.final))]
+               if None not in (w, t, p)]
+    if len(triples) < 8:
+        return ""
+    words, rouge, loops = zip(*triples)
+    return (f"Over this section's {len(triples)} runs with answers (every row and seed), the rank correlation "
+            f"(Spearman) of words per answer with ROUGE-L against the teacher's answers is "
+            f"{rank_correlation(words, rouge):.2f}, and with repeated 4-grams {rank_correlation(words, loops):.2f}.")
+
+
 def render_section(section: Section, runs: dict[str, list[Run]]) -> str:
     parts = [f"## {section.title}", "", section.about, "",
              f"Recipe `{section.recipe}`; the twin is `{shown(section.baseline.overrides)}`. Cells: mean "
@@ -118,6 +151,8 @@ def render_section(section: Section, runs: dict[str, list[Run]]) -> str:
     if section.curves and (curves := curves_table(section, runs)):
         parts += ["", curves]
     if line := initial_line(section, runs):
+        parts += ["", line]
+    if section.generation and (line := length_line(section, runs)):
         parts += ["", line]
     parts += ["", "<details><summary>Every run</summary>", "", runs_table(section, runs), "", "</details>"]
     return "\n".join(parts)

@@ -367,7 +367,15 @@ def answers_section() -> Section:
               # the teacher's answers never end: cut near the references' median length (14
               # tokens), so KD no longer argues against stopping where the references stop
               Row("seqkd with CE on the references and the teacher's answers cut at 16 tokens",
-                  (*SCORED, *SEQKD_CE_ON_DATA, "rollout.max_new_tokens=16"))),
+                  (*SCORED, *SEQKD_CE_ON_DATA, "rollout.max_new_tokens=16")),
+              # the teacher's answers ended after their first sentence, that stop taught by CE: the
+              # teacher's own answers never end, so the student saw an end only in the references
+              Row("seqkd with CE on the references and the teacher's answers ended after one sentence",
+                  (*SCORED, *SEQKD_CE_ON_DATA, "distill.rollout_options.end=sentence")),
+              # KD at the first token of the teacher's answers too (the references take no KD under
+              # ce: data): the opening the teacher then continues, unlike the references' openings
+              Row("seqkd with CE on the references and KD at the answers' first tokens",
+                  (*SCORED, *SEQKD_CE_ON_DATA, "distill.kd_at_opening=true"))),
         metrics=TOKENS_AND_ANSWERS,
         quick_rows=("quickstart (as shipped)",),
         generation=True,
@@ -391,7 +399,11 @@ def answers_section() -> Section:
                "twin is its twin), also with `kd_ratio 0.25` or with the teacher's answers cut at 16 tokens. "
                "Each ran on seeds 0 and 1, and `seqkd with CE on the references` on seeds 2 and 3 as well, "
                "whatever those showed (the 16-token cut, behind the teacher-KL bar on seeds 0 and 1, was not "
-               "extended)."),
+               "extended). Two more seqkd rows (2026-12-08, seeds 0 and 1): the teacher's answers ended after "
+               "their first sentence (`end: sentence`: cut at the first `.`, `!` or `?` outside backticks that "
+               "a space or the end follows, the answer-end token put there and taught by CE alone), and KD at "
+               "the answers' first tokens (`kd_at_opening: true`; under `ce: data` only the teacher's answers "
+               "take KD, so it adds KD at their openings alone)."),
     )
 
 

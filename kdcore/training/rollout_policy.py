@@ -25,7 +25,8 @@ class RolloutContext:
     rng: random.Random  # seeded from train.seed and the rank, so runs repeat
     # Sampling callables, provided by the trainer when the policy needs_sampling:
     # sample_fn(samples, **overrides) -> samples whose responses were generated, n per prompt,
-    # prompt-major; overrides: max_new_tokens, temperature (0 = greedy), top_p, n.
+    # prompt-major; overrides: max_new_tokens, temperature (0 = greedy), top_p, n; end_at: a rule
+    # for where an answer ends (text -> character index or None; RolloutSampler's docstring).
     sample_student: Optional[Callable[..., list[Any]]] = None
     sample_teacher: Optional[Callable[..., list[Any]]] = None
     # Replay buffer: the same list at every step of a run (policies own its contents and

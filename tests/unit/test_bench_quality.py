@@ -141,3 +141,41 @@ def test_a_row_is_compared_with_the_twin_of_its_own_seeds():
     section = losses_section()
     text = section_table(section, {section.baseline.name: twin, section.rows[0].name: row})
     assert "1.10×" in text.splitlines()[-1]  # ppl 220 ÷ 200, not ÷ 275
+
+
+def test_rank_correlation_against_the_textbook_formula_and_a_tied_case():
+    import random
+
+    from bench.quality_report import rank_correlation
+
+    rng = random.Random(3)
+    xs, ys = rng.sample(range(100), 12), rng.sample(range(100), 12)
+    rx = {v: i for i, v in enumerate(sorted(xs))}
+    ry = {v: i for i, v in enumerate(sorted(ys))}
+    d2 = sum((rx[x] - ry[y]) ** 2 for x, y in zip(xs, ys))
+    n = len(xs)
+    assert abs(rank_correlation(xs, ys) - (1 - 6 * d2 / (n * (n * n - 1)))) < 1e-12  # no ties: Spearman's own formula
+    # ties share their mean rank: x ranks (0, 1.5, 1.5, 3) against y ranks (3, 2, 1, 0)
+    assert abs(rank_correlation([1, 2, 2, 4], [4, 3, 2, 1]) - (-0.9486832980505138)) < 1e-12
+
+
+def test_the_answers_section_reports_how_its_answer_criteria_move_with_length():
+    from bench.quality_report import length_line, rank_correlation
+    from bench.quality_sections import answers_section
+
+    section = answers_section()
+
+    def run(seed, words, rouge, loops):
+        return Run(row="r", seed=seed, ok=True, final={"answer_words_student": words, "rouge_l_vs_teacher": rouge,
+                                                        "repetition_student": loops})
+
+    # rouge rises with length in row a and falls in row b; loops rise with length in a, none in b
+    runs = {"a": [run(s, w, w / 100, w / 1000) for s, w in enumerate((3, 5, 8, 13, 21))],
+            "b": [run(s, w, 0.5 - w / 100, 0.0) for s, w in enumerate((4, 6, 9))]}
+    words = [3, 5, 8, 13, 21, 4, 6, 9]
+    rouge = [w / 100 for w in words[:5]] + [0.5 - w / 100 for w in words[5:]]
+    loops = [w / 1000 for w in words[:5]] + [0.0] * 3
+    line = length_line(section, runs)
+    assert "8 runs" in line and line.endswith(
+        f"is {rank_correlation(words, rouge):.2f}, and with repeated 4-grams {rank_correlation(words, loops):.2f}.")
+    assert length_line(section, {"a": runs["a"]}) == ""  # too few runs to say anything
