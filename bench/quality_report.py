@@ -125,19 +125,34 @@ def rank_correlation(xs: Sequence[float], ys: Sequence[float]) -> float:
     return statistics.correlation(ranks(list(xs)), ranks(list(ys)))
 
 
+def _one_or_range(values: Sequence[float], fmt: str) -> str:
+    """A figure every run agrees on (to its printed digits) once, else :func:`mean_range`."""
+    return fmt.format(values[0]) if len({fmt.format(v) for v in values}) == 1 else mean_range(values, fmt)
+
+
 def length_line(section: Section, runs: dict[str, list[Run]]) -> str:
     """How the two answer criteria of the generation bar move with answer length over the
-    section's runs (every row and seed): both rise with it, so a row's ROUGE-L against the
-    teacher's long answers and its loops are read beside its words per answer."""
+    section's runs (every row and seed), and the teacher's and the references' own answers scored
+    the same way: ROUGE-L against the teacher's long answers and loops are read beside words per
+    answer (kdcore eval's ``answer_words`` and ``repetition`` of each side)."""
     triples = [(w, t, p) for rs in runs.values() for r in rs if r.ok
                for w, t, p in [(WORDS.read(r.final), ROUGE_TEACHER.read(r.final), REPEATS.read(r.final))]
                if None not in (w, t, p)]
     if len(triples) < 8:
         return ""
     words, rouge, loops = zip(*triples)
-    return (f"Over this section's {len(triples)} runs with answers (every row and seed), the rank correlation "
+    line = (f"Over this section's {len(triples)} runs with answers (every row and seed), the rank correlation "
             f"(Spearman) of words per answer with ROUGE-L against the teacher's answers is "
             f"{rank_correlation(words, rouge):.2f}, and with repeated 4-grams {rank_correlation(words, loops):.2f}.")
+    own = {side: [(r.final[f"repetition_{side}"], r.final[f"answer_words_{side}"]) for rs in runs.values()
+                  for r in rs if r.ok and f"repetition_{side}" in r.final and f"answer_words_{side}" in r.final]
+           for side in ("teacher", "reference")}
+    if own["teacher"] and own["reference"]:
+        whose = {"teacher": "the teacher's", "reference": "the references'"}
+        line += " Scored the same way, " + " and ".join(
+            f"{whose[side]} own answers repeat {_one_or_range([x[0] for x in own[side]], '{:.3f}')} of their 4-grams "
+            f"at {_one_or_range([x[1] for x in own[side]], '{:.1f}')} words" for side in ("teacher", "reference")) + "."
+    return line
 
 
 def render_section(section: Section, runs: dict[str, list[Run]]) -> str:

@@ -179,3 +179,9 @@ def test_the_answers_section_reports_how_its_answer_criteria_move_with_length():
     assert "8 runs" in line and line.endswith(
         f"is {rank_correlation(words, rouge):.2f}, and with repeated 4-grams {rank_correlation(words, loops):.2f}.")
     assert length_line(section, {"a": runs["a"]}) == ""  # too few runs to say anything
+    for r in runs["a"]:  # kdcore eval scores the teacher's and the references' own answers too
+        r.final.update(repetition_teacher=0.015, answer_words_teacher=21.7, repetition_reference=0.0,
+                       answer_words_reference=11.5)
+    assert length_line(section, runs).endswith(" Scored the same way, the teacher's own answers repeat 0.015 of their "
+                                               "4-grams at 21.7 words and the references' own answers repeat 0.000 of "
+                                               "their 4-grams at 11.5 words.")
