@@ -432,7 +432,11 @@ def context_section() -> Section:
         baseline=Row("CE only", (*WITH_BRIEF, "distill.kd_ratio=0", *SCORED), headline=True),
         rows=(Row("quickstart, teacher asked to answer briefly", (*WITH_BRIEF, OPENING_KD, *SCORED), headline=True),
               # the answers section's closest to the bar (a smaller KD share), with the context
-              Row("and kd_ratio=0.25", (*WITH_BRIEF, OPENING_KD, "distill.kd_ratio=0.25", *SCORED), headline=True)),
+              Row("and kd_ratio=0.25", (*WITH_BRIEF, OPENING_KD, "distill.kd_ratio=0.25", *SCORED), headline=True),
+              # recipes/seqkd.yaml with the briefed teacher answering: answers that end (the teacher
+              # alone never ends within 32 tokens) and loop less than the twin's (its own: 0.003)
+              Row("seqkd with CE on the references and the teacher asked to answer briefly",
+                  (*WITH_BRIEF, *SEQKD_CE_ON_DATA, *SCORED))),
         metrics=(*TOKENS_AND_ANSWERS, DISTINCT),
         quick_rows=("quickstart, teacher asked to answer briefly",),
         generation=True,
@@ -444,7 +448,10 @@ def context_section() -> Section:
                "eval` scores both against the teacher with its context (teacher-KL on the held-out split, its "
                "greedy answers), so the twin's training equals the answers section's twin's and its scores "
                "differ only by that teacher. The second row also takes the answers section's smaller KD share "
-               "(`kd_ratio 0.25`). Top-1 is not reported through the `overlap` aligner. `distinct answers`: different student answers ÷ prompts (1/64 when one "
+               "(`kd_ratio 0.25`). The third (2026-12-08, seeds 0 and 1) is `recipes/seqkd.yaml` (shipped "
+               "defaults: no KD at the first tokens) with the briefed teacher answering the training prompts: "
+               "it generates with the context and reads each answer after it. Top-1 is not reported through "
+               "the `overlap` aligner. `distinct answers`: different student answers ÷ prompts (1/64 when one "
                "template answers every prompt)."),
     )
 

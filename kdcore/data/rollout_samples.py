@@ -299,23 +299,30 @@ def build_rollout_sample(prompt: Prompt, generation: Generation, *, sampled_by: 
 
 
 def with_teacher_views(rs: RolloutSample, prompt: Prompt, views: dict, *, route=None,
-                       generator: Optional[str] = None, max_length: Optional[int] = None) -> Optional[RolloutSample]:
+                       generator: Optional[str] = None, max_length: Optional[int] = None,
+                       context: str = "") -> Optional[RolloutSample]:
     """``rs`` as the several-teacher path reads it: ``teacher`` moved to ``teachers[generator]``
     (the teacher that generated it, when it reads its own tokens) and every other teacher of
     ``views`` (name → tokenizer: those that read their own tokenization) rebuilt from the
-    text, cut at the student's last character; ``route``: the data sample's. None when a
-    teacher is left without a trained position."""
+    text, cut at the student's last character; ``route``: the data sample's. ``context``
+    (``data.teacher_context``, the sample's ``Sample.context``): every teacher reads it before the
+    prompt, as in :mod:`kdcore.data.teacher_views` (the generator's view is then rebuilt from the
+    text too: its ids were rendered without it). None when a teacher is left without a trained
+    position."""
     from dataclasses import replace as _replace
 
+    from kdcore.data.teacher_views import shift_past_context
 
     text = rs.text[len(prompt.content):]
     end = max((b for _, b in rs.student.offsets), default=0)
+    read = with_prompt_context(prompt, context)
     out: dict[str, Tokenized] = {}
     for name, tok in views.items():
-        if name == generator and rs.teacher is not None:
+        if name == generator and rs.teacher is not None and not context:
             out[name] = rs.teacher
             continue
-        v = _tokenize(_response_rendered(prompt, text, rs.finished_by_eos, tok), tok)
+        v = _tokenize(_response_rendered(read, text, rs.finished_by_eos, tok), tok)
+        v = shift_past_context(v, len(context))  # offsets back in the sample's own text
         if not rs.finished_by_eos:
             v = _truncate_at_char(v, end)  # open on the student's side: no end-of-turn of its own
         if max_length is not None and len(v.input_ids) > max_length:

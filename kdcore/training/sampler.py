@@ -35,7 +35,7 @@ import torch
 
 from kdcore.data import BadRow, DataError, Sample
 from kdcore.data.rollout_samples import (Prompt, answer_end_id, build_rollout_sample, end_response, prompt_of,
-                                         render_prompt, stop_ids, with_teacher_views)
+                                         render_prompt, stop_ids, with_prompt_context, with_teacher_views)
 from kdcore.engines import create_rollout_engine
 from kdcore.engines.hf_rollout import TeacherRolloutEngine
 from kdcore.engines.protocol import RolloutEngine, RolloutError, check_sampling
@@ -115,6 +115,9 @@ class RolloutSampler:
         # tokens, and the teacher whose engine sample_teacher uses; None: the short form
         self.views = views
         self.generator = generator
+        # data.teacher_context: the teachers read each sample's context before its prompt, when
+        # the first one answers and in every teacher's view of a rollout sample (views required)
+        self.teacher_context = False
         self.max_length = max_length
         self.teacher_max_length = teacher_max_length
         self.world_size = world_size
@@ -228,7 +231,7 @@ class RolloutSampler:
             end_id = answer_end_id(own_tok)
             if end_id is None:
                 raise RolloutError(f"the {side}'s tokenizer has no EOS or end-of-turn token to end a response with")
-        jobs, limits = self._jobs(samples, own_tok, cap, max_new)
+        jobs, limits = self._jobs(samples, own_tok, cap, max_new, context=side == "teacher" and self.teacher_context)
         gens = engine.generate([j[2] for j in jobs], max_new_tokens=limits, temperature=temperature, top_p=top_p,
                                n=n, eos_ids=self.teacher_stop if side == "teacher" else self.student_stop,
                                seed=self._rng.randrange(2 ** 31)) if jobs else []
@@ -236,7 +239,7 @@ class RolloutSampler:
         for k, (i, prompt, _) in enumerate(jobs):
             for g in gens[k * n:(k + 1) * n]:
                 ended = None if end_at is None else end_response(g, own_tok, end_at, end_id)
-                rs = self._build(prompt, ended or g, side, samples[i].route, drawn=ended is not None)
+                rs = self._build(prompt, ended or g, side, samples[i], drawn=ended is not None)
                 if rs is not None:
                     built.setdefault(i, []).append(rs)
         groups: list[list[Sample]] = []
@@ -247,16 +250,17 @@ class RolloutSampler:
         self.stats.sample_s += time.perf_counter() - t0
         return groups if grouped else [x for g in groups for x in g]
 
-    def _jobs(self, samples, tok, cap: Optional[int], max_new: int) -> tuple[list, list[int]]:
+    def _jobs(self, samples, tok, cap: Optional[int], max_new: int, *, context: bool = False) -> tuple[list, list[int]]:
         """``(index, prompt, prompt ids)`` of each sample with room for a response under ``cap``,
-        and that room (at most ``max_new`` tokens)."""
+        and that room (at most ``max_new`` tokens); ``context``: the ids are of the prompt with the
+        sample's context before it (the prompt returned stays the student's)."""
         jobs, limits = [], []
         for i, s in enumerate(samples):
             prompt = self.prompt(s)
             if prompt is None:
                 raise DataError(f"data row {s.row} has no prompt to sample a response for")
             try:
-                ids = render_prompt(prompt, tok).input_ids
+                ids = render_prompt(with_prompt_context(prompt, s.context) if context else prompt, tok).input_ids
             except BadRow as exc:
                 raise DataError(f"data row {s.row}: its prompt cannot be rendered for sampling: {exc.reason}") from exc
             room = max_new if cap is None else min(max_new, cap - len(ids))
@@ -265,7 +269,7 @@ class RolloutSampler:
                 limits.append(room)
         return jobs, limits
 
-    def _build(self, prompt: Prompt, g, side: str, route, *, drawn: bool):
+    def _build(self, prompt: Prompt, g, side: str, data: Sample, *, drawn: bool):
         """The rollout sample of one generation (None: nothing of it survives the length caps),
         counted in the sampling metrics. ``drawn``: its stop token was put there by an end rule."""
         rs = build_rollout_sample(prompt, g, sampled_by=side, student_tok=self.student_tok, teacher_tok=self.teacher_tok,
@@ -274,8 +278,9 @@ class RolloutSampler:
             return None
         rs.drawn_end = drawn and rs.finished_by_eos  # a length cap may have cut the stop away
         if self.views is not None:
-            rs = with_teacher_views(rs, prompt, self.views, route=route, generator=self.generator,
-                                    max_length=self.teacher_max_length)
+            rs = with_teacher_views(rs, prompt, self.views, route=data.route, generator=self.generator,
+                                    max_length=self.teacher_max_length,
+                                    context=data.context if self.teacher_context else "")
             if rs is None:
                 return None
         self.stats.samples += 1
@@ -382,6 +387,7 @@ def build_sampler(cfg, policy, *, student_model, student_tok, parts, views: bool
         seed=cfg.train.seed, rank=env.rank, world_size=env.world_size, device=env.device,
         sources=sources)
     sampler.self_distill_every = every
+    sampler.teacher_context = bool(cfg.data.teacher_context)
     if sampling:
         sampler.check_prompts(train_samples, f"distill.rollout '{cfg.distill.rollout}'")
     return sampler

@@ -264,10 +264,6 @@ class Trainer:
         """Train and eval samples, each with every teacher's tokenization (teachers.prepare_run_data)."""
         cfg = self.cfg
         views = self.run_parts.views
-        if cfg.data.teacher_context and getattr(self.rollout, "needs_sampling", False):
-            # a rollout sample would have to re-render the context around each new response
-            raise TrainingError(f"distill.rollout '{cfg.distill.rollout}' samples new responses, which is not "
-                                "supported with data.teacher_context yet")
         data = self.run_parts.prepare_data()
         self.log.say(data.report.rich_table())
         with_images = any(t is not None and t.vision is not None for s in data.train for t in (s.student, s.teacher))

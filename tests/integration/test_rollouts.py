@@ -354,6 +354,40 @@ def test_an_end_rule_cuts_the_teachers_answers_and_ends_them(teacher_engine, stu
     assert drawn >= 2 and s.pop_metrics()["rollout_drawn_end_frac"] == drawn / 4
 
 
+def test_under_a_teacher_context_the_teacher_answers_and_reads_with_it(teacher_engine, teacher_model, student, samples,
+                                                                     smollm2_tokenizer):
+    """``data.teacher_context`` with a sampling policy: the teacher answers the prompt with the
+    context before it, and its view of each rollout sample is context + prompt + the answer, its
+    offsets in the sample's own text (context tokens at (0, 0)), while the student's side has no
+    context."""
+    from dataclasses import replace
+
+    from kdcore.data.rollout_samples import with_prompt_context
+
+    tok, context = smollm2_tokenizer, "Answer in one short sentence.\n"
+    batch = [replace(s, context=context) for s in samples[:3]]
+    sampler = RolloutSampler(settings=SamplingSettings(max_new_tokens=8), student_model=student, student_tok=tok,
+                             teacher_tok=tok, teacher_engine=teacher_engine, views={"t": tok}, generator="t",
+                             max_length=64, teacher_max_length=96, sources=("teacher",))
+    sampler.teacher_context = True
+    out = sampler.sample_teacher(batch, temperature=0.0)
+    for s in out:
+        prompt = prompt_of(s)
+        plain, read = render_prompt(prompt, tok).input_ids, render_prompt(with_prompt_context(prompt, context), tok).input_ids
+        with torch.no_grad():  # the teacher's own greedy answer to the prompt it reads
+            ref = teacher_model.generate(torch.tensor([read]), attention_mask=torch.ones(1, len(read), dtype=torch.long),
+                                         max_new_tokens=8, do_sample=False, eos_token_id=stop_ids(tok), pad_token_id=0)
+        answer = s.text[len(prompt.content):]
+        assert tok.decode(ref[0, len(read):].tolist(), skip_special_tokens=True).startswith(answer) and answer
+        assert s.student.input_ids[:len(plain)] == plain  # the student never reads the context
+        view = s.teachers["t"]
+        assert view.input_ids[:len(read)] == read and s.teacher is None
+        assert all(o == (0, 0) for o in view.offsets[:len(tok(context, add_special_tokens=False)["input_ids"])])
+        targets = [view.input_ids[p + 1] for p in view.loss_positions]
+        assert tok.decode(targets, skip_special_tokens=True) == answer
+        assert min(view.offsets[p + 1][0] for p in view.loss_positions) >= len(prompt.content)
+
+
 def test_self_distillation_sync_makes_teacher_and_student_hidden_states_equal(teacher_engine, teacher_model, student,
                                                                                samples, smollm2_tokenizer):
     from kdcore.modeling.student import student_hidden
